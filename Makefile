@@ -1,0 +1,33 @@
+# Set-up: a .venv with torch 2.13.0 (CPU build) installed first, then the project and its test extras.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup run test fast bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+# The best shipped recipe, end to end, on the builtin data.
+run: setup
+	$(BIN)/recipe run recipes/filter_conversations.toml
+
+# Every test, the slow end-to-end ones included (this is what CI runs).
+test: setup
+	$(BIN)/pytest -m "slow or not slow" -n 2 -q
+
+# The fast, offline subset (the default for a plain `pytest`).
+fast: setup
+	$(BIN)/pytest -q
+
+bench: setup
+	$(BIN)/python bench/bench_plan.py
+
+clean:
+	rm -rf runs .pytest_cache

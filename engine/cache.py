@@ -1,0 +1,206 @@
+"""The content-addressed store under `runs/cache/`.
+
+    cache/<fp>/manifest.json   what went into the fingerprint, versions, timings, checksums
+    cache/<fp>/...             the artifact (rows.parquet, report.json, a model dir, ...)
+    cache/partial/<fp>/        committed shards of an unfinished row stage; checkpoints
+    cache/tmp/                 entries being built (renamed into place only when complete)
+    cache/locks/<fp>.lock      one builder per fingerprint across processes
+    cache/hashes.json          file-hash memo (see fingerprint.HashMemo)
+
+An entry is trusted only if its manifest names its fingerprint and every file matches its
+checksum; anything else is moved aside with a warning and rebuilt. Entries of earlier
+fingerprints stay until `recipe gc`, so reverting a change is a cache hit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from filelock import FileLock, Timeout
+
+from .errors import CacheError
+from .fingerprint import sha256_file
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class Entry:
+    fp: str
+    path: Path
+    manifest: dict
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def checksums(root: Path) -> dict[str, dict]:
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            p = Path(dirpath) / name
+            rel = p.relative_to(root).as_posix()
+            if rel != MANIFEST:
+                out[rel] = {"sha256": sha256_file(p), "size": p.stat().st_size}
+    return out
+
+
+class Store:
+    def __init__(self, runs_dir: str | os.PathLike) -> None:
+        self.root = Path(runs_dir) / "cache"
+        self.tmp = self.root / "tmp"
+        self.partial_root = self.root / "partial"
+        self.locks = self.root / "locks"
+        self.warnings: list[str] = []
+
+    def entry_path(self, fp: str) -> Path:
+        return self.root / fp
+
+    def partial(self, fp: str) -> Path:
+        return self.partial_root / fp
+
+    def has_partial(self, fp: str) -> bool:
+        p = self.partial(fp)
+        return p.is_dir() and any(p.iterdir())
+
+    # ----------------------------------------------------------------- reading
+
+    def _manifest(self, fp: str) -> dict | None:
+        try:
+            manifest = json.loads((self.entry_path(fp) / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return None
+        return manifest if isinstance(manifest, dict) and manifest.get("fingerprint") == fp else None
+
+    def peek(self, fp: str) -> Entry | None:
+        """A cheap check for `plan`: manifest present and every file of the right size."""
+        manifest = self._manifest(fp)
+        if manifest is None:
+            return None
+        root = self.entry_path(fp)
+        for rel, info in manifest.get("checksums", {}).items():
+            p = root / rel
+            if not p.is_file() or p.stat().st_size != info["size"]:
+                return None
+        return Entry(fp, root, manifest)
+
+    def get(self, fp: str) -> Entry | None:
+        """The entry if complete and every checksum matches; a damaged one is moved aside
+        (with a warning in `self.warnings`) so it gets rebuilt, never trusted."""
+        root = self.entry_path(fp)
+        if not root.exists():
+            return None
+        manifest = self._manifest(fp)
+        problem = None if manifest else "manifest missing or unreadable"
+        if manifest:
+            found = checksums(root)
+            expected = manifest.get("checksums", {})
+            if set(found) != set(expected):
+                problem = "files missing or unexpected"
+            else:
+                bad = [rel for rel, info in expected.items() if found[rel]["sha256"] != info["sha256"]]
+                problem = f"checksum mismatch in {bad[0]}" if bad else None
+        if problem:
+            self.warnings.append(f"cache entry {fp} is damaged ({problem}); rebuilding it")
+            self._discard(root)
+            return None
+        return Entry(fp, root, manifest)
+
+    def entries(self) -> list[str]:
+        if not self.root.exists():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and (p / MANIFEST).exists())
+
+    # ----------------------------------------------------------------- writing
+
+    @contextmanager
+    def lock(self, fp: str, on_wait=None) -> Iterator[None]:
+        """Exclusive per fingerprint across processes. `on_wait()` is called if we must wait."""
+        self.locks.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.locks / f"{fp}.lock"))
+        try:
+            lock.acquire(timeout=0.2)
+        except Timeout:
+            if on_wait:
+                on_wait()
+            lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
+
+    @contextmanager
+    def build(self, fp: str, manifest: dict) -> Iterator[Path]:
+        """A fresh temporary directory for the artifact; on success the manifest (with
+        checksums) is written last and the directory renamed into place in one step.
+        Call under `lock(fp)`."""
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        work = self.tmp / f"{fp}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        work.mkdir()
+        started = time.time()
+        try:
+            yield work
+            manifest = dict(manifest, fingerprint=fp, checksums=checksums(work))
+            manifest.setdefault("timings", {})["build_s"] = round(time.time() - started, 3)
+            manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            atomic_write_json(work / MANIFEST, manifest)
+            final = self.entry_path(fp)
+            if final.exists():  # --force, or a damaged entry: move the old one aside first
+                self._discard(final)
+            os.replace(work, final)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+
+    def _discard(self, path: Path) -> None:
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        trash = self.tmp / f"discard.{path.name}.{uuid.uuid4().hex[:8]}"
+        try:
+            os.replace(path, trash)
+        except OSError as exc:
+            raise CacheError(f"cannot move aside {path}: {exc}") from exc
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def remove(self, fp: str) -> None:
+        for p in (self.entry_path(fp), self.partial(fp)):
+            if p.exists():
+                self._discard(p)
+
+    def clear_partial(self, fp: str) -> None:
+        if self.partial(fp).exists():
+            self._discard(self.partial(fp))
+
+    def sweep_tmp(self, older_than_s: float = 3600) -> None:
+        """Remove builds abandoned by crashed processes (older than an hour)."""
+        if not self.tmp.exists():
+            return
+        now = time.time()
+        for p in self.tmp.iterdir():
+            try:
+                if now - p.stat().st_mtime > older_than_s:
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
+            except OSError:
+                pass

@@ -1,0 +1,414 @@
+"""The `recipe` command line (click + rich). Imports nothing heavy at module level.
+
+Exit codes: 0 ok, 1 a stage failed (see its log), 2 bad input (recipe, data, usage),
+130 interrupted (committed work is kept).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from .errors import CacheError, RecipeError, StageFailed
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+STATUS_STYLE = {"cached": "green", "run": "yellow", "partial": "cyan", "failed": "red", "ok": "green",
+                "interrupted": "magenta", "running": "yellow", "pending": "dim"}
+
+
+class RecipeGroup(click.Group):
+    """Turns user errors into a short message and exit 2, stage failures into exit 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except RecipeError as exc:
+            err.print(exc.format(), markup=False)
+            sys.exit(2)
+        except StageFailed as exc:
+            err.print(f"[red]stage '{exc.stage}' failed[/]: {exc.cause}", markup=True)
+            err.print(f"  log: {exc.log_path}", markup=False)
+            err.print("  upstream stages are cached; fix the cause and run again to continue.", markup=False)
+            sys.exit(1)
+        except CacheError as exc:
+            err.print(f"cache error: {exc}", markup=False)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            err.print("interrupted: committed stages and shards are kept; run again to resume.")
+            sys.exit(130)
+
+
+def _runs_dir_option(f):
+    return click.option("--runs-dir", type=click.Path(file_okay=False), default=None,
+                        help="Output root (default: $RECIPE_RUNS_DIR or ./runs).")(f)
+
+
+def _set_option(f):
+    return click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                        help="Override a recipe key; VALUE is parsed as TOML (--set stages.sft.lr=1e-4).")(f)
+
+
+def _runs_dir(value: str | None) -> Path:
+    from .executor import runs_dir_default
+
+    return Path(value or runs_dir_default())
+
+
+def _load(path: str, sets) -> "Recipe":  # noqa: F821
+    from .recipe import load_recipe
+
+    return load_recipe(path, sets)
+
+
+@click.group(cls=RecipeGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="recipe-engine")
+def main() -> None:
+    """recipe: declarative LLM alignment pipelines.
+
+    A recipe is a TOML file declaring stages (generate, filter, sft, dpo, ...). The engine
+    validates it before spending compute, caches every stage by content hash and resumes
+    interrupted runs.
+    """
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@_set_option
+def validate(recipe: str, sets) -> None:
+    """Check the schema, references, artifact types and templates of RECIPE."""
+    r = _load(recipe, sets)
+    kinds = ", ".join(f"{n} ({s.kind})" for n, s in r.stages.items())
+    out.print(f"ok: {r.name}: {len(r.stages)} stages: {kinds}", markup=False)
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@_set_option
+@_runs_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--resolved", is_flag=True, help="Also print the resolved recipe (extends and --set applied).")
+def plan(recipe: str, sets, runs_dir, as_json: bool, resolved: bool) -> None:
+    """Show each stage, its fingerprint, whether it is cached, and why it would run."""
+    from .executor import make_plan
+    from .recipe import dump_toml
+
+    r = _load(recipe, sets)
+    items = make_plan(r, _runs_dir(runs_dir))
+    if as_json:
+        click.echo(json.dumps({"recipe": r.name, "stages": [i.as_json() for i in items]}, indent=2))
+        return
+    if resolved:
+        out.print(dump_toml(r.raw), markup=False)
+    _plan_table(r.name, items)
+
+
+def _plan_table(name: str, items) -> None:
+    table = Table(title=f"plan: {name}", title_justify="left")
+    for col in ("stage", "kind", "fingerprint", "status", "why"):
+        table.add_column(col)
+    for i in items:
+        style = STATUS_STYLE.get(i.status, "")
+        table.add_row(i.name, i.kind, i.fingerprint[:12], f"[{style}]{i.status}[/]", "; ".join(i.reasons))
+    out.print(table)
+
+
+@main.command(name="run")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@_set_option
+@_runs_dir_option
+@click.option("--only", multiple=True, metavar="STAGE", help="Run these stages (and what they need), nothing else.")
+@click.option("--force", multiple=True, metavar="STAGE", help="Rebuild these stages even if cached.")
+@click.option("--dry-run", is_flag=True, help="Print the plan; run nothing.")
+def run_cmd(recipe: str, sets, runs_dir, only, force, dry_run: bool) -> None:
+    """Run RECIPE: cached stages are skipped, interrupted ones resume."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    from .executor import make_plan, run, select
+
+    r = _load(recipe, sets)
+    root = _runs_dir(runs_dir)
+    if dry_run:
+        chosen = select(r, list(only), list(force))
+        _plan_table(r.name, [i for i in make_plan(r, root) if i.name in chosen])
+        return
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+        TextColumn("{task.speed:>7.1f} rows/s" if False else "[progress.data.speed]{task.fields[rate]}"),
+        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err, transient=False,
+    )
+    progress = _RateProgress(progress)
+    with progress.live:
+        record = run(r, root, only=list(only), force=list(force), console=err, progress=progress)
+    table = Table(title=f"run {r.name}/{record.run_id}", title_justify="left")
+    for col in ("stage", "status", "rows in", "rows out", "seconds"):
+        table.add_column(col)
+    for name, s in record.data["stages"].items():
+        style = STATUS_STYLE.get(s.get("status"), "")
+        table.add_row(name, f"[{style}]{s.get('status')}[/]", str(s.get("rows_in", "")), str(s.get("rows_out", "")),
+                      f"{s.get('duration_s', 0):.1f}")
+    out.print(table)
+    out.print(f"run record: {record.dir}", markup=False)
+
+
+class _RateProgress:
+    """A rich Progress whose tasks show rows/s (rich's own speed column has no unit)."""
+
+    def __init__(self, progress) -> None:
+        self.live = progress
+
+    def add_task(self, description: str, total=None) -> int:
+        return self.live.add_task(description, total=total, rate="")
+
+    def advance(self, task_id: int, n: int) -> None:
+        self.live.advance(task_id, n)
+        speed = self.live.tasks[task_id].speed if task_id < len(self.live.tasks) else None
+        task = next(t for t in self.live.tasks if t.id == task_id)
+        speed = task.speed
+        self.live.update(task_id, rate=f"{speed:,.1f} rows/s" if speed else "")
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def _run_dirs(root: Path) -> list[Path]:
+    runs = []
+    if not root.exists():
+        return runs
+    for recipe_dir in sorted(root.iterdir()):
+        if recipe_dir.name == "cache" or not recipe_dir.is_dir():
+            continue
+        for d in sorted(recipe_dir.iterdir()):
+            if d.is_dir() and not d.is_symlink() and (d / "record.json").exists():
+                runs.append(d)
+    return runs
+
+
+def _record(run_dir: Path) -> dict:
+    return json.loads((run_dir / "record.json").read_text())
+
+
+def find_run(root: Path, ref: str) -> Path:
+    """RUN may be a run dir, RECIPE/RUN-ID, RECIPE (its latest run), RUN-ID, or `latest`."""
+    candidates = [Path(ref), root / ref, root / ref / "latest"]
+    for c in candidates:
+        if (c / "record.json").exists():
+            return c.resolve()
+    runs = _run_dirs(root)
+    if ref == "latest" and runs:
+        return max(runs, key=lambda d: _record(d).get("started", "")).resolve()
+    matches = [d for d in runs if d.name == ref]
+    if len(matches) == 1:
+        return matches[0].resolve()
+    known = ", ".join(sorted({f"{d.parent.name}/{d.name}" for d in runs})[-8:]) or "none yet"
+    raise RecipeError.single(f"no run '{ref}' under {root}.", hint=f"Runs: {known}. Try `recipe status`.")
+
+
+@main.command()
+@click.argument("run_ref", metavar="[RUN]", required=False)
+@_runs_dir_option
+def status(run_ref, runs_dir) -> None:
+    """List runs and their stages (all recipes, or one RUN in detail)."""
+    root = _runs_dir(runs_dir)
+    if run_ref:
+        run_dir = find_run(root, run_ref)
+        rec = _record(run_dir)
+        table = Table(title=f"{rec['recipe']}/{rec['run']}: {rec['status']}", title_justify="left")
+        for col in ("stage", "kind", "fingerprint", "status", "rows in", "rows out", "seconds", "why"):
+            table.add_column(col)
+        for name, s in rec["stages"].items():
+            style = STATUS_STYLE.get(s.get("status"), "")
+            table.add_row(name, s.get("kind", ""), s.get("fingerprint", "")[:12], f"[{style}]{s.get('status')}[/]",
+                          str(s.get("rows_in", "")), str(s.get("rows_out", "")), f"{s.get('duration_s', 0) or 0:.1f}",
+                          "; ".join(s.get("reasons", [])) or s.get("error", ""))
+        out.print(table)
+        return
+    runs = _run_dirs(root)
+    if not runs:
+        out.print(f"no runs under {root}", markup=False)
+        return
+    table = Table(title=f"runs in {root}", title_justify="left")
+    for col in ("recipe", "run", "status", "started", "stages"):
+        table.add_column(col)
+    for d in runs:
+        rec = _record(d)
+        counts: dict[str, int] = {}
+        for s in rec["stages"].values():
+            counts[s.get("status", "?")] = counts.get(s.get("status", "?"), 0) + 1
+        style = STATUS_STYLE.get(rec["status"], "")
+        table.add_row(rec["recipe"], rec["run"], f"[{style}]{rec['status']}[/]", rec.get("started", ""),
+                      ", ".join(f"{v} {k}" for k, v in counts.items()))
+    out.print(table)
+
+
+@main.command()
+@click.argument("run_ref", metavar="RUN")
+@click.argument("stage")
+@click.option("-n", "--rows", "n_rows", default=5, show_default=True, help="How many rows to print.")
+@_runs_dir_option
+def show(run_ref: str, stage: str, n_rows: int, runs_dir) -> None:
+    """Print the first rows of a stage's output and its report."""
+    from . import registry
+    from .rows import count_rows, read_rows
+
+    run_dir = find_run(_runs_dir(runs_dir), run_ref)
+    rec = _record(run_dir)
+    entry = run_dir / "stages" / stage
+    if stage not in rec["stages"] or not entry.exists():
+        done = [n for n in rec["stages"] if (run_dir / "stages" / n).exists()]
+        raise RecipeError.single(f"run {rec['recipe']}/{rec['run']} has no output for stage '{stage}'.",
+                                 hint=f"Stages with output: {', '.join(done) or 'none'}.")
+    info = rec["stages"][stage]
+    out.print(f"[bold]{stage}[/] ({info.get('kind')}) fingerprint {info.get('fingerprint')}: {info.get('status')}")
+    rows_file = entry / "rows.parquet"
+    if rows_file.exists():
+        rows = read_rows(rows_file)[:n_rows]
+        table = Table(title=f"first {len(rows)} of {count_rows(rows_file)} rows", title_justify="left", show_lines=True)
+        cols = list(dict.fromkeys(k for row in rows for k in row))
+        for c in cols:
+            table.add_column(c, overflow="fold", max_width=60 if c == "messages" else 30)
+        for row in rows:
+            table.add_row(*[_cell(row.get(c)) for c in cols])
+        out.print(table)
+    report_file = entry / "report.json"
+    if report_file.exists():
+        report = json.loads(report_file.read_text())
+        module = registry.load(info["kind"]) if info.get("kind") in registry.kinds() else None
+        if module is not None and hasattr(module, "summary"):
+            table = Table(title="report", title_justify="left")
+            table.add_column("")
+            table.add_column("")
+            for k, v in module.summary(report):
+                table.add_row(k, v)
+            out.print(table)
+            for rule, examples in report.get("examples", {}).items():
+                for ex in examples:
+                    out.print(f"  [dim]{rule}[/] {ex.get('id')}: {ex.get('detail')}", markup=True)
+        else:
+            out.print_json(json.dumps(report))
+
+
+def _cell(value) -> str:
+    if isinstance(value, list) and value and isinstance(value[0], dict) and "role" in value[0]:
+        return "\n".join(f"{m.get('role')}: {str(m.get('content'))[:120]}" for m in value)
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return text if len(text) < 300 else text[:297] + "..."
+
+
+@main.command()
+@click.argument("a", type=click.Path(dir_okay=False))
+@click.argument("b", type=click.Path(dir_okay=False))
+@_runs_dir_option
+@click.option("--json", "as_json", is_flag=True)
+def diff(a: str, b: str, runs_dir, as_json: bool) -> None:
+    """Stages whose fingerprints differ between recipes A and B, and why."""
+    from .executor import memo_for
+    from .fingerprint import fingerprints, reasons
+
+    memo = memo_for(_runs_dir(runs_dir))
+    ra, rb = _load(a, ()), _load(b, ())
+    fa, fb = fingerprints(ra, memo), fingerprints(rb, memo)
+    memo.save()
+    rows = []
+    for name in list(dict.fromkeys([*fa, *fb])):
+        if name not in fb:
+            rows.append({"stage": name, "a": fa[name][0], "b": None, "reasons": ["only in A"]})
+        elif name not in fa:
+            rows.append({"stage": name, "a": None, "b": fb[name][0], "reasons": ["only in B"]})
+        elif fa[name][0] != fb[name][0]:
+            rows.append({"stage": name, "a": fa[name][0], "b": fb[name][0], "reasons": reasons(fa[name][1], fb[name][1])})
+    if as_json:
+        click.echo(json.dumps({"a": a, "b": b, "stages": rows}, indent=2))
+        return
+    if not rows:
+        out.print("no differences: every stage has the same fingerprint")
+        return
+    table = Table(title=f"{a} -> {b}", title_justify="left")
+    for col in ("stage", "A", "B", "why"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["stage"], (r["a"] or "-")[:12], (r["b"] or "-")[:12], "; ".join(r["reasons"]))
+    out.print(table)
+
+
+@main.command()
+@_runs_dir_option
+@click.option("--keep-runs", default=5, show_default=True, help="Entries used by each recipe's last N runs stay.")
+@click.option("--yes", is_flag=True, help="Delete; without it gc only lists what it would delete.")
+def gc(runs_dir, keep_runs: int, yes: bool) -> None:
+    """Drop cache entries that no recent run references (dry run unless --yes)."""
+    from .cache import Store
+
+    root = _runs_dir(runs_dir)
+    store = Store(root)
+    keep: set[str] = set()
+    by_recipe: dict[str, list[Path]] = {}
+    for d in _run_dirs(root):
+        by_recipe.setdefault(d.parent.name, []).append(d)
+    for dirs in by_recipe.values():
+        for d in sorted(dirs, key=lambda d: _record(d).get("started", ""))[-keep_runs:]:
+            keep.update(s.get("fingerprint") for s in _record(d)["stages"].values())
+    doomed = [store.entry_path(fp) for fp in store.entries() if fp not in keep]
+    if store.partial_root.exists():
+        doomed += [p for p in store.partial_root.iterdir() if p.name not in keep]
+    total = sum(_size(p) for p in doomed)
+    for p in doomed:
+        out.print(f"{'removing' if yes else 'would remove'} {p} ({_human(_size(p))})", markup=False)
+    if yes:
+        for p in doomed:
+            store.remove(p.name)
+        out.print(f"removed {len(doomed)} entries, {_human(total)}", markup=False)
+    else:
+        out.print(f"{len(doomed)} entries, {_human(total)}; run with --yes to delete", markup=False)
+
+
+def _size(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+@main.command()
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default=None, help="Write to a file.")
+def schema(output) -> None:
+    """JSON Schema of the recipe format (for editors: taplo, VS Code Even Better TOML)."""
+    from .schema import recipe_schema
+
+    text = json.dumps(recipe_schema(), indent=2)
+    if output:
+        Path(output).write_text(text + "\n")
+    else:
+        click.echo(text)
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False), default=".")
+@click.option("--force", is_flag=True, help="Overwrite existing files.")
+def init(directory: str, force: bool) -> None:
+    """Write a commented starter recipe (and a small data file) into DIRECTORY."""
+    from .starter import write_starter
+
+    written = write_starter(Path(directory), force=force)
+    for p in written:
+        out.print(f"wrote {p}", markup=False)
+    out.print(f"next: recipe run {Path(directory) / 'recipe.toml'}", markup=False)
+
+
+if __name__ == "__main__":  # pragma: no cover (python -m engine.cli)
+    main()

@@ -1,0 +1,64 @@
+"""Building blocks for stage Configs: the base class and the field markers the engine reads.
+
+A stage's Config is a pydantic model with `extra="forbid"` and strict types (a TOML string is
+never silently turned into a number). Fields carry markers in `json_schema_extra`:
+
+- `Ref(...)`: the value names a dataset, model or stage; it builds the DAG and is type-checked
+  against the artifact types listed. In the fingerprint it is replaced by the identity of what
+  it names, so renaming a stage does not invalidate its consumers.
+- `ExecOnly(...)`: cannot change results (batch size, logging, progress); left out of the
+  fingerprint.
+- `PathField(...)`: a file path, resolved against the directory of the recipe file that set it;
+  the file's content enters the fingerprint, never the path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+REF = "x-ref"
+EXEC_ONLY = "x-exec-only"
+PATH = "x-path"
+
+ARTIFACT_TYPES = ("conversations", "prompts", "samples", "preferences", "model", "report")
+
+
+class Table(BaseModel):
+    """Base for every table of the recipe format: unknown keys are errors, types are strict."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+
+class StageConfig(Table):
+    """Base for stage Configs. `kind` selects the stage module; each Config narrows it."""
+
+    kind: str
+
+
+def Ref(*types: str, default: Any = ..., description: str = "", **kw: Any) -> Any:
+    """A reference to a dataset, model or stage whose artifact is one of `types`."""
+    unknown = set(types) - set(ARTIFACT_TYPES)
+    assert not unknown, f"unknown artifact types {unknown}"
+    return Field(default, description=description, json_schema_extra={REF: list(types)}, **kw)
+
+
+def ExecOnly(default: Any = ..., description: str = "", **kw: Any) -> Any:
+    """A field that cannot change a stage's output; excluded from the fingerprint."""
+    return Field(default, description=description, json_schema_extra={EXEC_ONLY: True}, **kw)
+
+
+def PathField(default: Any = ..., description: str = "", **kw: Any) -> Any:
+    """A path to a file; resolved against the recipe's directory, hashed by content."""
+    return Field(default, description=description, json_schema_extra={PATH: True}, **kw)
+
+
+def marker(model: type[BaseModel], field: str, name: str) -> Any:
+    extra = model.model_fields[field].json_schema_extra
+    return extra.get(name) if isinstance(extra, dict) else None
+
+
+def ref_fields(model: type[BaseModel]) -> dict[str, list[str]]:
+    """Field name -> accepted artifact types, for every reference field of a Config."""
+    return {f: marker(model, f, REF) for f in model.model_fields if marker(model, f, REF)}

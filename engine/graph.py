@@ -1,0 +1,150 @@
+"""References -> DAG: every reference resolves, no cycles, artifact types match.
+
+The graph has no edge list of its own: a stage depends on whatever its reference fields
+(`input`, `model`, ... marked with `Ref` in its Config) name. A name is a dataset, a model,
+or another stage.
+"""
+
+from __future__ import annotations
+
+import difflib
+import graphlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator
+
+from .config import ref_fields
+from .errors import Problem, RecipeError
+
+if TYPE_CHECKING:
+    from .recipe import Recipe
+
+
+@dataclass(frozen=True)
+class Edge:
+    field: str  # the Config field holding the reference
+    name: str  # what it names
+    source: str  # "stages", "datasets" or "models"
+
+
+def refs_of(config) -> Iterator[tuple[str, str]]:
+    """(field, name) for every reference in a stage config, lists flattened in order."""
+    for fname in ref_fields(type(config)):
+        value = getattr(config, fname)
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str):
+                yield fname, item
+
+
+def source_of(recipe: "Recipe", name: str) -> str | None:
+    if name in recipe.stages:
+        return "stages"
+    if name in recipe.datasets:
+        return "datasets"
+    if name in recipe.models:
+        return "models"
+    return None
+
+
+def artifact_type(recipe: "Recipe", name: str) -> str | None:
+    if name in recipe.stages:
+        return recipe.stages[name].module.GIVES
+    if name in recipe.datasets:
+        return recipe.datasets[name].type
+    if name in recipe.models:
+        return "model"
+    return None
+
+
+def edges(recipe: "Recipe", stage: str) -> list[Edge]:
+    out = []
+    for fname, name in refs_of(recipe.stages[stage].config):
+        src = source_of(recipe, name)
+        if src:
+            out.append(Edge(fname, name, src))
+    return out
+
+
+def _missing(recipe: "Recipe", stage: str, fname: str, ref: str) -> Problem:
+    known = {"datasets": sorted(recipe.datasets), "models": sorted(recipe.models), "stages": sorted(recipe.stages)}
+    everything = [n for names in known.values() for n in names]
+    close = difflib.get_close_matches(ref, everything, n=1)
+    listing = "; ".join(f"{k}: {', '.join(v)}" for k, v in known.items() if v) or "none defined"
+    return Problem(f"stage '{stage}' refers to '{ref}', which is not defined.",
+                   hint=(f"Did you mean '{close[0]}'? " if close else "") + f"Known names: {listing}.",
+                   **recipe.where(f"stages.{stage}.{fname}"))
+
+
+def graph_problems(recipe: "Recipe", invalid: dict[str, list[tuple[str, str]]] | None = None) -> list[Problem]:
+    """Missing references, type mismatches and cycles, all of them. `invalid` holds the raw
+    references of stages that failed their own validation: they are checked for existence,
+    and references to those stages are not reported as missing."""
+    invalid = invalid or {}
+    problems: list[Problem] = []
+    deps: dict[str, set[str]] = {}
+    for name, refs in invalid.items():
+        problems += [_missing(recipe, name, f, r) for f, r in refs if r not in invalid and not source_of(recipe, r)]
+    for name, stage in recipe.stages.items():
+        deps[name] = set()
+        accepted = ref_fields(type(stage.config))
+        for fname, ref in refs_of(stage.config):
+            if ref in invalid:
+                deps[name].add(ref)
+                continue
+            src = source_of(recipe, ref)
+            if src is None:
+                problems.append(_missing(recipe, name, fname, ref))
+                continue
+            gives = artifact_type(recipe, ref)
+            if gives not in accepted[fname]:
+                what = f"stage '{ref}' ({recipe.stages[ref].kind})" if src == "stages" else f"{src[:-1]} '{ref}'"
+                problems.append(Problem(
+                    f"stage '{name}' ({stage.kind}) takes {' or '.join(accepted[fname])} as {fname}, "
+                    f"but {what} gives {gives}.",
+                    hint="Point it at a stage or dataset of the right type.",
+                    **recipe.where(f"stages.{name}.{fname}")))
+            if src == "stages":
+                deps[name].add(ref)
+    try:
+        list(graphlib.TopologicalSorter(deps).static_order())
+    except graphlib.CycleError as exc:
+        cycle = exc.args[1]
+        problems.append(Problem(
+            f"stages form a cycle: {' -> '.join(reversed(cycle))}.",
+            hint="A stage cannot consume its own output, directly or through others.",
+            **recipe.where(f"stages.{cycle[0]}")))
+    return problems
+
+
+def order(recipe: "Recipe") -> list[str]:
+    """Stage names in a deterministic topological order (ties broken by recipe order)."""
+    position = {n: i for i, n in enumerate(recipe.stages)}
+    sorter = graphlib.TopologicalSorter(
+        {n: {e.name for e in edges(recipe, n) if e.source == "stages"} for n in recipe.stages}
+    )
+    sorter.prepare()
+    out: list[str] = []
+    while sorter.is_active():
+        ready = sorted(sorter.get_ready(), key=position.__getitem__)
+        for n in ready:
+            out.append(n)
+            sorter.done(n)
+    return out
+
+
+def upstream(recipe: "Recipe", names: list[str]) -> set[str]:
+    """The named stages and every stage they depend on."""
+    seen: set[str] = set()
+    todo = list(names)
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        todo.extend(e.name for e in edges(recipe, n) if e.source == "stages")
+    return seen
+
+
+def check_graph(recipe: "Recipe") -> None:
+    problems = graph_problems(recipe)
+    if problems:
+        raise RecipeError(problems)

@@ -1,0 +1,39 @@
+"""The one table from `kind = "..."` to the module that implements it.
+
+A stage module has `Config` (a `StageConfig` subclass), `VERSION` (bump it when the code's
+output changes for the same config), `GIVES` (its artifact type) and
+`run(config, inputs, ctx)`. Third-party kinds join through the entry point group
+`recipe.stages` (`name = "package.module"`), so a plugin is a pip-installable package.
+"""
+
+from __future__ import annotations
+
+import importlib
+from functools import lru_cache
+from types import ModuleType
+
+BUILTIN = {
+    "filter": "stages.filter",
+}
+
+ENTRY_POINT_GROUP = "recipe.stages"
+
+
+@lru_cache(maxsize=1)
+def kinds() -> dict[str, str]:
+    """Every known kind -> module path: the built-ins, then plugins (which cannot shadow them)."""
+    table = dict(BUILTIN)
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        table.setdefault(ep.name, ep.value)
+    return table
+
+
+def load(kind: str) -> ModuleType:
+    """The module for a kind; KeyError if the kind is unknown."""
+    module = importlib.import_module(kinds()[kind])
+    for attr in ("Config", "VERSION", "GIVES", "run"):
+        if not hasattr(module, attr):
+            raise TypeError(f"stage module {module.__name__} has no {attr}")
+    return module

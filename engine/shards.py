@@ -1,0 +1,141 @@
+"""Resume inside a stage: row stages work in shards, each committed atomically.
+
+    partial/<fp>/layout.json        rows and shard size; a different layout starts over
+    partial/<fp>/shard-000003/      rows.parquet + stats.json, renamed into place when whole
+
+A restarted stage skips committed shards. Each shard's seed derives from (recipe seed,
+fingerprint, shard index) only, so an interrupted-then-resumed run produces exactly the rows
+of an uninterrupted one, whatever the process or the order in which shards ran.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .cache import atomic_write_json
+from .rows import read_rows, write_rows
+
+# Test hook: exit abruptly (as SIGKILL would) after this many shard commits in one process.
+CRASH_ENV = "RECIPE_CRASH_AFTER_SHARDS"
+
+
+def shard_seed(recipe_seed: int, fp: str, index: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{recipe_seed}:{fp}:{index}".encode()).digest()[:8], "big") >> 1
+
+
+@dataclass
+class Shard:
+    index: int
+    start: int  # index of the shard's first row in the stage input
+    rows: list[dict]
+    seed: int
+    advance: Callable[[int], None] = field(default=lambda n: None, repr=False)
+    advanced: int = 0
+
+    def progress(self, n: int = 1) -> None:
+        """Report n rows done inside the shard (optional; commit reports the rest)."""
+        self.advanced += n
+        self.advance(n)
+
+
+@dataclass
+class ShardResult:
+    rows: list[dict]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class ShardRunner:
+    def __init__(self, root: Path, fp: str, recipe_seed: int, progress, log) -> None:
+        self.root, self.fp, self.recipe_seed = root, fp, recipe_seed
+        self.progress, self.log = progress, log
+        self.committed_here = 0
+
+    def _shard_dir(self, index: int) -> Path:
+        return self.root / f"shard-{index:06d}"
+
+    def _load(self, index: int) -> ShardResult | None:
+        d = self._shard_dir(index)
+        if not d.is_dir():
+            return None
+        try:
+            stats = json.loads((d / "stats.json").read_text())
+            rows = read_rows(d / "rows.parquet")
+        except Exception as exc:  # a damaged shard is redone, never trusted
+            self.log.warning("shard %d is unreadable (%s); redoing it", index, exc)
+            shutil.rmtree(d, ignore_errors=True)
+            return None
+        if stats.get("_rows") != len(rows):
+            self.log.warning("shard %d has %d rows, expected %s; redoing it", index, len(rows), stats.get("_rows"))
+            shutil.rmtree(d, ignore_errors=True)
+            return None
+        stats.pop("_rows", None)
+        return ShardResult(rows, stats)
+
+    def _commit(self, index: int, result: ShardResult) -> None:
+        work = self.root / f".tmp-{index:06d}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        work.mkdir(parents=True)
+        write_rows(work / "rows.parquet", result.rows)
+        atomic_write_json(work / "stats.json", dict(result.stats, _rows=len(result.rows)))
+        os.replace(work, self._shard_dir(index))
+        self.committed_here += 1
+        limit = os.environ.get(CRASH_ENV)
+        if limit and self.committed_here >= int(limit):
+            os._exit(137)
+
+    def _check_layout(self, total: int, shard_size: int) -> None:
+        layout = {"rows": total, "shard_size": shard_size}
+        path = self.root / "layout.json"
+        if path.exists():
+            try:
+                same = json.loads(path.read_text()) == layout
+            except ValueError:
+                same = False
+            if not same:
+                self.log.warning("committed shards have another layout; starting this stage over")
+                shutil.rmtree(self.root, ignore_errors=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            atomic_write_json(path, layout)
+
+    def map(
+        self,
+        rows: list[dict],
+        fn: Callable[[Shard], ShardResult],
+        *,
+        shard_size: int,
+        desc: str = "rows",
+    ) -> tuple[list[dict], list[dict]]:
+        """Run `fn` on every uncommitted shard of `rows`; return all output rows in input
+        order and each shard's stats, committed ones included."""
+        if shard_size < 1:
+            raise ValueError("shard_size must be at least 1")
+        self._check_layout(len(rows), shard_size)
+        n_shards = (len(rows) + shard_size - 1) // shard_size
+        out_rows: list[dict] = []
+        stats: list[dict] = []
+        task = self.progress(len(rows), desc)
+        resumed = 0
+        for index in range(n_shards):
+            start = index * shard_size
+            chunk = rows[start : start + shard_size]
+            result = self._load(index)
+            if result is None:
+                shard = Shard(index, start, chunk, shard_seed(self.recipe_seed, self.fp, index), task.advance)
+                result = fn(shard)
+                self._commit(index, result)
+                task.advance(max(0, len(chunk) - shard.advanced))
+            else:
+                resumed += 1
+                task.advance(len(chunk))
+            out_rows.extend(result.rows)
+            stats.append(result.stats)
+        if resumed:
+            self.log.info("resumed: %d of %d shards were already committed", resumed, n_shards)
+        return out_rows, stats

@@ -1,0 +1,1 @@
+"""Built-in stage kinds, one module each. See engine/registry.py for the kind -> module table."""

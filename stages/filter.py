@@ -1,0 +1,166 @@
+"""filter: drop conversations that fail quality rules, and say what each rule removed.
+
+Takes `conversations` (input); gives `conversations`. Renders no templates.
+
+Rules, applied in this order (a row is counted under the first rule it fails):
+format (roles, alternation, non-empty), turns (min/max assistant turns), min_words and
+max_words (per assistant turn), filler (a short assistant turn with no new information),
+sycophancy (share of assistant turns with flattering phrases), refusal (keep, drop, or keep
+only refusals), then across rows: exact duplicates and near duplicates (word n-gram Jaccard
+verified after MinHash banding). The first occurrence of a duplicate is kept.
+
+Per-row rules run in shards through the engine (resumable); dedup runs once over the
+result, in input order, so the output does not depend on the shard size.
+Saves rows.parquet, report.json (rows in/out, dropped per rule, examples) and, with
+`keep_dropped = true`, dropped.parquet with a `filter_reason` column.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from engine import text
+from engine.config import ExecOnly, Ref, StageConfig
+from engine.data import check_messages
+from engine.shards import Shard, ShardResult
+
+VERSION = 1
+GIVES = "conversations"
+
+RULES = ("format", "turns", "min_words", "max_words", "filler", "sycophancy", "refusal",
+         "exact_duplicate", "near_duplicate")
+
+
+class Config(StageConfig):
+    kind: Literal["filter"]
+    input: str = Ref("conversations", description="A dataset or stage giving conversations.")
+    min_turns: int = Field(1, ge=0, description="Fewest assistant turns a conversation may have.")
+    max_turns: int | None = Field(None, ge=1, description="Most assistant turns (None: no limit).")
+    min_words: int = Field(0, ge=0, description="Every assistant turn needs at least this many words.")
+    max_words: int | None = Field(None, ge=1, description="No assistant turn may exceed this many words.")
+    drop_filler: bool = Field(False, description="Drop conversations with a filler assistant turn.")
+    filler_max_words: int = Field(15, ge=1, description="Turns shorter than this may count as filler.")
+    max_sycophancy: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="Most allowed share of assistant turns with flattering phrases (0.3 is a good start).")
+    refusals: Literal["keep", "drop", "only"] = Field(
+        "keep", description="keep: no refusal rule; drop: drop conversations with a refusal; "
+                            "only: keep only those (to build refusal sets).")
+    dedup: Literal["none", "exact", "near"] = Field(
+        "exact", description="exact: identical after case/space normalization; near: also n-gram Jaccard.")
+    near_threshold: float = Field(0.8, gt=0.0, le=1.0, description="Jaccard at or above this is a duplicate.")
+    ngram: int = Field(3, ge=1, description="Word n-gram size for near-duplicate detection.")
+    refusal_phrases: list[str] | None = Field(None, description="Replace the built-in refusal phrases.")
+    sycophancy_phrases: list[str] | None = Field(None, description="Replace the built-in sycophancy phrases.")
+    keep_dropped: bool = Field(False, description="Also save dropped rows (dropped.parquet) for inspection.")
+    examples_per_rule: int = Field(3, ge=0, description="Dropped examples per rule kept in the report.")
+    shard_size: int = ExecOnly(2000, ge=1, description="Rows per committed shard (resume granularity).")
+
+
+def _assistant_texts(messages: list[dict]) -> list[str]:
+    return [m["content"] for m in messages if m.get("role") == "assistant"]
+
+
+def row_verdict(config: Config, messages) -> tuple[str, str] | None:
+    """(rule, detail) for the first per-row rule the conversation fails, else None."""
+    problem = check_messages(messages)
+    if problem:
+        return "format", problem
+    replies = _assistant_texts(messages)
+    if len(replies) < config.min_turns or (config.max_turns and len(replies) > config.max_turns):
+        return "turns", f"{len(replies)} assistant turns"
+    for i, reply in enumerate(replies):
+        n = text.word_count(reply)
+        if n < config.min_words:
+            return "min_words", f"assistant turn {i + 1} has {n} words"
+        if config.max_words and n > config.max_words:
+            return "max_words", f"assistant turn {i + 1} has {n} words"
+    if config.drop_filler:
+        earlier: list[str] = []
+        for m in messages:
+            if m["role"] == "assistant" and text.is_filler(m["content"], earlier, max_words=config.filler_max_words):
+                return "filler", f"filler turn: {m['content'][:80]!r}"
+            earlier.append(m["content"])
+    if config.max_sycophancy is not None:
+        phrases = tuple(config.sycophancy_phrases) if config.sycophancy_phrases else text.SYCOPHANCY_PHRASES
+        ratio = text.sycophancy_ratio(messages, phrases)
+        if ratio > config.max_sycophancy:
+            return "sycophancy", f"{ratio:.0%} of assistant turns flatter"
+    if config.refusals != "keep":
+        phrases = tuple(config.refusal_phrases) if config.refusal_phrases else text.REFUSAL_PHRASES
+        refused = any(text.is_refusal(r, phrases) for r in replies)
+        if refused and config.refusals == "drop":
+            return "refusal", "an assistant turn refuses"
+        if not refused and config.refusals == "only":
+            return "refusal", "no assistant turn refuses"
+    return None
+
+
+def duplicates(config: Config, rows: list[dict]) -> dict[int, tuple[str, str]]:
+    """Row index -> (rule, detail) for rows that repeat an earlier kept row."""
+    out: dict[int, tuple[str, str]] = {}
+    if config.dedup == "none":
+        return out
+    seen: dict[str, int] = {}
+    for i, row in enumerate(rows):
+        key = text.exact_key(row["messages"])
+        if key in seen:
+            out[i] = ("exact_duplicate", f"same as {rows[seen[key]].get('id')}")
+        else:
+            seen[key] = i
+    if config.dedup == "near":
+        kept = [i for i in range(len(rows)) if i not in out]
+        joined = ["\n".join(m["content"] for m in rows[i]["messages"]) for i in kept]
+        near = text.near_duplicates(joined, threshold=config.near_threshold, n=config.ngram)
+        for j, k in near.items():
+            out[kept[j]] = ("near_duplicate", f"near copy of {rows[kept[k]].get('id')}")
+    return out
+
+
+def run(config: Config, inputs, ctx) -> None:
+    rows = inputs["input"].rows()
+    dropped: list[dict] = []
+
+    def per_shard(shard: Shard) -> ShardResult:
+        kept, gone = [], []
+        for row in shard.rows:
+            verdict = row_verdict(config, row.get("messages"))
+            if verdict is None:
+                kept.append(row)
+            else:
+                gone.append(dict(row, filter_reason=verdict[0], filter_detail=verdict[1]))
+        return ShardResult(kept, {"dropped_rows": gone})
+
+    kept, stats = ctx.shards.map(rows, per_shard, shard_size=config.shard_size, desc="filtering")
+    for s in stats:
+        dropped.extend(s["dropped_rows"])
+    dups = duplicates(config, kept)
+    dropped.extend(dict(kept[i], filter_reason=r, filter_detail=d) for i, (r, d) in dups.items())
+    kept = [row for i, row in enumerate(kept) if i not in dups]
+
+    counts = {rule: 0 for rule in RULES}
+    examples: dict[str, list[dict]] = {}
+    for row in dropped:
+        counts[row["filter_reason"]] += 1
+        bucket = examples.setdefault(row["filter_reason"], [])
+        if len(bucket) < config.examples_per_rule:
+            first = next((m["content"] for m in row.get("messages") or [] if isinstance(m, dict)), "")
+            bucket.append({"id": row.get("id"), "detail": row["filter_detail"], "text": str(first)[:160]})
+    report = {"rows_in": len(rows), "rows_out": len(kept), "dropped": counts, "examples": examples}
+    ctx.log.info("kept %d of %d; dropped: %s", len(kept), len(rows),
+                 ", ".join(f"{k} {v}" for k, v in counts.items() if v) or "none")
+    if not kept:
+        ctx.warn("every row was dropped; check the rule thresholds in the report")
+    ctx.save_rows(kept)
+    ctx.save_json("report.json", report)
+    if config.keep_dropped:
+        ctx.save_rows(dropped, "dropped.parquet")
+
+
+def summary(report: dict) -> list[tuple[str, str]]:
+    """Lines for `recipe show`: what each rule removed."""
+    lines = [("rows in", str(report["rows_in"])), ("rows out", str(report["rows_out"]))]
+    lines += [(f"dropped: {rule}", str(n)) for rule, n in report["dropped"].items() if n]
+    return lines

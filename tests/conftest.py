@@ -1,0 +1,93 @@
+"""Shared fixtures: real recipe folders in tmp dirs, and the CLI run in process or as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def conv(*turns: str, id: str | None = None, **extra) -> dict:
+    """A conversation row from alternating user/assistant texts."""
+    roles = ["user", "assistant"]
+    row = {"messages": [{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)], **extra}
+    if id is not None:
+        row["id"] = id
+    return row
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+GOOD = [
+    conv(f"Question number {i} about topic {i * 7}: how does it work?",
+         f"Answer {i}: it works by combining part {i} with part {i + 1}, which together explain the effect "
+         f"seen in case {i * 3}.", id=f"r{i}")
+    for i in range(40)
+]
+
+BASIC_RECIPE = """
+[recipe]
+name = "basic"
+seed = 7
+
+[datasets.seed]
+path = "data/convs.jsonl"
+
+[stages.clean]
+kind = "filter"
+input = "seed"
+min_words = 3
+shard_size = 10
+
+[stages.again]
+kind = "filter"
+input = "clean"
+refusals = "drop"
+"""
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A recipe folder: recipe.toml + data/convs.jsonl (40 good rows)."""
+    root = tmp_path / "proj"
+    write_jsonl(root / "data" / "convs.jsonl", GOOD)
+    (root / "recipe.toml").write_text(textwrap.dedent(BASIC_RECIPE))
+    return root
+
+
+@pytest.fixture
+def runs(tmp_path: Path, monkeypatch) -> Path:
+    path = tmp_path / "runs"
+    monkeypatch.setenv("RECIPE_RUNS_DIR", str(path))
+    return path
+
+
+@pytest.fixture
+def cli(runs):
+    """Run the CLI in process: cli("plan", path, "--json") -> click Result (exit_code, output)."""
+    from engine.cli import main
+
+    def invoke(*args: str):
+        return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke
+
+
+def run_cli_subprocess(*args, env_extra: dict | None = None, cwd=None, timeout=120) -> subprocess.CompletedProcess:
+    env = dict(os.environ, **(env_extra or {}))
+    env.setdefault("PYTHONPATH", str(ROOT))
+    return subprocess.run([sys.executable, "-m", "engine.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=timeout)
