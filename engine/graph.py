@@ -109,7 +109,7 @@ def graph_problems(recipe: "Recipe", invalid: dict[str, list[tuple[str, str]]] |
     except graphlib.CycleError as exc:
         cycle = exc.args[1]
         problems.append(Problem(
-            f"stages form a cycle: {' -> '.join(reversed(cycle))}.",
+            f"stages form a cycle: {' -> '.join(cycle)}.",
             hint="A stage cannot consume its own output, directly or through others.",
             **recipe.where(f"stages.{cycle[0]}")))
     return problems

@@ -77,7 +77,7 @@ def test_all_errors_reported_together(tmp_path):
     assert found["stages.b.dedup"].message.startswith("expected 'none', 'exact' or 'near', found string 'fuzzy'")
     assert "'nowhere', which is not defined" in found["stages.b.input"].message
     assert "datasets: d" in found["stages.b.input"].hint
-    assert found["stages.b.input"].line == 14
+    assert found["stages.b.input"].line == 13
     assert found["datasets.d.path"].message.startswith("file not found: ")
 
 

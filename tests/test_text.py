@@ -263,7 +263,7 @@ def test_near_duplicates_many_rows_finds_planted_copies():
 
 
 DETERMINISM_SCRIPT = """
-import json, random, sys
+import json, sys
 from engine.text import near_duplicates
 texts = json.loads(sys.stdin.read())
 print(json.dumps(sorted(near_duplicates(texts, threshold=0.6).items())))

@@ -1,0 +1,133 @@
+"""Running: cache hits, reasons, crash between shard commits, corrupt entries, concurrent runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import GOOD, ROOT, conv, run_cli_subprocess, write_jsonl
+from engine.cache import Store
+from engine.executor import make_plan, run
+from engine.recipe import load_recipe
+from engine.rows import read_rows
+from engine.shards import CRASH_ENV
+
+
+def rows_of(runs: Path, recipe: str, stage: str) -> list[dict]:
+    return read_rows(runs / recipe / "latest" / "stages" / stage / "rows.parquet")
+
+
+def test_run_then_everything_cached_and_records_written(project, runs):
+    r = load_recipe(project / "recipe.toml")
+    rec = run(r, runs)
+    assert {s["status"] for s in rec.data["stages"].values()} == {"run"}
+    assert rec.data["stages"]["clean"]["rows_in"] == 40 and rec.data["stages"]["clean"]["rows_out"] == 40
+    assert (runs / "basic" / "latest").resolve() == rec.dir.resolve()
+    assert (rec.dir / "recipe.toml").exists() and (rec.dir / "logs" / "clean.log").exists()
+    manifest = json.loads((rec.dir / "stages" / "clean" / "manifest.json").read_text())
+    assert manifest["fingerprint"] == rec.data["stages"]["clean"]["fingerprint"]
+    assert "torch" in manifest["versions"] and manifest["rows"] == {"in": 40, "out": 40}
+    assert [p.status for p in make_plan(r, runs)] == ["cached", "cached"]
+    rec2 = run(r, runs)
+    assert {s["status"] for s in rec2.data["stages"].values()} == {"cached"}
+
+
+def test_plan_explains_and_revert_is_a_cache_hit(project, runs):
+    run(load_recipe(project / "recipe.toml"), runs)
+    changed = load_recipe(project / "recipe.toml", ["stages.clean.min_words=5"])
+    plan = {p.name: p for p in make_plan(changed, runs)}
+    assert plan["clean"].reasons == ["config: min_words 3 -> 5"]
+    assert plan["again"].reasons == ["input changed: clean"]
+    run(changed, runs)
+    back = {p.name: p.status for p in make_plan(load_recipe(project / "recipe.toml"), runs)}
+    assert back == {"clean": "cached", "again": "cached"}
+
+
+def test_crash_between_shard_commits_then_resume_equals_uninterrupted(project, runs, tmp_path):
+    # 40 rows, shard_size 10: the process dies (os._exit, like SIGKILL) after the 2nd commit
+    proc = run_cli_subprocess("run", project / "recipe.toml", "--runs-dir", runs, env_extra={CRASH_ENV: "2"})
+    assert proc.returncode == 137
+    store = Store(runs)
+    fp = json.loads((runs / "basic" / "latest" / "record.json").read_text())["stages"]["clean"]["fingerprint"]
+    assert store.peek(fp) is None and not store.entry_path(fp).exists()  # nothing that looks whole
+    assert sorted(p.name for p in store.partial(fp).glob("shard-*")) == ["shard-000000", "shard-000001"]
+    assert {p.name: p.status for p in make_plan(load_recipe(project / "recipe.toml"), runs)}["clean"] == "partial"
+
+    proc = run_cli_subprocess("run", project / "recipe.toml", "--runs-dir", runs)
+    assert proc.returncode == 0, proc.stderr
+    log = (runs / "basic" / "latest" / "logs" / "clean.log").read_text()
+    assert "resumed: 2 of 4 shards were already committed" in log
+    assert not store.partial(fp).exists()
+
+    fresh = tmp_path / "fresh-runs"
+    assert run_cli_subprocess("run", project / "recipe.toml", "--runs-dir", fresh).returncode == 0
+    for stage in ("clean", "again"):
+        assert rows_of(runs, "basic", stage) == rows_of(fresh, "basic", stage)
+        a = json.loads((runs / "basic" / "latest" / "stages" / stage / "manifest.json").read_text())
+        b = json.loads((fresh / "basic" / "latest" / "stages" / stage / "manifest.json").read_text())
+        assert a["fingerprint"] == b["fingerprint"] and a["checksums"] == b["checksums"]
+
+
+def test_corrupt_entry_is_rebuilt_with_a_warning(project, runs):
+    r = load_recipe(project / "recipe.toml")
+    rec = run(r, runs)
+    entry = rec.dir / "stages" / "clean"
+    good = (entry / "rows.parquet").read_bytes()
+    (entry / "rows.parquet").write_bytes(good[:-7] + b"garbage")
+    proc = run_cli_subprocess("run", project / "recipe.toml", "--runs-dir", runs)
+    assert proc.returncode == 0
+    assert "damaged (checksum mismatch in rows.parquet); rebuilding it" in proc.stderr
+    rec = json.loads((runs / "basic" / "latest" / "record.json").read_text())
+    assert rec["stages"]["clean"]["status"] == "run" and rec["stages"]["again"]["status"] == "cached"
+    assert (runs / "basic" / "latest" / "stages" / "clean" / "rows.parquet").read_bytes() == good
+
+
+def test_missing_manifest_is_not_trusted(project, runs):
+    rec = run(load_recipe(project / "recipe.toml"), runs)
+    (rec.dir / "stages" / "again" / "manifest.json").unlink()
+    plan = {p.name: p.status for p in make_plan(load_recipe(project / "recipe.toml"), runs)}
+    assert plan == {"clean": "cached", "again": "run"}
+
+
+def test_two_concurrent_runs_share_one_runs_dir(project, runs):
+    rows = [conv(f"Tell me fact {i}.", f"Fact {i}: the number {i} squared is {i * i}, and doubled it is {2 * i}.",
+                 id=f"f{i}") for i in range(3000)]
+    write_jsonl(project / "data" / "convs.jsonl", rows)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "engine.cli", "run", str(project / "recipe.toml"), "--runs-dir", str(runs)]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    records = [json.loads((d / "record.json").read_text()) for d in (runs / "basic").iterdir()
+               if d.is_dir() and not d.is_symlink() and not d.name.startswith(".")]
+    assert len(records) == 2
+    fps = {s["fingerprint"] for r in records for s in r["stages"].values()}
+    assert len(fps) == 2  # both runs agree
+    statuses = sorted(r["stages"]["clean"]["status"] for r in records)
+    assert statuses == ["cached", "run"]  # built once, the other waited and reused it
+    assert len(rows_of(runs, "basic", "again")) == 3000
+    assert not list((runs / "cache" / "tmp").glob("*"))
+
+
+def test_only_and_force(project, runs):
+    r = load_recipe(project / "recipe.toml")
+    rec = run(r, runs, only=["clean"])
+    assert list(rec.data["stages"]) == ["clean"]
+    rec = run(r, runs, force=["clean"])
+    assert rec.data["stages"]["clean"]["status"] == "run" and rec.data["stages"]["clean"]["reasons"] == ["forced"]
+    assert rec.data["stages"]["again"]["status"] == "run"  # never built before
+    rec = run(r, runs, force=["clean"])
+    assert rec.data["stages"]["again"]["status"] == "cached"  # same fingerprint downstream
+
+
+def test_dataset_rows_dropped_are_counted_and_reported(project, runs):
+    bad = [conv("only a user turn"), {"messages": [{"role": "robot", "content": "x"}]}]
+    write_jsonl(project / "data" / "convs.jsonl", GOOD + bad)
+    proc = run_cli_subprocess("run", project / "recipe.toml", "--runs-dir", runs)
+    assert proc.returncode == 0
+    assert "dataset 'seed': dropped 2 of 42 rows" in proc.stderr
+    assert "no assistant turn (1)" in proc.stderr and "unknown role 'robot' (1)" in proc.stderr
