@@ -144,7 +144,7 @@ def run_cmd(recipe: str, sets, runs_dir, only, force, dry_run: bool) -> None:
         return
     progress = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-        TextColumn("{task.speed:>7.1f} rows/s" if False else "[progress.data.speed]{task.fields[rate]}"),
+        TextColumn("[progress.data.speed]{task.fields[rate]}"),
         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err, transient=False,
     )
     progress = _RateProgress(progress)
@@ -172,9 +172,7 @@ class _RateProgress:
 
     def advance(self, task_id: int, n: int) -> None:
         self.live.advance(task_id, n)
-        speed = self.live.tasks[task_id].speed if task_id < len(self.live.tasks) else None
-        task = next(t for t in self.live.tasks if t.id == task_id)
-        speed = task.speed
+        speed = next(t.speed for t in self.live.tasks if t.id == task_id)
         self.live.update(task_id, rate=f"{speed:,.1f} rows/s" if speed else "")
 
 
