@@ -32,16 +32,7 @@ def rows_to_table(rows: list[dict]):
     arrays, json_cols = [], []
     for name in names:
         values = [row.get(name) for row in rows]
-        array = None
-        if name not in ALWAYS_JSON:
-            try:
-                array = pa.array(values)
-            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
-                array = None
-            # An all-null column has no type worth keeping; a struct column whose rows have
-            # different keys would come back with None-filled keys: keep both as JSON.
-            if array is not None and (pa.types.is_null(array.type) or _has_struct(array.type)):
-                array = None if _has_struct(array.type) else array
+        array = None if name in ALWAYS_JSON else _typed_array(values)
         if array is None:
             json_cols.append(name)
             array = pa.array(
@@ -54,13 +45,17 @@ def rows_to_table(rows: list[dict]):
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def _has_struct(t) -> bool:
+def _typed_array(values: list):
+    """An Arrow array of one native type, or None when the column should be JSON: mixed
+    types, or a bare struct (its rows' keys may differ, and Arrow would fill the gaps with
+    None). Lists of structs, such as messages, stay native."""
     import pyarrow as pa
 
-    if pa.types.is_struct(t):
-        # list<struct<role, content>> (messages) is fine; a bare struct of free keys is not
-        return True
-    return False
+    try:
+        array = pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
+        return None
+    return None if pa.types.is_struct(array.type) else array
 
 
 def write_rows(path: str | os.PathLike, rows: Iterable[dict]) -> int:
