@@ -90,15 +90,14 @@ def test_exact_and_near_dedup_keep_the_first(tmp_path, runs):
     assert report["examples"]["near_duplicate"][0]["detail"] == "near copy of first"
 
 
-def test_format_rule_and_keep_dropped(tmp_path, runs):
-    rows = [conv("Explain tides", LONG, id="ok"),
-            {"id": "two-users", "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
-                                             {"role": "assistant", "content": LONG}]}]
-    # the dataset loader already drops malformed rows; feed the filter a stage's output instead
-    kept, report, entry = filter_run(tmp_path, rows, runs, keep_dropped=True, min_words=100)
+def test_keep_dropped_saves_removed_rows_with_reasons(tmp_path, runs):
+    rows = [conv("Explain tides", LONG, id="long-enough"), conv("Hi", "Hello there friend", id="short")]
+    kept, report, entry = filter_run(tmp_path, rows, runs, keep_dropped=True, min_words=5)
     dropped = read_rows(entry / "dropped.parquet")
-    assert kept == [] and {r["filter_reason"] for r in dropped} == {"min_words"}
-    assert report["rows_in"] == 1 and report["rows_out"] == 0
+    assert kept == ["long-enough"]
+    assert [(r["id"], r["filter_reason"], r["filter_detail"]) for r in dropped] == [
+        ("short", "min_words", "assistant turn 1 has 3 words")]
+    assert report["rows_in"] == 2 and report["rows_out"] == 1
 
 
 def test_format_rule_on_rows_from_a_stage():
