@@ -150,6 +150,7 @@ class Context:
     recipe: Recipe
     console: Any = None
     _progress: Any = None
+    cache_root: Path | None = None
     rows_out: int | None = None
     shards: ShardRunner = field(init=False)
 
@@ -165,6 +166,39 @@ class Context:
         self.log.warning(message)
         if self.console is not None:
             self.console.print(f"[yellow]warning[/]: {self.stage}: {message}")
+
+    def templates(self):
+        """Templates for this recipe: its own templates/ folder shadows the built-ins."""
+        from .templates import Templates
+
+        return Templates([self.recipe.dir / "templates"])
+
+    def backend(self, model: "Artifact", batch_size: int = 16):
+        """A generation backend for a model reference; call `.close()` when done."""
+        spec = model.spec
+        self.log.info("loading model '%s' (%s, backend %s)", model.name, spec.path if spec else model.path, spec.backend)
+        if spec.backend == "openai":
+            from .backends.openai import OpenAIBackend
+
+            if not spec.base_url:
+                raise RecipeError.single(f"model '{model.name}' uses the openai backend but has no base_url.",
+                                         **self.recipe.where(f"models.{model.name}.base_url"))
+            return OpenAIBackend(spec.base_url, spec.model_name or spec.path, api_key_env=spec.api_key_env,
+                                 max_concurrency=spec.max_concurrency, timeout_s=spec.timeout_s,
+                                 cache_dir=self.partial_dir / "requests")
+        from .backends.hf import HFBackend
+        from .models import load_model
+
+        m, tok = load_model(spec.path, dtype=spec.dtype, device=spec.device, revision=spec.revision,
+                            trust_remote_code=spec.trust_remote_code, cache_root=self.cache_root)
+        if spec.chat_template:
+            path = Path(spec.chat_template)
+            tok.chat_template = path.read_text() if path.is_file() else spec.chat_template
+        if tok.chat_template is None:
+            raise RecipeError.single(f"model '{model.name}' has no chat template.",
+                                     hint="Set chat_template in its [models] table (inline Jinja or a file).",
+                                     **self.recipe.where(f"models.{model.name}"))
+        return HFBackend(m, tok, batch_size=batch_size)
 
     def save_rows(self, rows: list[dict], name: str = "rows.parquet") -> int:
         n = write_rows(self.out_dir / name, rows)
@@ -345,7 +379,7 @@ def _build(recipe, name, item, entries, store, record, console, progress, why) -
         inputs = _inputs(recipe, name, entries)
         with store.build(item.fingerprint, manifest) as out_dir:
             ctx = Context(name, item.fingerprint, recipe.meta.seed, out_dir, store.partial(item.fingerprint),
-                          log, recipe, console, progress)
+                          log, recipe, console, progress, store.root)
             stage.module.run(stage.config, inputs, ctx)
             rows_in = 0
             for arts in inputs.values():

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 FP_LEN = 24  # hex chars shown and used as the store key (96 bits)
 DATA_VERSION = 1  # bump when dataset loading/normalization changes its output
-BUILTIN_MODELS = {"tiny-chat": 1}  # builder versions: bump when the builtin bytes change
+BUILTIN_MODELS = {"tiny-chat": 2}  # builder versions: bump when the builtin bytes change
 
 
 def canonical(obj: Any) -> str:
@@ -159,6 +159,8 @@ def model_identity(spec: "ModelSpec", memo: HashMemo, stage_fps: dict[str, str])
     template = spec.chat_template
     if template and Path(template).is_file():
         template = {"content": memo.file(template)}
+    if spec.backend == "openai":  # the server decides; name what we ask it for (never the key)
+        source = {"server_model": spec.model_name or spec.path}
     return {
         "model": source,
         "dtype": spec.dtype,

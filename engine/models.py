@@ -30,7 +30,7 @@ from filelock import FileLock
 
 from .errors import RecipeError
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: 4096 positions (byte-level prompts run long)
 SEED = 20240607
 
 BOS, EOS, PAD = "<|begin|>", "<|end|>", "<|pad|>"
@@ -100,7 +100,7 @@ def build_tiny_chat(dest: Path) -> Path:
     ids = {t: tok.convert_tokens_to_ids(t) for t in (BOS, EOS, PAD)}
     config = LlamaConfig(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
         tie_word_embeddings=False, initializer_range=0.02,
         bos_token_id=ids[BOS], eos_token_id=ids[EOS], pad_token_id=ids[PAD],
     )

@@ -51,6 +51,11 @@ class ModelSpec(Table):
     chat_template: str | None = Field(None, description="Inline Jinja or a template file.")
     trust_remote_code: bool = False
     backend: Literal["hf", "openai"] = "hf"
+    base_url: str | None = Field(None, description="openai backend: the server, e.g. http://127.0.0.1:8000/v1.")
+    model_name: str | None = Field(None, description="openai backend: the model name the server knows (default: path).")
+    api_key_env: str | None = Field(None, description="openai backend: the environment variable holding the key.")
+    max_concurrency: int = Field(4, ge=1, description="openai backend: requests in flight at once.")
+    timeout_s: float = Field(120.0, gt=0, description="openai backend: per-request timeout.")
 
 
 class DatasetSpec(Table):
@@ -330,7 +335,9 @@ def _resolve_paths(data: dict, locations: dict, top: Path) -> None:
         for name, table in (data.get(section) or {}).items():
             if not isinstance(table, dict):
                 continue
-            for k in spec_keys:
+            for k in (*spec_keys, "chat_template") if section == "models" else spec_keys:
+                if k == "chat_template" and ("{" in str(table.get(k)) or "\n" in str(table.get(k))):
+                    continue  # inline Jinja, not a file name
                 if isinstance(table.get(k), str):
                     table[k] = resolve_path(table[k], f"{section}.{name}.{k}", locations, top)
 
@@ -491,6 +498,9 @@ def load_recipe(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Rec
         refs = [(f, v) for f in fields for v in (table.get(f) if isinstance(table.get(f), list) else [table.get(f)])]
         invalid[name] = [(f, v) for f, v in refs if isinstance(v, str)]
     problems.extend(graph_problems(recipe, invalid))
+    for name, stage in stages.items():
+        if hasattr(stage.module, "check"):  # stage-specific checks, e.g. template variables
+            problems.extend(stage.module.check(name, stage.config, recipe))
     if problems:
         raise RecipeError(problems)
     return recipe

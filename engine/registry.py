@@ -14,6 +14,7 @@ from types import ModuleType
 
 BUILTIN = {
     "filter": "stages.filter",
+    "generate": "stages.generate",
 }
 
 ENTRY_POINT_GROUP = "recipe.stages"

@@ -98,7 +98,7 @@ def test_tiny_chat_shape_and_special_tokens(tiny):
     cfg = model.config
     assert (cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers) == ("llama", 64, 2)
     assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size) == (4, 2, 128)
-    assert cfg.max_position_embeddings == 1024 and cfg.tie_word_embeddings is False
+    assert cfg.max_position_embeddings == 4096 and cfg.tie_word_embeddings is False
     assert cfg.vocab_size == len(tok) == 256 + len(models.SPECIAL_TOKENS)
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|begin|>", "<|end|>", "<|pad|>")
     gen = model.generation_config

@@ -1,0 +1,247 @@
+"""generate: synthetic conversations from prompts or scenario seeds.
+
+Takes `prompts` or `conversations` (input) and a model (model; multi_turn may add
+user_model); gives `conversations`.
+
+Modes:
+- single: each input row becomes chat messages (through `template` if set, else its prompt,
+  or a conversation up to its last user turn); `n` assistant replies each.
+- multi_turn: a user simulator (user_model + user_template) and the assistant model
+  alternate for `turns` pairs, from each row's scenario (its prompt), with an optional
+  system prompt and persona hint; `n` conversations per seed.
+- teacher_json: one call writes the whole conversation as JSON (teacher_template); it is
+  validated with pydantic; malformed output is retried `max_retries` times, then dropped and
+  counted. Behavior tags and the coherence check go to `meta`.
+
+Template variables: `template` gets row, prompt, meta; `user_template` gets scenario,
+conversation, turn, turns, persona; `teacher_template` gets scenario, turns, persona.
+
+Work goes in shards through the engine; each shard's sampling seed comes from (recipe seed,
+fingerprint, shard index), so a killed and resumed run gives the rows of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Literal
+
+from pydantic import BaseModel, Field, ValidationError
+
+from engine.backends import SamplingParams
+from engine.config import ExecOnly, Ref, StageConfig
+from engine.shards import Shard, ShardResult
+
+VERSION = 1
+GIVES = "conversations"
+
+VARS = {"template": {"row", "prompt", "meta"},
+        "user_template": {"scenario", "conversation", "turn", "turns", "persona"},
+        "teacher_template": {"scenario", "turns", "persona"}}
+
+
+class Config(StageConfig):
+    kind: Literal["generate"]
+    mode: Literal["single", "multi_turn", "teacher_json"] = "single"
+    input: str = Ref("prompts", "conversations", description="Prompts or scenario seeds (or conversations).")
+    model: str = Ref("model", description="The assistant model (the teacher, in teacher_json mode).")
+    user_model: str | None = Ref("model", default=None, description="multi_turn: the user simulator (default: model).")
+    template: str | None = Field(None, description="single: renders each row into chat messages (### markers).")
+    user_template: str = Field("user_simulator.j2", description="multi_turn: writes the next user turn.")
+    teacher_template: str = Field("teacher_conversation.j2", description="teacher_json: writes a conversation.")
+    system_prompt: str | None = Field(None, description="multi_turn: the assistant's system message.")
+    persona: str | None = Field(None, description="A hint for the assistant's voice, passed to the templates.")
+    turns: int = Field(3, ge=1, le=8, description="User/assistant pairs; 3-4 is the sweet spot, beyond 8 coherence falls apart.")
+    n: int = Field(1, ge=1, description="Replies (single) or conversations (multi_turn, teacher_json) per row.")
+    temperature: float = Field(0.7, ge=0.0, description="0.5-0.8 for synthetic data; 0 is greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 = off.")
+    max_new_tokens: int = Field(256, ge=1)
+    stop: list[str] = Field(default_factory=list, description="Extra stop strings.")
+    max_retries: int = Field(2, ge=0, description="teacher_json: new attempts for malformed JSON.")
+    shard_size: int = Field(32, ge=1, description="Rows per shard; seeds derive per shard, so it changes outputs.")
+    batch_size: int = ExecOnly(16, ge=1, description="Prompts per generate call (halved on out-of-memory).")
+
+
+def _template_names(config: Config) -> dict[str, str]:
+    if config.mode == "single":
+        return {"template": config.template} if config.template else {}
+    if config.mode == "multi_turn":
+        return {"user_template": config.user_template}
+    return {"teacher_template": config.teacher_template}
+
+
+def templates(config: Config, recipe) -> dict[str, str]:
+    """Template name -> file, for the fingerprint (included templates too)."""
+    from engine.templates import Templates
+
+    t = Templates([recipe.dir / "templates"])
+    try:
+        return {n: str(t.path(n)) for field, name in _template_names(config).items() for n in t.closure(name)}
+    except Exception:  # a missing or broken template is reported by check()
+        return {}
+
+
+def check(name: str, config: Config, recipe) -> list:
+    from engine.templates import Templates
+
+    t = Templates([recipe.dir / "templates"])
+    problems = []
+    for field, tname in _template_names(config).items():
+        problems += t.check(tname, VARS[field], stage=name, **recipe.where(f"stages.{name}.{field}"))
+    return problems
+
+
+def _prompt_messages(row: dict) -> list[dict]:
+    if "messages" in row:  # a conversation: everything up to its last user turn
+        msgs = row["messages"]
+        last_user = max(i for i, m in enumerate(msgs) if m["role"] == "user")
+        return msgs[: last_user + 1]
+    prompt = row.get("prompt")
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def _scenario(row: dict) -> str:
+    if isinstance(row.get("prompt"), str):
+        return row["prompt"]
+    return (row.get("meta") or {}).get("scenario") or _prompt_messages(row)[-1]["content"]
+
+
+class Turn(BaseModel):
+    index: int
+    role: Literal["user", "assistant"]
+    text: str = Field(min_length=1)
+
+
+class Coherence(BaseModel):
+    all_turns_advance: bool
+    breaks_at: int | None = None
+    why: str = ""
+
+
+class TeacherOutput(BaseModel):
+    scenario_safe: bool
+    turns: list[Turn] = Field(min_length=2)
+    behaviors: list[str] = Field(default_factory=list)
+    coherence: Coherence
+    decision_basis: str = ""
+
+
+def parse_teacher(text: str) -> TeacherOutput | None:
+    """The first JSON object in the text, validated; None when malformed or roles do not alternate."""
+    match = re.search(r"\{.*\}", text, re.DOTALL)
+    if not match:
+        return None
+    try:
+        out = TeacherOutput.model_validate(json.loads(match.group(0)))
+    except (ValueError, ValidationError):
+        return None
+    roles = [t.role for t in out.turns]
+    if roles[0] != "user" or roles[-1] != "assistant" or any(a == b for a, b in zip(roles, roles[1:])):
+        return None
+    return out
+
+
+def run(config: Config, inputs, ctx) -> None:
+    rows = inputs["input"].rows()
+    tpl = ctx.templates()
+    params = SamplingParams(n=1, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
+                            max_new_tokens=config.max_new_tokens, stop=tuple(config.stop))
+    assistant = ctx.backend(inputs["model"], config.batch_size)
+    user = ctx.backend(inputs["user_model"], config.batch_size) if "user_model" in inputs else assistant
+    model_name = inputs["model"].name
+    failures = {"teacher_json_malformed": 0, "empty_turn": 0}
+
+    def out_row(row, k, messages, tokens, **meta):
+        base = dict(row.get("meta") or {})
+        base.update(source_id=row["id"], sample=k, model=model_name, mode=config.mode, tokens=tokens, **meta)
+        return {"id": f"{row['id']}#{k}", "messages": messages, "meta": base}
+
+    def single(shard: Shard) -> list[dict]:
+        prompts = []
+        for row in shard.rows:
+            if config.template:
+                prompts.append(tpl.render_chat(config.template, row=row, prompt=row.get("prompt"), meta=row.get("meta") or {}))
+            else:
+                prompts.append(_prompt_messages(row))
+        comps = assistant.generate(prompts, SamplingParams(**{**params.__dict__, "n": config.n}), shard.seed)
+        return [out_row(row, k, [*p, {"role": "assistant", "content": c.text}],
+                        {"prompt": c.prompt_tokens, "completion": c.completion_tokens}, finish=c.finish_reason)
+                for row, p, cs in zip(shard.rows, prompts, comps) for k, c in enumerate(cs)]
+
+    def multi_turn(shard: Shard) -> list[dict]:
+        convs = [(row, k, []) for row in shard.rows for k in range(config.n)]
+        tokens = [{"prompt": 0, "completion": 0} for _ in convs]
+        system = [{"role": "system", "content": config.system_prompt}] if config.system_prompt else []
+        for turn in range(1, config.turns + 1):
+            asks = [tpl.render_chat(config.user_template, scenario=_scenario(row), conversation=conv, turn=turn,
+                                    turns=config.turns, persona=config.persona or "") for row, _, conv in convs]
+            for (_, _, conv), [c] in zip(convs, user.generate(asks, params, shard.seed + 2 * turn)):
+                conv.append({"role": "user", "content": c.text})
+            replies = assistant.generate([system + conv for _, _, conv in convs], params, shard.seed + 2 * turn + 1)
+            for i, ((_, _, conv), [c]) in enumerate(zip(convs, replies)):
+                conv.append({"role": "assistant", "content": c.text})
+                tokens[i]["prompt"] += c.prompt_tokens
+                tokens[i]["completion"] += c.completion_tokens
+        return [out_row(row, k, system + conv, tok, persona=config.persona)
+                for (row, k, conv), tok in zip(convs, tokens)]
+
+    def teacher(shard: Shard) -> tuple[list[dict], int]:
+        todo = [(row, k) for row in shard.rows for k in range(config.n)]
+        done: dict[int, tuple] = {}
+        for attempt in range(config.max_retries + 1):
+            pending = [i for i in range(len(todo)) if i not in done]
+            if not pending:
+                break
+            prompts = [tpl.render_chat(config.teacher_template, scenario=_scenario(todo[i][0]), turns=config.turns,
+                                       persona=config.persona or "") for i in pending]
+            for i, [c] in zip(pending, assistant.generate(prompts, params, shard.seed + 1000 * attempt)):
+                parsed = parse_teacher(c.text)
+                if parsed:
+                    done[i] = (parsed, c, attempt)
+        rows_out = []
+        for i, (row, k) in enumerate(todo):
+            if i in done:
+                parsed, c, attempt = done[i]
+                messages = [{"role": t.role, "content": t.text} for t in parsed.turns]
+                rows_out.append(out_row(row, k, messages, {"prompt": c.prompt_tokens, "completion": c.completion_tokens},
+                                        behaviors=parsed.behaviors, coherence=parsed.coherence.model_dump(),
+                                        scenario_safe=parsed.scenario_safe, attempts=attempt + 1))
+        return rows_out, len(todo) - len(rows_out)
+
+    def per_shard(shard: Shard) -> ShardResult:
+        malformed = 0
+        if config.mode == "teacher_json":
+            made, malformed = teacher(shard)
+        else:
+            made = single(shard) if config.mode == "single" else multi_turn(shard)
+        # an empty turn is no data: drop the conversation and count it, never pad it with filler
+        kept = [r for r in made if all(m["content"].strip() for m in r["messages"])]
+        return ShardResult(kept, {"malformed": malformed, "empty_turn": len(made) - len(kept)})
+
+    try:
+        out, stats = ctx.shards.map(rows, per_shard, shard_size=config.shard_size, desc=f"generating ({config.mode})")
+    finally:
+        assistant.close()
+        if user is not assistant:
+            user.close()
+    failures["teacher_json_malformed"] = sum(s.get("malformed", 0) for s in stats)
+    failures["empty_turn"] = sum(s.get("empty_turn", 0) for s in stats)
+    if failures["empty_turn"]:
+        ctx.warn(f"{failures['empty_turn']} conversations had an empty turn and were dropped")
+    if failures["teacher_json_malformed"]:
+        ctx.warn(f"{failures['teacher_json_malformed']} teacher outputs stayed malformed after "
+                 f"{config.max_retries} retries and were dropped")
+    if not out:
+        raise RuntimeError("no conversations were generated; see the stage log")
+    ctx.save_rows(out)
+    ctx.save_json("report.json", {"rows_in": len(rows), "rows_out": len(out), "dropped": failures,
+                                  "tokens": {"prompt": sum(r["meta"]["tokens"]["prompt"] for r in out),
+                                             "completion": sum(r["meta"]["tokens"]["completion"] for r in out)}})
+
+
+def summary(report: dict) -> list[tuple[str, str]]:
+    return [("rows in", str(report["rows_in"])), ("rows out", str(report["rows_out"])),
+            ("malformed JSON (dropped)", str(report["dropped"]["teacher_json_malformed"])),
+            ("empty turn (dropped)", str(report["dropped"]["empty_turn"])),
+            ("tokens prompt / completion", f"{report['tokens']['prompt']} / {report['tokens']['completion']}")]
