@@ -15,6 +15,7 @@ from types import ModuleType
 BUILTIN = {
     "filter": "stages.filter",
     "generate": "stages.generate",
+    "judge": "stages.judge",
 }
 
 ENTRY_POINT_GROUP = "recipe.stages"

@@ -13,7 +13,8 @@ OpenAI API:
 Model calls are serialized with a lock (one model, one global torch RNG); requests are
 accepted concurrently, so `in_flight` / `max_in_flight` show how many a client had open at
 once. Test knobs: `fail_first=N` answers the first N chat requests with `fail_status`
-(429 by default) before serving normally; `delay_s` holds each chat request that long.
+(429 by default) before serving normally; `delay_s` holds each chat request that long;
+`max_n` caps the choices per response (as some servers do), to test follow-up requests.
 Every chat request received is counted in `requests` (failed and rejected ones included).
 
 torch and transformers are imported only by `main`, when it loads a model.
@@ -26,10 +27,12 @@ import hmac
 import json
 import os
 import random
+import signal
 import sys
 import threading
 import time
 import uuid
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -65,7 +68,8 @@ def _number(body: dict, key: str, default: Any, kind: type, lo: float | None = N
     value = body.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or (kind is int and not float(value).is_integer())):
         raise _BadRequest(400, f"'{key}' must be {'an integer' if kind is int else 'a number'}")
     value = kind(value)
     if (lo is not None and value < lo) or (hi is not None and value > hi):
@@ -116,10 +120,11 @@ class ChatServer:
 
     def __init__(self, backend: Any, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None,
                  fail_first: int = 0, *, fail_status: int = 429, delay_s: float = 0.0,
-                 model_name: str | None = None, verbose: bool = False) -> None:
+                 model_name: str | None = None, max_n: int | None = None, verbose: bool = False) -> None:
         self.backend, self.host, self.port = backend, host, port
         self.api_key, self.fail_first, self.fail_status = api_key, fail_first, fail_status
         self.delay_s, self.model_name, self.verbose = delay_s, model_name, verbose
+        self.max_n = max_n  # answer at most this many choices per request (like servers that cap n)
         self.requests = 0  # chat-completion requests received (all, failed ones included)
         self.in_flight = 0
         self.max_in_flight = 0
@@ -141,7 +146,8 @@ class ChatServer:
         self._httpd = ThreadingHTTPServer((self.host, self.port), Handler)
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name=f"chat-server:{self.port}", daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,),  # quick stop()
+                                        name=f"chat-server:{self.port}", daemon=True)
         self._thread.start()
         return self
 
@@ -196,6 +202,8 @@ class ChatServer:
         if self.model_name and model != self.model_name:
             raise _BadRequest(404, f"The model '{model}' does not exist (this server serves '{self.model_name}')",
                               "model_not_found")
+        if self.max_n is not None and params.n > self.max_n:
+            params = replace(params, n=self.max_n)
         with self._model_lock:
             comps: list[Completion] = self.backend.generate([messages], params, seed)[0]
         prompt_tokens = comps[0].prompt_tokens if comps else 0
@@ -325,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     server = ChatServer(backend, args.host, args.port, api_key=api_key,
                         model_name=args.served_model_name or args.model, verbose=not args.quiet)
     server.start()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop cleanly on kill, like on Ctrl-C
     print(f"serving {args.model} at {server.url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
     try:
         while True:

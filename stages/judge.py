@@ -1,0 +1,216 @@
+"""judge: score rows; adds `scores` ({name: value}) and keeps everything else.
+
+Takes `conversations` (scorers llm, reward_model, rules, function) or `preferences`
+(scorer pairwise); gives the same type. A model is needed for llm, pairwise, reward_model.
+
+Scorers:
+- llm: the pointwise template (`conversation`, `rubric`) asks for a final `Score: N` line
+  (1-10); the last such line is parsed. Unparseable answers are retried with a new seed,
+  then recorded as missing (None) and counted.
+- pairwise: the pairwise template (`context`, `response_a`, `response_b`, `principle`) is
+  asked in both orders to cancel position bias; the label is the share of the two verdicts
+  that prefer `chosen` (1.0, 0.5 when the orders disagree, 0.0).
+- reward_model: a sequence-classification head over the conversation; logit 0 is the score.
+- rules: the filter stage's rules as numbers (refusal, sycophancy ratio, filler, words).
+- function: a callable `f(row) -> float | None` registered under the entry point group
+  `recipe.scorers` (verifiers such as math answers).
+"""
+
+from __future__ import annotations
+
+import re
+from importlib.metadata import entry_points
+from typing import Literal
+
+from pydantic import Field
+
+from engine import text
+from engine.backends import SamplingParams
+from engine.config import ExecOnly, Ref, StageConfig
+from engine.errors import Problem
+from engine.shards import Shard, ShardResult
+
+VERSION = 1
+GIVES = "conversations"  # preferences in, preferences out: see gives()
+SCORER_GROUP = "recipe.scorers"
+SCORE_LINE = re.compile(r"^\s*\**score\**\s*[:=]\s*\**\s*(\d+(?:\.\d+)?)", re.IGNORECASE | re.MULTILINE)
+VERDICT_LINE = re.compile(r"^\s*\**verdict\**\s*[:=]\s*\**\s*([AB])\b", re.IGNORECASE | re.MULTILINE)
+
+
+class Config(StageConfig):
+    kind: Literal["judge"]
+    input: str = Ref("conversations", description="Conversations to score (pairwise: see scorer).")
+    scorer: Literal["llm", "reward_model", "rules", "function"] = "llm"
+    model: str | None = Ref("model", default=None, description="The judge or reward model (llm, reward_model).")
+    name: str = Field("score", description="Key of this score in the row's `scores`.")
+    template: str = Field("judge_pointwise.j2", description="llm: the pointwise judge template.")
+    rubric: str | None = Field(None, description="llm: what to reward, passed to the template.")
+    function: str | None = Field(None, description=f"function: an entry point name in `{SCORER_GROUP}`.")
+    max_retries: int = Field(2, ge=0, description="llm: new attempts when no score can be parsed.")
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(0.0, ge=0.0, description="0 = greedy; retries add a little randomness.")
+    shard_size: int = Field(64, ge=1)
+    batch_size: int = ExecOnly(16, ge=1)
+
+
+def templates(config: Config, recipe) -> dict[str, str]:
+    if config.scorer != "llm":
+        return {}
+    from engine.templates import Templates
+
+    t = Templates([recipe.dir / "templates"])
+    try:
+        return {n: str(t.path(n)) for n in t.closure(config.template)}
+    except Exception:
+        return {}
+
+
+def check(name: str, config: Config, recipe) -> list[Problem]:
+    problems = []
+    if config.scorer in ("llm", "reward_model") and not config.model:
+        problems.append(Problem(f"scorer '{config.scorer}' needs a model.", hint="Set model = \"<a [models] name>\".",
+                                **recipe.where(f"stages.{name}.scorer")))
+    if config.scorer == "function":
+        known = sorted(ep.name for ep in entry_points(group=SCORER_GROUP))
+        if config.function not in known:
+            problems.append(Problem(f"no scorer function '{config.function}' is registered.",
+                                    hint=f"Register one under the entry point group '{SCORER_GROUP}'. "
+                                         f"Registered: {', '.join(known) or 'none'}.",
+                                    **recipe.where(f"stages.{name}.function")))
+    if config.scorer == "llm":
+        from engine.templates import Templates
+
+        t = Templates([recipe.dir / "templates"])
+        problems += t.check(config.template, {"conversation", "rubric"}, stage=name,
+                            **recipe.where(f"stages.{name}.template"))
+    return problems
+
+
+def parse_score(answer: str) -> float | None:
+    """The last `Score: N` line with 1 <= N <= 10, else None."""
+    found = SCORE_LINE.findall(answer)
+    if not found:
+        return None
+    value = float(found[-1])
+    return value if 1 <= value <= 10 else None
+
+
+def parse_verdict(answer: str) -> str | None:
+    found = VERDICT_LINE.findall(answer)
+    return found[-1].upper() if found else None
+
+
+def rule_scores(messages: list[dict]) -> dict[str, float]:
+    replies = [m["content"] for m in messages if m["role"] == "assistant"]
+    earlier, filler = [], 0.0
+    for m in messages:
+        if m["role"] == "assistant" and text.is_filler(m["content"], earlier):
+            filler = 1.0
+        earlier.append(m["content"])
+    return {"refusal": float(any(text.is_refusal(r) for r in replies)),
+            "sycophancy": text.sycophancy_ratio(messages),
+            "filler": filler,
+            "words": sum(text.word_count(r) for r in replies) / max(1, len(replies))}
+
+
+def run(config: Config, inputs, ctx) -> None:
+    rows = inputs["input"].rows()
+    missing = 0
+    scorer = _scorer(config, inputs, ctx)
+    try:
+        def per_shard(shard: Shard) -> ShardResult:
+            values = scorer(shard)
+            out = [dict(r, scores={**(r.get("scores") or {}), **v}) for r, v in zip(shard.rows, values)]
+            return ShardResult(out, {"missing": sum(1 for v in values if config.name in v and v[config.name] is None)})
+
+        out, stats = ctx.shards.map(rows, per_shard, shard_size=config.shard_size, desc=f"judging ({config.scorer})")
+    finally:
+        if hasattr(scorer, "close"):
+            scorer.close()
+    missing = sum(s["missing"] for s in stats)
+    if missing:
+        ctx.warn(f"{missing} of {len(rows)} rows got no parseable score (recorded as missing)")
+    if rows and missing == len(rows):
+        raise RuntimeError(f"no answer of the judge could be parsed ({missing} rows); check the template and the model")
+    values = [r["scores"].get(config.name) for r in out if isinstance(r["scores"].get(config.name), (int, float))]
+    ctx.save_rows(out)
+    ctx.save_json("report.json", {"rows_in": len(rows), "rows_out": len(out), "scorer": config.scorer,
+                                  "missing": missing, "mean": sum(values) / len(values) if values else None})
+
+
+class _LLM:
+    def __init__(self, config: Config, inputs, ctx) -> None:
+        self.config, self.tpl = config, ctx.templates()
+        self.backend = ctx.backend(inputs["model"], config.batch_size)
+
+    def __call__(self, shard: Shard) -> list[dict]:
+        cfg = self.config
+        prompts = [self.tpl.render_chat(cfg.template, conversation=r["messages"], rubric=cfg.rubric or "")
+                   for r in shard.rows]
+        scores: dict[int, float] = {}
+        answers: dict[int, str] = {}
+        for attempt in range(cfg.max_retries + 1):
+            todo = [i for i in range(len(prompts)) if i not in scores]
+            if not todo:
+                break
+            temp = cfg.temperature if attempt == 0 else max(cfg.temperature, 0.7)
+            params = SamplingParams(temperature=temp, max_new_tokens=cfg.max_new_tokens)
+            for i, [c] in zip(todo, self.backend.generate([prompts[i] for i in todo], params, shard.seed + attempt)):
+                answers[i] = c.text
+                value = parse_score(c.text)
+                if value is not None:
+                    scores[i] = value
+        return [{cfg.name: scores.get(i), f"{cfg.name}_answer": answers.get(i, "")[-500:]} for i in range(len(prompts))]
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+class _RewardModel:
+    def __init__(self, config: Config, inputs, ctx) -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from engine.models import builtin_dir
+
+        spec = inputs["model"].spec
+        path = builtin_dir(spec.path.split(":", 1)[1], ctx.cache_root) if spec.path.startswith("builtin:") else spec.path
+        self.tok = AutoTokenizer.from_pretrained(path, revision=spec.revision)
+        torch.manual_seed(ctx.seed)  # a fresh head on a plain LM is random: seed it
+        self.model = AutoModelForSequenceClassification.from_pretrained(path, revision=spec.revision, num_labels=1).eval()
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tok.pad_token_id
+        self.name = config.name
+
+    def __call__(self, shard: Shard) -> list[dict]:
+        import torch
+
+        out = []
+        for r in shard.rows:
+            ids = self.tok.apply_chat_template(r["messages"], return_tensors="pt", return_dict=True)
+            with torch.no_grad():
+                out.append({self.name: float(self.model(**ids).logits[0, 0])})
+        return out
+
+    def close(self) -> None:
+        from engine.models import release
+
+        release(self.model)
+
+
+def _scorer(config: Config, inputs, ctx):
+    if config.scorer == "llm":
+        return _LLM(config, inputs, ctx)
+    if config.scorer == "reward_model":
+        return _RewardModel(config, inputs, ctx)
+    if config.scorer == "rules":
+        return lambda shard: [{f"{config.name}.{k}": v for k, v in rule_scores(r["messages"]).items()}
+                              for r in shard.rows]
+    fn = next(ep for ep in entry_points(group=SCORER_GROUP) if ep.name == config.function).load()
+    return lambda shard: [{config.name: (None if (v := fn(r)) is None else float(v))} for r in shard.rows]
+
+
+def summary(report: dict) -> list[tuple[str, str]]:
+    mean = report["mean"]
+    return [("rows", str(report["rows_in"])), ("scorer", report["scorer"]),
+            ("missing scores", str(report["missing"])), ("mean score", "-" if mean is None else f"{mean:.3f}")]
