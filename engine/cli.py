@@ -110,6 +110,10 @@ def plan(recipe: str, sets, runs_dir, as_json: bool, resolved: bool) -> None:
     if resolved:
         out.print(dump_toml(r.raw), markup=False)
     _plan_table(r.name, items)
+    for name, spec in r.models.items():
+        if spec.trust_remote_code:
+            out.print(f"[yellow]note[/]: model '{name}' ({spec.path}) has trust_remote_code = true: "
+                      "loading it runs code from the model repository.")
 
 
 def _plan_table(name: str, items) -> None:

@@ -25,7 +25,7 @@ from . import __version__
 from .cache import Entry, Store, atomic_write_json, atomic_write_text
 from .errors import RecipeError, StageFailed
 from .fingerprint import HashMemo, fingerprints, reasons
-from .graph import edges, order, upstream
+from .graph import artifact_type, edges, order, upstream
 from .recipe import Recipe, dump_toml
 from .rows import count_rows, read_rows, write_rows
 from .shards import ShardRunner
@@ -355,7 +355,7 @@ def _inputs(recipe: Recipe, name: str, entries: dict[str, Entry]) -> dict[str, A
     stage = recipe.stages[name]
     for edge in edges(recipe, name):
         if edge.source == "stages":
-            art = Artifact(edge.name, recipe.stages[edge.name].module.GIVES, "stages", path=entries[edge.name].path)
+            art = Artifact(edge.name, artifact_type(recipe, edge.name), "stages", path=entries[edge.name].path)
         elif edge.source == "datasets":
             spec = recipe.datasets[edge.name]
             art = Artifact(edge.name, spec.type, "datasets", spec=spec, recipe=recipe)

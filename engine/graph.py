@@ -47,7 +47,9 @@ def source_of(recipe: "Recipe", name: str) -> str | None:
 
 def artifact_type(recipe: "Recipe", name: str) -> str | None:
     if name in recipe.stages:
-        return recipe.stages[name].module.GIVES
+        stage = recipe.stages[name]
+        gives = getattr(stage.module, "gives", None)  # kinds whose output type follows their config
+        return gives(stage.config) if gives else stage.module.GIVES
     if name in recipe.datasets:
         return recipe.datasets[name].type
     if name in recipe.models:

@@ -441,7 +441,7 @@ def load_recipe(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Rec
                 continue
             parsed[section][name] = spec
             path_value = getattr(spec, "path", "")
-            if section != "models" and Path(path_value).is_absolute() and not Path(path_value).exists():
+            if Path(path_value).is_absolute() and not Path(path_value).exists():
                 problems.append(Problem(f"file not found: {path_value}.", hint="Paths are relative to the recipe file.",
                                         **locate(locations, f"{section}.{name}.path", top)))
 

@@ -9,7 +9,8 @@ Scorers:
   then recorded as missing (None) and counted.
 - pairwise: the pairwise template (`context`, `response_a`, `response_b`, `principle`) is
   asked in both orders to cancel position bias; the label is the share of the two verdicts
-  that prefer `chosen` (1.0, 0.5 when the orders disagree, 0.0).
+  that prefer `chosen` (1.0, 0.5 when the orders disagree, 0.0). Our backends return no
+  token probabilities yet, so labels come from the parsed verdicts.
 - reward_model: a sequence-classification head over the conversation; logit 0 is the score.
 - rules: the filter stage's rules as numbers (refusal, sycophancy ratio, filler, words).
 - function: a callable `f(row) -> float | None` registered under the entry point group
@@ -39,12 +40,14 @@ VERDICT_LINE = re.compile(r"^\s*\**verdict\**\s*[:=]\s*\**\s*([AB])\b", re.IGNOR
 
 class Config(StageConfig):
     kind: Literal["judge"]
-    input: str = Ref("conversations", description="Conversations to score (pairwise: see scorer).")
-    scorer: Literal["llm", "reward_model", "rules", "function"] = "llm"
-    model: str | None = Ref("model", default=None, description="The judge or reward model (llm, reward_model).")
+    input: str = Ref("conversations", "preferences", description="Conversations; preferences for pairwise.")
+    scorer: Literal["llm", "pairwise", "reward_model", "rules", "function"] = "llm"
+    model: str | None = Ref("model", default=None, description="The judge or reward model (llm, pairwise, reward_model).")
     name: str = Field("score", description="Key of this score in the row's `scores`.")
-    template: str = Field("judge_pointwise.j2", description="llm: the pointwise judge template.")
+    template: str | None = Field(None, description="llm: judge_pointwise.j2, pairwise: judge_pairwise.j2 by default.")
     rubric: str | None = Field(None, description="llm: what to reward, passed to the template.")
+    principle: str = Field("Which response is more helpful, honest and harmless?",
+                           description="pairwise: the comparison question.")
     function: str | None = Field(None, description=f"function: an entry point name in `{SCORER_GROUP}`.")
     max_retries: int = Field(2, ge=0, description="llm: new attempts when no score can be parsed.")
     max_new_tokens: int = Field(256, ge=1)
@@ -53,21 +56,40 @@ class Config(StageConfig):
     batch_size: int = ExecOnly(16, ge=1)
 
 
+TEMPLATE_VARS = {"llm": ("judge_pointwise.j2", {"conversation", "rubric"}),
+                 "pairwise": ("judge_pairwise.j2", {"context", "response_a", "response_b", "principle"})}
+
+
+def gives(config: Config) -> str:
+    return "preferences" if config.scorer == "pairwise" else "conversations"
+
+
+def template_name(config: Config) -> str | None:
+    return config.template or TEMPLATE_VARS[config.scorer][0] if config.scorer in TEMPLATE_VARS else None
+
+
 def templates(config: Config, recipe) -> dict[str, str]:
-    if config.scorer != "llm":
+    if template_name(config) is None:
         return {}
     from engine.templates import Templates
 
     t = Templates([recipe.dir / "templates"])
     try:
-        return {n: str(t.path(n)) for n in t.closure(config.template)}
+        return {n: str(t.path(n)) for n in t.closure(template_name(config))}
     except Exception:
         return {}
 
 
 def check(name: str, config: Config, recipe) -> list[Problem]:
     problems = []
-    if config.scorer in ("llm", "reward_model") and not config.model:
+    from engine.graph import artifact_type
+
+    takes = artifact_type(recipe, config.input)
+    if takes and takes != gives(config):
+        problems.append(Problem(f"scorer '{config.scorer}' scores {gives(config)}, but '{config.input}' gives {takes}.",
+                                hint="pairwise takes preferences; every other scorer takes conversations.",
+                                **recipe.where(f"stages.{name}.input")))
+    if config.scorer in ("llm", "pairwise", "reward_model") and not config.model:
         problems.append(Problem(f"scorer '{config.scorer}' needs a model.", hint="Set model = \"<a [models] name>\".",
                                 **recipe.where(f"stages.{name}.scorer")))
     if config.scorer == "function":
@@ -77,11 +99,11 @@ def check(name: str, config: Config, recipe) -> list[Problem]:
                                     hint=f"Register one under the entry point group '{SCORER_GROUP}'. "
                                          f"Registered: {', '.join(known) or 'none'}.",
                                     **recipe.where(f"stages.{name}.function")))
-    if config.scorer == "llm":
+    if config.scorer in TEMPLATE_VARS:
         from engine.templates import Templates
 
         t = Templates([recipe.dir / "templates"])
-        problems += t.check(config.template, {"conversation", "rubric"}, stage=name,
+        problems += t.check(template_name(config), TEMPLATE_VARS[config.scorer][1], stage=name,
                             **recipe.where(f"stages.{name}.template"))
     return problems
 
@@ -145,7 +167,7 @@ class _LLM:
 
     def __call__(self, shard: Shard) -> list[dict]:
         cfg = self.config
-        prompts = [self.tpl.render_chat(cfg.template, conversation=r["messages"], rubric=cfg.rubric or "")
+        prompts = [self.tpl.render_chat(template_name(cfg), conversation=r["messages"], rubric=cfg.rubric or "")
                    for r in shard.rows]
         scores: dict[int, float] = {}
         answers: dict[int, str] = {}
@@ -198,9 +220,36 @@ class _RewardModel:
         release(self.model)
 
 
+class _Pairwise(_LLM):
+    """Both orders: (chosen, rejected) and (rejected, chosen). The label is the share of the two
+    verdicts that prefer chosen; the order swap cancels position bias. Unparsed: None."""
+
+    def __call__(self, shard: Shard) -> list[dict]:
+        cfg = self.config
+        prompts = []
+        for r in shard.rows:
+            chosen, rejected = r["chosen"][-1]["content"], r["rejected"][-1]["content"]
+            for a, b in ((chosen, rejected), (rejected, chosen)):
+                prompts.append(self.tpl.render_chat(template_name(cfg), context=r["prompt"], response_a=a,
+                                                    response_b=b, principle=cfg.principle))
+        params = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
+        verdicts = [parse_verdict(c.text) for [c] in self.backend.generate(prompts, params, shard.seed)]
+        out = []
+        for i in range(len(shard.rows)):
+            first, second = verdicts[2 * i], verdicts[2 * i + 1]
+            if first is None or second is None:
+                out.append({cfg.name: None})
+                continue
+            label = ((first == "A") + (second == "B")) / 2
+            out.append({cfg.name: label, f"{cfg.name}_position_consistent": (first == "A") == (second == "B")})
+        return out
+
+
 def _scorer(config: Config, inputs, ctx):
     if config.scorer == "llm":
         return _LLM(config, inputs, ctx)
+    if config.scorer == "pairwise":
+        return _Pairwise(config, inputs, ctx)
     if config.scorer == "reward_model":
         return _RewardModel(config, inputs, ctx)
     if config.scorer == "rules":

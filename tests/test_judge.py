@@ -126,3 +126,36 @@ def test_a_judge_whose_answers_never_parse_fails_the_stage(tmp_path):
     assert proc.returncode == 1
     assert "no answer of the judge could be parsed (6 rows)" in proc.stderr
     assert "rows got no parseable score" in proc.stderr
+
+
+def test_pairwise_checks_the_input_type(tmp_path):
+    path = project(tmp_path, """
+        [stages.pw]
+        kind = "judge"
+        input = "convs"
+        scorer = "pairwise"
+        model = "judge"
+    """)
+    proc = run_cli_subprocess("validate", path)
+    assert proc.returncode == 2 and "scorer 'pairwise' scores preferences, but 'convs' gives conversations" in proc.stderr
+
+
+def test_pairwise_label_swaps_order(monkeypatch):
+    from types import SimpleNamespace
+
+    from engine.backends import Completion
+    from engine.shards import Shard
+    from stages.judge import Config, _Pairwise
+
+    class Fake:  # always answers "A": pure position bias, which the swap must cancel
+        def generate(self, prompts, params, seed):
+            return [[Completion("Verdict: A", 1, 1, "stop")] for _ in prompts]
+
+    cfg = Config(kind="judge", input="p", scorer="pairwise", model="m")
+    ctx = SimpleNamespace(templates=lambda: __import__("engine.templates", fromlist=["Templates"]).Templates([]),
+                          backend=lambda *a: Fake())
+    scorer = _Pairwise(cfg, {"model": None}, ctx)
+    row = {"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "good"}],
+           "rejected": [{"role": "assistant", "content": "bad"}]}
+    [out] = scorer(Shard(0, 0, [row], seed=1))
+    assert out == {"score": 0.5, "score_position_consistent": False}
