@@ -191,6 +191,16 @@ class Context:
 
         m, tok = load_model(spec.path, dtype=spec.dtype, device=spec.device, revision=spec.revision,
                             trust_remote_code=spec.trust_remote_code, cache_root=self.cache_root)
+        if spec.adapter:
+            if not Path(spec.adapter).is_dir():
+                raise RecipeError.single(
+                    f"adapter '{spec.adapter}' of model '{model.name}' is not a directory.",
+                    hint="Point it at a saved PEFT adapter (adapters from training stages come with the training issue).",
+                    **self.recipe.where(f"models.{model.name}.adapter"))
+            from peft import PeftModel
+
+            m = PeftModel.from_pretrained(m, spec.adapter).eval()
+            self.log.info("applied adapter %s", spec.adapter)
         if spec.chat_template:
             path = Path(spec.chat_template)
             tok.chat_template = path.read_text() if path.is_file() else spec.chat_template

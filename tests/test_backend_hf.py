@@ -47,3 +47,66 @@ def test_stop_strings_cut_the_text(backend):
     for full, short in zip(texts, cut):
         if letter in full:
             assert short.text == full[: full.index(letter)].strip() and short.finish_reason == "stop"
+
+
+def test_batch_is_halved_on_out_of_memory(backend, monkeypatch):
+    import torch
+
+    sizes = []
+    real = backend._batch
+
+    def flaky(batch, params, seed):
+        sizes.append(len(batch))
+        if len(batch) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(batch, params, seed)
+
+    monkeypatch.setattr(backend, "_batch", flaky)
+    out = backend.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=4), seed=0)
+    assert len(out) == 3 and sizes[:2] == [2, 1] and all(s == 1 for s in sizes[1:])
+
+
+@pytest.mark.slow
+def test_a_lora_adapter_dir_is_applied(tmp_path):
+    import textwrap
+
+    from peft import LoraConfig, get_peft_model
+
+    from conftest import write_jsonl
+    from engine.executor import run
+    from engine.recipe import load_recipe
+    from engine.rows import read_rows
+
+    model, _ = load_model("builtin:tiny-chat", cache_root=tmp_path / "c")
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft.save_pretrained(tmp_path / "proj" / "adapter")
+    write_jsonl(tmp_path / "proj" / "p.jsonl", [{"prompt": f"question {i}"} for i in range(4)])
+    (tmp_path / "proj" / "r.toml").write_text(textwrap.dedent("""
+        [recipe]
+        name = "ad"
+        [models.base]
+        path = "builtin:tiny-chat"
+        [models.tuned]
+        path = "builtin:tiny-chat"
+        adapter = "adapter"
+        [datasets.p]
+        path = "p.jsonl"
+        type = "prompts"
+        [stages.a]
+        kind = "generate"
+        input = "p"
+        model = "base"
+        temperature = 0.0
+        max_new_tokens = 12
+        [stages.b]
+        kind = "generate"
+        input = "p"
+        model = "tuned"
+        temperature = 0.0
+        max_new_tokens = 12
+    """))
+    rec = run(load_recipe(tmp_path / "proj" / "r.toml"), tmp_path / "runs")
+    a = [r["messages"][-1]["content"] for r in read_rows(rec.dir / "stages" / "a" / "rows.parquet")]
+    b = [r["messages"][-1]["content"] for r in read_rows(rec.dir / "stages" / "b" / "rows.parquet")]
+    assert a != b
+    assert rec.data["stages"]["a"]["fingerprint"] != rec.data["stages"]["b"]["fingerprint"]

@@ -1,0 +1,101 @@
+"""Stages through the openai backend against a real local HTTP server. The server's backend
+is scripted (a stand-in for a capable model), so the parsing paths that a random tiny model
+never reaches run end to end: teacher JSON with retries, and a pointwise judge."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+from conftest import GOOD, write_jsonl
+from engine.backends import Completion
+from engine.backends.serve import ChatServer
+from engine.executor import run
+from engine.recipe import load_recipe
+from engine.rows import read_rows
+
+TEACHER = {"scenario_safe": True,
+           "turns": [{"index": 1, "role": "user", "text": "How do I start running?"},
+                     {"index": 2, "role": "assistant", "text": "Begin with short run-walk intervals three times a week."},
+                     {"index": 3, "role": "user", "text": "And shoes?"},
+                     {"index": 4, "role": "assistant", "text": "Get fitted at a running shop; comfort matters most."}],
+           "behaviors": ["callback"], "coherence": {"all_turns_advance": True, "breaks_at": None, "why": "each turn builds"},
+           "decision_basis": "safe everyday topic"}
+
+
+class Scripted:
+    """Answers like a model that follows the built-in templates: malformed JSON on the first
+    teacher attempt for scenario 0 (to exercise retries), a Score line for judge prompts."""
+
+    name = "scripted"
+
+    def __init__(self) -> None:
+        self.failed_once = False
+
+    def generate(self, prompts, params, seed):
+        out = []
+        for messages in prompts:
+            text = messages[-1]["content"]
+            if "Score:" in text:
+                answer = f"The reply is relevant.\nScore: {len(text) % 10 + 1}"
+            elif "Scenario 0" in text and not self.failed_once:
+                self.failed_once, answer = True, "{not json"
+            else:
+                answer = "```json\n" + json.dumps(TEACHER) + "\n```"
+            out.append([Completion(answer, 10, 5, "stop") for _ in range(params.n)])
+        return out
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def server():
+    srv = ChatServer(Scripted(), model_name="scripted-judge")
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def test_teacher_json_and_llm_judge_over_http(tmp_path, server):
+    root = tmp_path / "p"
+    write_jsonl(root / "seeds.jsonl", [{"id": f"s{i}", "prompt": f"Scenario {i}: a beginner asks about running."}
+                                       for i in range(3)])
+    write_jsonl(root / "convs.jsonl", GOOD[:4])
+    (root / "r.toml").write_text(textwrap.dedent(f"""
+        [recipe]
+        name = "http"
+        [models.teacher]
+        path = "scripted-judge"
+        backend = "openai"
+        base_url = "{server.url}"
+        [datasets.seeds]
+        path = "seeds.jsonl"
+        type = "prompts"
+        [datasets.convs]
+        path = "convs.jsonl"
+        [stages.convs_out]
+        kind = "generate"
+        mode = "teacher_json"
+        input = "seeds"
+        model = "teacher"
+        turns = 2
+        [stages.judged]
+        kind = "judge"
+        input = "convs"
+        model = "teacher"
+    """))
+    rec = run(load_recipe(root / "r.toml"), tmp_path / "runs")
+    rows = read_rows(rec.dir / "stages" / "convs_out" / "rows.parquet")
+    assert len(rows) == 3
+    assert rows[0]["messages"][1]["content"].startswith("Begin with short")
+    assert rows[0]["meta"]["behaviors"] == ["callback"] and rows[0]["meta"]["coherence"]["all_turns_advance"]
+    assert max(r["meta"]["attempts"] for r in rows) == 2  # the malformed first answer was retried
+    judged = read_rows(rec.dir / "stages" / "judged" / "rows.parquet")
+    assert all(1 <= r["scores"]["score"] <= 10 for r in judged)
+    assert all(r["scores"]["score_answer"].endswith(f"Score: {int(r['scores']['score'])}") for r in judged)
+    calls = server.requests
+    run(load_recipe(root / "r.toml"), tmp_path / "runs")  # fully cached: no request reaches the server
+    assert server.requests == calls
