@@ -132,3 +132,29 @@ def test_sigkill_mid_generation_then_resume_equals_uninterrupted(gen_project, tm
     a = read_rows(runs / "gen" / "latest" / "stages" / "multi" / "rows.parquet")
     b = read_rows(fresh / "gen" / "latest" / "stages" / "multi" / "rows.parquet")
     assert a == b and len(a) == 8
+
+
+def test_unknown_local_model_path_fails_validation(gen_project):
+    text = (gen_project / "recipe.toml").read_text().replace('path = "builtin:tiny-chat"', 'path = "./models/nope"')
+    (gen_project / "recipe.toml").write_text(text)
+    proc = run_cli_subprocess("validate", gen_project / "recipe.toml")
+    assert proc.returncode == 2 and "models.policy.path: file not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_model_without_a_chat_template_is_a_clear_error(gen_project, tmp_path):
+    import shutil
+
+    from engine.models import builtin_dir
+
+    model_dir = tmp_path / "plain-model"
+    shutil.copytree(builtin_dir("tiny-chat", tmp_path / "c"), model_dir)
+    (model_dir / "chat_template.jinja").unlink()
+    cfg = json.loads((model_dir / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(cfg))
+    text = (gen_project / "recipe.toml").read_text().replace('path = "builtin:tiny-chat"', f'path = "{model_dir}"')
+    (gen_project / "recipe.toml").write_text(text)
+    proc = run_cli_subprocess("run", gen_project / "recipe.toml", "--runs-dir", tmp_path / "runs", "--only", "single")
+    assert proc.returncode == 2, proc.stderr
+    assert "model 'policy' has no chat template" in proc.stderr and "Traceback" not in proc.stderr
