@@ -224,3 +224,13 @@ class Templates:
                         file=file, line=line, key=key)
                 for var, (at, via) in sorted(uses.items(), key=lambda kv: (kv[1][0], kv[0]))
                 if var not in available and var not in optional]
+
+
+def template_files(recipe_dir: Path, names: list[str]) -> dict[str, str]:
+    """Template name -> file for `names` and everything they pull in, for a stage's
+    fingerprint. A missing or broken template is left out here; the stage's `check` reports it."""
+    t = Templates([Path(recipe_dir) / "templates"])
+    try:
+        return {n: str(t.path(n)) for name in names for n in t.closure(name)}
+    except (RecipeError, jinja2.TemplateError):
+        return {}

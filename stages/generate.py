@@ -73,13 +73,9 @@ def _template_names(config: Config) -> dict[str, str]:
 
 def templates(config: Config, recipe) -> dict[str, str]:
     """Template name -> file, for the fingerprint (included templates too)."""
-    from engine.templates import Templates
+    from engine.templates import template_files
 
-    t = Templates([recipe.dir / "templates"])
-    try:
-        return {n: str(t.path(n)) for field, name in _template_names(config).items() for n in t.closure(name)}
-    except Exception:  # a missing or broken template is reported by check()
-        return {}
+    return template_files(recipe.dir, list(_template_names(config).values()))
 
 
 def check(name: str, config: Config, recipe) -> list:

@@ -69,15 +69,9 @@ def template_name(config: Config) -> str | None:
 
 
 def templates(config: Config, recipe) -> dict[str, str]:
-    if template_name(config) is None:
-        return {}
-    from engine.templates import Templates
+    from engine.templates import template_files
 
-    t = Templates([recipe.dir / "templates"])
-    try:
-        return {n: str(t.path(n)) for n in t.closure(template_name(config))}
-    except Exception:
-        return {}
+    return template_files(recipe.dir, [template_name(config)]) if template_name(config) else {}
 
 
 def check(name: str, config: Config, recipe) -> list[Problem]:
