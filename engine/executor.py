@@ -202,8 +202,10 @@ class Context:
             m = PeftModel.from_pretrained(m, spec.adapter).eval()
             self.log.info("applied adapter %s", spec.adapter)
         if spec.chat_template:
-            path = Path(spec.chat_template)
-            tok.chat_template = path.read_text() if path.is_file() else spec.chat_template
+            from .fingerprint import is_file
+
+            template = spec.chat_template
+            tok.chat_template = Path(template).read_text() if is_file(template) else template
         if tok.chat_template is None:
             raise RecipeError.single(f"model '{model.name}' has no chat template.",
                                      hint="Set chat_template in its [models] table (inline Jinja or a file).",

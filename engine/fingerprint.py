@@ -32,6 +32,17 @@ DATA_VERSION = 1  # bump when dataset loading/normalization changes its output
 BUILTIN_MODELS = {"tiny-chat": 2}  # builder versions: bump when the builtin bytes change
 
 
+def is_file(value: str) -> bool:
+    """Whether a setting that may hold a file name or inline text (a chat template) names a
+    file. Inline text can be too long for the OS to stat."""
+    if "\n" in value or "{" in value:
+        return False
+    try:
+        return Path(value).is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
@@ -157,7 +168,7 @@ def model_identity(spec: "ModelSpec", memo: HashMemo, stage_fps: dict[str, str])
         else:
             adapter = {"hub": spec.adapter}
     template = spec.chat_template
-    if template and Path(template).is_file():
+    if template and is_file(template):
         template = {"content": memo.file(template)}
     if spec.backend == "openai":  # the server decides; name what we ask it for (never the key)
         source = {"server_model": spec.model_name or spec.path}

@@ -16,6 +16,7 @@ BUILTIN = {
     "filter": "stages.filter",
     "generate": "stages.generate",
     "judge": "stages.judge",
+    "sft": "stages.sft",
 }
 
 ENTRY_POINT_GROUP = "recipe.stages"

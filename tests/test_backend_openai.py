@@ -197,7 +197,7 @@ def test_timeout_is_retried_then_reported(serve):
 
 
 def test_concurrency_bound(serve):
-    server = serve(delay_s=0.05)
+    server = serve(delay_s=0.3)
     prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(8)]
     client(server, max_concurrency=2).generate(prompts, GREEDY, seed=0)
     assert server.requests == 8 and server.max_in_flight == 2

@@ -144,3 +144,9 @@ def test_reasons_in_words():
     assert reasons(old, new) == ["config: min_words 3 -> 5", "input changed: draft", "template changed: critique.j2"]
     assert reasons(None, new) == ["new"]
     assert reasons(new, new) == ["not in cache"]
+
+
+def test_long_inline_chat_template_is_text_not_a_path():
+    assert not fpmod.is_file("{% for m in messages %}" + "x" * 5000 + "{% endfor %}")
+    assert not fpmod.is_file("a" * 5000)  # too long for the OS: still no crash
+    assert fpmod.is_file(__file__)

@@ -1,0 +1,220 @@
+"""The sft stage: length policies (fast), and end-to-end runs on builtin:tiny-chat (slow)."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import conv, write_jsonl
+from engine.errors import StageFailed
+from engine.executor import run
+from engine.recipe import load_recipe
+from stages.sft import fit, mask_problems
+
+# --------------------------------------------------------------------------- length policies (fast)
+
+
+def chars(msgs):  # a stand-in tokenizer: one token per character, 2 per message overhead
+    return sum(len(m["content"]) + 2 for m in msgs)
+
+
+def msgs(*turns, system=None):
+    out = [{"role": "system", "content": system}] if system else []
+    return out + conv(*turns)["messages"]
+
+
+def test_fits_is_untouched():
+    m = msgs("hi", "hello")
+    assert fit(m, "drop", 100, chars) == (m, "fits")
+
+
+def test_drop_policy_drops_long_rows():
+    assert fit(msgs("x" * 50, "y" * 50), "drop", 60, chars) == (None, "dropped")
+
+
+def test_keep_recent_drops_earliest_pairs_and_keeps_system():
+    m = msgs("u1" * 10, "a1" * 10, "u2" * 10, "a2" * 10, "u3", "a3", system="sys")
+    out, what = fit(m, "keep_recent", 20, chars)
+    assert what == "shortened"
+    assert [x["content"] for x in out] == ["sys", "u3", "a3"]
+    out, _ = fit(m, "keep_recent", 70, chars)
+    assert [x["content"] for x in out] == ["sys", "u2" * 10, "a2" * 10, "u3", "a3"]
+
+
+def test_keep_recent_never_cuts_the_final_turn():
+    m = msgs("u1", "a1", "u2", "a" * 100)
+    assert fit(m, "keep_recent", 50, chars) == (None, "dropped")
+
+
+def test_truncate_cuts_the_left_of_the_earliest_turn_only():
+    m = msgs("0123456789" * 5, "answer one", "u2", "final answer")
+    out, what = fit(m, "truncate", 60, chars)
+    assert what == "shortened" and chars(out) <= 60
+    assert out[0]["content"].startswith("…") and out[0]["content"].endswith("789")
+    assert out[1:] == m[1:]
+    assert fit(msgs("u", "a" * 100), "truncate", 50, chars) == (None, "dropped")
+
+
+# --------------------------------------------------------------------------- end to end (slow)
+
+RECIPE = """
+[recipe]
+name = "sft"
+seed = 5
+
+[models.policy]
+path = "builtin:tiny-chat"
+{extra_model}
+
+[datasets.chats]
+path = "data/chats.jsonl"
+
+[stages.train]
+kind = "sft"
+input = "chats"
+model = "policy"
+lr = 1e-2
+max_steps = 30
+batch_size = 4
+per_device_batch_size = 4
+max_length = 256
+save_steps = 10
+{extra_stage}
+"""
+
+ROWS = [conv(f"user says {i}?", f"bot {i % 4} ok", id=f"c{i}") for i in range(32)]
+
+
+def make(tmp_path: Path, extra_model: str = "", extra_stage: str = "") -> Path:
+    root = tmp_path / "proj"
+    write_jsonl(root / "data" / "chats.jsonl", ROWS)
+    (root / "recipe.toml").write_text(textwrap.dedent(RECIPE).format(extra_model=extra_model, extra_stage=extra_stage))
+    return root / "recipe.toml"
+
+
+def out_dir(record) -> Path:
+    return (record.dir / "stages" / "train").resolve()
+
+
+@pytest.mark.slow
+def test_full_finetune_loss_falls_and_mask_is_assistant_only(tmp_path):
+    record = run(load_recipe(make(tmp_path)), tmp_path / "runs")
+    out = out_dir(record)
+    steps = json.loads((out / "metrics.json").read_text())["steps"]
+    losses = [s["loss"] for s in steps]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+    assert all(s["tokens_per_s"] for s in steps)
+    mask = (out / "mask_check.txt").read_text()
+    assert "bot " in mask and "<|end|>" in mask
+    assert "user says" not in mask
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"] == 30 and report["over_length"] == 0 and report["rows_trained"] == 32
+    assert (out / "model" / "config.json").is_file() and (out / "model" / "tokenizer.json").is_file()
+    from stages.sft import summary
+
+    assert dict(summary(report))["steps"] == "30"
+
+
+@pytest.mark.slow
+def test_lora_saves_an_adapter_that_loads_on_the_base(tmp_path):
+    stage = 'max_steps = 4\n[stages.train.lora]\nr = 4\nalpha = 8\ndropout = 0.0\ntarget_modules = ["q_proj", "v_proj"]'
+    text = make(tmp_path).read_text().replace("max_steps = 30\n", "") + stage + "\n"
+    (tmp_path / "proj" / "recipe.toml").write_text(text)
+    record = run(load_recipe(tmp_path / "proj" / "recipe.toml"), tmp_path / "runs")
+    adapter = out_dir(record) / "model"
+    assert (adapter / "adapter_config.json").is_file()
+    from peft import PeftModel
+
+    from engine.models import load_model
+
+    base, _ = load_model("builtin:tiny-chat", cache_root=tmp_path / "runs" / "cache")
+    model = PeftModel.from_pretrained(base, str(adapter))
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+    report = json.loads((out_dir(record) / "report.json").read_text())
+    assert report["lora"]["r"] == 4 and report["steps"] == 4
+
+
+BROKEN = ("{{- bos_token -}}{%- for message in messages -%}"
+          "{{- '<|' + message['role'] + '|>' + message['content'] + '<|end|>' -}}{%- endfor -%}")
+
+
+@pytest.mark.slow
+def test_template_without_generation_fails_with_the_fix(tmp_path):
+    recipe = make(tmp_path, extra_model=f"chat_template = {json.dumps(BROKEN)}")
+    with pytest.raises(StageFailed) as exc:
+        run(load_recipe(recipe), tmp_path / "runs")
+    assert "{% generation %}" in str(exc.value)
+
+
+@pytest.mark.slow
+def test_end_token_outside_generation_fails_the_mask_check(tmp_path):
+    tpl = ("{{- bos_token -}}{%- for message in messages -%}{%- if message['role'] == 'assistant' -%}"
+           "{{- '<|assistant|>' -}}{%- generation -%}{{- message['content'] -}}{%- endgeneration -%}{{- '<|end|>' -}}"
+           "{%- else -%}{{- '<|' + message['role'] + '|>' + message['content'] + '<|end|>' -}}{%- endif -%}"
+           "{%- endfor -%}")
+    # a file: an inline template over 255 characters trips engine/fingerprint.py (Path(...).is_file() OSError)
+    recipe = make(tmp_path, extra_model='chat_template = "chat.j2"')
+    (recipe.parent / "chat.j2").write_text(tpl)
+    with pytest.raises(StageFailed) as exc:
+        run(load_recipe(recipe), tmp_path / "runs")
+    assert "end-of-turn" in str(exc.value) and "{% generation %}" in str(exc.value)
+
+
+@pytest.mark.slow
+def test_nothing_fits_is_a_clear_error(tmp_path):
+    recipe = make(tmp_path, extra_stage="")
+    text = recipe.read_text().replace("max_length = 256", "max_length = 10")
+    recipe.write_text(text)
+    with pytest.raises(StageFailed) as exc:
+        run(load_recipe(recipe), tmp_path / "runs")
+    assert "no conversation fits max_length 10" in str(exc.value)
+
+
+def test_mask_problems_flags_supervised_user_text():
+    class Tok:
+        all_special_ids = [9]
+
+        def decode(self, ids, skip_special_tokens=False):
+            return "".join("|E|" if i == 9 else chr(i) for i in ids)
+
+        def convert_ids_to_tokens(self, i):
+            return "|E|"
+
+    m = conv("hi", "yo")["messages"]
+    ids = [ord("h"), ord("i"), 9, ord("y"), ord("o"), 9]
+    _, ok = mask_problems(Tok(), m, ids, [-100, -100, -100, ids[3], ids[4], 9])
+    assert ok == []
+    _, bad = mask_problems(Tok(), m, ids, ids)
+    assert bad
+    _, no_end = mask_problems(Tok(), m, ids, [-100, -100, -100, ids[3], ids[4], -100])
+    assert any("end-of-turn" in p for p in no_end)
+
+
+@pytest.mark.slow
+def test_killed_stage_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
+    import trl
+    from transformers import TrainerCallback
+
+    class Boom(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 12:
+                raise RuntimeError("killed")
+
+    orig = trl.SFTTrainer.__init__
+
+    def init(self, *a, callbacks=None, **kw):
+        orig(self, *a, callbacks=[*(callbacks or []), Boom()], **kw)
+
+    recipe = make(tmp_path)
+    monkeypatch.setattr(trl.SFTTrainer, "__init__", init)
+    with pytest.raises(StageFailed):
+        run(load_recipe(recipe), tmp_path / "runs")
+    monkeypatch.setattr(trl.SFTTrainer, "__init__", orig)
+    record = run(load_recipe(recipe), tmp_path / "runs")
+    report = json.loads((out_dir(record) / "report.json").read_text())
+    assert report["resumed_from"] == "checkpoint-10" and report["steps"] == 30
+    assert "resuming from checkpoint" in (record.dir / "logs" / "train.log").read_text()
