@@ -173,11 +173,45 @@ class Context:
 
         return Templates([self.recipe.dir / "templates"])
 
+    def load_model(self, model: "Artifact", *, merge_adapter: bool = False):
+        """(model, tokenizer) for a model reference: a [models] spec (its adapter applied, or
+        merged into the base with `merge_adapter`; its chat_template set) or a stage's model."""
+        from .fingerprint import is_file
+        from .models import load_model
+
+        spec = model.spec
+        if spec is None:  # a model made by an upstream stage
+            m, tok = load_model(str(Path(model.path) / "model"), cache_root=self.cache_root)
+        else:
+            m, tok = load_model(spec.path, dtype=spec.dtype, device=spec.device, revision=spec.revision,
+                                trust_remote_code=spec.trust_remote_code, cache_root=self.cache_root)
+            if spec.adapter:
+                if not Path(spec.adapter).is_dir():
+                    raise RecipeError.single(
+                        f"adapter '{spec.adapter}' of model '{model.name}' is not a directory.",
+                        hint="Point it at a saved PEFT adapter (adapters from training stages come with the training issue).",
+                        **self.recipe.where(f"models.{model.name}.adapter"))
+                from peft import PeftModel
+
+                m = PeftModel.from_pretrained(m, spec.adapter).eval()
+                if merge_adapter:
+                    m = m.merge_and_unload()
+                self.log.info("%s adapter %s", "merged" if merge_adapter else "applied", spec.adapter)
+            if spec.chat_template:
+                template = spec.chat_template
+                tok.chat_template = Path(template).read_text() if is_file(template) else template
+        if tok.chat_template is None:
+            raise RecipeError.single(f"model '{model.name}' has no chat template.",
+                                     hint="Set chat_template in its [models] table (inline Jinja or a file).",
+                                     **self.recipe.where(f"models.{model.name}"))
+        return m, tok
+
     def backend(self, model: "Artifact", batch_size: int = 16):
         """A generation backend for a model reference; call `.close()` when done."""
         spec = model.spec
-        self.log.info("loading model '%s' (%s, backend %s)", model.name, spec.path if spec else model.path, spec.backend)
-        if spec.backend == "openai":
+        kind = spec.backend if spec else "hf"
+        self.log.info("loading model '%s' (%s, backend %s)", model.name, spec.path if spec else model.path, kind)
+        if kind == "openai":
             from .backends.openai import OpenAIBackend
 
             if not spec.base_url:
@@ -187,29 +221,8 @@ class Context:
                                  max_concurrency=spec.max_concurrency, timeout_s=spec.timeout_s,
                                  cache_dir=self.partial_dir / "requests")
         from .backends.hf import HFBackend
-        from .models import load_model
 
-        m, tok = load_model(spec.path, dtype=spec.dtype, device=spec.device, revision=spec.revision,
-                            trust_remote_code=spec.trust_remote_code, cache_root=self.cache_root)
-        if spec.adapter:
-            if not Path(spec.adapter).is_dir():
-                raise RecipeError.single(
-                    f"adapter '{spec.adapter}' of model '{model.name}' is not a directory.",
-                    hint="Point it at a saved PEFT adapter (adapters from training stages come with the training issue).",
-                    **self.recipe.where(f"models.{model.name}.adapter"))
-            from peft import PeftModel
-
-            m = PeftModel.from_pretrained(m, spec.adapter).eval()
-            self.log.info("applied adapter %s", spec.adapter)
-        if spec.chat_template:
-            from .fingerprint import is_file
-
-            template = spec.chat_template
-            tok.chat_template = Path(template).read_text() if is_file(template) else template
-        if tok.chat_template is None:
-            raise RecipeError.single(f"model '{model.name}' has no chat template.",
-                                     hint="Set chat_template in its [models] table (inline Jinja or a file).",
-                                     **self.recipe.where(f"models.{model.name}"))
+        m, tok = self.load_model(model)
         return HFBackend(m, tok, batch_size=batch_size)
 
     def save_rows(self, rows: list[dict], name: str = "rows.parquet") -> int:

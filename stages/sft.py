@@ -191,32 +191,12 @@ def mask_problems(tok, messages: list[dict], input_ids: list[int], labels: list[
 
 
 def _load(config: Config, model_art, ctx):
-    from engine.models import load_model
-
     spec = model_art.spec
-    if spec is None:  # a model from an upstream stage
-        path = Path(model_art.path) / "model"
-        if (path / "adapter_config.json").is_file():
-            raise RuntimeError(f"model '{model_art.name}' is a LoRA adapter; train on a merged model (merge = true).")
-        m, tok = load_model(str(path), cache_root=ctx.cache_root)
-    else:
-        if spec.backend != "hf":
-            raise RuntimeError(f"model '{model_art.name}' uses the {spec.backend} backend; sft needs local weights.")
-        m, tok = load_model(spec.path, dtype=spec.dtype, device=spec.device, revision=spec.revision,
-                            trust_remote_code=spec.trust_remote_code, cache_root=ctx.cache_root)
-        if spec.adapter:
-            from peft import PeftModel
-
-            m = PeftModel.from_pretrained(m, spec.adapter).merge_and_unload()
-            ctx.log.info("merged adapter %s into the base before training", spec.adapter)
-        if spec.chat_template:
-            from engine.fingerprint import is_file
-
-            template = spec.chat_template
-            tok.chat_template = Path(template).read_text() if is_file(template) else template
-    if tok.chat_template is None:
-        raise RuntimeError(f"model '{model_art.name}' has no chat template. {FIX_TEMPLATE}")
-    return m, tok
+    if spec is None and (Path(model_art.path) / "model" / "adapter_config.json").is_file():
+        raise RuntimeError(f"model '{model_art.name}' is a LoRA adapter; train on a merged model (merge = true).")
+    if spec is not None and spec.backend != "hf":
+        raise RuntimeError(f"model '{model_art.name}' uses the {spec.backend} backend; sft needs local weights.")
+    return ctx.load_model(model_art, merge_adapter=True)
 
 
 def _ensure_generation_markers(tok, ctx) -> None:
