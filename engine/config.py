@@ -31,10 +31,21 @@ class Table(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
 
 
+class Resources(Table):
+    """`[stages.X.resources]`: how many processes run the stage (training stages only)."""
+
+    processes: int = Field(1, ge=1, le=256, description="Processes under `accelerate launch` (1 = in process).")
+    accelerate_config: str | None = Field(
+        None, description="An accelerate config file (FSDP, DeepSpeed), relative to the recipe file.")
+
+
 class StageConfig(Table):
     """Base for stage Configs. `kind` selects the stage module; each Config narrows it."""
 
     kind: str
+    resources: Resources = Field(
+        default_factory=Resources, description="Processes for multi-process stages (training).",
+        json_schema_extra={EXEC_ONLY: True})
 
 
 def Ref(*types: str, default: Any = ..., description: str = "", **kw: Any) -> Any:

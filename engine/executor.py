@@ -173,37 +173,78 @@ class Context:
 
         return Templates([self.recipe.dir / "templates"])
 
+    @property
+    def is_main(self) -> bool:
+        """False in the non-zero ranks of a multi-process stage: only the main process writes files."""
+        return int(os.environ.get("RANK", "0")) == 0
+
+    def describe_model(self, model: "Artifact") -> dict:
+        """How to load `model` again later: its [models] spec, or the stage-made directory. Training
+        stages write this as `model/base.json` next to an unmerged adapter (its recorded base)."""
+        if model.spec is not None:
+            return {"name": model.name, "spec": model.spec.model_dump(mode="json")}
+        return {"name": model.name, "dir": str(Path(model.path) / "model")}
+
     def load_model(self, model: "Artifact", *, merge_adapter: bool = False):
         """(model, tokenizer) for a model reference: a [models] spec (its adapter applied, or
-        merged into the base with `merge_adapter`; its chat_template set) or a stage's model."""
-        from .fingerprint import is_file
-        from .models import load_model
-
-        spec = model.spec
-        if spec is None:  # a model made by an upstream stage
-            m, tok = load_model(str(Path(model.path) / "model"), cache_root=self.cache_root)
+        merged into the base with `merge_adapter`; its chat_template set) or a stage's model
+        (full weights, or a PEFT adapter loaded on the base recorded in its base.json)."""
+        if model.spec is None:  # a model made by an upstream stage
+            m, tok = self._load_dir(Path(model.path) / "model", merge_adapter)
         else:
-            m, tok = load_model(spec.path, dtype=spec.dtype, device=spec.device, revision=spec.revision,
-                                trust_remote_code=spec.trust_remote_code, cache_root=self.cache_root)
-            if spec.adapter:
-                if not Path(spec.adapter).is_dir():
-                    raise RecipeError.single(
-                        f"adapter '{spec.adapter}' of model '{model.name}' is not a directory.",
-                        hint="Point it at a saved PEFT adapter (adapters from training stages come with the training issue).",
-                        **self.recipe.where(f"models.{model.name}.adapter"))
-                from peft import PeftModel
-
-                m = PeftModel.from_pretrained(m, spec.adapter).eval()
-                if merge_adapter:
-                    m = m.merge_and_unload()
-                self.log.info("%s adapter %s", "merged" if merge_adapter else "applied", spec.adapter)
-            if spec.chat_template:
-                template = spec.chat_template
-                tok.chat_template = Path(template).read_text() if is_file(template) else template
+            m, tok = self._load_spec(model.name, model.spec, merge_adapter)
         if tok.chat_template is None:
             raise RecipeError.single(f"model '{model.name}' has no chat template.",
                                      hint="Set chat_template in its [models] table (inline Jinja or a file).",
                                      **self.recipe.where(f"models.{model.name}"))
+        return m, tok
+
+    def _load_dir(self, path: Path, merge_adapter: bool):
+        from .models import load_model
+
+        if not (path / "adapter_config.json").is_file():
+            return load_model(str(path), cache_root=self.cache_root)
+        base_file = path / "base.json"
+        if not base_file.is_file():
+            raise RuntimeError(f"{path} is a LoRA adapter without base.json (its recorded base); rebuild the stage "
+                               "that made it (recipe run --force STAGE).")
+        base = json.loads(base_file.read_text())
+        if "spec" in base:
+            from .recipe import ModelSpec
+
+            m, _ = self._load_spec(base["name"], ModelSpec.model_validate(base["spec"], strict=False), True)
+        else:
+            m, _ = self._load_dir(Path(base["dir"]), True)
+        from peft import PeftModel
+        from transformers import AutoTokenizer
+
+        m = PeftModel.from_pretrained(m, str(path)).eval()
+        if merge_adapter:
+            m = m.merge_and_unload()
+        self.log.info("%s the adapter %s on its base '%s'", "merged" if merge_adapter else "applied", path, base["name"])
+        return m, AutoTokenizer.from_pretrained(str(path))
+
+    def _load_spec(self, name: str, spec, merge_adapter: bool):
+        from .fingerprint import is_file
+        from .models import load_model
+
+        m, tok = load_model(spec.path, dtype=spec.dtype, device=spec.device, revision=spec.revision,
+                            trust_remote_code=spec.trust_remote_code, cache_root=self.cache_root)
+        if spec.adapter:
+            if not Path(spec.adapter).is_dir():
+                raise RecipeError.single(
+                    f"adapter '{spec.adapter}' of model '{name}' is not a directory.",
+                    hint="Point it at a saved PEFT adapter, or use the training stage's name as the model.",
+                    **self.recipe.where(f"models.{name}.adapter"))
+            from peft import PeftModel
+
+            m = PeftModel.from_pretrained(m, spec.adapter).eval()
+            if merge_adapter:
+                m = m.merge_and_unload()
+            self.log.info("%s adapter %s", "merged" if merge_adapter else "applied", spec.adapter)
+        if spec.chat_template:
+            template = spec.chat_template
+            tok.chat_template = Path(template).read_text() if is_file(template) else template
         return m, tok
 
     def backend(self, model: "Artifact", batch_size: int = 16):
@@ -405,7 +446,12 @@ def _build(recipe, name, item, entries, store, record, console, progress, why) -
         with store.build(item.fingerprint, manifest) as out_dir:
             ctx = Context(name, item.fingerprint, recipe.meta.seed, out_dir, store.partial(item.fingerprint),
                           log, recipe, console, progress, store.root)
-            stage.module.run(stage.config, inputs, ctx)
+            if stage.config.resources.processes > 1 and "RANK" not in os.environ:
+                from .launch import launch_stage
+
+                launch_stage(stage, inputs, ctx, log_path)
+            else:
+                stage.module.run(stage.config, inputs, ctx)
             rows_in = 0
             for arts in inputs.values():
                 for art in arts if isinstance(arts, list) else [arts]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import graphlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from .config import ref_fields
@@ -106,6 +107,7 @@ def graph_problems(recipe: "Recipe", invalid: dict[str, list[tuple[str, str]]] |
                     **recipe.where(f"stages.{name}.{fname}")))
             if src == "stages":
                 deps[name].add(ref)
+    problems += resource_problems(recipe)
     try:
         list(graphlib.TopologicalSorter(deps).static_order())
     except graphlib.CycleError as exc:
@@ -114,6 +116,28 @@ def graph_problems(recipe: "Recipe", invalid: dict[str, list[tuple[str, str]]] |
             f"stages form a cycle: {' -> '.join(cycle)}.",
             hint="A stage cannot consume its own output, directly or through others.",
             **recipe.where(f"stages.{cycle[0]}")))
+    return problems
+
+
+def resource_problems(recipe: "Recipe") -> list[Problem]:
+    """`[stages.X.resources]`: several processes only for kinds that support them; config files exist."""
+    from .recipe import resolve_path
+
+    problems = []
+    for name, stage in recipe.stages.items():
+        res = stage.config.resources
+        if res.processes > 1 and not getattr(stage.module, "MULTI_PROCESS", False):
+            problems.append(Problem(
+                f"stage '{name}' ({stage.kind}) cannot run on {res.processes} processes: only training stages "
+                "(sft, dpo, kto, orpo) run under accelerate.",
+                hint="Remove [resources] processes, or set it to 1.", **recipe.where(f"stages.{name}.resources.processes")))
+        if res.accelerate_config:
+            key = f"stages.{name}.resources.accelerate_config"
+            path = resolve_path(res.accelerate_config, key, recipe.locations, recipe.path)
+            if not Path(path).is_file():
+                problems.append(Problem(f"accelerate_config '{res.accelerate_config}' of stage '{name}' is not a file.",
+                                        hint="Give a path relative to the recipe file (make one with `accelerate config`).",
+                                        **recipe.where(key)))
     return problems
 
 

@@ -1,0 +1,161 @@
+"""Run one stage on several processes with `accelerate launch`.
+
+`[stages.X.resources] processes = N` (and optionally `accelerate_config = "fsdp.yaml"`) makes the
+executor call `launch_stage` instead of the stage's `run`. It pickles what the stage needs (its
+config, its resolved inputs, the recipe, the context's directories) into the stage's partial
+area, builds the `accelerate launch` command and waits for it. Every process runs
+`python -m engine.launch PAYLOAD`: it rebuilds the context and calls the stage's `run`; the
+trainer inside finds its rank from the environment that accelerate set. Only rank 0 writes the
+artifact (`ctx.is_main`). The parent then collects what rank 0 wrote: the artifact files are
+already in the build directory, and `result.json` carries the row count.
+
+Only kinds whose module says `MULTI_PROCESS = True` (the training stages) accept processes > 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+import os
+import pickle
+import shlex
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+PAYLOAD = "launch.pkl"
+RESULT = "result.json"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _portable(recipe):
+    """A copy of the recipe whose stages name their module instead of holding it (picklable)."""
+    stages = {n: dataclasses.replace(s, module=s.module.__name__) for n, s in recipe.stages.items()}
+    return dataclasses.replace(recipe, stages=stages)
+
+
+def _restore(recipe):
+    for stage in recipe.stages.values():
+        if isinstance(stage.module, str):
+            stage.module = importlib.import_module(stage.module)
+    return recipe
+
+
+def command(processes: int, accelerate_config: str | None, payload: Path) -> list[str]:
+    """The `accelerate launch` command line for a payload. Without a config file it asks for N
+    local processes through torch.distributed (accelerate's `--cpu` flag would start just one):
+    gloo on the CPU, nccl on GPUs, chosen by accelerate from what the machine has."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if accelerate_config:
+        cmd += ["--config_file", accelerate_config]
+    else:
+        cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        cmd += ["--multi_gpu"]  # torch.distributed.run: N local processes (gloo on the CPU, nccl on GPUs)
+    cmd += ["--num_processes", str(processes), "--main_process_port", str(free_port()),
+            "-m", "engine.launch", str(payload)]
+    return cmd
+
+
+def launch_stage(stage, inputs: dict, ctx, log_path: Path) -> None:
+    """Run `stage` under accelerate with `stage.config.resources`; raise on failure."""
+    res = stage.config.resources
+    work = Path(ctx.partial_dir) / "launch"
+    work.mkdir(parents=True, exist_ok=True)
+    recipe = _portable(ctx.recipe)
+    portable_inputs = {}
+    for field, arts in inputs.items():
+        items = arts if isinstance(arts, list) else [arts]
+        copies = [dataclasses.replace(a, recipe=recipe if a.recipe is not None else None, _rows=None) for a in items]
+        portable_inputs[field] = copies if isinstance(arts, list) else copies[0]
+    payload = {
+        "stage": stage.name, "config": stage.config, "inputs": portable_inputs, "recipe": recipe,
+        "context": {"stage": ctx.stage, "fingerprint": ctx.fingerprint, "seed": ctx.seed,
+                    "out_dir": str(ctx.out_dir), "partial_dir": str(ctx.partial_dir),
+                    "cache_root": str(ctx.cache_root) if ctx.cache_root else None},
+        "log": str(log_path), "result": str(work / RESULT),
+    }
+    (work / RESULT).unlink(missing_ok=True)
+    tmp = work / f".{PAYLOAD}.tmp"
+    tmp.write_bytes(pickle.dumps(payload))
+    tmp.replace(work / PAYLOAD)
+    config_file = None
+    if res.accelerate_config:
+        from .recipe import resolve_path
+
+        config_file = resolve_path(res.accelerate_config, f"stages.{stage.name}.resources.accelerate_config",
+                                   ctx.recipe.locations, ctx.recipe.path)
+    cmd = command(res.processes, config_file, work / PAYLOAD)
+    ctx.log.info("running on %d processes: %s", res.processes, shlex.join(cmd))
+    if ctx.console is not None:
+        ctx.console.print(f"{stage.name}: {res.processes} processes (accelerate launch)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in [str(Path(__file__).resolve().parents[1]),
+                                                                  os.environ.get("PYTHONPATH", "")] if p))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    out_log = work / "accelerate.log"
+    with open(out_log, "w", encoding="utf-8") as sink:
+        proc = subprocess.run(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0 or not (work / RESULT).is_file():
+        tail = out_log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-15:]
+        ctx.log.error("accelerate launch exited with %s; last lines of %s:\n%s", proc.returncode, out_log,
+                      "\n".join(tail))
+        error = next((line for line in reversed(tail) if "Error" in line or "error" in line), None)
+        raise RuntimeError(f"the {res.processes}-process run failed (exit {proc.returncode})"
+                           + (f": {error.strip()}" if error else "") + f"; see {out_log}")
+    result = json.loads((work / RESULT).read_text())
+    ctx.rows_out = result.get("rows_out")
+
+
+def worker(payload_path: str) -> int:
+    """One process of a launched stage (run by accelerate)."""
+    from .executor import Context, close_logger
+
+    payload = pickle.loads(Path(payload_path).read_bytes())
+    recipe = _restore(payload["recipe"])
+    for arts in payload["inputs"].values():
+        for art in arts if isinstance(arts, list) else [arts]:
+            if art.recipe is not None:
+                art.recipe = recipe
+    rank = int(os.environ.get("RANK", "0"))
+    log_file = payload["log"] if rank == 0 else f"{payload['log']}.rank{rank}"
+    log = logging.getLogger(f"recipe.stage.{payload['stage']}.rank{rank}")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    handler = logging.FileHandler(log_file, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [rank {rank}] %(message)s"))
+    log.addHandler(handler)
+    c = payload["context"]
+    ctx = Context(c["stage"], c["fingerprint"], c["seed"], Path(c["out_dir"]), Path(c["partial_dir"]), log, recipe,
+                  None, None, Path(c["cache_root"]) if c["cache_root"] else None)
+    stage = recipe.stages[payload["stage"]]
+    try:
+        stage.module.run(payload["config"], payload["inputs"], ctx)
+    except Exception:
+        import traceback
+
+        log.error("stage failed on rank %d:\n%s", rank, traceback.format_exc())
+        raise
+    finally:
+        close_logger(log)
+    if rank == 0:
+        out = Path(payload["result"])
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps({"rows_out": ctx.rows_out, "world_size": int(os.environ.get("WORLD_SIZE", "1"))}))
+        tmp.replace(out)
+    return 0
+
+
+def describe(resources: Any) -> str:
+    return f"{resources.processes} processes" + (f" ({resources.accelerate_config})" if resources.accelerate_config else "")
+
+
+if __name__ == "__main__":
+    sys.exit(worker(sys.argv[1]))
