@@ -388,11 +388,18 @@ def _human(n: float) -> str:
 
 @main.command()
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None, help="Write to a file.")
-def schema(output) -> None:
-    """JSON Schema of the recipe format (for editors: taplo, VS Code Even Better TOML)."""
-    from .schema import recipe_schema
+@click.option("--markdown", is_flag=True, help="The human reference (docs/recipe-reference.md) instead.")
+def schema(output, markdown) -> None:
+    """JSON Schema of the recipe format (for editors: taplo, VS Code Even Better TOML), or the
+    Markdown reference with --markdown."""
+    if markdown:
+        from .schemadoc import markdown as render
 
-    text = json.dumps(recipe_schema(), indent=2)
+        text = render().rstrip("\n")
+    else:
+        from .schema import recipe_schema
+
+        text = json.dumps(recipe_schema(), indent=2)
     if output:
         Path(output).write_text(text + "\n")
     else:
