@@ -17,6 +17,7 @@ BUILTIN = {
     "generate": "stages.generate",
     "judge": "stages.judge",
     "sft": "stages.sft",
+    "dpo": "stages.dpo", "kto": "stages.dpo", "orpo": "stages.dpo",
 }
 
 ENTRY_POINT_GROUP = "recipe.stages"

@@ -1,37 +1,50 @@
 """sft: supervised fine-tuning on conversations, with the loss on assistant turns only.
 
-Takes `conversations` (input) and a model (model); gives a `model`: the trained weights (or
-a PEFT adapter when `lora` is set and `merge` is false) and the tokenizer in `model/`.
+Takes `conversations` (input: one reference, or a list mixed by `weights`) and a model (model);
+gives a `model`: the trained weights (or a PEFT adapter plus `base.json` when `lora` is set and
+`merge` is false) and the tokenizer in `model/`.
 
+- Several inputs are mixed as alignment-handbook's dataset mixtures: weight w takes round(w x rows)
+  of its input (w < 1 a seeded subsample, w > 1 whole copies plus a seeded remainder), then the
+  whole is shuffled with the recipe seed. The report counts the rows taken from each input.
 - Lengths are measured with the model's own chat template. Rows over `max_length` follow
   `length_policy`: `drop` drops them; `keep_recent` drops the earliest user/assistant pairs
   (the system message stays) until the row fits; `truncate` cuts text from the left of the
   earliest turns. The final assistant turn is never cut: a row whose last exchange alone is
   too long is dropped, and every drop is counted in the report.
+- `packing` packs conversations into rows of `max_length` tokens (TRL's best-fit decreasing, padding
+  free: each conversation keeps its own positions, and attention never crosses conversations).
 - Before any training step, one real collated batch goes through the trainer's own data
   pipeline and the supervised tokens (labels != -100) are decoded to `mask_check.txt`. They
   must be exactly the assistant turns plus their end-of-turn token; otherwise the stage fails
   with the fix (a chat template whose assistant content and end token sit inside
   `{% generation %}...{% endgeneration %}`).
 - Checkpoints go to the stage's partial area; a killed stage resumes from the last one.
-- `metrics.json` holds the per-step loss and tokens/s; `report.json` the summary.
+- `metrics.json` holds the per-step loss and tokens/s, `loss.png` the curve, `report.json` the summary.
 
 torch, transformers, trl, peft and datasets are imported inside functions only.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
-from engine.config import ExecOnly, Ref, StageConfig, Table
+from engine.config import ExecOnly, Ref, StageConfig
+from engine.errors import Problem
+from engine.training import (Lora, LengthReport, batch_problems, batch_split, chat_ids, check_lora_targets,
+                             checkpoint_dir, fit, last_checkpoint, load_weights, lora_config, mixture, plot_loss,
+                             length_line, quiet, save_model, step_callback, step_metrics, trainer_args, user_error,
+                             weights_kind)
 
-VERSION = 1
+__all__ = ["Config", "Lora", "fit", "mask_problems", "run", "summary"]
+
+VERSION = 2  # 2: input mixtures, packing, loss.png, base.json next to an unmerged adapter
 GIVES = "model"
+MULTI_PROCESS = True
 
 FIX_TEMPLATE = (
     "Fix the chat template (set chat_template in the model's [models] table): wrap each assistant "
@@ -41,17 +54,12 @@ FIX_TEMPLATE = (
 )
 
 
-class Lora(Table):
-    r: int = Field(16, ge=1, description="LoRA rank.")
-    alpha: int = Field(32, ge=1, description="LoRA scaling numerator (lora_alpha).")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="Module names to adapt, or 'all-linear'.")
-
-
 class Config(StageConfig):
     kind: Literal["sft"]
-    input: str = Ref("conversations", description="The conversations to train on.")
+    input: str | list[str] = Ref("conversations", description="The conversations to train on: one name, or a list "
+                                                              "mixed by `weights`.")
+    weights: list[float] | None = Field(None, description="One per input: w takes round(w x rows) of it (w < 1 a "
+                                                          "seeded subsample, w > 1 repeats). Default: 1 each.")
     model: str = Ref("model", description="The model to fine-tune.")
     lr: float = Field(2e-4, gt=0.0, description="Peak learning rate.")
     epochs: float = Field(1.0, gt=0.0, description="Passes over the data (ignored when max_steps is set).")
@@ -60,7 +68,10 @@ class Config(StageConfig):
     per_device_batch_size: int = ExecOnly(8, ge=1, description="Rows per forward pass; accumulation makes up the rest.")
     max_length: int = Field(512, ge=8, description="Tokens per conversation (chat template included).")
     length_policy: Literal["drop", "keep_recent", "truncate"] = Field(
-        "drop", description="Rows over max_length: drop them, drop their earliest turns, or cut the earliest turns' text.")
+        "drop", description="Rows over max_length: drop them, drop their earliest turns, or cut the earliest "
+                            "turns' text.")
+    packing: bool = Field(False, description="Pack conversations into rows of max_length tokens (fewer pad tokens; "
+                                             "a batch then counts packed rows).")
     scheduler: str = Field("cosine", description="transformers lr_scheduler_type.")
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Share of steps for linear warmup.")
     weight_decay: float = Field(0.0, ge=0.0)
@@ -70,73 +81,27 @@ class Config(StageConfig):
     merge: bool = Field(False, description="LoRA: merge the adapter and save full weights.")
 
 
-# --------------------------------------------------------------------------- lengths
+def input_names(config: Config) -> list[str]:
+    return [config.input] if isinstance(config.input, str) else list(config.input)
 
 
-def _ids(tok, messages: list[dict]) -> list[int]:
-    out = tok.apply_chat_template(messages, tokenize=True, return_dict=True)
-    return list(out["input_ids"])
-
-
-def _length(tok, messages: list[dict]) -> int:
-    return len(_ids(tok, messages))
-
-
-def _pairs(messages: list[dict]) -> tuple[list[dict], list[list[dict]]]:
-    """(system messages, [user, assistant, ...] groups each starting at a user turn)."""
-    system = [m for m in messages if m["role"] == "system"]
-    rest = [m for m in messages if m["role"] != "system"]
-    groups: list[list[dict]] = []
-    for m in rest:
-        if m["role"] == "user" or not groups:
-            groups.append([m])
-        else:
-            groups[-1].append(m)
-    return system, groups
-
-
-def _last_assistant(messages: list[dict]) -> int:
-    return max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-
-
-def fit(messages: list[dict], policy: str, max_length: int, length) -> tuple[list[dict] | None, str]:
-    """Apply a length policy. `length(messages) -> tokens`. Returns (messages or None, what happened):
-    'fits', 'shortened' or 'dropped'. The final assistant turn is never cut or dropped on its own."""
-    if length(messages) <= max_length:
-        return messages, "fits"
-    if policy == "drop":
-        return None, "dropped"
-    # training ends at the last assistant turn; anything after it teaches nothing
-    messages = messages[: _last_assistant(messages) + 1]
-    if policy == "keep_recent":
-        system, groups = _pairs(messages)
-        while len(groups) > 1:
-            groups = groups[1:]
-            cand = system + [m for g in groups for m in g]
-            if length(cand) <= max_length:
-                return cand, "shortened"
-        return None, "dropped"
-    # truncate: cut text from the left of the earliest turns (not system, never the final assistant turn)
-    msgs = [dict(m) for m in messages]
-    last = len(msgs) - 1
-    for i, m in enumerate(msgs):
-        if i == last or m["role"] == "system":
-            continue
-        text = m["content"]
-        lo, hi = 0, len(text)  # cut `k` leading characters; find the smallest k that fits
-        m["content"] = "…" + text[hi:]
-        if length(msgs) > max_length:
-            continue  # even emptied it does not fit: cut the next turn too
-        while lo < hi:
-            mid = (lo + hi) // 2
-            m["content"] = ("…" + text[mid:]) if mid else text
-            if length(msgs) <= max_length:
-                hi = mid
-            else:
-                lo = mid + 1
-        m["content"] = ("…" + text[lo:]) if lo else text
-        return msgs, "shortened"
-    return None, "dropped"
+def check(name: str, config: Config, recipe) -> list[Problem]:
+    problems = batch_problems(name, config, recipe)
+    inputs = input_names(config)
+    if not inputs:
+        problems.append(Problem(f"stage '{name}' has an empty input list.", hint="Name at least one dataset or stage.",
+                                **recipe.where(f"stages.{name}.input")))
+    if config.weights is not None:
+        where = recipe.where(f"stages.{name}.weights")
+        if len(config.weights) != len(inputs):
+            problems.append(Problem(
+                f"stage '{name}' has {len(config.weights)} weights for {len(inputs)} inputs.",
+                hint=f"Give one weight per input, in the order of input = {inputs}.", **where))
+        bad = [w for w in config.weights if not w > 0]
+        if bad:
+            problems.append(Problem(f"stage '{name}': weights must be above 0 (found {bad[0]}).",
+                                    hint="Remove an input instead of weighting it 0.", **where))
+    return problems
 
 
 # --------------------------------------------------------------------------- mask check
@@ -187,19 +152,45 @@ def mask_problems(tok, messages: list[dict], input_ids: list[int], labels: list[
     return shown, problems
 
 
+def _collated_examples(batch: dict, packed: bool) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) of each conversation in a collated batch: padding removed, and a
+    packed (padding-free) row split where its position ids restart at 0."""
+    out = []
+    for i in range(batch["input_ids"].shape[0]):
+        ids, labels = batch["input_ids"][i].tolist(), batch["labels"][i].tolist()
+        if packed:
+            pos = batch["position_ids"][i].tolist()
+            starts = [k for k, p in enumerate(pos) if p == 0] + [len(pos)]
+            out += [(ids[a:b], labels[a:b]) for a, b in zip(starts, starts[1:])]
+        else:
+            keep = batch["attention_mask"][i].tolist()
+            out.append(([t for t, k in zip(ids, keep) if k], [lab for lab, k in zip(labels, keep) if k]))
+    return out
+
+
+def _mask_check(trainer, tok, kept, by_ids: dict[int, int], n: int, packed: bool, ctx) -> None:
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(min(n, len(trainer.train_dataset)))])
+    lines, problems = [], []
+    for i, (ids, labels) in enumerate(_collated_examples(batch, packed)):
+        # packing reorders conversations: find each one by its tokens
+        index = by_ids.get(hash(tuple(ids))) if packed else i
+        if index is None:
+            problems.append(f"example {i}: its tokens match no conversation (the trainer tokenized it differently)")
+            continue
+        shown, probs = mask_problems(tok, kept[index], ids, labels)
+        lines.append(f"=== example {i}\n{shown}\n")
+        problems += [f"example {i}: {p}" for p in probs]
+    if ctx.is_main:
+        (Path(ctx.out_dir) / "mask_check.txt").write_text("\n".join(lines), encoding="utf-8")
+    if problems:
+        raise RuntimeError(f"assistant-only loss mask is wrong ({'; '.join(problems[:3])}). {FIX_TEMPLATE}")
+    ctx.log.info("mask check ok on %d examples (mask_check.txt)", len(lines))
+
+
 # --------------------------------------------------------------------------- run
 
 
-def _load(config: Config, model_art, ctx):
-    spec = model_art.spec
-    if spec is None and (Path(model_art.path) / "model" / "adapter_config.json").is_file():
-        raise RuntimeError(f"model '{model_art.name}' is a LoRA adapter; train on a merged model (merge = true).")
-    if spec is not None and spec.backend != "hf":
-        raise RuntimeError(f"model '{model_art.name}' uses the {spec.backend} backend; sft needs local weights.")
-    return ctx.load_model(model_art, merge_adapter=True)
-
-
-def _ensure_generation_markers(tok, ctx) -> None:
+def ensure_generation_markers(tok, ctx) -> None:
     from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
     if has_generation_markers(tok.chat_template):
@@ -215,145 +206,117 @@ def _ensure_generation_markers(tok, ctx) -> None:
     ctx.log.info("chat template had no {%% generation %%} markers; using TRL's training version of it")
 
 
+def _rows(config: Config, inputs: dict, ctx) -> tuple[list[dict], list[dict]]:
+    arts = inputs["input"] if isinstance(inputs["input"], list) else [inputs["input"]]
+    if len(arts) == 1 and config.weights is None:
+        rows = arts[0].rows()
+        return rows, [{"input": arts[0].name, "rows": len(rows), "weight": 1.0, "taken": len(rows)}]
+    weights = config.weights or [1.0] * len(arts)
+    lists = [a.rows() for a in arts]
+    rows, taken = mixture(lists, weights, ctx.seed)
+    mix = [{"input": a.name, "rows": len(r), "weight": w, "taken": t}
+           for a, r, w, t in zip(arts, lists, weights, taken)]
+    ctx.log.info("mixture: %s", "; ".join(f"{m['input']} {m['taken']} of {m['rows']} (weight {m['weight']:g})"
+                                          for m in mix))
+    return rows, mix
+
+
 def run(config: Config, inputs: dict, ctx) -> None:
-    import torch
     from datasets import Dataset
-    from transformers import TrainerCallback
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig, SFTTrainer
 
     from engine.models import release
 
-    rows = inputs["input"].rows()
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
-    per_device = min(config.per_device_batch_size, max(1, config.batch_size // processes))
-    if config.batch_size % (per_device * processes):
-        raise RuntimeError(f"batch_size {config.batch_size} is not divisible by per_device_batch_size {per_device} "
-                           f"x {processes} processes; pick values whose product divides it.")
-    accum = config.batch_size // (per_device * processes)
+    rows, mix = _rows(config, inputs, ctx)
+    if not rows:
+        raise user_error(ctx, "input", f"no conversations to train on (input: {', '.join(m['input'] for m in mix)}).",
+                         hint="Check that the dataset has rows and that the data checks kept some "
+                              "(the run prints rows dropped per reason).")
+    try:
+        batch = batch_split(config.batch_size, config.per_device_batch_size)
+    except ValueError as exc:
+        raise user_error(ctx, "batch_size", str(exc)) from None
 
-    model, tok = _load(config, inputs["model"], ctx)
-    _ensure_generation_markers(tok, ctx)
+    model, tok = load_weights(ctx, inputs["model"], "model")
+    ensure_generation_markers(tok, ctx)
+    check_lora_targets(model, config.lora, ctx)
 
     # ---- lengths and the length policy
-    lengths, kept = [], []
-    counts = {"over_length": 0, "shortened": 0, "dropped": 0}
-    length = lambda msgs: _length(tok, msgs)  # noqa: E731
+    lengths = LengthReport()
+    kept: list[list[dict]] = []
+    by_ids: dict[int, int] = {}  # hash of token ids -> kept index (packing's mask check finds rows by tokens)
+    length = lambda msgs: len(chat_ids(tok, msgs))  # noqa: E731
     for row in rows:
         msgs = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
-        n = length(msgs)
-        lengths.append(n)
-        if n > config.max_length:
-            counts["over_length"] += 1
-        out, what = fit(msgs, config.length_policy, config.max_length, length)
-        if what in counts:
-            counts[what] += 1
+        ids = chat_ids(tok, msgs)
+        out, what = (msgs, "fits") if len(ids) <= config.max_length else \
+            fit(msgs, config.length_policy, config.max_length, length)
+        lengths.count(len(ids), config.max_length, what)
         if out is not None:
+            if config.packing:
+                by_ids[hash(tuple(ids if what == "fits" else chat_ids(tok, out)))] = len(kept)
             kept.append(out)
-    if counts["over_length"]:
-        ctx.warn(f"{counts['over_length']} of {len(rows)} conversations exceed max_length {config.max_length} tokens "
-                 f"(policy {config.length_policy}: {counts['shortened']} shortened, {counts['dropped']} dropped)")
+    if lengths.over_length:
+        ctx.warn(f"{lengths.over_length} of {len(rows)} conversations exceed max_length {config.max_length} tokens "
+                 f"(policy {config.length_policy}: {lengths.shortened} shortened, {lengths.dropped} dropped)")
     if not kept:
-        raise RuntimeError(f"no conversation fits max_length {config.max_length} after length_policy "
-                           f"'{config.length_policy}' (longest is {max(lengths, default=0)} tokens); raise max_length "
-                           f"or use length_policy = \"keep_recent\" or \"truncate\".")
-    ctx.log.info("%d conversations to train on (%d in; %d over max_length)", len(kept), len(rows), counts["over_length"])
+        raise user_error(ctx, "max_length",
+                         f"no conversation fits max_length {config.max_length} after length_policy "
+                         f"'{config.length_policy}' (longest is {lengths.longest} tokens).",
+                         hint="Raise max_length, or use length_policy = \"keep_recent\" or \"truncate\".")
+    ctx.log.info("%d conversations to train on (%d in; %d over max_length)", len(kept), len(rows), lengths.over_length)
 
-    peft_config = None
-    if config.lora is not None:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-                                 target_modules=config.lora.target_modules, task_type="CAUSAL_LM")
-
-    cuda = torch.cuda.is_available()
-    ckpt_dir = Path(ctx.partial_dir) / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    args = SFTConfig(
-        output_dir=str(ckpt_dir), assistant_only_loss=True, max_length=config.max_length,
-        per_device_train_batch_size=per_device, gradient_accumulation_steps=accum, learning_rate=config.lr,
-        num_train_epochs=config.epochs, max_steps=config.max_steps if config.max_steps else -1,
-        lr_scheduler_type=config.scheduler, warmup_steps=float(config.warmup_ratio), weight_decay=config.weight_decay,
-        save_steps=config.save_steps, save_total_limit=2, logging_steps=config.logging_steps, report_to=[],
-        seed=ctx.seed, data_seed=ctx.seed, use_cpu=not cuda, bf16=cuda and torch.cuda.is_bf16_supported(),
-        include_num_input_tokens_seen="non_padding", disable_tqdm=True, dataloader_num_workers=0,
-    )
+    attention = getattr(model.config, "_attn_implementation", None) or "eager"
+    if config.packing and "flash" not in attention:
+        ctx.warn(f"packing makes padding-free batches; with {attention} attention (no flash-attention varlen kernel) "
+                 "each packed row attends over its whole length, which is slower than unpacked batches "
+                 "(bench/bench_sft.py: about 5x fewer tokens/s on a CPU)")
+    ckpt_dir = checkpoint_dir(ctx)
+    args = SFTConfig(assistant_only_loss=True, max_length=config.max_length, packing=config.packing,
+                     **trainer_args(config, ctx, batch, ckpt_dir))
     model.train()
-    data = Dataset.from_list([{"messages": m} for m in kept])
-
     timing: dict[int, float] = {}
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list([{"messages": m} for m in kept]),
+                         processing_class=tok, peft_config=lora_config(config.lora),
+                         callbacks=[step_callback(ctx, timing)])
+    quiet(trainer)
 
-    class Speed(TrainerCallback):
-        def on_step_begin(self, a, state, control, **kw):
-            self.t0, self.seen0 = time.perf_counter(), state.num_input_tokens_seen
+    _mask_check(trainer, tok, kept, by_ids, batch.per_device, config.packing, ctx)
 
-        def on_step_end(self, a, state, control, **kw):
-            dt = time.perf_counter() - getattr(self, "t0", time.perf_counter())
-            seen = state.num_input_tokens_seen - getattr(self, "seen0", state.num_input_tokens_seen)
-            if dt > 0:
-                timing[state.global_step] = round(seen / dt, 1)
-
-    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
-                         peft_config=peft_config, callbacks=[Speed()])
-
-    # ---- mask check on a real collated batch, before any step
-    n = min(len(kept), per_device)
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(n)])
-    report_lines, problems = [], []
-    for i in range(n):
-        ids = batch["input_ids"][i].tolist()
-        labels = batch["labels"][i].tolist()
-        shown, probs = mask_problems(tok, kept[i], ids, labels)
-        report_lines.append(f"=== example {i}\n{shown}\n")
-        problems += [f"example {i}: {p}" for p in probs]
-    (Path(ctx.out_dir) / "mask_check.txt").write_text("\n".join(report_lines), encoding="utf-8")
-    if problems:
-        raise RuntimeError(f"assistant-only loss mask is wrong ({'; '.join(problems[:3])}). {FIX_TEMPLATE}")
-    ctx.log.info("mask check ok on %d examples (mask_check.txt)", n)
-
-    # ---- train (resume from the last checkpoint when there is one)
-    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
-    if last:
-        ctx.log.info("resuming from checkpoint %s", last)
+    last = last_checkpoint(ckpt_dir, ctx)
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=last)
     elapsed = time.perf_counter() - started
 
-    # ---- save
-    out_model = Path(ctx.out_dir) / "model"
-    if peft_config is not None and config.merge:
-        merged = trainer.model.merge_and_unload()
-        merged.save_pretrained(out_model, safe_serialization=True)
-    else:
-        trainer.save_model(str(out_model))
-    tok.save_pretrained(out_model)
-
-    steps = [{"step": h["step"], "loss": h["loss"], "lr": h.get("learning_rate"),
-              "tokens_per_s": timing.get(h["step"])}
-             for h in trainer.state.log_history if "loss" in h]
-    ctx.save_json("metrics.json", {"steps": steps})
+    save_model(trainer, tok, ctx, inputs["model"], config.lora, config.merge)
+    steps = step_metrics(trainer.state.log_history, timing=timing)
     losses = [s["loss"] for s in steps]
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    ctx.save_json("report.json", {
-        "rows_in": len(rows), "rows_trained": len(kept), "max_length": config.max_length,
-        "length_policy": config.length_policy, **counts,
-        "steps": trainer.state.global_step, "first_loss": losses[0] if losses else None,
-        "final_loss": losses[-1] if losses else None, "train_seconds": round(elapsed, 2),
-        "tokens_seen": trainer.state.num_input_tokens_seen, "trainable_params": trainable,
-        "lora": config.lora.model_dump() if config.lora else None, "merged": bool(config.lora and config.merge),
-        "resumed_from": Path(last).name if last else None,
-        "batch": {"global": config.batch_size, "per_device": per_device, "accumulation": accum},
-    })
+    if ctx.is_main:
+        ctx.save_json("metrics.json", {"steps": steps})
+        plot_loss(Path(ctx.out_dir) / "loss.png", steps, f"sft '{ctx.stage}': training loss")
+        ctx.save_json("report.json", {
+            "rows_in": len(rows), "rows_trained": len(kept), "mixture": mix, "max_length": config.max_length,
+            "length_policy": config.length_policy, **lengths.as_json(), "packing": config.packing,
+            "packed_rows": len(trainer.train_dataset) if config.packing else None,
+            "steps": trainer.state.global_step, "first_loss": losses[0] if losses else None,
+            "final_loss": losses[-1] if losses else None, "train_seconds": round(elapsed, 2),
+            "tokens_seen": trainer.state.num_input_tokens_seen, "trainable_params": trainable,
+            "lora": config.lora.model_dump() if config.lora else None, "merged": bool(config.lora and config.merge),
+            "resumed_from": Path(last).name if last else None, "batch": batch.as_json(config.batch_size),
+        })
     del trainer
     release(model)
 
 
 def summary(report: dict) -> list[tuple[str, str]]:
     fl = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-    kind = "full" if not report.get("lora") else ("LoRA (merged)" if report.get("merged") else "LoRA adapter")
-    return [("rows in / trained", f"{report['rows_in']} / {report['rows_trained']}"),
-            (f"over max_length {report['max_length']}", f"{report['over_length']} (policy {report['length_policy']}: "
-                                                         f"{report['shortened']} shortened, {report['dropped']} dropped)"),
+    out = [("rows in / trained", f"{report['rows_in']} / {report['rows_trained']}")]
+    if len(report.get("mixture") or []) > 1 or any(m["weight"] != 1.0 for m in report.get("mixture") or []):
+        out.append(("mixture", ", ".join(f"{m['input']} {m['taken']}/{m['rows']} (x{m['weight']:g})"
+                                         for m in report["mixture"])))
+    out += [length_line(report),
             ("steps", str(report["steps"])),
             ("loss first -> final", f"{fl(report['first_loss'])} -> {fl(report['final_loss'])}"),
-            ("weights", f"{kind}, {report['trainable_params']} trainable params")]
+            ("weights", f"{weights_kind(report)}, {report['trainable_params']} trainable params")]
+    return out

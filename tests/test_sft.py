@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from conftest import conv, write_jsonl
-from engine.errors import StageFailed
+from engine.errors import RecipeError, StageFailed
 from engine.executor import run
 from engine.recipe import load_recipe
-from stages.sft import fit, mask_problems
+from stages.sft import fit, mask_problems, summary
 
 # --------------------------------------------------------------------------- length policies (fast)
 
@@ -100,7 +100,7 @@ def out_dir(record) -> Path:
 
 
 @pytest.mark.slow
-def test_full_finetune_loss_falls_and_mask_is_assistant_only(tmp_path):
+def test_full_finetune_loss_falls_and_mask_is_assistant_only(tmp_path, cli):
     record = run(load_recipe(make(tmp_path)), tmp_path / "runs")
     out = out_dir(record)
     steps = json.loads((out / "metrics.json").read_text())["steps"]
@@ -114,9 +114,12 @@ def test_full_finetune_loss_falls_and_mask_is_assistant_only(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["steps"] == 30 and report["over_length"] == 0 and report["rows_trained"] == 32
     assert (out / "model" / "config.json").is_file() and (out / "model" / "tokenizer.json").is_file()
-    from stages.sft import summary
-
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert dict(summary(report))["steps"] == "30"
+    result = cli("show", "sft", "train")  # recipe show prints the summary
+    assert result.exit_code == 0 and "loss first -> final" in result.output
+    log = (record.dir / "logs" / "train.log").read_text()
+    assert "step 30/30: loss" in log
 
 
 @pytest.mark.slow
@@ -136,6 +139,8 @@ def test_lora_saves_an_adapter_that_loads_on_the_base(tmp_path):
     assert any("lora_A" in n for n, _ in model.named_parameters())
     report = json.loads((out_dir(record) / "report.json").read_text())
     assert report["lora"]["r"] == 4 and report["steps"] == 4
+    base = json.loads((adapter / "base.json").read_text())  # how the engine loads it again
+    assert base["name"] == "policy" and base["spec"]["path"] == "builtin:tiny-chat"
 
 
 BROKEN = ("{{- bos_token -}}{%- for message in messages -%}"
@@ -169,9 +174,9 @@ def test_nothing_fits_is_a_clear_error(tmp_path):
     recipe = make(tmp_path, extra_stage="")
     text = recipe.read_text().replace("max_length = 256", "max_length = 10")
     recipe.write_text(text)
-    with pytest.raises(StageFailed) as exc:
+    with pytest.raises(RecipeError) as exc:
         run(load_recipe(recipe), tmp_path / "runs")
-    assert "no conversation fits max_length 10" in str(exc.value)
+    assert "no conversation fits max_length 10" in str(exc.value) and "stages.train.max_length" in str(exc.value)
 
 
 def test_mask_problems_flags_supervised_user_text():
@@ -218,3 +223,84 @@ def test_killed_stage_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
     report = json.loads((out_dir(record) / "report.json").read_text())
     assert report["resumed_from"] == "checkpoint-10" and report["steps"] == 30
     assert "resuming from checkpoint" in (record.dir / "logs" / "train.log").read_text()
+
+
+# --------------------------------------------------------------------------- mixtures and packing
+
+MIX = """
+[datasets.more]
+path = "data/more.jsonl"
+
+[stages.train]
+kind = "sft"
+input = ["chats", "more"]
+weights = [0.25, 3.0]
+model = "policy"
+max_steps = 2
+batch_size = 4
+max_length = 256
+"""
+
+
+def make_mix(tmp_path: Path, stage: str = MIX) -> Path:
+    recipe = make(tmp_path)
+    write_jsonl(recipe.parent / "data" / "more.jsonl", [conv(f"more {i}?", f"extra {i}.") for i in range(5)])
+    text = recipe.read_text()
+    recipe.write_text(text[: text.index("[stages.train]")] + textwrap.dedent(stage))
+    return recipe
+
+
+def test_weights_must_match_the_inputs(tmp_path):
+    recipe = make_mix(tmp_path, MIX.replace("weights = [0.25, 3.0]", "weights = [0.25, 3.0, 1.0]"))
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(recipe)
+    assert "stage 'train' has 3 weights for 2 inputs" in str(exc.value) and "stages.train.weights" in str(exc.value)
+    recipe.write_text(recipe.read_text().replace("weights = [0.25, 3.0, 1.0]", "weights = [0.0, 1.0]"))
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(recipe)
+    assert "weights must be above 0" in str(exc.value)
+
+
+def test_an_input_list_takes_conversations_only(tmp_path):
+    recipe = make_mix(tmp_path)
+    write_jsonl(recipe.parent / "data" / "asks.jsonl", [{"prompt": "hi"}])
+    text = recipe.read_text().replace('path = "data/more.jsonl"', 'path = "data/asks.jsonl"\ntype = "prompts"')
+    recipe.write_text(text)
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(recipe)
+    assert "takes conversations as input, but dataset 'more' gives prompts" in str(exc.value)
+
+
+@pytest.mark.slow
+def test_mixture_counts_are_reported(tmp_path):
+    record = run(load_recipe(make_mix(tmp_path)), tmp_path / "runs")
+    report = json.loads((out_dir(record) / "report.json").read_text())
+    assert report["mixture"] == [{"input": "chats", "rows": 32, "weight": 0.25, "taken": 8},
+                                 {"input": "more", "rows": 5, "weight": 3.0, "taken": 15}]
+    assert report["rows_in"] == 23 and report["rows_trained"] == 23
+    assert dict(summary(report))["mixture"] == "chats 8/32 (x0.25), more 15/5 (x3)"
+    log = (record.dir / "logs" / "train.log").read_text()
+    assert "mixture: chats 8 of 32 (weight 0.25); more 15 of 5 (weight 3)" in log
+
+
+@pytest.mark.slow
+def test_packing_passes_the_mask_check_and_learns(tmp_path):
+    recipe = make(tmp_path, extra_stage="packing = true")
+    record = run(load_recipe(recipe), tmp_path / "runs")
+    out = out_dir(record)
+    report = json.loads((out / "report.json").read_text())
+    assert report["packing"] is True and report["packed_rows"] < report["rows_trained"]
+    mask = (out / "mask_check.txt").read_text()
+    assert mask.count("=== example") > 4  # several conversations in each packed row, each checked
+    assert "bot " in mask and "user says" not in mask
+    losses = [s["loss"] for s in json.loads((out / "metrics.json").read_text())["steps"]]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+
+
+@pytest.mark.slow
+def test_empty_input_is_a_clear_error(tmp_path):
+    recipe = make(tmp_path)
+    (recipe.parent / "data" / "chats.jsonl").write_text("")
+    with pytest.raises(RecipeError) as exc:
+        run(load_recipe(recipe), tmp_path / "runs")
+    assert "no conversations to train on (input: chats)" in str(exc.value) and "stages.train.input" in str(exc.value)
