@@ -7,8 +7,8 @@ Modes:
 - single: each input row becomes chat messages (through `template` if set, else its prompt,
   or a conversation up to its last user turn); `n` assistant replies each.
 - multi_turn: a user simulator (user_model + user_template) and the assistant model
-  alternate for `turns` pairs, from each row's scenario (its prompt), with an optional
-  system prompt and persona hint; `n` conversations per seed.
+  alternate for `turns` pairs, from each row's scenario (its `scenario` column, else its
+  prompt), with an optional system prompt and persona hint; `n` conversations per seed.
 - teacher_json: one call writes the whole conversation as JSON (teacher_template); it is
   validated with pydantic; malformed output is retried `max_retries` times, then dropped and
   counted. Behavior tags and the coherence check go to `meta`.
@@ -32,7 +32,7 @@ from engine.backends import SamplingParams
 from engine.config import ExecOnly, Ref, StageConfig
 from engine.shards import Shard, ShardResult
 
-VERSION = 1
+VERSION = 2  # 2: a `scenario` column seeds multi_turn before the prompt
 GIVES = "conversations"
 
 VARS = {"template": {"row", "prompt", "meta"},
@@ -88,7 +88,7 @@ def check(name: str, config: Config, recipe) -> list:
     return problems
 
 
-def _prompt_messages(row: dict) -> list[dict]:
+def prompt_messages(row: dict) -> list[dict]:
     if "messages" in row:  # a conversation: everything up to its last user turn
         msgs = row["messages"]
         last_user = max(i for i, m in enumerate(msgs) if m["role"] == "user")
@@ -98,9 +98,14 @@ def _prompt_messages(row: dict) -> list[dict]:
 
 
 def _scenario(row: dict) -> str:
+    """The seed a user simulator plays: a row's `scenario` column (kept in meta) if it has one,
+    else its prompt, else its last user message."""
+    scenario = (row.get("meta") or {}).get("scenario")
+    if isinstance(scenario, str) and scenario.strip():
+        return scenario
     if isinstance(row.get("prompt"), str):
         return row["prompt"]
-    return (row.get("meta") or {}).get("scenario") or _prompt_messages(row)[-1]["content"]
+    return prompt_messages(row)[-1]["content"]
 
 
 class Turn(BaseModel):
@@ -159,7 +164,7 @@ def run(config: Config, inputs, ctx) -> None:
             if config.template:
                 prompts.append(tpl.render_chat(config.template, row=row, prompt=row.get("prompt"), meta=row.get("meta") or {}))
             else:
-                prompts.append(_prompt_messages(row))
+                prompts.append(prompt_messages(row))
         comps = assistant.generate(prompts, SamplingParams(**{**params.__dict__, "n": config.n}), shard.seed)
         return [out_row(row, k, [*p, {"role": "assistant", "content": c.text}],
                         {"prompt": c.prompt_tokens, "completion": c.completion_tokens}, finish=c.finish_reason)
@@ -179,7 +184,7 @@ def run(config: Config, inputs, ctx) -> None:
                 conv.append({"role": "assistant", "content": c.text})
                 tokens[i]["prompt"] += c.prompt_tokens
                 tokens[i]["completion"] += c.completion_tokens
-        return [out_row(row, k, system + conv, tok, persona=config.persona)
+        return [out_row(row, k, system + conv, tok, persona=config.persona, scenario=_scenario(row))
                 for (row, k, conv), tok in zip(convs, tokens)]
 
     def teacher(shard: Shard) -> tuple[list[dict], int]:
