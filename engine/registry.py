@@ -17,6 +17,7 @@ BUILTIN = {
     "generate": "stages.generate",
     "judge": "stages.judge",
     "sft": "stages.sft",
+    "critique_revise": "stages.critique_revise",
     "dpo": "stages.dpo", "kto": "stages.dpo", "orpo": "stages.dpo",
 }
 

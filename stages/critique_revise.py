@@ -1,0 +1,381 @@
+"""critique_revise: constitutional critique-and-revise on every selected assistant turn.
+
+Takes `conversations` (input), a constitution (a `[constitutions]` name) and a model
+(model: the policy itself or another model; with `after_revision = "resimulate"` also
+user_model and assistant_model); gives `conversations`: the revised conversation in
+`messages`, the input `meta` plus `meta.critique_revise`:
+
+    {"after_revision": "keep" | "resimulate", "rounds": N,
+     "turns": [{"index": message index of the assistant turn, "original": text, "final": text,
+                "history": [{"round": r, "principle": id, "critique": text, "revision": text,
+                             "accepted": bool, "reason": None | "empty" | "runaway" |
+                             "truncated" | "unchanged" | "empty_critique"}]}]}
+
+A later stage can build (prompt = messages[:index], chosen = final, rejected = original) pairs.
+
+For each conversation, the selected assistant turns (`turns`: "all", "last", or 0-based
+positions among the assistant turns, negative from the end) are processed in order, so a
+later turn's context holds the earlier revisions. Per turn and round: a principle is drawn
+with `Constitution.draw(recipe seed, row id, message index, round)`; the model critiques the
+turn's latest text in its context (critique_template), then revises it to address the
+critique (revision_template). No critique, no revision: an empty critique ends the round.
+A revision is cleaned (a leading "Sure, here is the revised response:" and surrounding quotes
+are stripped) and rejected, keeping the previous text, when it is empty, runaway (over 3x
+the original's words + 50), truncated (hit max_new_tokens) or unchanged. Each round
+critiques the latest text. All rows of a shard go through one backend call per turn,
+round and step.
+
+after_revision: "keep" leaves later turns as they are; "resimulate" regenerates every
+message after a turn whose text changed: user turns by the user simulator (user_model,
+user_template, as the generate stage's multi_turn mode does; the scenario is
+`meta.scenario`, else the first user message; the persona is `meta.persona`), assistant
+turns by assistant_model (default: model); regenerated assistant turns are then critiqued
+in their turn if selected. A conversation whose regenerated turn comes back empty is dropped
+and counted.
+
+Template variables: critique_template gets conversation (up to and including the reply),
+critique_request, principle, round, examples; revision_template adds critique and
+revision_request; user_template gets scenario, conversation, turn, turns, persona.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import re
+from collections import Counter
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from engine.backends import SamplingParams
+from engine.config import ExecOnly, Ref, StageConfig
+from engine.errors import Problem, RecipeError
+from engine.shards import Shard, ShardResult
+from engine.text import normalize, word_count
+
+VERSION = 1
+GIVES = "conversations"
+REASONS = ("empty", "runaway", "truncated", "unchanged", "empty_critique")
+VARS = {"critique_template": {"conversation", "critique_request", "principle", "round", "examples"},
+        "revision_template": {"conversation", "critique_request", "critique", "revision_request", "principle",
+                              "round", "examples"},
+        "user_template": {"scenario", "conversation", "turn", "turns", "persona"}}
+
+
+class Config(StageConfig):
+    kind: Literal["critique_revise"]
+    input: str = Ref("conversations", description="The conversations to revise.")
+    model: str = Ref("model", description="Writes critiques and revisions: the policy itself or another model.")
+    user_model: str | None = Ref("model", default=None,
+                                 description='after_revision = "resimulate": the user simulator (default: model).')
+    assistant_model: str | None = Ref("model", default=None, description='after_revision = "resimulate": '
+                                      "regenerates the assistant turns, e.g. the policy when model is a critic "
+                                      "(default: model).")
+    constitution: str = Field(description="A [constitutions] name: the principles drawn for critiques.")
+    turns: Literal["all", "last"] | list[int] = Field(
+        "all", description='Assistant turns to revise: "all", "last", or 0-based positions among the assistant '
+                           "turns (-1 = the last); positions a conversation lacks are skipped.")
+    rounds: int = Field(1, ge=1, le=4, description="Critique-and-revise rounds per turn; each critiques the latest revision.")
+    after_revision: Literal["keep", "resimulate"] = Field(
+        "keep", description='What follows a revised turn: "keep" the later turns, or "resimulate" them '
+                            "(user turns by the user simulator, assistant turns by the model).")
+    critique_template: str = Field("critique.j2", description="Asks for a critique of one reply under a principle.")
+    revision_template: str = Field("revision.j2", description="Asks for a revision that addresses the critique.")
+    user_template: str = Field("user_simulator.j2", description="resimulate: writes the next user turn.")
+    temperature: float = Field(0.7, ge=0.0, description="0 is greedy; 0.5-0.8 gives varied critiques.")
+    max_new_tokens: int = Field(512, ge=1, description="Per critique, revision or regenerated turn; a revision "
+                                                       "that hits it is rejected as truncated.")
+    shard_size: int = Field(32, ge=1, description="Rows per shard; seeds derive per shard, so it changes outputs.")
+    batch_size: int = ExecOnly(16, ge=1, description="Prompts per generate call (halved on out-of-memory).")
+
+    @field_validator("turns", mode="before")
+    @classmethod
+    def _positions(cls, value):
+        ok = value in ("all", "last") or (isinstance(value, list) and value and len(set(value)) == len(value)
+                                          and all(type(v) is int for v in value))
+        if not ok:
+            raise ValueError('turns must be "all", "last" or a non-empty list of distinct integer positions')
+        return value
+
+
+def _template_names(config: Config) -> dict[str, str]:
+    names = {"critique_template": config.critique_template, "revision_template": config.revision_template}
+    if config.after_revision == "resimulate":
+        names["user_template"] = config.user_template
+    return names
+
+
+def templates(config: Config, recipe) -> dict[str, str]:
+    """Template name -> file, plus the constitution file: their bytes enter the fingerprint."""
+    from pathlib import Path
+
+    from engine.templates import template_files
+
+    files = template_files(recipe.dir, list(_template_names(config).values()))
+    spec = recipe.constitutions.get(config.constitution)
+    if spec is not None and Path(spec.path).is_file():
+        files[f"constitution:{config.constitution}"] = spec.path
+    return files
+
+
+def check(name: str, config: Config, recipe) -> list[Problem]:
+    from engine.constitution import constitution_problems
+    from engine.templates import Templates
+
+    problems = constitution_problems(config.constitution, recipe, name, "constitution")
+    t = Templates([recipe.dir / "templates"])
+    for field, tname in _template_names(config).items():
+        problems += t.check(tname, VARS[field], stage=name, **recipe.where(f"stages.{name}.{field}"))
+    for field in ("user_model", "assistant_model"):
+        if getattr(config, field) and config.after_revision == "keep":
+            problems.append(Problem(f"{field} is only used with after_revision = \"resimulate\".",
+                                    hint=f"Remove {field}, or set after_revision = \"resimulate\".",
+                                    **recipe.where(f"stages.{name}.{field}")))
+    return problems
+
+
+# --------------------------------------------------------------------------- cleaning revisions
+
+_ADJ = r"(?:revised|improved|updated|rewritten|edited|corrected|refined|better|new|final|more\s+\w+)"
+_NOUN = r"(?:response|reply|answer|version|revision|rewrite|draft|text|message)"
+_LEAD = r"(?:(?:sure|certainly|of course|okay|ok|absolutely|alright|great)\s*[,.!]?\s*)?"
+_HERE = r"(?:here(?:'s|\u2019s| is| you go)\s*[,:]?\s*)"
+_OF = r"(?:\s+(?:of|to|for|that|which)\s+[^:\n]{0,80}?)?"
+_PHRASE = rf"(?:(?:a|an|the|my|this)\s+)?(?:(?:{_ADJ}\s+)+{_NOUN}|revision|rewrite|version)"
+_WRAP = r"[*_#>\s]*"
+# A preamble is a first line such as "Sure, here is the revised response:" or "Revised reply:",
+# ending the line, or ending with a colon that the reply follows on the same line.
+PREAMBLE = re.compile(
+    rf"^{_WRAP}(?:{_LEAD}{_HERE}{_PHRASE}{_OF}|{_LEAD}(?:{_ADJ}\s+)+{_NOUN}{_OF}|(?:revision|rewrite))"
+    rf"{_WRAP}(?::[*_\s]*|[.!]?[*_ \t]*(?:\n|$))", re.IGNORECASE)
+_ROLE_LABEL = re.compile(r"^\s*\[assistant\]\s*\n", re.IGNORECASE)
+_QUOTES = {'"': '"', "\u201c": "\u201d", "'": "'", "```": "```"}
+
+
+def strip_preamble(text: str, previous: str = "") -> str:
+    """The revision without a leading "Here is the revised response:"-style line, an echoed
+    "[assistant]" label, or quotes around the whole text. A first line that the previous
+    text starts with too is part of the reply, not a preamble, and is kept."""
+    out = _ROLE_LABEL.sub("", text.strip()).strip()
+    m = PREAMBLE.match(out)
+    if m and not normalize(previous).startswith(normalize(out[: m.end()]).rstrip(":").strip()):
+        out = _ROLE_LABEL.sub("", out[m.end():].strip()).strip()
+    for left, right in _QUOTES.items():
+        inner = out[len(left): len(out) - len(right)]
+        if len(out) > len(left) + len(right) and out.startswith(left) and out.endswith(right) \
+                and left not in inner and right not in inner:
+            out = inner.strip()
+            break
+    return out
+
+
+def assess_revision(text: str, finish_reason: str, previous: str, original: str) -> tuple[str, str | None]:
+    """(cleaned text, None) for a usable revision, else (cleaned text, reason it is rejected)."""
+    cleaned = strip_preamble(text, previous)
+    if not cleaned:
+        return cleaned, "empty"
+    if finish_reason == "length":
+        return cleaned, "truncated"
+    if word_count(cleaned) > 3 * word_count(original) + 50:
+        return cleaned, "runaway"
+    if normalize(cleaned) == normalize(previous):
+        return cleaned, "unchanged"
+    return cleaned, None
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def selected_positions(n_assistant: int, turns) -> list[int]:
+    """0-based positions among a conversation's assistant turns, in order, that `turns` selects."""
+    if turns == "all":
+        return list(range(n_assistant))
+    if turns == "last":
+        return [n_assistant - 1] if n_assistant else []
+    return sorted({t if t >= 0 else n_assistant + t for t in turns if -n_assistant <= t < n_assistant})
+
+
+def _seed(base: int, *keys) -> int:
+    """A backend seed for one call of a shard, from the shard's seed and what the call is."""
+    return int.from_bytes(hashlib.sha256(repr((base, *keys)).encode()).digest()[:8], "big") >> 1
+
+
+class _Conv:
+    def __init__(self, row: dict, turns) -> None:
+        self.row, self.id = row, str(row.get("id"))
+        self.messages = copy.deepcopy(row["messages"])
+        self.assistant = [i for i, m in enumerate(self.messages) if m["role"] == "assistant"]
+        self.selected = set(selected_positions(len(self.assistant), turns))
+        self.records: list[dict] = []
+        self.dropped = False
+
+
+class _Reviser:
+    def __init__(self, config: Config, constitution, tpl, backends: dict, seed: int) -> None:
+        self.cfg, self.constitution, self.tpl, self.seed = config, constitution, tpl, seed
+        self.model, self.user, self.assistant = backends["model"], backends.get("user"), backends.get("assistant")
+        self.params = SamplingParams(temperature=config.temperature, max_new_tokens=config.max_new_tokens)
+        self.stats: Counter = Counter()
+
+    def _generate(self, backend, prompts: list[list[dict]], seed: int) -> list:
+        out = [c for [c] in backend.generate(prompts, self.params, seed)] if prompts else []
+        self.stats["tokens_prompt"] += sum(c.prompt_tokens for c in out)
+        self.stats["tokens_completion"] += sum(c.completion_tokens for c in out)
+        return out
+
+    def shard(self, shard: Shard) -> ShardResult:
+        self.stats = Counter()  # each shard commits its own counts
+        convs = [_Conv(row, self.cfg.turns) for row in shard.rows]
+        for k in range(max(len(c.assistant) for c in convs)):
+            active = [c for c in convs if not c.dropped and k in c.selected]
+            self._revise(active, k, shard.seed)
+            if self.cfg.after_revision == "resimulate":
+                changed = [c for c in active if c.records[-1]["final"] != c.records[-1]["original"]
+                           and c.assistant[k] < len(c.messages) - 1]
+                self._resimulate(changed, k, shard.seed)
+        self.stats["rows_without_selected_turn"] += sum(1 for c in convs if not c.selected)
+        self.stats["dropped_resimulate_empty_turn"] += sum(1 for c in convs if c.dropped)
+        meta = {"after_revision": self.cfg.after_revision, "rounds": self.cfg.rounds}
+        rows = [{"id": c.row.get("id"), "messages": c.messages,
+                 "meta": {**(c.row.get("meta") or {}), "critique_revise": {**meta, "turns": c.records}}}
+                for c in convs if not c.dropped]
+        return ShardResult(rows, dict(self.stats))
+
+    def _revise(self, convs: list[_Conv], k: int, seed: int) -> None:
+        cfg, tpl = self.cfg, self.tpl
+        for c in convs:
+            i = c.assistant[k]
+            c.records.append({"index": i, "original": c.messages[i]["content"], "final": None, "history": []})
+        for rnd in range(1, cfg.rounds + 1):
+            if not convs:
+                break
+            drawn = [self.constitution.draw(self.seed, c.id, c.assistant[k], rnd) for c in convs]
+            examples = [[e.model_dump() for e in self.constitution.examples_for(p.id)] for p in drawn]
+            common = [dict(conversation=c.messages[: c.assistant[k] + 1], critique_request=p.critique,
+                           principle=p.id, round=rnd, examples=ex) for c, p, ex in zip(convs, drawn, examples)]
+            critiques = self._generate(self.model, [tpl.render_chat(cfg.critique_template, **v) for v in common],
+                                       _seed(seed, "critique", k, rnd))
+            todo = [j for j, crit in enumerate(critiques) if crit.text.strip()]
+            prompts = [tpl.render_chat(cfg.revision_template, critique=critiques[j].text.strip(),
+                                       revision_request=drawn[j].revision, **common[j]) for j in todo]
+            revisions = dict(zip(todo, self._generate(self.model, prompts, _seed(seed, "revision", k, rnd))))
+            for j, (c, p) in enumerate(zip(convs, drawn)):
+                turn, record = c.messages[c.assistant[k]], c.records[-1]
+                self.stats[f"principle:{p.id}"] += 1
+                if j in revisions:
+                    text, reason = assess_revision(revisions[j].text, revisions[j].finish_reason,
+                                                   turn["content"], record["original"])
+                else:
+                    text, reason = "", "empty_critique"
+                record["history"].append({"round": rnd, "principle": p.id, "critique": critiques[j].text.strip(),
+                                          "revision": text, "accepted": reason is None, "reason": reason})
+                self.stats["accepted" if reason is None else f"rejected:{reason}"] += 1
+                if reason is None:
+                    turn["content"] = text
+        for c in convs:
+            record = c.records[-1]
+            record["final"] = c.messages[c.assistant[k]]["content"]
+            self.stats["turns_selected"] += 1
+            self.stats["turns_revised"] += record["final"] != record["original"]
+
+    def _resimulate(self, convs: list[_Conv], k: int, seed: int) -> None:
+        """Regenerate every message after assistant turn k, in step across the conversations."""
+        tails = {id(c): c.messages[c.assistant[k] + 1:] for c in convs}
+        for c in convs:
+            del c.messages[c.assistant[k] + 1:]
+            self.stats["resimulated_turns"] += 1
+        step = 0
+        while True:
+            live = [c for c in convs if not c.dropped and len(tails[id(c)]) > step]
+            if not live:
+                break
+            for role in ("user", "assistant"):
+                group = [c for c in live if tails[id(c)][step]["role"] == role]
+                if role == "user":
+                    prompts = [self._user_prompt(c) for c in group]
+                    outs = self._generate(self.user, prompts, _seed(seed, "resimulate", k, step, role))
+                else:
+                    outs = self._generate(self.assistant, [c.messages for c in group],
+                                          _seed(seed, "resimulate", k, step, role))
+                for c, out in zip(group, outs):
+                    if not out.text.strip():
+                        c.dropped = True  # an empty turn is no data: drop the conversation, count it
+                    c.messages.append({"role": role, "content": out.text.strip()})
+            for c in live:
+                if tails[id(c)][step]["role"] not in ("user", "assistant"):
+                    c.messages.append(tails[id(c)][step])
+            step += 1
+
+    def _user_prompt(self, c: _Conv) -> list[dict]:
+        meta = c.row.get("meta") or {}
+        visible = [m for m in c.messages if m["role"] != "system"]
+        users = [m for m in c.row["messages"] if m["role"] == "user"]
+        return self.tpl.render_chat(self.cfg.user_template, scenario=meta.get("scenario") or users[0]["content"],
+                                    conversation=visible, turn=sum(m["role"] == "user" for m in visible) + 1,
+                                    turns=len(users), persona=meta.get("persona") or "")
+
+
+def run(config: Config, inputs, ctx) -> None:
+    from engine.constitution import load_for_stage
+
+    constitution = load_for_stage(config.constitution, ctx.recipe, ctx.stage)
+    rows = inputs["input"].rows()
+    if not rows:
+        raise RecipeError.single(
+            f"stage '{ctx.stage}': its input '{config.input}' has no rows, so there is nothing to critique.",
+            hint=f"See why the input is empty: recipe show {ctx.recipe.name} {config.input}.",
+            **ctx.recipe.where(f"stages.{ctx.stage}.input"))
+    backends = {"model": ctx.backend(inputs["model"], config.batch_size)}
+    try:
+        if config.after_revision == "resimulate":
+            for role, field in (("user", "user_model"), ("assistant", "assistant_model")):
+                backends[role] = ctx.backend(inputs[field], config.batch_size) if field in inputs else backends["model"]
+        reviser = _Reviser(config, constitution, ctx.templates(), backends, ctx.seed)
+        out, stats = ctx.shards.map(rows, reviser.shard, shard_size=config.shard_size, desc="critique and revise")
+    finally:
+        for backend in {id(b): b for b in backends.values()}.values():
+            backend.close()
+    total = Counter()
+    for s in stats:
+        total.update(s)
+    report = _report(config, constitution, rows, out, total)
+    for reason, n in report["revisions"]["rejected"].items():
+        if n:
+            ctx.warn(f"{n} revisions were rejected as {reason}; the previous text was kept")
+    if report["dropped"]["resimulate_empty_turn"]:
+        ctx.warn(f"{report['dropped']['resimulate_empty_turn']} conversations got an empty regenerated turn "
+                 "and were dropped")
+    if not out:
+        raise RuntimeError("every conversation was dropped; see the stage log")
+    ctx.save_rows(out)
+    ctx.save_json("report.json", report)
+
+
+def _report(config: Config, constitution, rows: list[dict], out: list[dict], total: Counter) -> dict:
+    return {
+        "rows_in": len(rows), "rows_out": len(out),
+        "rows_without_selected_turn": total["rows_without_selected_turn"],
+        "turns_selected": total["turns_selected"], "turns_revised": total["turns_revised"],
+        "rounds": config.rounds, "after_revision": config.after_revision, "constitution": constitution.name,
+        "critiques": sum(total[p] for p in total if p.startswith("principle:")),
+        "revisions": {"accepted": total["accepted"], "rejected": {r: total[f"rejected:{r}"] for r in REASONS}},
+        "principles": {p.id: total[f"principle:{p.id}"] for p in constitution.principles},
+        "resimulated_turns": total["resimulated_turns"],
+        "dropped": {"resimulate_empty_turn": total["dropped_resimulate_empty_turn"]},
+        "tokens": {"prompt": total["tokens_prompt"], "completion": total["tokens_completion"]},
+    }
+
+
+def summary(report: dict) -> list[tuple[str, str]]:
+    rejected = ", ".join(f"{r} {n}" for r, n in report["revisions"]["rejected"].items() if n) or "none"
+    used = ", ".join(f"{p} {n}" for p, n in sorted(report["principles"].items(), key=lambda kv: -kv[1]) if n)
+    return [("rows in / out", f"{report['rows_in']} / {report['rows_out']}"),
+            ("turns selected / revised", f"{report['turns_selected']} / {report['turns_revised']}"),
+            ("rows with no selected turn", str(report["rows_without_selected_turn"])),
+            ("rounds, after revision", f"{report['rounds']}, {report['after_revision']}"),
+            ("revisions accepted", f"{report['revisions']['accepted']} of {report['critiques']}"),
+            ("revisions rejected", rejected),
+            ("principles used", used or "none"),
+            ("resimulated turns", str(report["resimulated_turns"])),
+            ("dropped (empty regenerated turn)", str(report["dropped"]["resimulate_empty_turn"]))]
