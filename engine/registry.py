@@ -19,6 +19,7 @@ BUILTIN = {
     "sft": "stages.sft",
     "critique_revise": "stages.critique_revise",
     "dpo": "stages.dpo", "kto": "stages.dpo", "orpo": "stages.dpo",
+    "rejection_sample": "stages.rejection_sample", "preferences": "stages.preferences",
 }
 
 ENTRY_POINT_GROUP = "recipe.stages"

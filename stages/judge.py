@@ -13,19 +13,22 @@ Scorers:
   token probabilities yet, so labels come from the parsed verdicts.
 - reward_model: a sequence-classification head over the conversation; logit 0 is the score.
 - rules: the filter stage's rules as numbers (refusal, sycophancy ratio, filler, words).
-- function: a callable `f(row) -> float | None` registered under the entry point group
-  `recipe.scorers` (verifiers such as math answers).
+- function: a callable `f(row) -> float | None`: a builtin of engine/scorers.py (`math_answer`)
+  or one registered under the entry point group `recipe.scorers` (verifiers).
+
+`make_scorer(spec, model, ctx)` builds any of these once; rejection_sample reuses it, and
+`scorer_problems` is the matching validation for a stage's `check()`.
 """
 
 from __future__ import annotations
 
 import re
-from importlib.metadata import entry_points
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import Field
 
-from engine import text
+from engine import scorers, text
 from engine.backends import SamplingParams
 from engine.config import ExecOnly, Ref, StageConfig
 from engine.errors import Problem
@@ -33,7 +36,8 @@ from engine.shards import Shard, ShardResult
 
 VERSION = 1
 GIVES = "conversations"  # preferences in, preferences out: see gives()
-SCORER_GROUP = "recipe.scorers"
+SCORER_GROUP = scorers.GROUP
+DEFAULT_PRINCIPLE = "Which response is more helpful, honest and harmless?"
 SCORE_LINE = re.compile(r"^\s*\**score\**\s*[:=]\s*\**\s*(\d+(?:\.\d+)?)", re.IGNORECASE | re.MULTILINE)
 VERDICT_LINE = re.compile(r"^\s*\**verdict\**\s*[:=]\s*\**\s*([AB])\b", re.IGNORECASE | re.MULTILINE)
 
@@ -46,14 +50,30 @@ class Config(StageConfig):
     name: str = Field("score", description="Key of this score in the row's `scores`.")
     template: str | None = Field(None, description="llm: judge_pointwise.j2, pairwise: judge_pairwise.j2 by default.")
     rubric: str | None = Field(None, description="llm: what to reward, passed to the template.")
-    principle: str = Field("Which response is more helpful, honest and harmless?",
-                           description="pairwise: the comparison question.")
-    function: str | None = Field(None, description=f"function: an entry point name in `{SCORER_GROUP}`.")
+    principle: str = Field(DEFAULT_PRINCIPLE, description="pairwise: the comparison question.")
+    function: str | None = Field(None, description="function: a builtin scorer (math_answer) or an entry point "
+                                                   f"name in `{SCORER_GROUP}`.")
     max_retries: int = Field(2, ge=0, description="llm: new attempts when no score can be parsed.")
     max_new_tokens: int = Field(256, ge=1)
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy; retries add a little randomness.")
     shard_size: int = Field(64, ge=1)
     batch_size: int = ExecOnly(16, ge=1)
+
+
+@dataclass(frozen=True)
+class ScorerSpec:
+    """What `make_scorer` needs; the judge's own Config has the same fields and serves as one."""
+
+    scorer: str  # llm | pairwise | reward_model | rules | function
+    name: str = "score"
+    template: str | None = None
+    rubric: str | None = None
+    principle: str = DEFAULT_PRINCIPLE
+    function: str | None = None
+    max_retries: int = 2
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    batch_size: int = 16
 
 
 TEMPLATE_VARS = {"llm": ("judge_pointwise.j2", {"conversation", "rubric"}),
@@ -64,7 +84,7 @@ def gives(config: Config) -> str:
     return "preferences" if config.scorer == "pairwise" else "conversations"
 
 
-def template_name(config: Config) -> str | None:
+def template_name(config: Config | ScorerSpec) -> str | None:
     return config.template or TEMPLATE_VARS[config.scorer][0] if config.scorer in TEMPLATE_VARS else None
 
 
@@ -83,22 +103,35 @@ def check(name: str, config: Config, recipe) -> list[Problem]:
         problems.append(Problem(f"scorer '{config.scorer}' scores {gives(config)}, but '{config.input}' gives {takes}.",
                                 hint="pairwise takes preferences; every other scorer takes conversations.",
                                 **recipe.where(f"stages.{name}.input")))
-    if config.scorer in ("llm", "pairwise", "reward_model") and not config.model:
-        problems.append(Problem(f"scorer '{config.scorer}' needs a model.", hint="Set model = \"<a [models] name>\".",
-                                **recipe.where(f"stages.{name}.scorer")))
-    if config.scorer == "function":
-        known = sorted(ep.name for ep in entry_points(group=SCORER_GROUP))
-        if config.function not in known:
-            problems.append(Problem(f"no scorer function '{config.function}' is registered.",
-                                    hint=f"Register one under the entry point group '{SCORER_GROUP}'. "
-                                         f"Registered: {', '.join(known) or 'none'}.",
-                                    **recipe.where(f"stages.{name}.function")))
-    if config.scorer in TEMPLATE_VARS:
+    return problems + scorer_problems(name, config, recipe, model=config.model)
+
+
+def scorer_problems(name: str, spec: Config | ScorerSpec, recipe, *, model: str | None,
+                    model_key: str = "model") -> list[Problem]:
+    """Validation of a scorer for any stage's `check()`: a model where one is needed (`model`,
+    the value of the stage's key `model_key`), a known function, a template that uses only the
+    variables passed. The stage's keys `scorer`, `function` and `template` are located."""
+    where = lambda field: recipe.where(f"stages.{name}.{field}")  # noqa: E731
+    problems = []
+    if spec.scorer in ("llm", "pairwise", "reward_model") and not model:
+        problems.append(Problem(f"scorer '{spec.scorer}' needs a model.",
+                                hint=f"Set {model_key} = \"<a [models] name>\".", **where("scorer")))
+    if spec.scorer == "function":
+        known = scorers.names()
+        if spec.function is None:
+            problems.append(Problem("scorer 'function' needs a function name.",
+                                    hint=f"Set function = \"NAME\". Known: {', '.join(known)}.",
+                                    **where("scorer")))
+        elif spec.function not in known:
+            problems.append(Problem(f"no scorer function '{spec.function}' is registered.",
+                                    hint=f"Use a builtin or register one under the entry point group "
+                                         f"'{SCORER_GROUP}'. Known: {', '.join(known)}.",
+                                    **where("function")))
+    if spec.scorer in TEMPLATE_VARS:
         from engine.templates import Templates
 
         t = Templates([recipe.dir / "templates"])
-        problems += t.check(template_name(config), TEMPLATE_VARS[config.scorer][1], stage=name,
-                            **recipe.where(f"stages.{name}.template"))
+        problems += t.check(template_name(spec), TEMPLATE_VARS[spec.scorer][1], stage=name, **where("template"))
     return problems
 
 
@@ -131,8 +164,7 @@ def rule_scores(messages: list[dict]) -> dict[str, float]:
 
 def run(config: Config, inputs, ctx) -> None:
     rows = inputs["input"].rows()
-    missing = 0
-    scorer = _scorer(config, inputs, ctx)
+    scorer = make_scorer(config, inputs.get("model"), ctx)
     try:
         def per_shard(shard: Shard) -> ShardResult:
             values = scorer(shard)
@@ -141,8 +173,7 @@ def run(config: Config, inputs, ctx) -> None:
 
         out, stats = ctx.shards.map(rows, per_shard, shard_size=config.shard_size, desc=f"judging ({config.scorer})")
     finally:
-        if hasattr(scorer, "close"):
-            scorer.close()
+        scorer.close()
     missing = sum(s["missing"] for s in stats)
     if missing:
         ctx.warn(f"{missing} of {len(rows)} rows got no parseable score (recorded as missing)")
@@ -155,9 +186,13 @@ def run(config: Config, inputs, ctx) -> None:
 
 
 class _LLM:
-    def __init__(self, config: Config, inputs, ctx) -> None:
+    """Scorers are called with a Shard (its rows and seed) and return one {name: value, ...}
+    dict per row; `close()` releases what they loaded."""
+
+    def __init__(self, config: Config | ScorerSpec, model, ctx, backend=None) -> None:
         self.config, self.tpl = config, ctx.templates()
-        self.backend = ctx.backend(inputs["model"], config.batch_size)
+        self.owns_backend = backend is None  # a backend lent by the caller stays open
+        self.backend = backend or ctx.backend(model, config.batch_size)
 
     def __call__(self, shard: Shard) -> list[dict]:
         cfg = self.config
@@ -179,17 +214,18 @@ class _LLM:
         return [{cfg.name: scores.get(i), f"{cfg.name}_answer": answers.get(i, "")[-500:]} for i in range(len(prompts))]
 
     def close(self) -> None:
-        self.backend.close()
+        if self.owns_backend:
+            self.backend.close()
 
 
 class _RewardModel:
-    def __init__(self, config: Config, inputs, ctx) -> None:
+    def __init__(self, config: Config | ScorerSpec, model, ctx) -> None:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from engine.models import builtin_dir
 
-        spec = inputs["model"].spec
+        spec = model.spec
         path = builtin_dir(spec.path.split(":", 1)[1], ctx.cache_root) if spec.path.startswith("builtin:") else spec.path
         self.tok = AutoTokenizer.from_pretrained(path, revision=spec.revision)
         torch.manual_seed(ctx.seed)  # a fresh head on a plain LM is random: seed it
@@ -239,18 +275,39 @@ class _Pairwise(_LLM):
         return out
 
 
-def _scorer(config: Config, inputs, ctx):
-    if config.scorer == "llm":
-        return _LLM(config, inputs, ctx)
-    if config.scorer == "pairwise":
-        return _Pairwise(config, inputs, ctx)
-    if config.scorer == "reward_model":
-        return _RewardModel(config, inputs, ctx)
-    if config.scorer == "rules":
-        return lambda shard: [{f"{config.name}.{k}": v for k, v in rule_scores(r["messages"]).items()}
-                              for r in shard.rows]
-    fn = next(ep for ep in entry_points(group=SCORER_GROUP) if ep.name == config.function).load()
-    return lambda shard: [{config.name: (None if (v := fn(r)) is None else float(v))} for r in shard.rows]
+class _Rules:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, shard: Shard) -> list[dict]:
+        return [{f"{self.name}.{k}": v for k, v in rule_scores(r["messages"]).items()} for r in shard.rows]
+
+    def close(self) -> None:
+        pass
+
+
+class _Function(_Rules):
+    def __init__(self, name: str, function: str) -> None:
+        self.name, self.fn = name, scorers.resolve(function)
+
+    def __call__(self, shard: Shard) -> list[dict]:
+        return [{self.name: (None if (v := self.fn(r)) is None else float(v))} for r in shard.rows]
+
+
+def make_scorer(spec: Config | ScorerSpec, model, ctx, *, backend=None):
+    """A scorer for `spec` (the judge's Config or a ScorerSpec): call it with a Shard of rows
+    (conversations; preferences for pairwise), get one dict of scores per row; close() it when
+    done. `model` is the model artifact (llm, pairwise, reward_model); `backend` lends an open
+    generation backend for that model instead of loading it again (the caller closes it)."""
+    if spec.scorer == "llm":
+        return _LLM(spec, model, ctx, backend)
+    if spec.scorer == "pairwise":
+        return _Pairwise(spec, model, ctx, backend)
+    if spec.scorer == "reward_model":
+        return _RewardModel(spec, model, ctx)
+    if spec.scorer == "rules":
+        return _Rules(spec.name)
+    return _Function(spec.name, spec.function)
 
 
 def summary(report: dict) -> list[tuple[str, str]]:

@@ -1,9 +1,11 @@
-"""The judge stage: parsing verdicts, rules and function scorers, reward model, unparseable judges."""
+"""The judge stage: parsing verdicts, rules and function scorers (the builtin math_answer verifier
+included), reward model, unparseable judges, scorers shared through make_scorer."""
 
 from __future__ import annotations
 
 import json
 import textwrap
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from hypothesis import strategies as st
 
 from conftest import GOOD, conv, run_cli_subprocess, write_jsonl
 from engine.rows import read_rows
+from engine.scorers import last_number, math_answer, names, parse_answer, resolve
 from stages.judge import parse_score, parse_verdict, rule_scores
 
 HEAD = """
@@ -159,3 +162,96 @@ def test_pairwise_label_swaps_order(monkeypatch):
            "rejected": [{"role": "assistant", "content": "bad"}]}
     [out] = scorer(Shard(0, 0, [row], seed=1))
     assert out == {"score": 0.5, "score_position_consistent": False}
+
+
+# --------------------------------------------------------------------------- builtin function scorers
+
+
+def reply(text: str, answer=None, where: str = "meta") -> dict:
+    row = conv("What is the total?", text)
+    if where == "meta":
+        row["meta"] = {"answer": answer}
+    else:
+        row["answer"] = answer
+    return row
+
+
+def test_math_answer_on_hand_written_replies():
+    assert math_answer(reply("7 + 5 = 12, so the answer is 12.", "12")) == 1.0
+    assert math_answer(reply("First 3 boxes, then 4 more: 7 boxes in all.", 7)) == 1.0
+    assert math_answer(reply("It is 12, or maybe 13.", "12")) == 0.0  # the last number counts
+    assert math_answer(reply("The total is $1,234.50.", "1234.5")) == 1.0
+    assert math_answer(reply("Temperature drops to -8 degrees.", "-8")) == 1.0
+    assert math_answer(reply("5-3 leaves 2", "-3")) == 0.0  # "5-3" is a subtraction, not -3
+    assert math_answer(reply("Half: 1/2", "0.5")) == 1.0 and math_answer(reply("That is 0.50", "1/2")) == 1.0
+    assert math_answer(reply("I don't know.", "4")) == 0.0
+    assert math_answer(reply("42", 42, where="row")) == 1.0
+    assert math_answer(reply("42")) is None  # no answer to compare against
+    assert math_answer({"messages": [{"role": "user", "content": "q"}], "meta": {"answer": "1"}}) is None
+    with pytest.raises(ValueError, match="is not one number"):
+        math_answer(reply("3", "three"))
+
+
+@given(st.integers(-10**9, 10**9), st.text(alphabet=st.characters(categories=["L", "Zs"]), max_size=30),
+       st.sampled_from(["{:d}", "{:,d}", "{:d}.0", "{:d}.00"]))
+def test_last_number_reads_any_final_integer(n, prefix, fmt):
+    written = fmt.format(n)
+    assert last_number(f"{prefix} 17 then {prefix} {written}.") == n
+    assert math_answer(reply(f"{prefix} so: {written}", str(n))) == 1.0
+
+
+@given(st.decimals(min_value=-10**6, max_value=10**6, places=3, allow_nan=False, allow_infinity=False))
+def test_parse_answer_and_reply_agree_on_decimals(d):
+    assert last_number(f"The result is {d}.") == Fraction(d) == parse_answer(str(d))
+
+
+def test_builtin_scorers_come_first():
+    assert names()[0] == "math_answer" and resolve("math_answer") is math_answer
+    with pytest.raises(KeyError):
+        resolve("no-such-scorer")
+
+
+def test_judge_uses_the_builtin_math_answer(tmp_path):
+    rows = [conv("What is 2 + 2?", "It is 4.", id="a", answer="4"), conv("What is 3 * 3?", "It is 6.", id="b", answer="9"),
+            conv("Say hi.", "Hi!", id="c")]
+    path = project(tmp_path, """
+        [stages.math]
+        kind = "judge"
+        input = "convs"
+        scorer = "function"
+        function = "math_answer"
+    """, rows)
+    runs = tmp_path / "runs"
+    proc = run_cli_subprocess("run", path, "--runs-dir", runs)
+    assert proc.returncode == 0, proc.stderr
+    out = read_rows(runs / "j" / "latest" / "stages" / "math" / "rows.parquet")
+    assert [r["scores"]["score"] for r in out] == [1.0, 0.0, None]
+    assert "1 of 3 rows got no parseable score" in proc.stderr
+    bad = run_cli_subprocess("validate", path, "--set", "stages.math.function=maths_answer")
+    assert bad.returncode == 2 and "no scorer function 'maths_answer' is registered" in bad.stderr
+    assert "Known: math_answer" in bad.stderr
+
+
+def test_make_scorer_lends_a_backend_and_leaves_it_open():
+    from types import SimpleNamespace
+
+    from engine.backends import Completion
+    from engine.shards import Shard
+    from engine.templates import Templates
+    from stages.judge import ScorerSpec, make_scorer
+
+    class Lent:
+        closed = False
+
+        def generate(self, prompts, params, seed):
+            return [[Completion("Fine.\nScore: 7", 1, 1, "stop")] for _ in prompts]
+
+        def close(self):
+            self.closed = True
+
+    lent = Lent()
+    ctx = SimpleNamespace(templates=lambda: Templates([]), backend=lambda *a: pytest.fail("must not load a model"))
+    scorer = make_scorer(ScorerSpec(scorer="llm", name="q"), None, ctx, backend=lent)
+    [out] = scorer(Shard(0, 0, [conv("hi", "hello")], seed=1))
+    scorer.close()
+    assert out["q"] == 7.0 and out["q_answer"].endswith("Score: 7") and not lent.closed

@@ -1,0 +1,456 @@
+"""preferences: preference pairs (prompt, chosen, rejected) from conversations.
+
+Takes `conversations` (input) and, for pairwise_judge and context_negative, a model; gives
+`preferences`: `prompt` (the messages before the reply, ending with a user turn), `chosen` and
+`rejected` (one assistant message each), `meta` (method, source ids, scores or labels, ...).
+
+Methods:
+- best_vs_worst: conversations scored by a judge stage (`scores[score]`), grouped by source
+  (`meta.source_id`, else the id before `#`) and by the context of their final reply
+  (messages[:-1]); the best against the worst of each group, only where the gap is at least
+  `min_margin` (`prefer = "lower"` when a lower score is better).
+- pairwise_judge (AI feedback): candidate replies sharing a source and a context (e.g.
+  generate with n = 2) are compared two by two. Each pair gets a principle drawn from the
+  constitution (seeded by the recipe seed, source, turn and the two ids); the judge answers its
+  `comparison` question through `template`, in both orders (A/B swapped) to cancel position
+  bias, `votes` times per order. The raw label is the share of parsed verdicts preferring one
+  reply; pairs whose confidence |label - 0.5| * 2 reaches `threshold` are kept, oriented by the
+  label. With `chain_of_thought` the judge reasons first and the recorded label is clamped to
+  [0.4, 0.6] (such verdicts are over-confident, as the CAI paper found); the threshold applies
+  to the raw label. Every judgment (kept or not) goes to `judgments.parquet`.
+- revision: rows of a critique_revise stage; for each revised turn, prompt = messages[:index],
+  chosen = the final text, rejected = the original, where they differ.
+- context_negative: for each selected assistant turn with earlier turns, the model answers the
+  last user message alone (the system message kept, earlier turns dropped); that reply is
+  rejected, the real turn chosen: pairs that teach the use of context.
+
+Turns (pairwise_judge, revision, context_negative): the last assistant turn of each
+conversation, or with `from_turn = N` every assistant turn at 0-based position N or later.
+
+`pairs_sample.json` next to the rows holds `sample_size` pairs drawn with the recipe seed, for a
+human spot-check; `recipe show` prints a few. Zero pairs is an error that names the knob.
+
+Template variables (template): context, response_a, response_b, principle, chain_of_thought.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from itertools import combinations
+from typing import Any, Literal
+
+from pydantic import Field
+
+from engine.backends import SamplingParams
+from engine.config import ExecOnly, Ref, StageConfig
+from engine.errors import Problem, RecipeError
+from engine.shards import Shard, ShardResult
+from engine.text import normalize
+
+VERSION = 1
+GIVES = "preferences"
+TEMPLATE_VARS = {"context", "response_a", "response_b", "principle", "chain_of_thought"}
+COT_CLAMP = (0.4, 0.6)
+COMMON = {"kind", "resources", "method", "input", "sample_size", "shard_size", "batch_size"}
+USES = {"best_vs_worst": {"score", "min_margin", "prefer"},
+        "pairwise_judge": {"model", "constitution", "threshold", "chain_of_thought", "votes", "template",
+                           "judge_temperature", "max_new_tokens", "from_turn"},
+        "revision": {"from_turn"},
+        "context_negative": {"model", "temperature", "max_new_tokens", "from_turn"}}
+
+
+class Config(StageConfig):
+    kind: Literal["preferences"]
+    method: Literal["best_vs_worst", "pairwise_judge", "revision", "context_negative"] = Field(
+        description="How pairs are made (see the stage's documentation).")
+    input: str = Ref("conversations", description="Scored samples, candidate replies, or critique_revise output.")
+    model: str | None = Ref("model", default=None,
+                            description="pairwise_judge: the judge; context_negative: writes the context-free replies.")
+    score: str = Field("score", description="best_vs_worst: the key in each row's `scores` (a judge stage's name).")
+    min_margin: float = Field(1.0, gt=0, description="best_vs_worst: the least score gap between chosen and rejected.")
+    prefer: Literal["higher", "lower"] = Field("higher", description="best_vs_worst: which end of the score is better.")
+    constitution: str | None = Field(None, description="pairwise_judge: a [constitutions] name; a principle is "
+                                                       "drawn per pair.")
+    threshold: float = Field(0.5, ge=0.0, le=1.0, description="pairwise_judge: least confidence |label - 0.5| * 2 "
+                                                              "to keep a pair (1 = every verdict agrees).")
+    chain_of_thought: bool = Field(False, description="pairwise_judge: the judge reasons first; labels clamped to "
+                                                      "0.4-0.6.")
+    votes: int = Field(1, ge=1, le=16, description="pairwise_judge: verdicts sampled per order (more than 1 needs "
+                                                   "judge_temperature > 0).")
+    template: str = Field("pairwise_principle.j2", description="pairwise_judge: the judge prompt.")
+    judge_temperature: float = Field(0.0, ge=0.0, description="pairwise_judge: 0 = greedy verdicts.")
+    temperature: float = Field(0.7, ge=0.0, description="context_negative: sampling temperature of the negatives.")
+    max_new_tokens: int = Field(256, ge=1, description="Per judge answer (chain of thought needs room) or "
+                                                       "context-free reply.")
+    from_turn: int | None = Field(None, ge=0, description="Pairs at every assistant turn from this 0-based position "
+                                                          "on; default: the last assistant turn only.")
+    sample_size: int = Field(100, ge=0, description="Pairs saved to pairs_sample.json for a human spot-check.")
+    shard_size: int = Field(32, ge=1, description="Pairs or turns per shard (pairwise_judge, context_negative).")
+    batch_size: int = ExecOnly(16, ge=1, description="Prompts per generate call (halved on out-of-memory).")
+
+
+def templates(config: Config, recipe) -> dict[str, str]:
+    """The judge template and the constitution file: their bytes enter the fingerprint."""
+    from pathlib import Path
+
+    from engine.templates import template_files
+
+    if config.method != "pairwise_judge":
+        return {}
+    files = template_files(recipe.dir, [config.template])
+    spec = recipe.constitutions.get(config.constitution or "")
+    if spec is not None and Path(spec.path).is_file():
+        files[f"constitution:{config.constitution}"] = spec.path
+    return files
+
+
+def unused_problems(name: str, config, recipe, used: set[str], what: str) -> list[Problem]:
+    """A problem for each key the user set that `what` (e.g. "method 'revision'") ignores."""
+    return [Problem(f"{field} is not used by {what}.", hint=f"Remove {field}.",
+                    **recipe.where(f"stages.{name}.{field}")) for field in sorted(config.model_fields_set - used)]
+
+
+def check(name: str, config: Config, recipe) -> list[Problem]:
+    problems = unused_problems(name, config, recipe, COMMON | USES[config.method], f"method '{config.method}'")
+    if config.method in ("pairwise_judge", "context_negative") and not config.model:
+        problems.append(Problem(f"method '{config.method}' needs a model.", hint='Set model = "<a [models] name>".',
+                                **recipe.where(f"stages.{name}.method")))
+    if config.method == "pairwise_judge":
+        from engine.constitution import constitution_problems
+        from engine.templates import Templates
+
+        if config.constitution is None:
+            problems.append(Problem("method 'pairwise_judge' needs a constitution: the judge compares under its "
+                                    "principles.",
+                                    hint='Set constitution = "<a [constitutions] name>".',
+                                    **recipe.where(f"stages.{name}.method")))
+        else:
+            problems += constitution_problems(config.constitution, recipe, name, "constitution")
+        if config.votes > 1 and config.judge_temperature == 0:
+            problems.append(Problem("votes > 1 with judge_temperature = 0 repeats the same verdict.",
+                                    hint="Set judge_temperature > 0 (e.g. 0.7), or votes = 1.",
+                                    **recipe.where(f"stages.{name}.votes")))
+        problems += Templates([recipe.dir / "templates"]).check(config.template, TEMPLATE_VARS, stage=name,
+                                                                **recipe.where(f"stages.{name}.template"))
+    return problems
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def source_id(row: dict) -> str:
+    """The prompt a sample came from: `meta.source_id`, else the id before a `#k` suffix."""
+    sid = (row.get("meta") or {}).get("source_id")
+    return str(sid) if sid is not None else str(row.get("id")).rsplit("#", 1)[0]
+
+
+def selected_turns(messages: list[dict], from_turn: int | None) -> list[int]:
+    """Message indices of the assistant turns to pair: the last one, or every one at
+    0-based assistant position `from_turn` or later."""
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    return turns[-1:] if from_turn is None else turns[from_turn:]
+
+
+def best_and_worst(scored: list[tuple[Any, float]], prefer: str = "higher") -> tuple[Any, Any, float] | None:
+    """(best key, worst key, gap >= 0) of (key, score) items; ties go to the earliest item.
+    None with fewer than two items."""
+    if len(scored) < 2:
+        return None
+    sign = 1 if prefer == "higher" else -1
+    best = min(scored, key=lambda kv: -sign * kv[1])  # min/max keep the first of equals
+    worst = min(scored, key=lambda kv: sign * kv[1])
+    return best[0], worst[0], abs(best[1] - worst[1])
+
+
+def pair_row(id: str, prompt: list[dict], chosen: str, rejected: str, meta: dict) -> dict:
+    return {"id": id, "prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}], "meta": meta}
+
+
+def pairwise_label(a_first: list[str | None], b_first: list[str | None]) -> float | None:
+    """P(reply a is better): the share of parsed verdicts preferring a, over both orders
+    (a shown as A, then b shown as A). None unless each order has a parsed verdict: one order
+    alone would carry the judge's position bias."""
+    a_votes = [v == "A" for v in a_first if v]
+    b_votes = [v == "B" for v in b_first if v]
+    if not a_votes or not b_votes:
+        return None
+    return (sum(a_votes) + sum(b_votes)) / (len(a_votes) + len(b_votes))
+
+
+def soft_label(p: float, chain_of_thought: bool) -> float:
+    """The label recorded for training: clamped to [0.4, 0.6] for chain-of-thought verdicts."""
+    return min(max(p, COT_CLAMP[0]), COT_CLAMP[1]) if chain_of_thought else p
+
+
+def parse_choice(answer: str) -> str | None:
+    """"A"/"B" from a judge answer: the last "Verdict: X" line, or an answer that is only
+    "A", "(B)", "Response A" and the like."""
+    import re
+
+    from stages.judge import parse_verdict
+
+    found = parse_verdict(answer)
+    if found:
+        return found
+    m = re.fullmatch(r"\W*(?:(?:response|reply|option|answer)\s+)?\(?([AB])\)?\W*", answer.strip(), re.IGNORECASE)
+    return m.group(1).upper() if m else None
+
+
+def spot_check(ctx, pairs: list[dict], size: int) -> dict:
+    """Save `size` pairs drawn with the recipe seed to pairs_sample.json; the report part."""
+    sample = pairs if len(pairs) <= size else random.Random(ctx.seed).sample(pairs, size)
+    ctx.save_json("pairs_sample.json", sample)
+    short = lambda msgs: msgs[-1]["content"][:160]  # noqa: E731
+    return {"file": "pairs_sample.json", "pairs": len(sample),
+            "preview": [{"id": p["id"], "prompt": short(p["prompt"]), "chosen": short(p["chosen"]),
+                         "rejected": short(p["rejected"])} for p in sample[:3]]}
+
+
+def spot_check_summary(spot: dict | None) -> list[tuple[str, str]]:
+    if not spot:
+        return []
+    out = [("spot-check sample", f"{spot['pairs']} pairs in {spot['file']}")]
+    for p in spot["preview"]:
+        out += [(f"{p['id']}: prompt", p["prompt"]), ("  chosen", p["chosen"]), ("  rejected", p["rejected"])]
+    return out
+
+
+def no_output(ctx, knob: str, message: str, hint: str, made: str = "made no preference pairs") -> RecipeError:
+    """Nothing to save: an error naming the stage and the knob to loosen (never an empty artifact)."""
+    return RecipeError.single(f"stage '{ctx.stage}' {made}: {message}", hint=hint,
+                              **ctx.recipe.where(f"stages.{ctx.stage}.{knob}"))
+
+
+def _meta_of(row: dict) -> dict:
+    return {k: v for k, v in (row.get("meta") or {}).items() if k not in ("critique_revise", "score_details")}
+
+
+# --------------------------------------------------------------------------- methods
+
+
+def _scores(row: dict) -> dict:
+    """A row's scores: the `scores` column a judge stage adds, else `meta.scores` (a dataset's column)."""
+    found = row.get("scores")
+    found = found if isinstance(found, dict) else (row.get("meta") or {}).get("scores")
+    return found if isinstance(found, dict) else {}
+
+
+def _best_vs_worst(config: Config, rows: list[dict], ctx) -> tuple[list[dict], dict]:
+    if not any(config.score in _scores(r) for r in rows):
+        raise RecipeError.single(f"stage '{ctx.stage}': no input row has scores.{config.score}.",
+                                 hint="best_vs_worst takes rows scored by a judge stage; set score to that "
+                                      "judge's name.",
+                                 **ctx.recipe.where(f"stages.{ctx.stage}.score"))
+    groups: dict[tuple, list[tuple[int, float]]] = {}
+    missing = 0
+    for i, r in enumerate(rows):
+        value = _scores(r).get(config.score)
+        if not isinstance(value, (int, float)):
+            missing += 1
+            continue
+        key = (source_id(r), json.dumps(r["messages"][:-1], sort_keys=True))
+        groups.setdefault(key, []).append((i, float(value)))
+    pairs, gaps = [], []
+    for (sid, _), scored in groups.items():
+        found = best_and_worst(scored, config.prefer)
+        if found is None:
+            continue
+        b, w, gap = found
+        gaps.append(gap)
+        if gap >= config.min_margin:
+            best, worst = rows[b], rows[w]
+            pairs.append(pair_row(sid, best["messages"][:-1], best["messages"][-1]["content"],
+                                  worst["messages"][-1]["content"],
+                                  {"method": "best_vs_worst", "source_id": sid, "chosen_id": best["id"],
+                                   "rejected_id": worst["id"], "score": config.score, "margin": gap,
+                                   "scores": {"chosen": dict(scored)[b], "rejected": dict(scored)[w]},
+                                   "source_meta": _meta_of(best)}))
+    if not pairs:
+        raise no_output(ctx, "min_margin", f"no group of samples has a score gap of at least min_margin = "
+                        f"{config.min_margin:g} (groups with two or more scored samples: {len(gaps)}, "
+                        f"largest gap: {max(gaps, default=0):g}).",
+                        "Lower min_margin, or sample more replies per prompt (generate n).")
+    return pairs, {"groups": len(groups), "comparable_groups": len(gaps), "below_margin": len(gaps) - len(pairs),
+                   "missing_scores": missing}
+
+
+def _revision(config: Config, rows: list[dict], ctx) -> tuple[list[dict], dict]:
+    stats = {"rows_without_critique_revise": 0, "turns_not_selected": 0, "unchanged": 0}
+    pairs = []
+    for r in rows:
+        record = (r.get("meta") or {}).get("critique_revise")
+        if not record:
+            stats["rows_without_critique_revise"] += 1
+            continue
+        chosen_turns = set(selected_turns(r["messages"], config.from_turn))
+        for t in record["turns"]:
+            i = t["index"]
+            if i not in chosen_turns:
+                stats["turns_not_selected"] += 1
+            elif not t.get("final") or normalize(t["final"]) == normalize(t["original"]):
+                stats["unchanged"] += 1
+            else:
+                accepted = [h["principle"] for h in t.get("history", []) if h.get("accepted")]
+                pairs.append(pair_row(f"{r['id']}@{i}", r["messages"][:i], t["final"], t["original"],
+                                      {"method": "revision", "source_id": r["id"], "index": i,
+                                       "principles": accepted, "source_meta": _meta_of(r)}))
+    if stats["rows_without_critique_revise"] == len(rows):
+        raise RecipeError.single(f"stage '{ctx.stage}': no input row has meta.critique_revise.",
+                                 hint="Method 'revision' takes the output of a critique_revise stage.",
+                                 **ctx.recipe.where(f"stages.{ctx.stage}.input"))
+    if not pairs:
+        raise no_output(ctx, "from_turn", f"no selected turn was changed by its revision ({stats['unchanged']} "
+                        f"unchanged, {stats['turns_not_selected']} revised turns not selected).",
+                        "Set from_turn = 0 to pair every revised turn, or check the critique_revise report.")
+    return pairs, stats
+
+
+def _context_negative(config: Config, rows: list[dict], inputs, ctx) -> tuple[list[dict], dict]:
+    tasks, first_turns = [], 0
+    for r in rows:
+        system = [m for m in r["messages"][:1] if m["role"] == "system"]
+        for i in selected_turns(r["messages"], config.from_turn):
+            if not any(m["role"] == "assistant" for m in r["messages"][:i]):
+                first_turns += 1  # nothing earlier to ignore
+                continue
+            tasks.append({"id": f"{r['id']}@{i}", "source_id": r["id"], "index": i, "prompt": r["messages"][:i],
+                          "bare": system + [r["messages"][i - 1]], "chosen": r["messages"][i]["content"]})
+    if not tasks:
+        raise no_output(ctx, "from_turn", f"no selected assistant turn has earlier turns ({first_turns} are first "
+                        "turns).",
+                        "Feed multi-turn conversations; by default only the last assistant turn of each is used.")
+    backend = ctx.backend(inputs["model"], config.batch_size)
+    params = SamplingParams(temperature=config.temperature, max_new_tokens=config.max_new_tokens)
+
+    def per_shard(shard: Shard) -> ShardResult:
+        replies = backend.generate([t["bare"] for t in shard.rows], params, shard.seed)
+        out = [dict(t, negative=c.text.strip(), finish=c.finish_reason) for t, [c] in zip(shard.rows, replies)]
+        return ShardResult(out)
+
+    try:
+        done, _ = ctx.shards.map(tasks, per_shard, shard_size=config.shard_size, desc="context-free replies")
+    finally:
+        backend.close()
+    pairs, same = [], 0
+    for t in done:
+        if not t["negative"] or normalize(t["negative"]) == normalize(t["chosen"]):
+            same += 1
+            continue
+        pairs.append(pair_row(t["id"], t["prompt"], t["chosen"], t["negative"],
+                              {"method": "context_negative", "source_id": t["source_id"], "index": t["index"],
+                               "model": inputs["model"].name, "finish": t["finish"]}))
+    if not pairs:
+        raise no_output(ctx, "model", f"every context-free reply was empty or equal to the real turn ({same}).",
+                        "Use a model that writes non-empty replies, or raise max_new_tokens.")
+    return pairs, {"first_turns_skipped": first_turns, "negatives_empty_or_same": same}
+
+
+def _pairwise_tasks(config: Config, rows: list[dict], constitution, seed: int) -> list[dict]:
+    groups: dict[tuple, list[tuple[str, str]]] = {}
+    for r in rows:
+        for i in selected_turns(r["messages"], config.from_turn):
+            key = (source_id(r), i, json.dumps(r["messages"][:i], sort_keys=True))
+            members = groups.setdefault(key, [])
+            text = r["messages"][i]["content"]
+            if all(normalize(text) != normalize(t) for _, t in members):  # identical replies: nothing to compare
+                members.append((str(r["id"]), text))
+    tasks = []
+    for (sid, i, context), members in groups.items():
+        for (a_id, a), (b_id, b) in combinations(members, 2):
+            p = constitution.draw(seed, "pairwise_judge", sid, i, a_id, b_id)
+            tasks.append({"id": f"{a_id}|{b_id}@{i}", "source_id": sid, "index": i, "prompt": json.loads(context),
+                          "a_id": a_id, "a": a, "b_id": b_id, "b": b, "principle": p.id, "question": p.comparison})
+    return tasks
+
+
+def _pairwise_judge(config: Config, rows: list[dict], inputs, ctx) -> tuple[list[dict], dict]:
+    from engine.constitution import load_for_stage
+
+    constitution = load_for_stage(config.constitution, ctx.recipe, ctx.stage)
+    tasks = _pairwise_tasks(config, rows, constitution, ctx.seed)
+    if not tasks:
+        raise RecipeError.single(
+            f"stage '{ctx.stage}': no two distinct replies share a source and a context to compare.",
+            hint="pairwise_judge compares conversations with the same meta.source_id and context, "
+                 "e.g. from a generate stage with n = 2 or more.", **ctx.recipe.where(f"stages.{ctx.stage}.input"))
+    tpl, backend = ctx.templates(), ctx.backend(inputs["model"], config.batch_size)
+    params = SamplingParams(n=config.votes, temperature=config.judge_temperature, max_new_tokens=config.max_new_tokens)
+
+    def per_shard(shard: Shard) -> ShardResult:
+        prompts = [tpl.render_chat(config.template, context=t["prompt"], response_a=x, response_b=y,
+                                   principle=t["question"], chain_of_thought=config.chain_of_thought)
+                   for t in shard.rows for x, y in ((t["a"], t["b"]), (t["b"], t["a"]))]
+        answers = backend.generate(prompts, params, shard.seed)
+        out = []
+        for j, t in enumerate(shard.rows):
+            a_first, b_first = ([parse_choice(c.text) for c in answers[k]] for k in (2 * j, 2 * j + 1))
+            out.append(dict(t, a_first=a_first, b_first=b_first, label_a=pairwise_label(a_first, b_first),
+                            answers=[c.text[-400:] for k in (2 * j, 2 * j + 1) for c in answers[k]]))
+        return ShardResult(out)
+
+    try:
+        judged, _ = ctx.shards.map(tasks, per_shard, shard_size=config.shard_size, desc="pairwise judging")
+    finally:
+        backend.close()
+    ctx.save_rows(judged, "judgments.parquet")
+    parsed = [t for t in judged if t["label_a"] is not None]
+    if not parsed:
+        raise RuntimeError(f"no answer of the judge could be parsed ({len(judged)} pairs, both orders); the last "
+                           f"answer was {judged[-1]['answers'][-1][-200:]!r}; check the template and the model")
+    pairs = []
+    for t in parsed:
+        p = t["label_a"]
+        confidence = abs(p - 0.5) * 2
+        if p == 0.5 or confidence < config.threshold:
+            continue
+        a_wins = p > 0.5
+        chosen, rejected = ("a", "b") if a_wins else ("b", "a")
+        raw = p if a_wins else 1 - p
+        pairs.append(pair_row(t["id"], t["prompt"], t[chosen], t[rejected], {
+            "method": "pairwise_judge", "source_id": t["source_id"], "index": t["index"],
+            "chosen_id": t[f"{chosen}_id"], "rejected_id": t[f"{rejected}_id"], "principle": t["principle"],
+            "label": soft_label(raw, config.chain_of_thought), "raw_label": raw, "confidence": confidence,
+            "chain_of_thought": config.chain_of_thought,
+            "verdicts": {"a": t["a_id"], "a_first": t["a_first"], "b_first": t["b_first"]}}))
+    votes = [v for t in judged for v in t["a_first"] + t["b_first"] if v]
+    stats = {"compared": len(judged), "unparsed": len(judged) - len(parsed),
+             "ties": sum(1 for t in parsed if t["label_a"] == 0.5),
+             "below_threshold": len(parsed) - len(pairs),
+             "position_a_share": sum(v == "A" for v in votes) / len(votes),
+             "principles": {p.id: sum(t["principle"] == p.id for t in judged) for p in constitution.principles}}
+    if stats["unparsed"]:
+        ctx.warn(f"{stats['unparsed']} of {len(judged)} pairs got no parseable verdict in one order (dropped)")
+    if not pairs:
+        raise no_output(ctx, "threshold", f"no compared pair reached confidence threshold = {config.threshold:g} "
+                        f"({stats['ties']} ties of {len(parsed)}; share of 'A' verdicts "
+                        f"{stats['position_a_share']:.2f}: near 1 or 0 means the judge follows position).",
+                        "Lower threshold, raise votes (with judge_temperature > 0), or use a stronger judge.")
+    return pairs, stats
+
+
+def run(config: Config, inputs, ctx) -> None:
+    rows = inputs["input"].rows()
+    if config.method == "best_vs_worst":
+        pairs, stats = _best_vs_worst(config, rows, ctx)
+    elif config.method == "revision":
+        pairs, stats = _revision(config, rows, ctx)
+    elif config.method == "context_negative":
+        pairs, stats = _context_negative(config, rows, inputs, ctx)
+    else:
+        pairs, stats = _pairwise_judge(config, rows, inputs, ctx)
+    ctx.save_rows(pairs)
+    ctx.save_json("report.json", {"method": config.method, "rows_in": len(rows), "pairs": len(pairs), **stats,
+                                  "spot_check": spot_check(ctx, pairs, config.sample_size)})
+
+
+def summary(report: dict) -> list[tuple[str, str]]:
+    skip = {"method", "rows_in", "pairs", "spot_check", "principles"}
+    out = [("method", report["method"]), ("rows in / pairs out", f"{report['rows_in']} / {report['pairs']}")]
+    for k, v in report.items():
+        if k not in skip:
+            out.append((k.replace("_", " "), f"{v:.3f}" if isinstance(v, float) else str(v)))
+    if report.get("principles"):
+        out.append(("principles drawn", ", ".join(f"{p} {n}" for p, n in report["principles"].items())))
+    return out + spot_check_summary(report.get("spot_check"))
