@@ -234,6 +234,7 @@ def status(run_ref, runs_dir) -> None:
                           str(s.get("rows_in", "")), str(s.get("rows_out", "")), f"{s.get('duration_s', 0) or 0:.1f}",
                           "; ".join(s.get("reasons", [])) or s.get("error", ""))
         out.print(table)
+        _round_table(rec["stages"])
         return
     runs = _run_dirs(root)
     if not runs:
@@ -261,10 +262,13 @@ def status(run_ref, runs_dir) -> None:
 def show(run_ref: str, stage: str, n_rows: int, runs_dir) -> None:
     """Print the first rows of a stage's output and its report."""
     from . import registry
+    from .rounds import last_round, round_of
     from .rows import count_rows, read_rows
 
     run_dir = find_run(_runs_dir(runs_dir), run_ref)
     rec = _record(run_dir)
+    if stage not in rec["stages"] and last_round(rec["stages"], stage):
+        stage = last_round(rec["stages"], stage)  # a loop stage's own name: its last round
     entry = run_dir / "stages" / stage
     if stage not in rec["stages"] or not entry.exists():
         done = [n for n in rec["stages"] if (run_dir / "stages" / n).exists()]
@@ -298,6 +302,22 @@ def show(run_ref: str, stage: str, n_rows: int, runs_dir) -> None:
                     out.print(f"  [dim]{rule}[/] {ex.get('id')}: {ex.get('detail')}", markup=True)
         else:
             out.print_json(json.dumps(report))
+    if round_of(stage):
+        _round_table(rec["stages"], round_of(stage)[0])
+
+
+def _round_table(stages: dict, base: str | None = None) -> None:
+    """Iterative rounds: each round's output diversity (engine/rounds.py), when the run has any."""
+    from .rounds import ROUND_COLUMNS, round_rows
+
+    rows = round_rows(stages, base)
+    if rows:
+        table = Table(title="output diversity per round", title_justify="left")
+        for col in ROUND_COLUMNS:
+            table.add_column(col)
+        for row in rows:
+            table.add_row(*row)
+        out.print(table)
 
 
 def _cell(value) -> str:

@@ -27,6 +27,7 @@ from .errors import RecipeError, StageFailed
 from .fingerprint import HashMemo, fingerprints, reasons
 from .graph import artifact_type, edges, order, upstream
 from .recipe import Recipe, dump_toml
+from .rounds import diversity_for, round_of
 from .rows import count_rows, read_rows, write_rows
 from .shards import ShardRunner
 
@@ -354,6 +355,7 @@ def close_logger(log: logging.Logger) -> None:
 
 
 def select(recipe: Recipe, only: list[str], force: list[str]) -> set[str]:
+    only, force = recipe.stage_names(only), recipe.stage_names(force)  # `dpo` in a loop: its last round
     unknown = [n for n in [*only, *force] if n not in recipe.stages]
     if unknown:
         raise RecipeError.single(
@@ -367,7 +369,8 @@ def run(recipe: Recipe, runs_dir: str | os.PathLike, *, only: list[str] = (), fo
     """Run every selected stage not in the cache. Raises StageFailed (exit 1) or RecipeError
     (exit 2); committed shards and upstream entries are kept either way."""
     runs_dir = Path(runs_dir)
-    chosen = select(recipe, list(only), list(force))
+    force = recipe.stage_names(list(force))
+    chosen = select(recipe, list(only), force)
     memo = memo_for(runs_dir)
     store = Store(runs_dir)
     store.sweep_tmp()
@@ -403,6 +406,8 @@ def run(recipe: Recipe, runs_dir: str | os.PathLike, *, only: list[str] = (), fo
                     record.stage(name, status="run", duration_s=round(time.time() - started, 3),
                                  rows_in=entry.manifest["rows"]["in"], rows_out=entry.manifest["rows"]["out"],
                                  reasons=why)
+            if round_of(name):  # iterative rounds: each round's output diversity, so mode collapse shows
+                record.stage(name, diversity=diversity_for(artifact_type(recipe, name), entry.path))
             entries[name] = entry
             record.link(name, entry.path)
             atomic_write_json(runs_dir / recipe.name / ".last" / f"{name}.json",

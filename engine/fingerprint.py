@@ -218,6 +218,7 @@ def stage_components(recipe: "Recipe", name: str, stage_fps: dict[str, str], mem
         "inputs": inputs,
         "templates": templates,
         "seed": recipe.meta.seed,
+        **({"round": stage.round} if stage.round and stage.round > 1 else {}),  # iterative rounds: engine/rounds.py
     }
 
 

@@ -4,6 +4,11 @@ Loading order: read the file (and what it `extends`, recursively; tables merge, 
 win), apply `--set` overrides, resolve relative paths against the directory of the file that
 set them, then validate every table. All problems are gathered and raised together as one
 `RecipeError`. The graph checks (references, cycles, artifact types) live in `graph.py`.
+
+`[loops.NAME]` tables (iterative rounds, engine/rounds.py) unroll after the stages are parsed
+and before the graph checks: `recipe.stages` holds `dpo@1` .. `dpo@N`, while `recipe.raw` keeps
+the user's loop table. Problems in an unrolled stage point at the user's own key and line, with
+the round (`stages.dpo.model (round 2)`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pydantic import Field, ValidationError
 from . import registry
 from .config import PATH, StageConfig, Table, marker, ref_fields
 from .errors import Problem, RecipeError
+from .rounds import LoopSpec, Rounds, loop_problems, merge_round_problems
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -85,7 +91,9 @@ SECTIONS: dict[str, type[Table] | None] = {
     "datasets": DatasetSpec,
     "constitutions": ConstitutionSpec,
     "stages": None,  # validated per kind
+    "loops": None,  # LoopSpec, checked against the stages
 }
+EXTRA_SECTIONS: dict[str, type[Table]] = {"loops": LoopSpec}  # more [name.NAME] tables, for the reference
 
 
 @dataclass
@@ -94,6 +102,13 @@ class Stage:
     kind: str
     config: StageConfig
     module: ModuleType
+    round: int | None = None  # in a loop: the round (the name is then `base@round`)
+    loop: str | None = None  # in a loop: its [loops.*] name
+
+    @property
+    def base(self) -> str:
+        """The name the user gave the stage (`dpo` for `dpo@2`)."""
+        return self.name.rsplit("@", 1)[0] if self.round is not None else self.name
 
 
 @dataclass
@@ -108,6 +123,7 @@ class Recipe:
     stages: dict[str, Stage]
     raw: dict[str, Any]
     locations: dict[str, tuple[str, int]] = field(default_factory=dict)
+    loops: dict[str, LoopSpec] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -118,12 +134,25 @@ class Recipe:
         return self.path.parent
 
     def where(self, key: str) -> dict[str, Any]:
-        """file/line/key keywords for a Problem about `key` (nearest located parent key)."""
+        """file/line/key keywords for a Problem about `key` (nearest located parent key). A key of
+        an unrolled stage (`stages.dpo@2.beta`) is located at the user's key, round named:
+        `stages.dpo.beta (round 2)`."""
+        m = _ROUND_STAGE_KEY.match(key)  # user names never hold '@' (load_recipe rejects them)
+        if m:
+            user_key = f"stages.{m.group(1)}{m.group(3)}"
+            return {**locate(self.locations, user_key, self.path), "key": f"{user_key} (round {m.group(2)})"}
         return locate(self.locations, key, self.path)
+
+    def stage_names(self, names: list[str] | tuple[str, ...]) -> list[str]:
+        """Stage names as a user gives them (`--only`, `--force`) -> names in `stages`: a loop
+        stage's own name means its last round, `name@*` every round, `name@2` one round. Unknown
+        names are kept, for the caller to report."""
+        return Rounds(self.loops).names(list(names), list(self.stages))
 
 
 # --------------------------------------------------------------------------- locating keys
 
+_ROUND_STAGE_KEY = re.compile(r"^stages\.(.+?)@([1-9][0-9]*)((?:\..*)?)$")
 _SEG = r'(?:[A-Za-z0-9_-]+|"(?:[^"\\]|\\.)*"|\'[^\']*\')'
 _KEY = rf"{_SEG}(?:\s*\.\s*{_SEG})*"
 _HEADER = re.compile(rf"^\s*(\[\[?)\s*({_KEY})\s*\]\]?\s*(#.*)?$")
@@ -398,6 +427,18 @@ def pydantic_problems(exc: ValidationError, prefix: str, model: type[Table], loc
     return problems
 
 
+def _alias_round_locations(locations: dict[str, tuple[str, int]], stages: dict[str, Stage]) -> None:
+    """`stages.dpo@2.*` keys located where the user wrote `stages.dpo.*`, so that paths read late
+    (resources.accelerate_config) resolve against the file that set them."""
+    for name, stage in stages.items():
+        if stage.round is None:
+            continue
+        prefix = f"stages.{stage.base}"
+        for key, where in list(locations.items()):
+            if key == prefix or key.startswith(prefix + "."):
+                locations.setdefault(f"stages.{name}{key[len(prefix):]}", where)
+
+
 def load_recipe(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read, merge, override, resolve and validate a recipe. Raises RecipeError with every problem."""
     top = Path(path)
@@ -452,7 +493,11 @@ def load_recipe(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Rec
         if not isinstance(table, dict):
             problems.append(Problem(f"expected a table, found {describe(table)}.", **locate(locations, key, top)))
             continue
-        if "@" in name or not re.match(NAME_PATTERN, name):
+        if "@" in name:
+            problems.append(Problem(f"'{name}' is not a valid stage name: '@' is reserved for the rounds of a loop.",
+                                    hint="Name the stage without '@'; [loops.*] makes NAME@1, NAME@2, ...",
+                                    **locate(locations, key, top)))
+        elif not re.match(NAME_PATTERN, name):
             problems.append(Problem(f"'{name}' is not a valid stage name (letters, digits, _ . -).",
                                     **locate(locations, key, top)))
         kind = table.get("kind")
@@ -483,24 +528,49 @@ def load_recipe(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Rec
                     **locate(locations, f"{section}.{name}", top)))
             names[name] = section
 
-    recipe = Recipe(top, meta or RecipeMeta(name="invalid"), parsed["models"], parsed["datasets"],
-                    parsed["constitutions"], stages, data, locations)
-    from .graph import graph_problems
+    from .graph import graph_problems, refs_of
 
+    # Every stage's references: parsed, or raw for stages that failed their own validation.
+    user_stages = [n for n, t in (data.get("stages") or {}).items() if isinstance(t, dict)]
+    refs: dict[str, list[tuple[str, str]]] = {n: list(refs_of(s.config)) for n, s in stages.items()}
+    for name in user_stages:
+        if name not in stages:
+            table = data["stages"][name]
+            kind = table.get("kind")
+            fields = ref_fields(registry.load(kind).Config) if kind in known else {}
+            raw = [(f, v) for f in fields for v in (table.get(f) if isinstance(table.get(f), list) else [table.get(f)])]
+            refs[name] = [(f, v) for f, v in raw if isinstance(v, str)]
+
+    loops: dict[str, LoopSpec] = {}
+    tables = data.get("loops") or {}
+    if not isinstance(tables, dict):
+        problems.append(Problem("expected tables [loops.NAME].", **locate(locations, "loops", top)))
+        tables = {}
+    for name, table in tables.items():
+        if not re.match(NAME_PATTERN, name):
+            problems.append(Problem(f"'{name}' is not a valid loop name (letters, digits, _ . -).",
+                                    **locate(locations, f"loops.{name}", top)))
+        spec = check(f"loops.{name}", LoopSpec, table)
+        if spec is not None:
+            loops[name] = spec
+    found, broken = loop_problems(loops, user_stages, refs, lambda key: locate(locations, key, top))
+    problems.extend(found)
+    rounds = Rounds({n: spec for n, spec in loops.items() if n not in broken}, set(user_stages))
+
+    recipe = Recipe(top, meta or RecipeMeta(name="invalid"), parsed["models"], parsed["datasets"],
+                    parsed["constitutions"], rounds.unroll(stages), data, locations, rounds.loops)
+    _alias_round_locations(locations, recipe.stages)
     # Stages that failed their own validation still exist as names (references to them are
     # not reported again), and their own references are still checked.
     invalid: dict[str, list[tuple[str, str]]] = {}
-    for name, table in (data.get("stages") or {}).items():
-        if name in stages or not isinstance(table, dict):
-            continue
-        kind = table.get("kind")
-        fields = ref_fields(registry.load(kind).Config) if kind in known else {}
-        refs = [(f, v) for f in fields for v in (table.get(f) if isinstance(table.get(f), list) else [table.get(f)])]
-        invalid[name] = [(f, v) for f, v in refs if isinstance(v, str)]
-    problems.extend(graph_problems(recipe, invalid))
-    for name, stage in stages.items():
+    for name in user_stages:
+        if name not in stages:
+            invalid.update(rounds.refs(name, refs[name]))
+    found = graph_problems(recipe, invalid)
+    for name, stage in recipe.stages.items():
         if hasattr(stage.module, "check"):  # stage-specific checks, e.g. template variables
-            problems.extend(stage.module.check(name, stage.config, recipe))
+            found.extend(stage.module.check(name, stage.config, recipe))
+    problems.extend(merge_round_problems(found, set(rounds.member)))
     if problems:
         raise RecipeError(problems)
     return recipe

@@ -9,6 +9,7 @@ from pydantic import Field, TypeAdapter, create_model
 from . import registry
 from .config import Table
 from .recipe import ConstitutionSpec, DatasetSpec, ModelSpec, RecipeMeta
+from .rounds import LoopSpec
 
 
 def recipe_schema() -> dict:
@@ -22,6 +23,7 @@ def recipe_schema() -> dict:
         datasets=(dict[str, DatasetSpec], {}),
         constitutions=(dict[str, ConstitutionSpec], {}),
         stages=(dict[str, stage], {}),
+        loops=(dict[str, LoopSpec], {}),
     )
     schema = TypeAdapter(model).json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"

@@ -79,7 +79,7 @@ def test_diff(cli, project):
 
 def test_schema_is_json_schema_of_the_format(cli):
     schema = json.loads(cli("schema").output)
-    assert set(schema["properties"]) == {"recipe", "models", "datasets", "constitutions", "stages"}
+    assert set(schema["properties"]) == {"recipe", "models", "datasets", "constitutions", "stages", "loops"}
     assert schema["additionalProperties"] is False
     text = json.dumps(schema)
     assert '"min_words"' in text and '"x-ref"' in text

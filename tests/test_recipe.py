@@ -215,3 +215,159 @@ def test_locate_keys_finds_every_key(pairs):
     locs = locate_keys(text)
     for i, (k, _) in enumerate(pairs):
         assert locs[f"t.{k}"] == i + 2
+
+
+# --------------------------------------------------------------------------- [loops.*] (iterative rounds)
+
+LOOP = """
+[recipe]
+name = "loops"
+
+[models.policy]
+path = "builtin:tiny-chat"
+
+[datasets.seed]
+path = "data/convs.jsonl"
+
+[stages.first]
+kind = "filter"
+input = "seed"
+
+[stages.second]
+kind = "filter"
+input = "first"
+
+[loops.grow]
+rounds = 2
+stages = ["first", "second"]
+feed = { seed = "second" }
+"""
+
+
+def loop_problems(project, old: str = "", new: str = "", extra: str = "", sets=()):
+    path = project / "loop.toml"
+    text = textwrap.dedent(LOOP)
+    assert old in text
+    path.write_text(text.replace(old, new, 1) + textwrap.dedent(extra))
+    return {p.key: p for p in problems(path, sets)}, path.read_text().splitlines()
+
+
+def line_of(lines: list[str], text: str) -> int:
+    return lines.index(text) + 1
+
+
+def test_loop_tables_are_validated_with_locations(project):
+    found, lines = loop_problems(project, 'stages = ["first", "second"]', 'stages = ["first", "secnd"]')
+    [p] = found.values()
+    assert (p.key, p.line) == ("loops.grow.stages", line_of(lines, 'stages = ["first", "secnd"]'))
+    assert p.message == "loop 'grow' lists 'secnd', which is not a stage." and "Did you mean 'second'?" in p.hint
+
+    found, lines = loop_problems(project, "feed = { seed = \"second\" }", "feed = { sed = \"second\", first = \"second\" }")
+    assert set(found) == {"loops.grow.feed.sed", "loops.grow.feed.first"}
+    assert found["loops.grow.feed.sed"].message == (
+        "feed key 'sed' is not referenced by any stage of loop 'grow', so feeding it changes nothing.")
+    assert found["loops.grow.feed.sed"].hint.startswith("Did you mean 'seed'?")
+    assert found["loops.grow.feed.first"].message == "feed key 'first' is a stage of loop 'grow'."
+
+    found, lines = loop_problems(project, 'seed = "second"', 'seed = "secnd"')
+    [p] = found.values()
+    assert p.key == "loops.grow.feed.seed" and p.line == line_of(lines, 'feed = { seed = "secnd" }')
+    assert p.message == "feed 'seed' = 'secnd': 'secnd' is not a stage of loop 'grow'."
+    assert p.hint.startswith("Did you mean 'second'?")
+
+    found, _ = loop_problems(project, extra='\n[loops.again]\nrounds = 2\nstages = ["second"]\n')
+    [p] = found.values()
+    assert p.key == "loops.again.stages" and p.message == "stage 'second' is in two loops, 'grow' and 'again'."
+
+    found, _ = loop_problems(project, "rounds = 2", "rounds = 21", extra='\n[loops.bad]\nround = 2\nstages = []\n')
+    assert found["loops.grow.rounds"].message == "expected less than or equal to 20, found integer 21."
+    assert found["loops.bad.round"].hint == "Did you mean 'rounds'?"
+    assert found["loops.bad.stages"].message.startswith("List should have at least 1 item")
+
+    found, _ = loop_problems(project, 'stages = ["first", "second"]', 'stages = ["first", "second@1"]')
+    assert "List the stage's own name, 'second'" in found["loops.grow.stages"].hint
+
+    found, _ = loop_problems(project, "[stages.second]", "[stages.\"second@1\"]")
+    assert "'@' is reserved for the rounds of a loop" in found["stages.second@1"].message
+
+
+def test_a_problem_in_an_unrolled_stage_names_the_user_key_and_the_round(project):
+    # a reference that resolves in no round: one problem, at the user's line, for every round
+    found, lines = loop_problems(project, 'input = "first"', 'input = "frist"')
+    [p] = found.values()
+    assert p.key == "stages.second.input (rounds 1-2)" and p.line == line_of(lines, 'input = "frist"')
+    assert p.message == "stage 'second' refers to 'frist', which is not defined."
+    assert "Did you mean 'first'?" in p.hint and "stages: first@1..2" in p.hint
+    # a problem of round 2 only: the fed stage gives a model where round 1 read conversations
+    tune = '[stages.tune]\nkind = "sft"\ninput = "second"\nmodel = "policy"\n\n[loops.grow]'
+    text = textwrap.dedent(LOOP).replace("[loops.grow]", tune).replace(
+        'stages = ["first", "second"]', 'stages = ["first", "second", "tune"]').replace('seed = "second"', 'seed = "tune"')
+    (project / "loop.toml").write_text(text)
+    [p] = problems(project / "loop.toml")
+    assert p.key == "stages.first.input (round 2)" and p.line == line_of(text.splitlines(), 'input = "seed"')
+    assert p.message == "stage 'first@2' (filter) takes conversations as input, but stage 'tune@1' (sft) gives model."
+    assert p.format().startswith(f"{p.file}:{p.line}: stages.first.input (round 2): stage 'first@2'")
+
+
+def test_a_cycle_inside_a_round_points_at_feed(project):
+    # `first` reads `second` of its own round, not the previous one: a cycle in every round
+    found, lines = loop_problems(project, 'input = "seed"', 'input = "second"')
+    assert set(found) == {"stages.first (round 1)", "loops.grow.feed.seed"}
+    p = found["stages.first (round 1)"]
+    assert p.message == "stages form a cycle: first@1 -> second@1 -> first@1."
+    assert p.line == line_of(lines, "[stages.first]") and "through the loop's feed" in p.hint
+    assert "nothing outside the loop" in found["loops.grow.feed.seed"].hint  # `seed` is no longer read
+
+
+def test_resolved_recipe_keeps_the_loop_table_and_set_reaches_it(project):
+    path = project / "loop.toml"
+    path.write_text(textwrap.dedent(LOOP))
+    r = load_recipe(path, ["loops.grow.rounds=4"])
+    assert [n for n in r.stages] == [f"{s}@{k}" for k in range(1, 5) for s in ("first", "second")]
+    assert r.loops["grow"].rounds == 4
+    again = tomllib.loads(dump_toml(r.raw))
+    assert again["loops"] == {"grow": {"rounds": 4, "stages": ["first", "second"], "feed": {"seed": "second"}}}
+    assert set(again["stages"]) == {"first", "second"}
+
+
+def test_paths_in_an_unrolled_stage_resolve_against_the_file_that_set_them(project):
+    # resources.accelerate_config is resolved late, by stage name: the rounds must find the base file
+    write(project / "base" / "acc.yaml", "compute_environment: LOCAL_MACHINE\n")
+    write(project / "base" / "base.toml", """
+        [recipe]
+        name = "base"
+
+        [datasets.seed]
+        path = "../data/convs.jsonl"
+
+        [stages.first]
+        kind = "filter"
+        input = "seed"
+
+        [stages.first.resources]
+        accelerate_config = "acc.yaml"
+    """)
+    top = write(project / "top.toml", """
+        [recipe]
+        name = "top"
+        extends = "base/base.toml"
+
+        [loops.grow]
+        rounds = 2
+        stages = ["first"]
+        feed = { seed = "first" }
+    """)
+    r = load_recipe(top)
+    assert list(r.stages) == ["first@1", "first@2"]
+    assert r.where("stages.first@2.resources.accelerate_config")["file"].endswith("base.toml")
+    (project / "base" / "acc.yaml").unlink()
+    [p] = problems(top)
+    assert p.key == "stages.first.resources.accelerate_config (rounds 1-2)" and p.file.endswith("base.toml")
+    assert p.message == "accelerate_config 'acc.yaml' of stage 'first' is not a file."
+
+
+def test_references_of_a_loop_stage_that_failed_validation_are_still_checked(project):
+    found, lines = loop_problems(project, 'input = "first"', 'input = "frist"\nmin_words = "x"')
+    assert set(found) == {"stages.second.min_words", "stages.second.input (rounds 1-2)"}
+    p = found["stages.second.input (rounds 1-2)"]
+    assert p.line == line_of(lines, 'input = "frist"') and "Did you mean 'first'?" in p.hint
