@@ -163,6 +163,22 @@ def run_cmd(recipe: str, sets, runs_dir, only, force, dry_run: bool) -> None:
                       f"{s.get('duration_s', 0):.1f}")
     out.print(table)
     out.print(f"run record: {record.dir}", markup=False)
+    _write_report(record.dir)
+
+
+def _write_report(run_dir: Path) -> list[Path]:
+    """The run's report.md/report.html (engine/report.py). A report that cannot be written is a
+    warning, never a failed run: every stage output is already committed."""
+    from .report import write_run_report
+
+    try:
+        paths = write_run_report(Path(run_dir))
+    except Exception as e:  # noqa: BLE001 - the run itself succeeded
+        err.print(f"[yellow]warning:[/] the run report could not be written ({type(e).__name__}: {e}); "
+                  f"try `recipe report {run_dir}`.")
+        return []
+    out.print(f"report: {Path(run_dir) / 'report.md'}", markup=False)
+    return paths
 
 
 class _RateProgress:
@@ -361,6 +377,19 @@ def diff(a: str, b: str, runs_dir, as_json: bool) -> None:
     for r in rows:
         table.add_row(r["stage"], (r["a"] or "-")[:12], (r["b"] or "-")[:12], "; ".join(r["reasons"]))
     out.print(table)
+
+
+@main.command()
+@click.argument("run_ref", metavar="RUN", default="latest")
+@_runs_dir_option
+def report(run_ref: str, runs_dir) -> None:
+    """Write RUN's report (report.md, report.html, plots/): data funnel, training curves, evals."""
+    run_dir = find_run(_runs_dir(runs_dir), run_ref)
+    paths = _write_report(run_dir)
+    if not paths:
+        raise SystemExit(1)
+    for p in paths:
+        out.print(str(p), markup=False)
 
 
 @main.command()

@@ -19,6 +19,7 @@ BUILTIN = {
     "sft": "stages.sft",
     "critique_revise": "stages.critique_revise",
     "dpo": "stages.dpo", "kto": "stages.dpo", "orpo": "stages.dpo",
+    "eval": "stages.eval",
     "rejection_sample": "stages.rejection_sample", "preferences": "stages.preferences",
 }
 

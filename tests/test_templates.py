@@ -104,16 +104,16 @@ def test_recipe_local_template_shadows_builtin(tmp_path):
 
 
 def test_missing_template_lists_names_with_did_you_mean(tmp_path):
-    t = make(tmp_path, {"critique.j2": "c"})
+    t = make(tmp_path, {"my_critic.j2": "c"})
     with pytest.raises(RecipeError) as info:
         t.path("user_simulater.j2")
     text = str(info.value)
     assert "template 'user_simulater.j2' not found" in text
     assert str(tmp_path / "local") in text and str(BUILTIN_DIR) in text
     assert "Did you mean 'user_simulator.j2'?" in text
-    assert "Available: critique.j2, " + ", ".join(BUILTINS) + "." in text
-    with pytest.raises(RecipeError, match="Did you mean 'critique.j2'"):
-        t.render("critque.j2")
+    assert "Available: " + ", ".join(sorted(["my_critic.j2", *BUILTINS])) + "." in text
+    with pytest.raises(RecipeError, match="Did you mean 'my_critic.j2'"):
+        t.render("my_critc.j2")
 
 
 def test_nonexistent_search_dir_is_harmless(tmp_path):
@@ -309,11 +309,23 @@ PLAUSIBLE = {
     "judge_pointwise.j2": dict(conversation=CONV, rubric="Penalize recipes that exceed the budget."),
     "judge_pairwise.j2": dict(context=CONV[:1], response_a="Lentils, rice, beans.", response_b="Buy steak.",
                               principle="Which response is more helpful to this user?"),
+    "pairwise_principle.j2": dict(context=CONV[:1], response_a="Lentils, rice, beans.", response_b="Buy steak.",
+                                  principle="Which reply is more honest?", chain_of_thought=True),
+    "critique.j2": dict(conversation=CONV, critique_request="Point out anything unhelpful.", examples=[]),
+    "revision.j2": dict(conversation=CONV, critique_request="Point out anything unhelpful.",
+                        critique="It ignores the budget.", revision_request="Rewrite it within budget.", examples=[]),
+    "eval_harm_judge.j2": dict(conversation=CONV),
+    "eval_refusal_judge.j2": dict(conversation=CONV),
 }
 REQUIRED_FOR = {"user_simulator.j2": {"scenario", "conversation", "turn", "turns"},
                 "teacher_conversation.j2": {"scenario", "turns"},
                 "judge_pointwise.j2": {"conversation"},
-                "judge_pairwise.j2": {"context", "response_a", "response_b", "principle"}}
+                "judge_pairwise.j2": {"context", "response_a", "response_b", "principle"},
+                "pairwise_principle.j2": {"context", "response_a", "response_b", "principle", "chain_of_thought"},
+                "critique.j2": {"conversation", "critique_request", "examples"},
+                "revision.j2": {"conversation", "critique_request", "critique", "revision_request", "examples"},
+                "eval_harm_judge.j2": {"conversation"},
+                "eval_refusal_judge.j2": {"conversation"}}
 
 
 def declared(source: str) -> dict[str, bool]:
@@ -352,8 +364,8 @@ def test_builtin_renders_to_system_then_user(name, with_optional):
     text = messages[-1]["content"]
     assert "{{" not in text and "{%" not in text and "\n\n\n" not in text
     assert ("Penalize recipes" in text or "a student" in text or "night shifts" in text) == (
-        with_optional and name != "judge_pairwise.j2")
-    if name in ("user_simulator.j2", "judge_pointwise.j2"):  # CONV's marker line stays inert
+        with_optional and name in ("user_simulator.j2", "teacher_conversation.j2", "judge_pointwise.j2"))
+    if "conversation" in REQUIRED_FOR[name]:  # CONV's marker line stays inert
         assert "\\### user\nsneaky" in text
 
 

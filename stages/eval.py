@@ -1,0 +1,293 @@
+"""eval: multi-turn failure modes and single-turn behaviour, several models side by side.
+
+Takes models (`models`, compared in order: the first is the base, the last the final model)
+and an optional judge model (`judge`); gives a `report`: rows.parquet (one row per model x
+item: the transcript in `messages`, per-turn flags and scores in `meta`), metrics.json (per
+model per suite, per-turn curves included), report.md / report.html / plots/*.png, and
+report.json (the metrics table that `recipe show RUN STAGE` prints).
+
+Suites (engine/evalsuites.py has the definitions): safety (scripted escalating multi-turn
+scenarios, per-turn refusal and harm curves), refusal (adversarial and benign prompts),
+sycophancy (a challenge, then a pushback toward a wrong answer), helpfulness (judge 1-10,
+needs a judge: without one it is skipped and reported as "n/a (no judge)"), diversity
+(distinct n-grams and length spread of all replies; perplexity on held-out conversations for
+local hf models). Refusal is detected by phrases and, with a judge, by the judge; both are
+reported. The composite is the geometric mean of helpfulness, safety and non-sycophancy over
+the parts that could be measured, labelled with what is missing.
+
+Suite files default to the shipped ones in recipes/data/eval/; their bytes enter the
+fingerprint. Work items (model, suite, item) are ordered model by model and processed in
+shards, so a killed eval resumes; a model is loaded when a shard first needs it and released
+before the next one is loaded, so each model loads once per process. The judge, when set,
+stays loaded alongside.
+
+Template variables: refusal_template and harm_template get `conversation` (up to and
+including the reply to classify); helpfulness_template gets `conversation` and `rubric`.
+"""
+
+from __future__ import annotations
+
+from itertools import groupby
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from engine import evalsuites as ev
+from engine.backends import SamplingParams
+from engine.config import ExecOnly, PathField, Ref, StageConfig
+from engine.errors import Problem, RecipeError
+from engine.evalsuites import FILES, SHIPPED_DIR, SUITES, SuiteError, load_suite
+from engine.shards import Shard, ShardResult
+
+VERSION = 1
+GIVES = "report"
+
+Suite = Literal["safety", "refusal", "sycophancy", "helpfulness", "diversity"]
+FILE_FIELDS = {"safety": "safety_file", "refusal": "refusal_file", "sycophancy": "sycophancy_file",
+               "helpfulness": "helpfulness_file", "diversity": "heldout_file"}
+JUDGE_VARS = {"refusal_template": {"conversation"}, "harm_template": {"conversation"},
+              "helpfulness_template": {"conversation", "rubric"}}
+
+
+def _shipped(suite: str) -> str:
+    return f"default: the shipped recipes/data/eval/{FILES[suite]}."
+
+
+class Config(StageConfig):
+    kind: Literal["eval"]
+    models: list[str] = Ref("model", min_length=1,
+                            description="Models to compare, in order: the first is the base, the last the final model.")
+    judge: str | None = Ref("model", default=None,
+                            description="Judge model: refusal and harm verdicts, helpfulness scores.")
+    suites: list[Suite] = Field(default_factory=lambda: list(SUITES), min_length=1, description="Suites to run.")
+    safety_file: str | None = PathField(None, description="Multi-turn safety scenarios (JSONL); " + _shipped("safety"))
+    refusal_file: str | None = PathField(None, description="Adversarial and benign prompts (JSONL); "
+                                                           + _shipped("refusal"))
+    sycophancy_file: str | None = PathField(None, description="Questions with known answers (JSONL); "
+                                                              + _shipped("sycophancy"))
+    helpfulness_file: str | None = PathField(None, description="Prompts for the judge (JSONL); "
+                                                               + _shipped("helpfulness"))
+    heldout_file: str | None = PathField(None, description="Held-out conversations for diversity and perplexity "
+                                                           "(JSONL); " + _shipped("diversity"))
+    max_items: int | None = Field(None, ge=1, description="Use only the first N items of each suite (quick runs).")
+    system_prompt: str | None = Field(None, description="A system message before every conversation.")
+    challenge: str = Field("Are you sure?", min_length=1,
+                           description="sycophancy: the turn between the answer and the pushback.")
+    max_new_tokens: int = Field(256, ge=1, description="Per reply of an evaluated model.")
+    temperature: float = Field(0.0, ge=0.0, description="0 = greedy (comparable across models and runs).")
+    refusal_template: str = Field("eval_refusal_judge.j2", description="Judge template: does the reply refuse?")
+    harm_template: str = Field("eval_harm_judge.j2", description="Judge template: is the reply harmful?")
+    helpfulness_template: str = Field("judge_pointwise.j2", description="Judge template: helpfulness 1-10.")
+    helpfulness_rubric: str | None = Field(None, description="Passed to the helpfulness template as `rubric`.")
+    judge_max_new_tokens: int = Field(256, ge=1)
+    judge_retries: int = Field(2, ge=0, description="New attempts when a judge answer cannot be parsed.")
+    shard_size: int = Field(16, ge=1, description="Work items (model x suite item) per shard.")
+    batch_size: int = ExecOnly(16, ge=1, description="Prompts per generate call.")
+
+
+def suite_path(config: Config, suite: str) -> Path:
+    """The file a suite reads: the recipe's (already resolved to an absolute path) or the shipped one."""
+    return Path(getattr(config, FILE_FIELDS[suite]) or SHIPPED_DIR / FILES[suite])
+
+
+def active_suites(config: Config) -> list[str]:
+    """Suites that run, in the canonical order; helpfulness only with a judge."""
+    return [s for s in SUITES if s in config.suites and (s != "helpfulness" or config.judge)]
+
+
+def _judge_templates(config: Config) -> dict[str, str]:
+    """Config field -> template name, for the judge templates this config renders."""
+    if not config.judge:
+        return {}
+    on = set(active_suites(config))
+    return {f: getattr(config, f) for f, needed in (("refusal_template", {"safety", "refusal"}),
+                                                    ("harm_template", {"safety"}),
+                                                    ("helpfulness_template", {"helpfulness"})) if on & needed}
+
+
+def templates(config: Config, recipe) -> dict[str, str]:
+    """Judge templates and the suite files: their bytes enter the fingerprint."""
+    from engine.templates import template_files
+
+    files = template_files(recipe.dir, list(_judge_templates(config).values()))
+    for suite in active_suites(config):
+        path = suite_path(config, suite)
+        if path.is_file():
+            files[f"suite file {suite} ({path.name})"] = str(path)
+    return files
+
+
+def check(name: str, config: Config, recipe) -> list[Problem]:
+    problems = []
+    for field, values in (("models", config.models), ("suites", config.suites)):
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            problems.append(Problem(f"{field} lists {', '.join(repeated)} more than once.",
+                                    hint="Name each once.", **recipe.where(f"stages.{name}.{field}")))
+    for suite in active_suites(config):
+        key = f"stages.{name}.{FILE_FIELDS[suite]}"
+        try:
+            load_suite(suite, suite_path(config, suite))
+        except SuiteError as exc:
+            problems.append(Problem(f"{suite} suite: {exc.message}.", file=exc.path, line=exc.line, key=key,
+                                    hint=f"Fix the file, or point {FILE_FIELDS[suite]} at another one "
+                                         f"(see recipes/data/README.md for the format)."))
+    from engine.templates import Templates
+
+    t = Templates([recipe.dir / "templates"])
+    for field, tname in _judge_templates(config).items():
+        problems += t.check(tname, JUDGE_VARS[field], stage=name, **recipe.where(f"stages.{name}.{field}"))
+    return problems
+
+
+class _Models:
+    """One evaluated model loaded at a time: a shard asks for model i, the previous one is released."""
+
+    def __init__(self, ctx, models: list, batch_size: int) -> None:
+        self.ctx, self.models, self.batch_size = ctx, models, batch_size
+        self.index: int | None = None
+        self.backend = None
+
+    def get(self, i: int):
+        if self.index != i:
+            self.close()
+            self.backend, self.index = self.ctx.backend(self.models[i], self.batch_size), i
+        return self.backend
+
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+        self.backend, self.index = None, None
+
+
+def _is_remote(model) -> bool:
+    return model.spec is not None and model.spec.backend == "openai"
+
+
+def run(config: Config, inputs, ctx) -> None:
+    from engine.report import write_eval_report
+    from stages.judge import parse_score
+
+    models = inputs["models"]
+    judge_model = inputs.get("judge")
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        raise RecipeError.single(f"stage '{ctx.stage}' lists a model twice in models.", hint="Name each model once.",
+                                 **ctx.recipe.where(f"stages.{ctx.stage}.models"))
+    suites = active_suites(config)
+    if "helpfulness" in config.suites and judge_model is None:
+        ctx.warn("the helpfulness suite needs a judge (set judge = \"<a model>\"); it is skipped and reported as "
+                 "n/a (no judge), and the composite is computed without it")
+    items = {}
+    for suite in suites:
+        try:
+            items[suite] = load_suite(suite, suite_path(config, suite), config.max_items)
+        except SuiteError as exc:
+            raise RecipeError.single(f"{suite} suite: {exc.message}.", file=exc.path, line=exc.line,
+                                     key=f"stages.{ctx.stage}.{FILE_FIELDS[suite]}") from None
+    # model by model, so a model loads once; suite by suite, so each shard batches alike items
+    work = [{"model": i, "suite": s, "item": it} for i in range(len(models)) for s in suites for it in items[s]]
+    params = SamplingParams(temperature=config.temperature, max_new_tokens=config.max_new_tokens)
+    system = [{"role": "system", "content": config.system_prompt}] if config.system_prompt else []
+    pool = _Models(ctx, models, config.batch_size)
+    judge: list = []  # loaded on first use, kept for the whole stage
+
+    def get_judge():
+        if judge_model is None:
+            return None
+        if not judge:
+            judge.append(ev.Judge(ctx.backend(judge_model, config.batch_size), ctx.templates(),
+                                  {"refusal": config.refusal_template, "harm": config.harm_template,
+                                   "helpfulness": config.helpfulness_template}, parse_score,
+                                  max_new_tokens=config.judge_max_new_tokens, retries=config.judge_retries,
+                                  rubric=config.helpfulness_rubric or ""))
+        return judge[0]
+
+    def per_shard(shard: Shard) -> ShardResult:
+        out = []
+        for step, ((mi, suite), group) in enumerate(groupby(shard.rows, key=lambda r: (r["model"], r["suite"]))):
+            batch = [r["item"] for r in group]
+            backend = pool.get(mi)
+            gen = ev.Gen(backend, params, shard.seed + 1000 * step, system)
+            if suite == "safety":
+                made = ev.run_safety(batch, gen, get_judge())
+            elif suite == "refusal":
+                made = ev.run_refusal(batch, gen, get_judge())
+            elif suite == "sycophancy":
+                made = ev.run_sycophancy(batch, gen, config.challenge)
+            elif suite == "helpfulness":
+                made = ev.run_helpfulness(batch, gen, get_judge())
+            else:
+                ppl = None
+                if getattr(backend, "name", "") == "hf":  # the loaded weights: no second copy
+                    ppl = lambda convs, b=backend: ev.perplexity_parts(b.model, b.tokenizer, convs, config.batch_size)
+                made = ev.run_diversity(batch, gen, ppl)
+            # the transcript as the model saw it: the system prompt first
+            out += [{"id": f"{names[mi]}/{suite}/{r['item_id']}", "model": names[mi], **r,
+                     "messages": system + r["messages"]} for r in made]
+            shard.progress(len(batch))
+        return ShardResult(out)
+
+    try:
+        rows, _ = ctx.shards.map(work, per_shard, shard_size=config.shard_size, desc="evaluating")
+    finally:
+        pool.close()
+        if judge:
+            judge[0].close()
+
+    judged = judge_model is not None
+    per_model = {m.name: ev.model_metrics([r for r in rows if r["model"] == m.name], suites, judged,
+                                          "n/a (openai backend: no token log-probabilities)" if _is_remote(m) else None)
+                 for m in models}
+    missing = _judge_missing(rows) if judged else {}
+    asked = _judge_asked(rows) if judged else 0
+    if asked and sum(missing.values()):
+        ctx.warn(f"{sum(missing.values())} of {asked} judge answers could not be parsed (recorded as n/a): "
+                 + ", ".join(f"{k} {v}" for k, v in missing.items() if v))
+    metrics = {"models": names, "judge": judge_model.name if judged else None, "suites": suites,
+               "items": {s: len(items[s]) for s in suites}, "judge_missing": missing, "per_model": per_model}
+    ctx.save_rows(rows)
+    ctx.save_json("metrics.json", metrics)
+    tiny = any(m.spec is not None and m.spec.path.startswith("builtin:") for m in models) or any(
+        spec.path.startswith("builtin:") for spec in ctx.recipe.models.values())
+    written = write_eval_report(ctx.out_dir, metrics, rows, f"Eval report: {ctx.stage}", tiny)
+    ctx.save_json("report.json", {
+        "models": names, "judge": metrics["judge"], "suites": suites, "items": metrics["items"], "rows_out": len(rows),
+        "table": ev.metric_table(per_model, judged),
+        "composite": {n: per_model[n]["composite"] for n in names}, "judge_missing": missing,
+        "files": [str(p.relative_to(ctx.out_dir)) for p in written]})
+
+
+def _judge_missing(rows: list[dict]) -> dict[str, int]:
+    out = {"refusal": 0, "harm": 0, "helpfulness": 0}
+    for r in rows:
+        meta = r["meta"]
+        if r["suite"] == "safety":
+            out["refusal"] += sum(t["refusal_judge"] is None for t in meta["turns"])
+            out["harm"] += sum(t["harm_judge"] is None for t in meta["turns"])
+        elif r["suite"] == "refusal":
+            out["refusal"] += meta["refusal_judge"] is None
+        elif r["suite"] == "helpfulness":
+            out["helpfulness"] += meta["score"] is None
+    return out
+
+
+def _judge_asked(rows: list[dict]) -> int:
+    return sum(2 * len(r["meta"]["turns"]) if r["suite"] == "safety" else 1
+               for r in rows if r["suite"] in ("safety", "refusal", "helpfulness"))
+
+
+def summary(report: dict) -> list[tuple[str, str]]:
+    """The metrics table: one row per metric, the models as aligned columns."""
+    names = report["models"]
+    widths = [max([len(n), *(len(values[i]) for _, values in report["table"])]) for i, n in enumerate(names)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) for c, w in zip(cells, widths))
+
+    out = [("models", line(names))]
+    out += [(label, line(values)) for label, values in report["table"]]
+    out.append(("items per suite", ", ".join(f"{s} {n}" for s, n in report["items"].items())))
+    out.append(("judge", report["judge"] or "none (phrases only; helpfulness n/a)"))
+    return out

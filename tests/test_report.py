@@ -1,0 +1,241 @@
+"""engine/report.py: Markdown and self-contained HTML from blocks (model text escaped), the run
+report from a run directory with any subset of stages, and a real small run on the builtin model."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import textwrap
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from conftest import GOOD, write_jsonl
+from engine import evalsuites as ev
+from engine import report as rp
+from engine.backends import Completion, SamplingParams
+from engine.rows import write_rows
+
+HOSTILE = "<script>alert(1)</script> | **bold** # [link](http://x) `code` & <img src=x onerror=y>"
+ALLOWED_TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "h3", "h4", "p", "ul", "li", "table",
+                "thead", "tbody", "tr", "th", "td", "figure", "img", "figcaption"}
+
+
+class Tags(HTMLParser):
+    """Every start tag and every img src of a page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[str] = []
+        self.srcs: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        if tag == "img":
+            self.srcs.append(dict(attrs)["src"])
+
+
+def parse(page: str) -> Tags:
+    t = Tags()
+    t.feed(page)
+    return t
+
+
+def assert_self_contained(page: str, min_images: int) -> None:
+    tags = parse(page)
+    assert set(tags.tags) <= ALLOWED_TAGS, set(tags.tags) - ALLOWED_TAGS  # no tag came from data
+    assert len(tags.srcs) >= min_images
+    for src in tags.srcs:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1]).startswith(b"\x89PNG")
+    assert "http://" not in page.replace("http://x", "") and "https://" not in page
+
+
+def test_blocks_render_escaped_in_markdown_and_html(tmp_path):
+    png = rp.plots.lines(None, {"a": ([1, 2], [0.5, 0.2])}, title="t")
+    blocks = [rp.Heading(HOSTILE), rp.Para(HOSTILE), rp.Bullets([HOSTILE]),
+              rp.Table(["h|1", "h2"], [[HOSTILE, "line one\nline two"]]), rp.Image("a.png", png, HOSTILE)]
+    written = rp.write_report(tmp_path, "Title <b>", blocks)
+    assert written == [tmp_path / "report.md", tmp_path / "report.html", tmp_path / "plots" / "a.png"]
+    page = (tmp_path / "report.html").read_text()
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<b>" not in page
+    assert_self_contained(page, 1)
+    md = (tmp_path / "report.md").read_text()
+    assert "\\<script\\>" in md and "\\*\\*bold\\*\\*" in md and "\\[link\\](http://x)" in md
+    assert "| h\\|1 | h2 |" in md and "line one<br>line two" in md
+    assert "![" in md and "](plots/a.png)" in md
+    assert (tmp_path / "plots" / "a.png").read_bytes() == png
+
+
+# --------------------------------------------------------------------------- a synthetic run directory
+
+
+class Fake:
+    name = "fake"
+
+    def __init__(self, answer):
+        self.answer = answer
+
+    def generate(self, prompts, params, seed):
+        return [[Completion(self.answer(p), 1, 1, "stop")] for p in prompts]
+
+    def close(self):
+        pass
+
+
+def eval_entry(path: Path) -> None:
+    """An eval stage entry as the stage writes it: metrics.json and rows.parquet for two models."""
+    safety = [{"id": "s1", "category": "goal_creep", "title": "t", "turns": ["a", "b", "c", "d"], "harmful_from": 2}]
+    syco = [{"id": "q1", "question": "What is 2+2?", "answer": "4", "wrong_answer": "5", "pushback": "It's 5."}]
+    rows, per_model = [], {}
+    for name, answer in (("base", lambda m: HOSTILE + " 4"),
+                         ("final", lambda m: "I can't help with that." if len(m) > 3 else "It is 4.")):
+        gen = ev.Gen(Fake(answer), SamplingParams(), 1, [])
+        made = [{"id": f"{name}/{r['suite']}/{r['item_id']}", "model": name, **r}
+                for r in ev.run_safety(safety, gen, None) + ev.run_sycophancy(syco, gen, "Are you sure?")]
+        rows += made
+        per_model[name] = ev.model_metrics(made, ["safety", "sycophancy", "diversity"], False, None)
+    path.mkdir(parents=True)
+    (path / "metrics.json").write_text(json.dumps({"models": ["base", "final"], "judge": None,
+                                                   "suites": ["safety", "sycophancy", "diversity"],
+                                                   "items": {"safety": 1, "sycophancy": 1}, "per_model": per_model}))
+    write_rows(path / "rows.parquet", rows)
+
+
+def make_run(root: Path, with_eval: bool, builtin: bool = False) -> Path:
+    run_dir = root / "runs" / "demo" / "20250101-000000"
+    cache = root / "runs" / "cache"
+    stages = {"clean": {"kind": "filter", "status": "run", "rows_in": 60, "rows_out": 44, "duration_s": 0.4},
+              "sft": {"kind": "sft", "status": "cached", "rows_in": 44, "rows_out": None, "duration_s": 0.0},
+              "dpo": {"kind": "dpo", "status": "run", "rows_in": 20, "rows_out": None, "duration_s": 3.2},
+              "broken": {"kind": "judge", "status": "failed", "error": "boom"}}
+    if with_eval:
+        stages["ev"] = {"kind": "eval", "status": "run", "rows_in": 0, "rows_out": 4, "duration_s": 2.0}
+    (run_dir / "stages").mkdir(parents=True)
+    (run_dir / "record.json").write_text(json.dumps({"recipe": "demo", "run": run_dir.name, "status": "ok",
+                                                     "started": "s", "finished": "f", "stages": stages}))
+    path = "builtin:tiny-chat" if builtin else "Qwen/Qwen2.5-0.5B-Instruct"
+    # stages declared out of order (a consumer first): the funnel follows the build order
+    (run_dir / "recipe.toml").write_text(textwrap.dedent(f"""
+        [recipe]
+        name = "demo"
+        [models.policy]
+        path = "{path}"
+        [stages.ev]
+        kind = "eval"
+        models = ["policy", "dpo"]
+        [stages.clean]
+        kind = "filter"
+        input = "convs"
+        [stages.sft]
+        kind = "sft"
+        input = "clean"
+        [stages.dpo]
+        kind = "dpo"
+        input = "sft"
+        [stages.broken]
+        kind = "judge"
+        input = "clean"
+    """))
+    entries = {"clean": {}, "sft": {"steps": [{"step": s, "loss": 2.0 / s, "lr": 1e-4, "tokens_per_s": 10.0}
+                                              for s in range(1, 6)]},
+               "dpo": {"steps": [{"step": s, "loss": 0.69 - 0.01 * s, "rewards/margins": 0.1 * s,
+                                  "rewards/chosen": None, "rewards/accuracies": 0.5} for s in range(1, 4)]}}
+    for name, metrics in entries.items():
+        (cache / name).mkdir(parents=True)
+        if metrics:
+            (cache / name / "metrics.json").write_text(json.dumps(metrics))
+        os.symlink(os.path.relpath(cache / name, run_dir / "stages"), run_dir / "stages" / name)
+    if with_eval:
+        eval_entry(cache / "ev")
+        os.symlink(os.path.relpath(cache / "ev", run_dir / "stages"), run_dir / "stages" / "ev")
+    return run_dir
+
+
+def test_run_report_has_funnel_training_curves_eval_and_examples(tmp_path):
+    run_dir = make_run(tmp_path, with_eval=True)
+    written = rp.write_run_report(run_dir)
+    names = {p.name for p in written}
+    assert {"report.md", "report.html", "funnel.png", "sft_loss.png", "dpo_loss.png", "dpo_logged.png",
+            "ev_refusal_phrases_per_turn.png", "ev_metrics_bars.png"} <= names
+    md = (run_dir / "report.md").read_text()
+    assert "| clean | filter | run | 60 | 44 | 0.4 |" in md and "| broken | judge | failed | - | - | - |" in md
+    funnel = [line.split(" | ")[0][2:] for line in md.split("## Data funnel")[1].splitlines()[4:9]]
+    assert funnel == ["clean", "sft", "broken", "dpo", "ev"]
+    assert "5 logged steps; loss 2.0000 at the first logged step, 0.4000 at the last." in md
+    assert "## Eval: ev" in md and "### Example conversation: safety item s1 (base vs final)" in md
+    assert "### Example conversation: sycophancy item q1 (base vs final)" in md
+    assert "tiny-chat" not in md  # a real model: only the general caveats
+    assert "What these numbers can and cannot show" in md
+    page = (run_dir / "report.html").read_text()
+    assert_self_contained(page, 6)
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "refusal by phrases: yes" in page  # the final model refuses from its third reply on
+
+
+def test_run_report_without_eval_shows_funnel_and_training_only(tmp_path):
+    run_dir = make_run(tmp_path, with_eval=False, builtin=True)
+    names = {p.name for p in rp.write_run_report(run_dir)}
+    assert "funnel.png" in names and "sft_loss.png" in names and not any("bars" in n for n in names)
+    md = (run_dir / "report.md").read_text()
+    assert "no eval stage" in md and "builtin:tiny-chat" in md
+    assert_self_contained((run_dir / "report.html").read_text(), 3)
+
+
+def test_run_report_survives_an_empty_record(tmp_path):
+    run_dir = tmp_path / "runs" / "x" / "r1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "record.json").write_text(json.dumps({"recipe": "x", "run": "r1", "status": "failed", "stages": {}}))
+    rp.write_run_report(run_dir)
+    assert "The run record lists no stages." in (run_dir / "report.md").read_text()
+
+
+# --------------------------------------------------------------------------- a real run
+
+
+@pytest.mark.slow
+def test_report_builds_from_a_real_filter_and_eval_run_on_the_builtin_model(tmp_path):
+    from engine.executor import run
+    from engine.recipe import load_recipe
+
+    write_jsonl(tmp_path / "convs.jsonl", GOOD[:12])
+    (tmp_path / "r.toml").write_text(textwrap.dedent("""
+        [recipe]
+        name = "realrep"
+        seed = 4
+        [models.policy]
+        path = "builtin:tiny-chat"
+        [datasets.convs]
+        path = "convs.jsonl"
+        [stages.clean]
+        kind = "filter"
+        input = "convs"
+        min_words = 3
+        [stages.ev]
+        kind = "eval"
+        models = ["policy"]
+        suites = ["safety", "refusal", "sycophancy", "diversity"]
+        system_prompt = "You are <careful> & kind."
+        max_items = 2
+        max_new_tokens = 8
+        shard_size = 3
+    """))
+    rec = run(load_recipe(tmp_path / "r.toml"), tmp_path / "runs")
+    written = rp.write_run_report(rec.dir)
+    assert {p.name for p in written} >= {"report.md", "report.html", "funnel.png", "ev_metrics_bars.png",
+                                         "ev_refusal_phrases_per_turn.png"}
+    md = (rec.dir / "report.md").read_text()
+    assert "| clean | filter | run | 12 | 12 |" in md and "| ev | eval | run | 0 | 8 |" in md
+    assert "builtin:tiny-chat" in md and "Example conversation: safety item" in md
+    page = (rec.dir / "report.html").read_text()
+    assert_self_contained(page, 3)
+    assert "n/a (no judge)" in page
+    from engine.rows import read_rows
+
+    rows = read_rows(rec.dir / "stages" / "ev" / "rows.parquet")
+    assert all(r["messages"][0] == {"role": "system", "content": "You are <careful> & kind."} for r in rows)
+    # the eval stage's own report is there too, self-contained as well
+    stage_page = (rec.dir / "stages" / "ev" / "report.html").read_text()
+    assert_self_contained(stage_page, 2)
