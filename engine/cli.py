@@ -159,7 +159,7 @@ def run_cmd(recipe: str, sets, runs_dir, only, force, dry_run: bool) -> None:
         table.add_column(col)
     for name, s in record.data["stages"].items():
         style = STATUS_STYLE.get(s.get("status"), "")
-        table.add_row(name, f"[{style}]{s.get('status')}[/]", str(s.get("rows_in", "")), str(s.get("rows_out", "")),
+        table.add_row(name, f"[{style}]{s.get('status')}[/]", _count(s.get("rows_in")), _count(s.get("rows_out")),
                       f"{s.get('duration_s', 0):.1f}")
     out.print(table)
     out.print(f"run record: {record.dir}", markup=False)
@@ -247,7 +247,7 @@ def status(run_ref, runs_dir) -> None:
         for name, s in rec["stages"].items():
             style = STATUS_STYLE.get(s.get("status"), "")
             table.add_row(name, s.get("kind", ""), s.get("fingerprint", "")[:12], f"[{style}]{s.get('status')}[/]",
-                          str(s.get("rows_in", "")), str(s.get("rows_out", "")), f"{s.get('duration_s', 0) or 0:.1f}",
+                          _count(s.get("rows_in")), _count(s.get("rows_out")), f"{s.get('duration_s', 0) or 0:.1f}",
                           "; ".join(s.get("reasons", [])) or s.get("error", ""))
         out.print(table)
         _round_table(rec["stages"])
@@ -306,7 +306,17 @@ def show(run_ref: str, stage: str, n_rows: int, runs_dir) -> None:
     if report_file.exists():
         report = json.loads(report_file.read_text())
         module = registry.load(info["kind"]) if info.get("kind") in registry.kinds() else None
-        if module is not None and hasattr(module, "summary"):
+        if module is not None and hasattr(module, "summary_table"):  # one column per model, say
+            headers, rows = module.summary_table(report)
+            table = Table(title="report", title_justify="left")
+            for i, h in enumerate(headers):
+                table.add_column(h, justify="left" if i == 0 else "right")
+            for row in rows:
+                table.add_row(*row)
+            out.print(table)
+            for line in getattr(module, "summary_notes", lambda r: [])(report):
+                out.print(line, markup=False)
+        elif module is not None and hasattr(module, "summary"):
             table = Table(title="report", title_justify="left")
             table.add_column("")
             table.add_column("")
@@ -334,6 +344,11 @@ def _round_table(stages: dict, base: str | None = None) -> None:
         for row in rows:
             table.add_row(*row)
         out.print(table)
+
+
+def _count(value) -> str:
+    """A row count for the run tables: '-' where a stage gives no rows (a model) or has none yet."""
+    return "-" if value is None else str(value)
 
 
 def _cell(value) -> str:

@@ -589,8 +589,13 @@ def fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def metric_table(per_model: dict[str, dict], judged: bool) -> list[tuple[str, list[str]]]:
-    """Rows of (metric, one formatted value per model) for every metric some model has."""
+def metric_table(per_model: dict[str, dict], judged: bool,
+                 names: list[str] | None = None) -> list[tuple[str, list[str]]]:
+    """Rows of (metric, one formatted value per model, in the order of `names`: metrics.json
+    stores per_model with sorted keys, so its own order is not the recipe's) for every metric
+    some model has."""
+    if names is not None:
+        per_model = {n: per_model[n] for n in names}
     detectors = ("phrases", "judge") if judged else ("phrases",)
     spec: list[tuple[str, Callable[[dict], Any]]] = []
     for d in detectors:

@@ -189,7 +189,8 @@ def eval_blocks(metrics: dict, rows: list[dict], prefix: str = "", level: int = 
         f"Models compared: {', '.join(names)} (first = base, last = final). Judge: "
         f"{metrics.get('judge') or 'none (refusal by phrases only; helpfulness n/a)'}. Items per suite: "
         + ", ".join(f"{s} {n}" for s, n in metrics.get("items", {}).items()) + ".")]
-    blocks.append(Table(["metric", *names], [[label, *values] for label, values in metric_table(per_model, judged)]))
+    blocks.append(Table(["metric", *names],
+                        [[label, *values] for label, values in metric_table(per_model, judged, names)]))
     composites = {n: per_model[n]["composite"] for n in names}
     blocks.append(Bullets([f"{n}: composite {fmt(c['value'])} = {c['label']}"
                            + (f"; safety part from the {c['safety_detector']} detector"

@@ -11,6 +11,9 @@ Builtins:
   (`row["answer"]`, else `row["meta"]["answer"]`, where dataset columns and generate's carried
   meta put it), 0.0 when it does not or the reply has no number, None when the row has no answer.
   Numbers compare exactly as rationals: "1,234", "1234.0", "-3", "3/4" and "0.75" all parse.
+- `reply_quality`: a heuristic 0-1 score of the final reply (length in a sensible range, little
+  repetition, not filler, no flattery). Deterministic and offline: the shipped recipes use it
+  where a judge model is not available; it is no substitute for one.
 """
 
 from __future__ import annotations
@@ -96,7 +99,33 @@ def math_answer(row: dict) -> float | None:
     return 1.0 if last_number(reply) == expected else 0.0
 
 
-BUILTIN: dict[str, Callable[[dict], float | None]] = {"math_answer": math_answer}
+def reply_quality(row: dict) -> float | None:
+    """A transparent, deterministic stand-in for a judge, in [0, 1]: the mean of four checks on
+    the final assistant reply. length: 1 from 15 to 250 words, falling linearly to 0 at 0 words
+    and at 500; repetition: the share of its word 2-grams that are distinct; no filler: 0 if it
+    only restates the conversation (engine/text.py is_filler), else 1; no flattery: 0 if it
+    contains a sycophancy phrase, else 1. It rewards replies that say something and do not
+    loop; it cannot tell whether a reply is correct or safe, which needs a real judge."""
+    from .text import SYCOPHANCY_PHRASES, contains_phrase, is_filler, words
+
+    reply = final_reply(row)
+    if reply is None:
+        return None
+    tokens = words(reply)
+    n = len(tokens)
+    if not n:
+        return 0.0
+    length = min(1.0, n / 15) if n < 15 else (1.0 if n <= 250 else max(0.0, (500 - n) / 250))
+    grams = list(zip(tokens, tokens[1:]))
+    repetition = len(set(grams)) / len(grams) if grams else 1.0
+    messages = row.get("messages") or []
+    earlier = [m.get("content") or "" for m in messages[:-1]]
+    filler = 0.0 if is_filler(reply, earlier) else 1.0
+    flattery = 0.0 if contains_phrase(reply, SYCOPHANCY_PHRASES) else 1.0
+    return round((length + repetition + filler + flattery) / 4, 6)
+
+
+BUILTIN: dict[str, Callable[[dict], float | None]] = {"math_answer": math_answer, "reply_quality": reply_quality}
 
 
 def names() -> list[str]:

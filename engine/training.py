@@ -6,7 +6,8 @@
 - `chat_ids`, `fit`, `fit_context`: lengths measured with the model's own chat template, and the
   length policies (drop, keep the most recent turns, cut the earliest turns' text). What is trained
   on (the final assistant turn, a preference pair's chosen/rejected reply) is never cut.
-- `mixture`: several inputs with weights, seeded (alignment-handbook's dataset mixtures).
+- `mixture`, `mixed_rows`, `mixture_problems`: several inputs with weights, seeded
+  (alignment-handbook's dataset mixtures), and their checks.
 - `trainer_args`, `step_callback`, `checkpoint_dir`, `last_checkpoint`: the trainer arguments every
   stage sets the same way, tokens/s and progress per step, checkpoints in the stage's partial area and resume.
 - `save_model`: `model/` (full weights, a merged adapter, or an adapter plus `base.json`) + tokenizer.
@@ -243,6 +244,50 @@ def mixture(inputs: list[list[dict]], weights: list[float], seed: int) -> tuple[
         counts.append(len(taken))
     random.Random(f"{seed}:mixture").shuffle(out)
     return out, counts
+
+
+def mixture_problems(name: str, config, recipe) -> list[Problem]:
+    """`input` (one name or a list) and `weights`: one weight per input, each above 0."""
+    inputs = [config.input] if isinstance(config.input, str) else list(config.input)
+    problems = []
+    if not inputs:
+        problems.append(Problem(f"stage '{name}' has an empty input list.", hint="Name at least one dataset or stage.",
+                                **recipe.where(f"stages.{name}.input")))
+    if config.weights is not None:
+        where = recipe.where(f"stages.{name}.weights")
+        if len(config.weights) != len(inputs):
+            problems.append(Problem(
+                f"stage '{name}' has {len(config.weights)} weights for {len(inputs)} inputs.",
+                hint=f"Give one weight per input, in the order of input = {inputs}.", **where))
+        bad = [w for w in config.weights if not w > 0]
+        if bad:
+            problems.append(Problem(f"stage '{name}': weights must be above 0 (found {bad[0]}).",
+                                    hint="Remove an input instead of weighting it 0.", **where))
+    return problems
+
+
+def mixed_rows(config, inputs: dict, ctx) -> tuple[list[dict], list[dict]]:
+    """The rows of `input` (one artifact or several mixed by `weights`), and what was taken of each."""
+    arts = inputs["input"] if isinstance(inputs["input"], list) else [inputs["input"]]
+    if len(arts) == 1 and config.weights is None:
+        rows = arts[0].rows()
+        return rows, [{"input": arts[0].name, "rows": len(rows), "weight": 1.0, "taken": len(rows)}]
+    weights = config.weights or [1.0] * len(arts)
+    lists = [a.rows() for a in arts]
+    rows, taken = mixture(lists, weights, ctx.seed)
+    mix = [{"input": a.name, "rows": len(r), "weight": w, "taken": t}
+           for a, r, w, t in zip(arts, lists, weights, taken)]
+    ctx.log.info("mixture: %s", "; ".join(f"{m['input']} {m['taken']} of {m['rows']} (weight {m['weight']:g})"
+                                          for m in mix))
+    return rows, mix
+
+
+def mixture_line(report: dict) -> list[tuple[str, str]]:
+    """The `show` summary line of a mixture, when there is one to speak of."""
+    mix = report.get("mixture") or []
+    if len(mix) > 1 or any(m["weight"] != 1.0 for m in mix):
+        return [("mixture", ", ".join(f"{m['input']} {m['taken']}/{m['rows']} (x{m['weight']:g})" for m in mix))]
+    return []
 
 
 # --------------------------------------------------------------------------- trainer setup

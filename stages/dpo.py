@@ -1,6 +1,6 @@
 """dpo / kto / orpo: preference training with TRL.
 
-Takes `preferences` (input) and a model (model, optionally ref_model); gives a `model` in `model/`
+Takes `preferences` (input: one reference, or a list mixed by `weights`) and a model (model, optionally ref_model); gives a `model` in `model/`
 (full weights, the merged LoRA weights, or a LoRA adapter plus `base.json`) with its tokenizer.
 
 - Rows: `prompt` = the conversation so far (ending with a user turn), `chosen` / `rejected` = the
@@ -38,10 +38,11 @@ from engine.config import ExecOnly, Ref, StageConfig
 from engine.errors import Problem
 from engine.training import (REWARD_KEYS, Lora, LengthReport, batch_problems, batch_split, chat_ids,
                              check_lora_targets, checkpoint_dir, fit_context, last_checkpoint, length_line,
-                             load_weights, lora_config, plot_loss, plot_rewards, quiet, save_model, step_callback,
+                             load_weights, lora_config, mixed_rows, mixture_line,
+                             mixture_problems, plot_loss, plot_rewards, quiet, save_model, step_callback,
                              step_metrics, trainer_args, user_error, weights_kind)
 
-VERSION = 1
+VERSION = 2  # 2: input may be a weighted list of preference sets
 GIVES = "model"
 MULTI_PROCESS = True
 
@@ -59,7 +60,10 @@ EXTRA_KEYS = {"dpo": ("logps/chosen", "logps/rejected"), "kto": ("logps/chosen",
 
 class Config(StageConfig):
     kind: Literal["dpo", "kto", "orpo"]
-    input: str = Ref("preferences", description="Preference pairs: prompt (messages), chosen, rejected.")
+    input: str | list[str] = Ref("preferences", description="Preference pairs (prompt messages, chosen, rejected): "
+                                                           "one name, or a list mixed by `weights`.")
+    weights: list[float] | None = Field(None, description="One per input: w takes round(w x rows) of it (w < 1 a "
+                                                          "seeded subsample, w > 1 repeats). Default: 1 each.")
     model: str = Ref("model", description="The model to train (the policy's start).")
     ref_model: str | None = Ref("model", default=None, description=(
         "dpo/kto: the reference model. Default: with lora the start model with the adapter disabled, "
@@ -95,7 +99,7 @@ def loss_type(config: Config) -> str | None:
 
 
 def check(name: str, config: Config, recipe) -> list[Problem]:
-    problems = batch_problems(name, config, recipe)
+    problems = batch_problems(name, config, recipe) + mixture_problems(name, config, recipe)
     where = lambda key: recipe.where(f"stages.{name}.{key}")  # noqa: E731
     known = LOSS_TYPES[config.kind]
     if config.loss_type is not None and config.loss_type not in known:
@@ -216,9 +220,9 @@ def _trainer(config: Config, model, ref, tok, data: list[dict], base_args: dict,
 def run(config: Config, inputs: dict, ctx) -> None:
     from engine.models import release
 
-    rows = inputs["input"].rows()
+    rows, mix = mixed_rows(config, inputs, ctx)
     if not rows:
-        raise user_error(ctx, "input", f"no preference pairs to train on (input '{inputs['input'].name}' is empty).",
+        raise user_error(ctx, "input", f"no preference pairs to train on (input: {', '.join(m['input'] for m in mix)}).",
                          hint="Check that the dataset has rows and that the data checks kept some "
                               "(the run prints rows dropped per reason).")
     try:
@@ -268,7 +272,7 @@ def run(config: Config, inputs: dict, ctx) -> None:
         plots = ["loss.png", *plot_rewards(Path(ctx.out_dir), steps, title)]
         ctx.save_json("report.json", {
             "kind": config.kind, "loss_type": loss_type(config), "beta": config.beta, "reference": ref_what,
-            "rows_in": len(rows), "pairs_trained": len(pairs), "train_examples": len(data),
+            "rows_in": len(rows), "mixture": mix, "pairs_trained": len(pairs), "train_examples": len(data),
             "max_length": config.max_length, "length_policy": config.length_policy, **lengths.as_json(),
             "steps": trainer.state.global_step, "first_loss": first.get("loss"), "final_loss": final.get("loss"),
             "first_margin": first.get("rewards/margins"), "final_margin": final.get("rewards/margins"),
@@ -290,6 +294,7 @@ def summary(report: dict) -> list[tuple[str, str]]:
     out = [("objective", f"{loss}, beta {report['beta']:g}"),
            ("reference", report["reference"]),
            ("rows in / pairs trained", f"{report['rows_in']} / {report['pairs_trained']}"),
+           *mixture_line(report),
            length_line(report),
            ("steps", str(report["steps"])),
            ("loss first -> final", f"{fl(report['first_loss'])} -> {fl(report['final_loss'])}"),

@@ -254,7 +254,7 @@ def run(config: Config, inputs, ctx) -> None:
     written = write_eval_report(ctx.out_dir, metrics, rows, f"Eval report: {ctx.stage}", tiny)
     ctx.save_json("report.json", {
         "models": names, "judge": metrics["judge"], "suites": suites, "items": metrics["items"], "rows_out": len(rows),
-        "table": ev.metric_table(per_model, judged),
+        "table": ev.metric_table(per_model, judged, names),
         "composite": {n: per_model[n]["composite"] for n in names}, "judge_missing": missing,
         "files": [str(p.relative_to(ctx.out_dir)) for p in written]})
 
@@ -276,6 +276,16 @@ def _judge_missing(rows: list[dict]) -> dict[str, int]:
 def _judge_asked(rows: list[dict]) -> int:
     return sum(2 * len(r["meta"]["turns"]) if r["suite"] == "safety" else 1
                for r in rows if r["suite"] in ("safety", "refusal", "helpfulness"))
+
+
+def summary_table(report: dict) -> tuple[list[str], list[list[str]]]:
+    """`recipe show`: the metrics table, one column per model."""
+    return ["metric", *report["models"]], [[label, *values] for label, values in report["table"]]
+
+
+def summary_notes(report: dict) -> list[str]:
+    return [f"items per suite: {', '.join(f'{s} {n}' for s, n in report['items'].items())}",
+            f"judge: {report['judge'] or 'none (refusal by phrases only; helpfulness n/a)'}"]
 
 
 def summary(report: dict) -> list[tuple[str, str]]:

@@ -36,9 +36,9 @@ from pydantic import Field
 from engine.config import ExecOnly, Ref, StageConfig
 from engine.errors import Problem
 from engine.training import (Lora, LengthReport, batch_problems, batch_split, chat_ids, check_lora_targets,
-                             checkpoint_dir, fit, last_checkpoint, load_weights, lora_config, mixture, plot_loss,
-                             length_line, quiet, save_model, step_callback, step_metrics, trainer_args, user_error,
-                             weights_kind)
+                             checkpoint_dir, fit, last_checkpoint, length_line, load_weights, lora_config, mixed_rows,
+                             mixture_line, mixture_problems, plot_loss, quiet, save_model, step_callback,
+                             step_metrics, trainer_args, user_error, weights_kind)
 
 __all__ = ["Config", "Lora", "fit", "mask_problems", "run", "summary"]
 
@@ -81,27 +81,8 @@ class Config(StageConfig):
     merge: bool = Field(False, description="LoRA: merge the adapter and save full weights.")
 
 
-def input_names(config: Config) -> list[str]:
-    return [config.input] if isinstance(config.input, str) else list(config.input)
-
-
 def check(name: str, config: Config, recipe) -> list[Problem]:
-    problems = batch_problems(name, config, recipe)
-    inputs = input_names(config)
-    if not inputs:
-        problems.append(Problem(f"stage '{name}' has an empty input list.", hint="Name at least one dataset or stage.",
-                                **recipe.where(f"stages.{name}.input")))
-    if config.weights is not None:
-        where = recipe.where(f"stages.{name}.weights")
-        if len(config.weights) != len(inputs):
-            problems.append(Problem(
-                f"stage '{name}' has {len(config.weights)} weights for {len(inputs)} inputs.",
-                hint=f"Give one weight per input, in the order of input = {inputs}.", **where))
-        bad = [w for w in config.weights if not w > 0]
-        if bad:
-            problems.append(Problem(f"stage '{name}': weights must be above 0 (found {bad[0]}).",
-                                    hint="Remove an input instead of weighting it 0.", **where))
-    return problems
+    return batch_problems(name, config, recipe) + mixture_problems(name, config, recipe)
 
 
 # --------------------------------------------------------------------------- mask check
@@ -206,28 +187,13 @@ def ensure_generation_markers(tok, ctx) -> None:
     ctx.log.info("chat template had no {%% generation %%} markers; using TRL's training version of it")
 
 
-def _rows(config: Config, inputs: dict, ctx) -> tuple[list[dict], list[dict]]:
-    arts = inputs["input"] if isinstance(inputs["input"], list) else [inputs["input"]]
-    if len(arts) == 1 and config.weights is None:
-        rows = arts[0].rows()
-        return rows, [{"input": arts[0].name, "rows": len(rows), "weight": 1.0, "taken": len(rows)}]
-    weights = config.weights or [1.0] * len(arts)
-    lists = [a.rows() for a in arts]
-    rows, taken = mixture(lists, weights, ctx.seed)
-    mix = [{"input": a.name, "rows": len(r), "weight": w, "taken": t}
-           for a, r, w, t in zip(arts, lists, weights, taken)]
-    ctx.log.info("mixture: %s", "; ".join(f"{m['input']} {m['taken']} of {m['rows']} (weight {m['weight']:g})"
-                                          for m in mix))
-    return rows, mix
-
-
 def run(config: Config, inputs: dict, ctx) -> None:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     from engine.models import release
 
-    rows, mix = _rows(config, inputs, ctx)
+    rows, mix = mixed_rows(config, inputs, ctx)
     if not rows:
         raise user_error(ctx, "input", f"no conversations to train on (input: {', '.join(m['input'] for m in mix)}).",
                          hint="Check that the dataset has rows and that the data checks kept some "
@@ -312,9 +278,7 @@ def run(config: Config, inputs: dict, ctx) -> None:
 def summary(report: dict) -> list[tuple[str, str]]:
     fl = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     out = [("rows in / trained", f"{report['rows_in']} / {report['rows_trained']}")]
-    if len(report.get("mixture") or []) > 1 or any(m["weight"] != 1.0 for m in report.get("mixture") or []):
-        out.append(("mixture", ", ".join(f"{m['input']} {m['taken']}/{m['rows']} (x{m['weight']:g})"
-                                         for m in report["mixture"])))
+    out += mixture_line(report)
     out += [length_line(report),
             ("steps", str(report["steps"])),
             ("loss first -> final", f"{fl(report['first_loss'])} -> {fl(report['final_loss'])}"),

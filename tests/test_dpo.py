@@ -157,6 +157,28 @@ def test_kto_examples_are_unpaired_and_seeded():
 # --------------------------------------------------------------------------- end to end (slow)
 
 
+def test_a_weighted_list_of_preference_sets_validates_and_weights_are_checked(tmp_path):
+    path = make(tmp_path)
+    write_jsonl(path.parent / "data" / "more.jsonl", [pair(i) for i in range(20, 24)])
+    text = path.read_text() + '\n[datasets.more]\npath = "data/more.jsonl"\ntype = "preferences"\n'
+    path.write_text(text.replace('input = "pairs"', 'input = ["pairs", "more"]\nweights = [1.0, 0.5]'))
+    load_recipe(path)
+    path.write_text(path.read_text().replace("weights = [1.0, 0.5]", "weights = [1.0]"))
+    assert "stage 'align' has 1 weights for 2 inputs" in problems_of(path)
+
+
+@pytest.mark.slow
+def test_dpo_trains_on_a_weighted_mixture(tmp_path, cli):
+    path = make(tmp_path, steps=2)
+    write_jsonl(path.parent / "data" / "more.jsonl", [pair(i) for i in range(20, 24)])
+    text = path.read_text() + '\n[datasets.more]\npath = "data/more.jsonl"\ntype = "preferences"\n'
+    path.write_text(text.replace('input = "pairs"', 'input = ["pairs", "more"]\nweights = [1.0, 0.5]'))
+    record = run(load_recipe(path), tmp_path / "runs")
+    report = json.loads((out_dir(record) / "report.json").read_text())
+    assert report["rows_in"] == 10 and [m["taken"] for m in report["mixture"]] == [8, 2]
+    assert dict(summary(report))["mixture"] == "pairs 8/8 (x1), more 2/4 (x0.5)"
+
+
 @pytest.mark.slow
 def test_dpo_margins_grow_and_loss_falls(tmp_path, cli):
     record = run(load_recipe(make(tmp_path, steps=15)), tmp_path / "runs")
