@@ -17,7 +17,10 @@ Methods:
   reply; pairs whose confidence |label - 0.5| * 2 reaches `threshold` are kept, oriented by the
   label. With `chain_of_thought` the judge reasons first and the recorded label is clamped to
   [0.4, 0.6] (such verdicts are over-confident, as the CAI paper found); the threshold applies
-  to the raw label. Every judgment (kept or not) goes to `judgments.parquet`.
+  to the raw label. With `verdict = "logprobs"` (an hf judge) nothing is parsed: the label is
+  the judge's normalized probability of "A" versus "B" after "Verdict: ", averaged over both
+  orders, as the CAI paper derives soft labels. Every judgment (kept or not) goes to
+  `judgments.parquet`.
 - revision: rows of a critique_revise stage; for each revised turn, prompt = messages[:index],
   chosen = the final text, rejected = the original, where they differ.
 - context_negative: for each selected assistant turn with earlier turns, the model answers the
@@ -36,6 +39,7 @@ Template variables (template): context, response_a, response_b, principle, chain
 from __future__ import annotations
 
 import json
+import math
 import random
 from itertools import combinations
 from typing import Any, Literal
@@ -55,7 +59,7 @@ COT_CLAMP = (0.4, 0.6)
 COMMON = {"kind", "resources", "method", "input", "sample_size", "shard_size", "batch_size"}
 USES = {"best_vs_worst": {"score", "min_margin", "prefer"},
         "pairwise_judge": {"model", "constitution", "threshold", "chain_of_thought", "votes", "template",
-                           "judge_temperature", "max_new_tokens", "from_turn"},
+                           "judge_temperature", "max_new_tokens", "from_turn", "verdict"},
         "revision": {"from_turn"},
         "context_negative": {"model", "temperature", "max_new_tokens", "from_turn"}}
 
@@ -78,6 +82,10 @@ class Config(StageConfig):
                                                       "0.4-0.6.")
     votes: int = Field(1, ge=1, le=16, description="pairwise_judge: verdicts sampled per order (more than 1 needs "
                                                    "judge_temperature > 0).")
+    verdict: Literal["text", "logprobs"] = Field(
+        "text", description='pairwise_judge: "text" parses the judge\'s written verdict; "logprobs" reads the '
+                            'probabilities of "A" and "B" after "Verdict: " (soft labels as in the CAI paper; an hf '
+                            'judge only, no chain_of_thought).')
     template: str = Field("pairwise_principle.j2", description="pairwise_judge: the judge prompt.")
     judge_temperature: float = Field(0.0, ge=0.0, description="pairwise_judge: 0 = greedy verdicts.")
     temperature: float = Field(0.7, ge=0.0, description="context_negative: sampling temperature of the negatives.")
@@ -131,6 +139,17 @@ def check(name: str, config: Config, recipe) -> list[Problem]:
             problems.append(Problem("votes > 1 with judge_temperature = 0 repeats the same verdict.",
                                     hint="Set judge_temperature > 0 (e.g. 0.7), or votes = 1.",
                                     **recipe.where(f"stages.{name}.votes")))
+        if config.verdict == "logprobs":
+            where = recipe.where(f"stages.{name}.verdict")
+            if config.chain_of_thought or config.votes > 1:
+                problems.append(Problem('verdict = "logprobs" reads one probability per order: it takes no '
+                                        'chain_of_thought and no votes.',
+                                        hint='Remove chain_of_thought and votes, or use verdict = "text".', **where))
+            spec = recipe.models.get(config.model) if config.model else None
+            if spec is not None and spec.backend != "hf":
+                problems.append(Problem(f'verdict = "logprobs" needs the judge\'s token probabilities, which model '
+                                        f"'{config.model}' ({spec.backend} backend) does not give.",
+                                        hint='Use verdict = "text" with a server judge, or an hf model.', **where))
         problems += Templates([recipe.dir / "templates"]).check(config.template, TEMPLATE_VARS, stage=name,
                                                                 **recipe.where(f"stages.{name}.template"))
     return problems
@@ -347,6 +366,21 @@ def _context_negative(config: Config, rows: list[dict], inputs, ctx) -> tuple[li
     return pairs, {"first_turns_skipped": first_turns, "negatives_empty_or_same": same}
 
 
+def logprob_judgments(tasks: list[dict], logprobs: list[list[float]]) -> list[dict]:
+    """Soft labels from the judge's probabilities of "A" and "B" (two prompts per task: a shown
+    first, then b shown first): label_a = the mean, over both orders, of the normalized
+    probability that a is the better reply. The letter it favours in each order is its verdict."""
+    out = []
+    for j, t in enumerate(tasks):
+        (a1, b1), (a2, b2) = logprobs[2 * j], logprobs[2 * j + 1]
+        p_first = 1 / (1 + math.exp(b1 - a1))   # P(A) with a shown as A
+        p_second = 1 / (1 + math.exp(a2 - b2))  # P(B) with a shown as B
+        out.append(dict(t, a_first=["A" if p_first >= 0.5 else "B"], b_first=["A" if 1 - p_second >= 0.5 else "B"],
+                        label_a=round((p_first + p_second) / 2, 6),
+                        answers=[f"P(A)={p_first:.3f}", f"P(A)={1 - p_second:.3f}"]))
+    return out
+
+
 def _pairwise_tasks(config: Config, rows: list[dict], constitution, seed: int) -> list[dict]:
     groups: dict[tuple, list[tuple[str, str]]] = {}
     for r in rows:
@@ -382,6 +416,8 @@ def _pairwise_judge(config: Config, rows: list[dict], inputs, ctx) -> tuple[list
         prompts = [tpl.render_chat(config.template, context=t["prompt"], response_a=x, response_b=y,
                                    principle=t["question"], chain_of_thought=config.chain_of_thought)
                    for t in shard.rows for x, y in ((t["a"], t["b"]), (t["b"], t["a"]))]
+        if config.verdict == "logprobs":
+            return ShardResult(logprob_judgments(shard.rows, backend.option_logprobs(prompts, "Verdict: ", ["A", "B"])))
         answers = backend.generate(prompts, params, shard.seed)
         out = []
         for j, t in enumerate(shard.rows):

@@ -8,6 +8,7 @@ two replies and prefers the one marked GOOD in both orders, or one that always a
 from __future__ import annotations
 
 import json
+import math
 import re
 import textwrap
 from pathlib import Path
@@ -23,7 +24,8 @@ from engine.errors import RecipeError, StageFailed
 from engine.executor import run
 from engine.recipe import load_recipe
 from engine.rows import read_rows
-from stages.preferences import best_and_worst, pairwise_label, parse_choice, selected_turns, soft_label
+from stages.preferences import (best_and_worst, logprob_judgments, pairwise_label, parse_choice, selected_turns,
+                                soft_label)
 
 CONSTITUTION = Path(__file__).resolve().parent.parent / "recipes" / "constitutions" / "short.toml"
 
@@ -309,6 +311,46 @@ def test_context_negative_over_http(tmp_path, server):
     assert server.backend.prompts == [[{"role": "user", "content": "What is my name?"}]]  # the earlier turns dropped
 
 
+def test_logprob_labels_average_both_orders_so_position_bias_cancels():
+    task = {"id": "t", "a": "x", "b": "y"}
+    # a judge that always favours the first position by the same margin: no preference left
+    [same] = logprob_judgments([task], [[math.log(0.8), math.log(0.2)], [math.log(0.8), math.log(0.2)]])
+    assert same["label_a"] == pytest.approx(0.5) and same["a_first"] == same["b_first"] == ["A"]
+    # a judge that prefers a in both orders: P(A)=0.9 with a first, P(B)=0.7 with a second
+    [pref] = logprob_judgments([task], [[math.log(0.9), math.log(0.1)], [math.log(0.3), math.log(0.7)]])
+    assert pref["label_a"] == pytest.approx(0.8) and pref["a_first"] == ["A"] and pref["b_first"] == ["B"]
+
+
+@pytest.mark.slow
+def test_logprob_verdicts_from_the_builtin_judge(tmp_path):
+    """A model that cannot write a verdict still gives one by its probabilities of "A" and "B"."""
+    import torch
+
+    from engine.backends.hf import HFBackend
+    from engine.models import load_model
+
+    stage = ('[stages.pairs]\nkind = "preferences"\nmethod = "pairwise_judge"\ninput = "convs"\nmodel = "tiny"\n'
+             'constitution = "short"\nverdict = "logprobs"\nthreshold = 0.0\n')
+    rec = run(load_recipe(project(tmp_path, CANDIDATES, stage)), tmp_path / "runs")
+    pairs, report = pairs_of(rec)
+    judged = read_rows(rec.dir / "stages" / "pairs" / "judgments.parquet")
+    assert len(judged) == report["compared"] > 0 and report["unparsed"] == 0
+    assert all(0.0 < t["label_a"] < 1.0 and t["label_a"] != 0.5 for t in judged)
+    assert len(pairs) == len(judged) and all(p["meta"]["raw_label"] > 0.5 for p in pairs)
+    # option_logprobs matches an unbatched forward pass over prompt + "Verdict: " + option
+    model, tok = load_model("builtin:tiny-chat", cache_root=tmp_path / "runs" / "cache")
+    backend = HFBackend(model, tok, batch_size=3)
+    prompts = [[{"role": "user", "content": "Pick one."}], [{"role": "user", "content": "A longer question here?"}]]
+    got = backend.option_logprobs(prompts, "Verdict: ", ["A", "B"])
+    for prompt, row in zip(prompts, got):
+        head = backend._encode([prompt])[0] + tok.encode("Verdict: ", add_special_tokens=False)
+        for option, value in zip(["A", "B"], row):
+            tail = tok.encode("Verdict: " + option, add_special_tokens=False)[len(head) - len(backend._encode([prompt])[0]):]
+            with torch.no_grad():
+                logps = torch.log_softmax(model(torch.tensor([head + tail])).logits.float(), -1)[0]
+            assert value == pytest.approx(sum(float(logps[len(head) + j - 1, t]) for j, t in enumerate(tail)), abs=1e-4)
+
+
 @pytest.mark.slow
 def test_context_negative_on_the_builtin_model(tmp_path):
     stage = ('[stages.pairs]\nkind = "preferences"\nmethod = "context_negative"\ninput = "convs"\nmodel = "tiny"\n'
@@ -338,6 +380,10 @@ def test_context_negative_on_the_builtin_model(tmp_path):
     ('method = "best_vs_worst"\nthreshold = 0.9', "threshold is not used by method 'best_vs_worst'"),
     ('method = "revision"\nmodel = "judge"', "model is not used by method 'revision'"),
     ('method = "context_negative"', "method 'context_negative' needs a model"),
+    ('method = "pairwise_judge"\nmodel = "judge"\nconstitution = "short"\nverdict = "logprobs"',
+     "model 'judge' (openai backend) does not give"),
+    ('method = "pairwise_judge"\nmodel = "tiny"\nconstitution = "short"\nverdict = "logprobs"\nchain_of_thought = true',
+     'verdict = "logprobs" reads one probability per order'),
 ])
 def test_validate_catches_bad_settings(tmp_path, stage, expected):
     path = project(tmp_path, CANDIDATES, f'[stages.pairs]\nkind = "preferences"\ninput = "convs"\n{stage}\n')

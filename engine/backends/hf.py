@@ -97,6 +97,36 @@ class HFBackend:
                 text, finish = text[: text.index(stop)], "stop"
         return Completion(text.strip(), prompt_tokens, len(ids), finish)
 
+    def option_logprobs(self, prompts: list[list[dict]], prefix: str, options: list[str]) -> list[list[float]]:
+        """For each prompt (rendered with the generation prompt, then `prefix` as the start of the
+        reply), the log-probability of each option continuing it, summed over the option's tokens.
+        Right-padded batches: with causal attention the pads after a row change none of its logits."""
+        import torch
+
+        tok = self.tokenizer
+        pre = tok.encode(prefix, add_special_tokens=False)
+        tails = []
+        for option in options:
+            full = tok.encode(prefix + option, add_special_tokens=False)
+            tails.append(full[len(pre):] if full[:len(pre)] == pre else tok.encode(option, add_special_tokens=False))
+        seqs = [(i, k, ids + pre, tail) for i, ids in enumerate(self._encode(prompts)) for k, tail in enumerate(tails)]
+        out = [[0.0] * len(options) for _ in prompts]
+        device = self.model.device
+        for start in range(0, len(seqs), self.batch_size):
+            chunk = seqs[start:start + self.batch_size]
+            width = max(len(head) + len(tail) for _, _, head, tail in chunk)
+            input_ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
+            attention = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, (_, _, head, tail) in enumerate(chunk):
+                input_ids[row, :len(head) + len(tail)] = torch.tensor(head + tail)
+                attention[row, :len(head) + len(tail)] = 1
+            with torch.no_grad():
+                logps = torch.log_softmax(self.model(input_ids=input_ids.to(device),
+                                                     attention_mask=attention.to(device)).logits.float(), -1).cpu()
+            for row, (i, k, head, tail) in enumerate(chunk):
+                out[i][k] = float(sum(logps[row, len(head) + j - 1, t] for j, t in enumerate(tail)))
+        return out
+
     def close(self) -> None:
         from ..models import release
 
