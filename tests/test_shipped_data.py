@@ -34,6 +34,7 @@ FILES = {  # path -> id prefix
     EVAL / "heldout_conversations.jsonl": "held",
     DATA / "scenarios.jsonl": "scn",
     DATA / "arithmetic.jsonl": "math",
+    DATA / "arithmetic_sft.jsonl": "mathsft",
 }
 PLAIN_MATH = re.compile(r"^(?:What is(?: the value of)?|Compute|Calculate|Evaluate) ([-0-9+*/() ]+)[?.]$")
 
@@ -264,6 +265,17 @@ def test_arithmetic():
     # near copies among the word problems
     assert_distinct([r["prompt"] for r in data], "arithmetic prompts", near=False)
     assert_distinct([r["prompt"] for r in data if not PLAIN_MATH.match(r["prompt"])], "word problems")
+
+
+def test_arithmetic_sft_answers_the_first_problems():
+    """The format warm-up of rft_verifier.toml: problems 1-70 answered "The answer is N."; the
+    other 35 stay unseen."""
+    problems, worked = rows("arithmetic.jsonl"), rows("arithmetic_sft.jsonl")
+    assert len(worked) == 70
+    for p, w in zip(problems, worked):
+        assert w["id"] == p["id"].replace("math", "mathsft") and w["answer"] == p["answer"]
+        assert w["messages"] == [{"role": "user", "content": p["prompt"]},
+                                 {"role": "assistant", "content": f"The answer is {p['answer']}."}]
 
 
 @pytest.mark.parametrize("name", ["scenarios.jsonl", "arithmetic.jsonl"])

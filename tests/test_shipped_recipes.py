@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,48 @@ def test_recipe_runs_end_to_end_and_then_is_cached(path: Path, tmp_path):
     assert first.returncode == 0, first.stderr
     plan = json.loads(run_cli_subprocess("plan", path, "--runs-dir", runs, "--json").stdout)
     assert {s["status"] for s in plan["stages"]} == {"cached"}
+    name = load_recipe(path).name
+    run_dir = (runs / name / "latest").resolve()
+    assert (run_dir / "report.md").is_file() and (run_dir / "report.html").is_file()
+    CHECKS.get(path.name, lambda *a: None)(run_dir, runs, name)
+
+
+def _report(run_dir: Path, stage: str) -> dict:
+    return json.loads((run_dir / "stages" / stage / "report.json").read_text())
+
+
+def check_flagship(run_dir: Path, runs: Path, name: str) -> None:
+    """Every step of the pipeline made something, and the eval compares base, SFT and DPO."""
+    from engine.rows import read_rows
+
+    record = json.loads((run_dir / "record.json").read_text())
+    assert all(s["status"] == "run" for s in record["stages"].values())
+    revised = read_rows(run_dir / "stages" / "revised" / "rows.parquet")
+    history = revised[0]["meta"]["revisions"] if "revisions" in revised[0]["meta"] else revised[0]["meta"]
+    assert history, "critique_revise keeps its history in meta"
+    pairs = read_rows(run_dir / "stages" / "revision_pairs" / "rows.parquet")
+    assert pairs and all(p["prompt"][-1]["role"] == "user" for p in pairs)
+    assert _report(run_dir, "dpo")["reference"].endswith("with the LoRA adapter disabled (frozen base)")
+    assert [m["input"] for m in _report(run_dir, "dpo")["mixture"]] == ["revision_pairs", "best_of_n"]
+    assert _report(run_dir, "eval")["models"] == ["policy", "sft", "dpo"]
+    md = (run_dir / "report.md").read_text()
+    assert "## Eval: eval" in md and "| metric | policy | sft | dpo |" in md and "builtin:tiny-chat" in md
+    shown = run_cli_subprocess("show", name, "eval", "-n", "0", "--runs-dir", runs)
+    assert shown.returncode == 0 and re.search(r"metric\s*┃\s*policy\s*┃\s*sft\s*┃\s*dpo", shown.stdout), shown.stdout
+
+
+def check_rft(run_dir: Path, runs: Path, name: str) -> None:
+    """Two rounds, each keeping only verified samples; status shows each round's diversity."""
+    from engine.rows import read_rows
+
+    for k in (1, 2):
+        kept = read_rows(run_dir / "stages" / f"sample@{k}" / "rows.parquet")
+        assert kept and all(r["scores"]["score"] == 1.0 for r in kept)
+    status = run_cli_subprocess("status", name, "--runs-dir", runs)
+    assert status.returncode == 0 and "output diversity per round" in status.stdout
+
+
+CHECKS = {"caI_multiturn.toml": check_flagship, "rft_verifier.toml": check_rft}
 
 
 def test_seed_data_filter_removes_what_was_planted(tmp_path):
