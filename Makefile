@@ -14,9 +14,9 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# The best shipped recipe, end to end, on the builtin data.
+# The flagship recipe (constitutional AI on multi-turn conversations), end to end, on the builtin model.
 run: setup
-	$(BIN)/recipe run recipes/filter_conversations.toml
+	$(BIN)/recipe run recipes/caI_multiturn.toml
 
 # Every test, the slow end-to-end ones included (this is what CI runs).
 test: setup
