@@ -282,6 +282,21 @@ def mixed_rows(config, inputs: dict, ctx) -> tuple[list[dict], list[dict]]:
     return rows, mix
 
 
+def training_rows(config, inputs: dict, ctx, what: str) -> tuple[list[dict], list[dict], "Batch"]:
+    """The start every training stage shares: its rows (mixed), what was taken of each input,
+    and the batch split; an empty input or an impossible batch is a bad-input error (exit 2)."""
+    rows, mix = mixed_rows(config, inputs, ctx)
+    if not rows:
+        raise user_error(ctx, "input", f"no {what} to train on (input: {', '.join(m['input'] for m in mix)}).",
+                         hint="Check that the dataset has rows and that the data checks kept some "
+                              "(the run prints rows dropped per reason).")
+    try:
+        batch = batch_split(config.batch_size, config.per_device_batch_size)
+    except ValueError as exc:
+        raise user_error(ctx, "batch_size", str(exc)) from None
+    return rows, mix, batch
+
+
 def mixture_line(report: dict) -> list[tuple[str, str]]:
     """The `show` summary line of a mixture, when there is one to speak of."""
     mix = report.get("mixture") or []

@@ -36,11 +36,11 @@ from pydantic import Field
 
 from engine.config import ExecOnly, Ref, StageConfig
 from engine.errors import Problem
-from engine.training import (REWARD_KEYS, Lora, LengthReport, batch_problems, batch_split, chat_ids,
+from engine.training import (REWARD_KEYS, LengthReport, Lora, batch_problems, batch_split, chat_ids,
                              check_lora_targets, checkpoint_dir, fit_context, last_checkpoint, length_line,
-                             load_weights, lora_config, mixed_rows, mixture_line,
-                             mixture_problems, plot_loss, plot_rewards, quiet, save_model, step_callback,
-                             step_metrics, trainer_args, user_error, weights_kind)
+                             load_weights, lora_config, mixture_line, mixture_problems, plot_loss, plot_rewards,
+                             quiet, save_model, step_callback, step_metrics, trainer_args, training_rows, user_error,
+                             weights_kind)
 
 VERSION = 2  # 2: input may be a weighted list of preference sets
 GIVES = "model"
@@ -220,15 +220,7 @@ def _trainer(config: Config, model, ref, tok, data: list[dict], base_args: dict,
 def run(config: Config, inputs: dict, ctx) -> None:
     from engine.models import release
 
-    rows, mix = mixed_rows(config, inputs, ctx)
-    if not rows:
-        raise user_error(ctx, "input", f"no preference pairs to train on (input: {', '.join(m['input'] for m in mix)}).",
-                         hint="Check that the dataset has rows and that the data checks kept some "
-                              "(the run prints rows dropped per reason).")
-    try:
-        batch = batch_split(config.batch_size, config.per_device_batch_size)
-    except ValueError as exc:
-        raise user_error(ctx, "batch_size", str(exc)) from None
+    rows, mix, batch = training_rows(config, inputs, ctx, "preference pairs")
 
     model_art = inputs["model"]
     model, tok = load_weights(ctx, model_art, "model")

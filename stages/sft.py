@@ -35,10 +35,10 @@ from pydantic import Field
 
 from engine.config import ExecOnly, Ref, StageConfig
 from engine.errors import Problem
-from engine.training import (Lora, LengthReport, batch_problems, batch_split, chat_ids, check_lora_targets,
-                             checkpoint_dir, fit, last_checkpoint, length_line, load_weights, lora_config, mixed_rows,
-                             mixture_line, mixture_problems, plot_loss, quiet, save_model, step_callback,
-                             step_metrics, trainer_args, user_error, weights_kind)
+from engine.training import (LengthReport, Lora, batch_problems, chat_ids, check_lora_targets, checkpoint_dir, fit,
+                             last_checkpoint, length_line, load_weights, lora_config, mixture_line, mixture_problems,
+                             plot_loss, quiet, save_model, step_callback, step_metrics, trainer_args, training_rows,
+                             user_error, weights_kind)
 
 __all__ = ["Config", "Lora", "fit", "mask_problems", "run", "summary"]
 
@@ -193,15 +193,7 @@ def run(config: Config, inputs: dict, ctx) -> None:
 
     from engine.models import release
 
-    rows, mix = mixed_rows(config, inputs, ctx)
-    if not rows:
-        raise user_error(ctx, "input", f"no conversations to train on (input: {', '.join(m['input'] for m in mix)}).",
-                         hint="Check that the dataset has rows and that the data checks kept some "
-                              "(the run prints rows dropped per reason).")
-    try:
-        batch = batch_split(config.batch_size, config.per_device_batch_size)
-    except ValueError as exc:
-        raise user_error(ctx, "batch_size", str(exc)) from None
+    rows, mix, batch = training_rows(config, inputs, ctx, "conversations")
 
     model, tok = load_weights(ctx, inputs["model"], "model")
     ensure_generation_markers(tok, ctx)

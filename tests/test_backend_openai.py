@@ -200,8 +200,7 @@ def test_concurrency_bound(serve):
     server = serve(delay_s=0.3)
     prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(8)]
     client(server, max_concurrency=2).generate(prompts, GREEDY, seed=0)
-    # never above the bound; how many overlap below it depends on thread scheduling on a busy CI box
-    assert server.requests == 8 and 1 <= server.max_in_flight <= 2
+    assert server.requests == 8 and server.max_in_flight == 2
 
 
 def test_server_http_api(serve):

@@ -232,6 +232,9 @@ class _Handler(BaseHTTPRequestHandler):
             sys.stderr.write("%s - %s\n" % (self.address_string(), format % args))
 
     def _send(self, status: int, payload: dict, headers: dict | None = None) -> None:
+        # a request leaves the in-flight count before its answer goes out, so a client that sends
+        # its next request on receipt is never counted twice
+        self._done()
         data = json.dumps(payload).encode()
         try:
             self.send_response(status)
@@ -267,6 +270,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(404, f"no route POST {self.path}", "not_found")
         chat = self.chat
         n = chat._enter()
+        self._counted = chat
         try:
             try:  # read the body first, so even a rejected request leaves a clean connection
                 length = int(self.headers.get("Content-Length") or 0)
@@ -297,7 +301,12 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._error(500, f"generation failed: {type(exc).__name__}: {exc}", "server_error")
             self._send(200, response)
         finally:
-            chat._leave()
+            self._done()
+
+    def _done(self) -> None:
+        counted, self._counted = getattr(self, "_counted", None), None
+        if counted is not None:
+            counted._leave()
 
 
 def main(argv: list[str] | None = None) -> int:
