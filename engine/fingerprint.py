@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 
 FP_LEN = 24  # hex chars shown and used as the store key (96 bits)
 DATA_VERSION = 1  # bump when dataset loading/normalization changes its output
-BUILTIN_MODELS = {"tiny-chat": 2}  # builder versions: bump when the builtin bytes change
 
 
 def is_file(value: str) -> bool:
@@ -153,8 +152,9 @@ def dataset_identity(recipe: "Recipe", name: str, memo: HashMemo) -> dict:
 
 def model_identity(spec: "ModelSpec", memo: HashMemo, stage_fps: dict[str, str]) -> dict:
     if spec.path.startswith("builtin:"):
-        name = spec.path.split(":", 1)[1]
-        source: dict = {"builtin": name, "builder": BUILTIN_MODELS.get(name)}
+        from .models import builtin_identity
+
+        source: dict = builtin_identity(spec.path.split(":", 1)[1], memo)
     elif Path(spec.path).is_absolute():
         source = {"content": memo.content(spec.path)} if Path(spec.path).exists() else {"missing": True}
     else:

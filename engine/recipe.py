@@ -49,7 +49,7 @@ class RecipeMeta(Table):
 
 
 class ModelSpec(Table):
-    path: str = Field(description="A hub id, a local directory, or builtin:tiny-chat.")
+    path: str = Field(description="A hub id, a local directory, builtin:smollm2-135m or builtin:tiny-chat.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     device: str = Field("auto", description="auto = cuda when present, else cpu.")
@@ -485,6 +485,11 @@ def load_recipe(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Rec
             if Path(path_value).is_absolute() and not Path(path_value).exists():
                 problems.append(Problem(f"file not found: {path_value}.", hint="Paths are relative to the recipe file.",
                                         **locate(locations, f"{section}.{name}.path", top)))
+            if section == "models" and path_value.startswith("builtin:"):
+                from .models import builtin_problem
+
+                if (why := builtin_problem(path_value)) is not None:
+                    problems.append(Problem(why.message, hint=why.hint, **locate(locations, f"models.{name}.path", top)))
 
     stages: dict[str, Stage] = {}
     known = registry.kinds()
@@ -570,6 +575,9 @@ def load_recipe(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Rec
     for name, stage in recipe.stages.items():
         if hasattr(stage.module, "check"):  # stage-specific checks, e.g. template variables
             found.extend(stage.module.check(name, stage.config, recipe))
+    from .modelinfo import problems as model_problems
+
+    found.extend(model_problems(recipe))
     problems.extend(merge_round_problems(found, set(rounds.member)))
     if problems:
         raise RecipeError(problems)

@@ -362,8 +362,9 @@ def _recipe(run_dir: Path) -> dict:
 
 
 def uses_builtin(run_dir: Path) -> bool:
-    """Whether the run's resolved recipe loads a builtin (random-start) model."""
-    return any(isinstance(m, dict) and str(m.get("path", "")).startswith("builtin:")
+    """Whether the run's resolved recipe loads builtin:tiny-chat (random weights; builtin:smollm2-135m is
+    a real model)."""
+    return any(isinstance(m, dict) and str(m.get("path", "")) == "builtin:tiny-chat"
                for m in (_recipe(run_dir).get("models") or {}).values())
 
 

@@ -249,8 +249,8 @@ def run(config: Config, inputs, ctx) -> None:
                "items": {s: len(items[s]) for s in suites}, "judge_missing": missing, "per_model": per_model}
     ctx.save_rows(rows)
     ctx.save_json("metrics.json", metrics)
-    tiny = any(m.spec is not None and m.spec.path.startswith("builtin:") for m in models) or any(
-        spec.path.startswith("builtin:") for spec in ctx.recipe.models.values())
+    tiny = any(m.spec is not None and m.spec.path == "builtin:tiny-chat" for m in models) or any(
+        spec.path == "builtin:tiny-chat" for spec in ctx.recipe.models.values())
     written = write_eval_report(ctx.out_dir, metrics, rows, f"Eval report: {ctx.stage}", tiny)
     ctx.save_json("report.json", {
         "models": names, "judge": metrics["judge"], "suites": suites, "items": metrics["items"], "rows_out": len(rows),

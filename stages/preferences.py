@@ -320,9 +320,12 @@ def _revision(config: Config, rows: list[dict], ctx) -> tuple[list[dict], dict]:
                                  hint="Method 'revision' takes the output of a critique_revise stage.",
                                  **ctx.recipe.where(f"stages.{ctx.stage}.input"))
     if not pairs:
-        raise no_output(ctx, "from_turn", f"no selected turn was changed by its revision ({stats['unchanged']} "
-                        f"unchanged, {stats['turns_not_selected']} revised turns not selected).",
-                        "Set from_turn = 0 to pair every revised turn, or check the critique_revise report.")
+        # A measured outcome, not a misconfiguration: a weak critic (a small model critiquing itself)
+        # often changes nothing. Downstream stages still run on their other inputs, and the report
+        # says how many revisions changed anything.
+        ctx.warn(f"no selected turn was changed by its revision ({stats['unchanged']} unchanged, "
+                 f"{stats['turns_not_selected']} revised turns not selected): no revision pairs. A stronger critic "
+                 "(model = \"judge\" in the critique_revise stage) or more max_new_tokens may help.")
     return pairs, stats
 
 

@@ -82,7 +82,33 @@ class Config(StageConfig):
 
 
 def check(name: str, config: Config, recipe) -> list[Problem]:
-    return batch_problems(name, config, recipe) + mixture_problems(name, config, recipe)
+    return batch_problems(name, config, recipe) + mixture_problems(name, config, recipe) + \
+        template_problems(name, config, recipe)
+
+
+def template_problems(name: str, config: Config, recipe) -> list[Problem]:
+    """The model's chat template must allow assistant-only loss (engine.chatmask), checked from
+    files when the template is knowable offline (a [models] chat_template, a local folder, a hub
+    snapshot in the local cache); the run's mask check covers the rest."""
+    from engine.chatmask import TemplateProblem, jinja_render, masking
+    from engine.modelinfo import base_model, chat_template
+
+    base = base_model(recipe, config.model)
+    found = chat_template(base[1]) if base else None
+    if found is None:
+        return []
+    template, special = found
+    try:
+        masking(template, jinja_render(template, special), list(special.values()))
+    except TemplateProblem as exc:
+        return [Problem(f"stage '{name}': the chat template of model '{base[0]}' ({base[1].path}) cannot be masked "
+                        f"for assistant-only loss: {exc}.", hint=FIX_TEMPLATE,
+                        **recipe.where(f"stages.{name}.model"))]
+    except Exception as exc:  # noqa: BLE001 - a template jinja cannot even compile
+        return [Problem(f"stage '{name}': the chat template of model '{base[0]}' does not render: "
+                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}.", hint=FIX_TEMPLATE,
+                        **recipe.where(f"stages.{name}.model"))]
+    return []
 
 
 # --------------------------------------------------------------------------- mask check
@@ -101,7 +127,9 @@ def _spans(labels: list[int]) -> list[tuple[int, int]]:
 
 def mask_problems(tok, messages: list[dict], input_ids: list[int], labels: list[int]) -> tuple[str, list[str]]:
     """(decoded supervised text, problems) for one collated example and its messages."""
-    special = set(tok.all_special_ids)
+    from engine.chatmask import special_ids
+
+    special = special_ids(tok)
     spans = _spans(labels)
     texts = [tok.decode(input_ids[a:b], skip_special_tokens=False) for a, b in spans]
     shown = "\n".join(f"[span {k}] {t!r}" for k, t in enumerate(texts)) or "(nothing is supervised)"
@@ -171,24 +199,47 @@ def _mask_check(trainer, tok, kept, by_ids: dict[int, int], n: int, packed: bool
 # --------------------------------------------------------------------------- run
 
 
-def ensure_generation_markers(tok, ctx) -> None:
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+def prepare_masking(tok, ctx, model_name: str) -> str:
+    """How assistant tokens are found (engine.chatmask): the template's own {% generation %} markers,
+    TRL's training version of the template, or spans derived by rendering. Swaps in TRL's template
+    when that is the way; a template that cannot be masked is a bad-input error naming the model."""
+    from engine.chatmask import TemplateProblem, masking, special_ids, tokenizer_render, trl_training_template
 
-    if has_generation_markers(tok.chat_template):
-        return
     try:
-        patched = get_training_chat_template(tok)
-    except Exception:  # noqa: BLE001 - TRL knows only some templates
-        patched = None
-    if not patched:
-        raise RuntimeError("the chat template has no {% generation %} markers, so assistant-only loss cannot "
-                           f"tell assistant tokens from the rest. {FIX_TEMPLATE}")
-    tok.chat_template = patched
-    ctx.log.info("chat template had no {%% generation %%} markers; using TRL's training version of it")
+        method = masking(tok.chat_template, tokenizer_render(tok), tok.convert_ids_to_tokens(sorted(special_ids(tok))))
+    except TemplateProblem as exc:
+        raise user_error(ctx, "model", f"the chat template of model '{model_name}' cannot be masked for "
+                                       f"assistant-only loss: {exc}.", hint=FIX_TEMPLATE) from None
+    if method == "trl":
+        tok.chat_template = trl_training_template(tok.chat_template)
+        ctx.log.info("chat template has no {%% generation %%} markers; using TRL's training version of it")
+    elif method == "derived":
+        ctx.log.info("chat template has no {%% generation %%} markers; assistant spans derived by rendering it "
+                     "one message at a time")
+    return method
+
+
+def _dataset(tok, kept: list[list[dict]], method: str, ctx, model_name: str):
+    """The training rows: conversations for TRL to tokenize, or (derived masks) token ids with their
+    assistant masks, which TRL turns into labels as they are."""
+    from datasets import Dataset
+
+    if method != "derived":
+        return Dataset.from_list([{"messages": m} for m in kept])
+    from engine.chatmask import TemplateProblem, masked_ids
+
+    rows = []
+    for i, msgs in enumerate(kept):
+        try:
+            ids, mask = masked_ids(tok, msgs)
+        except TemplateProblem as exc:
+            raise user_error(ctx, "model", f"conversation {i}: the chat template of model '{model_name}' cannot be "
+                                           f"masked for assistant-only loss: {exc}.", hint=FIX_TEMPLATE) from None
+        rows.append({"input_ids": ids, "assistant_masks": mask})
+    return Dataset.from_list(rows)
 
 
 def run(config: Config, inputs: dict, ctx) -> None:
-    from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     from engine.models import release
@@ -196,7 +247,7 @@ def run(config: Config, inputs: dict, ctx) -> None:
     rows, mix, batch = training_rows(config, inputs, ctx, "conversations")
 
     model, tok = load_weights(ctx, inputs["model"], "model")
-    ensure_generation_markers(tok, ctx)
+    method = prepare_masking(tok, ctx, inputs["model"].name)
     check_lora_targets(model, config.lora, ctx)
 
     # ---- lengths and the length policy
@@ -230,11 +281,12 @@ def run(config: Config, inputs: dict, ctx) -> None:
                  "each packed row attends over its whole length, which is slower than unpacked batches "
                  "(bench/bench_sft.py: about 5x fewer tokens/s on a CPU)")
     ckpt_dir = checkpoint_dir(ctx)
-    args = SFTConfig(assistant_only_loss=True, max_length=config.max_length, packing=config.packing,
+    # derived masks arrive as `assistant_masks` next to the token ids; TRL applies them either way
+    args = SFTConfig(assistant_only_loss=method != "derived", max_length=config.max_length, packing=config.packing,
                      **trainer_args(config, ctx, batch, ckpt_dir))
     model.train()
     timing: dict[int, float] = {}
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list([{"messages": m} for m in kept]),
+    trainer = SFTTrainer(model=model, args=args, train_dataset=_dataset(tok, kept, method, ctx, inputs["model"].name),
                          processing_class=tok, peft_config=lora_config(config.lora),
                          callbacks=[step_callback(ctx, timing)])
     quiet(trainer)

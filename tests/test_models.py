@@ -16,7 +16,6 @@ import pytest
 
 from engine import models
 from engine.errors import RecipeError
-from engine.fingerprint import BUILTIN_MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,9 +67,10 @@ def test_importing_engine_models_loads_nothing_heavy():
 # --------------------------------------------------------------------------- the builder
 
 
-def test_builder_version_matches_the_fingerprint_table():
-    assert BUILTIN_MODELS["tiny-chat"] == models.BUILDER_VERSION
-    assert set(BUILTIN_MODELS) == set(models.BUILDERS)
+def test_builtin_identity_names_the_builder_version():
+    assert models.builtin_identity("tiny-chat") == {"builtin": "tiny-chat", "builder": models.BUILDER_VERSION}
+    with pytest.raises(RecipeError, match="unknown builtin model 'builtin:nope'"):
+        models.builtin_identity("nope")
 
 
 def test_two_builds_are_byte_identical(tmp_path):

@@ -148,11 +148,34 @@ BROKEN = ("{{- bos_token -}}{%- for message in messages -%}"
 
 
 @pytest.mark.slow
-def test_template_without_generation_fails_with_the_fix(tmp_path):
+def test_template_without_generation_markers_is_masked_by_rendering(tmp_path):
+    """A template TRL does not know and without {% generation %}: the spans are derived by rendering,
+    and the saved mask check shows exactly the assistant turns with their end-of-turn token."""
     recipe = make(tmp_path, extra_model=f"chat_template = {json.dumps(BROKEN)}")
-    with pytest.raises(StageFailed) as exc:
-        run(load_recipe(recipe), tmp_path / "runs")
-    assert "{% generation %}" in str(exc.value)
+    record = run(load_recipe(recipe), tmp_path / "runs")
+    mask = (out_dir(record) / "mask_check.txt").read_text()
+    assert "'bot 0 ok<|end|>'" in mask and "user says" not in mask
+    log = (record.dir / "logs" / "train.log").read_text()
+    assert "derived by rendering" in log and "mask check ok" in log
+
+
+LAST_USER_SYSTEM = (  # the system prompt moves into the latest user turn: not prefix-stable
+    "{%- set sys = messages[0]['content'] if messages[0]['role'] == 'system' else '' %}"
+    "{%- set ns = namespace(last=-1) %}{%- for m in messages %}{%- if m['role'] == 'user' %}"
+    "{%- set ns.last = loop.index0 %}{%- endif %}{%- endfor %}"
+    "{%- for m in messages %}{%- if m['role'] == 'user' %}<|user|>{{ (sys + ' ') if loop.index0 == ns.last else '' }}"
+    "{{ m['content'] }}<|end|>{%- elif m['role'] == 'assistant' %}<|assistant|>{{ m['content'] }}<|end|>{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}<|assistant|>{%- endif %}"
+)
+
+
+def test_a_template_that_cannot_be_masked_fails_validate(tmp_path, cli):
+    recipe = make(tmp_path, extra_model=f"chat_template = {json.dumps(LAST_USER_SYSTEM)}")
+    result = cli("validate", recipe)
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "stages.train.model" in text and "chat template of model 'policy'" in text
+    assert "not prefix-stable" in text and "{% generation %}" in text and "Traceback" not in text
 
 
 @pytest.mark.slow

@@ -2,26 +2,76 @@
 
 Prompts are rendered with the tokenizer's chat template (generation prompt appended),
 sorted by length so a batch wastes little padding, left-padded (decoder-only models
-continue from the right edge), and generated with the KV cache. `n` samples per prompt use
-`num_return_sequences`. On CUDA out-of-memory the batch size is halved and the batch
-retried. Sampling is seeded per call, so a shard with the same rows and seed reproduces.
+continue from the right edge), and generated with the KV cache under `torch.inference_mode`.
+Generation stops at the template's end-of-turn token (ChatML's <|im_end|>, Llama-3's
+<|eot_id|>, ...) as well as the eos token.
+
+Sampling does not depend on batching: each (prompt, sample) row draws from its own random
+stream, seeded from (call seed, the prompt's index in the call, the sample's index), and picks
+its token by inverse CDF on that stream. So batch size, the order batches run in, and halving
+the batch on CUDA out-of-memory change speed, never text (beyond float rounding of padded
+batches, which greedy decoding shares).
+
+A prompt that does not leave `max_new_tokens` of room in the model's context is an error
+naming its length, never an indexing crash deep inside the model.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
+from ..errors import RecipeError
 from . import Completion, SamplingParams
+
+
+def row_seed(seed: int, prompt: int, sample: int) -> int:
+    """The random stream of one (prompt, sample) row of a call: independent of batch composition."""
+    return int.from_bytes(hashlib.sha256(f"hf:{seed}:{prompt}:{sample}".encode()).digest()[:8], "little") >> 1
+
+
+class RowSampler:
+    """A logits processor that samples each row from its own generator (temperature, top-k, top-p),
+    and returns scores where only the sampled token is finite, so greedy selection takes it."""
+
+    def __init__(self, seeds: list[int], params: SamplingParams) -> None:
+        import torch
+
+        self.gens = [torch.Generator().manual_seed(s) for s in seeds]
+        self.params = params
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        p = self.params
+        logits = scores.float() / p.temperature
+        if p.top_k and p.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, p.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if p.top_p < 1.0:
+            sorted_p, idx = torch.sort(probs, dim=-1, descending=True)
+            drop = sorted_p.cumsum(-1) - sorted_p > p.top_p  # keep the smallest set reaching top_p
+            probs = probs.scatter(-1, idx, sorted_p.masked_fill(drop, 0.0))
+        u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in self.gens]).to(probs.device)
+        cdf = probs.double().cumsum(-1)
+        picked = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).clamp_(max=probs.shape[-1] - 1)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(-1, picked, 0.0)
 
 
 class HFBackend:
     name = "hf"
 
     def __init__(self, model: Any, tokenizer: Any, batch_size: int = 16) -> None:
+        from ..chatmask import stop_token_ids
+
         self.model, self.tokenizer, self.batch_size = model, tokenizer, max(1, batch_size)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.stop_ids = stop_token_ids(tokenizer, getattr(model.generation_config, "eos_token_id", None))
+        self.context = getattr(model.config, "max_position_embeddings", None)
 
     def _encode(self, prompts: list[list[dict]]) -> list[list[int]]:
         out = []
@@ -32,17 +82,33 @@ class HFBackend:
             out.append(list(ids))
         return out
 
+    def _check_lengths(self, encoded: list[list[int]], params: SamplingParams) -> None:
+        if not self.context:
+            return
+        longest = max(range(len(encoded)), key=lambda i: len(encoded[i]))
+        n = len(encoded[longest])
+        if n + params.max_new_tokens > self.context:
+            raise RecipeError.single(
+                f"a prompt of {n} tokens (prompt {longest} of this batch of {len(encoded)}) plus max_new_tokens "
+                f"{params.max_new_tokens} exceeds the model's context of {self.context} tokens.",
+                hint="Lower max_new_tokens, use fewer turns, or drop long rows first (a filter stage's max_turns "
+                     "or a shorter data file).")
+
     def generate(self, prompts: list[list[dict]], params: SamplingParams, seed: int) -> list[list[Completion]]:
         import torch
 
+        if not prompts:
+            return []
         encoded = self._encode(prompts)
+        self._check_lengths(encoded, params)
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
         results: dict[int, list[Completion]] = {}
         start, batch_size = 0, self.batch_size
         while start < len(order):
             idx = order[start : start + batch_size]
+            seeds = [[row_seed(seed, i, k) for k in range(params.n)] for i in idx]
             try:
-                outs = self._batch([encoded[i] for i in idx], params, seed + start)
+                outs = self._batch([encoded[i] for i in idx], params, seeds)
             except torch.cuda.OutOfMemoryError:
                 if batch_size == 1:
                     raise
@@ -54,41 +120,41 @@ class HFBackend:
             start += len(idx)
         return [results[i] for i in range(len(prompts))]
 
-    def _batch(self, batch: list[list[int]], params: SamplingParams, seed: int) -> list[list[Completion]]:
+    def _batch(self, batch: list[list[int]], params: SamplingParams, seeds: list[list[int]]) -> list[list[Completion]]:
+        """One generate call: each prompt repeated n times (row = prompt x sample), left-padded."""
         import torch
+        from transformers import GenerationConfig, LogitsProcessorList
 
         tok = self.tokenizer
-        width = max(len(ids) for ids in batch)
-        input_ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, ids in enumerate(batch):
-            input_ids[row, width - len(ids):] = torch.tensor(ids)
-            attention[row, width - len(ids):] = 1
+        rows = [ids for ids in batch for _ in range(params.n)]
+        width = max(len(ids) for ids in rows)
+        input_ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, ids in enumerate(rows):
+            input_ids[r, width - len(ids):] = torch.tensor(ids)
+            attention[r, width - len(ids):] = 1
         device = self.model.device
-        sample = params.temperature > 0
-        kwargs: dict[str, Any] = dict(
-            max_new_tokens=params.max_new_tokens, do_sample=sample, num_return_sequences=params.n,
-            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True,
-        )
-        if sample:
-            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
-        new = out[:, width:].cpu()
-        completions: list[list[Completion]] = []
-        for row, ids in enumerate(batch):
-            comps = []
-            for k in range(params.n):
-                comps.append(self._completion(new[row * params.n + k].tolist(), len(ids), params))
-            completions.append(comps)
-        return completions
+        # Greedy selection over scores the row sampler has already decided (when sampling): a fresh
+        # config, so a model's own generation_config (do_sample, temperature) cannot interfere.
+        config = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=False, num_beams=1,
+                                  pad_token_id=tok.pad_token_id, eos_token_id=self.stop_ids, use_cache=True,
+                                  min_new_tokens=getattr(self.model.generation_config, "min_new_tokens", None))
+        processors = LogitsProcessorList()
+        if params.temperature > 0:
+            processors.append(RowSampler([s for row in seeds for s in row], params))
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                      generation_config=config, logits_processor=processors)
+        new = out[:, width:].cpu().tolist()
+        return [[self._completion(new[b * params.n + k], len(ids), params) for k in range(params.n)]
+                for b, ids in enumerate(batch)]
 
     def _completion(self, ids: list[int], prompt_tokens: int, params: SamplingParams) -> Completion:
         tok = self.tokenizer
         finish = "length"
-        if tok.eos_token_id in ids:
-            ids = ids[: ids.index(tok.eos_token_id)]
+        ends = [ids.index(s) for s in self.stop_ids if s in ids]
+        if ends:
+            ids = ids[: min(ends)]
             finish = "stop"
         ids = [i for i in ids if i != tok.pad_token_id]
         text = tok.decode(ids, skip_special_tokens=True)
@@ -120,7 +186,7 @@ class HFBackend:
             for row, (_, _, head, tail) in enumerate(chunk):
                 input_ids[row, :len(head) + len(tail)] = torch.tensor(head + tail)
                 attention[row, :len(head) + len(tail)] = 1
-            with torch.no_grad():
+            with torch.inference_mode():
                 logps = torch.log_softmax(self.model(input_ids=input_ids.to(device),
                                                      attention_mask=attention.to(device)).logits.float(), -1).cpu()
             for row, (i, k, head, tail) in enumerate(chunk):
