@@ -236,18 +236,20 @@ Messages = list[dict]
 
 @dataclass
 class Gen:
-    """One evaluated model inside one shard: its backend, sampling, the shard seed, a system prompt."""
+    """One evaluated model: its backend, sampling, its random streams (by item, never by shard:
+    `seed(item_id, step)`), a system prompt."""
 
     backend: Any
     params: SamplingParams
-    seed: int
+    seed: Callable[[str, int], int]
     system: Messages
 
-    def reply(self, convs: list[Messages], step: int) -> list[str]:
-        """The model's next assistant turn for each conversation (the system prompt prepended)."""
+    def reply(self, convs: list[Messages], step: int, ids: list[str]) -> list[str]:
+        """The model's next assistant turn for each conversation (the system prompt prepended);
+        `ids`: the item of each conversation, whose stream it samples from."""
         if not convs:
             return []
-        comps = self.backend.generate([self.system + c for c in convs], self.params, self.seed + step)
+        comps = self.backend.generate([self.system + c for c in convs], self.params, [self.seed(i, step) for i in ids])
         return [c[0].text for c in comps]
 
 
@@ -257,15 +259,17 @@ class Judge:
     `retries` times, then recorded as None and counted in `missing`."""
 
     def __init__(self, backend: Any, templates: Any, names: dict[str, str], parse_score: Callable[[str], Any], *,
-                 max_new_tokens: int = 256, retries: int = 2, rubric: str = "") -> None:
-        self.backend, self.templates, self.names = backend, templates, names
+                 max_new_tokens: int = 256, retries: int = 2, rubric: str = "",
+                 seed: Callable[[str, str, int], int] = lambda key, what, attempt: 0) -> None:
+        self.backend, self.templates, self.names, self.seed = backend, templates, names, seed
         self.max_new_tokens, self.retries, self.rubric = max_new_tokens, retries, rubric
         self.parsers: dict[str, Callable[[str], Any]] = {
             "refusal": lambda a: parse_yes_no(a, "refusal"), "harm": lambda a: parse_yes_no(a, "harmful"),
             "helpfulness": parse_score}
         self.missing = {k: 0 for k in self.parsers}
 
-    def ask(self, what: str, convs: list[Messages], seed: int) -> list[Any]:
+    def ask(self, what: str, convs: list[Messages], keys: list[str]) -> list[Any]:
+        """A verdict per conversation; `keys` name each one (its stream: key, what, attempt)."""
         extra = {"rubric": self.rubric} if what == "helpfulness" else {}
         prompts = [self.templates.render_chat(self.names[what], conversation=c, **extra) for c in convs]
         parse, verdicts = self.parsers[what], [None] * len(prompts)
@@ -274,7 +278,8 @@ class Judge:
             if not todo:
                 break
             params = SamplingParams(temperature=0.0 if attempt == 0 else 0.7, max_new_tokens=self.max_new_tokens)
-            for i, [c] in zip(todo, self.backend.generate([prompts[i] for i in todo], params, seed + 7919 * attempt)):
+            seeds = [self.seed(keys[i], what, attempt) for i in todo]
+            for i, [c] in zip(todo, self.backend.generate([prompts[i] for i in todo], params, seeds)):
                 verdicts[i] = parse(c.text)
         self.missing[what] += sum(v is None for v in verdicts)
         return verdicts
@@ -283,8 +288,8 @@ class Judge:
         self.backend.close()
 
 
-def _judge(judge: Judge | None, what: str, convs: list[Messages], seed: int) -> list[Any]:
-    return judge.ask(what, convs, seed) if judge is not None and convs else [None] * len(convs)
+def _judge(judge: Judge | None, what: str, convs: list[Messages], keys: list[str]) -> list[Any]:
+    return judge.ask(what, convs, keys) if judge is not None and convs else [None] * len(convs)
 
 
 def run_safety(items: list[dict], gen: Gen, judge: Judge | None) -> list[dict]:
@@ -294,13 +299,14 @@ def run_safety(items: list[dict], gen: Gen, judge: Judge | None) -> list[dict]:
         live = [i for i, it in enumerate(items) if t < len(it["turns"])]
         for i in live:
             convs[i].append({"role": "user", "content": items[i]["turns"][t]})
-        for i, text in zip(live, gen.reply([convs[i] for i in live], t)):
+        for i, text in zip(live, gen.reply([convs[i] for i in live], t, [items[i]["id"] for i in live])):
             convs[i].append({"role": "assistant", "content": text})
     # judge every assistant turn with its own context (the conversation up to that reply)
     points = [(i, k) for i, c in enumerate(convs) for k in range(1, len(c), 2)]
     prefixes = [convs[i][: k + 1] for i, k in points]
-    refusals = _judge(judge, "refusal", prefixes, gen.seed)
-    harms = _judge(judge, "harm", prefixes, gen.seed + 1)
+    keys = [f"{items[i]['id']}@{k}" for i, k in points]
+    refusals = _judge(judge, "refusal", prefixes, keys)
+    harms = _judge(judge, "harm", prefixes, keys)
     per_turn: list[list[dict]] = [[] for _ in items]
     for (i, k), ref, harm in zip(points, refusals, harms):
         per_turn[i].append({"refusal_phrases": textstats.is_refusal(convs[i][k]["content"]),
@@ -313,9 +319,10 @@ def run_safety(items: list[dict], gen: Gen, judge: Judge | None) -> list[dict]:
 
 def run_refusal(items: list[dict], gen: Gen, judge: Judge | None) -> list[dict]:
     convs = [[{"role": "user", "content": it["prompt"]}] for it in items]
-    for c, text in zip(convs, gen.reply(convs, 0)):
+    ids = [it["id"] for it in items]
+    for c, text in zip(convs, gen.reply(convs, 0, ids)):
         c.append({"role": "assistant", "content": text})
-    verdicts = _judge(judge, "refusal", convs, gen.seed)
+    verdicts = _judge(judge, "refusal", convs, ids)
     return [{"suite": "refusal", "item_id": it["id"], "messages": c,
              "meta": {"label": it["label"], "category": it.get("category", ""),
                       "refusal_phrases": textstats.is_refusal(c[-1]["content"]), "refusal_judge": v}}
@@ -328,7 +335,7 @@ def run_sycophancy(items: list[dict], gen: Gen, challenge: str) -> list[dict]:
     for step, ask in enumerate((lambda it: it["question"], lambda it: challenge, lambda it: it["pushback"])):
         for c, it in zip(convs, items):
             c.append({"role": "user", "content": ask(it)})
-        for c, text in zip(convs, gen.reply(convs, step)):
+        for c, text in zip(convs, gen.reply(convs, step, [it["id"] for it in items])):
             c.append({"role": "assistant", "content": text})
     out = []
     for it, c in zip(items, convs):
@@ -350,9 +357,9 @@ def run_helpfulness(items: list[dict], gen: Gen, judge: Judge) -> list[dict]:
         live = [i for i, ts in enumerate(turns) if t < len(ts)]
         for i in live:
             convs[i].append({"role": "user", "content": turns[i][t]})
-        for i, text in zip(live, gen.reply([convs[i] for i in live], t)):
+        for i, text in zip(live, gen.reply([convs[i] for i in live], t, [items[i]["id"] for i in live])):
             convs[i].append({"role": "assistant", "content": text})
-    scores = _judge(judge, "helpfulness", convs, gen.seed)
+    scores = _judge(judge, "helpfulness", convs, [it["id"] for it in items])
     return [{"suite": "helpfulness", "item_id": it["id"], "messages": c,
              "meta": {"turns": len(ts), "score": s}} for it, ts, c, s in zip(items, turns, convs, scores)]
 
@@ -366,7 +373,7 @@ def run_diversity(items: list[dict], gen: Gen, perplexity: Callable[[list[Messag
         msgs = [{"role": m["role"], "content": m["content"]} for m in it["messages"]]
         last_user = max(i for i, m in enumerate(msgs) if m["role"] == "user")
         contexts.append(msgs[: last_user + 1])
-    replies = gen.reply(contexts, 0)
+    replies = gen.reply(contexts, 0, [it["id"] for it in items])
     parts = perplexity([gen.system + [{"role": m["role"], "content": m["content"]} for m in it["messages"]]
                         for it in items]) if perplexity else [None] * len(items)
     out = []

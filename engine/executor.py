@@ -29,6 +29,7 @@ from .graph import artifact_type, edges, order, upstream
 from .recipe import Recipe, dump_toml
 from .rounds import diversity_for, round_of
 from .rows import count_rows, read_rows, write_rows
+from .seeds import Seeds
 from .shards import ShardRunner
 
 
@@ -157,6 +158,11 @@ class Context:
 
     def __post_init__(self) -> None:
         self.shards = ShardRunner(self.partial_dir, self.fingerprint, self.seed, self.progress, self.log)
+
+    @property
+    def seeds(self) -> Seeds:
+        """This stage's random streams, by row id (engine.seeds): never by shard or batch."""
+        return Seeds(self.seed, self.fingerprint)
 
     def progress(self, total: int | None, desc: str = "rows") -> _Task:
         if self._progress is None:

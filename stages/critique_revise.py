@@ -41,7 +41,6 @@ revision_request; user_template gets scenario, conversation, turn, turns, person
 from __future__ import annotations
 
 import copy
-import hashlib
 import re
 from collections import Counter
 from typing import Literal
@@ -86,7 +85,8 @@ class Config(StageConfig):
     temperature: float = Field(0.7, ge=0.0, description="0 is greedy; 0.5-0.8 gives varied critiques.")
     max_new_tokens: int = Field(512, ge=1, description="Per critique, revision or regenerated turn; a revision "
                                                        "that hits it is rejected as truncated.")
-    shard_size: int = Field(32, ge=1, description="Rows per shard; seeds derive per shard, so it changes outputs.")
+    shard_size: int = ExecOnly(32, ge=1, description="Rows per shard (resume granularity); seeds derive per row, "
+                                                     "so it never changes outputs.")
     batch_size: int = ExecOnly(16, ge=1, description="Prompts per generate call (halved on out-of-memory).")
 
     @field_validator("turns", mode="before")
@@ -196,11 +196,6 @@ def selected_positions(n_assistant: int, turns) -> list[int]:
     return sorted({t if t >= 0 else n_assistant + t for t in turns if -n_assistant <= t < n_assistant})
 
 
-def _seed(base: int, *keys) -> int:
-    """A backend seed for one call of a shard, from the shard's seed and what the call is."""
-    return int.from_bytes(hashlib.sha256(repr((base, *keys)).encode()).digest()[:8], "big") >> 1
-
-
 class _Conv:
     def __init__(self, row: dict, turns) -> None:
         self.row, self.id = row, str(row.get("id"))
@@ -212,14 +207,14 @@ class _Conv:
 
 
 class _Reviser:
-    def __init__(self, config: Config, constitution, tpl, backends: dict, seed: int) -> None:
-        self.cfg, self.constitution, self.tpl, self.seed = config, constitution, tpl, seed
+    def __init__(self, config: Config, constitution, tpl, backends: dict, seed: int, seeds) -> None:
+        self.cfg, self.constitution, self.tpl, self.seed, self.seeds = config, constitution, tpl, seed, seeds
         self.model, self.user, self.assistant = backends["model"], backends.get("user"), backends.get("assistant")
         self.params = SamplingParams(temperature=config.temperature, max_new_tokens=config.max_new_tokens)
         self.stats: Counter = Counter()
 
-    def _generate(self, backend, prompts: list[list[dict]], seed: int) -> list:
-        out = [c for [c] in backend.generate(prompts, self.params, seed)] if prompts else []
+    def _generate(self, backend, prompts: list[list[dict]], seeds: list[int]) -> list:
+        out = [c for [c] in backend.generate(prompts, self.params, seeds)] if prompts else []
         self.stats["tokens_prompt"] += sum(c.prompt_tokens for c in out)
         self.stats["tokens_completion"] += sum(c.completion_tokens for c in out)
         return out
@@ -229,11 +224,11 @@ class _Reviser:
         convs = [_Conv(row, self.cfg.turns) for row in shard.rows]
         for k in range(max(len(c.assistant) for c in convs)):
             active = [c for c in convs if not c.dropped and k in c.selected]
-            self._revise(active, k, shard.seed)
+            self._revise(active, k)
             if self.cfg.after_revision == "resimulate":
                 changed = [c for c in active if c.records[-1]["final"] != c.records[-1]["original"]
                            and c.assistant[k] < len(c.messages) - 1]
-                self._resimulate(changed, k, shard.seed)
+                self._resimulate(changed, k)
         self.stats["rows_without_selected_turn"] += sum(1 for c in convs if not c.selected)
         self.stats["dropped_resimulate_empty_turn"] += sum(1 for c in convs if c.dropped)
         meta = {"after_revision": self.cfg.after_revision, "rounds": self.cfg.rounds}
@@ -242,7 +237,7 @@ class _Reviser:
                 for c in convs if not c.dropped]
         return ShardResult(rows, dict(self.stats))
 
-    def _revise(self, convs: list[_Conv], k: int, seed: int) -> None:
+    def _revise(self, convs: list[_Conv], k: int) -> None:
         cfg, tpl = self.cfg, self.tpl
         for c in convs:
             i = c.assistant[k]
@@ -255,11 +250,12 @@ class _Reviser:
             common = [dict(conversation=c.messages[: c.assistant[k] + 1], critique_request=p.critique,
                            principle=p.id, round=rnd, examples=ex) for c, p, ex in zip(convs, drawn, examples)]
             critiques = self._generate(self.model, [tpl.render_chat(cfg.critique_template, **v) for v in common],
-                                       _seed(seed, "critique", k, rnd))
+                                       [self.seeds.row(c.id, purpose="critique", turn=k, round=rnd) for c in convs])
             todo = [j for j, crit in enumerate(critiques) if crit.text.strip()]
             prompts = [tpl.render_chat(cfg.revision_template, critique=critiques[j].text.strip(),
                                        revision_request=drawn[j].revision, **common[j]) for j in todo]
-            revisions = dict(zip(todo, self._generate(self.model, prompts, _seed(seed, "revision", k, rnd))))
+            revisions = dict(zip(todo, self._generate(
+                self.model, prompts, [self.seeds.row(convs[j].id, purpose="revision", turn=k, round=rnd) for j in todo])))
             for j, (c, p) in enumerate(zip(convs, drawn)):
                 turn, record = c.messages[c.assistant[k]], c.records[-1]
                 self.stats[f"principle:{p.id}"] += 1
@@ -279,7 +275,7 @@ class _Reviser:
             self.stats["turns_selected"] += 1
             self.stats["turns_revised"] += record["final"] != record["original"]
 
-    def _resimulate(self, convs: list[_Conv], k: int, seed: int) -> None:
+    def _resimulate(self, convs: list[_Conv], k: int) -> None:
         """Regenerate every message after assistant turn k, in step across the conversations."""
         tails = {id(c): c.messages[c.assistant[k] + 1:] for c in convs}
         for c in convs:
@@ -292,12 +288,11 @@ class _Reviser:
                 break
             for role in ("user", "assistant"):
                 group = [c for c in live if tails[id(c)][step]["role"] == role]
+                seeds = [self.seeds.row(c.id, purpose=f"resimulate-{role}", turn=k, attempt=step) for c in group]
                 if role == "user":
-                    prompts = [self._user_prompt(c) for c in group]
-                    outs = self._generate(self.user, prompts, _seed(seed, "resimulate", k, step, role))
+                    outs = self._generate(self.user, [self._user_prompt(c) for c in group], seeds)
                 else:
-                    outs = self._generate(self.assistant, [c.messages for c in group],
-                                          _seed(seed, "resimulate", k, step, role))
+                    outs = self._generate(self.assistant, [c.messages for c in group], seeds)
                 for c, out in zip(group, outs):
                     if not out.text.strip():
                         c.dropped = True  # an empty turn is no data: drop the conversation, count it
@@ -331,7 +326,7 @@ def run(config: Config, inputs, ctx) -> None:
         if config.after_revision == "resimulate":
             for role, field in (("user", "user_model"), ("assistant", "assistant_model")):
                 backends[role] = ctx.backend(inputs[field], config.batch_size) if field in inputs else backends["model"]
-        reviser = _Reviser(config, constitution, ctx.templates(), backends, ctx.seed)
+        reviser = _Reviser(config, constitution, ctx.templates(), backends, ctx.seed, ctx.seeds)
         out, stats = ctx.shards.map(rows, reviser.shard, shard_size=config.shard_size, desc="critique and revise")
     finally:
         for backend in {id(b): b for b in backends.values()}.values():

@@ -82,7 +82,8 @@ class Config(StageConfig):
     helpfulness_rubric: str | None = Field(None, description="Passed to the helpfulness template as `rubric`.")
     judge_max_new_tokens: int = Field(256, ge=1)
     judge_retries: int = Field(2, ge=0, description="New attempts when a judge answer cannot be parsed.")
-    shard_size: int = Field(16, ge=1, description="Work items (model x suite item) per shard.")
+    shard_size: int = ExecOnly(16, ge=1, description="Work items (model x suite item) per shard: resume "
+                                                     "granularity, never changes outputs.")
     batch_size: int = ExecOnly(16, ge=1, description="Prompts per generate call.")
 
 
@@ -201,15 +202,18 @@ def run(config: Config, inputs, ctx) -> None:
                                   {"refusal": config.refusal_template, "harm": config.harm_template,
                                    "helpfulness": config.helpfulness_template}, parse_score,
                                   max_new_tokens=config.judge_max_new_tokens, retries=config.judge_retries,
-                                  rubric=config.helpfulness_rubric or ""))
+                                  rubric=config.helpfulness_rubric or "",
+                                  seed=lambda key, what, attempt: ctx.seeds.row(key, purpose=f"judge-{what}",
+                                                                                attempt=attempt)))
         return judge[0]
 
     def per_shard(shard: Shard) -> ShardResult:
         out = []
-        for step, ((mi, suite), group) in enumerate(groupby(shard.rows, key=lambda r: (r["model"], r["suite"]))):
+        for (mi, suite), group in groupby(shard.rows, key=lambda r: (r["model"], r["suite"])):
             batch = [r["item"] for r in group]
             backend = pool.get(mi)
-            gen = ev.Gen(backend, params, shard.seed + 1000 * step, system)
+            gen = ev.Gen(backend, params, lambda item, turn, m=names[mi], s=suite:
+                         ctx.seeds.row(f"{m}/{s}/{item}", purpose="reply", turn=turn), system)
             if suite == "safety":
                 made = ev.run_safety(batch, gen, get_judge())
             elif suite == "refusal":

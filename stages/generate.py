@@ -59,7 +59,8 @@ class Config(StageConfig):
     max_new_tokens: int = Field(256, ge=1)
     stop: list[str] = Field(default_factory=list, description="Extra stop strings.")
     max_retries: int = Field(2, ge=0, description="teacher_json: new attempts for malformed JSON.")
-    shard_size: int = Field(32, ge=1, description="Rows per shard; seeds derive per shard, so it changes outputs.")
+    shard_size: int = ExecOnly(32, ge=1, description="Rows per shard (resume granularity); seeds derive per row, "
+                                                     "so it never changes outputs.")
     batch_size: int = ExecOnly(16, ge=1, description="Prompts per generate call (halved on out-of-memory).")
 
 
@@ -152,6 +153,7 @@ def run(config: Config, inputs, ctx) -> None:
     user = ctx.backend(inputs["user_model"], config.batch_size) if "user_model" in inputs else assistant
     model_name = inputs["model"].name
     failures = {"teacher_json_malformed": 0, "empty_turn": 0}
+    seeds = ctx.seeds  # every stream by row id, sample, turn and attempt: shard_size changes nothing
 
     def out_row(row, k, messages, tokens, **meta):
         base = dict(row.get("meta") or {})
@@ -165,7 +167,8 @@ def run(config: Config, inputs, ctx) -> None:
                 prompts.append(tpl.render_chat(config.template, row=row, prompt=row.get("prompt"), meta=row.get("meta") or {}))
             else:
                 prompts.append(prompt_messages(row))
-        comps = assistant.generate(prompts, SamplingParams(**{**params.__dict__, "n": config.n}), shard.seed)
+        comps = assistant.generate(prompts, SamplingParams(**{**params.__dict__, "n": config.n}),
+                                   seeds.rows([row["id"] for row in shard.rows], purpose="reply"))
         return [out_row(row, k, [*p, {"role": "assistant", "content": c.text}],
                         {"prompt": c.prompt_tokens, "completion": c.completion_tokens}, finish=c.finish_reason)
                 for row, p, cs in zip(shard.rows, prompts, comps) for k, c in enumerate(cs)]
@@ -177,9 +180,13 @@ def run(config: Config, inputs, ctx) -> None:
         for turn in range(1, config.turns + 1):
             asks = [tpl.render_chat(config.user_template, scenario=_scenario(row), conversation=conv, turn=turn,
                                     turns=config.turns, persona=config.persona or "") for row, _, conv in convs]
-            for (_, _, conv), [c] in zip(convs, user.generate(asks, params, shard.seed + 2 * turn)):
+            ids = [row["id"] for row, _, _ in convs]
+            samples = [k for _, k, _ in convs]
+            user_seeds = [seeds.row(i, purpose="user", sample=k, turn=turn) for i, k in zip(ids, samples)]
+            for (_, _, conv), [c] in zip(convs, user.generate(asks, params, user_seeds)):
                 conv.append({"role": "user", "content": c.text})
-            replies = assistant.generate([system + conv for _, _, conv in convs], params, shard.seed + 2 * turn + 1)
+            reply_seeds = [seeds.row(i, purpose="reply", sample=k, turn=turn) for i, k in zip(ids, samples)]
+            replies = assistant.generate([system + conv for _, _, conv in convs], params, reply_seeds)
             for i, ((_, _, conv), [c]) in enumerate(zip(convs, replies)):
                 conv.append({"role": "assistant", "content": c.text})
                 tokens[i]["prompt"] += c.prompt_tokens
@@ -196,7 +203,9 @@ def run(config: Config, inputs, ctx) -> None:
                 break
             prompts = [tpl.render_chat(config.teacher_template, scenario=_scenario(todo[i][0]), turns=config.turns,
                                        persona=config.persona or "") for i in pending]
-            for i, [c] in zip(pending, assistant.generate(prompts, params, shard.seed + 1000 * attempt)):
+            attempt_seeds = [seeds.row(todo[i][0]["id"], purpose="teacher", sample=todo[i][1], attempt=attempt)
+                             for i in pending]
+            for i, [c] in zip(pending, assistant.generate(prompts, params, attempt_seeds)):
                 parsed = parse_teacher(c.text)
                 if parsed:
                     done[i] = (parsed, c, attempt)

@@ -56,7 +56,7 @@ class Config(StageConfig):
     max_retries: int = Field(2, ge=0, description="llm: new attempts when no score can be parsed.")
     max_new_tokens: int = Field(256, ge=1)
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy; retries add a little randomness.")
-    shard_size: int = Field(64, ge=1)
+    shard_size: int = ExecOnly(64, ge=1, description="Rows per shard (resume granularity); never changes scores.")
     batch_size: int = ExecOnly(16, ge=1)
 
 
@@ -190,7 +190,7 @@ class _LLM:
     dict per row; `close()` releases what they loaded."""
 
     def __init__(self, config: Config | ScorerSpec, model, ctx, backend=None) -> None:
-        self.config, self.tpl = config, ctx.templates()
+        self.config, self.tpl, self.seeds = config, ctx.templates(), ctx.seeds
         self.owns_backend = backend is None  # a backend lent by the caller stays open
         self.backend = backend or ctx.backend(model, config.batch_size)
 
@@ -206,7 +206,8 @@ class _LLM:
                 break
             temp = cfg.temperature if attempt == 0 else max(cfg.temperature, 0.7)
             params = SamplingParams(temperature=temp, max_new_tokens=cfg.max_new_tokens)
-            for i, [c] in zip(todo, self.backend.generate([prompts[i] for i in todo], params, shard.seed + attempt)):
+            seeds = [self.seeds.row(shard.rows[i]["id"], purpose="judge", attempt=attempt) for i in todo]
+            for i, [c] in zip(todo, self.backend.generate([prompts[i] for i in todo], params, seeds)):
                 answers[i] = c.text
                 value = parse_score(c.text)
                 if value is not None:
@@ -263,7 +264,8 @@ class _Pairwise(_LLM):
                 prompts.append(self.tpl.render_chat(template_name(cfg), context=r["prompt"], response_a=a,
                                                     response_b=b, principle=cfg.principle))
         params = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
-        verdicts = [parse_verdict(c.text) for [c] in self.backend.generate(prompts, params, shard.seed)]
+        seeds = [self.seeds.row(r["id"], purpose="pairwise", sample=order) for r in shard.rows for order in (0, 1)]
+        verdicts = [parse_verdict(c.text) for [c] in self.backend.generate(prompts, params, seeds)]
         out = []
         for i in range(len(shard.rows)):
             first, second = verdicts[2 * i], verdicts[2 * i + 1]

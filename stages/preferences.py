@@ -94,7 +94,8 @@ class Config(StageConfig):
     from_turn: int | None = Field(None, ge=0, description="Pairs at every assistant turn from this 0-based position "
                                                           "on; default: the last assistant turn only.")
     sample_size: int = Field(100, ge=0, description="Pairs saved to pairs_sample.json for a human spot-check.")
-    shard_size: int = Field(32, ge=1, description="Pairs or turns per shard (pairwise_judge, context_negative).")
+    shard_size: int = ExecOnly(32, ge=1, description="Pairs or turns per shard (pairwise_judge, context_negative): "
+                                                     "resume granularity, never changes outputs.")
     batch_size: int = ExecOnly(16, ge=1, description="Prompts per generate call (halved on out-of-memory).")
 
 
@@ -347,7 +348,8 @@ def _context_negative(config: Config, rows: list[dict], inputs, ctx) -> tuple[li
     params = SamplingParams(temperature=config.temperature, max_new_tokens=config.max_new_tokens)
 
     def per_shard(shard: Shard) -> ShardResult:
-        replies = backend.generate([t["bare"] for t in shard.rows], params, shard.seed)
+        replies = backend.generate([t["bare"] for t in shard.rows], params,
+                                   ctx.seeds.rows([t["id"] for t in shard.rows], purpose="context_free"))
         out = [dict(t, negative=c.text.strip(), finish=c.finish_reason) for t, [c] in zip(shard.rows, replies)]
         return ShardResult(out)
 
@@ -421,7 +423,8 @@ def _pairwise_judge(config: Config, rows: list[dict], inputs, ctx) -> tuple[list
                    for t in shard.rows for x, y in ((t["a"], t["b"]), (t["b"], t["a"]))]
         if config.verdict == "logprobs":
             return ShardResult(logprob_judgments(shard.rows, backend.option_logprobs(prompts, "Verdict: ", ["A", "B"])))
-        answers = backend.generate(prompts, params, shard.seed)
+        seeds = [ctx.seeds.row(t["id"], purpose="pairwise", sample=order) for t in shard.rows for order in (0, 1)]
+        answers = backend.generate(prompts, params, seeds)
         out = []
         for j, t in enumerate(shard.rows):
             a_first, b_first = ([parse_choice(c.text) for c in answers[k]] for k in (2 * j, 2 * j + 1))

@@ -27,7 +27,6 @@ Template variables (template, llm scorer): conversation, rubric.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Literal
 
 from pydantic import Field
@@ -72,7 +71,8 @@ class Config(StageConfig):
         "conversations", description="Kept samples (for SFT), or best-vs-worst pairs (for DPO).")
     min_margin: float = Field(1.0, gt=0, description="preferences: the least score gap between chosen and rejected.")
     sample_size: int = Field(100, ge=0, description="preferences: pairs saved to pairs_sample.json for a spot-check.")
-    shard_size: int = Field(16, ge=1, description="Prompts per shard; seeds derive per shard, so it changes outputs.")
+    shard_size: int = ExecOnly(16, ge=1, description="Prompts per shard (resume granularity); seeds derive per "
+                                                     "prompt, so it never changes outputs.")
     batch_size: int = ExecOnly(16, ge=1, description="Prompts per generate call (halved on out-of-memory).")
 
 
@@ -176,10 +176,6 @@ def _mean(xs: list[float]) -> float | None:
 # --------------------------------------------------------------------------- the stage
 
 
-def _seed(base: int, what: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{base}:{what}".encode()).digest()[:8], "big") >> 1
-
-
 def run(config: Config, inputs, ctx) -> None:
     rows = inputs["input"].rows()
     key = score_key(config)
@@ -197,12 +193,12 @@ def run(config: Config, inputs, ctx) -> None:
 
     def per_shard(shard: Shard) -> ShardResult:
         prompts = [prompt_messages(r) for r in shard.rows]
-        comps = policy.generate(prompts, params, shard.seed)
+        comps = policy.generate(prompts, params, ctx.seeds.rows([r["id"] for r in shard.rows], purpose="sample"))
         cands = [(j, k, {"id": f"{r['id']}#{k}", "messages": [*p, {"role": "assistant", "content": c.text}],
                          "meta": {**(r.get("meta") or {}), "source_id": r["id"], "sample": k}})
                  for j, (r, p, cs) in enumerate(zip(shard.rows, prompts, comps)) for k, c in enumerate(cs)
                  if c.text.strip()]  # an empty reply is no sample: never scored, never kept
-        scored = scorer(Shard(shard.index, shard.start, [c for _, _, c in cands], _seed(shard.seed, "score"))) \
+        scored = scorer(Shard(shard.index, shard.start, [c for _, _, c in cands], shard.seed)) \
             if cands else []
         details = {(j, k): d for (j, k, _), d in zip(cands, scored)}
         out = []

@@ -212,9 +212,9 @@ def prepare_masking(tok, ctx, model_name: str) -> str:
                                        f"assistant-only loss: {exc}.", hint=FIX_TEMPLATE) from None
     if method == "trl":
         tok.chat_template = trl_training_template(tok.chat_template)
-        ctx.log.info("chat template has no {%% generation %%} markers; using TRL's training version of it")
+        ctx.log.info("chat template has no {% generation %} markers; using TRL's training version of it")
     elif method == "derived":
-        ctx.log.info("chat template has no {%% generation %%} markers; assistant spans derived by rendering it "
+        ctx.log.info("chat template has no {% generation %} markers; assistant spans derived by rendering it "
                      "one message at a time")
     return method
 

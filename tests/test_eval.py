@@ -76,7 +76,7 @@ def judge_for(answer=scripted_judge) -> ev.Judge:
 
 
 def gen(answer, system=()) -> ev.Gen:
-    return ev.Gen(Fake(answer), GREEDY, 11, list(system))
+    return ev.Gen(Fake(answer), GREEDY, lambda item, turn: 11, list(system))
 
 
 SAFETY = [{"id": f"s{i}", "category": cat, "title": f"scenario {i}", "turns": [f"turn {t} of {i}" for t in range(n)],
@@ -305,11 +305,11 @@ def test_unparseable_judge_answers_are_retried_then_recorded_as_missing():
 
     judge = judge_for(flaky)
     assert judge.ask("helpfulness", [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]] * 2,
-                     seed=1) == [7.0, 7.0]
+                     ["a", "b"]) == [7.0, 7.0]
     assert len(calls) == 4
     never = judge_for(lambda p: "no verdict here")
     conv = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
-    assert never.ask("refusal", [conv], seed=1) == [None]
+    assert never.ask("refusal", [conv], ["a"]) == [None]
     assert len(never.backend.prompts) == 3  # first try and 2 retries
 
 

@@ -155,10 +155,12 @@ def test_pairwise_label_swaps_order(monkeypatch):
             return [[Completion("Verdict: A", 1, 1, "stop")] for _ in prompts]
 
     cfg = Config(kind="judge", input="p", scorer="pairwise", model="m")
+    from engine.seeds import Seeds
+
     ctx = SimpleNamespace(templates=lambda: __import__("engine.templates", fromlist=["Templates"]).Templates([]),
-                          backend=lambda *a: Fake())
+                          backend=lambda *a: Fake(), seeds=Seeds(1, "fp"))
     scorer = _Pairwise(cfg, {"model": None}, ctx)
-    row = {"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "good"}],
+    row = {"id": "r0", "prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "good"}],
            "rejected": [{"role": "assistant", "content": "bad"}]}
     [out] = scorer(Shard(0, 0, [row], seed=1))
     assert out == {"score": 0.5, "score_position_consistent": False}
@@ -250,8 +252,11 @@ def test_make_scorer_lends_a_backend_and_leaves_it_open():
             self.closed = True
 
     lent = Lent()
-    ctx = SimpleNamespace(templates=lambda: Templates([]), backend=lambda *a: pytest.fail("must not load a model"))
+    from engine.seeds import Seeds
+
+    ctx = SimpleNamespace(templates=lambda: Templates([]), backend=lambda *a: pytest.fail("must not load a model"),
+                          seeds=Seeds(1, "fp"))
     scorer = make_scorer(ScorerSpec(scorer="llm", name="q"), None, ctx, backend=lent)
-    [out] = scorer(Shard(0, 0, [conv("hi", "hello")], seed=1))
+    [out] = scorer(Shard(0, 0, [conv("hi", "hello", id="c0")], seed=1))
     scorer.close()
     assert out["q"] == 7.0 and out["q_answer"].endswith("Score: 7") and not lent.closed

@@ -92,7 +92,7 @@ def eval_entry(path: Path) -> None:
     rows, per_model = [], {}
     for name, answer in (("policy", lambda m: HOSTILE + " 4"),
                          ("dpo", lambda m: "I can't help with that." if len(m) > 3 else "It is 4.")):
-        gen = ev.Gen(Fake(answer), SamplingParams(), 1, [])
+        gen = ev.Gen(Fake(answer), SamplingParams(), lambda item, turn: 1, [])
         made = [{"id": f"{name}/{r['suite']}/{r['item_id']}", "model": name, **r}
                 for r in ev.run_safety(safety, gen, None) + ev.run_sycophancy(syco, gen, "Are you sure?")]
         rows += made

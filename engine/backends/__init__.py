@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, Sequence
 
 
 @dataclass(frozen=True)
@@ -33,9 +33,12 @@ class Completion:
 class Backend(Protocol):
     name: str
 
-    def generate(self, prompts: list[list[dict]], params: SamplingParams, seed: int) -> list[list[Completion]]:
+    def generate(self, prompts: list[list[dict]], params: SamplingParams,
+                 seed: "int | Sequence[int]") -> list[list[Completion]]:
         """For each chat prompt (a list of {role, content}), `params.n` completions of the
-        next assistant turn. Same prompts, params and seed: same completions."""
+        next assistant turn. `seed`: one per prompt (engine.seeds derives them from row ids), or
+        an int meaning seed, seed + 1, ... A prompt's completions depend on its own seed only,
+        never on the other prompts of the call or how they are batched."""
         ...
 
     def close(self) -> None:

@@ -7,8 +7,8 @@ Generation stops at the template's end-of-turn token (ChatML's <|im_end|>, Llama
 <|eot_id|>, ...) as well as the eos token.
 
 Sampling does not depend on batching: each (prompt, sample) row draws from its own random
-stream, seeded from (call seed, the prompt's index in the call, the sample's index), and picks
-its token by inverse CDF on that stream. So batch size, the order batches run in, and halving
+stream, seeded from the prompt's own seed (engine.seeds derives it from the row id, never from a
+position in a batch) and the sample's index, and picks its token by inverse CDF on that stream. So batch size, the order batches run in, and halving
 the batch on CUDA out-of-memory change speed, never text (beyond float rounding of padded
 batches, which greedy decoding shares).
 
@@ -18,16 +18,22 @@ naming its length, never an indexing crash deep inside the model.
 
 from __future__ import annotations
 
-import hashlib
-from typing import Any
+from typing import Any, Sequence
 
 from ..errors import RecipeError
+from ..seeds import sample_seed
 from . import Completion, SamplingParams
 
 
-def row_seed(seed: int, prompt: int, sample: int) -> int:
-    """The random stream of one (prompt, sample) row of a call: independent of batch composition."""
-    return int.from_bytes(hashlib.sha256(f"hf:{seed}:{prompt}:{sample}".encode()).digest()[:8], "little") >> 1
+def prompt_seeds(seed: int | Sequence[int], n: int) -> list[int]:
+    """One seed per prompt: a list as given (engine.seeds derives them from row ids), or an int
+    meaning seed, seed + 1, ... (as the openai backend sends them, so a served model agrees)."""
+    if isinstance(seed, int):
+        return [seed + i for i in range(n)]
+    seeds = [int(s) for s in seed]
+    if len(seeds) != n:
+        raise ValueError(f"{len(seeds)} seeds for {n} prompts")
+    return seeds
 
 
 class RowSampler:
@@ -94,11 +100,13 @@ class HFBackend:
                 hint="Lower max_new_tokens, use fewer turns, or drop long rows first (a filter stage's max_turns "
                      "or a shorter data file).")
 
-    def generate(self, prompts: list[list[dict]], params: SamplingParams, seed: int) -> list[list[Completion]]:
+    def generate(self, prompts: list[list[dict]], params: SamplingParams,
+                 seed: int | Sequence[int]) -> list[list[Completion]]:
         import torch
 
         if not prompts:
             return []
+        per_prompt = prompt_seeds(seed, len(prompts))
         encoded = self._encode(prompts)
         self._check_lengths(encoded, params)
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
@@ -106,7 +114,7 @@ class HFBackend:
         start, batch_size = 0, self.batch_size
         while start < len(order):
             idx = order[start : start + batch_size]
-            seeds = [[row_seed(seed, i, k) for k in range(params.n)] for i in idx]
+            seeds = [[sample_seed(per_prompt[i], k) for k in range(params.n)] for i in idx]
             try:
                 outs = self._batch([encoded[i] for i in idx], params, seeds)
             except torch.cuda.OutOfMemoryError:

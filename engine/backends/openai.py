@@ -3,7 +3,8 @@ the OpenAI API itself, or `engine.backends.serve`).
 
 - One POST {base_url}/chat/completions per prompt with `n` = params.n; a server that returns
   fewer choices gets follow-up requests (for the missing ones, with a derived seed).
-- The seed of prompt i is `seed + i`, so results do not depend on concurrency or order.
+- Each prompt has its own seed (a list, or `seed + i` for an int), so results do not depend on
+  concurrency or order.
 - At most `max_concurrency` requests in flight (a thread pool).
 - 429, 408, 5xx, connection errors, timeouts and garbled responses are retried with
   exponential backoff and jitter (0.5 s doubling, capped at 8 s, at least Retry-After), up to
@@ -112,17 +113,20 @@ class OpenAIBackend:
 
     # -- the Backend protocol --
 
-    def generate(self, prompts: list[list[dict]], params: SamplingParams, seed: int) -> list[list[Completion]]:
+    def generate(self, prompts: list[list[dict]], params: SamplingParams, seed) -> list[list[Completion]]:
         if not prompts:
             return []
         if params.n < 1:
             raise BackendError(f"openai backend: n must be >= 1 (got {params.n}).")
+        from .hf import prompt_seeds
+
+        seeds = prompt_seeds(seed, len(prompts))
         abort = threading.Event()
         pool = ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(prompts)),
                                   thread_name_prefix="openai-backend")
         try:
             futures: dict[Future, int] = {
-                pool.submit(self._prompt, messages, params, seed + i, abort): i
+                pool.submit(self._prompt, messages, params, seeds[i], abort): i
                 for i, messages in enumerate(prompts)
             }
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
