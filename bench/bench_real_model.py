@@ -152,10 +152,11 @@ def sft(args, cache: Path) -> dict:
                                                                          lora=lora))
         record = run(load_recipe(work / "r.toml"), work / "runs", force=["train"])
         report = json.loads((record.dir / "stages" / "train" / "report.json").read_text())
-        tps = report["tokens_seen"] / report["train_seconds"]
+        seconds = json.loads((record.dir / "stages" / "train" / "metrics.json").read_text())["train_seconds"]
+        tps = report["tokens_seen"] / seconds
         out[f"sft_{name}_tokens_per_s"] = tps
-        out[f"sft_{name}_s_per_step"] = report["train_seconds"] / report["steps"]
-        print(f"sft {name:4s}: {tps:7.1f} input tokens/s, {report['train_seconds'] / report['steps']:.1f} s per step "
+        out[f"sft_{name}_s_per_step"] = seconds / report["steps"]
+        print(f"sft {name:4s}: {tps:7.1f} input tokens/s, {seconds / report['steps']:.1f} s per step "
               f"(batch 8, <= 256 tokens)", flush=True)
     return out
 

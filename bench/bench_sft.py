@@ -80,7 +80,10 @@ def engine_run(root: Path, runs: Path, model: str, steps: int, packing: bool = F
     t = time.perf_counter()
     record = run(load_recipe(recipe), runs, force=["train"])
     wall = time.perf_counter() - t
-    return wall, json.loads((record.dir / "stages" / "train" / "report.json").read_text())
+    out = record.dir / "stages" / "train"
+    report = json.loads((out / "report.json").read_text())
+    report["train_seconds"] = json.loads((out / "metrics.json").read_text())["train_seconds"]  # timings live there
+    return wall, report
 
 
 def trl_run(rows: list[dict], model_dir: str, out: Path, steps: int) -> float:

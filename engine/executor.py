@@ -190,7 +190,8 @@ class Context:
         stages write this as `model/base.json` next to an unmerged adapter (its recorded base)."""
         if model.spec is not None:
             return {"name": model.name, "spec": model.spec.model_dump(mode="json")}
-        return {"name": model.name, "dir": str(Path(model.path) / "model")}
+        # by fingerprint (the entry's folder name), never by path: the runs dir can move
+        return {"name": model.name, "stage": Path(model.path).name}
 
     def load_model(self, model: "Artifact", *, merge_adapter: bool = False):
         """(model, tokenizer) for a model reference: a [models] spec (its adapter applied, or
@@ -220,7 +221,9 @@ class Context:
             from .recipe import ModelSpec
 
             m, _ = self._load_spec(base["name"], ModelSpec.model_validate(base["spec"], strict=False), True)
-        else:
+        elif "stage" in base:
+            m, _ = self._load_dir(Path(self.cache_root) / base["stage"] / "model", True)
+        else:  # entries written before base.json named the stage's fingerprint
             m, _ = self._load_dir(Path(base["dir"]), True)
         from peft import PeftModel
         from transformers import AutoTokenizer

@@ -395,7 +395,12 @@ def quiet(trainer) -> None:
 
 def save_model(trainer, tok, ctx, model_input, lora: Lora | None, merge: bool) -> Path:
     """Write `model/`: full weights (loadable with from_pretrained), the merged LoRA weights, or the
-    adapter plus `base.json` (how to load its base again). Only the main process writes."""
+    adapter plus `base.json` (how to load its base again). Only the main process writes.
+
+    The folder is portable: nothing in it names a path of this machine (a runs dir can be moved or
+    shared), and two runs in different runs dirs write the same bytes. So the trainer's pickled
+    `training_args.bin` (it holds the output dir) and PEFT's generated model card are left out, and
+    `adapter_config.json` names its base as base.json does, with its target modules sorted."""
     out = Path(ctx.out_dir) / "model"
     if lora is not None and merge:
         merged = trainer.model.merge_and_unload()
@@ -405,10 +410,26 @@ def save_model(trainer, tok, ctx, model_input, lora: Lora | None, merge: bool) -
         trainer.save_model(str(out))  # rank-aware
     if ctx.is_main:
         tok.save_pretrained(out)
+        for machine_state in ("training_args.bin", "README.md"):
+            (out / machine_state).unlink(missing_ok=True)
         if lora is not None and not merge:
-            (out / "base.json").write_text(json.dumps(ctx.describe_model(model_input), indent=2) + "\n",
-                                           encoding="utf-8")
+            base = ctx.describe_model(model_input)
+            (out / "base.json").write_text(json.dumps(base, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            portable_adapter_config(out / "adapter_config.json", base)
     return out
+
+
+def portable_adapter_config(path: Path, base: dict) -> None:
+    """PEFT writes the base's absolute path and a set of module names in hash order: name the base
+    as base.json does (`builtin:tiny-chat`, a hub id, `stage:<fingerprint>`) and sort the modules."""
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = base["spec"]["path"] if "spec" in base else f"stage:{base['stage']}"
+    for key in ("target_modules", "modules_to_save", "exclude_modules"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def weights_kind(report: dict) -> str:

@@ -258,7 +258,8 @@ def run(config: Config, inputs: dict, ctx) -> None:
     first, final = (steps[0], steps[-1]) if steps else ({}, {})
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     if ctx.is_main:
-        ctx.save_json("metrics.json", {"steps": steps})
+        # timings belong here, not in report.json: two runs of the same stage write the same report
+        ctx.save_json("metrics.json", {"steps": steps, "train_seconds": round(elapsed, 2)})
         title = f"{config.kind} '{ctx.stage}'"
         plot_loss(Path(ctx.out_dir) / "loss.png", steps, f"{title}: training loss")
         plots = ["loss.png", *plot_rewards(Path(ctx.out_dir), steps, title)]
@@ -268,7 +269,7 @@ def run(config: Config, inputs: dict, ctx) -> None:
             "max_length": config.max_length, "length_policy": config.length_policy, **lengths.as_json(),
             "steps": trainer.state.global_step, "first_loss": first.get("loss"), "final_loss": final.get("loss"),
             "first_margin": first.get("rewards/margins"), "final_margin": final.get("rewards/margins"),
-            "final_accuracy": final.get("rewards/accuracies"), "train_seconds": round(elapsed, 2),
+            "final_accuracy": final.get("rewards/accuracies"),
             "tokens_seen": trainer.state.num_input_tokens_seen, "trainable_params": trainable,
             "lora": config.lora.model_dump() if config.lora else None, "merged": bool(config.lora and config.merge),
             "resumed_from": Path(last).name if last else None, "batch": batch.as_json(config.batch_size),

@@ -303,14 +303,15 @@ def run(config: Config, inputs: dict, ctx) -> None:
     losses = [s["loss"] for s in steps]
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     if ctx.is_main:
-        ctx.save_json("metrics.json", {"steps": steps})
+        # timings belong here, not in report.json: two runs of the same stage write the same report
+        ctx.save_json("metrics.json", {"steps": steps, "train_seconds": round(elapsed, 2)})
         plot_loss(Path(ctx.out_dir) / "loss.png", steps, f"sft '{ctx.stage}': training loss")
         ctx.save_json("report.json", {
             "rows_in": len(rows), "rows_trained": len(kept), "mixture": mix, "max_length": config.max_length,
             "length_policy": config.length_policy, **lengths.as_json(), "packing": config.packing,
             "packed_rows": len(trainer.train_dataset) if config.packing else None,
             "steps": trainer.state.global_step, "first_loss": losses[0] if losses else None,
-            "final_loss": losses[-1] if losses else None, "train_seconds": round(elapsed, 2),
+            "final_loss": losses[-1] if losses else None,
             "tokens_seen": trainer.state.num_input_tokens_seen, "trainable_params": trainable,
             "lora": config.lora.model_dump() if config.lora else None, "merged": bool(config.lora and config.merge),
             "resumed_from": Path(last).name if last else None, "batch": batch.as_json(config.batch_size),
