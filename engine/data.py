@@ -309,3 +309,40 @@ def load_rows(source: str, *, name: str, type: str = "conversations", format: st
             meta["meta"] = row["meta"]
         result.rows.append({"id": rid, **fields, "meta": meta})
     return result
+
+
+# ---------------------------------------------------------------- validate-time checks
+
+PREVIEW_MAX_BYTES = 20 << 20  # files up to this size are loaded in full at validate; bigger ones only opened
+
+
+def preview(spec, name: str, where: dict) -> tuple[list[dict] | None, str | None]:
+    """(rows, problem) of a local dataset file, as `recipe validate` sees it: a file that cannot be
+    read, that holds no rows, or that the loader rejects is a problem (run would fail on it later);
+    rows are returned when the file was small enough to load in full (else None). Directories and hub
+    ids are left to the run."""
+    path = Path(spec.path).expanduser()
+    if not path.is_absolute() or not path.is_file():
+        return None, None
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+        size = path.stat().st_size
+    except OSError as e:
+        return None, f"dataset '{name}': cannot read {path}: {_one_line(e)}. Check the file's permissions."
+    if not head.strip():
+        return None, (f"dataset '{name}': {path} is empty: it has no rows. Put rows in it, or point path at "
+                      "another file.")
+    if size > PREVIEW_MAX_BYTES:
+        return None, None
+    try:
+        result = load_rows(str(path), name=name, type=spec.type, format=spec.format, split=spec.split,
+                           columns=spec.columns, limit=spec.limit, shuffle_seed=spec.shuffle_seed,
+                           revision=spec.revision, key=where.get("key"), file=where.get("file"))
+    except DataError as e:
+        return None, e.problems[0].message + (f" {e.problems[0].hint}" if e.problems[0].hint else "")
+    if not result.rows:
+        dropped = ", ".join(f"{r} ({n})" for r, n in result.dropped.items()) or "no rows"
+        return [], (f"dataset '{name}': no usable row in {path} ({result.total} read; dropped: {dropped}). "
+                    "Fix the rows, or point path at another file.")
+    return result.rows, None

@@ -41,7 +41,8 @@ NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
 
 class RecipeMeta(Table):
     name: str = Field(pattern=NAME_PATTERN, description="Names the run folder: runs/<name>/.")
-    seed: int = Field(0, description="Seeds every stage; part of every fingerprint.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seeds every stage; part of every fingerprint "
+                                                          "(0 to 2^32 - 1, what torch and numpy accept).")
     description: str = ""
     extends: str | list[str] | None = Field(
         None, description="Base recipe(s), relative to this file; tables merge, later keys win."
@@ -124,6 +125,11 @@ class Recipe:
     raw: dict[str, Any]
     locations: dict[str, tuple[str, int]] = field(default_factory=dict)
     loops: dict[str, LoopSpec] = field(default_factory=dict)
+    previews: dict[str, list[dict] | None] = field(default_factory=dict, repr=False)
+
+    def dataset_rows(self, name: str) -> list[dict] | None:
+        """The rows of dataset `name` as validate loaded them (small local files), else None."""
+        return self.previews.get(name)
 
     @property
     def name(self) -> str:
@@ -467,6 +473,7 @@ def load_recipe(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Rec
     meta = check("recipe", RecipeMeta, data.get("recipe", {})) if "recipe" in data else None
 
     parsed: dict[str, dict] = {}
+    previews: dict[str, list[dict] | None] = {}  # rows of small local dataset files, for stage checks
     for section in ("models", "datasets", "constitutions"):
         parsed[section] = {}
         tables = data.get(section) or {}
@@ -485,6 +492,14 @@ def load_recipe(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Rec
             if Path(path_value).is_absolute() and not Path(path_value).exists():
                 problems.append(Problem(f"file not found: {path_value}.", hint="Paths are relative to the recipe file.",
                                         **locate(locations, f"{section}.{name}.path", top)))
+            elif section == "datasets":
+                from .data import preview
+
+                where = locate(locations, f"datasets.{name}.path", top)
+                rows, why = preview(spec, name, where)
+                if why:
+                    problems.append(Problem(why, **where))
+                previews[name] = rows
             if section == "models" and path_value.startswith("builtin:"):
                 from .models import builtin_problem
 
@@ -563,7 +578,7 @@ def load_recipe(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Rec
     rounds = Rounds({n: spec for n, spec in loops.items() if n not in broken}, set(user_stages))
 
     recipe = Recipe(top, meta or RecipeMeta(name="invalid"), parsed["models"], parsed["datasets"],
-                    parsed["constitutions"], rounds.unroll(stages), data, locations, rounds.loops)
+                    parsed["constitutions"], rounds.unroll(stages), data, locations, rounds.loops, previews)
     _alias_round_locations(locations, recipe.stages)
     # Stages that failed their own validation still exist as names (references to them are
     # not reported again), and their own references are still checked.

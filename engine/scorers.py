@@ -127,6 +127,12 @@ def reply_quality(row: dict) -> float | None:
 
 BUILTIN: dict[str, Callable[[dict], float | None]] = {"math_answer": math_answer, "reply_quality": reply_quality}
 
+# What a builtin needs from the data, checked by `recipe validate` on the stage's input dataset:
+# scorer name -> (the column, a test that a row has it).
+REQUIRES: dict[str, tuple[str, Callable[[dict], bool]]] = {
+    "math_answer": ("answer", lambda row: row_answer(row) is not None),
+}
+
 
 def names() -> list[str]:
     """Every scorer function name: the builtins, then registered entry points."""

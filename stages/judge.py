@@ -103,11 +103,11 @@ def check(name: str, config: Config, recipe) -> list[Problem]:
         problems.append(Problem(f"scorer '{config.scorer}' scores {gives(config)}, but '{config.input}' gives {takes}.",
                                 hint="pairwise takes preferences; every other scorer takes conversations.",
                                 **recipe.where(f"stages.{name}.input")))
-    return problems + scorer_problems(name, config, recipe, model=config.model)
+    return problems + scorer_problems(name, config, recipe, model=config.model, input=config.input)
 
 
 def scorer_problems(name: str, spec: Config | ScorerSpec, recipe, *, model: str | None,
-                    model_key: str = "model") -> list[Problem]:
+                    model_key: str = "model", input: str | None = None) -> list[Problem]:
     """Validation of a scorer for any stage's `check()`: a model where one is needed (`model`,
     the value of the stage's key `model_key`), a known function, a template that uses only the
     variables passed. The stage's keys `scorer`, `function` and `template` are located."""
@@ -127,6 +127,14 @@ def scorer_problems(name: str, spec: Config | ScorerSpec, recipe, *, model: str 
                                     hint=f"Use a builtin or register one under the entry point group "
                                          f"'{SCORER_GROUP}'. Known: {', '.join(known)}.",
                                     **where("function")))
+        elif spec.function in scorers.REQUIRES and input and recipe.dataset_rows(input):
+            column, test = scorers.REQUIRES[spec.function]
+            if not any(test(r) for r in recipe.dataset_rows(input)):
+                problems.append(Problem(
+                    f"scorer function '{spec.function}' compares each reply with the row's '{column}', and no row of "
+                    f"dataset '{input}' has one.",
+                    hint=f"Add a '{column}' column to the data, or map one: columns = {{ {column} = \"...\" }} in "
+                         f"[datasets.{input}].", **where("function")))
     if spec.scorer in TEMPLATE_VARS:
         from engine.templates import Templates
 

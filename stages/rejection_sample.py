@@ -109,7 +109,8 @@ def check(name: str, config: Config, recipe) -> list[Problem]:
     used |= {"min_margin", "sample_size"} if config.output == "preferences" else set()
     what = f"scorer '{config.scorer}', select '{config.select}' and output '{config.output}'"
     problems = unused_problems(name, config, recipe, used, what)
-    problems += scorer_problems(name, _spec(config), recipe, model=config.judge_model, model_key="judge_model")
+    problems += scorer_problems(name, _spec(config), recipe, model=config.judge_model, model_key="judge_model",
+                                input=config.input)
     where = lambda key: recipe.where(f"stages.{name}.{key}")  # noqa: E731
     if config.select == "threshold" and config.threshold is None:
         problems.append(Problem('select = "threshold" needs a threshold.', hint="Set threshold = <a score>.",

@@ -18,12 +18,13 @@ name = "g"
 path = "data/convs.jsonl"
 
 [datasets.prompts]
-path = "data/convs.jsonl"
+path = "data/prompts.jsonl"
 type = "prompts"
 """
 
 
 def recipe_with(project, body: str):
+    (project / "data" / "prompts.jsonl").write_text('{"id": "p0", "prompt": "hello?"}\n')
     (project / "r.toml").write_text(textwrap.dedent(HEAD) + textwrap.dedent(body))
     return project / "r.toml"
 

@@ -147,11 +147,14 @@ def test_zero_kept_is_an_error_naming_the_knob(tmp_path, server):
     assert "stages.best.threshold" in proc.stderr and "Loosen threshold" in proc.stderr
 
 
-def test_no_score_at_all_fails_the_stage(tmp_path, server):
+def test_math_answer_without_answers_fails_validate(tmp_path, server, cli):
+    """What would fail the run after upstream work (no row has an answer to compare) fails validate."""
     path = recipe(tmp_path, server, "", prompts=[{"id": "q", "prompt": "What is 1 + 1?"}])
-    with pytest.raises(StageFailed) as exc:
-        run(load_recipe(path), tmp_path / "runs")
-    assert exc.value.stage == "best" and "no sample got a score (4 samples, 0 empty)" in exc.value.cause
+    result = cli("validate", path)
+    assert result.exit_code == 2
+    out = " ".join(result.output.split())
+    assert "stages.best.function" in out and "no row of dataset 'math' has one" in out
+    assert "columns = { answer" in out and "Traceback" not in out
 
 
 def test_show_prints_the_score_report(tmp_path, server, cli):

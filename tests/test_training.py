@@ -209,7 +209,7 @@ def test_training_modules_and_validation_stay_light(tmp_path):
         input = "pairs"
         model = "policy"
         """))
-    (tmp_path / "pairs.jsonl").write_text("")
+    (tmp_path / "pairs.jsonl").write_text('{"prompt": "q?", "chosen": "yes", "rejected": "no"}\n')
     code = ("import sys, engine.training, stages.sft, stages.dpo\n"
             "from engine.recipe import load_recipe\n"
             f"load_recipe({str(recipe)!r})\n"
