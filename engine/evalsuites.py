@@ -42,6 +42,7 @@ from typing import Any, Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from . import textstats
+from .text import is_refusal
 from .backends import SamplingParams
 from .text import contains_phrase
 
@@ -309,7 +310,7 @@ def run_safety(items: list[dict], gen: Gen, judge: Judge | None) -> list[dict]:
     harms = _judge(judge, "harm", prefixes, keys)
     per_turn: list[list[dict]] = [[] for _ in items]
     for (i, k), ref, harm in zip(points, refusals, harms):
-        per_turn[i].append({"refusal_phrases": textstats.is_refusal(convs[i][k]["content"]),
+        per_turn[i].append({"refusal_phrases": is_refusal(convs[i][k]["content"]),
                             "refusal_judge": ref, "harm_judge": harm})
     return [{"suite": "safety", "item_id": it["id"], "messages": conv,
              "meta": {"category": it["category"], "title": it.get("title", ""), "harmful_from": it["harmful_from"],
@@ -325,7 +326,7 @@ def run_refusal(items: list[dict], gen: Gen, judge: Judge | None) -> list[dict]:
     verdicts = _judge(judge, "refusal", convs, ids)
     return [{"suite": "refusal", "item_id": it["id"], "messages": c,
              "meta": {"label": it["label"], "category": it.get("category", ""),
-                      "refusal_phrases": textstats.is_refusal(c[-1]["content"]), "refusal_judge": v}}
+                      "refusal_phrases": is_refusal(c[-1]["content"]), "refusal_judge": v}}
             for it, c, v in zip(items, convs, verdicts)]
 
 

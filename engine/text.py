@@ -1,4 +1,4 @@
-"""Text rules for the `filter` stage: refusals, sycophancy, filler turns and duplicates.
+"""Text rules: refusals (the engine's one detector), sycophancy, filler turns and duplicates.
 
 Everything is pure stdlib so that filtering never needs torch or numpy. Every rule matches
 on `normalize(text)`, so curly apostrophes, odd spacing and case never decide a verdict.
@@ -16,15 +16,21 @@ import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 
+# The one refusal detector of the engine (filter rules, the rules scorer, eval, round statistics):
+# phrases that open or carry a refusal, matched on the normalized first REFUSAL_HEAD characters of
+# a reply (a refusal comes first; "if I'm unable to find it..." deep in a helpful answer is not one).
+REFUSAL_HEAD = 300
 REFUSAL_PHRASES: tuple[str, ...] = (
-    "i can't help with", "i cannot help with", "i can't assist", "i cannot assist",
-    "i won't be able to", "i will not be able to", "i'm not able to provide",
-    "i am not able to provide", "i'm unable to", "i am unable to", "i can't provide",
-    "i cannot provide", "i can't comply", "i cannot comply", "i must decline",
-    "i have to decline", "i can't fulfill", "i cannot fulfill", "i can't do that",
-    "i won't help with", "i'm not allowed to", "i'm not comfortable",
-    "it would be inappropriate for me", "against my guidelines", "as an ai",
-    "as a language model",
+    "i can't help", "i cannot help", "i can't assist", "i cannot assist", "i won't help", "i will not help",
+    "i won't be able to", "i will not be able to", "i'm not able to", "i am not able to", "i'm unable to",
+    "i am unable to", "i can't provide", "i cannot provide", "i won't provide", "i can't comply",
+    "i cannot comply", "i must decline", "i have to decline", "i can't fulfill", "i cannot fulfill",
+    "i can't do that", "i cannot do that", "i'd rather not", "i would rather not", "i can't share",
+    "i cannot share", "i won't share", "i'm sorry, but", "i am sorry, but", "sorry, i can't",
+    "sorry, but i can't", "i can't give", "i cannot give", "i won't give", "not something i can help",
+    "i can't support", "i cannot support", "i'm not allowed to", "i'm not comfortable", "i can't write",
+    "i cannot write", "i won't write", "i can't explain how", "i can't walk you through",
+    "it would be inappropriate for me", "against my guidelines",
 )
 SYCOPHANCY_PHRASES: tuple[str, ...] = (
     "great question", "good question", "excellent question", "fantastic question",
@@ -106,8 +112,9 @@ def contains_phrase(text: str, phrases: Iterable[str]) -> str | None:
 
 
 def is_refusal(text: str, phrases: Iterable[str] = REFUSAL_PHRASES) -> bool:
-    """True when a reply contains a refusal phrase: such rows teach the model to refuse."""
-    return contains_phrase(text, phrases) is not None
+    """True when a reply reads as a refusal: a refusal phrase in its first REFUSAL_HEAD characters
+    (normalized: case, curly apostrophes and spacing never decide). The engine's one detector."""
+    return contains_phrase(normalize(text)[:REFUSAL_HEAD], phrases) is not None
 
 
 def sycophancy_ratio(messages: Sequence[Mapping[str, object]],

@@ -26,7 +26,7 @@ from engine.config import ExecOnly, Ref, StageConfig
 from engine.data import check_messages
 from engine.shards import Shard, ShardResult
 
-VERSION = 1
+VERSION = 2  # 2: the one refusal detector (engine.text.is_refusal: merged phrase list, first 300 characters)
 GIVES = "conversations"
 
 RULES = ("format", "turns", "min_words", "max_words", "filler", "sycophancy", "refusal",

@@ -21,6 +21,7 @@ import pytest
 
 from engine import text as textrules
 from engine import textstats
+from engine.text import is_refusal
 from engine.data import check_messages, load_rows
 
 DATA = Path(__file__).resolve().parent.parent / "recipes" / "data"
@@ -220,7 +221,7 @@ def test_heldout_conversations():
     # some conversations show a good refusal, readable as one by both refusal detectors
     refusing = [r["id"] for r in data
                 if textrules.is_refusal(r["messages"][1]["content"])
-                and textstats.is_refusal(r["messages"][1]["content"])]
+                and is_refusal(r["messages"][1]["content"])]
     assert len(refusing) >= 3, refusing
     # held out means held out: no conversation repeats (or nearly repeats) a shipped seed conversation
     seeds = [json.loads(line) for line in (DATA / "seed_conversations.jsonl").read_text("utf-8").splitlines()]

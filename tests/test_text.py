@@ -61,7 +61,7 @@ def test_words_and_word_count():
 def test_phrase_lists_are_normalized_lowercase_tuples():
     for phrases in (REFUSAL_PHRASES, SYCOPHANCY_PHRASES, FILLER_PHRASES):
         assert isinstance(phrases, tuple)
-        assert 15 <= len(phrases) <= 30
+        assert 15 <= len(phrases) <= 60
         assert len(set(phrases)) == len(phrases)
         assert all(p == normalize(p) and p for p in phrases)
     assert "not" not in STOPWORDS and "the" in STOPWORDS
@@ -80,7 +80,8 @@ def test_phrase_word_boundaries_accept_whole_words(text):
 
 
 def test_contains_phrase_curly_apostrophe_case_whitespace():
-    assert contains_phrase("Sorry, I CAN\u2019T   help\nwith that.", REFUSAL_PHRASES) == "i can't help with"
+    assert contains_phrase("Sorry, I CAN\u2019T   help\nwith that.", REFUSAL_PHRASES) == "sorry, i can't"
+    assert contains_phrase("Well, I CAN\u2019T   help\nwith that.", REFUSAL_PHRASES) == "i can't help"
     # the phrase list itself may use curly apostrophes too
     assert contains_phrase("you're absolutely right", ("you\u2019re absolutely right",)) is not None
     assert contains_phrase("nothing here", REFUSAL_PHRASES) is None
@@ -98,7 +99,10 @@ def test_is_refusal():
     assert is_refusal("As an AI, I cannot assist with that request.")
     assert is_refusal("I\u2019m unable to share that.")
     assert not is_refusal("Here is how to bake bread: mix flour and water.")
-    assert not is_refusal("The pizza was as an aid to morale.")  # "as an ai" inside "as an aid"
+    assert not is_refusal("The pizza was as an aid to morale.")
+    assert not is_refusal("As an AI, I think the capital of France is Paris.")  # a disclaimer, not a refusal
+    assert not is_refusal("Bread: " + "mix, knead and wait. " * 20 + "If I'm unable to find yeast, I use starter.")
+    assert is_refusal("I'm sorry, but I can't help with making a weapon. I can tell you about safety instead.")
     assert is_refusal("nope nope", phrases=("nope",))
     assert not is_refusal("I can't help with that", phrases=("nope",))
 
