@@ -26,6 +26,7 @@ from typing import Iterator
 
 from filelock import FileLock, Timeout
 
+from .io import atomic_write_json
 from .errors import CacheError
 from .fingerprint import sha256_file
 
@@ -40,20 +41,6 @@ class Entry:
 
     def file(self, name: str) -> Path:
         return self.path / name
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 def checksums(root: Path) -> dict[str, dict]:

@@ -7,10 +7,7 @@ Exit codes: 0 ok, 1 a stage failed (see its log), 2 bad input (recipe, data, usa
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
-import time
 from pathlib import Path
 
 import click

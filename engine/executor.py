@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .cache import Entry, Store, atomic_write_json, atomic_write_text
+from .cache import Entry, Store
+from .io import atomic_write_json, atomic_write_text
 from .errors import RecipeError, StageFailed
 from .fingerprint import HashMemo, fingerprints, reasons
 from .graph import artifact_type, edges, order, upstream

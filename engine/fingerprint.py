@@ -23,6 +23,7 @@ from filelock import FileLock
 
 from .config import EXEC_ONLY, PATH, REF, marker
 from .graph import edges, order
+from .io import atomic_write_text, canonical
 
 if TYPE_CHECKING:
     from .recipe import ModelSpec, Recipe
@@ -40,10 +41,6 @@ def is_file(value: str) -> bool:
         return Path(value).is_file()
     except (OSError, ValueError):
         return False
-
-
-def canonical(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def digest(obj: Any) -> str:
@@ -115,9 +112,7 @@ class HashMemo:
             merged.update(self.entries)
             if len(merged) > self.MAX_ENTRIES:  # oldest first (insertion order)
                 merged = dict(list(merged.items())[-self.MAX_ENTRIES :])
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_text(canonical(merged))
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, canonical(merged))
         self.dirty = False
 
 

@@ -27,6 +27,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .io import atomic_write_bytes, atomic_write_text
+
 PAYLOAD = "launch.pkl"
 RESULT = "result.json"
 
@@ -84,9 +86,7 @@ def launch_stage(stage, inputs: dict, ctx, log_path: Path) -> None:
         "log": str(log_path), "result": str(work / RESULT),
     }
     (work / RESULT).unlink(missing_ok=True)
-    tmp = work / f".{PAYLOAD}.tmp"
-    tmp.write_bytes(pickle.dumps(payload))
-    tmp.replace(work / PAYLOAD)
+    atomic_write_bytes(work / PAYLOAD, pickle.dumps(payload))
     config_file = None
     if res.accelerate_config:
         from .recipe import resolve_path
@@ -146,10 +146,8 @@ def worker(payload_path: str) -> int:
     finally:
         close_logger(log)
     if rank == 0:
-        out = Path(payload["result"])
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps({"rows_out": ctx.rows_out, "world_size": int(os.environ.get("WORLD_SIZE", "1"))}))
-        tmp.replace(out)
+        atomic_write_text(Path(payload["result"]), json.dumps(
+            {"rows_out": ctx.rows_out, "world_size": int(os.environ.get("WORLD_SIZE", "1"))}))
     return 0
 
 

@@ -28,10 +28,9 @@ def _save(fig, path: str | Path | None) -> bytes:
     plt.close(fig)
     data = buf.getvalue()
     if path is not None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
+        from .io import atomic_write_bytes
+
+        atomic_write_bytes(path, data)
     return data
 
 

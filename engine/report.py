@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import plots
-from .cache import atomic_write_text
+from .io import atomic_write_bytes, atomic_write_text
 from .evalsuites import fmt, metric_table
 from .rows import read_rows
 
@@ -157,9 +157,7 @@ def write_report(out_dir: Path, title: str, blocks: list[Block]) -> list[Path]:
         (out_dir / "plots").mkdir(parents=True, exist_ok=True)
     for img in images:
         path = out_dir / "plots" / img.name
-        tmp = path.with_name(f".{img.name}.tmp")
-        tmp.write_bytes(img.png)
-        tmp.replace(path)
+        atomic_write_bytes(path, img.png)
         written.append(path)
     atomic_write_text(out_dir / "report.md", render_markdown(title, blocks))
     atomic_write_text(out_dir / "report.html", render_html(title, blocks))

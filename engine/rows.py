@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+
+from .io import atomic_path
 from typing import Any, Iterable
 
 JSON_COLUMNS_KEY = b"recipe.json_columns"
@@ -65,11 +67,8 @@ def write_rows(path: str | os.PathLike, rows: Iterable[dict]) -> int:
     rows = list(rows)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(rows_to_table(rows), tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(rows_to_table(rows), tmp)
     return len(rows)
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .cache import atomic_write_json
+from .io import atomic_write_json
 from .rows import read_rows, write_rows
 
 # Test hook: exit abruptly (as SIGKILL would) after this many shard commits in one process.

@@ -103,7 +103,7 @@ class Scripted:
             return ("" if "(nocrit)" in reply else f"Critique [{request[:24]}] of: {reply}"), "stop"
         if system.startswith("You revise replies"):
             reply, _ = REPLY.search(last).groups()
-            assert f"Critique:\nCritique [" in last and "Revision request: Rewrite the reply" in last
+            assert "Critique:\nCritique [" in last and "Revision request: Rewrite the reply" in last
             if "(empty)" in reply:
                 return "Revised reply:\n", "stop"
             if "(runaway)" in reply:

@@ -5,10 +5,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import textwrap
-from pathlib import Path
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

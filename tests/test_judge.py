@@ -3,7 +3,6 @@ included), reward model, unparseable judges, scorers shared through make_scorer.
 
 from __future__ import annotations
 
-import json
 import textwrap
 from fractions import Fraction
 from pathlib import Path

@@ -6,7 +6,6 @@ wrote real, non-empty replies that stop at the end of their turn."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

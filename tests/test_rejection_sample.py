@@ -17,7 +17,7 @@ import pytest
 from conftest import run_cli_subprocess, write_jsonl
 from engine.backends import Completion
 from engine.backends.serve import ChatServer
-from engine.errors import RecipeError, StageFailed
+from engine.errors import RecipeError
 from engine.executor import run
 from engine.recipe import load_recipe
 from engine.rows import read_rows

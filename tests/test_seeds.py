@@ -5,7 +5,6 @@ halving) must give the same rows and the same fingerprints."""
 from __future__ import annotations
 
 import textwrap
-from pathlib import Path
 
 import pytest
 from hypothesis import given

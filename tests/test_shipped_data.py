@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 
 from engine import text as textrules
-from engine import textstats
 from engine.text import is_refusal
 from engine.data import check_messages, load_rows
 

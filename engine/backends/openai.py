@@ -27,7 +27,6 @@ import json
 import os
 import random
 import socket
-import tempfile
 import threading
 import time
 import urllib.error
@@ -57,7 +56,10 @@ class _Retryable(Exception):
 
 
 def canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    """The engine's one canonical JSON (engine.io.canonical): request cache keys and files."""
+    from ..io import canonical
+
+    return canonical(obj)
 
 
 def request_key(payload: dict) -> str:
@@ -227,24 +229,12 @@ class OpenAIBackend:
         return response
 
     def _store(self, path: Path, entry: dict) -> None:
-        tmp = None
+        from ..io import atomic_write_text
+
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.stem[:16]}.", suffix=".tmp", dir=path.parent)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(canonical_json(entry))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            tmp = None
+            atomic_write_text(path, canonical_json(entry))
         except OSError as exc:
             raise CacheError(f"cannot write the request cache file {path}: {exc}") from None
-        finally:
-            if tmp is not None:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
 
     # -- HTTP --
 
