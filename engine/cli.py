@@ -303,21 +303,23 @@ def show(run_ref: str, stage: str, n_rows: int, runs_dir) -> None:
     if report_file.exists():
         report = json.loads(report_file.read_text())
         module = registry.load(info["kind"]) if info.get("kind") in registry.kinds() else None
-        if module is not None and hasattr(module, "summary_table"):  # one column per model, say
-            headers, rows = module.summary_table(report)
+        from .stage import hook
+
+        if hook(module, "summary_table"):  # one column per model, say
+            headers, rows = hook(module, "summary_table")(report)
             table = Table(title="report", title_justify="left")
             for i, h in enumerate(headers):
                 table.add_column(h, justify="left" if i == 0 else "right")
             for row in rows:
                 table.add_row(*row)
             out.print(table)
-            for line in getattr(module, "summary_notes", lambda r: [])(report):
+            for line in (hook(module, "summary_notes") or (lambda r: []))(report):
                 out.print(line, markup=False)
-        elif module is not None and hasattr(module, "summary"):
+        elif hook(module, "summary"):
             table = Table(title="report", title_justify="left")
             table.add_column("")
             table.add_column("")
-            for k, v in module.summary(report):
+            for k, v in hook(module, "summary")(report):
                 table.add_row(k, v)
             out.print(table)
             for rule, examples in report.get("examples", {}).items():

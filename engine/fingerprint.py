@@ -24,6 +24,7 @@ from filelock import FileLock
 from .config import EXEC_ONLY, PATH, REF, marker
 from .graph import edges, order
 from .io import atomic_write_text, canonical
+from .stage import hook
 
 if TYPE_CHECKING:
     from .recipe import ModelSpec, Recipe
@@ -202,8 +203,8 @@ def stage_components(recipe: "Recipe", name: str, stage_fps: dict[str, str], mem
             ident = digest(model_identity(recipe.models[edge.name], memo, stage_fps))
         inputs.setdefault(edge.field, []).append({"name": edge.name, "source": edge.source, "id": ident})
     templates = {}
-    if hasattr(stage.module, "templates"):
-        for tname, tpath in stage.module.templates(stage.config, recipe).items():
+    if hook(stage.module, "templates"):
+        for tname, tpath in hook(stage.module, "templates")(stage.config, recipe).items():
             templates[tname] = memo.file(tpath)
     return {
         "kind": stage.kind,

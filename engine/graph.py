@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from .config import ref_fields
+from .stage import hook
 from .errors import Problem, RecipeError
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ def source_of(recipe: "Recipe", name: str) -> str | None:
 def artifact_type(recipe: "Recipe", name: str) -> str | None:
     if name in recipe.stages:
         stage = recipe.stages[name]
-        gives = getattr(stage.module, "gives", None)  # kinds whose output type follows their config
+        gives = hook(stage.module, "gives")  # kinds whose output type follows their config
         return gives(stage.config) if gives else stage.module.GIVES
     if name in recipe.datasets:
         return recipe.datasets[name].type
@@ -126,7 +127,7 @@ def resource_problems(recipe: "Recipe") -> list[Problem]:
     problems = []
     for name, stage in recipe.stages.items():
         res = stage.config.resources
-        if res.processes > 1 and not getattr(stage.module, "MULTI_PROCESS", False):
+        if res.processes > 1 and not hook(stage.module, "MULTI_PROCESS"):
             problems.append(Problem(
                 f"stage '{name}' ({stage.kind}) cannot run on {res.processes} processes: only training stages "
                 "(sft, dpo, kto, orpo) run under accelerate.",

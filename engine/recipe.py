@@ -28,6 +28,7 @@ from pydantic import Field, ValidationError
 from . import registry
 from .config import PATH, StageConfig, Table, marker, ref_fields
 from .errors import Problem, RecipeError
+from .stage import hook
 from .rounds import LoopSpec, Rounds, loop_problems, merge_round_problems
 
 if sys.version_info >= (3, 11):
@@ -588,8 +589,8 @@ def load_recipe(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Rec
             invalid.update(rounds.refs(name, refs[name]))
     found = graph_problems(recipe, invalid)
     for name, stage in recipe.stages.items():
-        if hasattr(stage.module, "check"):  # stage-specific checks, e.g. template variables
-            found.extend(stage.module.check(name, stage.config, recipe))
+        if hook(stage.module, "check"):  # stage-specific checks, e.g. template variables
+            found.extend(hook(stage.module, "check")(name, stage.config, recipe))
     from .modelinfo import problems as model_problems
 
     found.extend(model_problems(recipe))

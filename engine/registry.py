@@ -1,8 +1,7 @@
 """The one table from `kind = "..."` to the module that implements it.
 
-A stage module has `Config` (a `StageConfig` subclass), `VERSION` (bump it when the code's
-output changes for the same config), `GIVES` (its artifact type) and
-`run(config, inputs, ctx)`. Third-party kinds join through the entry point group
+What a stage module is, and its optional hooks, is written in engine/stage.py (the contract,
+checked here when a kind loads). Third-party kinds join through the entry point group
 `recipe.stages` (`name = "package.module"`), so a plugin is a pip-installable package.
 """
 
@@ -37,10 +36,15 @@ def kinds() -> dict[str, str]:
     return table
 
 
+@lru_cache(maxsize=None)
 def load(kind: str) -> ModuleType:
-    """The module for a kind; KeyError if the kind is unknown."""
+    """The module for a kind, checked against the stage contract (engine.stage); KeyError if the
+    kind is unknown, TypeError naming every broken part of the contract."""
+    from .stage import contract_problems
+
     module = importlib.import_module(kinds()[kind])
-    for attr in ("Config", "VERSION", "GIVES", "run"):
-        if not hasattr(module, attr):
-            raise TypeError(f"stage module {module.__name__} has no {attr}")
+    problems = contract_problems(module)
+    if problems:
+        raise TypeError(f"stage module {module.__name__} (kind '{kind}') breaks the stage contract "
+                        f"(engine/stage.py): {'; '.join(problems)}")
     return module

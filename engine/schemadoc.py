@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from . import registry
+from .stage import hook
 from .config import EXEC_ONLY, PATH, REF, Resources, StageConfig, Table, marker
 
 HEADER = """# Recipe reference
@@ -113,6 +114,6 @@ def markdown() -> str:
     for kind in sorted(registry.kinds()):
         module = registry.load(kind)
         parts += [f"### kind = \"{kind}\"", "", _doc(module), "",
-                  f"Gives: `{module.GIVES}`" + (" (depends on the config)" if hasattr(module, "gives") else "") + ".", ""]
+                  f"Gives: `{module.GIVES}`" + (" (depends on the config)" if hook(module, "gives") else "") + ".", ""]
         parts += table(module.Config, "stages.NAME", skip=tuple(StageConfig.model_fields)) + [""]
     return "\n".join(parts).rstrip() + "\n"

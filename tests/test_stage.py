@@ -1,0 +1,40 @@
+"""engine.stage: the stage contract, checked when a kind loads."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from engine import registry
+from engine.config import StageConfig
+from engine.stage import HOOKS, contract_problems, hook
+
+
+@pytest.mark.parametrize("kind", sorted(registry.BUILTIN))
+def test_every_builtin_kind_keeps_the_contract(kind):
+    module = registry.load(kind)
+    assert contract_problems(module) == []
+    public = {n for n in vars(module) if not n.startswith("_")}
+    # every lower-case hook-like function the engine could look for is a declared hook
+    assert {"check", "templates", "summary", "gives"} & public <= set(HOOKS)
+
+
+def test_a_broken_module_is_named_with_everything_wrong():
+    class Config(StageConfig):
+        kind: str = "x"
+
+    bad = types.ModuleType("plugin.bad")
+    bad.Config, bad.VERSION, bad.GIVES, bad.MULTI_PROCESS, bad.summary = Config, "1", "rows", "yes", 3
+    problems = contract_problems(bad)
+    assert problems == ["VERSION must be an int", "GIVES must be one of conversations, prompts, samples, "
+                        "preferences, model, report", "run(config, inputs, ctx) is missing",
+                        "MULTI_PROCESS must be True or False", "summary must be a function"]
+
+
+def test_hook_returns_none_for_an_absent_hook_and_rejects_unknown_names():
+    module = registry.load("filter")
+    assert hook(module, "gives") is None and hook(None, "check") is None
+    assert callable(hook(module, "summary"))
+    with pytest.raises(AssertionError):
+        hook(module, "sumary")
