@@ -87,7 +87,8 @@ class Config(StageConfig):
                                                        "that hits it is rejected as truncated.")
     shard_size: int = ExecOnly(32, ge=1, description="Rows per shard (resume granularity); seeds derive per row, "
                                                      "so it never changes outputs.")
-    batch_size: int = ExecOnly(16, ge=1, description="Prompts per generate call (halved on out-of-memory).")
+    batch_size: int = ExecOnly(64, ge=1, description="Rows (prompt x sample) per generate call; halved on CUDA "
+                                                     "out-of-memory. Never changes outputs.")
 
     @field_validator("turns", mode="before")
     @classmethod

@@ -84,7 +84,8 @@ class Config(StageConfig):
     judge_retries: int = Field(2, ge=0, description="New attempts when a judge answer cannot be parsed.")
     shard_size: int = ExecOnly(16, ge=1, description="Work items (model x suite item) per shard: resume "
                                                      "granularity, never changes outputs.")
-    batch_size: int = ExecOnly(16, ge=1, description="Prompts per generate call.")
+    batch_size: int = ExecOnly(64, ge=1, description="Rows (prompt x sample) per generate call; halved on CUDA "
+                                                     "out-of-memory. Never changes outputs.")
 
 
 def suite_path(config: Config, suite: str) -> Path:

@@ -61,7 +61,8 @@ class Config(StageConfig):
     max_retries: int = Field(2, ge=0, description="teacher_json: new attempts for malformed JSON.")
     shard_size: int = ExecOnly(32, ge=1, description="Rows per shard (resume granularity); seeds derive per row, "
                                                      "so it never changes outputs.")
-    batch_size: int = ExecOnly(16, ge=1, description="Prompts per generate call (halved on out-of-memory).")
+    batch_size: int = ExecOnly(64, ge=1, description="Rows (prompt x sample) per generate call; halved on CUDA "
+                                                     "out-of-memory. Never changes outputs.")
 
 
 def _template_names(config: Config) -> dict[str, str]:

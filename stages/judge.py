@@ -57,7 +57,8 @@ class Config(StageConfig):
     max_new_tokens: int = Field(256, ge=1)
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy; retries add a little randomness.")
     shard_size: int = ExecOnly(64, ge=1, description="Rows per shard (resume granularity); never changes scores.")
-    batch_size: int = ExecOnly(16, ge=1)
+    batch_size: int = ExecOnly(64, ge=1, description="Rows (prompt x sample) per generate call; halved on CUDA "
+                                                     "out-of-memory. Never changes outputs.")
 
 
 @dataclass(frozen=True)

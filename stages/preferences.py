@@ -96,7 +96,8 @@ class Config(StageConfig):
     sample_size: int = Field(100, ge=0, description="Pairs saved to pairs_sample.json for a human spot-check.")
     shard_size: int = ExecOnly(32, ge=1, description="Pairs or turns per shard (pairwise_judge, context_negative): "
                                                      "resume granularity, never changes outputs.")
-    batch_size: int = ExecOnly(16, ge=1, description="Prompts per generate call (halved on out-of-memory).")
+    batch_size: int = ExecOnly(64, ge=1, description="Rows (prompt x sample) per generate call; halved on CUDA "
+                                                     "out-of-memory. Never changes outputs.")
 
 
 def templates(config: Config, recipe) -> dict[str, str]:

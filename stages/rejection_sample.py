@@ -73,7 +73,8 @@ class Config(StageConfig):
     sample_size: int = Field(100, ge=0, description="preferences: pairs saved to pairs_sample.json for a spot-check.")
     shard_size: int = ExecOnly(16, ge=1, description="Prompts per shard (resume granularity); seeds derive per "
                                                      "prompt, so it never changes outputs.")
-    batch_size: int = ExecOnly(16, ge=1, description="Prompts per generate call (halved on out-of-memory).")
+    batch_size: int = ExecOnly(64, ge=1, description="Rows (prompt x sample) per generate call; halved on CUDA "
+                                                     "out-of-memory. Never changes outputs.")
 
 
 def gives(config: Config) -> str:

@@ -141,9 +141,9 @@ def test_oom_halving_mid_call_gives_the_same_samples(tmp_path, monkeypatch):
     prompts = [[{"role": "user", "content": f"question {i}" + "?" * i}] for i in range(5)]
     params = SamplingParams(n=2, temperature=1.0, max_new_tokens=10)
     seeds = Seeds(1, "fp").rows([f"p{i}" for i in range(5)])
-    want = [[c.text for c in cs] for cs in HFBackend(model, tok, batch_size=4).generate(prompts, params, seeds)]
+    want = [[c.text for c in cs] for cs in HFBackend(model, tok, batch_size=8).generate(prompts, params, seeds)]
 
-    backend = HFBackend(model, tok, batch_size=4)
+    backend = HFBackend(model, tok, batch_size=8)  # rows: 4 prompts x 2 samples
     real, calls = backend._batch, []
 
     def flaky(batch, p, s):

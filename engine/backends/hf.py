@@ -69,7 +69,7 @@ class RowSampler:
 class HFBackend:
     name = "hf"
 
-    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 16) -> None:
+    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 64) -> None:
         from ..chatmask import stop_token_ids
 
         self.model, self.tokenizer, self.batch_size = model, tokenizer, max(1, batch_size)
@@ -111,7 +111,7 @@ class HFBackend:
         self._check_lengths(encoded, params)
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
         results: dict[int, list[Completion]] = {}
-        start, batch_size = 0, self.batch_size
+        start, batch_size = 0, max(1, self.batch_size // params.n)  # batch_size counts rows: prompt x sample
         while start < len(order):
             idx = order[start : start + batch_size]
             seeds = [[sample_seed(per_prompt[i], k) for k in range(params.n)] for i in idx]
