@@ -169,7 +169,7 @@ def _is_remote(model) -> bool:
 
 def run(config: Config, inputs, ctx) -> None:
     from engine.report import write_eval_report
-    from stages.judge import parse_score
+    from engine.scoring import parse_score
 
     models = inputs["models"]
     judge_model = inputs.get("judge")

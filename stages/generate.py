@@ -30,6 +30,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from engine.backends import SamplingParams
 from engine.config import ExecOnly, Ref, StageConfig
+from engine.pairs import prompt_messages
 from engine.shards import Shard, ShardResult
 
 VERSION = 2  # 2: a `scenario` column seeds multi_turn before the prompt
@@ -88,15 +89,6 @@ def check(name: str, config: Config, recipe) -> list:
     for field, tname in _template_names(config).items():
         problems += t.check(tname, VARS[field], stage=name, **recipe.where(f"stages.{name}.{field}"))
     return problems
-
-
-def prompt_messages(row: dict) -> list[dict]:
-    if "messages" in row:  # a conversation: everything up to its last user turn
-        msgs = row["messages"]
-        last_user = max(i for i, m in enumerate(msgs) if m["role"] == "user")
-        return msgs[: last_user + 1]
-    prompt = row.get("prompt")
-    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
 
 def _scenario(row: dict) -> str:

@@ -40,15 +40,15 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from itertools import combinations
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field
 
 from engine.backends import SamplingParams
 from engine.config import ExecOnly, Ref, StageConfig
 from engine.errors import Problem, RecipeError
+from engine.pairs import best_and_worst, no_output, pair_row, spot_check, spot_check_summary, unused_problems
 from engine.shards import Shard, ShardResult
 from engine.text import normalize
 
@@ -115,12 +115,6 @@ def templates(config: Config, recipe) -> dict[str, str]:
     return files
 
 
-def unused_problems(name: str, config, recipe, used: set[str], what: str) -> list[Problem]:
-    """A problem for each key the user set that `what` (e.g. "method 'revision'") ignores."""
-    return [Problem(f"{field} is not used by {what}.", hint=f"Remove {field}.",
-                    **recipe.where(f"stages.{name}.{field}")) for field in sorted(config.model_fields_set - used)]
-
-
 def check(name: str, config: Config, recipe) -> list[Problem]:
     problems = unused_problems(name, config, recipe, COMMON | USES[config.method], f"method '{config.method}'")
     if config.method in ("pairwise_judge", "context_negative") and not config.model:
@@ -173,22 +167,6 @@ def selected_turns(messages: list[dict], from_turn: int | None) -> list[int]:
     return turns[-1:] if from_turn is None else turns[from_turn:]
 
 
-def best_and_worst(scored: list[tuple[Any, float]], prefer: str = "higher") -> tuple[Any, Any, float] | None:
-    """(best key, worst key, gap >= 0) of (key, score) items; ties go to the earliest item.
-    None with fewer than two items."""
-    if len(scored) < 2:
-        return None
-    sign = 1 if prefer == "higher" else -1
-    best = min(scored, key=lambda kv: -sign * kv[1])  # min/max keep the first of equals
-    worst = min(scored, key=lambda kv: sign * kv[1])
-    return best[0], worst[0], abs(best[1] - worst[1])
-
-
-def pair_row(id: str, prompt: list[dict], chosen: str, rejected: str, meta: dict) -> dict:
-    return {"id": id, "prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
-            "rejected": [{"role": "assistant", "content": rejected}], "meta": meta}
-
-
 def pairwise_label(a_first: list[str | None], b_first: list[str | None]) -> float | None:
     """P(reply a is better): the share of parsed verdicts preferring a, over both orders
     (a shown as A, then b shown as A). None unless each order has a parsed verdict: one order
@@ -210,38 +188,13 @@ def parse_choice(answer: str) -> str | None:
     "A", "(B)", "Response A" and the like."""
     import re
 
-    from stages.judge import parse_verdict
+    from engine.scoring import parse_verdict
 
     found = parse_verdict(answer)
     if found:
         return found
     m = re.fullmatch(r"\W*(?:(?:response|reply|option|answer)\s+)?\(?([AB])\)?\W*", answer.strip(), re.IGNORECASE)
     return m.group(1).upper() if m else None
-
-
-def spot_check(ctx, pairs: list[dict], size: int) -> dict:
-    """Save `size` pairs drawn with the recipe seed to pairs_sample.json; the report part."""
-    sample = pairs if len(pairs) <= size else random.Random(ctx.seed).sample(pairs, size)
-    ctx.save_json("pairs_sample.json", sample)
-    short = lambda msgs: msgs[-1]["content"][:160]  # noqa: E731
-    return {"file": "pairs_sample.json", "pairs": len(sample),
-            "preview": [{"id": p["id"], "prompt": short(p["prompt"]), "chosen": short(p["chosen"]),
-                         "rejected": short(p["rejected"])} for p in sample[:3]]}
-
-
-def spot_check_summary(spot: dict | None) -> list[tuple[str, str]]:
-    if not spot:
-        return []
-    out = [("spot-check sample", f"{spot['pairs']} pairs in {spot['file']}")]
-    for p in spot["preview"]:
-        out += [(f"{p['id']}: prompt", p["prompt"]), ("  chosen", p["chosen"]), ("  rejected", p["rejected"])]
-    return out
-
-
-def no_output(ctx, knob: str, message: str, hint: str, made: str = "made no preference pairs") -> RecipeError:
-    """Nothing to save: an error naming the stage and the knob to loosen (never an empty artifact)."""
-    return RecipeError.single(f"stage '{ctx.stage}' {made}: {message}", hint=hint,
-                              **ctx.recipe.where(f"stages.{ctx.stage}.{knob}"))
 
 
 def _meta_of(row: dict) -> dict:

@@ -35,9 +35,9 @@ from engine.backends import SamplingParams
 from engine.config import ExecOnly, Ref, StageConfig
 from engine.errors import Problem
 from engine.shards import Shard, ShardResult
-from stages.generate import prompt_messages
-from stages.judge import ScorerSpec, make_scorer, scorer_problems, template_name
-from stages.preferences import best_and_worst, no_output, pair_row, spot_check, spot_check_summary, unused_problems
+from engine.pairs import (best_and_worst, no_output, pair_row, prompt_messages, spot_check, spot_check_summary,
+                          unused_problems)
+from engine.scoring import ScorerSpec, make_scorer, scorer_problems, template_name
 
 VERSION = 1
 GIVES = "conversations"  # or preferences: see gives()

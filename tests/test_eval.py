@@ -22,7 +22,7 @@ from engine.executor import make_plan, run
 from engine.recipe import load_recipe
 from engine.rows import read_rows
 from engine.templates import Templates
-from stages.judge import parse_score
+from engine.scoring import parse_score
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=16)
 REFUSE = "I can't help with that, but I can point you to safety resources."

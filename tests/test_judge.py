@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from conftest import GOOD, conv, run_cli_subprocess, write_jsonl
 from engine.rows import read_rows
 from engine.scorers import last_number, math_answer, names, parse_answer, resolve
-from stages.judge import parse_score, parse_verdict, rule_scores
+from engine.scoring import parse_score, parse_verdict, rule_scores
 
 HEAD = """
 [recipe]
@@ -147,7 +147,8 @@ def test_pairwise_label_swaps_order(monkeypatch):
 
     from engine.backends import Completion
     from engine.shards import Shard
-    from stages.judge import Config, _Pairwise
+    from engine.scoring import _Pairwise
+    from stages.judge import Config
 
     class Fake:  # always answers "A": pure position bias, which the swap must cancel
         def generate(self, prompts, params, seed):
@@ -239,7 +240,7 @@ def test_make_scorer_lends_a_backend_and_leaves_it_open():
     from engine.backends import Completion
     from engine.shards import Shard
     from engine.templates import Templates
-    from stages.judge import ScorerSpec, make_scorer
+    from engine.scoring import ScorerSpec, make_scorer
 
     class Lent:
         closed = False

@@ -24,8 +24,8 @@ from engine.errors import RecipeError, StageFailed
 from engine.executor import run
 from engine.recipe import load_recipe
 from engine.rows import read_rows
-from stages.preferences import (best_and_worst, logprob_judgments, pairwise_label, parse_choice, selected_turns,
-                                soft_label)
+from engine.pairs import best_and_worst
+from stages.preferences import logprob_judgments, pairwise_label, parse_choice, selected_turns, soft_label
 
 CONSTITUTION = Path(__file__).resolve().parent.parent / "recipes" / "constitutions" / "short.toml"
 

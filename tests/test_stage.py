@@ -38,3 +38,13 @@ def test_hook_returns_none_for_an_absent_hook_and_rejects_unknown_names():
     assert callable(hook(module, "summary"))
     with pytest.raises(AssertionError):
         hook(module, "sumary")
+
+
+def test_no_stage_imports_another():
+    """Shared logic lives in engine/ (scoring, pairs, training, ...): stage modules stay independent."""
+    import re
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).resolve().parent.parent / "stages").glob("*.py")):
+        imports = re.findall(r"^\s*(?:from|import)\s+stages\b.*$", path.read_text(), re.MULTILINE)
+        assert imports == [], f"{path.name}: {imports}"
