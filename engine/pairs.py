@@ -1,13 +1,13 @@
 """Preference pairs, shared by the stages that make them (preferences, rejection_sample): the
 pair row, best and worst of scored samples, the spot-check sample saved for a human, the error
-for a stage that made nothing, and the problem for a key its method ignores. Also the chat
+for a stage that made nothing. Also the chat
 messages a prompt row opens with (generate and rejection_sample sample from them)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from engine.errors import Problem, RecipeError
+from engine.errors import RecipeError
 
 
 def prompt_messages(row: dict) -> list[dict]:
@@ -19,12 +19,6 @@ def prompt_messages(row: dict) -> list[dict]:
         return msgs[: last_user + 1]
     prompt = row.get("prompt")
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-
-
-def unused_problems(name: str, config, recipe, used: set[str], what: str) -> list[Problem]:
-    """A problem for each key the user set that `what` (e.g. "method 'revision'") ignores."""
-    return [Problem(f"{field} is not used by {what}.", hint=f"Remove {field}.",
-                    **recipe.where(f"stages.{name}.{field}")) for field in sorted(config.model_fields_set - used)]
 
 
 def best_and_worst(scored: list[tuple[Any, float]], prefer: str = "higher") -> tuple[Any, Any, float] | None:

@@ -592,7 +592,9 @@ def load_recipe(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Rec
         if hook(stage.module, "check"):  # stage-specific checks, e.g. template variables
             found.extend(hook(stage.module, "check")(name, stage.config, recipe))
     from .modelinfo import problems as model_problems
+    from .stage import uses_problems
 
+    found.extend(uses_problems(recipe))
     found.extend(model_problems(recipe))
     problems.extend(merge_round_problems(found, set(rounds.member)))
     if problems:

@@ -29,6 +29,9 @@ Optional hooks:
   `run` would reject because of the recipe or its data belongs here.
 - `templates(config, recipe) -> dict[str, str]`: config field -> template name for every prompt
   template the stage renders with this config; their bytes (and includes) enter the fingerprint.
+- `uses(config) -> (fields, what)`: the config fields this configuration reads (by mode, scorer,
+  method, ...) and how to name it ("scorer 'rules'"). A key the user set that is not among them is
+  reported by `recipe validate` ("rubric is not used by scorer 'rules'"), never silently ignored.
 - `MULTI_PROCESS: bool`: the stage can run under `accelerate launch` (`[stages.X.resources]`).
 - `summary(report) -> list[(label, value)]`, `summary_table(report) -> (headers, rows)`,
   `summary_notes(report) -> list[str]`: what `recipe show` prints from the stage's report.json.
@@ -53,7 +56,7 @@ class StageModule(Protocol):
 
 
 HOOKS: dict[str, str] = {  # optional hook -> what it must be
-    "gives": "callable", "check": "callable", "templates": "callable", "MULTI_PROCESS": "bool",
+    "gives": "callable", "check": "callable", "templates": "callable", "uses": "callable", "MULTI_PROCESS": "bool",
     "summary": "callable", "summary_table": "callable", "summary_notes": "callable",
 }
 
@@ -78,6 +81,29 @@ def contract_problems(module: ModuleType) -> list[str]:
             found.append(f"{name} must be a function")
         if kind == "bool" and not isinstance(value, bool):
             found.append(f"{name} must be True or False")
+    return found
+
+
+ALWAYS_USED = {"kind", "resources"}
+
+
+def unused_problems(name: str, config: Any, recipe: Any, used: set[str], what: str) -> list:
+    """A problem for each key the user set that `what` (e.g. "method 'revision'") ignores."""
+    from .errors import Problem
+
+    return [Problem(f"{field} is not used by {what}.", hint=f"Remove {field}.",
+                    **recipe.where(f"stages.{name}.{field}"))
+            for field in sorted(config.model_fields_set - used - ALWAYS_USED)]
+
+
+def uses_problems(recipe: Any) -> list:
+    """Keys set in a stage table that its configuration does not read, for every stage with `uses`."""
+    found = []
+    for name, stage in recipe.stages.items():
+        uses = hook(stage.module, "uses")
+        if uses is not None:
+            used, what = uses(stage.config)
+            found += unused_problems(name, stage.config, recipe, set(used), what)
     return found
 
 

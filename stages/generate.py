@@ -81,6 +81,16 @@ def templates(config: Config, recipe) -> dict[str, str]:
     return template_files(recipe.dir, list(_template_names(config).values()))
 
 
+COMMON = {"input", "model", "n", "temperature", "top_p", "top_k", "max_new_tokens", "stop", "shard_size", "batch_size"}
+MODE_USES = {"single": {"template"},
+             "multi_turn": {"user_model", "user_template", "system_prompt", "persona", "turns"},
+             "teacher_json": {"teacher_template", "persona", "turns", "max_retries"}}
+
+
+def uses(config: Config) -> tuple[set[str], str]:
+    return COMMON | MODE_USES[config.mode] | {"mode"}, f"mode '{config.mode}'"
+
+
 def check(name: str, config: Config, recipe) -> list:
     from engine.templates import Templates
 

@@ -62,6 +62,16 @@ def templates(config: Config, recipe) -> dict[str, str]:
     return template_files(recipe.dir, [template_name(config)]) if template_name(config) else {}
 
 
+SCORER_USES = {"llm": {"model", "template", "rubric", "max_retries", "max_new_tokens", "temperature"},
+               "pairwise": {"model", "template", "principle", "max_new_tokens", "temperature"},
+               "reward_model": {"model"}, "rules": set(), "function": {"function"}}
+
+
+def uses(config: Config) -> tuple[set[str], str]:
+    return {"input", "scorer", "name", "shard_size", "batch_size"} | SCORER_USES[config.scorer], \
+        f"scorer '{config.scorer}'"
+
+
 def check(name: str, config: Config, recipe) -> list[Problem]:
     problems = []
     from engine.graph import artifact_type

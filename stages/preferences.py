@@ -48,7 +48,7 @@ from pydantic import Field
 from engine.backends import SamplingParams
 from engine.config import ExecOnly, Ref, StageConfig
 from engine.errors import Problem, RecipeError
-from engine.pairs import best_and_worst, no_output, pair_row, spot_check, spot_check_summary, unused_problems
+from engine.pairs import best_and_worst, no_output, pair_row, spot_check, spot_check_summary
 from engine.shards import Shard, ShardResult
 from engine.text import normalize
 
@@ -115,8 +115,12 @@ def templates(config: Config, recipe) -> dict[str, str]:
     return files
 
 
+def uses(config: Config) -> tuple[set[str], str]:
+    return COMMON | USES[config.method], f"method '{config.method}'"
+
+
 def check(name: str, config: Config, recipe) -> list[Problem]:
-    problems = unused_problems(name, config, recipe, COMMON | USES[config.method], f"method '{config.method}'")
+    problems = []
     if config.method in ("pairwise_judge", "context_negative") and not config.model:
         problems.append(Problem(f"method '{config.method}' needs a model.", hint='Set model = "<a [models] name>".',
                                 **recipe.where(f"stages.{name}.method")))

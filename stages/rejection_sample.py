@@ -35,8 +35,7 @@ from engine.backends import SamplingParams
 from engine.config import ExecOnly, Ref, StageConfig
 from engine.errors import Problem
 from engine.shards import Shard, ShardResult
-from engine.pairs import (best_and_worst, no_output, pair_row, prompt_messages, spot_check, spot_check_summary,
-                          unused_problems)
+from engine.pairs import best_and_worst, no_output, pair_row, prompt_messages, spot_check, spot_check_summary
 from engine.scoring import ScorerSpec, make_scorer, scorer_problems, template_name
 
 VERSION = 1
@@ -100,7 +99,7 @@ def templates(config: Config, recipe) -> dict[str, str]:
     return template_files(recipe.dir, [name]) if name else {}
 
 
-def check(name: str, config: Config, recipe) -> list[Problem]:
+def uses(config: Config) -> tuple[set[str], str]:
     used = {"kind", "resources", "input", "model", "n", "temperature", "top_p", "max_new_tokens", "scorer", "prefer",
             "name", "select", "output", "shard_size", "batch_size"}
     used |= {"llm": {"judge_model", "template", "rubric", "judge_max_new_tokens", "judge_temperature", "max_retries"},
@@ -108,9 +107,11 @@ def check(name: str, config: Config, recipe) -> list[Problem]:
     used |= {"threshold"} if config.select == "threshold" else set()
     used |= {"top_k"} if config.select == "top_k" and config.output == "conversations" else set()
     used |= {"min_margin", "sample_size"} if config.output == "preferences" else set()
-    what = f"scorer '{config.scorer}', select '{config.select}' and output '{config.output}'"
-    problems = unused_problems(name, config, recipe, used, what)
-    problems += scorer_problems(name, _spec(config), recipe, model=config.judge_model, model_key="judge_model",
+    return used, f"scorer '{config.scorer}', select '{config.select}' and output '{config.output}'"
+
+
+def check(name: str, config: Config, recipe) -> list[Problem]:
+    problems = scorer_problems(name, _spec(config), recipe, model=config.judge_model, model_key="judge_model",
                                 input=config.input)
     where = lambda key: recipe.where(f"stages.{name}.{key}")  # noqa: E731
     if config.select == "threshold" and config.threshold is None:

@@ -48,3 +48,24 @@ def test_no_stage_imports_another():
     for path in sorted((Path(__file__).resolve().parent.parent / "stages").glob("*.py")):
         imports = re.findall(r"^\s*(?:from|import)\s+stages\b.*$", path.read_text(), re.MULTILINE)
         assert imports == [], f"{path.name}: {imports}"
+
+
+@pytest.mark.parametrize("stage, expected", [
+    ('kind = "judge"\ninput = "convs"\nscorer = "rules"\nrubric = "be kind"', "rubric is not used by scorer 'rules'"),
+    ('kind = "judge"\ninput = "convs"\nscorer = "function"\nfunction = "reply_quality"\nmax_retries = 3',
+     "max_retries is not used by scorer 'function'"),
+    ('kind = "generate"\ninput = "convs"\nmodel = "policy"\nuser_template = "x.j2"',
+     "user_template is not used by mode 'single'"),
+    ('kind = "generate"\ninput = "convs"\nmodel = "policy"\nmode = "multi_turn"\ntemplate = "x.j2"',
+     "template is not used by mode 'multi_turn'"),
+])
+def test_keys_a_configuration_ignores_fail_validate(tmp_path, cli, stage, expected):
+    """Declared by each stage's `uses` hook and checked by the engine for every stage alike."""
+    from conftest import GOOD, write_jsonl
+
+    write_jsonl(tmp_path / "convs.jsonl", GOOD[:3])
+    (tmp_path / "r.toml").write_text(
+        '[recipe]\nname = "u"\n[models.policy]\npath = "builtin:tiny-chat"\n'
+        f'[datasets.convs]\npath = "convs.jsonl"\n[stages.s]\n{stage}\n')
+    result = cli("validate", tmp_path / "r.toml")
+    assert result.exit_code == 2 and expected in " ".join(result.output.split())
