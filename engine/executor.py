@@ -342,7 +342,10 @@ class RunRecord:
         self.save()
 
     def save(self) -> None:
-        atomic_write_json(self.dir / "record.json", self.data)
+        """record.json keeps the stages in the order they were planned (DAG order), so readers
+        (the report, `status`) never re-sort them: not sorted-key JSON."""
+        self.data["order"] = list(self.data["stages"])
+        atomic_write_text(self.dir / "record.json", json.dumps(self.data, indent=2, ensure_ascii=False) + "\n")
 
 
 def stage_logger(name: str, path: Path) -> logging.Logger:

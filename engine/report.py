@@ -444,7 +444,10 @@ def training_blocks(name: str, kind: str, entry: Path) -> list[Block]:
 def run_blocks(run_dir: Path) -> tuple[str, list[Block]]:
     run_dir = Path(run_dir)
     record = _json(run_dir / "record.json") or {}
-    order = stage_order(run_dir, list(record.get("stages") or {}))
+    names = list(record.get("stages") or {})
+    # records keep DAG order ("order"); runs recorded before that had sorted keys and are re-sorted
+    order = record["order"] if record.get("order") and set(record["order"]) == set(names) else \
+        stage_order(run_dir, names)
     stages = {n: record["stages"][n] for n in order}
     title = f"Run report: {record.get('recipe', run_dir.parent.name)} / {record.get('run', run_dir.name)}"
     blocks: list[Block] = [Para(f"Status: {record.get('status', 'unknown')}; started {record.get('started', '?')}, "

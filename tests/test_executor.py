@@ -131,3 +131,15 @@ def test_dataset_rows_dropped_are_counted_and_reported(project, runs):
     assert proc.returncode == 0
     assert "dataset 'seed': dropped 2 of 42 rows" in proc.stderr
     assert "no assistant turn (1)" in proc.stderr and "unknown role 'robot' (1)" in proc.stderr
+
+
+def test_the_run_record_keeps_stages_in_dag_order(project, runs):
+    """'again' sorts before 'clean' but runs after it: record.json keeps the DAG order."""
+    import json
+
+    from engine.executor import run
+    from engine.recipe import load_recipe
+
+    record = run(load_recipe(project / "recipe.toml"), runs)
+    data = json.loads((record.dir / "record.json").read_text())
+    assert list(data["stages"]) == ["clean", "again"] == data["order"]
