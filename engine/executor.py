@@ -1,5 +1,9 @@
 """Runs a plan: topological order, cache hits skipped, shards resumed, run records written.
 
+The parts live apart: what a stage receives (engine/artifact.py), model loading and backends
+(engine/loading.py), run records and stage logs (engine/record.py); this module plans, builds the
+Context a stage gets, and runs the stages.
+
     runs/<recipe>/<run-id>/recipe.toml        the resolved recipe
     runs/<recipe>/<run-id>/record.json        each stage: fingerprint, cached/run, time, rows
     runs/<recipe>/<run-id>/logs/<stage>.log   the stage's log (tracebacks land here)
@@ -13,23 +17,23 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import time
 import traceback
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import loading
+from .artifact import Artifact
 from .cache import Entry, Store
-from .io import atomic_write_json, atomic_write_text
+from .io import atomic_write_json
 from .errors import RecipeError, StageFailed
 from .fingerprint import HashMemo, fingerprints, reasons
 from .graph import artifact_type, edges, order, upstream
-from .recipe import Recipe, dump_toml
+from .recipe import Recipe
+from .record import RunRecord, close_logger, stage_logger, versions
 from .rounds import diversity_for, round_of
-from .rows import count_rows, read_rows, write_rows
+from .rows import write_rows
 from .seeds import Seeds
 from .shards import ShardRunner
 
@@ -80,52 +84,6 @@ def make_plan(recipe: Recipe, runs_dir: str | os.PathLike, memo: HashMemo | None
         items.append(PlanItem(name, recipe.stages[name].kind, fp, status, why, comps))
     memo.save()
     return items
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-@dataclass
-class Artifact:
-    """What a stage receives for a reference: rows (datasets, row stages), or a model."""
-
-    name: str
-    type: str
-    source: str  # stages | datasets | models
-    path: Path | None = None  # cache entry dir for stages
-    spec: Any = None  # DatasetSpec / ModelSpec
-    recipe: Recipe | None = field(default=None, repr=False)
-    _rows: list[dict] | None = field(default=None, repr=False)
-    load_report: dict | None = None
-
-    def rows(self) -> list[dict]:
-        if self._rows is None:
-            if self.source == "stages":
-                self._rows = read_rows(self.path / "rows.parquet")
-            elif self.source == "datasets":
-                self._rows = self._load_dataset()
-            else:
-                raise TypeError(f"'{self.name}' is a model, not rows")
-        return self._rows
-
-    def _load_dataset(self) -> list[dict]:
-        from .data import load_rows
-
-        spec = self.spec
-        where = self.recipe.where(f"datasets.{self.name}.path") if self.recipe else {}
-        result = load_rows(
-            spec.path, name=self.name, type=spec.type, format=spec.format, split=spec.split,
-            columns=spec.columns, limit=spec.limit, shuffle_seed=spec.shuffle_seed,
-            revision=spec.revision, key=where.get("key"), file=where.get("file"),
-        )
-        self.load_report = {"total": result.total, "kept": len(result.rows), "dropped": result.dropped,
-                            "examples": result.examples}
-        return result.rows
-
-    def __len__(self) -> int:
-        if self._rows is None and self.source == "stages" and (self.path / "rows.parquet").exists():
-            return count_rows(self.path / "rows.parquet")
-        return len(self.rows())
 
 
 # --------------------------------------------------------------------------- context
@@ -187,95 +145,16 @@ class Context:
         return int(os.environ.get("RANK", "0")) == 0
 
     def describe_model(self, model: "Artifact") -> dict:
-        """How to load `model` again later: its [models] spec, or the stage-made directory. Training
-        stages write this as `model/base.json` next to an unmerged adapter (its recorded base)."""
-        if model.spec is not None:
-            return {"name": model.name, "spec": model.spec.model_dump(mode="json")}
-        # by fingerprint (the entry's folder name), never by path: the runs dir can move
-        return {"name": model.name, "stage": Path(model.path).name}
+        """How to load `model` again later (engine.loading.describe_model)."""
+        return loading.describe_model(model)
 
     def load_model(self, model: "Artifact", *, merge_adapter: bool = False):
-        """(model, tokenizer) for a model reference: a [models] spec (its adapter applied, or
-        merged into the base with `merge_adapter`; its chat_template set) or a stage's model
-        (full weights, or a PEFT adapter loaded on the base recorded in its base.json)."""
-        if model.spec is None:  # a model made by an upstream stage
-            m, tok = self._load_dir(Path(model.path) / "model", merge_adapter)
-        else:
-            m, tok = self._load_spec(model.name, model.spec, merge_adapter)
-        if tok.chat_template is None:
-            raise RecipeError.single(f"model '{model.name}' has no chat template.",
-                                     hint="Set chat_template in its [models] table (inline Jinja or a file).",
-                                     **self.recipe.where(f"models.{model.name}"))
-        return m, tok
+        """(model, tokenizer) for a model reference (engine.loading.load_model)."""
+        return loading.load_model(model, self.recipe, self.cache_root, self.log, merge_adapter=merge_adapter)
 
-    def _load_dir(self, path: Path, merge_adapter: bool):
-        from .models import load_model
-
-        if not (path / "adapter_config.json").is_file():
-            return load_model(str(path), cache_root=self.cache_root)
-        base_file = path / "base.json"
-        if not base_file.is_file():
-            raise RuntimeError(f"{path} is a LoRA adapter without base.json (its recorded base); rebuild the stage "
-                               "that made it (recipe run --force STAGE).")
-        base = json.loads(base_file.read_text())
-        if "spec" in base:
-            from .recipe import ModelSpec
-
-            m, _ = self._load_spec(base["name"], ModelSpec.model_validate(base["spec"], strict=False), True)
-        elif "stage" in base:
-            m, _ = self._load_dir(Path(self.cache_root) / base["stage"] / "model", True)
-        else:  # entries written before base.json named the stage's fingerprint
-            m, _ = self._load_dir(Path(base["dir"]), True)
-        from peft import PeftModel
-        from transformers import AutoTokenizer
-
-        m = PeftModel.from_pretrained(m, str(path)).eval()
-        if merge_adapter:
-            m = m.merge_and_unload()
-        self.log.info("%s the adapter %s on its base '%s'", "merged" if merge_adapter else "applied", path, base["name"])
-        return m, AutoTokenizer.from_pretrained(str(path))
-
-    def _load_spec(self, name: str, spec, merge_adapter: bool):
-        from .fingerprint import is_file
-        from .models import load_model
-
-        m, tok = load_model(spec.path, dtype=spec.dtype, device=spec.device, revision=spec.revision,
-                            trust_remote_code=spec.trust_remote_code, cache_root=self.cache_root)
-        if spec.adapter:
-            if not Path(spec.adapter).is_dir():
-                raise RecipeError.single(
-                    f"adapter '{spec.adapter}' of model '{name}' is not a directory.",
-                    hint="Point it at a saved PEFT adapter, or use the training stage's name as the model.",
-                    **self.recipe.where(f"models.{name}.adapter"))
-            from peft import PeftModel
-
-            m = PeftModel.from_pretrained(m, spec.adapter).eval()
-            if merge_adapter:
-                m = m.merge_and_unload()
-            self.log.info("%s adapter %s", "merged" if merge_adapter else "applied", spec.adapter)
-        if spec.chat_template:
-            template = spec.chat_template
-            tok.chat_template = Path(template).read_text() if is_file(template) else template
-        return m, tok
-
-    def backend(self, model: "Artifact", batch_size: int = 16):
-        """A generation backend for a model reference; call `.close()` when done."""
-        spec = model.spec
-        kind = spec.backend if spec else "hf"
-        self.log.info("loading model '%s' (%s, backend %s)", model.name, spec.path if spec else model.path, kind)
-        if kind == "openai":
-            from .backends.openai import OpenAIBackend
-
-            if not spec.base_url:
-                raise RecipeError.single(f"model '{model.name}' uses the openai backend but has no base_url.",
-                                         **self.recipe.where(f"models.{model.name}.base_url"))
-            return OpenAIBackend(spec.base_url, spec.model_name or spec.path, api_key_env=spec.api_key_env,
-                                 max_concurrency=spec.max_concurrency, timeout_s=spec.timeout_s,
-                                 cache_dir=self.partial_dir / "requests")
-        from .backends.hf import HFBackend
-
-        m, tok = self.load_model(model)
-        return HFBackend(m, tok, batch_size=batch_size)
+    def backend(self, model: "Artifact", batch_size: int = 64):
+        """A generation backend for a model reference; call `.close()` when done (engine.loading.backend)."""
+        return loading.backend(model, self.recipe, self.cache_root, self.log, self.partial_dir, batch_size)
 
     def save_rows(self, rows: list[dict], name: str = "rows.parquet") -> int:
         n = write_rows(self.out_dir / name, rows)
@@ -285,83 +164,6 @@ class Context:
 
     def save_json(self, name: str, obj: Any) -> None:
         atomic_write_json(self.out_dir / name, obj)
-
-
-# --------------------------------------------------------------------------- run records
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version(), "recipe-engine": __version__}
-    for dist in ("torch", "transformers", "trl", "peft", "datasets", "pyarrow"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
-class RunRecord:
-    def __init__(self, runs_dir: Path, recipe: Recipe) -> None:
-        base = runs_dir / recipe.name
-        base.mkdir(parents=True, exist_ok=True)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        for i in range(1000):
-            run_id = stamp if i == 0 else f"{stamp}-{i}"
-            try:
-                (base / run_id).mkdir()
-                break
-            except FileExistsError:
-                continue
-        self.base, self.run_id, self.dir = base, run_id, base / run_id
-        (self.dir / "logs").mkdir()
-        (self.dir / "stages").mkdir()
-        atomic_write_text(self.dir / "recipe.toml", dump_toml(recipe.raw))
-        self.data = {"recipe": recipe.name, "run": run_id, "recipe_file": str(recipe.path),
-                     "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "status": "running", "stages": {}}
-        self.save()
-        link = base / f".latest.{os.getpid()}"
-        if link.is_symlink():
-            link.unlink()
-        os.symlink(run_id, link)
-        os.replace(link, base / "latest")
-
-    def stage(self, name: str, **info) -> None:
-        self.data["stages"].setdefault(name, {}).update(info)
-        self.save()
-
-    def link(self, name: str, entry: Path) -> None:
-        target = os.path.relpath(entry, self.dir / "stages")
-        dst = self.dir / "stages" / name
-        if dst.is_symlink():
-            dst.unlink()
-        os.symlink(target, dst)
-
-    def finish(self, status: str) -> None:
-        self.data["status"] = status
-        self.data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        self.save()
-
-    def save(self) -> None:
-        """record.json keeps the stages in the order they were planned (DAG order), so readers
-        (the report, `status`) never re-sort them: not sorted-key JSON."""
-        self.data["order"] = list(self.data["stages"])
-        atomic_write_text(self.dir / "record.json", json.dumps(self.data, indent=2, ensure_ascii=False) + "\n")
-
-
-def stage_logger(name: str, path: Path) -> logging.Logger:
-    log = logging.getLogger(f"recipe.stage.{name}.{id(path)}")
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    return log
-
-
-def close_logger(log: logging.Logger) -> None:
-    for h in list(log.handlers):
-        h.close()
-        log.removeHandler(h)
 
 
 # --------------------------------------------------------------------------- run

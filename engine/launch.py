@@ -116,7 +116,8 @@ def launch_stage(stage, inputs: dict, ctx, log_path: Path) -> None:
 
 def worker(payload_path: str) -> int:
     """One process of a launched stage (run by accelerate)."""
-    from .executor import Context, close_logger
+    from .executor import Context
+    from .record import close_logger
 
     payload = pickle.loads(Path(payload_path).read_bytes())
     recipe = _restore(payload["recipe"])
