@@ -108,6 +108,18 @@ def _judge_templates(config: Config) -> dict[str, str]:
                                                     ("helpfulness_template", {"helpfulness"})) if on & needed}
 
 
+def uses(config: Config) -> tuple[set[str], str]:
+    """Suite files, judge settings and the sycophancy challenge count only for the suites asked for
+    (helpfulness without a judge is asked for, skipped with a warning at run time)."""
+    on = set(config.suites)
+    used = {"models", "judge", "suites", "max_items", "system_prompt", "max_new_tokens", "temperature", "shard_size",
+            "batch_size", *(FILE_FIELDS[s] for s in on), *_judge_templates(config)}
+    used |= {"challenge"} if "sycophancy" in on else set()
+    used |= {"helpfulness_rubric"} if "helpfulness" in on else set()
+    used |= {"judge_max_new_tokens", "judge_retries"} if config.judge else set()
+    return used, f"suites {', '.join(sorted(on))}" + (" with a judge" if config.judge else " without a judge")
+
+
 def templates(config: Config, recipe) -> dict[str, str]:
     """Judge templates and the suite files: their bytes enter the fingerprint."""
     from engine.templates import template_files

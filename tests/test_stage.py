@@ -69,3 +69,12 @@ def test_keys_a_configuration_ignores_fail_validate(tmp_path, cli, stage, expect
         f'[datasets.convs]\npath = "convs.jsonl"\n[stages.s]\n{stage}\n')
     result = cli("validate", tmp_path / "r.toml")
     assert result.exit_code == 2 and expected in " ".join(result.output.split())
+
+
+def test_eval_keys_for_suites_not_asked_for_fail_validate(tmp_path, cli):
+    (tmp_path / "r.toml").write_text(
+        '[recipe]\nname = "u"\n[models.policy]\npath = "builtin:tiny-chat"\n[stages.ev]\nkind = "eval"\n'
+        'models = ["policy"]\nsuites = ["refusal"]\nchallenge = "Really?"\njudge_retries = 4\n')
+    out = " ".join(cli("validate", tmp_path / "r.toml").output.split())
+    assert "challenge is not used by suites refusal without a judge" in out
+    assert "judge_retries is not used by suites refusal without a judge" in out
