@@ -22,7 +22,7 @@ REF = "x-ref"
 EXEC_ONLY = "x-exec-only"
 PATH = "x-path"
 
-ARTIFACT_TYPES = ("conversations", "prompts", "samples", "preferences", "model", "report")
+ARTIFACT_TYPES = ("conversations", "prompts", "samples", "preferences", "model", "report", "constitution")
 
 
 class Table(BaseModel):

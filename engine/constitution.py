@@ -277,7 +277,10 @@ def _resolve(name: str, recipe, stage: str, key: str) -> tuple[Constitution | No
 
 def constitution_problems(name: str, recipe, stage: str, key: str) -> list[Problem]:
     """For a stage's `check()`: `name` must be a `[constitutions]` entry of the recipe, and its
-    file must load. `key` is the stage's config key that names it (e.g. "constitution")."""
+    file must load. `key` is the stage's config key that names it (e.g. "constitution"). A name
+    that is not defined is the graph's to report (a constitution is a reference like a dataset)."""
+    if name not in recipe.constitutions:
+        return []
     return _resolve(name, recipe, stage, key)[1]
 
 

@@ -245,6 +245,9 @@ def _inputs(recipe: Recipe, name: str, entries: dict[str, Entry]) -> dict[str, A
         elif edge.source == "datasets":
             spec = recipe.datasets[edge.name]
             art = Artifact(edge.name, spec.type, "datasets", spec=spec, recipe=recipe)
+        elif edge.source == "constitutions":
+            art = Artifact(edge.name, "constitution", "constitutions", spec=recipe.constitutions[edge.name],
+                           recipe=recipe)
         else:
             art = Artifact(edge.name, "model", "models", spec=recipe.models[edge.name], recipe=recipe)
         if isinstance(getattr(stage.config, edge.field), list):
@@ -275,7 +278,7 @@ def _build(recipe, name, item, entries, store, record, console, progress, why) -
             rows_in = 0
             for arts in inputs.values():
                 for art in arts if isinstance(arts, list) else [arts]:
-                    if art.type != "model":
+                    if art.type not in ("model", "constitution"):
                         rows_in += len(art)
                         if art.load_report and art.load_report["dropped"]:
                             dropped = ", ".join(f"{r} ({n})" for r, n in art.load_report["dropped"].items())

@@ -197,6 +197,9 @@ def stage_components(recipe: "Recipe", name: str, stage_fps: dict[str, str], mem
     for edge in edges(recipe, name):
         if edge.source == "stages":
             ident = stage_fps[edge.name]
+        elif edge.source == "constitutions":  # an input like a dataset: its file's content, never its path
+            path = recipe.constitutions[edge.name].path
+            ident = digest({"constitution": memo.file(path) if Path(path).is_file() else {"missing": True}})
         elif edge.source == "datasets":
             ident = digest(dataset_identity(recipe, edge.name, memo))
         else:

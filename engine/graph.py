@@ -44,6 +44,8 @@ def source_of(recipe: "Recipe", name: str) -> str | None:
         return "datasets"
     if name in recipe.models:
         return "models"
+    if name in recipe.constitutions:
+        return "constitutions"
     return None
 
 
@@ -56,6 +58,8 @@ def artifact_type(recipe: "Recipe", name: str) -> str | None:
         return recipe.datasets[name].type
     if name in recipe.models:
         return "model"
+    if name in recipe.constitutions:
+        return "constitution"
     return None
 
 
@@ -69,7 +73,16 @@ def edges(recipe: "Recipe", stage: str) -> list[Edge]:
 
 
 def _missing(recipe: "Recipe", stage: str, fname: str, ref: str) -> Problem:
-    known = {"datasets": sorted(recipe.datasets), "models": sorted(recipe.models), "stages": sorted(recipe.stages)}
+    if ref_fields(type(recipe.stages[stage].config)).get(fname) == ["constitution"] if stage in recipe.stages else False:
+        known_c = sorted(recipe.constitutions)
+        close = difflib.get_close_matches(ref, known_c, n=1)
+        return Problem(f"stage '{stage}' uses constitution '{ref}', which is not defined.",
+                       hint=(f"Did you mean '{close[0]}'? " if close else "")
+                       + (f"Defined: {', '.join(known_c)}." if known_c
+                          else f"Add [constitutions.{ref}] with path = \"constitutions/{ref}.toml\"."),
+                       **recipe.where(f"stages.{stage}.{fname}"))
+    known = {"datasets": sorted(recipe.datasets), "models": sorted(recipe.models), "stages": sorted(recipe.stages),
+             "constitutions": sorted(recipe.constitutions)}
     everything = [n for names in known.values() for n in names]
     close = difflib.get_close_matches(ref, everything, n=1)
     listing = "; ".join(f"{k}: {', '.join(v)}" for k, v in known.items() if v) or "none defined"

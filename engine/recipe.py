@@ -540,7 +540,8 @@ def load_recipe(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Rec
             stages[name] = Stage(name, kind, config, module)
 
     names: dict[str, str] = {}
-    for section, items in (("models", parsed["models"]), ("datasets", parsed["datasets"]), ("stages", stages)):
+    for section, items in (("models", parsed["models"]), ("datasets", parsed["datasets"]),
+                           ("constitutions", parsed["constitutions"]), ("stages", stages)):
         for name in items:
             if name in names:
                 problems.append(Problem(

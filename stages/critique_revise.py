@@ -71,7 +71,8 @@ class Config(StageConfig):
     assistant_model: str | None = Ref("model", default=None, description='after_revision = "resimulate": '
                                       "regenerates the assistant turns, e.g. the policy when model is a critic "
                                       "(default: model).")
-    constitution: str = Field(description="A [constitutions] name: the principles drawn for critiques.")
+    constitution: str = Ref("constitution", description="A [constitutions] name: the principles drawn for critiques "
+                                                         "(an input: its file's content enters the fingerprint).")
     turns: Literal["all", "last"] | list[int] = Field(
         "all", description='Assistant turns to revise: "all", "last", or 0-based positions among the assistant '
                            "turns (-1 = the last); positions a conversation lacks are skipped.")
@@ -108,16 +109,10 @@ def _template_names(config: Config) -> dict[str, str]:
 
 
 def templates(config: Config, recipe) -> dict[str, str]:
-    """Template name -> file, plus the constitution file: their bytes enter the fingerprint."""
-    from pathlib import Path
-
+    """Template name -> file: their bytes enter the fingerprint (the constitution is an input)."""
     from engine.templates import template_files
 
-    files = template_files(recipe.dir, list(_template_names(config).values()))
-    spec = recipe.constitutions.get(config.constitution)
-    if spec is not None and Path(spec.path).is_file():
-        files[f"constitution:{config.constitution}"] = spec.path
-    return files
+    return template_files(recipe.dir, list(_template_names(config).values()))
 
 
 def check(name: str, config: Config, recipe) -> list[Problem]:

@@ -74,8 +74,8 @@ class Config(StageConfig):
     score: str = Field("score", description="best_vs_worst: the key in each row's `scores` (a judge stage's name).")
     min_margin: float = Field(1.0, gt=0, description="best_vs_worst: the least score gap between chosen and rejected.")
     prefer: Literal["higher", "lower"] = Field("higher", description="best_vs_worst: which end of the score is better.")
-    constitution: str | None = Field(None, description="pairwise_judge: a [constitutions] name; a principle is "
-                                                       "drawn per pair.")
+    constitution: str | None = Ref("constitution", default=None, description="pairwise_judge: a [constitutions] "
+                                   "name; a principle is drawn per pair (an input, fingerprinted by content).")
     threshold: float = Field(0.5, ge=0.0, le=1.0, description="pairwise_judge: least confidence |label - 0.5| * 2 "
                                                               "to keep a pair (1 = every verdict agrees).")
     chain_of_thought: bool = Field(False, description="pairwise_judge: the judge reasons first; labels clamped to "
@@ -101,18 +101,10 @@ class Config(StageConfig):
 
 
 def templates(config: Config, recipe) -> dict[str, str]:
-    """The judge template and the constitution file: their bytes enter the fingerprint."""
-    from pathlib import Path
-
+    """The judge template: its bytes enter the fingerprint (the constitution is an input)."""
     from engine.templates import template_files
 
-    if config.method != "pairwise_judge":
-        return {}
-    files = template_files(recipe.dir, [config.template])
-    spec = recipe.constitutions.get(config.constitution or "")
-    if spec is not None and Path(spec.path).is_file():
-        files[f"constitution:{config.constitution}"] = spec.path
-    return files
+    return template_files(recipe.dir, [config.template]) if config.method == "pairwise_judge" else {}
 
 
 def uses(config: Config) -> tuple[set[str], str]:

@@ -241,7 +241,14 @@ def recipe_file(tmp_path: Path, constitution: str, name: str = "hhh") -> Path:
 def test_constitution_problems_for_a_stage(tmp_path):
     r = load_recipe(recipe_file(tmp_path, str(SHIPPED / "hhh.toml")))
     assert constitution_problems("hhh", r, "revised", "constitution") == []
-    [p] = constitution_problems("hh", r, "revised", "constitution")
+    # an undefined name is a missing reference, reported by the graph (test_validate_reports_...)
+    assert constitution_problems("hh", r, "revised", "constitution") == []
+    text = recipe_file(tmp_path, str(SHIPPED / "hhh.toml")).read_text().replace('constitution = "hhh"',
+                                                                                 'constitution = "hh"')
+    (tmp_path / "r2.toml").write_text(text)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(tmp_path / "r2.toml")
+    [p] = [p for p in info.value.problems if "constitution" in p.message]
     assert p.message == "stage 'revised' uses constitution 'hh', which is not defined."
     assert p.hint == "Did you mean 'hhh'? Defined: hhh." and p.key == "stages.revised.constitution" and p.line == 13
 

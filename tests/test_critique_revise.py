@@ -380,7 +380,9 @@ def test_the_constitution_file_and_templates_enter_the_fingerprint(tmp_path):
     before = make_plan(load_recipe(path), tmp_path / "runs")[0].fingerprint
     cons.write_text(cons.read_text().replace("Say what is wrong.", "Say exactly what is wrong."))
     [item] = make_plan(load_recipe(path), tmp_path / "runs")
-    assert item.fingerprint != before and "constitution:mine" in item.components["templates"]
+    # the constitution is an input, like a dataset: by content, under the field that names it
+    assert item.fingerprint != before and item.components["inputs"]["constitution"][0]["source"] == "constitutions"
+    assert not any("constitution" in k for k in item.components["templates"])
     (tmp_path / "templates").mkdir()
     (tmp_path / "templates" / "revision.j2").write_text(
         "### user\n{{ conversation[-1].content }} {{ critique }} {{ revision_request }}\n")
