@@ -296,3 +296,45 @@ def test_size_and_generation_speed(tiny, capsys):
     with capsys.disabled():
         print(f"\ntiny-chat: {params:,} params; generate 32 x 64 tokens on CPU: {took:.2f}s")
     assert params < 1_000_000
+
+
+def test_tokenizer_preparation_pad_and_context():
+    """The pad token is never an end-of-turn token when a spare special token exists, and
+    model_max_length follows the model's context (no stale-limit warnings)."""
+    from types import SimpleNamespace
+
+    from engine.models import prepare_tokenizer
+
+    tok = models._tiny_tokenizer()
+    tok.pad_token = tok.eos_token  # as many checkpoints ship: pad == eos == end of turn
+    tok.unk_token = "<|pad|>"
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=tok.eos_token_id),
+                            config=SimpleNamespace(max_position_embeddings=4096))
+    prepare_tokenizer(tok, model)
+    assert tok.pad_token == "<|pad|>" and tok.padding_side == "left" and tok.model_max_length == 4096
+
+
+def test_no_sequence_length_warning_within_the_models_context(tiny):
+    import logging
+
+    class Records(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.texts = []
+
+        def emit(self, record):
+            self.texts.append(record.getMessage())
+
+    seen = Records()
+    hf_logger = logging.getLogger("transformers")  # does not propagate: listen to it directly
+    hf_logger.addHandler(seen)
+    try:
+        _, tok = tiny
+        ids = tok("tide " * 500)["input_ids"]  # 2,500 byte tokens: over the tokenizer's saved 1,024
+        assert len(ids) == 2500 and tok.model_max_length == 4096
+        assert not any("longer than the specified maximum" in t for t in seen.texts)
+        stale = models._tiny_tokenizer()  # the control: the saved limit of 1,024 does warn
+        stale("tide " * 500)
+        assert any("longer than the specified maximum" in t for t in seen.texts)
+    finally:
+        hf_logger.removeHandler(seen)

@@ -93,3 +93,15 @@ def test_seed_data_filter_removes_what_was_planted(tmp_path):
     assert {r["meta"]["topic"] for r in dropped} <= flaws
     refusals = read_rows(rec.dir / "stages" / "refusals" / "rows.parquet")
     assert refusals and all(r["meta"].get("topic") not in flaws for r in refusals)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_recipe_validates_and_plans_on_the_real_builtin_model(path: Path, tmp_path):
+    """Every shipped recipe takes builtin:smollm2-135m for its policy (the GGUF is hashed, not built)."""
+    sets = ("--set", "models.policy.path=builtin:smollm2-135m")
+    check = run_cli_subprocess("validate", path, *sets)
+    assert check.returncode == 0, check.stderr
+    plan = run_cli_subprocess("plan", path, *sets, "--runs-dir", tmp_path / "runs", "--json")
+    assert plan.returncode == 0, plan.stderr
+    assert {s["status"] for s in json.loads(plan.stdout)["stages"]} == {"run"}
+    assert not (tmp_path / "runs" / "cache" / "builtin").exists()  # planning builds nothing
