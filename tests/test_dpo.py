@@ -320,9 +320,9 @@ def test_long_multi_turn_prompts_keep_their_recent_turns(tmp_path):
 
 @pytest.mark.slow
 def test_empty_input_is_a_clear_error(tmp_path):
-    with pytest.raises(RecipeError) as exc:
+    with pytest.raises(RecipeError) as exc:  # found by validate, before anything runs
         run(load_recipe(make(tmp_path, rows=[])), tmp_path / "runs")
-    assert "no preference pairs to train on" in str(exc.value) and "stages.align.input" in str(exc.value)
+    assert "is empty: it has no rows" in str(exc.value) and "datasets.pairs.path" in str(exc.value)
 
 
 @pytest.mark.slow

@@ -324,6 +324,6 @@ def test_packing_passes_the_mask_check_and_learns(tmp_path):
 def test_empty_input_is_a_clear_error(tmp_path):
     recipe = make(tmp_path)
     (recipe.parent / "data" / "chats.jsonl").write_text("")
-    with pytest.raises(RecipeError) as exc:
+    with pytest.raises(RecipeError) as exc:  # found by validate, before anything runs
         run(load_recipe(recipe), tmp_path / "runs")
-    assert "no conversations to train on (input: chats)" in str(exc.value) and "stages.train.input" in str(exc.value)
+    assert "chats.jsonl is empty: it has no rows" in str(exc.value) and "datasets.chats.path" in str(exc.value)
