@@ -21,6 +21,7 @@ reward-model scorer only.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -248,3 +249,49 @@ def make_scorer(spec: ScorerSpec, model, ctx, *, backend=None):
     if spec.scorer == "rules":
         return _Rules(spec.name)
     return _Function(spec.name, spec.function)
+
+
+# --------------------------------------------------------------------------- pairwise verdicts
+
+COT_CLAMP = (0.4, 0.6)  # chain-of-thought verdicts are overconfident: their labels are clamped
+
+
+def pairwise_label(a_first: list[str | None], b_first: list[str | None]) -> float | None:
+    """P(reply a is better): the share of parsed verdicts preferring a, over both orders
+    (a shown as A, then b shown as A). None unless each order has a parsed verdict: one order
+    alone would carry the judge's position bias."""
+    a_votes = [v == "A" for v in a_first if v]
+    b_votes = [v == "B" for v in b_first if v]
+    if not a_votes or not b_votes:
+        return None
+    return (sum(a_votes) + sum(b_votes)) / (len(a_votes) + len(b_votes))
+
+
+def soft_label(p: float, chain_of_thought: bool) -> float:
+    """The label recorded for training: clamped to [0.4, 0.6] for chain-of-thought verdicts."""
+    return min(max(p, COT_CLAMP[0]), COT_CLAMP[1]) if chain_of_thought else p
+
+
+def parse_choice(answer: str) -> str | None:
+    """"A"/"B" from a judge answer: the last "Verdict: X" line, or an answer that is only
+    "A", "(B)", "Response A" and the like."""
+    found = parse_verdict(answer)
+    if found:
+        return found
+    m = re.fullmatch(r"\W*(?:(?:response|reply|option|answer)\s+)?\(?([AB])\)?\W*", answer.strip(), re.IGNORECASE)
+    return m.group(1).upper() if m else None
+
+
+def logprob_judgments(tasks: list[dict], logprobs: list[list[float]]) -> list[dict]:
+    """Soft labels from the judge's probabilities of "A" and "B" (two prompts per task: a shown
+    first, then b shown first): label_a = the mean, over both orders, of the normalized
+    probability that a is the better reply. The letter it favours in each order is its verdict."""
+    out = []
+    for j, t in enumerate(tasks):
+        (a1, b1), (a2, b2) = logprobs[2 * j], logprobs[2 * j + 1]
+        p_first = 1 / (1 + math.exp(b1 - a1))   # P(A) with a shown as A
+        p_second = 1 / (1 + math.exp(a2 - b2))  # P(B) with a shown as B
+        out.append(dict(t, a_first=["A" if p_first >= 0.5 else "B"], b_first=["A" if 1 - p_second >= 0.5 else "B"],
+                        label_a=round((p_first + p_second) / 2, 6),
+                        answers=[f"P(A)={p_first:.3f}", f"P(A)={1 - p_second:.3f}"]))
+    return out

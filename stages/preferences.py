@@ -39,7 +39,6 @@ Template variables (template): context, response_a, response_b, principle, chain
 from __future__ import annotations
 
 import json
-import math
 from itertools import combinations
 from typing import Literal
 
@@ -49,13 +48,13 @@ from engine.backends import SamplingParams
 from engine.config import ExecOnly, Ref, StageConfig
 from engine.errors import Problem, RecipeError
 from engine.pairs import best_and_worst, no_output, pair_row, spot_check, spot_check_summary
+from engine.scoring import logprob_judgments, pairwise_label, parse_choice, soft_label
 from engine.shards import Shard, ShardResult
 from engine.text import normalize
 
 VERSION = 1
 GIVES = "preferences"
 TEMPLATE_VARS = {"context", "response_a", "response_b", "principle", "chain_of_thought"}
-COT_CLAMP = (0.4, 0.6)
 COMMON = {"kind", "resources", "method", "input", "sample_size", "shard_size", "batch_size"}
 USES = {"best_vs_worst": {"score", "min_margin", "prefer"},
         "pairwise_judge": {"model", "constitution", "threshold", "chain_of_thought", "votes", "template",
@@ -161,36 +160,6 @@ def selected_turns(messages: list[dict], from_turn: int | None) -> list[int]:
     0-based assistant position `from_turn` or later."""
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     return turns[-1:] if from_turn is None else turns[from_turn:]
-
-
-def pairwise_label(a_first: list[str | None], b_first: list[str | None]) -> float | None:
-    """P(reply a is better): the share of parsed verdicts preferring a, over both orders
-    (a shown as A, then b shown as A). None unless each order has a parsed verdict: one order
-    alone would carry the judge's position bias."""
-    a_votes = [v == "A" for v in a_first if v]
-    b_votes = [v == "B" for v in b_first if v]
-    if not a_votes or not b_votes:
-        return None
-    return (sum(a_votes) + sum(b_votes)) / (len(a_votes) + len(b_votes))
-
-
-def soft_label(p: float, chain_of_thought: bool) -> float:
-    """The label recorded for training: clamped to [0.4, 0.6] for chain-of-thought verdicts."""
-    return min(max(p, COT_CLAMP[0]), COT_CLAMP[1]) if chain_of_thought else p
-
-
-def parse_choice(answer: str) -> str | None:
-    """"A"/"B" from a judge answer: the last "Verdict: X" line, or an answer that is only
-    "A", "(B)", "Response A" and the like."""
-    import re
-
-    from engine.scoring import parse_verdict
-
-    found = parse_verdict(answer)
-    if found:
-        return found
-    m = re.fullmatch(r"\W*(?:(?:response|reply|option|answer)\s+)?\(?([AB])\)?\W*", answer.strip(), re.IGNORECASE)
-    return m.group(1).upper() if m else None
 
 
 def _meta_of(row: dict) -> dict:
@@ -319,21 +288,6 @@ def _context_negative(config: Config, rows: list[dict], inputs, ctx) -> tuple[li
         raise no_output(ctx, "model", f"every context-free reply was empty or equal to the real turn ({same}).",
                         "Use a model that writes non-empty replies, or raise max_new_tokens.")
     return pairs, {"first_turns_skipped": first_turns, "negatives_empty_or_same": same}
-
-
-def logprob_judgments(tasks: list[dict], logprobs: list[list[float]]) -> list[dict]:
-    """Soft labels from the judge's probabilities of "A" and "B" (two prompts per task: a shown
-    first, then b shown first): label_a = the mean, over both orders, of the normalized
-    probability that a is the better reply. The letter it favours in each order is its verdict."""
-    out = []
-    for j, t in enumerate(tasks):
-        (a1, b1), (a2, b2) = logprobs[2 * j], logprobs[2 * j + 1]
-        p_first = 1 / (1 + math.exp(b1 - a1))   # P(A) with a shown as A
-        p_second = 1 / (1 + math.exp(a2 - b2))  # P(B) with a shown as B
-        out.append(dict(t, a_first=["A" if p_first >= 0.5 else "B"], b_first=["A" if 1 - p_second >= 0.5 else "B"],
-                        label_a=round((p_first + p_second) / 2, 6),
-                        answers=[f"P(A)={p_first:.3f}", f"P(A)={1 - p_second:.3f}"]))
-    return out
 
 
 def _pairwise_tasks(config: Config, rows: list[dict], constitution, seed: int) -> list[dict]:
