@@ -31,8 +31,6 @@ keys draw the same principle in every process. Stages call `constitution_problem
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -109,9 +107,9 @@ class Constitution(_Strict):
     def draw(self, seed: int, *keys: Any) -> Principle:
         """A principle chosen by sha256 of (seed, *keys): uniform over the principles,
         reproducible across processes and Python versions (keys must be JSON values)."""
-        blob = json.dumps([seed, *keys], separators=(",", ":"), ensure_ascii=False)
-        n = int.from_bytes(hashlib.sha256(blob.encode("utf-8")).digest()[:8], "big")
-        return self.principles[n % len(self.principles)]
+        from .seeds import derive
+
+        return self.principles[derive(seed, "principle", *keys) % len(self.principles)]
 
 
 # --------------------------------------------------------------------------- loading

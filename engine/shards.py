@@ -3,14 +3,13 @@
     partial/<fp>/layout.json        rows and shard size; a different layout starts over
     partial/<fp>/shard-000003/      rows.parquet + stats.json, renamed into place when whole
 
-A restarted stage skips committed shards. Each shard's seed derives from (recipe seed,
-fingerprint, shard index) only, so an interrupted-then-resumed run produces exactly the rows
-of an uninterrupted one, whatever the process or the order in which shards ran.
+A restarted stage skips committed shards. Random streams derive per row (engine.seeds), never
+from a shard's index or size, so an interrupted-then-resumed run produces exactly the rows of an
+uninterrupted one, whatever the shard size, the process or the order in which shards ran.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .io import atomic_write_json
+from .seeds import derive
 from .rows import read_rows, write_rows
 
 # Test hook: exit abruptly (as SIGKILL would) after this many shard commits in one process.
@@ -27,7 +27,8 @@ CRASH_ENV = "RECIPE_CRASH_AFTER_SHARDS"
 
 
 def shard_seed(recipe_seed: int, fp: str, index: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"{recipe_seed}:{fp}:{index}".encode()).digest()[:8], "big") >> 1
+    """A shard's own seed (kept for plugins; the engine's stages seed by row through engine.seeds)."""
+    return derive(recipe_seed, fp, "shard", index)
 
 
 @dataclass

@@ -71,8 +71,9 @@ def derived_seed(seed: int, round_: int) -> int:
     """The seed of the round-th follow-up request of one prompt (round 0 uses `seed`)."""
     if round_ == 0:
         return seed
-    digest = hashlib.sha256(f"{seed}/{round_}".encode()).digest()
-    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+    from ..seeds import derive
+
+    return derive(seed, "follow-up", round_) & 0x7FFFFFFF
 
 
 def _one_line(text: str, limit: int = 200) -> str:
