@@ -155,7 +155,9 @@ def strip_preamble(text: str, previous: str = "") -> str:
     text starts with too is part of the reply, not a preamble, and is kept."""
     out = _ROLE_LABEL.sub("", text.strip()).strip()
     m = PREAMBLE.match(out)
-    if m and not normalize(previous).startswith(normalize(out[: m.end()]).rstrip(":").strip()):
+    # a preamble introduces something: a bare "Revision" with nothing after it and no colon is the text
+    bare = m is not None and not out[m.end():].strip() and not out.rstrip().endswith(":")
+    if m and not bare and not normalize(previous).startswith(normalize(out[: m.end()]).rstrip(":").strip()):
         out = _ROLE_LABEL.sub("", out[m.end():].strip()).strip()
     for left, right in _QUOTES.items():
         inner = out[len(left): len(out) - len(right)]

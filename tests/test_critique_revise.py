@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from conftest import ROOT, conv, run_cli_subprocess, write_jsonl
@@ -58,6 +58,7 @@ BODY = st.text(alphabet=st.characters(whitelist_categories=("Lu", "Ll", "Nd"), w
 
 
 @given(preamble=st.sampled_from(PREAMBLES), body=BODY)
+@example(preamble="Sure, here is a revised response:\n", body="REVISION")  # found by hypothesis: a bare word
 def test_any_preamble_is_stripped_and_plain_text_is_untouched(preamble, body):
     assert strip_preamble(preamble + body) == strip_preamble(body) == body.strip()
 
