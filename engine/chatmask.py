@@ -23,6 +23,10 @@ check (decoding the supervised tokens of a real batch) stays the judge on every 
 
 Rendering at validate time uses jinja2 the way transformers does (sandboxed, trim_blocks,
 lstrip_blocks, loopcontrols, raise_exception, tojson), so no ML library is imported.
+
+The saved mask check (`mask_check`, run by the sft stage before step 1): one real collated batch
+from the trainer's own pipeline, its supervised tokens decoded to `mask_check.txt`; they must be
+exactly the assistant turns plus their end-of-turn token, or the stage fails with FIX_TEMPLATE.
 """
 
 from __future__ import annotations
@@ -312,3 +316,96 @@ def folder_template(folder: Path) -> tuple[str | None, dict[str, str]]:
     special = {k: t for k in ("bos_token", "eos_token", "unk_token", "pad_token")
                if (t := _token_text(config.get(k))) is not None}
     return template, special
+
+
+FIX_TEMPLATE = (
+    "Fix the chat template (set chat_template in the model's [models] table): wrap each assistant "
+    "message's content AND its end-of-turn token in {% generation %}...{% endgeneration %}, e.g. "
+    "\"<|assistant|>{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}\", "
+    "and keep system and user turns outside it."
+)
+
+
+# --------------------------------------------------------------------------- the saved mask check (sft)
+
+
+def _spans(labels: list[int]) -> list[tuple[int, int]]:
+    out, start = [], None
+    for i, lab in enumerate(labels + [-100]):
+        if lab != -100 and start is None:
+            start = i
+        elif lab == -100 and start is not None:
+            out.append((start, i))
+            start = None
+    return out
+
+
+def mask_problems(tok, messages: list[dict], input_ids: list[int], labels: list[int]) -> tuple[str, list[str]]:
+    """(decoded supervised text, problems) for one collated example and its messages."""
+    special = special_ids(tok)
+    spans = _spans(labels)
+    texts = [tok.decode(input_ids[a:b], skip_special_tokens=False) for a, b in spans]
+    shown = "\n".join(f"[span {k}] {t!r}" for k, t in enumerate(texts)) or "(nothing is supervised)"
+    problems: list[str] = []
+    assistants = [m["content"] for m in messages if m["role"] == "assistant"]
+    if not spans:
+        problems.append("no token is supervised")
+        return shown, problems
+    if len(spans) != len(assistants):
+        problems.append(f"{len(spans)} supervised spans for {len(assistants)} assistant turns")
+    for k, ((a, b), text, content) in enumerate(zip(spans, texts, assistants)):
+        body = text.strip()
+        if not body.startswith(content.strip()):
+            problems.append(f"span {k} is not the assistant turn's content: {text[:80]!r}")
+            continue
+        rest = body[len(content.strip()):]
+        for sid in special:
+            rest = rest.replace(tok.convert_ids_to_tokens(sid) or "\0", "")
+        if rest.strip():
+            problems.append(f"span {k} supervises more than the assistant turn: {text[:80]!r}")
+        tail = [t for t in input_ids[a:b] if tok.decode([t]).strip()]
+        if not tail or tail[-1] not in special:
+            problems.append(f"the end-of-turn token of assistant turn {k} is not supervised")
+    sup = "".join(texts)
+    for m in messages:
+        if m["role"] in ("system", "user") and m["content"].strip() in sup \
+                and not any(m["content"].strip() in c for c in assistants):
+            problems.append(f"{m['role']} text is supervised: {m['content'][:60]!r}")
+    return shown, problems
+
+
+def _collated_examples(batch: dict, packed: bool) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) of each conversation in a collated batch: padding removed, and a
+    packed (padding-free) row split where its position ids restart at 0."""
+    out = []
+    for i in range(batch["input_ids"].shape[0]):
+        ids, labels = batch["input_ids"][i].tolist(), batch["labels"][i].tolist()
+        if packed:
+            pos = batch["position_ids"][i].tolist()
+            starts = [k for k, p in enumerate(pos) if p == 0] + [len(pos)]
+            out += [(ids[a:b], labels[a:b]) for a, b in zip(starts, starts[1:])]
+        else:
+            keep = batch["attention_mask"][i].tolist()
+            out.append(([t for t, k in zip(ids, keep) if k], [lab for lab, k in zip(labels, keep) if k]))
+    return out
+
+
+def mask_check(trainer, tok, kept, by_ids: dict[int, int], n: int, packed: bool, ctx) -> None:
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(min(n, len(trainer.train_dataset)))])
+    lines, problems = [], []
+    for i, (ids, labels) in enumerate(_collated_examples(batch, packed)):
+        # packing reorders conversations: find each one by its tokens
+        index = by_ids.get(hash(tuple(ids))) if packed else i
+        if index is None:
+            problems.append(f"example {i}: its tokens match no conversation (the trainer tokenized it differently)")
+            continue
+        shown, probs = mask_problems(tok, kept[index], ids, labels)
+        lines.append(f"=== example {i}\n{shown}\n")
+        problems += [f"example {i}: {p}" for p in probs]
+    if ctx.is_main:
+        from .io import atomic_write_text
+
+        atomic_write_text(Path(ctx.out_dir) / "mask_check.txt", "\n".join(lines))
+    if problems:
+        raise RuntimeError(f"assistant-only loss mask is wrong ({'; '.join(problems[:3])}). {FIX_TEMPLATE}")
+    ctx.log.info("mask check ok on %d examples (mask_check.txt)", len(lines))

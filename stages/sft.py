@@ -33,6 +33,8 @@ from typing import Literal
 
 from pydantic import Field
 
+from engine.chatmask import (FIX_TEMPLATE, TemplateProblem, jinja_render, mask_check, masked_ids, masking, special_ids,
+                             tokenizer_render, trl_training_template)
 from engine.config import ExecOnly, Ref, StageConfig
 from engine.errors import Problem
 from engine.training import (LengthReport, Lora, batch_problems, chat_ids, check_lora_targets, checkpoint_dir, fit,
@@ -40,18 +42,12 @@ from engine.training import (LengthReport, Lora, batch_problems, chat_ids, check
                              plot_loss, quiet, save_model, step_callback, step_metrics, trainer_args, training_rows,
                              user_error, weights_kind)
 
-__all__ = ["Config", "Lora", "fit", "mask_problems", "run", "summary"]
+__all__ = ["Config", "Lora", "fit", "run", "summary"]
 
 VERSION = 2  # 2: input mixtures, packing, loss.png, base.json next to an unmerged adapter
 GIVES = "model"
 MULTI_PROCESS = True
 
-FIX_TEMPLATE = (
-    "Fix the chat template (set chat_template in the model's [models] table): wrap each assistant "
-    "message's content AND its end-of-turn token in {% generation %}...{% endgeneration %}, e.g. "
-    "\"<|assistant|>{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}\", "
-    "and keep system and user turns outside it."
-)
 
 
 class Config(StageConfig):
@@ -90,7 +86,6 @@ def template_problems(name: str, config: Config, recipe) -> list[Problem]:
     """The model's chat template must allow assistant-only loss (engine.chatmask), checked from
     files when the template is knowable offline (a [models] chat_template, a local folder, a hub
     snapshot in the local cache); the run's mask check covers the rest."""
-    from engine.chatmask import TemplateProblem, jinja_render, masking
     from engine.modelinfo import base_model, chat_template
 
     base = base_model(recipe, config.model)
@@ -111,91 +106,6 @@ def template_problems(name: str, config: Config, recipe) -> list[Problem]:
     return []
 
 
-# --------------------------------------------------------------------------- mask check
-
-
-def _spans(labels: list[int]) -> list[tuple[int, int]]:
-    out, start = [], None
-    for i, lab in enumerate(labels + [-100]):
-        if lab != -100 and start is None:
-            start = i
-        elif lab == -100 and start is not None:
-            out.append((start, i))
-            start = None
-    return out
-
-
-def mask_problems(tok, messages: list[dict], input_ids: list[int], labels: list[int]) -> tuple[str, list[str]]:
-    """(decoded supervised text, problems) for one collated example and its messages."""
-    from engine.chatmask import special_ids
-
-    special = special_ids(tok)
-    spans = _spans(labels)
-    texts = [tok.decode(input_ids[a:b], skip_special_tokens=False) for a, b in spans]
-    shown = "\n".join(f"[span {k}] {t!r}" for k, t in enumerate(texts)) or "(nothing is supervised)"
-    problems: list[str] = []
-    assistants = [m["content"] for m in messages if m["role"] == "assistant"]
-    if not spans:
-        problems.append("no token is supervised")
-        return shown, problems
-    if len(spans) != len(assistants):
-        problems.append(f"{len(spans)} supervised spans for {len(assistants)} assistant turns")
-    for k, ((a, b), text, content) in enumerate(zip(spans, texts, assistants)):
-        body = text.strip()
-        if not body.startswith(content.strip()):
-            problems.append(f"span {k} is not the assistant turn's content: {text[:80]!r}")
-            continue
-        rest = body[len(content.strip()):]
-        for sid in special:
-            rest = rest.replace(tok.convert_ids_to_tokens(sid) or "\0", "")
-        if rest.strip():
-            problems.append(f"span {k} supervises more than the assistant turn: {text[:80]!r}")
-        tail = [t for t in input_ids[a:b] if tok.decode([t]).strip()]
-        if not tail or tail[-1] not in special:
-            problems.append(f"the end-of-turn token of assistant turn {k} is not supervised")
-    sup = "".join(texts)
-    for m in messages:
-        if m["role"] in ("system", "user") and m["content"].strip() in sup \
-                and not any(m["content"].strip() in c for c in assistants):
-            problems.append(f"{m['role']} text is supervised: {m['content'][:60]!r}")
-    return shown, problems
-
-
-def _collated_examples(batch: dict, packed: bool) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) of each conversation in a collated batch: padding removed, and a
-    packed (padding-free) row split where its position ids restart at 0."""
-    out = []
-    for i in range(batch["input_ids"].shape[0]):
-        ids, labels = batch["input_ids"][i].tolist(), batch["labels"][i].tolist()
-        if packed:
-            pos = batch["position_ids"][i].tolist()
-            starts = [k for k, p in enumerate(pos) if p == 0] + [len(pos)]
-            out += [(ids[a:b], labels[a:b]) for a, b in zip(starts, starts[1:])]
-        else:
-            keep = batch["attention_mask"][i].tolist()
-            out.append(([t for t, k in zip(ids, keep) if k], [lab for lab, k in zip(labels, keep) if k]))
-    return out
-
-
-def _mask_check(trainer, tok, kept, by_ids: dict[int, int], n: int, packed: bool, ctx) -> None:
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(min(n, len(trainer.train_dataset)))])
-    lines, problems = [], []
-    for i, (ids, labels) in enumerate(_collated_examples(batch, packed)):
-        # packing reorders conversations: find each one by its tokens
-        index = by_ids.get(hash(tuple(ids))) if packed else i
-        if index is None:
-            problems.append(f"example {i}: its tokens match no conversation (the trainer tokenized it differently)")
-            continue
-        shown, probs = mask_problems(tok, kept[index], ids, labels)
-        lines.append(f"=== example {i}\n{shown}\n")
-        problems += [f"example {i}: {p}" for p in probs]
-    if ctx.is_main:
-        (Path(ctx.out_dir) / "mask_check.txt").write_text("\n".join(lines), encoding="utf-8")
-    if problems:
-        raise RuntimeError(f"assistant-only loss mask is wrong ({'; '.join(problems[:3])}). {FIX_TEMPLATE}")
-    ctx.log.info("mask check ok on %d examples (mask_check.txt)", len(lines))
-
-
 # --------------------------------------------------------------------------- run
 
 
@@ -203,8 +113,6 @@ def prepare_masking(tok, ctx, model_name: str) -> str:
     """How assistant tokens are found (engine.chatmask): the template's own {% generation %} markers,
     TRL's training version of the template, or spans derived by rendering. Swaps in TRL's template
     when that is the way; a template that cannot be masked is a bad-input error naming the model."""
-    from engine.chatmask import TemplateProblem, masking, special_ids, tokenizer_render, trl_training_template
-
     try:
         method = masking(tok.chat_template, tokenizer_render(tok), tok.convert_ids_to_tokens(sorted(special_ids(tok))))
     except TemplateProblem as exc:
@@ -226,8 +134,6 @@ def _dataset(tok, kept: list[list[dict]], method: str, ctx, model_name: str):
 
     if method != "derived":
         return Dataset.from_list([{"messages": m} for m in kept])
-    from engine.chatmask import TemplateProblem, masked_ids
-
     rows = []
     for i, msgs in enumerate(kept):
         try:
@@ -291,7 +197,7 @@ def run(config: Config, inputs: dict, ctx) -> None:
                          callbacks=[step_callback(ctx, timing)])
     quiet(trainer)
 
-    _mask_check(trainer, tok, kept, by_ids, batch.per_device, config.packing, ctx)
+    mask_check(trainer, tok, kept, by_ids, batch.per_device, config.packing, ctx)
 
     last = last_checkpoint(ckpt_dir, ctx)
     started = time.perf_counter()

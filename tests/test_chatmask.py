@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from engine import chatmask as cm
-from stages.sft import mask_problems
+from engine.chatmask import mask_problems
 
 CHATML = (
     "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"

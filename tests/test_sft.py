@@ -12,7 +12,8 @@ from conftest import conv, write_jsonl
 from engine.errors import RecipeError, StageFailed
 from engine.executor import run
 from engine.recipe import load_recipe
-from stages.sft import fit, mask_problems, summary
+from engine.chatmask import mask_problems
+from stages.sft import fit, summary
 
 # --------------------------------------------------------------------------- length policies (fast)
 
