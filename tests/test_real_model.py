@@ -21,7 +21,7 @@ SMALL = [
     "stages.warmup.max_steps=1", "stages.warmup.batch_size=2", "stages.warmup.per_device_batch_size=2",
     "stages.warmup.lr=1e-5", "stages.warmup.max_length=384",
     "stages.chats.turns=2", "stages.chats.max_new_tokens=24",
-    "stages.revised.max_new_tokens=160",
+    "stages.revised.max_new_tokens=64",
     "stages.sft.max_steps=1", "stages.sft.batch_size=2", "stages.sft.per_device_batch_size=2",
     "stages.sft.lr=1e-5", "stages.sft.max_length=384",
     "stages.best_of_n.n=3", "stages.best_of_n.min_margin=0.01", "stages.best_of_n.max_new_tokens=24",
