@@ -2,17 +2,8 @@
 scorer specs and their validation, the scorer classes behind `make_scorer`, and the parsers of a
 judge's answers. Stages import this module; no stage imports another.
 
-Scorers:
-- llm: the pointwise template (`conversation`, `rubric`) asks for a final `Score: N` line
-  (1-10); the last such line is parsed. Unparseable answers are retried with a new seed,
-  then recorded as missing (None) and counted.
-- pairwise: the pairwise template (`context`, `response_a`, `response_b`, `principle`) is
-  asked in both orders to cancel position bias; the label is the share of the two verdicts
-  that prefer `chosen` (1.0, 0.5 when the orders disagree, 0.0).
-- reward_model: a sequence-classification head over the conversation; logit 0 is the score.
-- rules: the filter stage's rules as numbers (refusal, sycophancy ratio, filler, words).
-- function: a callable `f(row) -> float | None`: a builtin of engine/scorers.py (`math_answer`,
-  `reply_quality`) or one registered under the entry point group `recipe.scorers` (verifiers).
+The scorers (llm, pairwise, reward_model, rules, function) are described for users in the judge
+stage's docstring (stages/judge.py, which the recipe reference is generated from).
 
 A scorer is called with a Shard of rows and returns one {name: value, ...} dict per row; its
 random streams come from `ctx.seeds` by row id. torch and transformers are imported inside the
