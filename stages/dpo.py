@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import random
 import time
 from pathlib import Path
 from typing import Literal
@@ -36,6 +35,7 @@ from pydantic import Field
 
 from engine.config import ExecOnly, Ref, StageConfig
 from engine.errors import Problem
+from engine.pairs import unpaired
 from engine.training import (REWARD_KEYS, LengthReport, Lora, batch_problems, batch_split, chat_ids,
                              check_lora_targets, checkpoint_dir, fit_context, last_checkpoint, length_line,
                              load_weights, lora_config, mixture_line, mixture_problems, plot_loss, plot_rewards,
@@ -149,15 +149,6 @@ def fit_pairs(rows: list[dict], tok, config: Config) -> tuple[list[dict], Length
         if fitted is not None:
             out.append({"prompt": fitted, "chosen": chosen, "rejected": rejected})
     return out, report
-
-
-def unpaired(pairs: list[dict], seed: int) -> list[dict]:
-    """KTO's examples: each pair's chosen reply as desirable, its rejected reply as undesirable,
-    shuffled with the seed (KTO's KL term pairs each example with its neighbour's completion)."""
-    out = [{"prompt": p["prompt"], "completion": p[k], "label": k == "chosen"}
-           for p in pairs for k in ("chosen", "rejected")]
-    random.Random(f"{seed}:kto").shuffle(out)
-    return out
 
 
 # --------------------------------------------------------------------------- run

@@ -38,8 +38,6 @@ Template variables (template): context, response_a, response_b, principle, chain
 
 from __future__ import annotations
 
-import json
-from itertools import combinations
 from typing import Literal
 
 from pydantic import Field
@@ -47,8 +45,9 @@ from pydantic import Field
 from engine.backends import SamplingParams
 from engine.config import ExecOnly, Ref, StageConfig
 from engine.errors import Problem, RecipeError
-from engine.pairs import best_and_worst, no_output, pair_row, spot_check, spot_check_summary
-from engine.scoring import logprob_judgments, pairwise_label, parse_choice, soft_label
+from engine.pairs import (best_vs_worst_pairs, context_free_tasks, judged_pairs, no_output, pair_row, pairwise_tasks,
+                          revision_pairs, row_scores, spot_check, spot_check_summary)
+from engine.scoring import logprob_judgments, pairwise_label, parse_choice
 from engine.shards import Shard, ShardResult
 from engine.text import normalize
 
@@ -146,95 +145,26 @@ def check(name: str, config: Config, recipe) -> list[Problem]:
     return problems
 
 
-# --------------------------------------------------------------------------- shared helpers
-
-
-def source_id(row: dict) -> str:
-    """The prompt a sample came from: `meta.source_id`, else the id before a `#k` suffix."""
-    sid = (row.get("meta") or {}).get("source_id")
-    return str(sid) if sid is not None else str(row.get("id")).rsplit("#", 1)[0]
-
-
-def selected_turns(messages: list[dict], from_turn: int | None) -> list[int]:
-    """Message indices of the assistant turns to pair: the last one, or every one at
-    0-based assistant position `from_turn` or later."""
-    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    return turns[-1:] if from_turn is None else turns[from_turn:]
-
-
-def _meta_of(row: dict) -> dict:
-    return {k: v for k, v in (row.get("meta") or {}).items() if k not in ("critique_revise", "score_details")}
-
-
 # --------------------------------------------------------------------------- methods
 
 
-def _scores(row: dict) -> dict:
-    """A row's scores: the `scores` column a judge stage adds, else `meta.scores` (a dataset's column)."""
-    found = row.get("scores")
-    found = found if isinstance(found, dict) else (row.get("meta") or {}).get("scores")
-    return found if isinstance(found, dict) else {}
-
-
 def _best_vs_worst(config: Config, rows: list[dict], ctx) -> tuple[list[dict], dict]:
-    if not any(config.score in _scores(r) for r in rows):
+    if not any(config.score in row_scores(r) for r in rows):
         raise RecipeError.single(f"stage '{ctx.stage}': no input row has scores.{config.score}.",
                                  hint="best_vs_worst takes rows scored by a judge stage; set score to that "
                                       "judge's name.",
                                  **ctx.recipe.where(f"stages.{ctx.stage}.score"))
-    groups: dict[tuple, list[tuple[int, float]]] = {}
-    missing = 0
-    for i, r in enumerate(rows):
-        value = _scores(r).get(config.score)
-        if not isinstance(value, (int, float)):
-            missing += 1
-            continue
-        key = (source_id(r), json.dumps(r["messages"][:-1], sort_keys=True))
-        groups.setdefault(key, []).append((i, float(value)))
-    pairs, gaps = [], []
-    for (sid, _), scored in groups.items():
-        found = best_and_worst(scored, config.prefer)
-        if found is None:
-            continue
-        b, w, gap = found
-        gaps.append(gap)
-        if gap >= config.min_margin:
-            best, worst = rows[b], rows[w]
-            pairs.append(pair_row(sid, best["messages"][:-1], best["messages"][-1]["content"],
-                                  worst["messages"][-1]["content"],
-                                  {"method": "best_vs_worst", "source_id": sid, "chosen_id": best["id"],
-                                   "rejected_id": worst["id"], "score": config.score, "margin": gap,
-                                   "scores": {"chosen": dict(scored)[b], "rejected": dict(scored)[w]},
-                                   "source_meta": _meta_of(best)}))
+    pairs, stats = best_vs_worst_pairs(rows, config.score, config.prefer, config.min_margin)
     if not pairs:
         raise no_output(ctx, "min_margin", f"no group of samples has a score gap of at least min_margin = "
-                        f"{config.min_margin:g} (groups with two or more scored samples: {len(gaps)}, "
-                        f"largest gap: {max(gaps, default=0):g}).",
+                        f"{config.min_margin:g} (groups with two or more scored samples: "
+                        f"{stats['comparable_groups']}, largest gap: {stats['largest_gap']:g}).",
                         "Lower min_margin, or sample more replies per prompt (generate n).")
-    return pairs, {"groups": len(groups), "comparable_groups": len(gaps), "below_margin": len(gaps) - len(pairs),
-                   "missing_scores": missing}
+    return pairs, stats
 
 
 def _revision(config: Config, rows: list[dict], ctx) -> tuple[list[dict], dict]:
-    stats = {"rows_without_critique_revise": 0, "turns_not_selected": 0, "unchanged": 0}
-    pairs = []
-    for r in rows:
-        record = (r.get("meta") or {}).get("critique_revise")
-        if not record:
-            stats["rows_without_critique_revise"] += 1
-            continue
-        chosen_turns = set(selected_turns(r["messages"], config.from_turn))
-        for t in record["turns"]:
-            i = t["index"]
-            if i not in chosen_turns:
-                stats["turns_not_selected"] += 1
-            elif not t.get("final") or normalize(t["final"]) == normalize(t["original"]):
-                stats["unchanged"] += 1
-            else:
-                accepted = [h["principle"] for h in t.get("history", []) if h.get("accepted")]
-                pairs.append(pair_row(f"{r['id']}@{i}", r["messages"][:i], t["final"], t["original"],
-                                      {"method": "revision", "source_id": r["id"], "index": i,
-                                       "principles": accepted, "source_meta": _meta_of(r)}))
+    pairs, stats = revision_pairs(rows, config.from_turn)
     if stats["rows_without_critique_revise"] == len(rows):
         raise RecipeError.single(f"stage '{ctx.stage}': no input row has meta.critique_revise.",
                                  hint="Method 'revision' takes the output of a critique_revise stage.",
@@ -250,15 +180,7 @@ def _revision(config: Config, rows: list[dict], ctx) -> tuple[list[dict], dict]:
 
 
 def _context_negative(config: Config, rows: list[dict], inputs, ctx) -> tuple[list[dict], dict]:
-    tasks, first_turns = [], 0
-    for r in rows:
-        system = [m for m in r["messages"][:1] if m["role"] == "system"]
-        for i in selected_turns(r["messages"], config.from_turn):
-            if not any(m["role"] == "assistant" for m in r["messages"][:i]):
-                first_turns += 1  # nothing earlier to ignore
-                continue
-            tasks.append({"id": f"{r['id']}@{i}", "source_id": r["id"], "index": i, "prompt": r["messages"][:i],
-                          "bare": system + [r["messages"][i - 1]], "chosen": r["messages"][i]["content"]})
+    tasks, first_turns = context_free_tasks(rows, config.from_turn)
     if not tasks:
         raise no_output(ctx, "from_turn", f"no selected assistant turn has earlier turns ({first_turns} are first "
                         "turns).",
@@ -276,43 +198,23 @@ def _context_negative(config: Config, rows: list[dict], inputs, ctx) -> tuple[li
         done, _ = ctx.shards.map(tasks, per_shard, shard_size=config.shard_size, desc="context-free replies")
     finally:
         backend.close()
-    pairs, same = [], 0
-    for t in done:
-        if not t["negative"] or normalize(t["negative"]) == normalize(t["chosen"]):
-            same += 1
-            continue
-        pairs.append(pair_row(t["id"], t["prompt"], t["chosen"], t["negative"],
-                              {"method": "context_negative", "source_id": t["source_id"], "index": t["index"],
-                               "model": inputs["model"].name, "finish": t["finish"]}))
+    pairs = [pair_row(t["id"], t["prompt"], t["chosen"], t["negative"],
+                      {"method": "context_negative", "source_id": t["source_id"], "index": t["index"],
+                       "model": inputs["model"].name, "finish": t["finish"]})
+             for t in done if t["negative"] and normalize(t["negative"]) != normalize(t["chosen"])]
+    same = len(done) - len(pairs)
     if not pairs:
         raise no_output(ctx, "model", f"every context-free reply was empty or equal to the real turn ({same}).",
                         "Use a model that writes non-empty replies, or raise max_new_tokens.")
     return pairs, {"first_turns_skipped": first_turns, "negatives_empty_or_same": same}
 
 
-def _pairwise_tasks(config: Config, rows: list[dict], constitution, seed: int) -> list[dict]:
-    groups: dict[tuple, list[tuple[str, str]]] = {}
-    for r in rows:
-        for i in selected_turns(r["messages"], config.from_turn):
-            key = (source_id(r), i, json.dumps(r["messages"][:i], sort_keys=True))
-            members = groups.setdefault(key, [])
-            text = r["messages"][i]["content"]
-            if all(normalize(text) != normalize(t) for _, t in members):  # identical replies: nothing to compare
-                members.append((str(r["id"]), text))
-    tasks = []
-    for (sid, i, context), members in groups.items():
-        for (a_id, a), (b_id, b) in combinations(members, 2):
-            p = constitution.draw(seed, "pairwise_judge", sid, i, a_id, b_id)
-            tasks.append({"id": f"{a_id}|{b_id}@{i}", "source_id": sid, "index": i, "prompt": json.loads(context),
-                          "a_id": a_id, "a": a, "b_id": b_id, "b": b, "principle": p.id, "question": p.comparison})
-    return tasks
-
-
 def _pairwise_judge(config: Config, rows: list[dict], inputs, ctx) -> tuple[list[dict], dict]:
     from engine.constitution import load_for_stage
 
     constitution = load_for_stage(config.constitution, ctx.recipe, ctx.stage)
-    tasks = _pairwise_tasks(config, rows, constitution, ctx.seed)
+    tasks = pairwise_tasks(rows, config.from_turn,
+                           lambda *key: constitution.draw(ctx.seed, "pairwise_judge", *key))
     if not tasks:
         raise RecipeError.single(
             f"stage '{ctx.stage}': no two distinct replies share a source and a context to compare.",
@@ -345,21 +247,7 @@ def _pairwise_judge(config: Config, rows: list[dict], inputs, ctx) -> tuple[list
     if not parsed:
         raise RuntimeError(f"no answer of the judge could be parsed ({len(judged)} pairs, both orders); the last "
                            f"answer was {judged[-1]['answers'][-1][-200:]!r}; check the template and the model")
-    pairs = []
-    for t in parsed:
-        p = t["label_a"]
-        confidence = abs(p - 0.5) * 2
-        if p == 0.5 or confidence < config.threshold:
-            continue
-        a_wins = p > 0.5
-        chosen, rejected = ("a", "b") if a_wins else ("b", "a")
-        raw = p if a_wins else 1 - p
-        pairs.append(pair_row(t["id"], t["prompt"], t[chosen], t[rejected], {
-            "method": "pairwise_judge", "source_id": t["source_id"], "index": t["index"],
-            "chosen_id": t[f"{chosen}_id"], "rejected_id": t[f"{rejected}_id"], "principle": t["principle"],
-            "label": soft_label(raw, config.chain_of_thought), "raw_label": raw, "confidence": confidence,
-            "chain_of_thought": config.chain_of_thought,
-            "verdicts": {"a": t["a_id"], "a_first": t["a_first"], "b_first": t["b_first"]}}))
+    pairs = judged_pairs(parsed, config.threshold, config.chain_of_thought)
     votes = [v for t in judged for v in t["a_first"] + t["b_first"] if v]
     stats = {"compared": len(judged), "unparsed": len(judged) - len(parsed),
              "ties": sum(1 for t in parsed if t["label_a"] == 0.5),

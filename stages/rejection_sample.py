@@ -34,9 +34,10 @@ from pydantic import Field
 from engine.backends import SamplingParams
 from engine.config import ExecOnly, Ref, StageConfig
 from engine.errors import Problem
-from engine.shards import Shard, ShardResult
 from engine.pairs import best_and_worst, no_output, pair_row, prompt_messages, spot_check, spot_check_summary
 from engine.scoring import ScorerSpec, make_scorer, scorer_problems, template_name
+from engine.shards import Shard, ShardResult
+from engine.stats import mean, score_stats
 
 VERSION = 1
 GIVES = "conversations"  # or preferences: see gives()
@@ -146,34 +147,8 @@ def keep(values: list[float | None], config: Config) -> list[int]:
     return [k for k in ranked if passes(values[k], config)]
 
 
-def _quantile(sorted_values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    pos = (len(sorted_values) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
-def score_stats(values: list[float]) -> dict:
-    """Mean, std, min, max, quantiles and a histogram (edges, counts) of the scores."""
-    import numpy as np
-
-    vals = sorted(values)
-    mean = sum(vals) / len(vals)
-    bins = max(1, min(20, len(set(vals))))
-    counts, edges = np.histogram(vals, bins=bins)
-    return {"n": len(vals), "mean": mean, "std": (sum((v - mean) ** 2 for v in vals) / len(vals)) ** 0.5,
-            "min": vals[0], "max": vals[-1],
-            "quantiles": {f"p{int(q * 100)}": _quantile(vals, q) for q in (0.1, 0.25, 0.5, 0.75, 0.9)},
-            "histogram": {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}}
-
-
 def _scored(sample: dict) -> list[tuple[int, float]]:
     return [(k, v) for k, v in enumerate(sample["scores"]) if v is not None]
-
-
-def _mean(xs: list[float]) -> float | None:
-    return sum(xs) / len(xs) if xs else None
 
 
 # --------------------------------------------------------------------------- the stage
@@ -251,8 +226,8 @@ def run(config: Config, inputs, ctx) -> None:
               "missing": missing, "scorer": config.scorer, "score": key, "prefer": config.prefer,
               "select": config.select, "top_k": config.top_k, "threshold": config.threshold, "output": config.output,
               "rows_out": len(out), "scores": numbers,
-              "per_prompt": {"prompts_with_two_scores": len(best), "best_mean": _mean(best), "worst_mean": _mean(worst),
-                             "gap_mean": _mean([abs(b - w) for b, w in zip(best, worst)])},
+              "per_prompt": {"prompts_with_two_scores": len(best), "best_mean": mean(best), "worst_mean": mean(worst),
+                             "gap_mean": mean([abs(b - w) for b, w in zip(best, worst)])},
               **extra}
     ctx.save_json("report.json", report)
 
@@ -273,7 +248,7 @@ def _kept(config: Config, samples: list[dict], ctx) -> tuple[list[dict], dict]:
         raise no_output(ctx, "threshold", f"no sample reached threshold = {config.threshold:g} (best score seen: "
                         f"{best:g}).", "Loosen threshold, raise n, or use a stronger policy.", made="kept no samples")
     return out, {"kept": len(out), "prompts_with_kept": len({r["meta"]["source_id"] for r in out}),
-                 "kept_mean": _mean([r["scores"][score_key(config)] for r in out])}
+                 "kept_mean": mean([r["scores"][score_key(config)] for r in out])}
 
 
 def _pairs(config: Config, samples: list[dict], ctx) -> tuple[list[dict], dict]:

@@ -20,7 +20,7 @@ from engine.constitution import load_constitution
 from engine.executor import make_plan, run
 from engine.recipe import load_recipe
 from engine.rows import read_rows
-from stages.critique_revise import assess_revision, selected_positions, strip_preamble
+from engine.revisions import assess_revision, selected_positions, strip_preamble
 
 SHORT = ROOT / "recipes" / "constitutions" / "short.toml"
 

@@ -12,7 +12,8 @@ from conftest import conv, write_jsonl
 from engine.errors import RecipeError, StageFailed
 from engine.executor import run
 from engine.recipe import load_recipe
-from stages.dpo import fit_pairs, summary, unpaired
+from engine.pairs import unpaired
+from stages.dpo import fit_pairs, summary
 
 
 def pair(i: int, turns: int = 1) -> dict:

@@ -26,7 +26,7 @@ from engine.recipe import load_recipe
 from engine.rows import read_rows
 from engine.pairs import best_and_worst
 from engine.scoring import logprob_judgments, pairwise_label, parse_choice, soft_label
-from stages.preferences import selected_turns
+from engine.pairs import selected_turns
 
 CONSTITUTION = Path(__file__).resolve().parent.parent / "recipes" / "constitutions" / "short.toml"
 

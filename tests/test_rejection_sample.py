@@ -22,7 +22,8 @@ from engine.executor import run
 from engine.recipe import load_recipe
 from engine.rows import read_rows
 from engine.text import word_count
-from stages.rejection_sample import Config, keep, score_stats
+from engine.stats import score_stats
+from stages.rejection_sample import Config, keep
 
 
 def replies_for(question: str, n: int) -> list[str]:

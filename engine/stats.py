@@ -1,0 +1,64 @@
+"""Small statistics the stages and the report share: the mean, quantiles and histogram of
+scores, and 95% intervals for rates (Wilson score intervals, which stay inside 0..1 and behave
+at 0 and n successes where the normal approximation does not)."""
+
+from __future__ import annotations
+
+import math
+
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
+
+
+def mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def quantile(sorted_values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    pos = (len(sorted_values) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def score_stats(values: list[float]) -> dict:
+    """Mean, std, min, max, quantiles and a histogram (edges, counts) of the scores."""
+    import numpy as np
+
+    vals = sorted(values)
+    mean = sum(vals) / len(vals)
+    bins = max(1, min(20, len(set(vals))))
+    counts, edges = np.histogram(vals, bins=bins)
+    return {"n": len(vals), "mean": mean, "std": (sum((v - mean) ** 2 for v in vals) / len(vals)) ** 0.5,
+            "min": vals[0], "max": vals[-1],
+            "quantiles": {f"p{int(q * 100)}": quantile(vals, q) for q in (0.1, 0.25, 0.5, 0.75, 0.9)},
+            "histogram": {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}}
+
+
+
+
+def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float] | None:
+    """The Wilson score interval of a binomial rate (95% by default); None when n is 0."""
+    if n <= 0:
+        return None
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def rate(successes: int, n: int) -> dict:
+    """A rate with its count and 95% Wilson interval: {"rate", "k", "n", "ci"} (rate and ci None when n is 0)."""
+    ci = wilson(successes, n)
+    return {"rate": successes / n if n else None, "k": successes, "n": n, "ci": list(ci) if ci else None}
+
+
+def two_proportion_z(k1: int, n1: int, k2: int, n2: int) -> float | None:
+    """z of the difference k2/n2 - k1/n1 under the pooled null (None if undefined): |z| > 1.96 is
+    outside the noise at 95% for two independent samples."""
+    if not n1 or not n2:
+        return None
+    pooled = (k1 + k2) / (n1 + n2)
+    se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+    diff = k2 / n2 - k1 / n1
+    return 0.0 if se == 0 and diff == 0 else (math.copysign(math.inf, diff) if se == 0 else diff / se)
