@@ -610,6 +610,19 @@ def metric_table(per_model: dict[str, dict], judged: bool,
         spec.append((f"safety: refusal from harmful turn ({d})", lambda m, d=d: m["safety"]["refusal_from_harmful"][d]))
     spec.append(("safety: refusal before harmful turn (phrases)",
                  lambda m: m["safety"]["refusal_before_harmful"]["phrases"]))
+    # rates with a 95% interval (engine/evalstats.py): the label's value gets "[lo, hi]" beside it
+    with_ci = {"safety: refusal from harmful turn (phrases)": "safety_refusal_from_harmful",
+               "safety: refusal from harmful turn (judge)": "safety_refusal_from_harmful_judge",
+               "safety: refusal before harmful turn (phrases)": "safety_refusal_before_harmful",
+               "safety: harmful replies from harmful turn (judge)": "safety_harm_from_harmful_judge",
+               "refusal rate, adversarial (phrases)": "adversarial_refusal",
+               "over-refusal rate, benign (phrases)": "benign_over_refusal",
+               "refusal rate, adversarial (judge)": "adversarial_refusal_judge",
+               "over-refusal rate, benign (judge)": "benign_over_refusal_judge",
+               "sycophancy: initial accuracy": "sycophancy_initial_accuracy",
+               "sycophancy: flip rate": "sycophancy_flip",
+               "sycophancy: apology rate": "sycophancy_apology",
+               "sycophancy: final accuracy": "sycophancy_final_accuracy"}
     if judged:
         spec.append(("safety: harmful replies from harmful turn (judge)", lambda m: m["safety"]["harm_from_harmful"]))
     for d in detectors:
@@ -631,12 +644,15 @@ def metric_table(per_model: dict[str, dict], judged: bool,
     absent = object()  # the suite did not run for this model: no row, unlike a measured n/a
     table = []
     for label, get in spec:
-        values = []
+        values, cis = [], []
         for m in per_model.values():
             try:
                 values.append(get(m))
             except (KeyError, TypeError):
                 values.append(absent)
+            cis.append(((m.get("headline") or {}).get(with_ci.get(label)) or {}).get("ci"))
         if any(v is not absent for v in values):
-            table.append((label, [fmt(None if v is absent else v) for v in values]))
+            table.append((label, [fmt(None if v is absent else v) + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci and
+                                                                    isinstance(v, float) else "")
+                                  for v, ci in zip(values, cis)]))
     return table

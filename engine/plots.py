@@ -35,14 +35,20 @@ def _save(fig, path: str | Path | None) -> bytes:
 
 
 def lines(path: str | Path | None, series: dict[str, tuple[Sequence[float], Sequence[float]]], *,
-          title: str = "", xlabel: str = "step", ylabel: str = "", marker: str | None = None) -> bytes:
-    """One line per series name -> (xs, ys). Returns the PNG bytes (and writes `path` if given)."""
+          title: str = "", xlabel: str = "step", ylabel: str = "", marker: str | None = None,
+          bands: dict[str, Sequence[Sequence[float] | None]] | None = None) -> bytes:
+    """One line per series name -> (xs, ys); `bands` (name -> one (low, high) per x, e.g. 95%
+    intervals) are shaded around their line. Returns the PNG bytes (and writes `path` if given)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for name, (xs, ys) in series.items():
         pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, marker=marker)
+            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, marker=marker)
+            band = [(x, b) for x, b in zip(xs, (bands or {}).get(name) or []) if b is not None]
+            if band:
+                ax.fill_between([x for x, _ in band], [b[0] for _, b in band], [b[1] for _, b in band],
+                                color=line.get_color(), alpha=0.15, linewidth=0)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

@@ -7,8 +7,10 @@ file is escaped in both renderings.
 
 `write_run_report(run_dir)` builds `runs/<recipe>/<run-id>/report.{md,html}` from the run
 record (`record.json`) and the stage entries linked under `stages/`: the data funnel, the
-training curves of sft/dpo stages, the eval results (per-turn refusal curves, metric bars,
-composite, example conversations), and an honest note on what the run can show. It works
+training curves of sft/dpo stages, critique -> revision examples with the share of revisions
+that changed anything, the eval results (headline rates with 95% intervals and the differences
+outside the noise, per-turn refusal curves, metric bars, composite, example conversations), and
+an honest note on what the run can show. It works
 with any subset of stages. matplotlib is imported inside engine/plots.py's functions only.
 """
 
@@ -187,8 +189,11 @@ def eval_blocks(metrics: dict, rows: list[dict], prefix: str = "", level: int = 
         f"Models compared: {', '.join(names)} (first = base, last = final). Judge: "
         f"{metrics.get('judge') or 'none (refusal by phrases only; helpfulness n/a)'}. Items per suite: "
         + ", ".join(f"{s} {n}" for s, n in metrics.get("items", {}).items()) + ".")]
+    blocks += glance_blocks(metrics)
     blocks.append(Table(["metric", *names],
                         [[label, *values] for label, values in metric_table(per_model, judged, names)]))
+    blocks.append(Para("Rates carry 95% intervals in brackets: Wilson intervals for independent prompts, a "
+                       "bootstrap over conversations for the multi-turn safety rates."))
     composites = {n: per_model[n]["composite"] for n in names}
     blocks.append(Bullets([f"{n}: composite {fmt(c['value'])} = {c['label']}"
                            + (f"; safety part from the {c['safety_detector']} detector"
@@ -212,10 +217,14 @@ def eval_blocks(metrics: dict, rows: list[dict], prefix: str = "", level: int = 
                        ("harm_judge", "harmful replies per turn (judge)")]
         for key, title in curves:
             series = {n: (list(range(1, len(s["per_turn"][key]) + 1)), s["per_turn"][key]) for n, s in safety.items()}
+            bands = {n: [t["ci"] for t in per_model[n].get("safety_per_turn") or []] for n in safety} \
+                if key == "refusal_phrases" else None
             if any(v is not None for _, ys in series.values() for v in ys):
                 blocks.append(Image(f"{p}{key}_per_turn.png", plots.lines(None, series, title=title, xlabel="user turn",
-                                                                          ylabel="share of scenarios", marker="o"),
-                                    f"{title}, one line per model"))
+                                                                          ylabel="share of scenarios", marker="o",
+                                                                          bands=bands),
+                                    f"{title}, one line per model" + (", shaded: 95% Wilson interval per turn"
+                                                                      if bands else "")))
         first = next(iter(safety.values()))
         blocks.append(Para("Scenarios per turn: " + ", ".join(str(n) for n in first["per_turn"]["n"])
                            + ". The refusal rate from harmful_from on pools every turn at or after the first "
@@ -238,6 +247,34 @@ def eval_blocks(metrics: dict, rows: list[dict], prefix: str = "", level: int = 
                             "(see the table for n/a)."))
     blocks += example_blocks(rows, names, level + 1)
     return blocks
+
+
+def glance_blocks(metrics: dict) -> list[Block]:
+    """The headline rates of every model with their 95% intervals, and the difference of each later
+    model from the first (paired bootstrap), marked where it is outside the noise."""
+    from .evalstats import HEADLINE, fmt_difference, fmt_rate
+
+    names, per_model = metrics["models"], metrics["per_model"]
+    heads = {n: per_model[n].get("headline") or {} for n in names}
+    keys = [k for k in HEADLINE if any(k in h for h in heads.values())]
+    if not keys:
+        return []
+    base, later = names[0], names[1:]
+    comparisons = metrics.get("comparisons") or {}
+    labels = {"adversarial_refusal": "refusal, adversarial prompts (higher is better)",
+              "benign_over_refusal": "over-refusal, benign prompts (lower is better)",
+              "safety_refusal_from_harmful": "multi-turn: refusal from the harmful turn on (higher is better)",
+              "safety_refusal_before_harmful": "multi-turn: refusal before the harmful turn (lower is better)",
+              "sycophancy_flip": "sycophancy: flip rate under pushback (lower is better)"}
+    rows = [[labels[k], *[fmt_rate(heads[n].get(k)) for n in names],
+             *[fmt_difference((comparisons.get(n) or {}).get(k)) for n in later]] for k in keys]
+    outside = [f"{labels[k].split(' (')[0]} ({n})" for n in later for k in keys
+               if ((comparisons.get(n) or {}).get(k) or {}).get("outside_noise")]
+    return [Heading("At a glance", 3),
+            Table(["rate (phrase detector)", *names, *[f"{n} - {base}" for n in later]], rows),
+            Para("Differences are paired over the same prompts, with 95% bootstrap intervals; * marks a difference "
+                 "whose interval excludes 0 (outside the noise): "
+                 + (", ".join(outside) if outside else "none") + ".")]
 
 
 def _bar_groups(per_model: dict, names: list[str], judged: bool) -> list[tuple[str, list[float | None]]]:
@@ -274,13 +311,15 @@ def example_blocks(rows: list[dict], names: list[str], level: int = 3) -> list[B
         return []
     base, final = names[0], names[-1]
     index = {(r["model"], r["suite"], r["item_id"]): r for r in rows}
-    suites = ["safety", "helpfulness" if any(r["suite"] == "helpfulness" for r in rows) else "sycophancy"]
+    suites = ["safety", "refusal", "helpfulness" if any(r["suite"] == "helpfulness" for r in rows) else "sycophancy"]
     blocks: list[Block] = []
     for suite in suites:
-        item = next((r["item_id"] for r in rows if r["suite"] == suite and r["model"] == base
-                     and (final, suite, r["item_id"]) in index), None)
-        if item is None:
+        items = [r["item_id"] for r in rows if r["suite"] == suite and r["model"] == base
+                 and (final, suite, r["item_id"]) in index]
+        if not items:
             continue
+        # the item where base and final differ most in refusing (the first item when none differ)
+        item = max(items, key=lambda i: _refusals(index[(final, suite, i)]) - _refusals(index[(base, suite, i)]))
         a, b = index[(base, suite, item)], index[(final, suite, item)]
         cols = [base] if base == final else [base, final]
         blocks.append(Heading(f"Example conversation: {suite} item {item}"
@@ -299,6 +338,17 @@ def example_blocks(rows: list[dict], names: list[str], level: int = 3) -> list[B
             table_rows.append([str(t + 1), _cut(ua), *replies])
         blocks.append(Table(["turn", "user", *[f"{c} reply" for c in cols]], table_rows))
     return blocks
+
+
+def _refusals(row: dict) -> int:
+    """Refused replies (phrase detector) where refusing is right: from the harmful turn on, or an
+    adversarial prompt; 0 for other suites."""
+    meta = row.get("meta") or {}
+    if row["suite"] == "safety":
+        return sum(bool(t["refusal_phrases"]) for t in meta.get("turns", [])[meta.get("harmful_from", 0):])
+    if row["suite"] == "refusal" and meta.get("label") == "adversarial":
+        return int(bool(meta.get("refusal_phrases")))
+    return 0
 
 
 def _exchanges(row: dict) -> list[tuple[str, str]]:
@@ -322,6 +372,8 @@ def _flags(row: dict, t: int) -> str:
         if turn.get("harm_judge") is not None:
             parts.append(f"harmful: {'yes' if turn['harm_judge'] else 'no'}")
         return ", ".join(parts)
+    if row["suite"] == "refusal":
+        return f"{meta.get('label', '')} prompt; refusal by phrases: {'yes' if meta.get('refusal_phrases') else 'no'}"
     if row["suite"] == "sycophancy" and t < len(meta.get("correct", [])):
         return "correct" if meta["correct"][t] else "not correct"
     if row["suite"] == "helpfulness" and t == len(_exchanges(row)) - 1 and meta.get("score") is not None:
@@ -469,6 +521,9 @@ def run_blocks(run_dir: Path) -> tuple[str, list[Block]]:
         for name, kind in trained:
             blocks += training_blocks(name, kind, entry(name))
     for name, s in stages.items():
+        if s.get("kind") == "critique_revise" and entry(name):
+            blocks += revision_blocks(name, entry(name))
+    for name, s in stages.items():
         path = entry(name)
         metrics = _json(path / "metrics.json") if path else None
         if not (isinstance(metrics, dict) and "per_model" in metrics):
@@ -478,6 +533,29 @@ def run_blocks(run_dir: Path) -> tuple[str, list[Block]]:
     if not any(isinstance(b, Heading) and b.text.startswith("Eval") for b in blocks):
         blocks.append(Para("This run has no eval stage: the report shows the data funnel and training only."))
     return title, blocks
+
+
+def revision_blocks(name: str, entry: Path, examples: int = 3) -> list[Block]:
+    """A critique_revise stage: the share of revisions that changed the reply, and a few
+    critique -> revision examples with their principle (changed ones first)."""
+    report = _json(entry / "report.json") or {}
+    rows = read_rows(entry / "rows.parquet") if (entry / "rows.parquet").exists() else []
+    selected, revised = report.get("turns_selected", 0), report.get("turns_revised", 0)
+    share = f"{revised / selected:.0%}" if selected else "n/a"
+    blocks: list[Block] = [Heading(f"Critique and revision: {name}"), Para(
+        f"{revised} of {selected} selected assistant turns were changed by their revision ({share}); the others kept "
+        "their original text (a revision is rejected when empty, runaway, cut at max_new_tokens or unchanged: "
+        + ", ".join(f"{k} {v}" for k, v in ((report.get("revisions") or {}).get("rejected") or {}).items() if v)
+        + "). With a small model as its own critic, expect few useful changes: the share above is the measure.")]
+    steps = [(h, t) for r in rows for t in ((r.get("meta") or {}).get("critique_revise") or {}).get("turns", [])
+             for h in t.get("history", [])]
+    steps.sort(key=lambda ht: not ht[0].get("accepted"))  # accepted revisions first, stable otherwise
+    if steps:
+        blocks.append(Table(["principle", "original reply", "critique", "revision", "outcome"],
+                            [[h["principle"], _cut(t["original"], 300), _cut(h["critique"], 300),
+                              _cut(h["revision"], 300), "accepted" if h.get("accepted") else f"rejected: {h['reason']}"]
+                             for h, t in steps[:examples]]))
+    return blocks
 
 
 def write_run_report(run_dir: Path) -> list[Path]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from engine import scorers, text
 from engine.backends import SamplingParams
 from engine.errors import Problem
+from engine.rewards import RewardRules, expected_of, last_reply, reward
 from engine.shards import Shard
 
 SCORER_GROUP = scorers.GROUP
@@ -31,7 +32,7 @@ VERDICT_LINE = re.compile(r"^\s*\**verdict\**\s*[:=]\s*\**\s*([AB])\b", re.IGNOR
 class ScorerSpec:
     """What `make_scorer` needs; the judge stage's Config has the same fields and serves as one."""
 
-    scorer: str  # llm | pairwise | reward_model | rules | function
+    scorer: str  # llm | pairwise | reward_model | rules | rule_reward | function
     name: str = "score"
     template: str | None = None
     rubric: str | None = None
@@ -41,6 +42,7 @@ class ScorerSpec:
     max_new_tokens: int = 256
     temperature: float = 0.0
     batch_size: int = 64
+    rewards: RewardRules | None = None
 
 
 TEMPLATE_VARS = {"llm": ("judge_pointwise.j2", {"conversation", "rubric"}),
@@ -80,6 +82,15 @@ def scorer_problems(name: str, spec: ScorerSpec, recipe, *, model: str | None,
                     f"dataset '{input}' has one.",
                     hint=f"Add a '{column}' column to the data, or map one: columns = {{ {column} = \"...\" }} in "
                          f"[datasets.{input}].", **where("function")))
+    if spec.scorer == "rule_reward":
+        rules = spec.rewards or RewardRules()
+        rows = recipe.dataset_rows(input) if input else None
+        if rules.behaviour > 0 and rows and not any(expected_of(r, rules) for r in rows):
+            problems.append(Problem(
+                f"scorer 'rule_reward' reads what each reply should do from the column '{rules.expected}' "
+                f"(\"refuse\" or \"comply\"), and no row of dataset '{input}' has one.",
+                hint="Add the column to the data, set rewards.expected to the column that has it, or set "
+                     "rewards.behaviour = 0 to score by the other rules alone.", **where("scorer")))
     if spec.scorer in TEMPLATE_VARS:
         from engine.templates import Templates
 
@@ -218,6 +229,20 @@ class _Rules:
         pass
 
 
+class _RuleReward(_Rules):
+    """Rule-based rewards (engine/rewards.py) over each row's last assistant reply."""
+
+    def __init__(self, name: str, rules: RewardRules) -> None:
+        self.name, self.rules = name, rules
+
+    def __call__(self, shard: Shard) -> list[dict]:
+        out = []
+        for r in shard.rows:
+            found = reward(last_reply(r), expected_of(r, self.rules), self.rules)
+            out.append({self.name: found.pop("score"), **{f"{self.name}.{k}": v for k, v in found.items()}})
+        return out
+
+
 class _Function(_Rules):
     def __init__(self, name: str, function: str) -> None:
         self.name, self.fn = name, scorers.resolve(function)
@@ -239,6 +264,8 @@ def make_scorer(spec: ScorerSpec, model, ctx, *, backend=None):
         return _RewardModel(spec, model, ctx)
     if spec.scorer == "rules":
         return _Rules(spec.name)
+    if spec.scorer == "rule_reward":
+        return _RuleReward(spec.name, spec.rewards or RewardRules())
     return _Function(spec.name, spec.function)
 
 

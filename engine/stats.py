@@ -44,7 +44,9 @@ def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float] | None
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # exact at the ends (k = 0, k = n), where rounding would leave the rate a hair outside
+    return (0.0 if successes == 0 else min(p, max(0.0, centre - half)),
+            1.0 if successes == n else max(p, min(1.0, centre + half)))
 
 
 def rate(successes: int, n: int) -> dict:
@@ -62,3 +64,51 @@ def two_proportion_z(k1: int, n1: int, k2: int, n2: int) -> float | None:
     se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
     diff = k2 / n2 - k1 / n1
     return 0.0 if se == 0 and diff == 0 else (math.copysign(math.inf, diff) if se == 0 else diff / se)
+
+
+def pooled_rate(clusters: list[list[bool]]) -> float | None:
+    """The share of True over every flag of every cluster; None with no flags."""
+    n = sum(len(c) for c in clusters)
+    return sum(sum(c) for c in clusters) / n if n else None
+
+
+def _resample(n: int, rng) -> list[int]:
+    return [rng.randrange(n) for _ in range(n)]
+
+
+def bootstrap_ci(clusters: list[list[bool]], seed: int = 0, resamples: int = 2000) -> tuple[float, float] | None:
+    """A 95% percentile bootstrap interval of `pooled_rate`, resampling whole clusters (e.g. the
+    turns of one conversation together: they are not independent of each other)."""
+    import random
+
+    if not any(clusters):
+        return None
+    rng = random.Random(seed)
+    draws = sorted(r for r in (pooled_rate([clusters[i] for i in _resample(len(clusters), rng)])
+                               for _ in range(resamples)) if r is not None)
+    return quantile(draws, 0.025), quantile(draws, 0.975)
+
+
+def paired_difference(base: list[list[bool]], other: list[list[bool]], seed: int = 0,
+                      resamples: int = 2000) -> dict | None:
+    """other's pooled rate minus base's on the same items (cluster i of each is the same item or
+    conversation), with a 95% paired bootstrap interval: resampling items keeps each pair
+    together, which is tighter and more honest than comparing two separate intervals.
+    `outside_noise` is True when the interval excludes 0. None when either rate is undefined."""
+    import random
+
+    if len(base) != len(other):
+        raise ValueError(f"paired items differ in number: {len(base)} and {len(other)}")
+    a, b = pooled_rate(base), pooled_rate(other)
+    if a is None or b is None:
+        return None
+    rng = random.Random(seed)
+    diffs = []
+    for _ in range(resamples):
+        idx = _resample(len(base), rng)
+        ra, rb = pooled_rate([base[i] for i in idx]), pooled_rate([other[i] for i in idx])
+        if ra is not None and rb is not None:
+            diffs.append(rb - ra)
+    diffs.sort()
+    lo, hi = quantile(diffs, 0.025), quantile(diffs, 0.975)
+    return {"difference": b - a, "ci": [lo, hi], "outside_noise": lo > 0 or hi < 0}

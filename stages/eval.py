@@ -33,6 +33,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from engine import evalstats
 from engine import evalsuites as ev
 from engine.backends import SamplingParams
 from engine.config import ExecOnly, PathField, Ref, StageConfig
@@ -257,13 +258,19 @@ def run(config: Config, inputs, ctx) -> None:
     per_model = {m.name: ev.model_metrics([r for r in rows if r["model"] == m.name], suites, judged,
                                           "n/a (openai backend: no token log-probabilities)" if _is_remote(m) else None)
                  for m in models}
+    of = {n: [r for r in rows if r["model"] == n] for n in names}
+    for n in names:  # 95% intervals of the headline rates; differences against the first model
+        per_model[n]["headline"] = evalstats.headline(of[n], ctx.seed)
+        per_model[n]["safety_per_turn"] = evalstats.per_turn(of[n])
+    comparisons = {n: evalstats.compare(of[names[0]], of[n], ctx.seed) for n in names[1:]}
     missing = _judge_missing(rows) if judged else {}
     asked = _judge_asked(rows) if judged else 0
     if asked and sum(missing.values()):
         ctx.warn(f"{sum(missing.values())} of {asked} judge answers could not be parsed (recorded as n/a): "
                  + ", ".join(f"{k} {v}" for k, v in missing.items() if v))
     metrics = {"models": names, "judge": judge_model.name if judged else None, "suites": suites,
-               "items": {s: len(items[s]) for s in suites}, "judge_missing": missing, "per_model": per_model}
+               "items": {s: len(items[s]) for s in suites}, "judge_missing": missing, "per_model": per_model,
+               "baseline": names[0], "comparisons": comparisons}
     ctx.save_rows(rows)
     ctx.save_json("metrics.json", metrics)
     tiny = any(m.spec is not None and m.spec.path == "builtin:tiny-chat" for m in models) or any(
@@ -273,6 +280,9 @@ def run(config: Config, inputs, ctx) -> None:
         "models": names, "judge": metrics["judge"], "suites": suites, "items": metrics["items"], "rows_out": len(rows),
         "table": ev.metric_table(per_model, judged, names),
         "composite": {n: per_model[n]["composite"] for n in names}, "judge_missing": missing,
+        "headline": {n: per_model[n]["headline"] for n in names}, "baseline": names[0],
+        "differences": [(k, [evalstats.fmt_difference(comparisons[n].get(k)) for n in names[1:]])
+                        for k in evalstats.HEADLINE if any(k in comparisons[n] for n in names[1:])],
         "files": [str(p.relative_to(ctx.out_dir)) for p in written]})
 
 
@@ -315,6 +325,10 @@ def summary(report: dict) -> list[tuple[str, str]]:
 
     out = [("models", line(names))]
     out += [(label, line(values)) for label, values in report["table"]]
+    if report.get("differences"):
+        out.append((f"difference from {report['baseline']} (95% paired bootstrap; * outside the noise)",
+                    "  ".join(names[1:])))
+        out += [(f"  {k.replace('_', ' ')}", "  ".join(v)) for k, v in report["differences"]]
     out.append(("items per suite", ", ".join(f"{s} {n}" for s, n in report["items"].items())))
     out.append(("judge", report["judge"] or "none (phrases only; helpfulness n/a)"))
     return out

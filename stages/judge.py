@@ -13,6 +13,10 @@ Scorers:
   token probabilities yet, so labels come from the parsed verdicts.
 - reward_model: a sequence-classification head over the conversation; logit 0 is the score.
 - rules: the filter stage's rules as numbers (refusal, sycophancy ratio, filler, words).
+- rule_reward: rule-based rewards (engine/rewards.py), the `rewards` table: whether the reply
+  does what the row's `expected` column says ("refuse" or "comply", by the refusal detector the
+  eval counts with), length bounds, forbidden and required phrases, combined into a score in
+  0..1 (the weighted share of the rules that hold); each rule's outcome is kept beside it.
 - function: a callable `f(row) -> float | None`: a builtin of engine/scorers.py (`math_answer`)
   or one registered under the entry point group `recipe.scorers` (verifiers).
 
@@ -28,15 +32,18 @@ from pydantic import Field
 
 from engine.config import ExecOnly, Ref, StageConfig
 from engine.errors import Problem
+from engine.rewards import RewardRules
 from engine.scoring import DEFAULT_PRINCIPLE, SCORER_GROUP, make_scorer, scorer_problems, template_name
 from engine.shards import Shard, ShardResult
 
 VERSION = 1
 GIVES = "conversations"  # preferences in, preferences out: see gives()
+
+
 class Config(StageConfig):
     kind: Literal["judge"]
     input: str = Ref("conversations", "preferences", description="Conversations; preferences for pairwise.")
-    scorer: Literal["llm", "pairwise", "reward_model", "rules", "function"] = "llm"
+    scorer: Literal["llm", "pairwise", "reward_model", "rules", "rule_reward", "function"] = "llm"
     model: str | None = Ref("model", default=None, description="The judge or reward model (llm, pairwise, reward_model).")
     name: str = Field("score", description="Key of this score in the row's `scores`.")
     template: str | None = Field(None, description="llm: judge_pointwise.j2, pairwise: judge_pairwise.j2 by default.")
@@ -44,6 +51,8 @@ class Config(StageConfig):
     principle: str = Field(DEFAULT_PRINCIPLE, description="pairwise: the comparison question.")
     function: str | None = Field(None, description="function: a builtin scorer (math_answer) or an entry point "
                                                    f"name in `{SCORER_GROUP}`.")
+    rewards: RewardRules | None = Field(None, description="rule_reward: the rules (default: the expected "
+                                                          "behaviour alone).")
     max_retries: int = Field(2, ge=0, description="llm: new attempts when no score can be parsed.")
     max_new_tokens: int = Field(256, ge=1)
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy; retries add a little randomness.")
@@ -64,7 +73,7 @@ def templates(config: Config, recipe) -> dict[str, str]:
 
 SCORER_USES = {"llm": {"model", "template", "rubric", "max_retries", "max_new_tokens", "temperature"},
                "pairwise": {"model", "template", "principle", "max_new_tokens", "temperature"},
-               "reward_model": {"model"}, "rules": set(), "function": {"function"}}
+               "reward_model": {"model"}, "rules": set(), "rule_reward": {"rewards"}, "function": {"function"}}
 
 
 def uses(config: Config) -> tuple[set[str], str]:

@@ -7,8 +7,13 @@ samples, for SFT) or `preferences` (output = "preferences": best versus worst pe
 
 Scorers are the judge stage's (built by `stages.judge.make_scorer`): llm (judge_model through
 `template`, default judge_pointwise.j2, with `rubric`), reward_model (judge_model's logit),
-rules (the filter's numbers; `rule` picks one), function (a builtin such as math_answer, or an
+rules (the filter's numbers; `rule` picks one), rule_reward (rule-based rewards from the
+`rewards` table and the row's expected behaviour), function (a builtin such as math_answer, or an
 entry point of `recipe.scorers`). `prefer = "lower"` when a lower score is better.
+
+With `candidates`, a data column of hand-written replies joins each prompt's samples (after the
+n sampled ones, finish reason "written"): scored like any sample, chosen only when it scores
+best (a shipped demonstration competes with the policy's own replies under the same reward).
 
 Selection, per prompt, over the samples that got a score:
 - conversations: select = "top_k" keeps the `top_k` best; select = "threshold" keeps every
@@ -31,15 +36,16 @@ from typing import Literal
 
 from pydantic import Field
 
-from engine.backends import SamplingParams
+from engine.backends import Completion, SamplingParams
 from engine.config import ExecOnly, Ref, StageConfig
 from engine.errors import Problem
 from engine.pairs import best_and_worst, no_output, pair_row, prompt_messages, spot_check, spot_check_summary
+from engine.rewards import RewardRules
 from engine.scoring import ScorerSpec, make_scorer, scorer_problems, template_name
 from engine.shards import Shard, ShardResult
 from engine.stats import mean, score_stats
 
-VERSION = 1
+VERSION = 2  # 2: candidates (written replies), rule_reward scorer, written flags in pair meta
 GIVES = "conversations"  # or preferences: see gives()
 
 
@@ -52,13 +58,19 @@ class Config(StageConfig):
     temperature: float = Field(0.8, ge=0.0, description="Sampling temperature; n > 1 needs it above 0.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_new_tokens: int = Field(256, ge=1)
-    scorer: Literal["llm", "reward_model", "rules", "function"] = Field("llm", description="What scores each sample.")
+    scorer: Literal["llm", "reward_model", "rules", "rule_reward", "function"] = Field(
+        "llm", description="What scores each sample.")
     judge_model: str | None = Ref("model", default=None, description="llm: the judge; reward_model: the reward model.")
     function: str | None = Field(None, description="function: a builtin (math_answer) or a `recipe.scorers` "
                                                    "entry point.")
     template: str | None = Field(None, description="llm: the pointwise judge template (judge_pointwise.j2).")
     rubric: str | None = Field(None, description="llm: what to reward, passed to the template.")
     rule: Literal["words", "refusal", "sycophancy", "filler"] = Field("words", description="rules: the number used.")
+    rewards: RewardRules | None = Field(None, description="rule_reward: the rules (default: the row's expected "
+                                                          "behaviour alone).")
+    candidates: str | None = Field(None, description="A data column of hand-written replies (a string or a list) "
+                                                     "that join each prompt's n samples as candidates, scored like "
+                                                     "them: e.g. a decline-and-redirect for a harmful prompt.")
     prefer: Literal["higher", "lower"] = Field("higher", description="Which end of the score is better.")
     name: str = Field("score", description="Key of the score in the kept rows' `scores`.")
     judge_max_new_tokens: int = Field(256, ge=1, description="llm: tokens per judge answer.")
@@ -85,7 +97,7 @@ def _spec(config: Config) -> ScorerSpec:
     return ScorerSpec(scorer=config.scorer, name=config.name, template=config.template, rubric=config.rubric,
                       function=config.function, max_retries=config.max_retries,
                       max_new_tokens=config.judge_max_new_tokens, temperature=config.judge_temperature,
-                      batch_size=config.batch_size)
+                      batch_size=config.batch_size, rewards=config.rewards)
 
 
 def score_key(config: Config) -> str:
@@ -102,9 +114,10 @@ def templates(config: Config, recipe) -> dict[str, str]:
 
 def uses(config: Config) -> tuple[set[str], str]:
     used = {"kind", "resources", "input", "model", "n", "temperature", "top_p", "max_new_tokens", "scorer", "prefer",
-            "name", "select", "output", "shard_size", "batch_size"}
+            "name", "select", "output", "shard_size", "batch_size", "candidates"}
     used |= {"llm": {"judge_model", "template", "rubric", "judge_max_new_tokens", "judge_temperature", "max_retries"},
-             "reward_model": {"judge_model"}, "rules": {"rule"}, "function": {"function"}}[config.scorer]
+             "reward_model": {"judge_model"}, "rules": {"rule"}, "rule_reward": {"rewards"},
+             "function": {"function"}}[config.scorer]
     used |= {"threshold"} if config.select == "threshold" else set()
     used |= {"top_k"} if config.select == "top_k" and config.output == "conversations" else set()
     used |= {"min_margin", "sample_size"} if config.output == "preferences" else set()
@@ -121,9 +134,13 @@ def check(name: str, config: Config, recipe) -> list[Problem]:
     if config.output == "conversations" and config.select == "top_k" and config.top_k > config.n:
         problems.append(Problem(f"top_k = {config.top_k} is more than the n = {config.n} samples per prompt.",
                                 hint="Lower top_k or raise n.", **where("top_k")))
-    if config.output == "preferences" and config.n < 2:
+    if config.output == "preferences" and config.n < 2 and not config.candidates:
         problems.append(Problem("output = \"preferences\" needs n >= 2 samples per prompt.", hint="Raise n.",
                                 **where("n")))
+    rows = recipe.dataset_rows(config.input) if config.candidates else None
+    if rows and not any(written(r, config.candidates) for r in rows):
+        problems.append(Problem(f"no row of dataset '{config.input}' has a '{config.candidates}' column of written "
+                                "replies.", hint="Add the column, or remove candidates.", **where("candidates")))
     if config.n > 1 and config.temperature == 0:
         problems.append(Problem(f"n = {config.n} samples at temperature 0 are all the same reply.",
                                 hint="Set temperature > 0 (0.7-1.0 is usual for best-of-n).", **where("temperature")))
@@ -145,6 +162,13 @@ def keep(values: list[float | None], config: Config) -> list[int]:
     if config.select == "top_k":
         return ranked[: config.top_k]
     return [k for k in ranked if passes(values[k], config)]
+
+
+def written(row: dict, column: str | None) -> list[str]:
+    """The hand-written candidate replies of a row (its `column`, in meta: a string or a list)."""
+    value = (row.get("meta") or {}).get(column) if column else None
+    found = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    return [v for v in found if isinstance(v, str) and v.strip()]
 
 
 def _scored(sample: dict) -> list[tuple[int, float]]:
@@ -172,6 +196,8 @@ def run(config: Config, inputs, ctx) -> None:
     def per_shard(shard: Shard) -> ShardResult:
         prompts = [prompt_messages(r) for r in shard.rows]
         comps = policy.generate(prompts, params, ctx.seeds.rows([r["id"] for r in shard.rows], purpose="sample"))
+        comps = [cs + [Completion(w, 0, 0, "written") for w in written(r, config.candidates)]
+                 for r, cs in zip(shard.rows, comps)]
         cands = [(j, k, {"id": f"{r['id']}#{k}", "messages": [*p, {"role": "assistant", "content": c.text}],
                          "meta": {**(r.get("meta") or {}), "source_id": r["id"], "sample": k}})
                  for j, (r, p, cs) in enumerate(zip(shard.rows, prompts, comps)) for k, c in enumerate(cs)
@@ -248,6 +274,7 @@ def _kept(config: Config, samples: list[dict], ctx) -> tuple[list[dict], dict]:
         raise no_output(ctx, "threshold", f"no sample reached threshold = {config.threshold:g} (best score seen: "
                         f"{best:g}).", "Loosen threshold, raise n, or use a stronger policy.", made="kept no samples")
     return out, {"kept": len(out), "prompts_with_kept": len({r["meta"]["source_id"] for r in out}),
+                 "kept_written": sum(r["meta"]["finish"] == "written" for r in out),
                  "kept_mean": mean([r["scores"][score_key(config)] for r in out])}
 
 
@@ -265,7 +292,7 @@ def _pairs(config: Config, samples: list[dict], ctx) -> tuple[list[dict], dict]:
         else:
             out.append(pair_row(s["id"], s["prompt"], s["completions"][b], s["completions"][w],
                                 {"method": "best_vs_worst", "source_id": s["id"], "chosen_sample": b,
-                                 "rejected_sample": w,
+                                 "rejected_sample": w, "written": [s["meta"]["finish"][k] == "written" for k in (b, w)],
                                  "score": score_key(config), "margin": gap, "model": s["meta"]["model"],
                                  "scores": {"chosen": s["scores"][b], "rejected": s["scores"][w]}}))
     if not out:
@@ -274,6 +301,8 @@ def _pairs(config: Config, samples: list[dict], ctx) -> tuple[list[dict], dict]:
                         f"min_margin = {config.min_margin:g} and {below_threshold} a best sample below the "
                         "threshold.", f"Try: {loosen}, raise n, or sample at a higher temperature.")
     return out, {"pairs": len(out), "below_margin": below_margin, "below_threshold": below_threshold,
+                 "chosen_written": sum(p["meta"]["written"][0] for p in out),
+                 "rejected_written": sum(p["meta"]["written"][1] for p in out),
                  "spot_check": spot_check(ctx, out, config.sample_size)}
 
 
@@ -291,9 +320,12 @@ def summary(report: dict) -> list[tuple[str, str]]:
            ("per prompt: best / worst / gap (mean)",
             f"{fmt(pp['best_mean'])} / {fmt(pp['worst_mean'])} / {fmt(pp['gap_mean'])}")]
     if report["output"] == "conversations":
-        out += [("select", rule), ("kept rows", f"{report['kept']} from {report['prompts_with_kept']} prompts"),
+        out += [("select", rule), ("kept rows", f"{report['kept']} from {report['prompts_with_kept']} prompts"
+                                 f" ({report.get('kept_written', 0)} written candidates)"),
                 ("kept mean score", fmt(report["kept_mean"]))]
     else:
         out += [("pairs (best vs worst)", str(report["pairs"])),
+                ("written candidates chosen / rejected",
+                 f"{report.get('chosen_written', 0)} / {report.get('rejected_written', 0)}"),
                 ("prompts below min_margin / threshold", f"{report['below_margin']} / {report['below_threshold']}")]
     return out + spot_check_summary(report.get("spot_check"))

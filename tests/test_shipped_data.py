@@ -35,6 +35,7 @@ FILES = {  # path -> id prefix
     DATA / "scenarios.jsonl": "scn",
     DATA / "arithmetic.jsonl": "math",
     DATA / "arithmetic_sft.jsonl": "mathsft",
+    DATA / "safety_prompts.jsonl": "train",
 }
 PLAIN_MATH = re.compile(r"^(?:What is(?: the value of)?|Compute|Calculate|Evaluate) ([-0-9+*/() ]+)[?.]$")
 
@@ -276,6 +277,30 @@ def test_arithmetic_sft_answers_the_first_problems():
         assert w["id"] == p["id"].replace("math", "mathsft") and w["answer"] == p["answer"]
         assert w["messages"] == [{"role": "user", "content": p["prompt"]},
                                  {"role": "assistant", "content": f"The answer is {p['answer']}."}]
+
+
+def test_safety_prompts_label_what_a_good_assistant_does():
+    """The training prompts of recipes/align_smollm2.toml: harmful ones expect a refusal and carry
+    a written decline-and-redirect (which the engine's refusal detector reads as a refusal);
+    benign ones, many of which only sound dangerous, expect an answer. None is an eval prompt."""
+    from engine.text import is_refusal
+
+    data = rows("safety_prompts.jsonl")
+    for r in data:
+        assert r["expected"] in {"refuse", "comply"}, r["id"]
+        assert set(r) == ({"id", "prompt", "expected", "category", "written"} if r["expected"] == "refuse"
+                          else {"id", "prompt", "expected", "category"}), r["id"]
+        assert nonempty_str(r["prompt"]) and re.fullmatch(r"[a-z_]+", r["category"]), r["id"]
+        if r["expected"] == "refuse":
+            assert is_refusal(r["written"]) and len(r["written"].split()) >= 15, r["id"]  # declines, then redirects
+    counts = Counter(r["expected"] for r in data)
+    assert counts["refuse"] >= 40 and counts["comply"] >= 40, counts
+    for side in ("refuse", "comply"):
+        assert len({r["category"] for r in data if r["expected"] == side}) >= 10, side
+    assert_distinct([r["prompt"] for r in data], "safety prompts")
+    held_out = {r["prompt"] for r in rows("refusal.jsonl")} | {t for r in rows("safety_multiturn.jsonl")
+                                                                      for t in r["turns"]}
+    assert_distinct([r["prompt"] for r in data] + sorted(held_out), "training vs eval prompts")
 
 
 @pytest.mark.parametrize("name", ["scenarios.jsonl", "arithmetic.jsonl"])

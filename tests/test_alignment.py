@@ -1,0 +1,49 @@
+"""recipes/align_smollm2.toml on the real model (builtin:smollm2-135m), at reduced size, through
+the CLI as a user runs it: the final model must refuse more of the adversarial prompts of the
+refusal suite than the base model does, with the same greedy decoding on the same prompts.
+A real assertion on real outputs: SmolLM2-135M-Instruct refuses almost none of them on its own."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import ROOT, SHARED_BUILTIN, run_cli_subprocess
+
+RECIPE = ROOT / "recipes" / "align_smollm2.toml"
+
+# 40 of the 90 training prompts (they alternate harmful and benign), two samples each, short
+# replies, one DPO epoch; the refusal suite's first 40 prompts (20 adversarial, 20 benign).
+SMALL = [
+    "datasets.train.limit=40",
+    "stages.best_of_base.n=2", "stages.best_of_base.max_new_tokens=40",
+    "stages.sft.max_length=160",
+    "stages.pairs.n=2", "stages.pairs.max_new_tokens=40",
+    "stages.dpo.epochs=1.0", "stages.dpo.max_length=160",
+    'stages.eval.suites=["refusal"]', "stages.eval.max_items=40", "stages.eval.max_new_tokens=24",
+]
+
+
+@pytest.mark.slow
+def test_alignment_recipe_raises_adversarial_refusal_on_smollm2(tmp_path, smollm2_dir):
+    runs = tmp_path / "runs"
+    sets = [a for s in SMALL for a in ("--set", s)]
+    env = {"RECIPE_BUILTIN_DIR": str(SHARED_BUILTIN)}
+    result = run_cli_subprocess("run", RECIPE, *sets, "--runs-dir", runs, env_extra=env, timeout=1500)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_dir = (runs / "align-smollm2" / "latest").resolve()
+    metrics = json.loads((run_dir / "stages" / "eval" / "metrics.json").read_text())
+    assert metrics["models"] == ["policy", "sft", "dpo"]
+    heads = {m: metrics["per_model"][m]["headline"] for m in metrics["models"]}
+    base, final = heads["policy"]["adversarial_refusal"], heads["dpo"]["adversarial_refusal"]
+    assert base["n"] == final["n"] == 20
+    assert final["rate"] > base["rate"], (base, final)
+    assert final["ci"][0] <= final["rate"] <= final["ci"][1]
+    change = metrics["comparisons"]["dpo"]["adversarial_refusal"]
+    assert change["difference"] == pytest.approx(final["rate"] - base["rate"])
+    # the written refusals were a real choice under the reward, not copied in
+    report = json.loads((run_dir / "stages" / "best_of_base" / "report.json").read_text())
+    assert 0 < report["kept_written"] <= 20
+    page = (run_dir / "report.html").read_text()
+    assert "At a glance" in page and "adversarial prompts" in page
