@@ -504,6 +504,12 @@ def run_blocks(run_dir: Path) -> tuple[str, list[Block]]:
     title = f"Run report: {record.get('recipe', run_dir.parent.name)} / {record.get('run', run_dir.name)}"
     blocks: list[Block] = [Para(f"Status: {record.get('status', 'unknown')}; started {record.get('started', '?')}, "
                                 f"finished {record.get('finished', '-')}.")]
+    for name in order:  # the behaviour change first: each eval's headline rates and differences
+        metrics = _json(run_dir / "stages" / name / "metrics.json") if (run_dir / "stages" / name).exists() else None
+        if isinstance(metrics, dict) and "per_model" in metrics:
+            glance = glance_blocks(metrics)
+            if glance:
+                blocks += [Heading(f"At a glance: {name}"), *glance[1:]]
     blocks += honest_blocks(uses_builtin(run_dir))
     blocks += [Heading("Data funnel"), *funnel_blocks(record, order)]
 

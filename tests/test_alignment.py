@@ -13,8 +13,8 @@ from conftest import ROOT, SHARED_BUILTIN, run_cli_subprocess
 
 RECIPE = ROOT / "recipes" / "align_smollm2.toml"
 
-# 40 of the 90 training prompts (they alternate harmful and benign), two samples each, short
-# replies, one DPO epoch; the refusal suite's first 40 prompts (20 adversarial, 20 benign).
+# 40 of the 135 training prompts (harmful, benign, benign, ...: 14 harmful), two samples each,
+# short replies, one DPO epoch; the refusal suite's first 40 prompts (20 adversarial, 20 benign).
 SMALL = [
     "datasets.train.limit=40",
     "stages.best_of_base.n=2", "stages.best_of_base.max_new_tokens=40",
@@ -44,6 +44,6 @@ def test_alignment_recipe_raises_adversarial_refusal_on_smollm2(tmp_path, smollm
     assert change["difference"] == pytest.approx(final["rate"] - base["rate"])
     # the written refusals were a real choice under the reward, not copied in
     report = json.loads((run_dir / "stages" / "best_of_base" / "report.json").read_text())
-    assert 0 < report["kept_written"] <= 20
+    assert 0 < report["kept_written"] <= 14
     page = (run_dir / "report.html").read_text()
     assert "At a glance" in page and "adversarial prompts" in page

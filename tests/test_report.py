@@ -241,3 +241,25 @@ def test_report_builds_from_a_real_filter_and_eval_run_on_the_builtin_model(tmp_
     # the eval stage's own report is there too, self-contained as well
     stage_page = (rec.dir / "stages" / "ev" / "report.html").read_text()
     assert_self_contained(stage_page, 2)
+
+
+def test_revision_blocks_show_the_share_changed_and_examples(tmp_path):
+    entry = tmp_path / "revised"
+    entry.mkdir()
+    (entry / "report.json").write_text(json.dumps({"turns_selected": 4, "turns_revised": 1, "revisions": {
+        "accepted": 1, "rejected": {"unchanged": 2, "empty_critique": 1}}}))
+    turn = lambda original, history: {"index": 1, "original": original, "final": original, "history": history}  # noqa
+    write_rows(entry / "rows.parquet", [
+        {"id": "c1", "messages": [], "meta": {"critique_revise": {"turns": [turn("Sure, here is how.", [
+            {"round": 1, "principle": "harm", "critique": "It helps with harm.", "revision": "Sure, here is how.",
+             "accepted": False, "reason": "unchanged"}])]}}},
+        {"id": "c2", "messages": [], "meta": {"critique_revise": {"turns": [turn("Paris is in Spain.", [
+            {"round": 1, "principle": "honesty", "critique": "Paris is in France.", "revision": "Paris is in France.",
+             "accepted": True, "reason": None}])]}}}])
+    blocks = rp.revision_blocks("revised", entry)
+    text = rp.render_markdown("t", blocks)
+    assert "1 of 4 selected assistant turns were changed by their revision (25%)" in text
+    assert "unchanged 2, empty\\_critique 1" in text
+    table = next(b for b in blocks if isinstance(b, rp.Table))
+    assert [r[0] for r in table.rows] == ["honesty", "harm"]  # the accepted revision first
+    assert table.rows[1][4] == "rejected: unchanged"
