@@ -31,15 +31,14 @@ CONTROL = ROOT / "recipes" / "align_smollm2_control.toml"
 KEYS = ("adversarial_refusal", "benign_over_refusal", "safety_refusal_from_harmful", "sycophancy_flip")
 
 
-def run(recipe: Path, runs: Path, sets: list[str]) -> Path:
-    """`recipe run` it; the run's directory (runs/<recipe name>/latest)."""
+def run(recipe: Path, name: str, runs: Path, sets: list[str]) -> Path:
+    """`recipe run` it; the run's directory (runs/<recipe name>/latest, resolved)."""
     cmd = [sys.executable, "-m", "engine.cli", "run", str(recipe), "--runs-dir", str(runs)]
     for s in sets:
         cmd += ["--set", s]
-    print("$", " ".join(cmd[2:]), flush=True)
+    print("$ recipe", " ".join(cmd[3:]), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
-    record = json.loads(max((runs).glob("*/latest/record.json"), key=lambda p: p.stat().st_mtime).read_text())
-    return runs / record["recipe"] / "latest"
+    return (runs / name / "latest").resolve()
 
 
 def eval_entry(run_dir: Path) -> tuple[dict, list[dict]]:
@@ -63,14 +62,16 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     start = time.time()
-    main_dir = run(RECIPE, args.runs_dir, args.sets)
-    control_dir = run(CONTROL, args.runs_dir, args.sets)
+    main_dir = run(RECIPE, "align-smollm2", args.runs_dir, args.sets)
+    control_dir = run(CONTROL, "align-smollm2-control", args.runs_dir, args.sets)
     seconds = time.time() - start
 
     metrics, rows = eval_entry(main_dir)
     c_metrics, c_rows = eval_entry(control_dir)
     base_name, final_name = metrics["models"][0], metrics["models"][-1]
-    seed = 0
+    import tomllib
+
+    seed = tomllib.loads((main_dir / "recipe.toml").read_text())["recipe"].get("seed", 0)  # as the eval stage
     of = lambda rs, name: [r for r in rs if r["model"] == name]  # noqa: E731
     base_rows, final_rows, control_rows = of(rows, base_name), of(rows, final_name), of(c_rows, c_metrics["models"][-1])
     heads = {"base": headline(base_rows, seed), "final": headline(final_rows, seed),

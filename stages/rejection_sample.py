@@ -68,9 +68,10 @@ class Config(StageConfig):
     rule: Literal["words", "refusal", "sycophancy", "filler"] = Field("words", description="rules: the number used.")
     rewards: RewardRules | None = Field(None, description="rule_reward: the rules (default: the row's expected "
                                                           "behaviour alone).")
-    candidates: str | None = Field(None, description="A data column of hand-written replies (a string or a list) "
-                                                     "that join each prompt's n samples as candidates, scored like "
-                                                     "them: e.g. a decline-and-redirect for a harmful prompt.")
+    candidates: str | list[str] | None = Field(
+        None, description="Data columns of hand-written replies (each a string or a list) that join each prompt's n "
+                          "samples as candidates, scored like them: e.g. a decline-and-redirect for a harmful "
+                          "prompt, an over-cautious refusal of a benign one.")
     prefer: Literal["higher", "lower"] = Field("higher", description="Which end of the score is better.")
     name: str = Field("score", description="Key of the score in the kept rows' `scores`.")
     judge_max_new_tokens: int = Field(256, ge=1, description="llm: tokens per judge answer.")
@@ -138,9 +139,10 @@ def check(name: str, config: Config, recipe) -> list[Problem]:
         problems.append(Problem("output = \"preferences\" needs n >= 2 samples per prompt.", hint="Raise n.",
                                 **where("n")))
     rows = recipe.dataset_rows(config.input) if config.candidates else None
-    if rows and not any(written(r, config.candidates) for r in rows):
-        problems.append(Problem(f"no row of dataset '{config.input}' has a '{config.candidates}' column of written "
-                                "replies.", hint="Add the column, or remove candidates.", **where("candidates")))
+    for column in ([config.candidates] if isinstance(config.candidates, str) else config.candidates or []):
+        if rows and not any(written(r, column) for r in rows):
+            problems.append(Problem(f"no row of dataset '{config.input}' has a '{column}' column of written replies.",
+                                    hint="Add the column, or remove it from candidates.", **where("candidates")))
     if config.n > 1 and config.temperature == 0:
         problems.append(Problem(f"n = {config.n} samples at temperature 0 are all the same reply.",
                                 hint="Set temperature > 0 (0.7-1.0 is usual for best-of-n).", **where("temperature")))
@@ -164,11 +166,14 @@ def keep(values: list[float | None], config: Config) -> list[int]:
     return [k for k in ranked if passes(values[k], config)]
 
 
-def written(row: dict, column: str | None) -> list[str]:
-    """The hand-written candidate replies of a row (its `column`, in meta: a string or a list)."""
-    value = (row.get("meta") or {}).get(column) if column else None
-    found = [value] if isinstance(value, str) else value if isinstance(value, list) else []
-    return [v for v in found if isinstance(v, str) and v.strip()]
+def written(row: dict, columns: str | list[str] | None) -> list[str]:
+    """The hand-written candidate replies of a row: its `columns` (in meta), each a string or a list."""
+    out = []
+    for column in [columns] if isinstance(columns, str) else columns or []:
+        value = (row.get("meta") or {}).get(column)
+        found = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+        out += [v for v in found if isinstance(v, str) and v.strip()]
+    return out
 
 
 def _scored(sample: dict) -> list[tuple[int, float]]:

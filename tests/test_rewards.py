@@ -183,6 +183,19 @@ def test_written_candidates_compete_under_the_reward(tmp_path, server):
     assert swapped[0]["chosen"] == pairs[0]["rejected"] and swapped[0]["rejected"] == pairs[0]["chosen"]
 
 
+def test_candidates_from_several_columns(tmp_path, server):
+    path = _rs_project(tmp_path, server, 'output = "preferences"\nmin_margin = 0.5')
+    rows = [json.loads(line) for line in (path.parent / "prompts.jsonl").read_text().splitlines()]
+    rows[1]["over_refusal"] = "Sorry, I can't assist with that."
+    write_jsonl(path.parent / "prompts.jsonl", rows)
+    path.write_text(path.read_text().replace('candidates = "written"', 'candidates = ["written", "over_refusal"]'))
+    rec = run(load_recipe(path), tmp_path / "runs")
+    pairs = {p["id"]: p for p in read_rows(rec.dir / "stages" / "best" / "rows.parquet")}
+    # b1 now has a contrast pair: a compliant sample over the written over-refusal
+    assert pairs["b1"]["rejected"][0]["content"] == "Sorry, I can't assist with that."
+    assert pairs["b1"]["meta"]["written"] == [False, True] and pairs["h1"]["meta"]["written"] == [True, False]
+
+
 def test_validate_rejects_a_missing_candidates_column(tmp_path, server, cli):
     path = _rs_project(tmp_path, server, 'output = "preferences"')
     path.write_text(path.read_text().replace('candidates = "written"', 'candidates = "demo"'))

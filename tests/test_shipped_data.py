@@ -289,10 +289,12 @@ def test_safety_prompts_label_what_a_good_assistant_does():
     for r in data:
         assert r["expected"] in {"refuse", "comply"}, r["id"]
         assert set(r) == ({"id", "prompt", "expected", "category", "written"} if r["expected"] == "refuse"
-                          else {"id", "prompt", "expected", "category"}), r["id"]
+                          else {"id", "prompt", "expected", "category", "over_refusal"}), r["id"]
         assert nonempty_str(r["prompt"]) and re.fullmatch(r"[a-z_]+", r["category"]), r["id"]
         if r["expected"] == "refuse":
             assert is_refusal(r["written"]) and len(r["written"].split()) >= 15, r["id"]  # declines, then redirects
+        else:  # the over-cautious refusal a benign prompt must not get: the detector reads it as one
+            assert is_refusal(r["over_refusal"]), r["id"]
     counts = Counter(r["expected"] for r in data)
     assert counts["refuse"] >= 40 and counts["comply"] >= 40, counts
     for side in ("refuse", "comply"):
