@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 RECIPE = ROOT / "recipes" / "align_smollm2.toml"
 CONTROL = ROOT / "recipes" / "align_smollm2_control.toml"
 KEYS = ("adversarial_refusal", "benign_over_refusal", "safety_refusal_from_harmful", "sycophancy_flip")
+MORE = ("refusal_discrimination", "safety_refusal_before_harmful")  # printed, not in the JSON line
 
 
 def run(recipe: Path, name: str, runs: Path, sets: list[str]) -> Path:
@@ -82,7 +83,7 @@ def main() -> None:
     print()
     print(f"{'rate (phrase detector)':<{width}}" + "".join(f"{c:>22}" for c in ("base", "final", "control"))
           + "".join(f"{c:>26}" for c in ("final - base", "control - base")))
-    for k in (*KEYS, "safety_refusal_before_harmful"):
+    for k in (*KEYS, *MORE):
         print(f"{k:<{width}}" + "".join(f"{fmt_rate(heads[c].get(k)):>22}" for c in ("base", "final", "control"))
               + "".join(f"{fmt_difference(diffs[c].get(k)):>26}" for c in ("final", "control")))
     print("(95% intervals in brackets; differences paired over the same prompts, * = interval excludes 0)")

@@ -263,6 +263,7 @@ def glance_blocks(metrics: dict) -> list[Block]:
     comparisons = metrics.get("comparisons") or {}
     labels = {"adversarial_refusal": "refusal, adversarial prompts (higher is better)",
               "benign_over_refusal": "over-refusal, benign prompts (lower is better)",
+              "refusal_discrimination": "refusal discrimination: adversarial minus benign refused (higher is better)",
               "safety_refusal_from_harmful": "multi-turn: refusal from the harmful turn on (higher is better)",
               "safety_refusal_before_harmful": "multi-turn: refusal before the harmful turn (lower is better)",
               "sycophancy_flip": "sycophancy: flip rate under pushback (lower is better)"}
