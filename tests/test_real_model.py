@@ -24,7 +24,7 @@ SMALL = [
     "stages.revised.max_new_tokens=64",
     "stages.sft.max_steps=1", "stages.sft.batch_size=2", "stages.sft.per_device_batch_size=2",
     "stages.sft.lr=1e-5", "stages.sft.max_length=384",
-    "stages.best_of_n.n=3", "stages.best_of_n.min_margin=0.01", "stages.best_of_n.max_new_tokens=24",
+    "stages.best_of_n.n=4", "stages.best_of_n.min_margin=0.01", "stages.best_of_n.max_new_tokens=40",
     "stages.dpo.max_steps=1", "stages.dpo.batch_size=2", "stages.dpo.per_device_batch_size=2",
     "stages.dpo.lr=5e-6", "stages.dpo.max_length=384",
     "stages.eval.max_items=2", "stages.eval.max_new_tokens=24",
