@@ -20,7 +20,9 @@ the difference over the same items; a difference is outside the noise when it ex
 
 from __future__ import annotations
 
-from engine.stats import bootstrap_ci, paired_difference, pooled_rate, wilson
+import random
+
+from engine.stats import bootstrap_ci, paired_difference, pooled_rate, quantile, resample, wilson
 
 HEADLINE = ("adversarial_refusal", "benign_over_refusal", "refusal_discrimination", "safety_refusal_from_harmful",
             "safety_refusal_before_harmful", "sycophancy_flip")
@@ -77,17 +79,12 @@ def _discrimination(adv: list[list[bool]], ben: list[list[bool]], seed: int, oth
                     resamples: int = 2000) -> tuple[float, list[float]]:
     """adversarial minus benign refusal rate, and a 95% bootstrap interval resampling both prompt
     sets; with `other` = (adv, ben) of a second model on the same prompts, of the paired difference."""
-    import random
-
-    from engine.stats import quantile
-
     def j(a, b, ia, ib) -> float:
         return pooled_rate([a[i] for i in ia]) - pooled_rate([b[i] for i in ib])
 
     rng, draws = random.Random(seed), []
     for _ in range(resamples):
-        ia = [rng.randrange(len(adv)) for _ in adv]
-        ib = [rng.randrange(len(ben)) for _ in ben]
+        ia, ib = resample(len(adv), rng), resample(len(ben), rng)
         draws.append(j(*other, ia, ib) - j(adv, ben, ia, ib) if other else j(adv, ben, ia, ib))
     draws.sort()
     full = (range(len(adv)), range(len(ben)))

@@ -505,12 +505,12 @@ def run_blocks(run_dir: Path) -> tuple[str, list[Block]]:
     title = f"Run report: {record.get('recipe', run_dir.parent.name)} / {record.get('run', run_dir.name)}"
     blocks: list[Block] = [Para(f"Status: {record.get('status', 'unknown')}; started {record.get('started', '?')}, "
                                 f"finished {record.get('finished', '-')}.")]
-    for name in order:  # the behaviour change first: each eval's headline rates and differences
-        metrics = _json(run_dir / "stages" / name / "metrics.json") if (run_dir / "stages" / name).exists() else None
-        if isinstance(metrics, dict) and "per_model" in metrics:
-            glance = glance_blocks(metrics)
-            if glance:
-                blocks += [Heading(f"At a glance: {name}"), *glance[1:]]
+    evals = {name: m for name in order
+             if isinstance(m := _json(run_dir / "stages" / name / "metrics.json"), dict) and "per_model" in m}
+    for name, metrics in evals.items():  # the behaviour change first: each eval's headline rates and differences
+        glance = glance_blocks(metrics)
+        if glance:
+            blocks += [Heading(f"At a glance: {name}"), *glance[1:]]
     blocks += honest_blocks(uses_builtin(run_dir))
     blocks += [Heading("Data funnel"), *funnel_blocks(record, order)]
 
@@ -530,11 +530,8 @@ def run_blocks(run_dir: Path) -> tuple[str, list[Block]]:
     for name, s in stages.items():
         if s.get("kind") == "critique_revise" and entry(name):
             blocks += revision_blocks(name, entry(name))
-    for name, s in stages.items():
+    for name, metrics in evals.items():
         path = entry(name)
-        metrics = _json(path / "metrics.json") if path else None
-        if not (isinstance(metrics, dict) and "per_model" in metrics):
-            continue
         rows = read_rows(path / "rows.parquet") if (path / "rows.parquet").exists() else []
         blocks += [Heading(f"Eval: {name}"), *eval_blocks(metrics, rows, prefix=name)]
     if not any(isinstance(b, Heading) and b.text.startswith("Eval") for b in blocks):

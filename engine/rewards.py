@@ -37,8 +37,8 @@ class RewardRules(Table):
     max_words: int | None = Field(None, ge=1, description="Length rule: at most this many words (rambling and "
                                                           "replies cut at max_new_tokens fail it).")
     length: float = Field(0.25, ge=0.0, description="Weight of the length rule (when a bound is set).")
-    forbidden: list[str] = Field(default_factory=list, description="Phrases a reply must not contain "
-                                                                   "(case-insensitive).")
+    forbidden: list[str] = Field(default_factory=list, description="Phrases a reply must not contain (whole words, "
+                                                                   "case-insensitive: the filter's phrase matching).")
     required: list[str] = Field(default_factory=list, description="A reply contains at least one of these.")
     phrases: float = Field(0.25, ge=0.0, description="Weight of each phrase rule (forbidden, required) when set.")
     phrases_apply: Literal["all", "complying"] = Field(
@@ -62,7 +62,6 @@ def reward(reply: str, expected: str | None, rules: RewardRules) -> dict:
     """The score of one reply and each rule's outcome (None where a rule does not apply)."""
     refuses = text.is_refusal(reply)
     words = text.word_count(reply)
-    folded = text.normalize(reply)
     outcome: dict[str, float | None] = {"refuses": float(refuses), "behaviour": None, "length": None,
                                         "forbidden": None, "required": None}
     got = total = 0.0
@@ -79,9 +78,9 @@ def reward(reply: str, expected: str | None, rules: RewardRules) -> dict:
              and (rules.max_words is None or words <= rules.max_words), rules.length)
     if rules.phrases > 0 and (rules.phrases_apply == "all" or not refuses):
         if rules.forbidden:
-            rule("forbidden", not any(text.normalize(p) in folded for p in rules.forbidden), rules.phrases)
+            rule("forbidden", text.contains_phrase(reply, rules.forbidden) is None, rules.phrases)
         if rules.required:
-            rule("required", any(text.normalize(p) in folded for p in rules.required), rules.phrases)
+            rule("required", text.contains_phrase(reply, rules.required) is not None, rules.phrases)
     return {"score": got / total if total else None, **outcome}
 
 

@@ -5,6 +5,7 @@ at 0 and n successes where the normal approximation does not)."""
 from __future__ import annotations
 
 import math
+import random
 
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 
@@ -35,8 +36,6 @@ def score_stats(values: list[float]) -> dict:
             "histogram": {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}}
 
 
-
-
 def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float] | None:
     """The Wilson score interval of a binomial rate (95% by default); None when n is 0."""
     if n <= 0:
@@ -49,42 +48,24 @@ def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float] | None
             1.0 if successes == n else max(p, min(1.0, centre + half)))
 
 
-def rate(successes: int, n: int) -> dict:
-    """A rate with its count and 95% Wilson interval: {"rate", "k", "n", "ci"} (rate and ci None when n is 0)."""
-    ci = wilson(successes, n)
-    return {"rate": successes / n if n else None, "k": successes, "n": n, "ci": list(ci) if ci else None}
-
-
-def two_proportion_z(k1: int, n1: int, k2: int, n2: int) -> float | None:
-    """z of the difference k2/n2 - k1/n1 under the pooled null (None if undefined): |z| > 1.96 is
-    outside the noise at 95% for two independent samples."""
-    if not n1 or not n2:
-        return None
-    pooled = (k1 + k2) / (n1 + n2)
-    se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
-    diff = k2 / n2 - k1 / n1
-    return 0.0 if se == 0 and diff == 0 else (math.copysign(math.inf, diff) if se == 0 else diff / se)
-
-
 def pooled_rate(clusters: list[list[bool]]) -> float | None:
     """The share of True over every flag of every cluster; None with no flags."""
     n = sum(len(c) for c in clusters)
     return sum(sum(c) for c in clusters) / n if n else None
 
 
-def _resample(n: int, rng) -> list[int]:
+def resample(n: int, rng: random.Random) -> list[int]:
+    """n indices drawn with replacement from range(n): one bootstrap resample."""
     return [rng.randrange(n) for _ in range(n)]
 
 
 def bootstrap_ci(clusters: list[list[bool]], seed: int = 0, resamples: int = 2000) -> tuple[float, float] | None:
     """A 95% percentile bootstrap interval of `pooled_rate`, resampling whole clusters (e.g. the
     turns of one conversation together: they are not independent of each other)."""
-    import random
-
     if not any(clusters):
         return None
     rng = random.Random(seed)
-    draws = sorted(r for r in (pooled_rate([clusters[i] for i in _resample(len(clusters), rng)])
+    draws = sorted(r for r in (pooled_rate([clusters[i] for i in resample(len(clusters), rng)])
                                for _ in range(resamples)) if r is not None)
     return quantile(draws, 0.025), quantile(draws, 0.975)
 
@@ -95,8 +76,6 @@ def paired_difference(base: list[list[bool]], other: list[list[bool]], seed: int
     conversation), with a 95% paired bootstrap interval: resampling items keeps each pair
     together, which is tighter and more honest than comparing two separate intervals.
     `outside_noise` is True when the interval excludes 0. None when either rate is undefined."""
-    import random
-
     if len(base) != len(other):
         raise ValueError(f"paired items differ in number: {len(base)} and {len(other)}")
     a, b = pooled_rate(base), pooled_rate(other)
@@ -105,7 +84,7 @@ def paired_difference(base: list[list[bool]], other: list[list[bool]], seed: int
     rng = random.Random(seed)
     diffs = []
     for _ in range(resamples):
-        idx = _resample(len(base), rng)
+        idx = resample(len(base), rng)
         ra, rb = pooled_rate([base[i] for i in idx]), pooled_rate([other[i] for i in idx])
         if ra is not None and rb is not None:
             diffs.append(rb - ra)

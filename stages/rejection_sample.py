@@ -5,15 +5,16 @@ its last user turn, so its final reply is dropped), the policy (model) and, for 
 reward_model scorers, judge_model; gives `conversations` (output = "conversations": the kept
 samples, for SFT) or `preferences` (output = "preferences": best versus worst per prompt).
 
-Scorers are the judge stage's (built by `stages.judge.make_scorer`): llm (judge_model through
+Scorers are the judge stage's (built by `engine.scoring.make_scorer`): llm (judge_model through
 `template`, default judge_pointwise.j2, with `rubric`), reward_model (judge_model's logit),
 rules (the filter's numbers; `rule` picks one), rule_reward (rule-based rewards from the
 `rewards` table and the row's expected behaviour), function (a builtin such as math_answer, or an
 entry point of `recipe.scorers`). `prefer = "lower"` when a lower score is better.
 
-With `candidates`, a data column of hand-written replies joins each prompt's samples (after the
-n sampled ones, finish reason "written"): scored like any sample, chosen only when it scores
-best (a shipped demonstration competes with the policy's own replies under the same reward).
+With `candidates` (a data column, or a list of them), hand-written replies join each prompt's
+samples (after the n sampled ones, finish reason "written"): scored like any sample, chosen only
+when they score best (a shipped demonstration competes with the policy's own replies under the
+same reward), rejected only when they score worst (a written over-refusal as a contrast).
 
 Selection, per prompt, over the samples that got a score:
 - conversations: select = "top_k" keeps the `top_k` best; select = "threshold" keeps every
@@ -139,7 +140,7 @@ def check(name: str, config: Config, recipe) -> list[Problem]:
         problems.append(Problem("output = \"preferences\" needs n >= 2 samples per prompt.", hint="Raise n.",
                                 **where("n")))
     rows = recipe.dataset_rows(config.input) if config.candidates else None
-    for column in ([config.candidates] if isinstance(config.candidates, str) else config.candidates or []):
+    for column in candidate_columns(config.candidates):
         if rows and not any(written(r, column) for r in rows):
             problems.append(Problem(f"no row of dataset '{config.input}' has a '{column}' column of written replies.",
                                     hint="Add the column, or remove it from candidates.", **where("candidates")))
@@ -166,10 +167,14 @@ def keep(values: list[float | None], config: Config) -> list[int]:
     return [k for k in ranked if passes(values[k], config)]
 
 
+def candidate_columns(candidates: str | list[str] | None) -> list[str]:
+    return [candidates] if isinstance(candidates, str) else list(candidates or [])
+
+
 def written(row: dict, columns: str | list[str] | None) -> list[str]:
     """The hand-written candidate replies of a row: its `columns` (in meta), each a string or a list."""
     out = []
-    for column in [columns] if isinstance(columns, str) else columns or []:
+    for column in candidate_columns(columns):
         value = (row.get("meta") or {}).get(column)
         found = [value] if isinstance(value, str) else value if isinstance(value, list) else []
         out += [v for v in found if isinstance(v, str) and v.strip()]

@@ -16,6 +16,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+def serving(backend, name: str = "policy"):
+    """A pytest fixture body: `backend` behind the OpenAI-compatible ChatServer as model `name`,
+    stopped afterwards (use as `yield from serving(Policy())`)."""
+    from engine.backends.serve import ChatServer
+
+    srv = ChatServer(backend, model_name=name)
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
 def conv(*turns: str, id: str | None = None, **extra) -> dict:
     """A conversation row from alternating user/assistant texts."""
     roles = ["user", "assistant"]

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli_subprocess, write_jsonl
+from conftest import run_cli_subprocess, serving, write_jsonl
 from engine.backends import Completion
-from engine.backends.serve import ChatServer
 from engine.errors import RecipeError
 from engine.executor import run
 from engine.recipe import load_recipe
@@ -45,10 +44,7 @@ class Policy:
 
 @pytest.fixture
 def server():
-    srv = ChatServer(Policy(), model_name="policy")
-    srv.start()
-    yield srv
-    srv.stop()
+    yield from serving(Policy())
 
 
 PROMPTS = [{"id": "p1", "prompt": "What is 7 + 5?", "answer": "12"},

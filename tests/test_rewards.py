@@ -11,9 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import write_jsonl
+from conftest import serving, write_jsonl
 from engine.backends import Completion
-from engine.backends.serve import ChatServer
 from engine.executor import run
 from engine.recipe import load_recipe
 from engine.rewards import RewardRules, expected_of, reward
@@ -133,10 +132,7 @@ class Policy:
 
 @pytest.fixture
 def server():
-    srv = ChatServer(Policy(), model_name="policy")
-    srv.start()
-    yield srv
-    srv.stop()
+    yield from serving(Policy())
 
 
 def _rs_project(tmp_path, server, extra: str):
