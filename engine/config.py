@@ -32,11 +32,13 @@ class Table(BaseModel):
 
 
 class Resources(Table):
-    """`[stages.X.resources]`: how many processes run the stage (training stages only)."""
+    """`[stages.X.resources]`: how many processes run the stage (training stages), and how many GPUs
+    one replica of a generation model spans (vllm)."""
 
     processes: int = Field(1, ge=1, le=256, description="Processes under `accelerate launch` (1 = in process).")
     accelerate_config: str | None = Field(
         None, description="An accelerate config file (FSDP, DeepSpeed), relative to the recipe file.")
+    gpus: int = Field(1, ge=1, le=64, description="GPUs per model replica: the vllm backend's tensor parallelism.")
 
 
 class StageConfig(Table):

@@ -112,6 +112,7 @@ class Context:
     console: Any = None
     _progress: Any = None
     cache_root: Path | None = None
+    pool: "loading.ModelPool | None" = None  # generation models kept between the stages of a run
     rows_out: int | None = None
     shards: ShardRunner = field(init=False)
 
@@ -154,7 +155,9 @@ class Context:
 
     def backend(self, model: "Artifact", batch_size: int = 64):
         """A generation backend for a model reference; call `.close()` when done (engine.loading.backend)."""
-        return loading.backend(model, self.recipe, self.cache_root, self.log, self.partial_dir, batch_size)
+        return loading.backend(model, self.recipe, self.cache_root, self.log, self.partial_dir, batch_size,
+                               pool=self.pool, resources=self.recipe.stages[self.stage].config.resources
+                               if self.stage in self.recipe.stages else None)
 
     def save_rows(self, rows: list[dict], name: str = "rows.parquet") -> int:
         n = write_rows(self.out_dir / name, rows)
@@ -192,11 +195,15 @@ def run(recipe: Recipe, runs_dir: str | os.PathLike, *, only: list[str] = (), fo
     plan = {p.name: p for p in make_plan(recipe, runs_dir, memo)}
     record = RunRecord(runs_dir, recipe)
     entries: dict[str, Entry] = {}
+    pool = loading.ModelPool()
+    to_build = [n for n in order(recipe) if n in chosen and (n in force or plan[n].status != "cached")]
     status = "failed"
     try:
         for name in order(recipe):
             if name not in chosen:
                 continue
+            if name in to_build:
+                to_build.remove(name)
             item = plan[name]
             record.stage(name, kind=item.kind, fingerprint=item.fingerprint, status="pending")
             started = time.time()
@@ -217,7 +224,8 @@ def run(recipe: Recipe, runs_dir: str | os.PathLike, *, only: list[str] = (), fo
                                  rows_out=rows.get("out"), reasons=[])
                 else:
                     why = ["forced"] if name in force else item.reasons
-                    entry = _build(recipe, name, item, entries, store, record, console, progress, why)
+                    pool.keep(models_used(recipe, [name, *to_build]))
+                    entry = _build(recipe, name, item, entries, store, record, console, progress, why, pool)
                     record.stage(name, status="run", duration_s=round(time.time() - started, 3),
                                  rows_in=entry.manifest["rows"]["in"], rows_out=entry.manifest["rows"]["out"],
                                  reasons=why)
@@ -232,8 +240,19 @@ def run(recipe: Recipe, runs_dir: str | os.PathLike, *, only: list[str] = (), fo
         status = "interrupted"
         raise
     finally:
+        pool.clear()
         record.finish(status)
     return record
+
+
+def models_used(recipe: Recipe, names: list[str]) -> set[tuple[str, str]]:
+    """(source, name) of every model the stages `names` read: [models] entries and stage-made models."""
+    out = set()
+    for name in names:
+        for edge in edges(recipe, name):
+            if edge.source == "models" or (edge.source == "stages" and artifact_type(recipe, edge.name) == "model"):
+                out.add((edge.source, edge.name))
+    return out
 
 
 def _inputs(recipe: Recipe, name: str, entries: dict[str, Entry]) -> dict[str, Any]:
@@ -257,7 +276,7 @@ def _inputs(recipe: Recipe, name: str, entries: dict[str, Entry]) -> dict[str, A
     return out
 
 
-def _build(recipe, name, item, entries, store, record, console, progress, why) -> Entry:
+def _build(recipe, name, item, entries, store, record, console, progress, why, pool=None) -> Entry:
     stage = recipe.stages[name]
     log_path = record.dir / "logs" / f"{name}.log"
     log = stage_logger(name, log_path)
@@ -268,7 +287,9 @@ def _build(recipe, name, item, entries, store, record, console, progress, why) -
         inputs = _inputs(recipe, name, entries)
         with store.build(item.fingerprint, manifest) as out_dir:
             ctx = Context(name, item.fingerprint, recipe.meta.seed, out_dir, store.partial(item.fingerprint),
-                          log, recipe, console, progress, store.root)
+                          log, recipe, console, progress, store.root, pool)
+            if pool is not None and getattr(stage.module, "MULTI_PROCESS", False):  # a training stage
+                pool.before_training(log)
             if stage.config.resources.processes > 1 and "RANK" not in os.environ:
                 from .launch import launch_stage
 

@@ -314,14 +314,17 @@ def load_model(path_or_dir: str | os.PathLike, *, dtype: Any = "auto", device: s
                cache_root: str | os.PathLike) -> tuple[Any, Any]:
     """(model, tokenizer) for `builtin:NAME`, a local directory, or a hub id.
 
-    The model is in eval mode on `device`; the tokenizer pads on the left (decoder-only
-    generation continues from the right edge) and has a pad token (eos when it had none)."""
+    The model is in eval mode on `device`, loaded there directly in `dtype`; the tokenizer pads on
+    the left (decoder-only generation continues from the right edge) and has a pad token (eos when
+    it had none)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = str(path_or_dir)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":  # this process's GPU (its LOCAL_RANK under accelerate), as the trainer expects
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', torch.cuda.current_device()))}"
     torch_dtype = _resolve_dtype(dtype, device)
     hub = False
     if path.startswith("builtin:"):
@@ -335,10 +338,12 @@ def load_model(path_or_dir: str | os.PathLike, *, dtype: Any = "auto", device: s
     else:
         source, hub = path, True
     kw = {"revision": revision} if hub and revision else {}
+    # Straight onto an accelerator in the target dtype: no float32 copy in host memory first.
+    placement = {"device_map": {"": device}} if device != "cpu" else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kw)
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kw
+            source, dtype=torch_dtype, trust_remote_code=trust_remote_code, **placement, **kw
         )
     except OSError as exc:  # transformers reports missing files and network failures as OSError
         if hub:

@@ -54,11 +54,18 @@ class ModelSpec(Table):
     path: str = Field(description="A hub id, a local directory, builtin:smollm2-135m or builtin:tiny-chat.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    device: str = Field("auto", description="auto = cuda when present, else cpu.")
+    device: str = Field("auto", description="auto = every visible GPU (generation runs a replica on each; training "
+                                            "uses the first), else cpu. Or one device, or a list: \"cuda:0,cuda:1\".")
     adapter: str | None = Field(None, description="A PEFT adapter dir or a stage giving one.")
     chat_template: str | None = Field(None, description="Inline Jinja or a template file.")
     trust_remote_code: bool = False
-    backend: Literal["hf", "openai"] = "hf"
+    backend: Literal["hf", "openai", "vllm"] = Field(
+        "hf", description="hf = transformers in process; openai = a server; vllm = vLLM's engine in process "
+                          "(pip install recipe-engine[vllm], GPUs only).")
+    kv_cache: Literal["auto", "static", "dynamic"] = Field(
+        "auto", description="hf backend: static = fixed-size KV cache with the decode step compiled (CUDA "
+                            "graphs); dynamic = grows per step. auto = static on CUDA, dynamic on the CPU. "
+                            "Execution-only (same text).")
     base_url: str | None = Field(None, description="openai backend: the server, e.g. http://127.0.0.1:8000/v1.")
     model_name: str | None = Field(None, description="openai backend: the model name the server knows (default: path).")
     api_key_env: str | None = Field(None, description="openai backend: the environment variable holding the key.")
@@ -506,6 +513,14 @@ def load_recipe(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Rec
 
                 if (why := builtin_problem(path_value)) is not None:
                     problems.append(Problem(why.message, hint=why.hint, **locate(locations, f"models.{name}.path", top)))
+            if section == "models" and spec.backend == "vllm":
+                from .backends.vllm import INSTALL, available
+
+                if not available():
+                    problems.append(Problem(
+                        f"model '{name}' uses the vllm backend, but vllm is not installed here.",
+                        hint=f"Install it on a GPU machine (`{INSTALL}`), or use backend = \"hf\".",
+                        **locate(locations, f"models.{name}.backend", top)))
 
     stages: dict[str, Stage] = {}
     known = registry.kinds()

@@ -177,7 +177,8 @@ class _Models:
 
 
 def _is_remote(model) -> bool:
-    return model.spec is not None and model.spec.backend == "openai"
+    """Served by a backend that gives no token log-probabilities here (openai, vllm)."""
+    return model.spec is not None and model.spec.backend != "hf"
 
 
 def run(config: Config, inputs, ctx) -> None:
@@ -256,7 +257,7 @@ def run(config: Config, inputs, ctx) -> None:
 
     judged = judge_model is not None
     per_model = {m.name: ev.model_metrics([r for r in rows if r["model"] == m.name], suites, judged,
-                                          "n/a (openai backend: no token log-probabilities)" if _is_remote(m) else None)
+                                          f"n/a ({m.spec.backend} backend: no token log-probabilities)" if _is_remote(m) else None)
                  for m in models}
     of = {n: [r for r in rows if r["model"] == n] for n in names}
     for n in names:  # 95% intervals of the headline rates; differences against the first model
