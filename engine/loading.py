@@ -52,6 +52,9 @@ def load_model(model: "Artifact", recipe: "Recipe", cache_root: Path | None, log
         m, tok = _load_dir(Path(model.path) / "model", cache_root, log, merge_adapter, device)
     else:
         m, tok = _load_spec(model.name, model.spec, recipe, cache_root, log, merge_adapter, device)
+    first = next(m.parameters(), None)
+    if first is not None:
+        log.info("model '%s' is on %s in %s", model.name, first.device, str(first.dtype).replace("torch.", ""))
     if tok.chat_template is None:
         raise RecipeError.single(f"model '{model.name}' has no chat template.",
                                  hint="Set chat_template in its [models] table (inline Jinja or a file).",
@@ -116,15 +119,16 @@ def _load_spec(name: str, spec, recipe: "Recipe | None", cache_root: Path | None
     return m, tok
 
 
-def devices(device: str) -> list[str]:
+def devices(device: str, small: bool = False) -> list[str]:
     """The devices a generation backend replicates over: "auto" is every visible GPU (else the
-    CPU); "cuda:0,cuda:1" (or "cpu,cpu") is a list. Training uses the first one."""
+    CPU; the CPU too for a `small` model, see engine.models.is_small); "cuda:0,cuda:1" (or
+    "cpu,cpu") is a list. Training uses the first one."""
     parts = [d.strip() for d in device.split(",") if d.strip()]
     if parts and parts != ["auto"]:
         return parts
     import torch
 
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not small:
         return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     return ["cpu"]
 
@@ -153,7 +157,10 @@ def backend(model: "Artifact", recipe: "Recipe", cache_root: Path | None, log: l
 
     kv_cache = spec.kv_cache if spec else "auto"
     replicas = []
-    for device in devices(spec.device if spec else "auto"):
+    from .models import is_small
+
+    small = is_small(spec.path if spec else str(Path(model.path) / "model"), cache_root)
+    for device in devices(spec.device if spec else "auto", small):
         load = lambda device=device: load_model(model, recipe, cache_root, log, device=device)  # noqa: E731
         if pool is None:
             m, tok = load()

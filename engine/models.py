@@ -322,7 +322,7 @@ def load_model(path_or_dir: str | os.PathLike, *, dtype: Any = "auto", device: s
 
     path = str(path_or_dir)
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() and not is_small(path, cache_root) else "cpu"
     if device == "cuda":  # this process's GPU (its LOCAL_RANK under accelerate), as the trainer expects
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', torch.cuda.current_device()))}"
     torch_dtype = _resolve_dtype(dtype, device)
@@ -354,6 +354,34 @@ def load_model(path_or_dir: str | os.PathLike, *, dtype: Any = "auto", device: s
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.to(device).eval()
     return model, tokenizer
+
+
+SMALL_MODEL = 20_000_000  # parameters: below this, "auto" places a model on the CPU
+
+
+def is_small(path: str, cache_root: Any) -> bool:
+    """Whether a local model (builtin or directory) has under SMALL_MODEL parameters, estimated
+    from its config.json. Such a model (builtin:tiny-chat has 0.1M) runs faster on the CPU than on
+    a GPU, where every decode step would be hundreds of kernel launches doing almost no work.
+    Unknown (hub ids, adapters): False."""
+    import json
+
+    if path.startswith("builtin:"):
+        if path == "builtin:tiny-chat":
+            return True
+        if path.split(":", 1)[1] not in BUILDERS:
+            return False
+        folder = builtin_root(Path(cache_root)) / _builtin_folder(path.split(":", 1)[1])
+    else:
+        folder = Path(path).expanduser()
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+        hidden, layers, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    inter = cfg.get("intermediate_size") or 4 * hidden
+    params = layers * (4 * hidden * hidden + 3 * hidden * inter) + vocab * hidden * (1 if cfg.get("tie_word_embeddings") else 2)
+    return params < SMALL_MODEL
 
 
 def prepare_tokenizer(tokenizer: Any, model: Any) -> None:

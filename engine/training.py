@@ -27,7 +27,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 from pydantic import Field
 
@@ -332,11 +332,12 @@ def last_checkpoint(ckpt_dir: Path, ctx) -> str | None:
     return str(complete[-1])
 
 
-def trainer_args(config, ctx, batch: Batch, ckpt_dir: Path) -> dict:
-    """Keyword arguments every training stage passes to its TRL config the same way."""
+def trainer_args(config, ctx, batch: Batch, ckpt_dir: Path, model: Any = None) -> dict:
+    """Keyword arguments every training stage passes to its TRL config the same way. The trainer
+    stays on the device the model was loaded on (a small model is placed on the CPU)."""
     import torch
 
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() and (model is None or next(model.parameters()).device.type == "cuda")
     return dict(
         output_dir=str(ckpt_dir), per_device_train_batch_size=batch.per_device,
         gradient_accumulation_steps=batch.accumulation, learning_rate=config.lr, num_train_epochs=config.epochs,

@@ -235,7 +235,7 @@ def run(config: Config, inputs: dict, ctx) -> None:
     ckpt_dir = checkpoint_dir(ctx)
     timing: dict[int, float] = {}
     model.train()
-    trainer = _trainer(config, model, ref, tok, data, trainer_args(config, ctx, batch, ckpt_dir),
+    trainer = _trainer(config, model, ref, tok, data, trainer_args(config, ctx, batch, ckpt_dir, model),
                        [step_callback(ctx, timing)])
     quiet(trainer)
 

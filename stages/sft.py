@@ -189,7 +189,7 @@ def run(config: Config, inputs: dict, ctx) -> None:
     ckpt_dir = checkpoint_dir(ctx)
     # derived masks arrive as `assistant_masks` next to the token ids; TRL applies them either way
     args = SFTConfig(assistant_only_loss=method != "derived", max_length=config.max_length, packing=config.packing,
-                     **trainer_args(config, ctx, batch, ckpt_dir))
+                     **trainer_args(config, ctx, batch, ckpt_dir, model))
     model.train()
     timing: dict[int, float] = {}
     trainer = SFTTrainer(model=model, args=args, train_dataset=_dataset(tok, kept, method, ctx, inputs["model"].name),

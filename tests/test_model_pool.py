@@ -217,3 +217,22 @@ def test_vllm_backend_is_refused_at_validate_when_vllm_is_missing(tmp_path, monk
     path.write_text(path.read_text().replace('device = "cpu"', 'backend = "vllm"'))
     with pytest.raises(RecipeError, match="uses the vllm backend, but vllm is not installed"):
         load_recipe(path)
+
+
+def test_small_models_are_placed_on_the_cpu_by_auto(tmp_path):
+    import json
+
+    from engine.models import is_small
+
+    def config(hidden, layers, vocab):
+        d = tmp_path / f"m{hidden}"
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"hidden_size": hidden, "num_hidden_layers": layers,
+                                                   "vocab_size": vocab, "intermediate_size": 4 * hidden}))
+        return str(d)
+
+    assert is_small("builtin:tiny-chat", tmp_path)
+    assert is_small(config(256, 4, 1000), tmp_path)
+    assert not is_small(config(2048, 24, 49152), tmp_path)  # SmolLM2-1.7B's shape
+    assert not is_small("Qwen/Qwen2.5-0.5B-Instruct", tmp_path)  # unknown here: the GPU when there is one
+    assert devices("auto", small=True) == ["cpu"]
