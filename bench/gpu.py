@@ -1,0 +1,459 @@
+"""Benchmark: the engine on one GPU against the card's own limits and against plain scripts.
+
+    python bench/gpu.py [--tokenizer DIR] [--budget-s 480] [--parts hw,gen,sft,dpo,flagship]
+    python bench/gpu.py --smoke          # the same code paths at toy sizes, on whatever is here (CPU)
+
+On a GPU machine without our dependencies or the hub: `bash bench/gpu_prepare.sh` here puts the
+missing wheels in .whl/ and SmolLM2's tokenizer in .gpu/tokenizer (its header gives the command to run
+there).
+
+Weights cannot be downloaded on the GPU machines, so the model is built there: a random-init Llama
+with SmolLM2-1.7B's shapes (24 layers, hidden 2048, MLP 8192, 32 heads, vocabulary 49,152: 1.71 B
+parameters) in bfloat16, with a real tokenizer (`--tokenizer`: a directory with tokenizer.json and
+its chat template; default: builtin:smollm2-135m's, which has SmolLM2's tokenizer). Random weights
+do not change the speed of a forward pass; 256 new tokens are forced (min_new_tokens) everywhere.
+
+What it measures, each figure with its baseline (run in this same process) and its hardware bound:
+- hw: device copy bandwidth (read + write bytes / s) and the bf16 matmul rate (8192^3).
+- gen: generation tokens/s of each backend installed (hf with a dynamic KV cache: the baseline, what
+  the hf backend did before; hf with a static cache and compiled decode; vllm when importable) for
+  one prompt and batches of 16, 64 and 256 prompts. Bound: a decode step reads every weight once, so
+  tokens/s <= batch x bandwidth / weight bytes, and <= matmul rate / (2 x parameters).
+- sft / dpo: the engine's stage against a plain TRL script on the same job (bench/bench_sft.py's
+  job for sft; the same pairs, steps and batch for dpo): wall-time ratio, training tokens/s and
+  model-FLOPs utilisation (6 x parameters x tokens/s over the measured matmul rate).
+- flagship: per-stage wall time of `recipe run recipes/caI_multiturn.toml` on builtin:tiny-chat
+  here against the same run pinned to 2 CPU cores with no GPU (taskset, CUDA_VISIBLE_DEVICES=""),
+  then on the 1.7B-shaped model with whatever time is left (stages not reached are reported so).
+
+Parts run in that order and stop when `--budget-s` is spent (the rest are printed as skipped).
+The output is one table (figure, value, baseline, x baseline, bound, x bound), then one JSON line,
+also written to `--out`/gpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+SHAPES = {  # SmolLM2-1.7B-Instruct's config, and a toy for --smoke
+    "1.7b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
+                 num_key_value_heads=32, max_position_embeddings=8192, rope_theta=130000.0, tie_word_embeddings=True),
+    "smoke": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True),
+}
+# ChatML (SmolLM2's format) with {% generation %} around what the assistant emits, so that the plain TRL
+# script can train assistant-only like the stage does (TRL cannot patch SmolLM2's own template)
+CHATML = ("{%- for message in messages -%}"
+          "{%- if message['role'] == 'assistant' -%}{{- '<|im_start|>assistant\\n' -}}"
+          "{%- generation -%}{{- message['content'] + '<|im_end|>' -}}{%- endgeneration -%}{{- '\\n' -}}"
+          "{%- else -%}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+          "{%- endif -%}{%- endfor -%}"
+          "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
+TOPICS = ["tides", "photosynthesis", "a job interview", "rain", "boiling an egg", "Romeo and Juliet", "compilers",
+          "sourdough", "the French revolution", "binary search", "volcanoes", "jazz"]
+
+
+class Table:
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def add(self, figure: str, value: float | None, unit: str, baseline: float | None = None,
+            bound: float | None = None, note: str = "") -> None:
+        self.rows.append({"figure": figure, "value": value, "unit": unit, "baseline": baseline, "bound": bound,
+                          "x_baseline": value / baseline if value and baseline else None,
+                          "x_bound": value / bound if value and bound else None, "note": note})
+        print(f"  {figure}: {_num(value)} {unit}" + (f"  ({note})" if note else ""), flush=True)
+
+    def print(self) -> None:
+        head = f"{'figure':44} {'value':>12} {'unit':10} {'baseline':>10} {'x base':>7} {'bound':>10} {'x bound':>7}"
+        print("\n" + head + "\n" + "-" * len(head))
+        for r in self.rows:
+            print(f"{r['figure'][:44]:44} {_num(r['value']):>12} {r['unit'][:10]:10} {_num(r['baseline']):>10} "
+                  f"{_ratio(r['x_baseline']):>7} {_num(r['bound']):>10} {_ratio(r['x_bound']):>7}"
+                  + (f"  {r['note']}" if r["note"] else ""))
+
+
+def _num(x) -> str:
+    if x is None:
+        return "-"
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
+def _ratio(x) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str) -> float:
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+# --------------------------------------------------------------------------- hardware
+
+
+def hardware(device: str, smoke: bool) -> dict:
+    import torch
+
+    n = (16 << 20) if smoke else (2 << 30)  # bytes per buffer
+    x = torch.empty(n, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    reps = 3 if smoke else 20
+    t = timed(lambda: [y.copy_(x) for _ in range(reps)], device)
+    bandwidth = 2 * n * reps / t  # each copy reads and writes n bytes
+    del x, y
+    size = 256 if smoke else 8192
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    reps = 3 if smoke else 30
+    t = timed(lambda: [a @ b for _ in range(reps)], device)
+    flops = 2 * size ** 3 * reps / t
+    return {"bandwidth": bandwidth, "flops": flops}
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def build_model(shape: str, tokenizer_dir: Path, out: Path, device: str):
+    """A random-init model of `shape` on `device` in bf16 (float32 on a CPU), saved with the
+    tokenizer to `out` (the engine and the TRL scripts load it from there)."""
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    if "<|im_start|>" in tok.get_vocab():
+        tok.chat_template = CHATML
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, **SHAPES[shape])
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                               pad_token_id=tok.pad_token_id, do_sample=False)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return model.eval(), tok
+
+
+def prompts(n: int) -> list[list[dict]]:
+    return [[{"role": "user", "content": f"Question {i}: explain {TOPICS[i % len(TOPICS)]} to a curious "
+                                         f"{'child' if i % 2 else 'engineer'}" + ", briefly" * (i % 4) + "."}]
+            for i in range(n)]
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def generation(model, tok, model_dir: Path, hw: dict, table: Table, batches: list[int], new: int, device: str,
+               deadline: float) -> dict:
+    from engine.backends import SamplingParams
+    from engine.backends.hf import HFBackend
+
+    params_n = sum(p.numel() for p in model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    model.generation_config.min_new_tokens = new  # forced length: like for like everywhere
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=new)
+    results: dict = {}
+    for kind in ("dynamic", "static"):
+        for b in batches:
+            if time.time() > deadline:
+                table.add(f"generate hf-{kind} batch {b}", None, "tokens/s", note="skipped (budget)")
+                continue
+            backend = HFBackend(model, tok, batch_size=b, kv_cache=kind)
+            ps = prompts(b)
+            first = timed(lambda: backend.generate(ps, sampling, 0), device)  # compiles, for static on CUDA
+            t = timed(lambda: backend.generate(ps, sampling, 1), device)
+            rate = b * new / t
+            results[(kind, b)] = rate
+            bound = min(b * hw["bandwidth"] / weight_bytes, hw["flops"] / (2 * params_n))
+            table.add(f"generate hf-{kind} batch {b}", rate, "tokens/s", baseline=results.get(("dynamic", b)),
+                      bound=bound, note=f"first call {first:.1f} s")
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        table.add("generate vllm", None, "tokens/s", note="vllm not importable here")
+        return results
+    if time.time() > deadline:
+        table.add("generate vllm", None, "tokens/s", note="skipped (budget)")
+        return results
+    from engine.backends.vllm import VLLMBackend
+
+    backend = VLLMBackend({"model": str(model_dir), "dtype": "auto"})
+    for b in batches:
+        ps = prompts(b)
+        sps = [backend._vllm.SamplingParams(temperature=1.0, max_tokens=new, min_tokens=new, ignore_eos=True, seed=i)
+               for i in range(b)]
+        backend.llm.chat(ps, sampling_params=sps, use_tqdm=False)
+        t = timed(lambda: backend.llm.chat(ps, sampling_params=sps, use_tqdm=False), device)
+        rate = b * new / t
+        results[("vllm", b)] = rate
+        bound = min(b * hw["bandwidth"] / weight_bytes, hw["flops"] / (2 * params_n))
+        table.add(f"generate vllm batch {b}", rate, "tokens/s", baseline=results.get(("dynamic", b)), bound=bound)
+    backend.close()
+    return results
+
+
+# --------------------------------------------------------------------------- training
+
+
+DPO_RECIPE = """
+[recipe]
+name = "bench-dpo"
+seed = 1
+
+[models.policy]
+path = "{model}"
+
+[datasets.pairs]
+path = "data/pairs.jsonl"
+type = "preferences"
+
+[stages.train]
+kind = "dpo"
+input = "pairs"
+model = "policy"
+lr = 1e-6
+max_steps = {steps}
+batch_size = {batch}
+per_device_batch_size = {batch}
+max_length = 512
+save_steps = 1000
+"""
+
+
+def pairs(n: int) -> list[dict]:
+    out = []
+    for i in range(n):
+        q = f"Question {i}: how does part {i % 7} relate to part {i % 5}?"
+        out.append({"id": f"p{i}", "prompt": [{"role": "user", "content": q}],
+                    "chosen": [{"role": "assistant", "content": f"Part {i % 7} feeds part {i % 5}. " * (2 + i % 6)}],
+                    "rejected": [{"role": "assistant", "content": "I cannot say. " * (1 + i % 4)}]})
+    return out
+
+
+def dpo_engine(root: Path, runs: Path, model: str, steps: int, batch: int) -> tuple[float, dict]:
+    from engine.executor import run
+    from engine.recipe import load_recipe
+
+    (root / "recipe.toml").write_text(textwrap.dedent(DPO_RECIPE).format(model=model, steps=steps, batch=batch))
+    t = time.perf_counter()
+    record = run(load_recipe(root / "recipe.toml"), runs, force=["train"])
+    wall = time.perf_counter() - t
+    out = record.dir / "stages" / "train"
+    report = json.loads((out / "report.json").read_text())
+    report["train_seconds"] = json.loads((out / "metrics.json").read_text()).get("train_seconds")
+    return wall, report
+
+
+def dpo_script(rows: list[dict], model_dir: str, out: Path, steps: int, batch: int) -> float:
+    """The plain script: DPOTrainer with a reference copy, the same pairs, steps and batch."""
+    t = time.perf_counter()
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.trainer_callback import PrinterCallback
+    from trl import DPOConfig, DPOTrainer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    ref = AutoModelForCausalLM.from_pretrained(model_dir)
+    cuda = torch.cuda.is_available()
+    args = DPOConfig(output_dir=str(out / "ckpt"), per_device_train_batch_size=batch, learning_rate=1e-6,
+                     max_steps=steps, max_length=512, save_steps=1000, logging_steps=1, report_to=[], seed=1,
+                     use_cpu=not cuda, bf16=cuda and torch.cuda.is_bf16_supported(), disable_tqdm=True)
+    data = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+    trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=data, processing_class=tok)
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    trainer.save_model(str(out / "model"))
+    return time.perf_counter() - t
+
+
+def training(model_dir: Path, params_n: int, hw: dict, table: Table, work: Path, steps: int, smoke: bool,
+             which: list[str], deadline: float) -> None:
+    import bench_sft
+
+    rows = bench_sft.conversations(32 if smoke else 64)
+    proj = work / "sft-proj"
+    (proj / "data").mkdir(parents=True, exist_ok=True)
+    (proj / "data" / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dproj = work / "dpo-proj"
+    (dproj / "data").mkdir(parents=True, exist_ok=True)
+    prs = pairs(32 if smoke else 64)
+    (dproj / "data" / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prs))
+    for part in which:
+        if time.time() > deadline:
+            table.add(f"{part}: engine / plain TRL wall", None, "ratio", note="skipped (budget)")
+            continue
+        if part == "sft":
+            bench_sft.engine_run(proj, work / "runs", str(model_dir), 2)  # warm-up: imports, allocator
+            wall, report = bench_sft.engine_run(proj, work / "runs", str(model_dir), steps)
+            script = bench_sft.trl_run(rows, str(model_dir), work / "trl-sft", steps)
+        else:
+            dpo_engine(dproj, work / "runs", str(model_dir), 2, 4)
+            wall, report = dpo_engine(dproj, work / "runs", str(model_dir), steps, 4)
+            script = dpo_script(prs, str(model_dir), work / "trl-dpo", steps, 4)
+        table.add(f"{part}: engine stage wall ({steps} steps)", wall, "s", baseline=script,
+                  note=f"plain TRL script {script:.1f} s; target <= 1.1x" if part == "sft" else
+                  f"plain TRL script {script:.1f} s")
+        seen, secs = report.get("tokens_seen"), report.get("train_seconds")
+        if seen and secs:
+            rate = seen / secs
+            table.add(f"{part}: training tokens/s", rate, "tokens/s", bound=hw["flops"] / (6 * params_n),
+                      note=f"MFU {6 * params_n * rate / hw['flops']:.1%} (x bound)")
+
+
+# --------------------------------------------------------------------------- the flagship
+
+
+def flagship(table: Table, work: Path, label: str, env_extra: dict, prefix: list[str], sets: list[str],
+             timeout: float) -> dict:
+    runs = work / f"runs-{label}"
+    env = dict(os.environ, **env_extra)
+    cmd = prefix + [sys.executable, "-m", "engine.cli", "run", "recipes/caI_multiturn.toml", "--runs-dir", str(runs)]
+    for s in sets:
+        cmd += ["--set", s]
+    t = time.perf_counter()
+    try:
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=max(1.0, timeout))
+        status = "ok" if done.returncode == 0 else f"exit {done.returncode}: {done.stderr.strip()[-300:]}"
+    except subprocess.TimeoutExpired:
+        status = "stopped at the time budget"
+    wall = time.perf_counter() - t
+    stages = {}
+    for record in sorted(runs.glob("*/*/record.json")):
+        for name, st in json.loads(record.read_text()).get("stages", {}).items():
+            stages[name] = st.get("duration_s") if st.get("status") == "run" else st.get("status")
+    return {"wall": wall, "status": status, "stages": stages}
+
+
+def flagships(table: Table, work: Path, model_dir: Path | None, deadline: float, smoke: bool) -> dict:
+    out = {}
+    here = flagship(table, work, "here", {}, [], [], deadline - time.time())
+    cpu_env = {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "2"}
+    pin = ["taskset", "-c", "0,1"] if shutil.which("taskset") else []
+    cpu = flagship(table, work, "cpu2", cpu_env, pin, [], deadline - time.time())
+    out["tiny"] = {"here": here, "cpu_2_cores": cpu}
+    for name in sorted(set(here["stages"]) | set(cpu["stages"])):
+        a, b = here["stages"].get(name), cpu["stages"].get(name)
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+            table.add(f"flagship tiny: {name}", a, "s", baseline=b, note="baseline: 2 CPU cores, no GPU")
+    table.add("flagship tiny: whole run", here["wall"], "s", baseline=cpu["wall"],
+              note=f"{here['status']}; target <= 1.0x of 2 CPU cores")
+    if model_dir is not None and time.time() < deadline - 30:
+        # random weights give best_of_n's judge no score gap: min_margin 0 keeps the run going (speed only)
+        sets = [f"models.policy.path={model_dir}", "stages.best_of_n.min_margin=0.0"]
+        big = flagship(table, work, "big", {}, [], sets, deadline - time.time())
+        out["big"] = big
+        for name, v in big["stages"].items():
+            table.add(f"flagship 1.7B: {name}", v if isinstance(v, (int, float)) else None, "s",
+                      note="" if isinstance(v, (int, float)) else str(v))
+        table.add("flagship 1.7B: whole run", big["wall"], "s", note=big["status"])
+    else:
+        table.add("flagship 1.7B", None, "s", note="skipped (budget)")
+    return out
+
+
+# --------------------------------------------------------------------------- main
+
+
+def default_tokenizer() -> Path:
+    from engine.models import builtin_dir
+
+    return builtin_dir("smollm2-135m", ROOT / ".cache")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="toy sizes, to rehearse every code path on a CPU")
+    ap.add_argument("--tokenizer", type=Path, default=None)
+    ap.add_argument("--budget-s", type=float, default=480.0)
+    ap.add_argument("--parts", default="hw,gen,sft,dpo,flagship")
+    ap.add_argument("--batches", default=None, help="generation batch sizes (default 1,16,64,256; smoke 1,4)")
+    ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None, help="training steps per timed run")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    start = time.time()
+    deadline = start + args.budget_s
+    parts = args.parts.split(",")
+
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shape = "smoke" if args.smoke else "1.7b"
+    batches = [int(b) for b in (args.batches or ("1,4" if args.smoke else "1,16,64,256")).split(",")]
+    new = args.new_tokens or (16 if args.smoke else 256)
+    steps = args.steps or (3 if args.smoke else 10)
+    work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
+    out_dir = args.out or work
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = Table()
+    print(f"device: {torch.cuda.get_device_name(0) if device == 'cuda' else 'cpu'}; torch {torch.__version__}; "
+          f"model shape {shape}; work dir {work}", flush=True)
+
+    hw = hardware(device, args.smoke) if "hw" in parts else {"bandwidth": None, "flops": None}
+    if "hw" in parts:
+        table.add("copy bandwidth (read + write)", hw["bandwidth"] / 1e9, "GB/s")
+        table.add("matmul rate (bf16 8192^3)" if device == "cuda" else "matmul rate (fp32)", hw["flops"] / 1e12,
+                  "TFLOP/s")
+    model_dir = work / f"model-{shape}"
+    t = time.perf_counter()
+    model, tok = build_model(shape, args.tokenizer or default_tokenizer(), model_dir, device)
+    params_n = sum(p.numel() for p in model.parameters())
+    table.add(f"model built ({shape})", params_n / 1e9, "B params", note=f"{time.perf_counter() - t:.1f} s")
+    results = {"hw": hw, "params": params_n}
+    if "gen" in parts and hw["bandwidth"]:
+        gen = generation(model, tok, model_dir, hw, table, batches, new, device, deadline)
+        results["gen"] = {f"{k}/{b}": v for (k, b), v in gen.items()}
+        best = max(gen.values()) if gen else None
+        table.add(f"best generation ({max(batches)} prompts x {new} tokens)", best, "tokens/s",
+                  note="target >= 10,000 on one H200")
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    train_parts = [p for p in ("sft", "dpo") if p in parts]
+    if train_parts and hw["flops"]:
+        training(model_dir, params_n, hw, table, work, steps, args.smoke, train_parts, deadline)
+    if "flagship" in parts:
+        results["flagship"] = flagships(table, work, model_dir, deadline, args.smoke)
+    results["elapsed_s"] = time.time() - start
+    table.print()
+    payload = {"table": table.rows, **{k: v for k, v in results.items() if k != "flagship"},
+               "flagship": results.get("flagship")}
+    (out_dir / "gpu.json").write_text(json.dumps(payload, indent=1, default=str))
+    print(json.dumps(payload, default=str))
+
+
+if __name__ == "__main__":
+    main()
