@@ -37,7 +37,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -119,13 +118,12 @@ def hardware(device: str, smoke: bool) -> dict:
     import torch
 
     n = (16 << 20) if smoke else (2 << 30)  # bytes per buffer
-    x = torch.empty(n, dtype=torch.uint8, device=device)
-    y = torch.empty_like(x)
-    y.copy_(x)
+    bufs = [torch.empty(n, dtype=torch.uint8, device=device) for _ in range(2)]
+    bufs[1].copy_(bufs[0])
     reps = 3 if smoke else 20
-    t = timed(lambda: [y.copy_(x) for _ in range(reps)], device)
+    t = timed(lambda: [bufs[1].copy_(bufs[0]) for _ in range(reps)], device)
     bandwidth = 2 * n * reps / t  # each copy reads and writes n bytes
-    del x, y
+    bufs.clear()
     size = 256 if smoke else 8192
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     a = torch.randn(size, size, device=device, dtype=dtype)
