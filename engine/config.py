@@ -32,13 +32,18 @@ class Table(BaseModel):
 
 
 class Resources(Table):
-    """`[stages.X.resources]`: how many processes run the stage (training stages), and how many GPUs
-    one replica of a generation model spans (vllm)."""
+    """`[stages.X.resources]`: how many processes run the stage (training stages), how many GPUs
+    one replica of a generation model spans (vllm), and the workers of a stage on Ray. All of it is
+    execution-only: never in a fingerprint."""
 
     processes: int = Field(1, ge=1, le=256, description="Processes under `accelerate launch` (1 = in process).")
     accelerate_config: str | None = Field(
         None, description="An accelerate config file (FSDP, DeepSpeed), relative to the recipe file.")
-    gpus: int = Field(1, ge=1, le=64, description="GPUs per model replica: the vllm backend's tensor parallelism.")
+    gpus: int = Field(1, ge=1, le=64, description="GPUs per model replica: the vllm backend's tensor parallelism; "
+                                                "on Ray, GPUs per worker (when the cluster has GPUs).")
+    cpus: float = Field(1.0, gt=0, le=1024, description="On Ray: CPUs per worker.")
+    replicas: int | None = Field(None, ge=1, le=4096, description="On Ray: workers of a row stage (default: as "
+                                                                   "many as the cluster's GPUs, else CPUs, fit).")
 
 
 class StageConfig(Table):

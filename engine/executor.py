@@ -113,6 +113,7 @@ class Context:
     _progress: Any = None
     cache_root: Path | None = None
     pool: "loading.ModelPool | None" = None  # generation models kept between the stages of a run
+    lazy_models: bool = False  # backends load on first use (a Ray driver assembling committed shards)
     rows_out: int | None = None
     shards: ShardRunner = field(init=False)
 
@@ -155,9 +156,11 @@ class Context:
 
     def backend(self, model: "Artifact", batch_size: int = 64):
         """A generation backend for a model reference; call `.close()` when done (engine.loading.backend)."""
-        return loading.backend(model, self.recipe, self.cache_root, self.log, self.partial_dir, batch_size,
-                               pool=self.pool, resources=self.recipe.stages[self.stage].config.resources
-                               if self.stage in self.recipe.stages else None)
+        def load():
+            return loading.backend(model, self.recipe, self.cache_root, self.log, self.partial_dir, batch_size,
+                                   pool=self.pool, resources=self.recipe.stages[self.stage].config.resources
+                                   if self.stage in self.recipe.stages else None)
+        return loading.LazyBackend(load) if self.lazy_models else load()
 
     def save_rows(self, rows: list[dict], name: str = "rows.parquet") -> int:
         n = write_rows(self.out_dir / name, rows)
@@ -182,11 +185,27 @@ def select(recipe: Recipe, only: list[str], force: list[str]) -> set[str]:
     return upstream(recipe, only) if only else set(recipe.stages)
 
 
+EXECUTORS = ("local", "ray")
+
+
+def executor_default() -> str:
+    return os.environ.get("RECIPE_EXECUTOR", "local")
+
+
 def run(recipe: Recipe, runs_dir: str | os.PathLike, *, only: list[str] = (), force: list[str] = (),
-        console=None, progress=None) -> RunRecord:
+        console=None, progress=None, executor: str = "local", ray_address: str | None = None) -> RunRecord:
     """Run every selected stage not in the cache. Raises StageFailed (exit 1) or RecipeError
-    (exit 2); committed shards and upstream entries are kept either way."""
+    (exit 2); committed shards and upstream entries are kept either way. `executor` = "ray" runs
+    the stages' work on a Ray cluster (engine.rayexec); it never changes what a stage makes."""
+    if executor not in EXECUTORS:
+        raise RecipeError.single(f"unknown executor '{executor}'; known: {', '.join(EXECUTORS)}.",
+                                 hint="Use --executor local or --executor ray (or RECIPE_EXECUTOR).")
     runs_dir = Path(runs_dir)
+    if executor == "ray":
+        from . import rayexec
+
+        rayexec.connect(ray_address)
+        rayexec.check_shared_store(runs_dir)
     force = recipe.stage_names(list(force))
     chosen = select(recipe, list(only), force)
     memo = memo_for(runs_dir)
@@ -225,7 +244,7 @@ def run(recipe: Recipe, runs_dir: str | os.PathLike, *, only: list[str] = (), fo
                 else:
                     why = ["forced"] if name in force else item.reasons
                     pool.keep(models_used(recipe, [name, *to_build]))
-                    entry = _build(recipe, name, item, entries, store, record, console, progress, why, pool)
+                    entry = _build(recipe, name, item, entries, store, record, console, progress, why, pool, executor)
                     record.stage(name, status="run", duration_s=round(time.time() - started, 3),
                                  rows_in=entry.manifest["rows"]["in"], rows_out=entry.manifest["rows"]["out"],
                                  reasons=why)
@@ -276,7 +295,13 @@ def _inputs(recipe: Recipe, name: str, entries: dict[str, Entry]) -> dict[str, A
     return out
 
 
-def _build(recipe, name, item, entries, store, record, console, progress, why, pool=None) -> Entry:
+def _on_ray(stage, inputs, ctx, log_path) -> bool:
+    from . import rayexec
+
+    return rayexec.run_stage(stage, inputs, ctx, log_path)
+
+
+def _build(recipe, name, item, entries, store, record, console, progress, why, pool=None, executor="local") -> Entry:
     stage = recipe.stages[name]
     log_path = record.dir / "logs" / f"{name}.log"
     log = stage_logger(name, log_path)
@@ -290,7 +315,9 @@ def _build(recipe, name, item, entries, store, record, console, progress, why, p
                           log, recipe, console, progress, store.root, pool)
             if pool is not None and getattr(stage.module, "MULTI_PROCESS", False):  # a training stage
                 pool.before_training(log)
-            if stage.config.resources.processes > 1 and "RANK" not in os.environ:
+            if executor == "ray" and _on_ray(stage, inputs, ctx, log_path):
+                pass
+            elif stage.config.resources.processes > 1 and "RANK" not in os.environ:
                 from .launch import launch_stage
 
                 launch_stage(stage, inputs, ctx, log_path)

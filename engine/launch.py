@@ -67,24 +67,55 @@ def command(processes: int, accelerate_config: str | None, payload: Path) -> lis
     return cmd
 
 
-def launch_stage(stage, inputs: dict, ctx, log_path: Path) -> None:
-    """Run `stage` under accelerate with `stage.config.resources`; raise on failure."""
-    res = stage.config.resources
-    work = Path(ctx.partial_dir) / "launch"
-    work.mkdir(parents=True, exist_ok=True)
+def make_payload(stage, inputs: dict, ctx, log_path: Path, result: Path | None = None) -> dict:
+    """What another process needs to run `stage` (picklable): its config, its inputs without their
+    rows (read again from the store), the recipe with module names, the context's directories."""
     recipe = _portable(ctx.recipe)
     portable_inputs = {}
     for field, arts in inputs.items():
         items = arts if isinstance(arts, list) else [arts]
         copies = [dataclasses.replace(a, recipe=recipe if a.recipe is not None else None, _rows=None) for a in items]
         portable_inputs[field] = copies if isinstance(arts, list) else copies[0]
-    payload = {
+    return {
         "stage": stage.name, "config": stage.config, "inputs": portable_inputs, "recipe": recipe,
         "context": {"stage": ctx.stage, "fingerprint": ctx.fingerprint, "seed": ctx.seed,
                     "out_dir": str(ctx.out_dir), "partial_dir": str(ctx.partial_dir),
                     "cache_root": str(ctx.cache_root) if ctx.cache_root else None},
-        "log": str(log_path), "result": str(work / RESULT),
+        "log": str(log_path), "result": str(result) if result else None,
     }
+
+
+def open_payload(payload: dict, log: logging.Logger, out_dir: Path | None = None):
+    """(stage, config, inputs, Context) rebuilt from `make_payload`'s dict in this process."""
+    from .executor import Context
+
+    recipe = _restore(payload["recipe"])
+    for arts in payload["inputs"].values():
+        for art in arts if isinstance(arts, list) else [arts]:
+            if art.recipe is not None:
+                art.recipe = recipe
+    c = payload["context"]
+    ctx = Context(c["stage"], c["fingerprint"], c["seed"], Path(out_dir or c["out_dir"]), Path(c["partial_dir"]), log,
+                  recipe, None, None, Path(c["cache_root"]) if c["cache_root"] else None)
+    return recipe.stages[payload["stage"]], payload["config"], payload["inputs"], ctx
+
+
+def file_logger(name: str, path: str, tag: str) -> logging.Logger:
+    log = logging.getLogger(name)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [{tag}] %(message)s"))
+    log.addHandler(handler)
+    return log
+
+
+def launch_stage(stage, inputs: dict, ctx, log_path: Path) -> None:
+    """Run `stage` under accelerate with `stage.config.resources`; raise on failure."""
+    res = stage.config.resources
+    work = Path(ctx.partial_dir) / "launch"
+    work.mkdir(parents=True, exist_ok=True)
+    payload = make_payload(stage, inputs, ctx, log_path, work / RESULT)
     (work / RESULT).unlink(missing_ok=True)
     atomic_write_bytes(work / PAYLOAD, pickle.dumps(payload))
     config_file = None
@@ -116,29 +147,15 @@ def launch_stage(stage, inputs: dict, ctx, log_path: Path) -> None:
 
 def worker(payload_path: str) -> int:
     """One process of a launched stage (run by accelerate)."""
-    from .executor import Context
     from .record import close_logger
 
     payload = pickle.loads(Path(payload_path).read_bytes())
-    recipe = _restore(payload["recipe"])
-    for arts in payload["inputs"].values():
-        for art in arts if isinstance(arts, list) else [arts]:
-            if art.recipe is not None:
-                art.recipe = recipe
     rank = int(os.environ.get("RANK", "0"))
     log_file = payload["log"] if rank == 0 else f"{payload['log']}.rank{rank}"
-    log = logging.getLogger(f"recipe.stage.{payload['stage']}.rank{rank}")
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    handler = logging.FileHandler(log_file, encoding="utf-8")
-    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [rank {rank}] %(message)s"))
-    log.addHandler(handler)
-    c = payload["context"]
-    ctx = Context(c["stage"], c["fingerprint"], c["seed"], Path(c["out_dir"]), Path(c["partial_dir"]), log, recipe,
-                  None, None, Path(c["cache_root"]) if c["cache_root"] else None)
-    stage = recipe.stages[payload["stage"]]
+    log = file_logger(f"recipe.stage.{payload['stage']}.rank{rank}", log_file, f"rank {rank}")
+    stage, config, inputs, ctx = open_payload(payload, log)
     try:
-        stage.module.run(payload["config"], payload["inputs"], ctx)
+        stage.module.run(config, inputs, ctx)
     except Exception:
         import traceback
 

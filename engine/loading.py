@@ -176,6 +176,24 @@ def backend(model: "Artifact", recipe: "Recipe", cache_root: Path | None, log: l
     return Replicas(replicas)
 
 
+class LazyBackend:
+    """A backend that loads its model on first use: a stage whose shards are all committed (by Ray
+    workers) assembles its output without loading anything."""
+
+    def __init__(self, load) -> None:
+        self._load, self._backend = load, None
+
+    def __getattr__(self, name: str):
+        if self._backend is None:
+            self._backend = self._load()
+        return getattr(self._backend, name)
+
+    def close(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
+
+
 class _Pooled:
     def __init__(self, model: Any, tokenizer: Any) -> None:
         self.model, self.tokenizer, self.users = model, tokenizer, 0

@@ -6,6 +6,11 @@
 A restarted stage skips committed shards. Random streams derive per row (engine.seeds), never
 from a shard's index or size, so an interrupted-then-resumed run produces exactly the rows of an
 uninterrupted one, whatever the shard size, the process or the order in which shards ran.
+
+Several processes can work on one stage (the Ray executor): each runs the stage with `part =
+(rank, k)` and does the uncommitted shards whose index is rank mod k, then stops (PartDone) before
+the stage assembles anything; the driver then runs the stage over the committed shards. A shard
+committed twice (a retried task racing the one it replaced) keeps the first commit.
 """
 
 from __future__ import annotations
@@ -22,8 +27,18 @@ from .io import atomic_write_json
 from .seeds import derive
 from .rows import read_rows, write_rows
 
-# Test hook: exit abruptly (as SIGKILL would) after this many shard commits in one process.
+# Test hooks: exit abruptly (as SIGKILL would) after this many shard commits in one process; or,
+# once per marker file, in the middle of a shard (before its commit).
 CRASH_ENV = "RECIPE_CRASH_AFTER_SHARDS"
+CRASH_ONCE_ENV = "RECIPE_CRASH_ONCE_IN_SHARD"
+
+
+class PartDone(Exception):
+    """A worker of a multi-process stage has done its share of the shards (see ShardRunner.part)."""
+
+    def __init__(self, committed: int, shards: int) -> None:
+        super().__init__(f"committed {committed} of {shards} shards")
+        self.committed, self.shards = committed, shards
 
 
 def shard_seed(recipe_seed: int, fp: str, index: int) -> int:
@@ -57,6 +72,7 @@ class ShardRunner:
         self.root, self.fp, self.recipe_seed = root, fp, recipe_seed
         self.progress, self.log = progress, log
         self.committed_here = 0
+        self.part: tuple[int, int] | None = None  # (rank, k): do only shards with index % k == rank
 
     def _shard_dir(self, index: int) -> Path:
         return self.root / f"shard-{index:06d}"
@@ -84,13 +100,40 @@ class ShardRunner:
         work.mkdir(parents=True)
         write_rows(work / "rows.parquet", result.rows)
         atomic_write_json(work / "stats.json", dict(result.stats, _rows=len(result.rows)))
-        os.replace(work, self._shard_dir(index))
+        try:
+            os.replace(work, self._shard_dir(index))
+        except OSError:  # committed meanwhile by another attempt: the same rows, keep the first
+            if not self._shard_dir(index).is_dir():
+                raise
+            shutil.rmtree(work, ignore_errors=True)
+            self.log.info("shard %d was committed by another worker; keeping that commit", index)
+            return
         self.committed_here += 1
         limit = os.environ.get(CRASH_ENV)
         if limit and self.committed_here >= int(limit):
             os._exit(137)
 
+    @staticmethod
+    def _crash_once() -> None:
+        marker = os.environ.get(CRASH_ONCE_ENV)
+        if marker:
+            try:
+                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return
+            os.close(fd)
+            os._exit(137)
+
     def _check_layout(self, total: int, shard_size: int) -> None:
+        if self.part is None:  # one process per stage (the store's build lock): nothing to agree on
+            return self._check_layout_locked(total, shard_size)
+        from filelock import FileLock
+
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.root.parent / f".{self.root.name}.layout.lock")):  # workers of one stage agree
+            self._check_layout_locked(total, shard_size)
+
+    def _check_layout_locked(self, total: int, shard_size: int) -> None:
         layout = {"rows": total, "shard_size": shard_size}
         path = self.root / "layout.json"
         if path.exists():
@@ -126,6 +169,11 @@ class ShardRunner:
         for index in range(n_shards):
             start = index * shard_size
             chunk = rows[start : start + shard_size]
+            if self.part is not None:
+                if index % self.part[1] == self.part[0] and not self._shard_dir(index).is_dir():
+                    self._crash_once()
+                    self._commit(index, fn(Shard(index, start, chunk, shard_seed(self.recipe_seed, self.fp, index))))
+                continue
             result = self._load(index)
             if result is None:
                 shard = Shard(index, start, chunk, shard_seed(self.recipe_seed, self.fp, index), task.advance)
@@ -137,6 +185,8 @@ class ShardRunner:
                 task.advance(len(chunk))
             out_rows.extend(result.rows)
             stats.append(result.stats)
+        if self.part is not None:
+            raise PartDone(self.committed_here, n_shards)
         if resumed:
             self.log.info("resumed: %d of %d shards were already committed", resumed, n_shards)
         return out_rows, stats

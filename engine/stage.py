@@ -32,7 +32,11 @@ Optional hooks:
 - `uses(config) -> (fields, what)`: the config fields this configuration reads (by mode, scorer,
   method, ...) and how to name it ("scorer 'rules'"). A key the user set that is not among them is
   reported by `recipe validate` ("rubric is not used by scorer 'rules'"), never silently ignored.
-- `MULTI_PROCESS: bool`: the stage can run under `accelerate launch` (`[stages.X.resources]`).
+- `MULTI_PROCESS: bool`: the stage can run under `accelerate launch` (`[stages.X.resources]`); on
+  Ray it runs as one task holding its GPUs.
+- `ROW_STAGE: bool`: the stage's work is `ctx.shards.map` over rows, and everything before the map
+  is cheap and deterministic: on Ray, workers run it with a share of the shards each
+  (engine.rayexec), then the driver runs it again to assemble the committed shards.
 - `summary(report) -> list[(label, value)]`, `summary_table(report) -> (headers, rows)`,
   `summary_notes(report) -> list[str]`: what `recipe show` prints from the stage's report.json.
 """
@@ -57,6 +61,7 @@ class StageModule(Protocol):
 
 HOOKS: dict[str, str] = {  # optional hook -> what it must be
     "gives": "callable", "check": "callable", "templates": "callable", "uses": "callable", "MULTI_PROCESS": "bool",
+    "ROW_STAGE": "bool",
     "summary": "callable", "summary_table": "callable", "summary_notes": "callable",
 }
 

@@ -53,6 +53,7 @@ from engine.shards import Shard, ShardResult
 from engine.revisions import REASONS, assess_revision, selected_positions
 
 VERSION = 1
+ROW_STAGE = True  # on Ray: workers share its shards (engine.rayexec)
 GIVES = "conversations"
 VARS = {"critique_template": {"conversation", "critique_request", "principle", "round", "examples"},
         "revision_template": {"conversation", "critique_request", "critique", "revision_request", "principle",

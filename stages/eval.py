@@ -42,6 +42,7 @@ from engine.evalsuites import FILES, SHIPPED_DIR, SUITES, SuiteError, load_suite
 from engine.shards import Shard, ShardResult
 
 VERSION = 1
+ROW_STAGE = True  # on Ray: workers share its shards (engine.rayexec)
 GIVES = "report"
 
 Suite = Literal["safety", "refusal", "sycophancy", "helpfulness", "diversity"]

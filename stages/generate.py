@@ -34,6 +34,7 @@ from engine.pairs import prompt_messages
 from engine.shards import Shard, ShardResult
 
 VERSION = 2  # 2: a `scenario` column seeds multi_turn before the prompt
+ROW_STAGE = True  # on Ray: workers share its shards (engine.rayexec)
 GIVES = "conversations"
 
 VARS = {"template": {"row", "prompt", "meta"},

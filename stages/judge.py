@@ -37,6 +37,7 @@ from engine.scoring import DEFAULT_PRINCIPLE, SCORER_GROUP, make_scorer, scorer_
 from engine.shards import Shard, ShardResult
 
 VERSION = 1
+ROW_STAGE = True  # on Ray: workers share its shards (engine.rayexec)
 GIVES = "conversations"  # preferences in, preferences out: see gives()
 
 

@@ -52,6 +52,7 @@ from engine.shards import Shard, ShardResult
 from engine.text import normalize
 
 VERSION = 1
+ROW_STAGE = True  # on Ray: workers share its shards (engine.rayexec)
 GIVES = "preferences"
 TEMPLATE_VARS = {"context", "response_a", "response_b", "principle", "chain_of_thought"}
 COMMON = {"kind", "resources", "method", "input", "sample_size", "shard_size", "batch_size"}

@@ -47,6 +47,7 @@ from engine.shards import Shard, ShardResult
 from engine.stats import mean, score_stats
 
 VERSION = 2  # 2: candidates (written replies), rule_reward scorer, written flags in pair meta
+ROW_STAGE = True  # on Ray: workers share its shards (engine.rayexec)
 GIVES = "conversations"  # or preferences: see gives()
 
 
