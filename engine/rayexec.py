@@ -18,6 +18,12 @@ local executor does. What changes is where a stage's work happens:
   built; the driver commits it. Multi-node training stays accelerate's own configuration.
 - Other stages (filter) run on the driver.
 
+Workers compute with the driver's torch thread count: float sums (perplexity, losses) depend on
+how a reduction is split, and with it the rows are byte-identical to a local run on the same
+hardware (tested on the flagship, trained weights included). Across different hardware (another
+CPU, a GPU) generated text stays the same only as far as the arithmetic does: seeds are per row,
+never per worker.
+
 Stages run one after another in topological order, as locally. The store must be one filesystem
 seen by every node: at start a worker writes a probe file under the runs dir and the driver must
 see it, else the run stops (exit 2) naming --runs-dir.
@@ -112,6 +118,15 @@ def _gpus(ray, res) -> float:
     return float(res.gpus) if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
 
 
+def _same_arithmetic(payload: dict) -> None:
+    """Compute with the driver's intra-op thread count: float sums (perplexity, losses) depend on how
+    a reduction is split, and Ray would give a 1-CPU worker one thread."""
+    if payload.get("threads"):
+        import torch
+
+        torch.set_num_threads(payload["threads"])
+
+
 def _part(blob: bytes, rank: int, k: int) -> dict:
     """A Ray task: this worker's share of a row stage's shards."""
     from .launch import file_logger, open_payload
@@ -119,6 +134,7 @@ def _part(blob: bytes, rank: int, k: int) -> dict:
     from .shards import PartDone
 
     payload = pickle.loads(blob)
+    _same_arithmetic(payload)
     log = file_logger(f"recipe.stage.{payload['stage']}.ray{rank}.{uuid.uuid4().hex[:6]}",
                       f"{payload['log']}.ray{rank}", f"ray worker {rank}/{k}")
     scratch = Path(tempfile.mkdtemp(prefix="recipe-ray-"))  # the stage never writes its entry here
@@ -142,6 +158,7 @@ def _whole(blob: bytes) -> dict:
     from .record import close_logger
 
     payload = pickle.loads(blob)
+    _same_arithmetic(payload)
     log = file_logger(f"recipe.stage.{payload['stage']}.ray.{uuid.uuid4().hex[:6]}", f"{payload['log']}.ray", "ray")
     try:
         stage, config, inputs, ctx = open_payload(payload, log)
@@ -154,13 +171,21 @@ def _whole(blob: bytes) -> dict:
         close_logger(log)
 
 
+def _driver_threads() -> int:
+    import torch  # a model stage is about to run: torch is needed anyway
+
+    return torch.get_num_threads()
+
+
 def run_stage(stage, inputs: dict, ctx, log_path: Path) -> bool:
     """Run `stage` on the cluster; False when it is a kind that runs on the driver."""
     from .launch import make_payload
 
     ray = _ray()
     res = stage.config.resources
-    blob = pickle.dumps(make_payload(stage, inputs, ctx, log_path))
+    payload = make_payload(stage, inputs, ctx, log_path)
+    payload["threads"] = _driver_threads()
+    blob = pickle.dumps(payload)
     if getattr(stage.module, "MULTI_PROCESS", False):
         gpus = _gpus(ray, res) * res.processes
         ctx.log.info("on Ray: one task with %g GPUs, %g CPUs", gpus, res.cpus)

@@ -16,7 +16,6 @@ from conftest import ROOT, write_jsonl
 from engine.errors import RecipeError
 from engine.executor import run
 from engine.recipe import load_recipe
-from engine.rows import read_rows
 
 ray = pytest.importorskip("ray")
 
@@ -171,3 +170,24 @@ def test_an_unknown_executor_is_exit_2(tmp_path):
                          cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "RECIPE_EXECUTOR": "slurm"})
     assert out.returncode == 2 and "RECIPE_EXECUTOR is 'slurm'" in out.stderr and "Traceback" not in out.stderr
+
+
+REDUCED = ("datasets.scenarios.limit=8", "stages.chats.shard_size=2", "stages.revised.shard_size=4",
+           "stages.best_of_n.shard_size=3", "stages.eval.max_items=2", "stages.eval.shard_size=8")
+
+
+@pytest.mark.slow
+def test_the_flagship_at_reduced_size_on_ray_equals_the_local_run(tmp_path, cluster):
+    def recipe():
+        return load_recipe(ROOT / "recipes" / "caI_multiturn.toml", sets=list(REDUCED))
+
+    local = run(recipe(), tmp_path / "local")
+    onray = run(recipe(), tmp_path / "ray", executor="ray")
+    rows = [s for s in local.data["stages"] if (local.dir / "stages" / s / "rows.parquet").is_file()]
+    assert {"chats", "revised", "best_of_n", "eval"} <= set(rows)
+    same_rows(local, onray, rows)
+    for stage in ("warmup", "sft", "dpo"):  # trained in a Ray task: the same weights
+        assert local.data["stages"][stage]["fingerprint"] == onray.data["stages"][stage]["fingerprint"]
+        mine = sorted((local.dir / "stages" / stage / "model").glob("*.safetensors"))
+        assert mine and [p.read_bytes() for p in mine] == \
+               [(onray.dir / "stages" / stage / "model" / p.name).read_bytes() for p in mine], stage
