@@ -215,14 +215,13 @@ def run(recipe: Recipe, runs_dir: str | os.PathLike, *, only: list[str] = (), fo
     record = RunRecord(runs_dir, recipe)
     entries: dict[str, Entry] = {}
     pool = loading.ModelPool()
-    to_build = [n for n in order(recipe) if n in chosen and (n in force or plan[n].status != "cached")]
+    steps = order(recipe)
+    to_build = [n for n in steps if n in chosen and (n in force or plan[n].status != "cached")]
     status = "failed"
     try:
-        for name in order(recipe):
+        for name in steps:
             if name not in chosen:
                 continue
-            if name in to_build:
-                to_build.remove(name)
             item = plan[name]
             record.stage(name, kind=item.kind, fingerprint=item.fingerprint, status="pending")
             started = time.time()
@@ -243,7 +242,8 @@ def run(recipe: Recipe, runs_dir: str | os.PathLike, *, only: list[str] = (), fo
                                  rows_out=rows.get("out"), reasons=[])
                 else:
                     why = ["forced"] if name in force else item.reasons
-                    pool.keep(models_used(recipe, [name, *to_build]))
+                    later = [n for n in to_build if steps.index(n) > steps.index(name)]
+                    pool.keep(models_used(recipe, [name, *later]))  # models no stage still to build reads go
                     entry = _build(recipe, name, item, entries, store, record, console, progress, why, pool, executor)
                     record.stage(name, status="run", duration_s=round(time.time() - started, 3),
                                  rows_in=entry.manifest["rows"]["in"], rows_out=entry.manifest["rows"]["out"],
@@ -295,10 +295,20 @@ def _inputs(recipe: Recipe, name: str, entries: dict[str, Entry]) -> dict[str, A
     return out
 
 
-def _on_ray(stage, inputs, ctx, log_path) -> bool:
-    from . import rayexec
+def _execute(stage, inputs, ctx, log_path: Path, executor: str) -> None:
+    """Where a stage's work happens: on a Ray cluster (row and training kinds), under `accelerate
+    launch` (processes > 1), or in this process."""
+    if executor == "ray":
+        from .rayexec import run_stage
 
-    return rayexec.run_stage(stage, inputs, ctx, log_path)
+        if run_stage(stage, inputs, ctx, log_path):
+            return
+    if stage.config.resources.processes > 1 and "RANK" not in os.environ:
+        from .launch import launch_stage
+
+        launch_stage(stage, inputs, ctx, log_path)
+    else:
+        stage.module.run(stage.config, inputs, ctx)
 
 
 def _build(recipe, name, item, entries, store, record, console, progress, why, pool=None, executor="local") -> Entry:
@@ -315,14 +325,7 @@ def _build(recipe, name, item, entries, store, record, console, progress, why, p
                           log, recipe, console, progress, store.root, pool)
             if pool is not None and getattr(stage.module, "MULTI_PROCESS", False):  # a training stage
                 pool.before_training(log)
-            if executor == "ray" and _on_ray(stage, inputs, ctx, log_path):
-                pass
-            elif stage.config.resources.processes > 1 and "RANK" not in os.environ:
-                from .launch import launch_stage
-
-                launch_stage(stage, inputs, ctx, log_path)
-            else:
-                stage.module.run(stage.config, inputs, ctx)
+            _execute(stage, inputs, ctx, log_path, executor)
             rows_in = 0
             for arts in inputs.values():
                 for art in arts if isinstance(arts, list) else [arts]:

@@ -100,16 +100,6 @@ def open_payload(payload: dict, log: logging.Logger, out_dir: Path | None = None
     return recipe.stages[payload["stage"]], payload["config"], payload["inputs"], ctx
 
 
-def file_logger(name: str, path: str, tag: str) -> logging.Logger:
-    log = logging.getLogger(name)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [{tag}] %(message)s"))
-    log.addHandler(handler)
-    return log
-
-
 def launch_stage(stage, inputs: dict, ctx, log_path: Path) -> None:
     """Run `stage` under accelerate with `stage.config.resources`; raise on failure."""
     res = stage.config.resources
@@ -147,12 +137,12 @@ def launch_stage(stage, inputs: dict, ctx, log_path: Path) -> None:
 
 def worker(payload_path: str) -> int:
     """One process of a launched stage (run by accelerate)."""
-    from .record import close_logger
+    from .record import close_logger, stage_logger
 
     payload = pickle.loads(Path(payload_path).read_bytes())
     rank = int(os.environ.get("RANK", "0"))
     log_file = payload["log"] if rank == 0 else f"{payload['log']}.rank{rank}"
-    log = file_logger(f"recipe.stage.{payload['stage']}.rank{rank}", log_file, f"rank {rank}")
+    log = stage_logger(payload["stage"], Path(log_file), f"rank {rank}")
     stage, config, inputs, ctx = open_payload(payload, log)
     try:
         stage.module.run(config, inputs, ctx)

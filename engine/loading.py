@@ -155,10 +155,10 @@ def backend(model: "Artifact", recipe: "Recipe", cache_root: Path | None, log: l
                                         gpus=getattr(resources, "gpus", 1) or 1)
     from .backends.hf import HFBackend
 
-    kv_cache = spec.kv_cache if spec else "auto"
-    replicas = []
     from .models import is_small
 
+    kv_cache = spec.kv_cache if spec else "auto"
+    replicas = []
     small = is_small(spec.path if spec else str(Path(model.path) / "model"), cache_root)
     for device in devices(spec.device if spec else "auto", small):
         load = lambda device=device: load_model(model, recipe, cache_root, log, device=device)  # noqa: E731
@@ -208,7 +208,6 @@ class ModelPool:
 
     def __init__(self) -> None:
         self.entries: dict[tuple, _Pooled] = {}
-        self.loads = 0  # models loaded through the pool (a test and the log read it)
 
     def borrow(self, key: tuple, load, log: logging.Logger):
         """(model, tokenizer, give_back) for `key`, loading it when absent."""
@@ -216,7 +215,6 @@ class ModelPool:
         if entry is None:
             self.make_room(key[-1], self.HEADROOM, log)
             entry = self.entries[key] = _Pooled(*load())
-            self.loads += 1
         else:
             log.info("model '%s' on %s is already loaded (kept from an earlier stage)", key[1], key[-1])
         entry.users += 1
@@ -225,10 +223,10 @@ class ModelPool:
             entry.users -= 1
         return entry.model, entry.tokenizer, give_back
 
-    def keep(self, wanted: set[tuple[str, str]], log: logging.Logger | None = None) -> None:
+    def keep(self, wanted: set[tuple[str, str]]) -> None:
         """Release every idle model whose (source, name) is not in `wanted`."""
         for key in [k for k, e in self.entries.items() if e.users == 0 and k[:2] not in wanted]:
-            self._drop(key, log)
+            self._drop(key, None)
 
     def make_room(self, device: str, factor: float, log: logging.Logger | None = None) -> None:
         """Release idle models on `device` when its free memory is under `factor` times the largest

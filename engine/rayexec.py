@@ -129,14 +129,13 @@ def _same_arithmetic(payload: dict) -> None:
 
 def _part(blob: bytes, rank: int, k: int) -> dict:
     """A Ray task: this worker's share of a row stage's shards."""
-    from .launch import file_logger, open_payload
-    from .record import close_logger
+    from .launch import open_payload
+    from .record import close_logger, stage_logger
     from .shards import PartDone
 
     payload = pickle.loads(blob)
     _same_arithmetic(payload)
-    log = file_logger(f"recipe.stage.{payload['stage']}.ray{rank}.{uuid.uuid4().hex[:6]}",
-                      f"{payload['log']}.ray{rank}", f"ray worker {rank}/{k}")
+    log = stage_logger(payload["stage"], Path(f"{payload['log']}.ray{rank}"), f"ray worker {rank}/{k}")
     scratch = Path(tempfile.mkdtemp(prefix="recipe-ray-"))  # the stage never writes its entry here
     try:
         stage, config, inputs, ctx = open_payload(payload, log, out_dir=scratch)
@@ -154,12 +153,12 @@ def _part(blob: bytes, rank: int, k: int) -> dict:
 
 def _whole(blob: bytes) -> dict:
     """A Ray task: a whole (training) stage, on the GPUs this task holds."""
-    from .launch import file_logger, launch_stage, open_payload
-    from .record import close_logger
+    from .launch import launch_stage, open_payload
+    from .record import close_logger, stage_logger
 
     payload = pickle.loads(blob)
     _same_arithmetic(payload)
-    log = file_logger(f"recipe.stage.{payload['stage']}.ray.{uuid.uuid4().hex[:6]}", f"{payload['log']}.ray", "ray")
+    log = stage_logger(payload["stage"], Path(f"{payload['log']}.ray"), "ray")
     try:
         stage, config, inputs, ctx = open_payload(payload, log)
         if config.resources.processes > 1:
@@ -181,19 +180,20 @@ def run_stage(stage, inputs: dict, ctx, log_path: Path) -> bool:
     """Run `stage` on the cluster; False when it is a kind that runs on the driver."""
     from .launch import make_payload
 
+    training, rows = getattr(stage.module, "MULTI_PROCESS", False), getattr(stage.module, "ROW_STAGE", False)
+    if not (training or rows):
+        return False
     ray = _ray()
     res = stage.config.resources
     payload = make_payload(stage, inputs, ctx, log_path)
     payload["threads"] = _driver_threads()
     blob = pickle.dumps(payload)
-    if getattr(stage.module, "MULTI_PROCESS", False):
+    if training:
         gpus = _gpus(ray, res) * res.processes
         ctx.log.info("on Ray: one task with %g GPUs, %g CPUs", gpus, res.cpus)
         task = ray.remote(_whole).options(num_gpus=gpus, num_cpus=res.cpus, max_retries=MAX_RETRIES)
         ctx.rows_out = ray.get(task.remote(blob))["rows_out"]
         return True
-    if not getattr(stage.module, "ROW_STAGE", False):
-        return False
     k, gpus = _workers(ray, res), _gpus(ray, res)
     ctx.log.info("on Ray: %d workers (%g GPUs, %g CPUs each)", k, gpus, res.cpus)
     if ctx.console is not None:

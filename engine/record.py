@@ -75,12 +75,13 @@ class RunRecord:
         atomic_write_text(self.dir / "record.json", json.dumps(self.data, indent=2, ensure_ascii=False) + "\n")
 
 
-def stage_logger(name: str, path: Path) -> logging.Logger:
+def stage_logger(name: str, path: Path, tag: str | None = None) -> logging.Logger:
+    """A stage's file logger; `tag` marks the lines of one process of a multi-process stage."""
     log = logging.getLogger(f"recipe.stage.{name}.{id(path)}")
     log.setLevel(logging.INFO)
     log.propagate = False
     handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s " + (f"[{tag}] " if tag else "") + "%(message)s"))
     log.addHandler(handler)
     return log
 

@@ -236,3 +236,29 @@ def test_small_models_are_placed_on_the_cpu_by_auto(tmp_path):
     assert not is_small(config(2048, 24, 49152), tmp_path)  # SmolLM2-1.7B's shape
     assert not is_small("Qwen/Qwen2.5-0.5B-Instruct", tmp_path)  # unknown here: the GPU when there is one
     assert devices("auto", small=True) == ["cpu"]
+
+
+def test_vllm_serves_a_stage_made_adapter_on_its_base_and_refuses_an_adapter_on_an_adapter(tmp_path):
+    import json
+
+    from engine.artifact import Artifact
+    from engine.backends.vllm import resolve
+    from engine.errors import RecipeError
+
+    def entry(fp: str, base: str | None):
+        model = tmp_path / fp / "model"
+        model.mkdir(parents=True)
+        if base is None:
+            (model / "config.json").write_text("{}")
+        else:
+            (model / "adapter_config.json").write_text('{"r": 8}')
+            (model / "base.json").write_text(json.dumps({"name": base, "stage": base}))
+        return Artifact(fp, "model", "stages", path=tmp_path / fp)
+
+    full, lora = entry("fpfull", None), entry("fplora", "fpfull")
+    assert resolve(full, tmp_path)["model"] == str(tmp_path / "fpfull" / "model")
+    assert resolve(full, tmp_path)["adapter"] is None
+    got = resolve(lora, tmp_path)
+    assert got["model"] == str(tmp_path / "fpfull" / "model") and got["adapter"] == str(tmp_path / "fplora" / "model")
+    with pytest.raises(RecipeError, match="itself a model with an adapter"):
+        resolve(entry("fplora2", "fplora"), tmp_path)

@@ -56,57 +56,51 @@ def _import_vllm():
     return vllm
 
 
-def _spec_source(spec: Any, cache_root: Path | None) -> str:
+def _from_spec(spec: Any, cache_root: Path | None) -> dict:
+    from ..fingerprint import is_file
+
     if spec.path.startswith("builtin:"):
         from ..models import builtin_dir
 
-        return str(builtin_dir(spec.path.split(":", 1)[1], Path(cache_root or ".")))
-    return str(Path(spec.path).expanduser()) if Path(spec.path).expanduser().is_dir() else spec.path
+        source = str(builtin_dir(spec.path.split(":", 1)[1], Path(cache_root or ".")))
+    else:
+        source = str(Path(spec.path).expanduser()) if Path(spec.path).expanduser().is_dir() else spec.path
+    template = spec.chat_template
+    if template and is_file(template):
+        template = Path(template).read_text()
+    return {"model": source, "revision": spec.revision, "adapter": spec.adapter, "dtype": spec.dtype,
+            "chat_template": template, "trust_remote_code": spec.trust_remote_code}
+
+
+def _from_dir(path: Path) -> dict:
+    adapter = str(path) if (path / "adapter_config.json").is_file() else None
+    return {"model": str(path), "revision": None, "adapter": adapter, "dtype": "auto", "chat_template": None,
+            "trust_remote_code": False}
 
 
 def resolve(model: "Artifact", cache_root: Path | None) -> dict:
     """What to start vLLM with for a model reference: {"model": dir or hub id, "revision",
-    "adapter": LoRA dir or None, "dtype", "chat_template", "trust_remote_code"}."""
-    from ..fingerprint import is_file
-
+    "adapter": LoRA dir or None, "dtype", "chat_template", "trust_remote_code"}. A stage-made
+    adapter is served on the base its base.json records."""
     if model.spec is not None:
-        spec = model.spec
-        template = spec.chat_template
-        if template and is_file(template):
-            template = Path(template).read_text()
-        return {"model": _spec_source(spec, cache_root), "revision": spec.revision, "adapter": spec.adapter,
-                "dtype": spec.dtype, "chat_template": template, "trust_remote_code": spec.trust_remote_code}
+        return _from_spec(model.spec, cache_root)
     path = Path(model.path) / "model"
     if not (path / "adapter_config.json").is_file():
-        return {"model": str(path), "revision": None, "adapter": None, "dtype": "auto", "chat_template": None,
-                "trust_remote_code": False}
+        return _from_dir(path)
     base = json.loads((path / "base.json").read_text())
     if "spec" in base:
         from ..recipe import ModelSpec
 
-        spec = ModelSpec.model_validate(base["spec"], strict=False)
-        if spec.adapter:
-            raise RecipeError.single(
-                f"model '{model.name}' is a LoRA adapter on '{base['name']}', itself a model with an adapter: the "
-                "vllm backend serves one adapter on plain weights.",
-                hint="Merge the first adapter (merge = true in the stage that trained it), or use backend = \"hf\".")
-        out = resolve_spec_only(spec, cache_root)
+        out = _from_spec(ModelSpec.model_validate(base["spec"], strict=False), cache_root)
     else:
-        base_dir = Path(cache_root or ".") / base["stage"] / "model" if "stage" in base else Path(base["dir"])
-        if (base_dir / "adapter_config.json").is_file():
-            raise RecipeError.single(
-                f"model '{model.name}' is a LoRA adapter on '{base['name']}', itself an adapter: the vllm backend "
-                "serves one adapter on plain weights.",
-                hint="Merge the first adapter (merge = true in the stage that trained it), or use backend = \"hf\".")
-        out = {"model": str(base_dir), "revision": None, "dtype": "auto", "chat_template": None,
-               "trust_remote_code": False}
+        out = _from_dir(Path(cache_root or ".") / base["stage"] / "model" if "stage" in base else Path(base["dir"]))
+    if out["adapter"]:
+        raise RecipeError.single(
+            f"model '{model.name}' is a LoRA adapter on '{base['name']}', itself a model with an adapter: the vllm "
+            "backend serves one adapter on plain weights.",
+            hint="Merge the first adapter (merge = true in the stage that trained it), or use backend = \"hf\".")
     out["adapter"] = str(path)
     return out
-
-
-def resolve_spec_only(spec: Any, cache_root: Path | None) -> dict:
-    return {"model": _spec_source(spec, cache_root), "revision": spec.revision, "dtype": spec.dtype,
-            "chat_template": None, "trust_remote_code": spec.trust_remote_code}
 
 
 def _lora_rank(adapter: str) -> int:
