@@ -183,7 +183,9 @@ class _RewardModel:
         for r in shard.rows:
             ids = self.tok.apply_chat_template(r["messages"], return_tensors="pt", return_dict=True)
             with torch.no_grad():
-                out.append({self.name: float(self.model(**ids).logits[0, 0])})
+                # 6 decimals: the CPU forward's last float bits vary run to run (allocation-dependent
+                # kernels), and a re-run must store the same score
+                out.append({self.name: round(float(self.model(**ids).logits[0, 0]), 6)})
         return out
 
     def close(self) -> None:
