@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -201,6 +203,12 @@ def run(recipe: Recipe, runs_dir: str | os.PathLike, *, only: list[str] = (), fo
         raise RecipeError.single(f"unknown executor '{executor}'; known: {', '.join(EXECUTORS)}.",
                                  hint="Use --executor local or --executor ray (or RECIPE_EXECUTOR).")
     runs_dir = Path(runs_dir)
+    spread = [n for n, s in recipe.stages.items() if s.config.resources.nodes > 1]
+    if spread and executor != "ray":
+        raise RecipeError.single(
+            f"stage '{spread[0]}' trains on {recipe.stages[spread[0]].config.resources.nodes} nodes, which needs "
+            "the Ray executor.", **recipe.where(f"stages.{spread[0]}.resources.nodes"),
+            hint="Run with --executor ray (and --ray-address), or remove [resources] nodes.")
     if executor == "ray":
         from . import rayexec
 
@@ -214,54 +222,109 @@ def run(recipe: Recipe, runs_dir: str | os.PathLike, *, only: list[str] = (), fo
     plan = {p.name: p for p in make_plan(recipe, runs_dir, memo)}
     record = RunRecord(runs_dir, recipe)
     entries: dict[str, Entry] = {}
-    pool = loading.ModelPool()
+    concurrent = executor == "ray"  # independent stages at once; Ray places their work by resources
+    pool = None if concurrent else loading.ModelPool()  # a Ray driver loads models only to patch a hole
     steps = order(recipe)
     to_build = [n for n in steps if n in chosen and (n in force or plan[n].status != "cached")]
-    status = "failed"
-    try:
-        for name in steps:
-            if name not in chosen:
-                continue
-            item = plan[name]
-            record.stage(name, kind=item.kind, fingerprint=item.fingerprint, status="pending")
-            started = time.time()
+    shared = threading.Lock()  # the store's warnings list, when stages run side by side
 
-            def waiting(name=name):
-                if console is not None:
-                    console.print(f"{name}: another run is building this stage; waiting for it")
+    def one(name: str) -> None:
+        item = plan[name]
+        record.stage(name, kind=item.kind, fingerprint=item.fingerprint, status="pending")
+        started = time.time()
 
-            with store.lock(item.fingerprint, on_wait=waiting):
+        def waiting():
+            if console is not None:
+                console.print(f"{name}: another run is building this stage; waiting for it")
+
+        with store.lock(item.fingerprint, on_wait=waiting):
+            with shared:
                 entry = None if name in force else store.get(item.fingerprint)
                 for w in store.warnings:
                     if console is not None:
                         console.print(f"[yellow]warning[/]: {name}: {w}")
                 store.warnings.clear()
-                if entry is not None:
-                    rows = entry.manifest.get("rows", {})
-                    record.stage(name, status="cached", duration_s=0.0, rows_in=rows.get("in"),
-                                 rows_out=rows.get("out"), reasons=[])
-                else:
-                    why = ["forced"] if name in force else item.reasons
+            if entry is not None:
+                rows = entry.manifest.get("rows", {})
+                record.stage(name, status="cached", duration_s=0.0, rows_in=rows.get("in"),
+                             rows_out=rows.get("out"), reasons=[])
+            else:
+                why = ["forced"] if name in force else item.reasons
+                if pool is not None:
                     later = [n for n in to_build if steps.index(n) > steps.index(name)]
                     pool.keep(models_used(recipe, [name, *later]))  # models no stage still to build reads go
-                    entry = _build(recipe, name, item, entries, store, record, console, progress, why, pool, executor)
-                    record.stage(name, status="run", duration_s=round(time.time() - started, 3),
-                                 rows_in=entry.manifest["rows"]["in"], rows_out=entry.manifest["rows"]["out"],
-                                 reasons=why)
-            if round_of(name):  # iterative rounds: each round's output diversity, so mode collapse shows
-                record.stage(name, diversity=diversity_for(artifact_type(recipe, name), entry.path))
-            entries[name] = entry
-            record.link(name, entry.path)
-            atomic_write_json(runs_dir / recipe.name / ".last" / f"{name}.json",
-                              {"fingerprint": item.fingerprint, "components": item.components})
+                record.stage(name, start_s=round(started - record.t0, 3))  # when, within the run
+                entry = _build(recipe, name, item, entries, store, record, console, progress, why, pool, executor)
+                record.stage(name, status="run", duration_s=round(time.time() - started, 3),
+                             rows_in=entry.manifest["rows"]["in"], rows_out=entry.manifest["rows"]["out"],
+                             reasons=why)
+        if round_of(name):  # iterative rounds: each round's output diversity, so mode collapse shows
+            record.stage(name, diversity=diversity_for(artifact_type(recipe, name), entry.path))
+        entries[name] = entry
+        record.link(name, entry.path)
+        atomic_write_json(runs_dir / recipe.name / ".last" / f"{name}.json",
+                          {"fingerprint": item.fingerprint, "components": item.components})
+
+    status = "failed"
+    try:
+        names = [n for n in steps if n in chosen]
+        if concurrent:
+            for name in names:  # the record lists stages in DAG order, whichever finishes first
+                record.stage(name, kind=plan[name].kind, fingerprint=plan[name].fingerprint, status="pending")
+            side_by_side(recipe, names, one, record)
+        else:
+            for name in names:
+                one(name)
         status = "ok"
     except KeyboardInterrupt:
         status = "interrupted"
         raise
     finally:
-        pool.clear()
+        if pool is not None:
+            pool.clear()
         record.finish(status)
     return record
+
+
+def side_by_side(recipe: Recipe, names: list[str], one, record: RunRecord) -> None:
+    """Run `one(name)` for every stage in `names`, each as soon as the stages it reads are done,
+    in threads: a stage's thread mostly waits on the cluster. After a failure no new stage starts;
+    those running finish (their shards and entries are kept), then the first failure is raised.
+    The threads are daemons: on Ctrl-C the main thread leaves at once and the cluster drops the
+    tasks of a driver that is gone; committed shards stay for the next run."""
+    wanted = set(names)
+    needs = {n: {e.name for e in edges(recipe, n) if e.source == "stages" and e.name in wanted} for n in names}
+    results: queue.Queue = queue.Queue()
+    waiting, running, done, failures = list(names), set(), set(), []
+
+    def work(name: str) -> None:
+        try:
+            one(name)
+            results.put((name, None))
+        except BaseException as exc:  # handed to the main thread, which raises it
+            results.put((name, exc))
+
+    try:
+        while waiting or running:
+            if not failures:
+                for name in [n for n in waiting if needs[n] <= done]:
+                    waiting.remove(name)
+                    running.add(name)
+                    threading.Thread(target=work, args=(name,), name=f"stage-{name}", daemon=True).start()
+            if not running:
+                break
+            name, exc = results.get()
+            running.discard(name)
+            if exc is None:
+                done.add(name)
+            else:
+                failures.append(exc)
+    except KeyboardInterrupt:
+        for name in running:
+            record.stage(name, status="interrupted")
+        raise
+    if failures:
+        raise failures[0]
 
 
 def models_used(recipe: Recipe, names: list[str]) -> set[tuple[str, str]]:

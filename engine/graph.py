@@ -145,6 +145,11 @@ def resource_problems(recipe: "Recipe") -> list[Problem]:
                 f"stage '{name}' ({stage.kind}) cannot run on {res.processes} processes: only training stages "
                 "(sft, dpo, kto, orpo) run under accelerate.",
                 hint="Remove [resources] processes, or set it to 1.", **recipe.where(f"stages.{name}.resources.processes")))
+        if res.nodes > 1 and not hook(stage.module, "MULTI_PROCESS"):
+            problems.append(Problem(
+                f"stage '{name}' ({stage.kind}) cannot run on {res.nodes} nodes: only training stages "
+                "(sft, dpo, kto, orpo) train across machines; row stages spread over `replicas` workers.",
+                hint="Remove [resources] nodes, or use `replicas`.", **recipe.where(f"stages.{name}.resources.nodes")))
         if res.accelerate_config:
             key = f"stages.{name}.resources.accelerate_config"
             path = resolve_path(res.accelerate_config, key, recipe.locations, recipe.path)

@@ -31,12 +31,13 @@ from .io import atomic_write_bytes, atomic_write_text
 
 PAYLOAD = "launch.pkl"
 RESULT = "result.json"
+STOP = "stop"  # written by a multi-node driver when one node failed: the others stop
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 def _portable(recipe):
@@ -52,19 +53,35 @@ def _restore(recipe):
     return recipe
 
 
-def command(processes: int, accelerate_config: str | None, payload: Path) -> list[str]:
+def command(processes: int, accelerate_config: str | None, payload: Path, *, machines: int = 1,
+            machine_rank: int = 0, main_ip: str | None = None, port: int | None = None) -> list[str]:
     """The `accelerate launch` command line for a payload. Without a config file it asks for N
     local processes through torch.distributed (accelerate's `--cpu` flag would start just one):
-    gloo on the CPU, nccl on GPUs, chosen by accelerate from what the machine has."""
+    gloo on the CPU, nccl on GPUs, chosen by accelerate from what the machine has. `processes` is
+    the total over `machines`; with several machines, this is the command of `machine_rank`, and
+    the machine count, rank and main address override those of a config file."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if accelerate_config:
         cmd += ["--config_file", accelerate_config]
     else:
-        cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        cmd += ["--mixed_precision", "no", "--dynamo_backend", "no"]
         cmd += ["--multi_gpu"]  # torch.distributed.run: N local processes (gloo on the CPU, nccl on GPUs)
-    cmd += ["--num_processes", str(processes), "--main_process_port", str(free_port()),
+    if machines > 1:
+        cmd += ["--num_machines", str(machines), "--machine_rank", str(machine_rank), "--main_process_ip", str(main_ip)]
+    elif not accelerate_config:
+        cmd += ["--num_machines", "1"]
+    cmd += ["--num_processes", str(processes), "--main_process_port", str(port or free_port()),
             "-m", "engine.launch", str(payload)]
     return cmd
+
+
+def environment() -> dict[str, str]:
+    """The environment of a launched stage: this engine importable, one OpenMP thread per process
+    unless the user chose otherwise."""
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in [root, os.environ.get("PYTHONPATH", "")] if p))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
 
 
 def make_payload(stage, inputs: dict, ctx, log_path: Path, result: Path | None = None) -> dict:
@@ -100,39 +117,69 @@ def open_payload(payload: dict, log: logging.Logger, out_dir: Path | None = None
     return recipe.stages[payload["stage"]], payload["config"], payload["inputs"], ctx
 
 
-def launch_stage(stage, inputs: dict, ctx, log_path: Path) -> None:
-    """Run `stage` under accelerate with `stage.config.resources`; raise on failure."""
+def prepare(stage, inputs: dict, ctx, log_path: Path) -> tuple[Path, str | None]:
+    """Write the payload into the stage's partial area (the shared store); (work dir, the
+    accelerate config file, copied there so that every node of a cluster reads the same one)."""
     res = stage.config.resources
     work = Path(ctx.partial_dir) / "launch"
     work.mkdir(parents=True, exist_ok=True)
     payload = make_payload(stage, inputs, ctx, log_path, work / RESULT)
     (work / RESULT).unlink(missing_ok=True)
+    (work / STOP).unlink(missing_ok=True)
     atomic_write_bytes(work / PAYLOAD, pickle.dumps(payload))
-    config_file = None
-    if res.accelerate_config:
-        from .recipe import resolve_path
+    if not res.accelerate_config:
+        return work, None
+    from .recipe import resolve_path
 
-        config_file = resolve_path(res.accelerate_config, f"stages.{stage.name}.resources.accelerate_config",
-                                   ctx.recipe.locations, ctx.recipe.path)
+    source = resolve_path(res.accelerate_config, f"stages.{stage.name}.resources.accelerate_config",
+                          ctx.recipe.locations, ctx.recipe.path)
+    atomic_write_bytes(work / "accelerate.yaml", Path(source).read_bytes())
+    return work, str(work / "accelerate.yaml")
+
+
+def execute(cmd: list[str], out_log: Path, stop: Path | None = None) -> int:
+    """Run a launch command, its output to `out_log`; its exit code. When the file `stop` appears
+    (another node failed), the whole process group is killed and -9 returned."""
+    with open(out_log, "w", encoding="utf-8") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=environment(),
+                                start_new_session=True)
+        while True:
+            try:
+                return proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                if stop is not None and stop.exists():
+                    os.killpg(proc.pid, 9)
+                    proc.wait()
+                    return -9
+            except BaseException:
+                os.killpg(proc.pid, 9)
+                raise
+
+
+def collect(work: Path, ctx, what: str, codes: dict[Path, int]) -> None:
+    """Check what the launch(es) left: raise with the failing log's last lines, else set rows_out."""
+    failed = {log: code for log, code in codes.items() if code not in (0, -9)} or \
+        ({} if (work / RESULT).is_file() else codes)
+    for out_log, code in failed.items():
+        tail = out_log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-15:]
+        ctx.log.error("accelerate launch exited with %s; last lines of %s:\n%s", code, out_log, "\n".join(tail))
+        error = next((line for line in reversed(tail) if "Error" in line or "error" in line), None)
+        raise RuntimeError(f"the {what} run failed (exit {code})" + (f": {error.strip()}" if error else "")
+                           + f"; see {out_log}")
+    result = json.loads((work / RESULT).read_text())
+    ctx.rows_out = result.get("rows_out")
+
+
+def launch_stage(stage, inputs: dict, ctx, log_path: Path) -> None:
+    """Run `stage` under accelerate with `stage.config.resources`; raise on failure."""
+    res = stage.config.resources
+    work, config_file = prepare(stage, inputs, ctx, log_path)
     cmd = command(res.processes, config_file, work / PAYLOAD)
     ctx.log.info("running on %d processes: %s", res.processes, shlex.join(cmd))
     if ctx.console is not None:
         ctx.console.print(f"{stage.name}: {res.processes} processes (accelerate launch)")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in [str(Path(__file__).resolve().parents[1]),
-                                                                  os.environ.get("PYTHONPATH", "")] if p))
-    env.setdefault("OMP_NUM_THREADS", "1")
     out_log = work / "accelerate.log"
-    with open(out_log, "w", encoding="utf-8") as sink:
-        proc = subprocess.run(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env)
-    if proc.returncode != 0 or not (work / RESULT).is_file():
-        tail = out_log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-15:]
-        ctx.log.error("accelerate launch exited with %s; last lines of %s:\n%s", proc.returncode, out_log,
-                      "\n".join(tail))
-        error = next((line for line in reversed(tail) if "Error" in line or "error" in line), None)
-        raise RuntimeError(f"the {res.processes}-process run failed (exit {proc.returncode})"
-                           + (f": {error.strip()}" if error else "") + f"; see {out_log}")
-    result = json.loads((work / RESULT).read_text())
-    ctx.rows_out = result.get("rows_out")
+    collect(work, ctx, f"{res.processes}-process", {out_log: execute(cmd, out_log)})
 
 
 def worker(payload_path: str) -> int:

@@ -6,7 +6,8 @@ local executor does. What changes is where a stage's work happens:
 
 - Row stages (generate, critique_revise, judge, rejection_sample, eval, preferences: modules with
   `ROW_STAGE = True`): k Ray tasks, one per worker (`[stages.X.resources] replicas`, default as
-  many as the cluster's GPUs, else CPUs, fit at `gpus`/`cpus` each). Each worker runs the stage
+  many as the cluster's GPUs, else CPUs, fit at `gpus`/`cpus` each; `cpus` defaults to the torch
+  threads a worker computes with on a cluster without GPUs). Each worker runs the stage
   with its model loaded once and does the shards whose index is its rank mod k, committing each
   atomically into the shared store's partial area (engine.shards), then stops. A worker lost
   mid-shard (node failure, OOM kill) is retried by Ray (max_retries); committed shards are skipped,
@@ -15,7 +16,8 @@ local executor does. What changes is where a stage's work happens:
   missing) and commits the entry: the same assembly code as a local run, hence the same bytes.
 - Training stages (sft, dpo): one Ray task holding `gpus` x `processes` GPUs on one node runs the
   stage (under `accelerate launch` when processes > 1) and writes the model into the entry being
-  built; the driver commits it. Multi-node training stays accelerate's own configuration.
+  built; the driver commits it. With `nodes = M`, a placement group spreads M tasks over M nodes,
+  each running accelerate's multi-node launch (its machine rank, the main node's address).
 - Other stages (filter) run on the driver.
 
 Workers compute with the driver's torch thread count: float sums (perplexity, losses) depend on
@@ -24,7 +26,9 @@ hardware (tested on the flagship, trained weights included). Across different ha
 CPU, a GPU) generated text stays the same only as far as the arithmetic does: seeds are per row,
 never per worker.
 
-Stages run one after another in topological order, as locally. The store must be one filesystem
+Independent stages run side by side (engine.executor.side_by_side): each stage starts as soon as
+the stages it reads are committed, and Ray queues their tasks until resources allow (the
+flagship's `revision_pairs` next to `clean_revised` -> `sft` -> `best_of_n`). The store must be one filesystem
 seen by every node: at start a worker writes a probe file under the runs dir and the driver must
 see it, else the run stops (exit 2) naming --runs-dir.
 
@@ -105,13 +109,26 @@ def check_shared_store(runs_dir: Path) -> None:
                  "with --executor local.")
 
 
-def _workers(ray, res) -> int:
+def _workers(ray, res, cpus: float) -> int:
     if res.replicas:
         return res.replicas
     total = ray.cluster_resources()
     if total.get("GPU", 0) >= 1:
         return max(1, int(total["GPU"] // res.gpus))
-    return max(1, int(total.get("CPU", 1) // res.cpus))
+    return max(1, int(total.get("CPU", 1) // cpus))
+
+
+def _cpus(ray, res, threads: int) -> float:
+    """CPUs one worker holds: `cpus` when set; 1 beside a GPU; on a cluster without GPUs the torch
+    threads it computes with (the driver's), capped at the largest node's CPUs, so that workers
+    sharing a node do not oversubscribe its cores (two 2-thread workers on 2 cores ran 3x slower
+    than one, bench/bench_ray.py)."""
+    if res.cpus:
+        return float(res.cpus)
+    if ray.cluster_resources().get("GPU", 0) >= 1:
+        return 1.0
+    largest = max((n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
+    return float(max(1, min(threads, int(largest))))
 
 
 def _gpus(ray, res) -> float:
@@ -133,9 +150,12 @@ def _part(blob: bytes, rank: int, k: int) -> dict:
     from .record import close_logger, stage_logger
     from .shards import PartDone
 
+    import ray
+
     payload = pickle.loads(blob)
     _same_arithmetic(payload)
     log = stage_logger(payload["stage"], Path(f"{payload['log']}.ray{rank}"), f"ray worker {rank}/{k}")
+    log.info("worker %d of %d on node %s", rank, k, ray.get_runtime_context().get_node_id())
     scratch = Path(tempfile.mkdtemp(prefix="recipe-ray-"))  # the stage never writes its entry here
     try:
         stage, config, inputs, ctx = open_payload(payload, log, out_dir=scratch)
@@ -170,6 +190,71 @@ def _whole(blob: bytes) -> dict:
         close_logger(log)
 
 
+def _address() -> tuple[str, int]:
+    """A Ray task on the main node of a multi-node launch: its address and a free port there."""
+    import ray
+
+    from .launch import free_port
+
+    return ray.util.get_node_ip_address(), free_port("0.0.0.0")
+
+
+def _node(work: str, rank: int, nodes: int, processes: int, config: str | None, ip: str, port: int) -> int:
+    """A Ray task: one machine's `accelerate launch` of a multi-node training stage."""
+    from .launch import PAYLOAD, STOP, command, execute
+
+    cmd = command(processes, config, Path(work) / PAYLOAD, machines=nodes, machine_rank=rank, main_ip=ip, port=port)
+    return execute(cmd, Path(work) / f"accelerate.node{rank}.log", stop=Path(work) / STOP)
+
+
+def _multi_node(ray, stage, inputs: dict, ctx, log_path: Path, cpus: float) -> None:
+    """A training stage on `nodes` machines: a placement group with one bundle per node (strictly
+    spread), one task per bundle running accelerate's multi-node launch with its machine rank and
+    the main node's address. Rank 0 writes the model into the entry being built (the shared store);
+    when one node fails the others are stopped and the stage fails (checkpoints stay for resume)."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from .launch import STOP, collect, prepare
+
+    res = stage.config.resources
+    gpus = _gpus(ray, res) * res.processes
+    bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+    fit = [n for n in ray.nodes() if n.get("Alive") and all(n["Resources"].get(k, 0) >= v for k, v in bundle.items())]
+    if len(fit) < res.nodes:
+        raise RecipeError.single(
+            f"stage '{stage.name}' asks for {res.nodes} nodes with {bundle} each, and the Ray cluster has "
+            f"{len(fit)} such nodes.", hint=f"Lower stages.{stage.name}.resources.nodes (or its gpus, cpus), "
+                                             "or add nodes to the cluster.")
+    group = placement_group([bundle] * res.nodes, strategy="STRICT_SPREAD")
+    try:
+        ray.get(group.ready(), timeout=600)
+
+        def on(i: int):
+            return PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=i)
+
+        ip, port = ray.get(ray.remote(_address).options(num_cpus=0, scheduling_strategy=on(0)).remote())
+        work, config = prepare(stage, inputs, ctx, log_path)
+        total = res.nodes * res.processes
+        ctx.log.info("on Ray: %d nodes x %d processes (%g GPUs, %g CPUs per node), main %s:%d",
+                     res.nodes, res.processes, gpus, cpus, ip, port)
+        if ctx.console is not None:
+            ctx.console.print(f"{stage.name}: {res.nodes} nodes x {res.processes} processes (accelerate launch)")
+        node = ray.remote(_node)
+        tasks = {node.options(num_cpus=cpus, num_gpus=gpus, max_retries=0, scheduling_strategy=on(i))
+                 .remote(str(work), i, res.nodes, total, config, ip, port): i for i in range(res.nodes)}
+        codes, pending = {}, list(tasks)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            code = ray.get(ready[0])
+            codes[work / f"accelerate.node{tasks[ready[0]]}.log"] = code
+            if code != 0:
+                (work / STOP).write_text(f"node {tasks[ready[0]]} exited with {code}\n")
+        collect(work, ctx, f"{res.nodes}-node", codes)
+    finally:
+        remove_placement_group(group)
+
+
 def _driver_threads() -> int:
     import torch  # a model stage is about to run: torch is needed anyway
 
@@ -186,19 +271,23 @@ def run_stage(stage, inputs: dict, ctx, log_path: Path) -> bool:
     ray = _ray()
     res = stage.config.resources
     payload = make_payload(stage, inputs, ctx, log_path)
-    payload["threads"] = _driver_threads()
+    payload["threads"] = threads = _driver_threads()
     blob = pickle.dumps(payload)
+    cpus = _cpus(ray, res, threads)
+    if training and res.nodes > 1:
+        _multi_node(ray, stage, inputs, ctx, log_path, cpus)
+        return True
     if training:
         gpus = _gpus(ray, res) * res.processes
-        ctx.log.info("on Ray: one task with %g GPUs, %g CPUs", gpus, res.cpus)
-        task = ray.remote(_whole).options(num_gpus=gpus, num_cpus=res.cpus, max_retries=MAX_RETRIES)
+        ctx.log.info("on Ray: one task with %g GPUs, %g CPUs", gpus, cpus)
+        task = ray.remote(_whole).options(num_gpus=gpus, num_cpus=cpus, max_retries=MAX_RETRIES)
         ctx.rows_out = ray.get(task.remote(blob))["rows_out"]
         return True
-    k, gpus = _workers(ray, res), _gpus(ray, res)
-    ctx.log.info("on Ray: %d workers (%g GPUs, %g CPUs each)", k, gpus, res.cpus)
+    k, gpus = _workers(ray, res, cpus), _gpus(ray, res)
+    ctx.log.info("on Ray: %d workers (%g GPUs, %g CPUs each)", k, gpus, cpus)
     if ctx.console is not None:
         ctx.console.print(f"{stage.name}: {k} Ray workers")
-    task = ray.remote(_part).options(num_gpus=gpus, num_cpus=res.cpus, max_retries=MAX_RETRIES)
+    task = ray.remote(_part).options(num_gpus=gpus, num_cpus=cpus, max_retries=MAX_RETRIES)
     done = ray.get([task.remote(blob, rank, k) for rank in range(k)])
     ctx.log.info("Ray workers committed %s shards; assembling here", sum(d["committed"] for d in done))
     ctx.lazy_models = True  # every shard is committed: nothing to load unless one is missing

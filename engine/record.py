@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import platform
+import threading
 import time
 from importlib import metadata
 from pathlib import Path
@@ -40,6 +41,8 @@ class RunRecord:
             except FileExistsError:
                 continue
         self.base, self.run_id, self.dir = base, run_id, base / run_id
+        self._lock = threading.RLock()
+        self.t0 = time.time()
         (self.dir / "logs").mkdir()
         (self.dir / "stages").mkdir()
         atomic_write_text(self.dir / "recipe.toml", dump_toml(recipe.raw))
@@ -53,8 +56,9 @@ class RunRecord:
         os.replace(link, base / "latest")
 
     def stage(self, name: str, **info) -> None:
-        self.data["stages"].setdefault(name, {}).update(info)
-        self.save()
+        with self._lock:  # stages may finish side by side (the Ray executor)
+            self.data["stages"].setdefault(name, {}).update(info)
+            self.save()
 
     def link(self, name: str, entry: Path) -> None:
         target = os.path.relpath(entry, self.dir / "stages")
@@ -64,9 +68,10 @@ class RunRecord:
         os.symlink(target, dst)
 
     def finish(self, status: str) -> None:
-        self.data["status"] = status
-        self.data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        self.save()
+        with self._lock:
+            self.data["status"] = status
+            self.data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            self.save()
 
     def save(self) -> None:
         """record.json keeps the stages in the order they were planned (DAG order), so readers

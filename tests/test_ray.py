@@ -1,5 +1,6 @@
-"""The Ray executor on a local two-CPU cluster: the rows of a local run, retries of a killed
-worker, resuming a killed driver, the shared-store check, and no Ray import at CLI start-up."""
+"""The Ray executor on a local two-CPU cluster and a simulated two-node one: the rows of a local
+run, independent stages side by side, retries of a killed worker, resuming a killed driver, the
+shared-store check, and no Ray import at CLI start-up."""
 
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ n = 2
 temperature = 1.0
 max_new_tokens = 12
 shard_size = 3
+resources.replicas = 2   # two workers share its shards (the default on 2 cores is one)
 
 [stages.scored]
 kind = "judge"
@@ -110,6 +112,14 @@ def test_a_pipeline_on_ray_gives_the_rows_of_a_local_run(tmp_path, cluster):
     assert "resumed: 4 of 4 shards were already committed" in (logs / "gen.log").read_text()
     assert (logs / "gen.log.ray0").is_file() and (logs / "gen.log.ray1").is_file()
     assert "loading model" not in (logs / "gen.log").read_text()  # the driver only assembled
+    stages = onray.data["stages"]
+    assert list(stages) == list(local.data["stages"])  # DAG order in the record, whichever finished first
+    gen, talk = stages["gen"], stages["talk"]  # independent stages: they ran side by side
+    import torch
+
+    cpus = min(torch.get_num_threads(), 2)  # by default a CPU worker holds the cores its torch threads use
+    assert f"on Ray: {2 // cpus} workers (0 GPUs, {cpus} CPUs each)" in (logs / "talk.log").read_text()
+    assert gen["start_s"] < talk["start_s"] + talk["duration_s"] and talk["start_s"] < gen["start_s"] + gen["duration_s"]
     again = run(load_recipe(path), tmp_path / "ray", executor="ray")
     assert all(again.data["stages"][s]["status"] == "cached" for s in STAGES)
 
@@ -155,6 +165,92 @@ def test_a_store_the_workers_cannot_see_stops_the_run_naming_runs_dir(tmp_path):
         assert not (tmp_path / "runs" / "onray").exists()  # nothing ran
     finally:
         ray.shutdown()
+
+
+@pytest.mark.slow
+def test_a_simulated_two_node_cluster_gives_the_rows_of_a_local_run(tmp_path):
+    from ray.cluster_utils import Cluster
+
+    path = project(tmp_path / "proj")
+    if ray.is_initialized():
+        ray.shutdown()
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        nodes.add_node(num_cpus=1)
+        ray.init(address=nodes.address, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+        nodes.wait_for_nodes()
+        onray = run(load_recipe(path), tmp_path / "ray", executor="ray", only=["scored"])
+    finally:
+        ray.shutdown()
+        nodes.shutdown()
+    logs = onray.dir / "logs"
+    workers = [(logs / f"gen.log.ray{rank}").read_text() for rank in range(2)]
+    assert len({re.search(r"on node (\w+)", w).group(1) for w in workers}) == 2  # one worker per node
+    local = run(load_recipe(path), tmp_path / "local", only=["scored"])
+    same_rows(local, onray, ["gen", "scored"])
+
+
+@pytest.mark.slow
+def test_a_training_stage_on_two_simulated_nodes_equals_two_local_processes(tmp_path):
+    """`nodes = 2`: accelerate's multi-node launch, one Ray task per node of a placement group;
+    the weights are those of the same two processes on one machine."""
+    from ray.cluster_utils import Cluster
+    from test_launch import make
+
+    two = run(load_recipe(make(tmp_path / "two", "[stages.train.resources]\nprocesses = 2")), tmp_path / "runs2")
+    if ray.is_initialized():
+        ray.shutdown()
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        nodes.add_node(num_cpus=1)
+        ray.init(address=nodes.address, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+        nodes.wait_for_nodes()
+        spread = run(load_recipe(make(tmp_path / "mn", "[stages.train.resources]\nnodes = 2")), tmp_path / "runsmn",
+                     executor="ray")
+        with pytest.raises(RecipeError, match="asks for 3 nodes") as err:  # more nodes than the cluster has
+            run(load_recipe(make(tmp_path / "three", "[stages.train.resources]\nnodes = 3")), tmp_path / "runs3",
+                executor="ray")
+        assert "stages.train.resources.nodes" in err.value.format()
+    finally:
+        ray.shutdown()
+        nodes.shutdown()
+    assert "on Ray: 2 nodes x 1 processes" in (spread.dir / "logs" / "train.log").read_text()
+    assert spread.data["stages"]["train"]["fingerprint"] == two.data["stages"]["train"]["fingerprint"]
+    mine = sorted((two.dir / "stages" / "train" / "model").glob("*.safetensors"))
+    assert mine and [p.read_bytes() for p in mine] == \
+           [(spread.dir / "stages" / "train" / "model" / p.name).read_bytes() for p in mine]
+
+
+def test_nodes_need_a_training_stage_and_the_ray_executor(tmp_path):
+    from test_launch import make
+
+    path = make(tmp_path / "p", "[stages.train.resources]\nnodes = 2")
+    local = subprocess.run([sys.executable, "-m", "engine.cli", "run", str(path), "--runs-dir", str(tmp_path / "r")],
+                           cwd=ROOT, capture_output=True, text=True)
+    assert local.returncode == 2 and "needs the Ray executor" in local.stderr and "Traceback" not in local.stderr
+    assert "resources.nodes" in local.stderr
+    text = path.read_text().replace("[stages.train.resources]\nnodes = 2", "")
+    path.write_text(text + '\n[stages.clean]\nkind = "filter"\ninput = "chats"\n[stages.clean.resources]\nnodes = 2\n')
+    check = subprocess.run([sys.executable, "-m", "engine.cli", "validate", str(path)], cwd=ROOT,
+                           capture_output=True, text=True)
+    assert check.returncode == 2 and "cannot run on 2 nodes" in check.stderr, check.stderr
+
+
+def test_a_stop_file_ends_every_node_of_a_launch(tmp_path):
+    """When one node of a multi-node stage fails, the driver writes the stop file and the other
+    nodes kill their launch (not wait for a collective to time out)."""
+    import threading
+    import time
+
+    from engine.launch import execute
+
+    stop = tmp_path / "stop"
+    threading.Timer(1.0, stop.write_text, args=("node 1 exited with 1\n",)).start()
+    started = time.monotonic()
+    code = execute([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "out.log", stop=stop)
+    assert code == -9 and time.monotonic() - started < 30
 
 
 def test_the_cli_does_not_import_ray_at_start_up():
