@@ -14,7 +14,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from .errors import CacheError, RecipeError, StageFailed
+from .errors import CacheError, RecipeError, StageFailed, Terminated
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -40,9 +40,10 @@ class RecipeGroup(click.Group):
         except CacheError as exc:
             err.print(f"cache error: {exc}", markup=False)
             sys.exit(1)
-        except KeyboardInterrupt:
-            err.print("interrupted: committed stages and shards are kept; run again to resume.")
-            sys.exit(130)
+        except KeyboardInterrupt as exc:
+            what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+            err.print(f"{what}: committed stages and shards are kept; run again to resume.")
+            sys.exit(143 if isinstance(exc, Terminated) else 130)
 
 
 def _runs_dir_option(f):
@@ -137,9 +138,7 @@ def _plan_table(name: str, items) -> None:
               help="The Ray cluster to join (default: RAY_ADDRESS, else a local one).")
 def run_cmd(recipe: str, sets, runs_dir, only, force, dry_run: bool, executor, ray_address) -> None:
     """Run RECIPE: cached stages are skipped, interrupted ones resume."""
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
-
+    _terminate_like_interrupt()
     from .executor import EXECUTORS, executor_default, make_plan, run, select
 
     r = _load(recipe, sets)
@@ -152,14 +151,12 @@ def run_cmd(recipe: str, sets, runs_dir, only, force, dry_run: bool, executor, r
         chosen = select(r, list(only), list(force))
         _plan_table(r.name, [i for i in make_plan(r, root) if i.name in chosen])
         return
-    progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-        TextColumn("[progress.data.speed]{task.fields[rate]}"),
-        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err, transient=False,
-    )
-    progress = _RateProgress(progress)
-    with progress.live:
-        record = run(r, root, only=list(only), force=list(force), console=err, progress=progress,
+    console = Console(file=sys.stderr, highlight=False, soft_wrap=True)  # the real stderr: third parties go to
+    progress = progress_bars(console)                                    # stage logs (engine.quiet)
+    from .quiet import routed
+
+    with progress.live, routed():
+        record = run(r, root, only=list(only), force=list(force), console=console, progress=progress,
                      executor=executor, ray_address=ray_address)
     table = Table(title=f"run {r.name}/{record.run_id}", title_justify="left")
     for col in ("stage", "status", "rows in", "rows out", "seconds"):
@@ -171,6 +168,18 @@ def run_cmd(recipe: str, sets, runs_dir, only, force, dry_run: bool, executor, r
     out.print(table)
     out.print(f"run record: {record.dir}", markup=False)
     _write_report(record.dir)
+
+
+def _terminate_like_interrupt() -> None:
+    """SIGTERM raises Terminated (a KeyboardInterrupt) in the main thread: the same path as Ctrl-C."""
+    import signal
+    import threading
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
 
 
 def _write_report(run_dir: Path) -> list[Path]:
@@ -188,19 +197,35 @@ def _write_report(run_dir: Path) -> list[Path]:
     return paths
 
 
+def progress_bars(console: Console) -> "_RateProgress":
+    """The run's progress bars, made to fit 80 columns: a label cut to 24 characters, a short bar,
+    done/total, the rate of this run's work (rows/s, steps/s) and the ETA."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.table import Column
+
+    return _RateProgress(Progress(
+        TextColumn("{task.description}", table_column=Column(no_wrap=True, overflow="ellipsis", max_width=24)),
+        BarColumn(bar_width=10), MofNCompleteColumn(),
+        TextColumn("[progress.data.speed]{task.fields[rate]}", table_column=Column(no_wrap=True)),
+        TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False,
+    ))
+
+
 class _RateProgress:
-    """A rich Progress whose tasks show rows/s (rich's own speed column has no unit)."""
+    """A rich Progress whose tasks show their rate with a unit (rich's own speed column has none).
+    A task's first advance (the rows of committed shards, when a stage resumes) is not in the
+    rate: rich leaves a task's first sample out of its speed."""
 
     def __init__(self, progress) -> None:
         self.live = progress
 
-    def add_task(self, description: str, total=None) -> int:
-        return self.live.add_task(description, total=total, rate="")
+    def add_task(self, description: str, total=None, unit: str = "rows") -> int:
+        return self.live.add_task(description, total=total, rate="", unit=unit)
 
     def advance(self, task_id: int, n: int) -> None:
         self.live.advance(task_id, n)
-        speed = next(t.speed for t in self.live.tasks if t.id == task_id)
-        self.live.update(task_id, rate=f"{speed:,.1f} rows/s" if speed else "")
+        task = next(t for t in self.live.tasks if t.id == task_id)
+        self.live.update(task_id, rate=f"{task.speed:,.1f} {task.fields['unit']}/s" if task.speed else "")
 
 
 # --------------------------------------------------------------------------- runs
@@ -244,17 +269,27 @@ def find_run(root: Path, ref: str) -> Path:
 @_runs_dir_option
 def status(run_ref, runs_dir) -> None:
     """List runs and their stages (all recipes, or one RUN in detail)."""
+    from .record import shown_status
+
     root = _runs_dir(runs_dir)
     if run_ref:
         run_dir = find_run(root, run_ref)
         rec = _record(run_dir)
-        table = Table(title=f"{rec['recipe']}/{rec['run']}: {rec['status']}", title_justify="left")
-        for col in ("stage", "kind", "fingerprint", "status", "rows in", "rows out", "seconds", "why"):
-            table.add_column(col)
-        for name, s in rec["stages"].items():
-            style = STATUS_STYLE.get(s.get("status"), "")
-            table.add_row(name, s.get("kind", ""), s.get("fingerprint", "")[:12], f"[{style}]{s.get('status')}[/]",
-                          _count(s.get("rows_in")), _count(s.get("rows_out")), f"{s.get('duration_s', 0) or 0:.1f}",
+        run_status = shown_status(run_dir, rec)
+        table = Table(title=f"{rec['recipe']}/{rec['run']}: {run_status}", title_justify="left")
+        for col, kw in (("stage", {"no_wrap": True}), ("kind", {"no_wrap": True}), ("status", {"no_wrap": True}),
+                        ("rows", {"justify": "right", "no_wrap": True}), ("s", {"justify": "right"}),
+                        ("why", {"overflow": "fold", "ratio": 1})):
+            table.add_column(col, **kw)
+        for name, s in rec["stages"].items():  # record order: the DAG's, rounds of a loop together
+            st = s.get("status")
+            if run_status == "interrupted" and st in ("running", "pending"):
+                st = "interrupted" if st == "running" else st
+            st = _entry_state(run_dir, name, st)
+            style = STATUS_STYLE.get(st, "")
+            rows = "-" if s.get("rows_out") is None and s.get("rows_in") is None else \
+                f"{_count(s.get('rows_in'))}>{_count(s.get('rows_out'))}"
+            table.add_row(name, s.get("kind", ""), f"[{style}]{st}[/]", rows, f"{s.get('duration_s', 0) or 0:.1f}",
                           "; ".join(s.get("reasons", [])) or s.get("error", ""))
         out.print(table)
         _round_table(rec["stages"])
@@ -268,12 +303,13 @@ def status(run_ref, runs_dir) -> None:
         table.add_column(col)
     for d in runs:
         rec = _record(d)
+        st = shown_status(d, rec)
         counts: dict[str, int] = {}
         for s in rec["stages"].values():
-            counts[s.get("status", "?")] = counts.get(s.get("status", "?"), 0) + 1
-        style = STATUS_STYLE.get(rec["status"], "")
-        table.add_row(rec["recipe"], rec["run"], f"[{style}]{rec['status']}[/]", rec.get("started", ""),
-                      ", ".join(f"{v} {k}" for k, v in counts.items()))
+            state = "interrupted" if st == "interrupted" and s.get("status") == "running" else s.get("status", "?")
+            counts[state] = counts.get(state, 0) + 1
+        table.add_row(rec["recipe"], rec["run"], f"[{STATUS_STYLE.get(st, '')}]{st}[/]",
+                      rec.get("started", "")[:16].replace("T", " "), ", ".join(f"{v} {k}" for k, v in counts.items()))
     out.print(table)
 
 
@@ -286,6 +322,9 @@ def show(run_ref: str, stage: str, n_rows: int, runs_dir) -> None:
     """Print the first rows of a stage's output and its report."""
     from . import registry
     from .rounds import last_round, round_of
+    from rich.markup import escape
+    from rich.text import Text
+
     from .rows import count_rows, read_rows
 
     run_dir = find_run(_runs_dir(runs_dir), run_ref)
@@ -321,20 +360,21 @@ def show(run_ref: str, stage: str, n_rows: int, runs_dir) -> None:
             for i, h in enumerate(headers):
                 table.add_column(h, justify="left" if i == 0 else "right")
             for row in rows:
-                table.add_row(*row)
+                table.add_row(*[Text(printable(str(cell))) for cell in row])
             out.print(table)
             for line in (hook(module, "summary_notes") or (lambda r: []))(report):
-                out.print(line, markup=False)
+                out.print(printable(line), markup=False)
         elif hook(module, "summary"):
             table = Table(title="report", title_justify="left")
             table.add_column("")
             table.add_column("")
             for k, v in hook(module, "summary")(report):
-                table.add_row(k, v)
+                table.add_row(Text(printable(str(k))), Text(printable(str(v))))
             out.print(table)
             for rule, examples in report.get("examples", {}).items():
                 for ex in examples:
-                    out.print(f"  [dim]{rule}[/] {ex.get('id')}: {ex.get('detail')}", markup=True)
+                    detail = escape(printable(f"{ex.get('id')}: {ex.get('detail')}"))
+                    out.print(f"  [dim]{escape(rule)}[/] {detail}", markup=True)
         else:
             out.print_json(json.dumps(report))
     if round_of(stage):
@@ -355,16 +395,38 @@ def _round_table(stages: dict, base: str | None = None) -> None:
         out.print(table)
 
 
+def _entry_state(run_dir: Path, stage: str, status: str | None) -> str | None:
+    """A finished stage whose cache entry is gone (removed by `recipe gc`) says so."""
+    link = run_dir / "stages" / stage
+    if status in ("cached", "run") and link.is_symlink() and not link.exists():
+        return "deleted by gc"
+    return status
+
+
 def _count(value) -> str:
     """A row count for the run tables: '-' where a stage gives no rows (a model) or has none yet."""
     return "-" if value is None else str(value)
 
 
-def _cell(value) -> str:
+def _cell(value) -> "Text":  # noqa: F821
+    """A row value for the terminal: model output is data, not markup, and its control
+    characters (ESC, NUL, ...) are shown escaped, never sent to the terminal."""
+    from rich.text import Text
+
     if isinstance(value, list) and value and isinstance(value[0], dict) and "role" in value[0]:
-        return "\n".join(f"{m.get('role')}: {str(m.get('content'))[:120]}" for m in value)
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-    return text if len(text) < 300 else text[:297] + "..."
+        text = "\n".join(f"{m.get('role')}: {printable(str(m.get('content')))[:120]}" for m in value)
+    else:
+        text = printable(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
+        text = text if len(text) < 300 else text[:297] + "..."
+    return Text(text)
+
+
+def printable(text: str) -> str:
+    """`text` with control characters other than newline and tab written as escapes (\\x1b)."""
+    import unicodedata
+
+    return "".join(c if c in "\n\t\u200d" or unicodedata.category(c) not in ("Cc", "Cf", "Cs", "Co") else
+                   repr(c)[1:-1] for c in text)
 
 
 @main.command()

@@ -68,5 +68,9 @@ class StageFailed(Exception):
         super().__init__(f"stage '{stage}' failed: {cause}")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's kill, `kill PID`): handled like Ctrl-C, committed work kept; exit 143."""
+
+
 class CacheError(Exception):
     """The store could not be read or written."""

@@ -32,6 +32,7 @@ from .io import atomic_write_json
 from .errors import RecipeError, StageFailed
 from .fingerprint import HashMemo, fingerprints, reasons
 from .graph import artifact_type, edges, order, upstream
+from .quiet import stage_output
 from .recipe import Recipe
 from .record import RunRecord, close_logger, stage_logger, versions
 from .rounds import diversity_for, round_of
@@ -121,16 +122,24 @@ class Context:
 
     def __post_init__(self) -> None:
         self.shards = ShardRunner(self.partial_dir, self.fingerprint, self.seed, self.progress, self.log)
+        self.shards.announce = self.say
+
+    def say(self, message: str) -> None:
+        """A line for the user (the console, above the progress bars) and the stage log."""
+        self.log.info(message)
+        if self.console is not None:
+            self.console.print(f"{self.stage}: {message}", markup=False)
 
     @property
     def seeds(self) -> Seeds:
         """This stage's random streams, by row id (engine.seeds): never by shard or batch."""
         return Seeds(self.seed, self.fingerprint)
 
-    def progress(self, total: int | None, desc: str = "rows") -> _Task:
+    def progress(self, total: int | None, desc: str = "rows", unit: str = "rows") -> _Task:
+        """A progress bar labelled `stage: desc` (keep `desc` short: the bar must fit 80 columns)."""
         if self._progress is None:
             return _Task(None, None)
-        return _Task(self._progress, self._progress.add_task(f"{self.stage}: {desc}", total=total))
+        return _Task(self._progress, self._progress.add_task(f"{self.stage}: {desc}", total=total, unit=unit))
 
     def warn(self, message: str) -> None:
         self.log.warning(message)
@@ -248,6 +257,9 @@ def run(recipe: Recipe, runs_dir: str | os.PathLike, *, only: list[str] = (), fo
                 rows = entry.manifest.get("rows", {})
                 record.stage(name, status="cached", duration_s=0.0, rows_in=rows.get("in"),
                              rows_out=rows.get("out"), reasons=[])
+                if entry.manifest.get("dropped"):
+                    report_dropped(name, entry.manifest["dropped"], record, lambda m: console is not None and
+                                   console.print(f"[yellow]warning[/]: {name}: {m}"))
             else:
                 why = ["forced"] if name in force else item.reasons
                 if pool is not None:
@@ -327,6 +339,18 @@ def side_by_side(recipe: Recipe, names: list[str], one, record: RunRecord) -> No
         raise failures[0]
 
 
+def report_dropped(stage: str, dropped: dict, record: RunRecord, warn) -> None:
+    """Rows a stage's datasets dropped while loading (bad roles, empty content, ...): per dataset
+    and reason, with the first row ids, into the run record and through `warn`."""
+    record.stage(stage, dropped=dropped)
+    for dataset, info in dropped.items():
+        reasons = info["reasons"]
+        parts = [f"{r}: {v['rows']} (first: {', '.join(v['first_ids'])})" if v["first_ids"] else f"{r}: {v['rows']}"
+                 for r, v in reasons.items()]
+        warn(f"dataset '{dataset}': dropped {sum(v['rows'] for v in reasons.values())} of {info['total']} rows; "
+             + "; ".join(parts))
+
+
 def models_used(recipe: Recipe, names: list[str]) -> set[tuple[str, str]]:
     """(source, name) of every model the stages `names` read: [models] entries and stage-made models."""
     out = set()
@@ -388,17 +412,21 @@ def _build(recipe, name, item, entries, store, record, console, progress, why, p
                           log, recipe, console, progress, store.root, pool)
             if pool is not None and getattr(stage.module, "MULTI_PROCESS", False):  # a training stage
                 pool.before_training(log)
-            _execute(stage, inputs, ctx, log_path, executor)
-            rows_in = 0
+            with stage_output(log):  # third-party warnings and stray output: the stage log, not the console
+                _execute(stage, inputs, ctx, log_path, executor)
+            rows_in, dropped = 0, {}
             for arts in inputs.values():
                 for art in arts if isinstance(arts, list) else [arts]:
                     if art.type not in ("model", "constitution"):
                         rows_in += len(art)
                         if art.load_report and art.load_report["dropped"]:
-                            dropped = ", ".join(f"{r} ({n})" for r, n in art.load_report["dropped"].items())
-                            ctx.warn(f"dataset '{art.name}': dropped {sum(art.load_report['dropped'].values())} "
-                                     f"of {art.load_report['total']} rows: {dropped}")
+                            dropped[art.name] = {"total": art.load_report["total"], "reasons": {
+                                reason: {"rows": n, "first_ids": art.load_report["examples"].get(reason, [])}
+                                for reason, n in art.load_report["dropped"].items()}}
             manifest["rows"] = {"in": rows_in, "out": ctx.rows_out}
+            if dropped:  # kept in the entry, so that a cached re-run reports them too
+                manifest["dropped"] = dropped
+                report_dropped(name, dropped, record, ctx.warn)
         log.info("done: %s rows in, %s rows out", rows_in, ctx.rows_out)
         store.clear_partial(item.fingerprint)
     except RecipeError as exc:

@@ -291,5 +291,6 @@ def run_stage(stage, inputs: dict, ctx, log_path: Path) -> bool:
     done = ray.get([task.remote(blob, rank, k) for rank in range(k)])
     ctx.log.info("Ray workers committed %s shards; assembling here", sum(d["committed"] for d in done))
     ctx.lazy_models = True  # every shard is committed: nothing to load unless one is missing
+    ctx.shards.announce = None  # the driver assembling is not a resumed run
     stage.module.run(stage.config, inputs, ctx)
     return True

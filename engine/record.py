@@ -13,6 +13,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 from . import __version__
 from .io import atomic_write_text
 from .recipe import Recipe, dump_toml
@@ -46,6 +48,8 @@ class RunRecord:
         (self.dir / "logs").mkdir()
         (self.dir / "stages").mkdir()
         atomic_write_text(self.dir / "recipe.toml", dump_toml(recipe.raw))
+        self._alive = FileLock(str(self.dir / ALIVE))  # held while this process runs (see `is_dead`)
+        self._alive.acquire()
         self.data = {"recipe": recipe.name, "run": run_id, "recipe_file": str(recipe.path),
                      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "status": "running", "stages": {}}
         self.save()
@@ -72,12 +76,31 @@ class RunRecord:
             self.data["status"] = status
             self.data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             self.save()
+        self._alive.release()
 
     def save(self) -> None:
         """record.json keeps the stages in the order they were planned (DAG order), so readers
         (the report, `status`) never re-sort them: not sorted-key JSON."""
         self.data["order"] = list(self.data["stages"])
         atomic_write_text(self.dir / "record.json", json.dumps(self.data, indent=2, ensure_ascii=False) + "\n")
+
+
+ALIVE = ".running.lock"
+
+
+def shown_status(run_dir: Path, record: dict) -> str:
+    """A run's status for `recipe status` and reports: a record that says "running" while no
+    process holds its lock (killed with SIGKILL, power lost) is "interrupted"."""
+    status = record.get("status", "?")
+    if status != "running":
+        return status
+    lock = FileLock(str(Path(run_dir) / ALIVE))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return "running"
+    lock.release()
+    return "interrupted"
 
 
 def stage_logger(name: str, path: Path, tag: str | None = None) -> logging.Logger:

@@ -73,6 +73,7 @@ class ShardRunner:
         self.progress, self.log = progress, log
         self.committed_here = 0
         self.part: tuple[int, int] | None = None  # (rank, k): do only shards with index % k == rank
+        self.announce: Callable[[str], None] | None = None  # tells the user a stage resumes (the console)
 
     def _shard_dir(self, index: int) -> Path:
         return self.root / f"shard-{index:06d}"
@@ -164,7 +165,12 @@ class ShardRunner:
         n_shards = (len(rows) + shard_size - 1) // shard_size
         out_rows: list[dict] = []
         stats: list[dict] = []
+        committed = [i for i in range(n_shards) if self._shard_dir(i).is_dir()] if self.part is None else []
+        if committed and self.announce is not None:
+            self.announce(f"resuming: {len(committed)} of {n_shards} shards committed")
         task = self.progress(len(rows), desc)
+        # committed rows count as done at once: a first jump, which the rate and ETA leave out
+        task.advance(sum(len(rows[i * shard_size:(i + 1) * shard_size]) for i in committed))
         resumed = 0
         for index in range(n_shards):
             start = index * shard_size
@@ -179,10 +185,9 @@ class ShardRunner:
                 shard = Shard(index, start, chunk, shard_seed(self.recipe_seed, self.fp, index), task.advance)
                 result = fn(shard)
                 self._commit(index, result)
-                task.advance(max(0, len(chunk) - shard.advanced))
+                task.advance(max(0, len(chunk) - shard.advanced) - (len(chunk) if index in committed else 0))
             else:
                 resumed += 1
-                task.advance(len(chunk))
             out_rows.extend(result.rows)
             stats.append(result.stats)
         if self.part is not None:

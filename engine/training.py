@@ -360,7 +360,7 @@ def step_callback(ctx, timing: dict[int, float]):
         t0 = seen0 = task = None
 
         def on_train_begin(self, args, state, control, **kw):
-            self.task = ctx.progress(state.max_steps, "steps")
+            self.task = ctx.progress(state.max_steps, "training", unit="steps")
             self.task.advance(state.global_step)  # resumed: steps already done
 
         def on_step_begin(self, args, state, control, **kw):

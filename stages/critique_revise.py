@@ -264,7 +264,7 @@ def run(config: Config, inputs, ctx) -> None:
             for role, field in (("user", "user_model"), ("assistant", "assistant_model")):
                 backends[role] = ctx.backend(inputs[field], config.batch_size) if field in inputs else backends["model"]
         reviser = _Reviser(config, constitution, ctx.templates(), backends, ctx.seed, ctx.seeds)
-        out, stats = ctx.shards.map(rows, reviser.shard, shard_size=config.shard_size, desc="critique and revise")
+        out, stats = ctx.shards.map(rows, reviser.shard, shard_size=config.shard_size, desc="revising")
     finally:
         for backend in {id(b): b for b in backends.values()}.values():
             backend.close()

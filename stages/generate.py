@@ -234,7 +234,7 @@ def run(config: Config, inputs, ctx) -> None:
         return ShardResult(kept, {"malformed": malformed, "empty_turn": len(made) - len(kept)})
 
     try:
-        out, stats = ctx.shards.map(rows, per_shard, shard_size=config.shard_size, desc=f"generating ({config.mode})")
+        out, stats = ctx.shards.map(rows, per_shard, shard_size=config.shard_size, desc="generating")
     finally:
         assistant.close()
         if user is not assistant:

@@ -103,7 +103,7 @@ def run(config: Config, inputs, ctx) -> None:
             out = [dict(r, scores={**(r.get("scores") or {}), **v}) for r, v in zip(shard.rows, values)]
             return ShardResult(out, {"missing": sum(1 for v in values if config.name in v and v[config.name] is None)})
 
-        out, stats = ctx.shards.map(rows, per_shard, shard_size=config.shard_size, desc=f"judging ({config.scorer})")
+        out, stats = ctx.shards.map(rows, per_shard, shard_size=config.shard_size, desc="judging")
     finally:
         scorer.close()
     missing = sum(s["missing"] for s in stats)

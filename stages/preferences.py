@@ -196,7 +196,7 @@ def _context_negative(config: Config, rows: list[dict], inputs, ctx) -> tuple[li
         return ShardResult(out)
 
     try:
-        done, _ = ctx.shards.map(tasks, per_shard, shard_size=config.shard_size, desc="context-free replies")
+        done, _ = ctx.shards.map(tasks, per_shard, shard_size=config.shard_size, desc="plain replies")
     finally:
         backend.close()
     pairs = [pair_row(t["id"], t["prompt"], t["chosen"], t["negative"],
@@ -240,7 +240,7 @@ def _pairwise_judge(config: Config, rows: list[dict], inputs, ctx) -> tuple[list
         return ShardResult(out)
 
     try:
-        judged, _ = ctx.shards.map(tasks, per_shard, shard_size=config.shard_size, desc="pairwise judging")
+        judged, _ = ctx.shards.map(tasks, per_shard, shard_size=config.shard_size, desc="judging pairs")
     finally:
         backend.close()
     ctx.save_rows(judged, "judgments.parquet")

@@ -229,7 +229,7 @@ def run(config: Config, inputs, ctx) -> None:
 
     try:
         samples, stats = ctx.shards.map(rows, per_shard, shard_size=config.shard_size,
-                                        desc=f"sampling {config.n} and scoring ({config.scorer})")
+                                        desc=f"best of {config.n}")
     finally:
         scorer.close()
         policy.close()

@@ -60,6 +60,7 @@ def test_crash_between_shard_commits_then_resume_equals_uninterrupted(project, r
     assert proc.returncode == 0, proc.stderr
     log = (runs / "basic" / "latest" / "logs" / "clean.log").read_text()
     assert "resumed: 2 of 4 shards were already committed" in log
+    assert "clean: resuming: 2 of 4 shards committed" in proc.stderr  # said when the stage starts
     assert not store.partial(fp).exists()
 
     fresh = tmp_path / "fresh-runs"
@@ -130,7 +131,15 @@ def test_dataset_rows_dropped_are_counted_and_reported(project, runs):
     proc = run_cli_subprocess("run", project / "recipe.toml", "--runs-dir", runs)
     assert proc.returncode == 0
     assert "dataset 'seed': dropped 2 of 42 rows" in proc.stderr
-    assert "no assistant turn (1)" in proc.stderr and "unknown role 'robot' (1)" in proc.stderr
+    assert "no assistant turn: 1 (first: seed:40)" in proc.stderr
+    assert "unknown role 'robot': 1 (first: seed:41)" in proc.stderr
+    record = json.loads((runs / "basic" / "latest" / "record.json").read_text())
+    assert record["stages"]["clean"]["dropped"]["seed"]["reasons"]["no assistant turn"] == \
+        {"rows": 1, "first_ids": ["seed:40"]}
+    cached = run_cli_subprocess("run", project / "recipe.toml", "--runs-dir", runs)  # said again when cached
+    assert "dataset 'seed': dropped 2 of 42 rows" in cached.stderr
+    record = json.loads((runs / "basic" / "latest" / "record.json").read_text())
+    assert record["stages"]["clean"]["status"] == "cached" and "dropped" in record["stages"]["clean"]
 
 
 def test_the_run_record_keeps_stages_in_dag_order(project, runs):

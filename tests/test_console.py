@@ -1,0 +1,134 @@
+"""What a user sees on the console: third-party noise kept in stage logs, progress bars that fit
+80 columns, resumes announced, SIGTERM handled like Ctrl-C, dead runs shown as interrupted,
+status tables that fit, and model output that cannot drive the terminal."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import GOOD, ROOT, conv, run_cli_subprocess, write_jsonl
+from engine.shards import CRASH_ENV
+
+
+def test_third_party_warnings_and_bars_go_to_the_stage_log(tmp_path):
+    from test_launch import make
+
+    path = make(tmp_path / "p")
+    proc = run_cli_subprocess("run", path, "--runs-dir", tmp_path / "runs", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for noise in ("FutureWarning", "warnings.warn", "Loading weights", "Tokenizing", "it/s]", "Map"):
+        assert noise not in proc.stderr, (noise, proc.stderr)
+    assert "train: training" in proc.stderr  # our own progress stays
+    log = (tmp_path / "runs" / "launch" / "latest" / "logs" / "train.log").read_text()
+    assert "[stderr]" in log and "FutureWarning" in log  # kept, in the stage's log
+
+
+def test_progress_bars_fit_80_columns_with_counts_rate_and_eta():
+    from rich.console import Console
+
+    from engine.cli import progress_bars
+
+    sink = io.StringIO()
+    bars = progress_bars(Console(file=sink, width=80, force_terminal=False, color_system=None))
+    task = bars.add_task("best_of_n: best of 4 with a very long label indeed", total=1600)
+    bars.advance(task, 100)  # resumed rows: the first jump, left out of the rate
+    time.sleep(0.05)
+    bars.advance(task, 500)
+    time.sleep(0.05)
+    bars.advance(task, 6)
+    bars.live.console.print(bars.live.make_tasks_table(bars.live.tasks))
+    lines = [line for line in sink.getvalue().splitlines() if line.strip()]
+    assert lines and all(len(line) <= 80 for line in lines), lines
+    line = lines[0]
+    assert "best_of_n" in line and "606/1600" in line and "rows/s" in line and "eta" in line, line
+    rate = float(line.split("rows/s")[0].split()[-1].replace(",", ""))
+    assert rate < 506 / 0.05  # the 100 resumed rows are not counted as work of this run
+
+
+SLOW = """
+[recipe]
+name = "slow"
+seed = 3
+
+[models.policy]
+path = "builtin:tiny-chat"
+
+[datasets.prompts]
+path = "prompts.jsonl"
+type = "prompts"
+
+[stages.gen]
+kind = "generate"
+input = "prompts"
+model = "policy"
+max_new_tokens = 48
+shard_size = 2
+batch_size = 2
+"""
+
+
+def slow_project(root: Path) -> Path:
+    write_jsonl(root / "prompts.jsonl", [{"id": f"p{i}", "prompt": f"Tell me about thing {i}."} for i in range(60)])
+    (root / "r.toml").write_text(textwrap.dedent(SLOW))
+    return root / "r.toml"
+
+
+@pytest.mark.slow
+def test_sigterm_is_handled_like_ctrl_c_and_the_run_resumes(tmp_path):
+    path, runs = slow_project(tmp_path), tmp_path / "runs"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "run", str(path), "--runs-dir", str(runs)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not list((runs / "cache" / "partial").glob("*/shard-*")) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    assert "terminated: committed stages and shards are kept" in stderr and "Traceback" not in stderr
+    record = json.loads((runs / "slow" / "latest" / "record.json").read_text())
+    assert record["status"] == "interrupted" and record["stages"]["gen"]["status"] == "interrupted"
+    again = run_cli_subprocess("run", path, "--runs-dir", runs, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "gen: resuming: " in again.stderr and " of 30 shards committed" in again.stderr
+
+
+def test_a_run_killed_outright_shows_as_interrupted(project, runs):
+    proc = run_cli_subprocess("run", project / "recipe.toml", "--runs-dir", runs, env_extra={CRASH_ENV: "1"})
+    assert proc.returncode == 137  # os._exit: no handler ran, the record still says "running"
+    assert json.loads((runs / "basic" / "latest" / "record.json").read_text())["status"] == "running"
+    listing = run_cli_subprocess("status", "--runs-dir", runs)
+    assert "interrupted" in listing.stdout and "running" not in listing.stdout
+    detail = run_cli_subprocess("status", "basic", "--runs-dir", runs)
+    assert "basic/" in detail.stdout and ": interrupted" in detail.stdout
+    assert "clean" in detail.stdout and "running" not in detail.stdout
+
+
+def test_status_of_a_run_fits_80_columns_in_dag_order(project, runs):
+    assert run_cli_subprocess("run", project / "recipe.toml", "--runs-dir", runs).returncode == 0
+    out = run_cli_subprocess("status", "basic", "--runs-dir", runs, env_extra={"COLUMNS": "80"}).stdout
+    lines = out.splitlines()
+    assert all(len(line) <= 80 for line in lines), out
+    assert out.index("clean") < out.index("again")  # DAG order: `again` reads `clean`
+    assert "40>40" in out
+
+
+def test_show_escapes_control_characters_in_model_output(project, runs):
+    rows = [conv("Say something colourful please, friend.", "Here: \x1b[31mred\x1b[0m and a NUL \x00 byte, ok.",
+                 id="esc")] + GOOD
+    write_jsonl(project / "data" / "convs.jsonl", rows)
+    assert run_cli_subprocess("run", project / "recipe.toml", "--runs-dir", runs).returncode == 0
+    shown = run_cli_subprocess("show", "basic", "clean", "-n", "1", "--runs-dir", runs)
+    assert shown.returncode == 0, shown.stderr
+    assert "\x1b" not in shown.stdout and "\x00" not in shown.stdout
+    assert "\\x1b[31mred" in shown.stdout and "\\x00" in shown.stdout
