@@ -7,6 +7,7 @@ Exit codes: 0 ok, 1 a stage failed (see its log), 2 bad input (recipe, data, usa
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -155,9 +156,16 @@ def run_cmd(recipe: str, sets, runs_dir, only, force, dry_run: bool, executor, r
     progress = progress_bars(console)                                    # stage logs (engine.quiet)
     from .quiet import routed
 
-    with progress.live, routed():
-        record = run(r, root, only=list(only), force=list(force), console=console, progress=progress,
-                     executor=executor, ray_address=ray_address)
+    command = "recipe " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["run"] else None
+    try:
+        with progress.live, routed():
+            record = run(r, root, only=list(only), force=list(force), console=console, progress=progress,
+                         executor=executor, ray_address=ray_address, command=command)
+    except StageFailed as failed:  # the failed run still gets its report: which stage, why, where its log is
+        run_dir = Path(failed.log_path).parent.parent
+        if (run_dir / "record.json").is_file():
+            _write_report(run_dir, quiet=True)
+        raise
     table = Table(title=f"run {r.name}/{record.run_id}", title_justify="left")
     for col in ("stage", "status", "rows in", "rows out", "seconds"):
         table.add_column(col)
@@ -182,7 +190,7 @@ def _terminate_like_interrupt() -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
-def _write_report(run_dir: Path) -> list[Path]:
+def _write_report(run_dir: Path, quiet: bool = False) -> list[Path]:
     """The run's report.md/report.html (engine/report.py). A report that cannot be written is a
     warning, never a failed run: every stage output is already committed."""
     from .report import write_run_report
@@ -193,7 +201,7 @@ def _write_report(run_dir: Path) -> list[Path]:
         err.print(f"[yellow]warning:[/] the run report could not be written ({type(e).__name__}: {e}); "
                   f"try `recipe report {run_dir}`.")
         return []
-    out.print(f"report: {Path(run_dir) / 'report.md'}", markup=False)
+    (err if quiet else out).print(f"report: {Path(run_dir) / 'report.md'}", markup=False)
     return paths
 
 

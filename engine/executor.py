@@ -118,6 +118,7 @@ class Context:
     pool: "loading.ModelPool | None" = None  # generation models kept between the stages of a run
     lazy_models: bool = False  # backends load on first use (a Ray driver assembling committed shards)
     rows_out: int | None = None
+    warnings: list[str] = field(default_factory=list)  # this stage's warnings, for the record and the report
     shards: ShardRunner = field(init=False)
 
     def __post_init__(self) -> None:
@@ -142,6 +143,7 @@ class Context:
         return _Task(self._progress, self._progress.add_task(f"{self.stage}: {desc}", total=total, unit=unit))
 
     def warn(self, message: str) -> None:
+        self.warnings.append(message)
         self.log.warning(message)
         if self.console is not None:
             self.console.print(f"[yellow]warning[/]: {self.stage}: {message}")
@@ -204,7 +206,8 @@ def executor_default() -> str:
 
 
 def run(recipe: Recipe, runs_dir: str | os.PathLike, *, only: list[str] = (), force: list[str] = (),
-        console=None, progress=None, executor: str = "local", ray_address: str | None = None) -> RunRecord:
+        console=None, progress=None, executor: str = "local", ray_address: str | None = None,
+        command: str | None = None) -> RunRecord:
     """Run every selected stage not in the cache. Raises StageFailed (exit 1) or RecipeError
     (exit 2); committed shards and upstream entries are kept either way. `executor` = "ray" runs
     the stages' work on a Ray cluster (engine.rayexec); it never changes what a stage makes."""
@@ -229,7 +232,7 @@ def run(recipe: Recipe, runs_dir: str | os.PathLike, *, only: list[str] = (), fo
     store = Store(runs_dir)
     store.sweep_tmp()
     plan = {p.name: p for p in make_plan(recipe, runs_dir, memo)}
-    record = RunRecord(runs_dir, recipe)
+    record = RunRecord(runs_dir, recipe, command=command)
     entries: dict[str, Entry] = {}
     concurrent = executor == "ray"  # independent stages at once; Ray places their work by resources
     pool = None if concurrent else loading.ModelPool()  # a Ray driver loads models only to patch a hole
@@ -260,6 +263,8 @@ def run(recipe: Recipe, runs_dir: str | os.PathLike, *, only: list[str] = (), fo
                 if entry.manifest.get("dropped"):
                     report_dropped(name, entry.manifest["dropped"], record, lambda m: console is not None and
                                    console.print(f"[yellow]warning[/]: {name}: {m}"))
+                if entry.manifest.get("warnings"):  # the report of a cached run tells them too
+                    record.stage(name, warnings=entry.manifest["warnings"])
             else:
                 why = ["forced"] if name in force else item.reasons
                 if pool is not None:
@@ -427,6 +432,9 @@ def _build(recipe, name, item, entries, store, record, console, progress, why, p
             if dropped:  # kept in the entry, so that a cached re-run reports them too
                 manifest["dropped"] = dropped
                 report_dropped(name, dropped, record, ctx.warn)
+            if ctx.warnings:
+                manifest["warnings"] = ctx.warnings
+                record.stage(name, warnings=ctx.warnings)
         log.info("done: %s rows in, %s rows out", rows_in, ctx.rows_out)
         store.clear_partial(item.fingerprint)
     except RecipeError as exc:

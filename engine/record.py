@@ -31,7 +31,7 @@ def versions() -> dict[str, str]:
 
 
 class RunRecord:
-    def __init__(self, runs_dir: Path, recipe: Recipe) -> None:
+    def __init__(self, runs_dir: Path, recipe: Recipe, command: str | None = None) -> None:
         base = runs_dir / recipe.name
         base.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -51,7 +51,9 @@ class RunRecord:
         self._alive = FileLock(str(self.dir / ALIVE))  # held while this process runs (see `is_dead`)
         self._alive.acquire()
         self.data = {"recipe": recipe.name, "run": run_id, "recipe_file": str(recipe.path),
-                     "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "status": "running", "stages": {}}
+                     "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "status": "running",
+                     "command": command or f"recipe run {recipe.path}", "seed": recipe.meta.seed,
+                     "versions": versions(), "stages": {}}
         self.save()
         link = base / f".latest.{os.getpid()}"
         if link.is_symlink():

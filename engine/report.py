@@ -84,7 +84,14 @@ class Image:
     caption: str = ""
 
 
-Block = Heading | Para | Bullets | Table | Image
+@dataclass
+class Details:
+    """A collapsed block of preformatted text (the resolved recipe)."""
+    summary: str
+    text: str
+
+
+Block = Heading | Para | Bullets | Table | Image | Details
 
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|#~!&])")
 
@@ -114,6 +121,10 @@ def render_markdown(title: str, blocks: list[Block], plots_dir: str = "plots") -
             out.append("")
         elif isinstance(b, Image):
             out += [f"![{md_escape(b.caption or b.name)}]({plots_dir}/{b.name})", ""]
+        elif isinstance(b, Details):
+            fence = "~~~~" if "```" in b.text else "```"
+            out += ["<details>", f"<summary>{html.escape(b.summary)}</summary>", "", f"{fence}toml", b.text.rstrip(),
+                    fence, "", "</details>", ""]
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -146,6 +157,8 @@ def render_html(title: str, blocks: list[Block]) -> str:
         elif isinstance(b, Image):
             out.append(f'<figure><img alt="{esc(b.caption or b.name)}" src="{plots.data_uri(b.png)}">'
                        f"<figcaption>{esc(b.caption)}</figcaption></figure>")
+        elif isinstance(b, Details):
+            out.append(f"<details><summary>{esc(b.summary)}</summary><pre>{esc(b.text)}</pre></details>")
     out.append("</body></html>")
     return "\n".join(out) + "\n"
 
@@ -306,8 +319,9 @@ def _bar_groups(per_model: dict, names: list[str], judged: bool) -> list[tuple[s
 
 
 def example_blocks(rows: list[dict], names: list[str], level: int = 3) -> list[Block]:
-    """Base (first model) against final (last model) on the same safety scenario and the same
-    helpfulness prompt (a sycophancy item when there is no helpfulness suite)."""
+    """Every evaluated model side by side on the same safety scenario, refusal prompt and
+    helpfulness prompt (a sycophancy item when there is no helpfulness suite); the item is the
+    one where the first and last model differ most in refusing. Empty replies are marked."""
     if not rows or not names:
         return []
     base, final = names[0], names[-1]
@@ -316,28 +330,27 @@ def example_blocks(rows: list[dict], names: list[str], level: int = 3) -> list[B
     blocks: list[Block] = []
     for suite in suites:
         items = [r["item_id"] for r in rows if r["suite"] == suite and r["model"] == base
-                 and (final, suite, r["item_id"]) in index]
+                 and all((n, suite, r["item_id"]) in index for n in names)]
         if not items:
             continue
-        # the item where base and final differ most in refusing (the first item when none differ)
         item = max(items, key=lambda i: _refusals(index[(final, suite, i)]) - _refusals(index[(base, suite, i)]))
-        a, b = index[(base, suite, item)], index[(final, suite, item)]
-        cols = [base] if base == final else [base, final]
+        shown = [index[(n, suite, item)] for n in names]
         blocks.append(Heading(f"Example conversation: {suite} item {item}"
-                              + ("" if base == final else f" ({base} vs {final})"), level))
+                              + ("" if len(names) == 1 else f" ({' vs '.join(names)})"), level))
+        first = shown[0]
         if suite == "safety":
-            blocks.append(Para(f"{a['meta'].get('category', '')}: {a['meta'].get('title', '')}; "
-                               f"harmful from user turn {a['meta'].get('harmful_from', 0) + 1}."))
+            blocks.append(Para(f"{first['meta'].get('category', '')}: {first['meta'].get('title', '')}; "
+                               f"harmful from user turn {first['meta'].get('harmful_from', 0) + 1}."))
         table_rows = []
-        for t, (ua, _) in enumerate(_exchanges(a)):
+        for t, (user, _) in enumerate(_exchanges(first)):
             replies = []
-            for r in (a, b)[: len(cols)]:
+            for r in shown:
                 pairs = _exchanges(r)
                 text = pairs[t][1] if t < len(pairs) else ""
                 flags = _flags(r, t)
-                replies.append(_cut(text) + (f"\n[{flags}]" if flags else ""))
-            table_rows.append([str(t + 1), _cut(ua), *replies])
-        blocks.append(Table(["turn", "user", *[f"{c} reply" for c in cols]], table_rows))
+                replies.append((_cut(text) if text.strip() else "(empty reply)") + (f"\n[{flags}]" if flags else ""))
+            table_rows.append([str(t + 1), _cut(user), *replies])
+        blocks.append(Table(["turn", "user", *[f"{n} reply" for n in names]], table_rows))
     return blocks
 
 
@@ -455,16 +468,16 @@ def funnel_blocks(record: dict, order: list[str] | None = None) -> list[Block]:
                   [[n, s.get("kind", ""), s.get("status", ""), num(s.get("rows_in")), num(s.get("rows_out")),
                     "-" if s.get("duration_s") is None else f"{s['duration_s']:.1f}"] for n, s in stages.items()])
     blocks: list[Block] = [table]
-    counted = {n: s for n, s in stages.items() if s.get("rows_in") or s.get("rows_out")}
+    counted = {n: s for n, s in stages.items() if (s.get("rows_in") or s.get("rows_out")) and s.get("kind") != "eval"}
     if counted:
         png = plots.bars(None, list(counted), {"rows in": [s.get("rows_in") for s in counted.values()],
                                                "rows out": [s.get("rows_out") for s in counted.values()]},
                          title="rows in and out of each stage", ylabel="rows")
         blocks.append(Image("funnel.png", png, "The data funnel: rows into and out of every stage (cached stages "
                                                "show the counts recorded when they were built)."))
-    blocks.append(Para("Rows in counts the rows of a stage's row inputs (0 for a stage that only reads models "
-                       "and its own suite files, as eval does); rows out is what it wrote to rows.parquet "
-                       "(- for stages that give a model)."))
+    blocks.append(Para("Rows in counts the rows of a stage's row inputs; rows out is what it wrote to "
+                       "rows.parquet (- for stages that give a model). Eval stages are left out of the chart: "
+                       "their rows are work items (model x suite item), not data flowing on."))
     return blocks
 
 
@@ -485,13 +498,27 @@ def training_blocks(name: str, kind: str, entry: Path) -> list[Block]:
     losses = [s.get("loss") for s in steps if isinstance(s.get("loss"), (int, float))]
     blocks.append(Para(f"{len(steps)} logged steps; loss {fmt(losses[0] if losses else None, 4)} at the first "
                        f"logged step, {fmt(losses[-1] if losses else None, 4)} at the last."))
-    for keys, what in ((loss_keys, "loss"), (other, "logged values")):
-        if keys:
-            series = {k: (xs, [s.get(k) if is_num(s.get(k)) else None for s in steps]) for k in keys}
-            blocks.append(Image(f"{_slug(name)}_{what.split()[0]}.png",
-                                plots.lines(None, series, title=f"{name} ({kind}): {what}", ylabel=what),
-                                f"{name}: {', '.join(keys)} per step"))
+    if loss_keys:
+        series = {k: (xs, [s.get(k) if is_num(s.get(k)) else None for s in steps]) for k in loss_keys}
+        blocks.append(Image(f"{_slug(name)}_loss.png", plots.lines(None, series, title=f"{name} ({kind}): loss",
+                                                                   ylabel="loss"), f"{name}: {', '.join(loss_keys)} per step"))
+    if other:  # one panel per family (log-probabilities, rewards, margins, ...): each on its own scale
+        families: dict[str, list[str]] = {}
+        for k in other:
+            families.setdefault(_family(k), []).append(k)
+        charts = [(fam, {k.split("/")[-1] if len(keys) > 1 else k: (xs, [s.get(k) if is_num(s.get(k)) else None
+                                                                     for s in steps]) for k in keys})
+                  for fam, keys in families.items()]
+        blocks.append(Image(f"{_slug(name)}_logged.png", plots.panels(None, charts, title=f"{name} ({kind})"),
+                            f"{name}: {', '.join(other)} per step, one panel per quantity"))
     return blocks
+
+
+def _family(key: str) -> str:
+    """The panel of a logged value: `logps/chosen` and `logps/rejected` share one, `rewards/margins`
+    and `rewards/accuracies` get their own (their scale differs from the rewards')."""
+    head, _, tail = key.partition("/")
+    return key if not tail or tail in ("margins", "accuracies") else head
 
 
 def run_blocks(run_dir: Path) -> tuple[str, list[Block]]:
@@ -505,13 +532,19 @@ def run_blocks(run_dir: Path) -> tuple[str, list[Block]]:
     title = f"Run report: {record.get('recipe', run_dir.parent.name)} / {record.get('run', run_dir.name)}"
     blocks: list[Block] = [Para(f"Status: {record.get('status', 'unknown')}; started {record.get('started', '?')}, "
                                 f"finished {record.get('finished', '-')}.")]
+    blocks += failure_blocks(stages, run_dir)
+    blocks += about_blocks(record, run_dir)
     evals = {name: m for name in order
              if isinstance(m := _json(run_dir / "stages" / name / "metrics.json"), dict) and "per_model" in m}
     for name, metrics in evals.items():  # the behaviour change first: each eval's headline rates and differences
         glance = glance_blocks(metrics)
         if glance:
             blocks += [Heading(f"At a glance: {name}"), *glance[1:]]
-    blocks += honest_blocks(uses_builtin(run_dir))
+    blocks += warning_blocks(stages)
+    if evals or any(s.get("kind") == "eval" for s in stages.values()):
+        blocks += honest_blocks(uses_builtin(run_dir))
+    elif uses_builtin(run_dir):
+        blocks += [Heading("What this run can show"), Bullets([TINY_NOTE])]
     blocks += [Heading("Data funnel"), *funnel_blocks(record, order)]
 
     def entry(name: str) -> Path | None:
@@ -522,21 +555,127 @@ def run_blocks(run_dir: Path) -> tuple[str, list[Block]]:
         path = entry(name)
         return path is not None and (kind in TRAINING_KINDS or "steps" in (_json(path / "metrics.json") or {}))
 
+    def memo(name: str, part: str, make) -> list[Block]:  # blocks drawn from one entry: by its fingerprint
+        return _memo_blocks(stages[name].get("fingerprint"), name, part, make)
+
     trained = [(n, s.get("kind", "")) for n, s in stages.items() if trains(n, s.get("kind", ""))]
     if trained:
         blocks.append(Heading("Training curves"))
         for name, kind in trained:
-            blocks += training_blocks(name, kind, entry(name))
+            blocks += memo(name, "training", lambda name=name, kind=kind: training_blocks(name, kind, entry(name)))
+            if kind == "sft" and (entry(name) / "mask_check.txt").is_file():
+                blocks += memo(name, "spans", lambda name=name: span_blocks(name, entry(name)))
     for name, s in stages.items():
         if s.get("kind") == "critique_revise" and entry(name):
-            blocks += revision_blocks(name, entry(name))
+            blocks += memo(name, "revisions", lambda name=name: revision_blocks(name, entry(name)))
+        if entry(name) and (entry(name) / "pairs_sample.json").is_file():
+            blocks += memo(name, "pairs", lambda name=name: pair_blocks(name, entry(name)))
     for name, metrics in evals.items():
-        path = entry(name)
-        rows = read_rows(path / "rows.parquet") if (path / "rows.parquet").exists() else []
-        blocks += [Heading(f"Eval: {name}"), *eval_blocks(metrics, rows, prefix=name)]
-    if not any(isinstance(b, Heading) and b.text.startswith("Eval") for b in blocks):
+        def results(name=name, metrics=metrics):
+            path = entry(name)
+            rows = read_rows(path / "rows.parquet") if (path / "rows.parquet").exists() else []
+            return eval_blocks(metrics, rows, prefix=name)
+        blocks += [Heading(f"Eval: {name}"), *memo(name, "eval", results)]
+    if not evals:
         blocks.append(Para("This run has no eval stage: the report shows the data funnel and training only."))
     return title, blocks
+
+
+REPORT_STYLE = 1  # bump when a stage's report blocks change: memoized blocks of older styles are not reused
+_BLOCKS = {cls.__name__: cls for cls in (Heading, Para, Bullets, Table, Image, Details)}
+
+
+def _memo_blocks(fingerprint: str | None, name: str, part: str, make) -> list[Block]:
+    """The blocks `make()` draws from one cache entry, kept beside the figure cache by the entry's
+    fingerprint: a cached re-run rewrites its report without reading rows or drawing."""
+    import base64
+    import dataclasses
+
+    directory = plots._cache.get()
+    if directory is None or not fingerprint:
+        return make()
+    path = directory / f"blocks-{fingerprint}-{_slug(name)}-{part}-{REPORT_STYLE}.{plots.STYLE}.json"
+    try:
+        return [_BLOCKS[d.pop("type")](**{k: base64.b64decode(v) if k == "png" else v for k, v in d.items()})
+                for d in json.loads(path.read_text(encoding="utf-8"))]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    blocks = make()
+    data = [{"type": type(b).__name__, **{k: base64.b64encode(v).decode() if k == "png" else v
+                                          for k, v in dataclasses.asdict(b).items()}} for b in blocks]
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(data))
+    return blocks
+
+
+def failure_blocks(stages: dict, run_dir: Path) -> list[Block]:
+    """A failed run says first which stage failed, its one-line cause and where its log is."""
+    failed = [(n, s) for n, s in stages.items() if s.get("status") == "failed"]
+    if not failed:
+        return []
+    return [Heading("Failed"), Bullets([
+        f"stage '{n}' ({s.get('kind', '')}) failed: {s.get('error', 'see its log').splitlines()[0]}; "
+        f"log: {run_dir / s['log'] if s.get('log') else run_dir / 'logs' / (n + '.log')}" for n, s in failed])]
+
+
+def about_blocks(record: dict, run_dir: Path) -> list[Block]:
+    """What the run was: the command that reproduces it, the seed, the models, the versions, and
+    the resolved recipe (collapsed)."""
+    recipe = _recipe(run_dir)
+    models = recipe.get("models") or {}
+    rows = [[name, str(m.get("path", "")), str(m.get("backend", "hf"))] for name, m in models.items()
+            if isinstance(m, dict)]
+    blocks: list[Block] = [Heading("What this run was"), Bullets([
+        f"command: {record.get('command') or 'recipe run ' + str(record.get('recipe_file', ''))}",
+        f"seed: {record.get('seed', (recipe.get('recipe') or {}).get('seed', '?'))}",
+        "versions: " + (", ".join(f"{k} {v}" for k, v in (record.get("versions") or {}).items()) or "not recorded"),
+    ])]
+    if rows:
+        blocks.append(Table(["model", "path", "backend"], rows))
+    try:
+        text = (run_dir / "recipe.toml").read_text(encoding="utf-8")
+    except OSError:
+        text = ""
+    if text:
+        blocks.append(Details("the resolved recipe (extends and --set applied)", text))
+    return blocks
+
+
+def warning_blocks(stages: dict) -> list[Block]:
+    """Every warning the run's stages gave (cached stages: those of the run that built them)."""
+    items = [f"{n}: {w}" for n, s in stages.items() for w in s.get("warnings") or []]
+    return [Heading("Warnings"), Bullets(items)] if items else []
+
+
+def pair_blocks(name: str, entry: Path, examples: int = 3) -> list[Block]:
+    """A few preference pairs as training will see them: the conversation so far (its last user
+    turn shown), the chosen and the rejected reply."""
+    pairs = _json(entry / "pairs_sample.json") or []
+    rows = []
+    for pair in pairs[:examples]:
+        prompt = pair.get("prompt") or []
+        users = [m for m in prompt if m.get("role") == "user"]
+        last = users[-1]["content"] if users else ""
+        earlier = len(prompt) - 1 - (1 if prompt and prompt[0].get("role") == "system" else 0)
+        context = f"({earlier} earlier messages)\n" if earlier > 0 else ""
+        rows.append([str(pair.get("id", "")), context + _cut(last, 300),
+                     *[_cut(" ".join(m.get("content", "") for m in pair.get(k) or []) or "(empty reply)", 300)
+                       for k in ("chosen", "rejected")]])
+    if not rows:
+        return []
+    return [Heading(f"Preference pairs: {name}", 3),
+            Para(f"{len(rows)} of the pairs in pairs_sample.json, as DPO reads them (prompt, chosen, rejected)."),
+            Table(["id", "last user turn", "chosen", "rejected"], rows)]
+
+
+def span_blocks(name: str, entry: Path, examples: int = 2) -> list[Block]:
+    """A few supervised spans from the sft stage's mask check: the tokens the loss trains on."""
+    text = (entry / "mask_check.txt").read_text(encoding="utf-8", errors="replace")
+    spans = [line for line in text.splitlines() if line.startswith("[span")][: examples * 2]
+    if not spans:
+        return []
+    return [Para(f"{name}: supervised spans from mask_check.txt (the text the loss is computed on; everything "
+                 "else is masked):"), Bullets([_cut(s, 300) for s in spans])]
 
 
 def revision_blocks(name: str, entry: Path, examples: int = 3) -> list[Block]:
@@ -564,6 +703,11 @@ def revision_blocks(name: str, entry: Path, examples: int = 3) -> list[Block]:
 
 def write_run_report(run_dir: Path) -> list[Path]:
     """Write `run_dir/report.md`, `run_dir/report.html` (self-contained) and `run_dir/plots/*.png`
-    from the run's record and stage entries; returns the paths written."""
-    title, blocks = run_blocks(Path(run_dir))
-    return write_report(Path(run_dir), title, blocks)
+    from the run's record and stage entries; returns the paths written. Figures drawn before from
+    the same data are reused from the store's figure cache (runs/cache/figures), so a cached
+    re-run neither draws nor imports matplotlib."""
+    run_dir = Path(run_dir)
+    cache = run_dir.parent.parent / "cache" / "figures" if (run_dir.parent.parent / "cache").is_dir() else None
+    with plots.figure_cache(cache):
+        title, blocks = run_blocks(run_dir)
+    return write_report(run_dir, title, blocks)

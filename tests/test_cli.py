@@ -112,6 +112,9 @@ def test_stage_failure_exits_1_with_log_and_keeps_upstream(cli, project, runs, m
     assert "Traceback" in log and "second line" in log
     record = json.loads((runs / "basic" / "latest" / "record.json").read_text())
     assert record["status"] == "failed" and record["stages"]["clean"]["status"] == "run"
+    report = (runs / "basic" / "latest" / "report.md").read_text()  # a failed run gets its report too
+    assert "## Failed" in report and "stage 'again' (filter) failed: ValueError: something broke" in report
+    assert "logs/again.log" in report and "second line" not in report
     monkeypatch.setattr(f, "run", real)
     plan = json.loads(cli("plan", project / "recipe.toml", "--json").output)
     assert [s["status"] for s in plan["stages"]] == ["cached", "run"]

@@ -20,7 +20,7 @@ from engine.rows import write_rows
 
 HOSTILE = "<script>alert(1)</script> | **bold** # [link](http://x) `code` & <img src=x onerror=y>"
 ALLOWED_TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "h3", "h4", "p", "ul", "li", "table",
-                "thead", "tbody", "tr", "th", "td", "figure", "img", "figcaption"}
+                "thead", "tbody", "tr", "th", "td", "figure", "img", "figcaption", "details", "summary", "pre"}
 
 
 class Tags(HTMLParser):
@@ -111,12 +111,17 @@ def make_run(root: Path, with_eval: bool, builtin: bool = False) -> Path:
     stages = {"clean": {"kind": "filter", "status": "run", "rows_in": 60, "rows_out": 44, "duration_s": 0.4},
               "sft": {"kind": "sft", "status": "cached", "rows_in": 44, "rows_out": None, "duration_s": 0.0},
               "dpo": {"kind": "dpo", "status": "run", "rows_in": 20, "rows_out": None, "duration_s": 3.2},
-              "broken": {"kind": "judge", "status": "failed", "error": "boom"}}
+              "broken": {"kind": "judge", "status": "failed", "error": "boom", "log": "logs/broken.log"}}
+    stages["clean"]["warnings"] = ["dataset 'convs': dropped 2 of 62 rows; empty content: 2 (first: c7, c9)"]
     if with_eval:
         stages["ev"] = {"kind": "eval", "status": "run", "rows_in": 0, "rows_out": 4, "duration_s": 2.0}
+    for name, info in stages.items():
+        info["fingerprint"] = f"{name}0123456789abcdef"
     (run_dir / "stages").mkdir(parents=True)
-    (run_dir / "record.json").write_text(json.dumps({"recipe": "demo", "run": run_dir.name, "status": "ok",
-                                                     "started": "s", "finished": "f", "stages": stages}))
+    (run_dir / "record.json").write_text(json.dumps({"recipe": "demo", "run": run_dir.name, "status": "failed",
+                                                     "started": "s", "finished": "f", "stages": stages, "seed": 5,
+                                                     "command": "recipe run demo.toml --set stages.dpo.beta=0.2",
+                                                     "versions": {"recipe-engine": "0.1.0", "torch": "2.13.0"}}))
     path = "builtin:tiny-chat" if builtin else "Qwen/Qwen2.5-0.5B-Instruct"
     # stages declared out of order (a consumer first): the funnel follows the build order
     (run_dir / "recipe.toml").write_text(textwrap.dedent(f"""
@@ -171,6 +176,13 @@ def test_run_report_has_funnel_training_curves_eval_and_examples(tmp_path):
     assert "| safety: refusal from harmful turn (phrases) | 0.000 | 1.000 |" in md  # columns follow "models"
     assert "tiny-chat" not in md  # a real model: only the general caveats
     assert "What these numbers can and cannot show" in md
+    # what the run was, what failed, what it warned about
+    assert "command: recipe run demo.toml --set stages.dpo.beta=0.2" in md and "seed: 5" in md
+    assert "torch 2.13.0" in md and "| policy | Qwen/Qwen2.5-0.5B-Instruct | hf |" in md
+    assert "<details>" in md and 'kind = "eval"' in md  # the resolved recipe, collapsed
+    assert "stage 'broken' (judge) failed: boom; log: " in md and "logs/broken.log" in md
+    assert md.index("## Failed") < md.index("## Data funnel")
+    assert "## Warnings" in md and "clean: dataset 'convs': dropped 2 of 62 rows" in md
     page = (run_dir / "report.html").read_text()
     assert_self_contained(page, 6)
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
@@ -183,7 +195,45 @@ def test_run_report_without_eval_shows_funnel_and_training_only(tmp_path):
     assert "funnel.png" in names and "sft_loss.png" in names and not any("bars" in n for n in names)
     md = (run_dir / "report.md").read_text()
     assert "no eval stage" in md and "builtin:tiny-chat" in md
+    assert "What these numbers can and cannot show" not in md and "phrase detector" not in md  # eval caveats
     assert_self_contained((run_dir / "report.html").read_text(), 3)
+
+
+def test_examples_show_every_model_and_mark_empty_replies(tmp_path):
+    rows = []
+    for model, reply in (("base", "Sure."), ("sft", ""), ("dpo", "No.")):
+        rows.append({"model": model, "suite": "sycophancy", "item_id": "q1", "meta": {"correct": [True]},
+                     "messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": reply}]})
+    md = rp.render_markdown("t", rp.example_blocks(rows, ["base", "sft", "dpo"]))
+    assert "(base vs sft vs dpo)" in md and "| turn | user | base reply | sft reply | dpo reply |" in md
+    assert "(empty reply)" in md
+
+
+def test_dpo_values_are_drawn_in_separate_panels():
+    assert rp._family("logps/chosen") == rp._family("logps/rejected") == "logps"
+    assert rp._family("rewards/chosen") == "rewards" != rp._family("rewards/margins")
+    assert rp._family("rewards/accuracies") == "rewards/accuracies"
+
+
+def test_a_cached_rerun_writes_its_report_without_drawing(tmp_path):
+    """The second report of the same data reuses the figures and blocks (runs/cache/figures): a
+    fresh process writes it without importing matplotlib, and the two reports are the same."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    run_dir = make_run(tmp_path, with_eval=True)
+    code = ("import sys; from engine.report import write_run_report; write_run_report(sys.argv[1]); "
+            "print('matplotlib' in sys.modules, 'pyarrow' in sys.modules)")
+    first = subprocess.run([sys.executable, "-c", code, str(run_dir)], capture_output=True, text=True, cwd=ROOT)
+    assert first.stdout.split() == ["True", "True"], first.stderr
+    md = (run_dir / "report.md").read_bytes()
+    pngs = {p.name: p.read_bytes() for p in (run_dir / "plots").iterdir()}
+    second = subprocess.run([sys.executable, "-c", code, str(run_dir)], capture_output=True, text=True, cwd=ROOT)
+    assert second.stdout.split() == ["False", "False"], second.stderr
+    assert (run_dir / "report.md").read_bytes() == md
+    assert {p.name: p.read_bytes() for p in (run_dir / "plots").iterdir()} == pngs
 
 
 def test_run_report_survives_an_empty_record(tmp_path):
