@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import CacheError, RecipeError, StageFailed, Terminated
@@ -21,7 +22,12 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 STATUS_STYLE = {"cached": "green", "run": "yellow", "partial": "cyan", "failed": "red", "ok": "green",
-                "interrupted": "magenta", "running": "yellow", "pending": "dim"}
+                "interrupted": "magenta", "running": "yellow", "pending": "dim", "deleted by gc": "red"}
+
+
+def _styled(status) -> str:
+    style = STATUS_STYLE.get(status, "")
+    return f"[{style}]{status}[/]" if style else escape(str(status))
 
 
 class RecipeGroup(click.Group):
@@ -120,8 +126,7 @@ def _plan_table(name: str, items) -> None:
     for col in ("stage", "kind", "fingerprint", "status", "why"):
         table.add_column(col)
     for i in items:
-        style = STATUS_STYLE.get(i.status, "")
-        table.add_row(i.name, i.kind, i.fingerprint[:12], f"[{style}]{i.status}[/]", "; ".join(i.reasons))
+        table.add_row(i.name, i.kind, i.fingerprint[:12], _styled(i.status), "; ".join(i.reasons))
     out.print(table)
 
 
@@ -170,8 +175,7 @@ def run_cmd(recipe: str, sets, runs_dir, only, force, dry_run: bool, executor, r
     for col in ("stage", "status", "rows in", "rows out", "seconds"):
         table.add_column(col)
     for name, s in record.data["stages"].items():
-        style = STATUS_STYLE.get(s.get("status"), "")
-        table.add_row(name, f"[{style}]{s.get('status')}[/]", _count(s.get("rows_in")), _count(s.get("rows_out")),
+        table.add_row(name, _styled(s.get("status")), _count(s.get("rows_in")), _count(s.get("rows_out")),
                       f"{s.get('duration_s', 0):.1f}")
     out.print(table)
     out.print(f"run record: {record.dir}", markup=False)
@@ -294,10 +298,9 @@ def status(run_ref, runs_dir) -> None:
             if run_status == "interrupted" and st in ("running", "pending"):
                 st = "interrupted" if st == "running" else st
             st = _entry_state(run_dir, name, st)
-            style = STATUS_STYLE.get(st, "")
             rows = "-" if s.get("rows_out") is None and s.get("rows_in") is None else \
                 f"{_count(s.get('rows_in'))}>{_count(s.get('rows_out'))}"
-            table.add_row(name, s.get("kind", ""), f"[{style}]{st}[/]", rows, f"{s.get('duration_s', 0) or 0:.1f}",
+            table.add_row(name, s.get("kind", ""), _styled(st), rows, f"{s.get('duration_s', 0) or 0:.1f}",
                           "; ".join(s.get("reasons", [])) or s.get("error", ""))
         out.print(table)
         _round_table(rec["stages"])
@@ -316,7 +319,7 @@ def status(run_ref, runs_dir) -> None:
         for s in rec["stages"].values():
             state = "interrupted" if st == "interrupted" and s.get("status") == "running" else s.get("status", "?")
             counts[state] = counts.get(state, 0) + 1
-        table.add_row(rec["recipe"], rec["run"], f"[{STATUS_STYLE.get(st, '')}]{st}[/]",
+        table.add_row(rec["recipe"], rec["run"], _styled(st),
                       rec.get("started", "")[:16].replace("T", " "), ", ".join(f"{v} {k}" for k, v in counts.items()))
     out.print(table)
 
@@ -340,6 +343,10 @@ def show(run_ref: str, stage: str, n_rows: int, runs_dir) -> None:
     if stage not in rec["stages"] and last_round(rec["stages"], stage):
         stage = last_round(rec["stages"], stage)  # a loop stage's own name: its last round
     entry = run_dir / "stages" / stage
+    if stage in rec["stages"] and entry.is_symlink() and not entry.exists():
+        raise RecipeError.single(
+            f"the output of stage '{stage}' in run {rec['recipe']}/{rec['run']} was deleted by gc.",
+            hint="Run the recipe again to rebuild it (`recipe gc` keeps what recent runs and the recipe files use).")
     if stage not in rec["stages"] or not entry.exists():
         done = [n for n in rec["stages"] if (run_dir / "stages" / n).exists()]
         raise RecipeError.single(f"run {rec['recipe']}/{rec['run']} has no output for stage '{stage}'.",
@@ -491,7 +498,10 @@ def report(run_ref: str, runs_dir) -> None:
 @click.option("--keep-runs", default=5, show_default=True, help="Entries used by each recipe's last N runs stay.")
 @click.option("--yes", is_flag=True, help="Delete; without it gc only lists what it would delete.")
 def gc(runs_dir, keep_runs: int, yes: bool) -> None:
-    """Drop cache entries that no recent run references (dry run unless --yes)."""
+    """Drop cache entries that neither a recent run nor a recipe file as written uses (dry run
+    unless --yes). Kept: the entries of each recipe's last N runs, and those that every recipe
+    file next to a recipe that ran here (and beside the runs dir) needs as it is written now, so
+    experiments with --set never push out the recipe itself."""
     from .cache import Store
 
     root = _runs_dir(runs_dir)
@@ -500,9 +510,22 @@ def gc(runs_dir, keep_runs: int, yes: bool) -> None:
     by_recipe: dict[str, list[Path]] = {}
     for d in _run_dirs(root):
         by_recipe.setdefault(d.parent.name, []).append(d)
+    files: set[Path] = set()
     for dirs in by_recipe.values():
         for d in sorted(dirs, key=lambda d: _record(d).get("started", ""))[-keep_runs:]:
             keep.update(s.get("fingerprint") for s in _record(d)["stages"].values())
+        for d in dirs:
+            recipe_file = Path(_record(d).get("recipe_file") or "")
+            if recipe_file.name and recipe_file.parent.is_dir():
+                files.update(_recipe_files(recipe_file.parent))
+    files.update(_recipe_files(root.resolve().parent))
+    written = _fingerprints_as_written(sorted(files), root)
+    if written:
+        out.print(f"keeping the entries that {len(written)} recipe files need as written "
+                  f"({', '.join(p.name for p in sorted(written)[:5])}{', ...' if len(written) > 5 else ''})",
+                  markup=False)
+    for fps in written.values():
+        keep.update(fps)
     doomed = [store.entry_path(fp) for fp in store.entries() if fp not in keep]
     if store.partial_root.exists():
         doomed += [p for p in store.partial_root.iterdir() if p.name not in keep]
@@ -515,6 +538,35 @@ def gc(runs_dir, keep_runs: int, yes: bool) -> None:
         out.print(f"removed {len(doomed)} entries, {_human(total)}", markup=False)
     else:
         out.print(f"{len(doomed)} entries, {_human(total)}; run with --yes to delete", markup=False)
+
+
+def _recipe_files(folder: Path) -> list[Path]:
+    """The recipe files directly in `folder`: *.toml with a [recipe] table."""
+    out = []
+    for path in sorted(folder.glob("*.toml")):
+        try:
+            if path.is_file() and "[recipe]" in path.read_text(encoding="utf-8", errors="replace")[:200_000]:
+                out.append(path.resolve())
+        except OSError:
+            continue
+    return out
+
+
+def _fingerprints_as_written(files: list[Path], root: Path) -> dict[Path, set[str]]:
+    """Each recipe file that loads -> the fingerprints of its stages (a broken one keeps nothing)."""
+    from .executor import memo_for
+    from .fingerprint import fingerprints
+    from .recipe import load_recipe
+
+    memo = memo_for(root)
+    found = {}
+    for path in files:
+        try:
+            found[path] = {fp for fp, _ in fingerprints(load_recipe(path), memo).values()}
+        except RecipeError:
+            continue
+    memo.save()
+    return found
 
 
 def _size(p: Path) -> int:
@@ -532,10 +584,20 @@ def _human(n: float) -> str:
 @main.command()
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None, help="Write to a file.")
 @click.option("--markdown", is_flag=True, help="The human reference (docs/recipe-reference.md) instead.")
-def schema(output, markdown) -> None:
+@click.option("--constitution", is_flag=True,
+              help="The constitution file format instead (docs/constitution-reference.md with --markdown).")
+def schema(output, markdown, constitution) -> None:
     """JSON Schema of the recipe format (for editors: taplo, VS Code Even Better TOML), or the
-    Markdown reference with --markdown."""
-    if markdown:
+    Markdown reference with --markdown; --constitution for the constitution file format."""
+    if constitution and markdown:
+        from .schemadoc import constitution_markdown
+
+        text = constitution_markdown().rstrip("\n")
+    elif constitution:
+        from .constitution import Constitution
+
+        text = json.dumps(Constitution.model_json_schema(), indent=2)
+    elif markdown:
         from .schemadoc import markdown as render
 
         text = render().rstrip("\n")

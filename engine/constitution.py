@@ -11,7 +11,11 @@ A constitution is a TOML file, declared in a recipe as `[constitutions.NAME] pat
     revision = "Rewrite the reply so that ... "               # the revision request
     comparison = "Which reply is more candid about ...?"      # the question for AI feedback
 
-    [[examples]]                          # optional few-shot examples, shown in prompts
+    [[principles.examples]]               # optional few-shot examples of this principle, shown in prompts
+    response = "..."                      # (same keys as [[examples]] below, without `principle`)
+    ...
+
+    [[examples]]                          # or at the top level, naming their principle
     principle = "honest-uncertainty"      # the principle it illustrates; leave out for any
     response = "..."                      # the reply being critiqued
     critique = "..."                      # a model critique of it
@@ -22,7 +26,8 @@ A constitution is a TOML file, declared in a recipe as `[constitutions.NAME] pat
 
 `load_constitution` validates the file (at least one principle; every request non-empty;
 unique ids; no unknown keys; examples name known principles) and raises one `RecipeError`
-listing every problem with its file and line. `Constitution.draw(seed, *keys)` picks a
+listing every problem with its file and line. docs/constitution-reference.md is generated from
+these models (`recipe schema --constitution --markdown`). `Constitution.draw(seed, *keys)` picks a
 principle from a sha256 of the seed and keys, never Python's salted `hash()`, so the same
 keys draw the same principle in every process. Stages call `constitution_problems` from their
 `check()` hook so a bad constitution fails `recipe validate`, naming the stage.
@@ -51,17 +56,6 @@ def _text(value: str) -> str:
     return value.strip()
 
 
-class Principle(_Strict):
-    """One principle: what to critique, how to revise, and the question a judge answers."""
-
-    id: str = Field(pattern=ID_PATTERN, description="Unique in its constitution; recorded in every history.")
-    critique: str = Field(description="The critique request: what to look for in a reply.")
-    revision: str = Field(description="The revision request: how to rewrite the reply given the critique.")
-    comparison: str = Field(description="The AI-feedback question: which of two replies follows the principle better?")
-
-    _nonempty = field_validator("critique", "revision", "comparison")(_text)
-
-
 class Message(_Strict):
     role: Literal["system", "user", "assistant"]
     content: str
@@ -87,11 +81,36 @@ class Example(_Strict):
         return self
 
 
+class Principle(_Strict):
+    """One principle: what to critique, how to revise, and the question a judge answers."""
+
+    id: str = Field(pattern=ID_PATTERN, description="Unique in its constitution; recorded in every history.")
+    critique: str = Field(description="The critique request: what to look for in a reply.")
+    revision: str = Field(description="The revision request: how to rewrite the reply given the critique.")
+    comparison: str = Field(description="The AI-feedback question: which of two replies follows the principle better?")
+
+    examples: list["Example"] = Field(default_factory=list, description="Few-shot examples of this principle "
+                                      "(`[[principles.examples]]`); their `principle`, if given, must be this id.")
+
+    _nonempty = field_validator("critique", "revision", "comparison")(_text)
+
+    @model_validator(mode="after")
+    def _own_examples(self) -> "Principle":
+        wrong = [e.principle for e in self.examples if e.principle not in (None, self.id)]
+        if wrong:
+            raise ValueError(f"an example under principle '{self.id}' names principle '{wrong[0]}'; "
+                             "leave `principle` out of [[principles.examples]], or move the example to [[examples]]")
+        return self
+
+
 class Constitution(_Strict):
-    name: str
-    description: str = ""
-    principles: list[Principle]
-    examples: list[Example] = Field(default_factory=list)
+    """The file's top-level keys."""
+
+    name: str = Field("", description="Defaults to the file name without .toml.")
+    description: str = Field("", description="What the constitution is for.")
+    principles: list[Principle] = Field(min_length=1, description="`[[principles]]`: at least one.")
+    examples: list[Example] = Field(default_factory=list, description="`[[examples]]`: few-shot examples naming "
+                                    "their principle (or none, for any principle).")
 
     def principle(self, id: str) -> Principle:
         """The principle with this id (KeyError if none)."""
@@ -101,8 +120,10 @@ class Constitution(_Strict):
         raise KeyError(id)
 
     def examples_for(self, principle_id: str) -> list[Example]:
-        """Examples written for this principle, plus those written for any principle."""
-        return [e for e in self.examples if e.principle in (None, principle_id)]
+        """The principle's own examples ([[principles.examples]]), then the top-level [[examples]]
+        written for it or for any principle."""
+        own = next((list(p.examples) for p in self.principles if p.id == principle_id), [])
+        return own + [e for e in self.examples if e.principle in (None, principle_id)]
 
     def draw(self, seed: int, *keys: Any) -> Principle:
         """A principle chosen by sha256 of (seed, *keys): uniform over the principles,

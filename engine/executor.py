@@ -152,7 +152,7 @@ class Context:
         """Templates for this recipe: its own templates/ folder shadows the built-ins."""
         from .templates import Templates
 
-        return Templates([self.recipe.dir / "templates"])
+        return Templates.for_recipe(self.recipe)
 
     @property
     def is_main(self) -> bool:

@@ -340,6 +340,8 @@ def apply_sets(data: dict, locations: dict, sets: list[str]) -> None:
         parts, value = parse_set(item)
         node = data
         for i, part in enumerate(parts[:-1]):
+            if part not in node:  # a table this --set creates: problems inside it point at --set
+                locations.setdefault(".".join(parts[: i + 1]), (SET_SOURCE, 0))
             nxt = node.setdefault(part, {})
             if not isinstance(nxt, dict):
                 raise RecipeError.single(

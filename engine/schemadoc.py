@@ -117,3 +117,26 @@ def markdown() -> str:
                   f"Gives: `{module.GIVES}`" + (" (depends on the config)" if hook(module, "gives") else "") + ".", ""]
         parts += table(module.Config, "stages.NAME", skip=tuple(StageConfig.model_fields)) + [""]
     return "\n".join(parts).rstrip() + "\n"
+
+
+CONSTITUTION_HEADER = """# Constitution reference
+
+Generated from the code by `recipe schema --constitution --markdown`; do not edit by hand. A
+constitution is a TOML file named by a recipe's `[constitutions.NAME] path = "..."`. Unknown keys
+are errors, types are strict, and every text must be non-empty. Few-shot examples go either
+under their principle as `[[principles.examples]]` (no `principle` key needed) or at the top
+level as `[[examples]]` with `principle = "id"` (or without it: an example for any principle).
+A critique or revision prompt shows the principle's own examples, then the top-level ones for it.
+`recipes/constitutions/hhh.toml` is a complete example.
+"""
+
+
+def constitution_markdown() -> str:
+    from .constitution import Constitution, Example, Message, Principle
+
+    parts = [CONSTITUTION_HEADER]
+    for title, model, skip in (("top level", Constitution, ()), ("[[principles]]", Principle, ()),
+                               ("[[principles.examples]] and [[examples]]", Example, ()),
+                               ("[[principles.examples.context]] and [[examples.context]]", Message, ())):
+        parts += [f"## {title}", "", _doc(model), ""] + table(model, title, skip=skip) + [""]
+    return "\n".join(parts).rstrip() + "\n"

@@ -94,7 +94,7 @@ def scorer_problems(name: str, spec: ScorerSpec, recipe, *, model: str | None,
     if spec.scorer in TEMPLATE_VARS:
         from engine.templates import Templates
 
-        t = Templates([recipe.dir / "templates"])
+        t = Templates.for_recipe(recipe)
         problems += t.check(template_name(spec), TEMPLATE_VARS[spec.scorer][1], stage=name, **where("template"))
     return problems
 

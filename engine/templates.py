@@ -54,34 +54,57 @@ def escape_markers(value: Any) -> str:
 
 
 class Templates:
-    """Named templates over `search` (recipe-local dirs, earliest wins) then the built-ins."""
+    """Named templates over `search` (recipe-local dirs, earliest wins) then the built-ins, then
+    `base` (the recipe's folder): `template = "prompts/ask.j2"` is a path relative to the recipe.
+    Jinja's loader refuses `..` and absolute names, so nothing outside these folders is read."""
 
-    def __init__(self, search: list[Path]) -> None:
+    def __init__(self, search: list[Path], base: Path | None = None) -> None:
         self.search = [Path(p) for p in search] + [BUILTIN_DIR]
+        self.base = Path(base) if base is not None else None
+        loaders = [jinja2.FileSystemLoader([str(p) for p in self.search])]
+        if self.base is not None:
+            loaders.append(jinja2.FileSystemLoader([str(self.base)]))
         self.env = SandboxedEnvironment(
-            loader=jinja2.FileSystemLoader([str(p) for p in self.search]),
+            loader=jinja2.ChoiceLoader(loaders),
             undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True,
             trim_blocks=True, lstrip_blocks=True)
         self.env.filters["escape_markers"] = escape_markers
 
     # ------------------------------------------------------------------ lookup
 
+    @classmethod
+    def for_recipe(cls, recipe) -> "Templates":
+        """The templates a recipe sees: its templates/ folder, the built-ins, paths relative to it."""
+        return cls([recipe.dir / "templates"], base=recipe.dir)
+
     def names(self) -> list[str]:
-        """Every template name available, across all search dirs."""
-        return sorted(set(self.env.list_templates()))
+        """Every template name available in the template folders (not every file of the recipe's)."""
+        return sorted(set(self.env.loader.loaders[0].list_templates()))  # type: ignore[union-attr]
 
     def path(self, name: str) -> Path:
-        """The file `name` resolves to: the first search dir holding it."""
+        """The file `name` resolves to: the first search dir holding it, else the recipe's folder."""
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise RecipeError.single(
+                f"template '{name}' is outside the recipe: templates are named relative to the recipe's "
+                "templates/ folder or to the recipe file, never by an absolute path or with '..'.",
+                hint="Copy the template next to the recipe (or into its templates/ folder) and name it from there.")
         try:
             return Path(self.env.loader.get_source(self.env, name)[1])  # type: ignore[union-attr]
         except jinja2.TemplateNotFound:
             names = self.names()
             close = difflib.get_close_matches(name, names, n=1)
             dirs = ", ".join(str(p) for p in self.search)
+            relative = f"; and relative to the recipe, {self.base / name}" if self.base is not None else ""
             raise RecipeError.single(
-                f"template '{name}' not found (searched, in order: {dirs}).",
+                f"template '{name}' not found (searched, in order: {dirs}{relative}).",
                 hint=(f"Did you mean '{close[0]}'? " if close else "")
                 + f"Available: {', '.join(names) or 'none'}.") from None
+        except OSError as exc:
+            raise RecipeError.single(
+                f"template '{name}' is unreadable: {exc.strerror or exc}"
+                + (f" ({exc.filename})" if getattr(exc, "filename", None) else "") + ".",
+                hint="Check the file's permissions (it must be readable by this user) and that it is a file.") \
+                from None
 
     def source(self, name: str) -> str:
         return self.path(name).read_text(encoding="utf-8")
@@ -229,7 +252,7 @@ class Templates:
 def template_files(recipe_dir: Path, names: list[str]) -> dict[str, str]:
     """Template name -> file for `names` and everything they pull in, for a stage's
     fingerprint. A missing or broken template is left out here; the stage's `check` reports it."""
-    t = Templates([Path(recipe_dir) / "templates"])
+    t = Templates([Path(recipe_dir) / "templates"], base=Path(recipe_dir))
     try:
         return {n: str(t.path(n)) for name in names for n in t.closure(name)}
     except (RecipeError, jinja2.TemplateError):

@@ -119,7 +119,7 @@ def check(name: str, config: Config, recipe) -> list[Problem]:
     from engine.templates import Templates
 
     problems = constitution_problems(config.constitution, recipe, name, "constitution")
-    t = Templates([recipe.dir / "templates"])
+    t = Templates.for_recipe(recipe)
     for field, tname in _template_names(config).items():
         problems += t.check(tname, VARS[field], stage=name, **recipe.where(f"stages.{name}.{field}"))
     for field in ("user_model", "assistant_model"):

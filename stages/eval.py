@@ -151,7 +151,7 @@ def check(name: str, config: Config, recipe) -> list[Problem]:
                                          f"(see recipes/data/README.md for the format)."))
     from engine.templates import Templates
 
-    t = Templates([recipe.dir / "templates"])
+    t = Templates.for_recipe(recipe)
     for field, tname in _judge_templates(config).items():
         problems += t.check(tname, JUDGE_VARS[field], stage=name, **recipe.where(f"stages.{name}.{field}"))
     return problems

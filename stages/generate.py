@@ -95,7 +95,7 @@ def uses(config: Config) -> tuple[set[str], str]:
 def check(name: str, config: Config, recipe) -> list:
     from engine.templates import Templates
 
-    t = Templates([recipe.dir / "templates"])
+    t = Templates.for_recipe(recipe)
     problems = []
     for field, tname in _template_names(config).items():
         problems += t.check(tname, VARS[field], stage=name, **recipe.where(f"stages.{name}.{field}"))

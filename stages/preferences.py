@@ -141,7 +141,7 @@ def check(name: str, config: Config, recipe) -> list[Problem]:
                 problems.append(Problem(f'verdict = "logprobs" needs the judge\'s token probabilities, which model '
                                         f"'{config.model}' ({spec.backend} backend) does not give.",
                                         hint='Use verdict = "text" with a server judge, or an hf model.', **where))
-        problems += Templates([recipe.dir / "templates"]).check(config.template, TEMPLATE_VARS, stage=name,
+        problems += Templates.for_recipe(recipe).check(config.template, TEMPLATE_VARS, stage=name,
                                                                 **recipe.where(f"stages.{name}.template"))
     return problems
 

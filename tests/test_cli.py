@@ -61,11 +61,25 @@ def test_run_show_status_gc(cli, project, runs):
     assert cli("run", project / "recipe.toml", "--set", "stages.clean.min_words=4").exit_code == 0
     entries = sorted(p.name for p in (runs / "cache").iterdir() if (p / "manifest.json").exists())
     assert len(entries) == 4
+    def entries_left() -> int:
+        return len([p for p in (runs / "cache").iterdir() if (p / "manifest.json").exists()])
+
+    # the recipe as written is kept even though its last run is not among the latest 1
+    kept = cli("gc", "--keep-runs", "1", "--yes")
+    assert kept.exit_code == 0 and "recipe files need as written (recipe.toml)" in kept.output
+    assert entries_left() == 4 and "0 entries" in kept.output
+    first = sorted(p.name for p in (runs / "basic").iterdir() if (p / "record.json").exists())[0]
+    # once the file changes, nothing uses the first run's entries any more
+    (project / "recipe.toml").write_text((project / "recipe.toml").read_text().replace("min_words = 3",
+                                                                                      "min_words = 6"))
     dry = cli("gc", "--keep-runs", "1")
-    assert "would remove" in dry.output and "2 entries" in dry.output
-    assert len([p for p in (runs / "cache").iterdir() if (p / "manifest.json").exists()]) == 4
+    assert "would remove" in dry.output and "2 entries" in dry.output and entries_left() == 4
     assert cli("gc", "--keep-runs", "1", "--yes").exit_code == 0
-    assert len([p for p in (runs / "cache").iterdir() if (p / "manifest.json").exists()]) == 2
+    assert entries_left() == 2
+    status = cli("status", f"basic/{first}").output
+    assert "deleted by gc" in status and "cached" not in status
+    gone = cli("show", f"basic/{first}", "clean")
+    assert gone.exit_code == 2 and "deleted by gc" in gone.output
 
 
 def test_diff(cli, project):

@@ -155,6 +155,9 @@ def test_set_bare_word_is_a_string_and_errors_say_set(project):
     assert p.file == "--set" and p.key == "stages.clean.min_words"
     with pytest.raises(RecipeError, match="not KEY=VALUE"):
         parse_set("novalue")
+    # a stage that only --set creates: its problems point at --set, not at some line of the file
+    [p] = problems(project / "recipe.toml", ["stages.nosuch.kind=filter"])
+    assert p.file == "--set" and p.key == "stages.nosuch.input" and p.line in (0, None)
 
 
 def test_missing_data_file_is_reported_at_validation(project):

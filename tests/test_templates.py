@@ -392,3 +392,33 @@ def test_importing_templates_stays_light():
             "print(sorted(m for m in ('torch','transformers','trl','peft','datasets') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_template_is_found_by_a_path_relative_to_the_recipe(tmp_path):
+    """`template = "prompts/ask.j2"` next to the recipe works; an absolute path or one with '..'
+    says it is outside the recipe; an unreadable file says unreadable, not 'not found'."""
+    import os
+
+    import pytest
+
+    from engine.errors import RecipeError
+
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "ask.j2").write_text("### user\nTell me about {{ topic }}.\n")
+    t = Templates([tmp_path / "templates"], base=tmp_path)
+    assert t.path("prompts/ask.j2") == tmp_path / "prompts" / "ask.j2"
+    assert t.render_chat("prompts/ask.j2", topic="tides") == [{"role": "user", "content": "Tell me about tides."}]
+    assert "prompts/ask.j2" not in t.names()  # the listing stays the template folders'
+    for outside in (str(tmp_path / "prompts" / "ask.j2"), "../x/ask.j2"):
+        with pytest.raises(RecipeError, match="outside the recipe"):
+            t.path(outside)
+    locked = tmp_path / "prompts" / "locked.j2"
+    locked.write_text("hi")
+    locked.chmod(0)
+    try:
+        if os.access(locked, os.R_OK):  # root reads anything: nothing to test here
+            pytest.skip("running as root: permissions do not stop reads")
+        with pytest.raises(RecipeError, match="unreadable"):
+            t.path("prompts/locked.j2")
+    finally:
+        locked.chmod(0o644)
