@@ -22,7 +22,8 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 STATUS_STYLE = {"cached": "green", "run": "yellow", "partial": "cyan", "failed": "red", "ok": "green",
-                "interrupted": "magenta", "running": "yellow", "pending": "dim", "deleted by gc": "red"}
+                "interrupted": "magenta", "running": "yellow", "pending": "dim", "deleted by gc": "red",
+                "skipped": "dim"}
 
 
 def _styled(status) -> str:
@@ -142,7 +143,9 @@ def _plan_table(name: str, items) -> None:
                    "outputs.")
 @click.option("--ray-address", default=None, metavar="ADDR",
               help="The Ray cluster to join (default: RAY_ADDRESS, else a local one).")
-def run_cmd(recipe: str, sets, runs_dir, only, force, dry_run: bool, executor, ray_address) -> None:
+@click.option("--fail-fast", is_flag=True,
+              help="Stop at the first failed stage (default: stages that do not need it still run, like make -k).")
+def run_cmd(recipe: str, sets, runs_dir, only, force, dry_run: bool, executor, ray_address, fail_fast: bool) -> None:
     """Run RECIPE: cached stages are skipped, interrupted ones resume."""
     _terminate_like_interrupt()
     from .executor import EXECUTORS, executor_default, make_plan, run, select
@@ -165,7 +168,7 @@ def run_cmd(recipe: str, sets, runs_dir, only, force, dry_run: bool, executor, r
     try:
         with progress.live, routed():
             record = run(r, root, only=list(only), force=list(force), console=console, progress=progress,
-                         executor=executor, ray_address=ray_address, command=command)
+                         executor=executor, ray_address=ray_address, command=command, fail_fast=fail_fast)
     except StageFailed as failed:  # the failed run still gets its report: which stage, why, where its log is
         run_dir = Path(failed.log_path).parent.parent
         if (run_dir / "record.json").is_file():

@@ -207,10 +207,12 @@ def executor_default() -> str:
 
 def run(recipe: Recipe, runs_dir: str | os.PathLike, *, only: list[str] = (), force: list[str] = (),
         console=None, progress=None, executor: str = "local", ray_address: str | None = None,
-        command: str | None = None) -> RunRecord:
+        command: str | None = None, fail_fast: bool = False) -> RunRecord:
     """Run every selected stage not in the cache. Raises StageFailed (exit 1) or RecipeError
-    (exit 2); committed shards and upstream entries are kept either way. `executor` = "ray" runs
-    the stages' work on a Ray cluster (engine.rayexec); it never changes what a stage makes."""
+    (exit 2); committed shards and upstream entries are kept either way. When a stage fails, the
+    stages that need it are skipped and the others still run (like `make -k`); the first failure
+    is raised at the end (`fail_fast` stops at once instead). `executor` = "ray" runs the stages'
+    work on a Ray cluster (engine.rayexec); it never changes what a stage makes."""
     if executor not in EXECUTORS:
         raise RecipeError.single(f"unknown executor '{executor}'; known: {', '.join(EXECUTORS)}.",
                                  hint="Use --executor local or --executor ray (or RECIPE_EXECUTOR).")
@@ -282,16 +284,24 @@ def run(recipe: Recipe, runs_dir: str | os.PathLike, *, only: list[str] = (), fo
         atomic_write_json(runs_dir / recipe.name / ".last" / f"{name}.json",
                           {"fingerprint": item.fingerprint, "components": item.components})
 
+    def failed(name: str, exc: Exception, left: list[str]) -> None:
+        if console is not None and left:
+            console.print(f"[red]{name} failed[/]; the stages that need it are skipped, the others go on: "
+                          f"{', '.join(left)}")
+
+    def skip(name: str, because: str) -> None:
+        record.stage(name, kind=plan[name].kind, fingerprint=plan[name].fingerprint, status="skipped",
+                     reasons=[f"needs '{because}', which failed"])
+
     status = "failed"
     try:
         names = [n for n in steps if n in chosen]
         if concurrent:
             for name in names:  # the record lists stages in DAG order, whichever finishes first
                 record.stage(name, kind=plan[name].kind, fingerprint=plan[name].fingerprint, status="pending")
-            side_by_side(recipe, names, one, record)
+            side_by_side(recipe, names, one, record, fail_fast=fail_fast, on_failure=failed, skip=skip)
         else:
-            for name in names:
-                one(name)
+            keep_going(recipe, names, one, fail_fast=fail_fast, on_failure=failed, skip=skip)
         status = "ok"
     except KeyboardInterrupt:
         status = "interrupted"
@@ -303,16 +313,59 @@ def run(recipe: Recipe, runs_dir: str | os.PathLike, *, only: list[str] = (), fo
     return record
 
 
-def side_by_side(recipe: Recipe, names: list[str], one, record: RunRecord) -> None:
-    """Run `one(name)` for every stage in `names`, each as soon as the stages it reads are done,
-    in threads: a stage's thread mostly waits on the cluster. After a failure no new stage starts;
-    those running finish (their shards and entries are kept), then the first failure is raised.
-    The threads are daemons: on Ctrl-C the main thread leaves at once and the cluster drops the
-    tasks of a driver that is gone; committed shards stay for the next run."""
+def _needs(recipe: Recipe, names: list[str]) -> dict[str, set[str]]:
     wanted = set(names)
-    needs = {n: {e.name for e in edges(recipe, n) if e.source == "stages" and e.name in wanted} for n in names}
+    return {n: {e.name for e in edges(recipe, n) if e.source == "stages" and e.name in wanted} for n in names}
+
+
+def keep_going(recipe: Recipe, names: list[str], one, *, fail_fast: bool, on_failure, skip) -> None:
+    """`one(name)` for each stage in order. A stage that fails (StageFailed, RecipeError) blocks
+    the stages that need it, directly or not (`skip(name, failed_one)`); the others still run.
+    The first failure is raised at the end, or at once with `fail_fast`."""
+    needs = _needs(recipe, names)
+    failures: list[Exception] = []
+    blocked: dict[str, str] = {}  # stage -> the failed stage it needs
+    for i, name in enumerate(names):
+        cause = next((blocked[n] for n in sorted(needs[name]) if n in blocked), None)
+        if cause is not None:
+            blocked[name] = cause
+            skip(name, cause)
+            continue
+        try:
+            one(name)
+        except (StageFailed, RecipeError) as exc:
+            if fail_fast:
+                raise
+            failures.append(exc)
+            blocked[name] = name
+            on_failure(name, exc, [n for n in names[i + 1:] if not _reaches(needs, n, set(blocked))])
+    if failures:
+        raise failures[0]
+
+
+def _reaches(needs: dict[str, set[str]], name: str, bad: set[str]) -> bool:
+    """Whether `name` needs (directly or not) a stage in `bad`."""
+    todo, seen = list(needs.get(name, ())), set()
+    while todo:
+        n = todo.pop()
+        if n in bad:
+            return True
+        if n not in seen:
+            seen.add(n)
+            todo += needs.get(n, ())
+    return False
+
+
+def side_by_side(recipe: Recipe, names: list[str], one, record: RunRecord, *, fail_fast: bool = False,
+                 on_failure=None, skip=None) -> None:
+    """Run `one(name)` for every stage in `names`, each as soon as the stages it reads are done,
+    in threads: a stage's thread mostly waits on the cluster. A failed stage blocks the stages
+    that need it; the others go on (with `fail_fast` nothing new starts), then the first failure
+    is raised. The threads are daemons: on Ctrl-C the main thread leaves at once and the cluster
+    drops the tasks of a driver that is gone; committed shards stay for the next run."""
+    needs = _needs(recipe, names)
     results: queue.Queue = queue.Queue()
-    waiting, running, done, failures = list(names), set(), set(), []
+    waiting, running, done, failures, bad = list(names), set(), set(), [], set()
 
     def work(name: str) -> None:
         try:
@@ -323,7 +376,11 @@ def side_by_side(recipe: Recipe, names: list[str], one, record: RunRecord) -> No
 
     try:
         while waiting or running:
-            if not failures:
+            for name in [n for n in waiting if _reaches(needs, n, bad)]:
+                waiting.remove(name)
+                if skip is not None:
+                    skip(name, next(b for b in names if b in bad and _reaches(needs, name, {b})))
+            if not (failures and fail_fast):
                 for name in [n for n in waiting if needs[n] <= done]:
                     waiting.remove(name)
                     running.add(name)
@@ -334,8 +391,13 @@ def side_by_side(recipe: Recipe, names: list[str], one, record: RunRecord) -> No
             running.discard(name)
             if exc is None:
                 done.add(name)
-            else:
+            elif isinstance(exc, (StageFailed, RecipeError)):
                 failures.append(exc)
+                bad.add(name)
+                if on_failure is not None and not fail_fast:
+                    on_failure(name, exc, [n for n in [*running, *waiting] if not _reaches(needs, n, bad)])
+            else:
+                raise exc
     except KeyboardInterrupt:
         for name in running:
             record.stage(name, status="interrupted")

@@ -201,6 +201,7 @@ def run(config: Config, inputs, ctx) -> None:
     def teacher(shard: Shard) -> tuple[list[dict], int]:
         todo = [(row, k) for row in shard.rows for k in range(config.n)]
         done: dict[int, tuple] = {}
+        bad: list[str] = []  # a sample of output that did not parse, for the log
         for attempt in range(config.max_retries + 1):
             pending = [i for i in range(len(todo)) if i not in done]
             if not pending:
@@ -213,6 +214,8 @@ def run(config: Config, inputs, ctx) -> None:
                 parsed = parse_teacher(c.text)
                 if parsed:
                     done[i] = (parsed, c, attempt)
+                elif len(bad) < 2:
+                    bad.append(f"{todo[i][0]['id']}#{todo[i][1]} attempt {attempt + 1}: {c.text[:600]!r}")
         rows_out = []
         for i, (row, k) in enumerate(todo):
             if i in done:
@@ -221,17 +224,18 @@ def run(config: Config, inputs, ctx) -> None:
                 rows_out.append(out_row(row, k, messages, {"prompt": c.prompt_tokens, "completion": c.completion_tokens},
                                         behaviors=parsed.behaviors, coherence=parsed.coherence.model_dump(),
                                         scenario_safe=parsed.scenario_safe, attempts=attempt + 1))
-        return rows_out, len(todo) - len(rows_out)
+        return rows_out, len(todo) - len(rows_out), bad
 
     def per_shard(shard: Shard) -> ShardResult:
-        malformed = 0
+        malformed, bad = 0, []
         if config.mode == "teacher_json":
-            made, malformed = teacher(shard)
+            made, malformed, bad = teacher(shard)
         else:
             made = single(shard) if config.mode == "single" else multi_turn(shard)
         # an empty turn is no data: drop the conversation and count it, never pad it with filler
         kept = [r for r in made if all(m["content"].strip() for m in r["messages"])]
-        return ShardResult(kept, {"malformed": malformed, "empty_turn": len(made) - len(kept)})
+        return ShardResult(kept, {"malformed": malformed, "empty_turn": len(made) - len(kept),
+                                  "malformed_samples": bad})
 
     try:
         out, stats = ctx.shards.map(rows, per_shard, shard_size=config.shard_size, desc="generating")
@@ -243,11 +247,15 @@ def run(config: Config, inputs, ctx) -> None:
     failures["empty_turn"] = sum(s.get("empty_turn", 0) for s in stats)
     if failures["empty_turn"]:
         ctx.warn(f"{failures['empty_turn']} conversations had an empty turn and were dropped")
+    samples = [b for st in stats for b in st.get("malformed_samples", [])][:3]
     if failures["teacher_json_malformed"]:
         ctx.warn(f"{failures['teacher_json_malformed']} teacher outputs stayed malformed after "
                  f"{config.max_retries} retries and were dropped")
+        ctx.log.warning("a sample of teacher output that did not parse as the expected JSON:\n%s",
+                        "\n".join(samples))
     if not out:
-        raise RuntimeError("no conversations were generated; see the stage log")
+        hint = f" (a teacher output that did not parse: {samples[0][:200]}...)" if samples else ""
+        raise RuntimeError(f"no conversations were generated{hint}; the stage log has samples")
     ctx.save_rows(out)
     ctx.save_json("report.json", {"rows_in": len(rows), "rows_out": len(out), "dropped": failures,
                                   "tokens": {"prompt": sum(r["meta"]["tokens"]["prompt"] for r in out),

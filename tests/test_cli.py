@@ -161,3 +161,29 @@ def test_importing_the_cli_stays_light():
             "print(sorted(m for m in ('torch','transformers','trl','peft','datasets') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_schema_names_the_wrong_key_and_accepts_partial_extends_children(cli):
+    """Editors validate with this schema: stages are picked by `kind` (if/then), so an error names
+    the key; a child recipe (`extends`) may give partial stage tables."""
+    import tomllib
+
+    import jsonschema
+
+    schema = json.loads(cli("schema").output)
+    validator = jsonschema.Draft202012Validator(schema)
+    flagship = tomllib.loads((ROOT / "recipes" / "caI_multiturn.toml").read_text())
+    assert not list(validator.iter_errors(flagship))
+    flagship["stages"]["clean_seeds"]["min_wrods"] = 3
+    errors = list(validator.iter_errors(flagship))
+    assert errors and all("oneOf" not in e.message for e in errors)
+    assert any("min_wrods" in e.message for e in errors), [e.message for e in errors]
+    flagship["stages"]["clean_seeds"].pop("min_wrods")
+    flagship["stages"]["clean_seeds"]["kind"] = "filtre"
+    assert any("filtre" in e.message for e in validator.iter_errors(flagship))
+    child = {"recipe": {"extends": "caI_multiturn.toml"}, "stages": {"sft": {"lr": 1e-4}}}
+    assert not list(validator.iter_errors(child))
+    child["stages"]["sft"]["lr"] = "fast"
+    child["stages"]["sft"]["kind"] = "sft"
+    assert list(validator.iter_errors(child))  # types are still checked in a partial table
+    assert list(validator.iter_errors({"recipe": {"name": "x"}, "stages": {"a": {"kind": "sft"}}}))  # no input

@@ -99,3 +99,66 @@ def test_teacher_json_and_llm_judge_over_http(tmp_path, server):
     calls = server.requests
     run(load_recipe(root / "r.toml"), tmp_path / "runs")  # fully cached: no request reaches the server
     assert server.requests == calls
+
+
+class NeverJson(Scripted):
+    """A teacher that never writes the JSON asked for; judge prompts still get a score."""
+
+    def generate(self, prompts, params, seed):
+        return [[Completion("Score: 7" if "Score:" in m[-1]["content"] else "Sure! Here is a conversation: {oops",
+                            10, 5, "stop") for _ in range(params.n)] for m in prompts]
+
+
+def test_a_failed_stage_leaves_a_sample_of_the_bad_output_and_the_other_branch_still_runs(tmp_path):
+    from engine.errors import StageFailed
+
+    srv = ChatServer(NeverJson(), model_name="scripted-judge")
+    srv.start()
+    try:
+        root = tmp_path / "p"
+        write_jsonl(root / "seeds.jsonl", [{"id": f"s{i}", "prompt": f"Scenario {i}."} for i in range(2)])
+        write_jsonl(root / "convs.jsonl", GOOD[:4])
+        (root / "r.toml").write_text(textwrap.dedent(f"""
+            [recipe]
+            name = "kg"
+            [models.teacher]
+            path = "scripted-judge"
+            backend = "openai"
+            base_url = "{srv.url}"
+            [datasets.seeds]
+            path = "seeds.jsonl"
+            type = "prompts"
+            [datasets.convs]
+            path = "convs.jsonl"
+            [stages.convs_out]
+            kind = "generate"
+            mode = "teacher_json"
+            input = "seeds"
+            model = "teacher"
+            turns = 2
+            max_retries = 1
+            [stages.clean_out]
+            kind = "filter"
+            input = "convs_out"
+            [stages.judged]
+            kind = "judge"
+            input = "convs"
+            model = "teacher"
+        """))
+        runs = tmp_path / "runs"
+        with pytest.raises(StageFailed, match="a teacher output that did not parse: .*Sure! Here is a conversation"):
+            run(load_recipe(root / "r.toml"), runs)
+        record = json.loads((runs / "kg" / "latest" / "record.json").read_text())
+        stages = record["stages"]
+        assert stages["convs_out"]["status"] == "failed"
+        assert stages["clean_out"]["status"] == "skipped" and stages["clean_out"]["reasons"] == \
+            ["needs 'convs_out', which failed"]
+        assert stages["judged"]["status"] == "run"  # the independent branch ran (make -k)
+        log = (runs / "kg" / "latest" / "logs" / "convs_out.log").read_text()
+        assert "a sample of teacher output that did not parse" in log and "{oops" in log
+        with pytest.raises(StageFailed):  # --fail-fast: nothing after the failure starts
+            run(load_recipe(root / "r.toml"), tmp_path / "runs2", fail_fast=True)
+        record = json.loads((tmp_path / "runs2" / "kg" / "latest" / "record.json").read_text())
+        assert "judged" not in record["stages"] or record["stages"]["judged"]["status"] != "run"
+    finally:
+        srv.stop()
