@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import time
 import uuid
 from contextlib import contextmanager
@@ -55,6 +56,21 @@ def checksums(root: Path) -> dict[str, dict]:
     return out
 
 
+def mtimes(root: Path) -> dict[str, int]:
+    """Each file's modification time (ns) at commit, kept apart from the checksums (which are
+    the same for the same bytes, whenever they were written): `peek` hashes a file only when
+    its time differs."""
+    return {rel: (root / rel).stat().st_mtime_ns for rel in checksums_names(root)}
+
+
+def checksums_names(root: Path) -> list[str]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        out += [(Path(dirpath) / n).relative_to(root).as_posix() for n in sorted(filenames)]
+    return [rel for rel in out if rel != MANIFEST]
+
+
 class Store:
     def __init__(self, runs_dir: str | os.PathLike) -> None:
         self.root = Path(runs_dir) / "cache"
@@ -82,16 +98,28 @@ class Store:
             return None
         return manifest if isinstance(manifest, dict) and manifest.get("fingerprint") == fp else None
 
-    def peek(self, fp: str) -> Entry | None:
-        """A cheap check for `plan`: manifest present and every file of the right size."""
+    def peek(self, fp: str, memo=None) -> Entry | None:
+        """What `get` will find, cheaply (for `plan`): the manifest, every file of its recorded
+        size, and a file whose modification time differs from the one recorded at commit hashed
+        and compared with its checksum (through `memo`, a fingerprint.HashMemo, when given).
+        Only an edit that keeps size and modification time, or bit rot, passes here; `get`,
+        which `run` uses, hashes every file."""
         manifest = self._manifest(fp)
         if manifest is None:
             return None
         root = self.entry_path(fp)
         for rel, info in manifest.get("checksums", {}).items():
             p = root / rel
-            if not p.is_file() or p.stat().st_size != info["size"]:
+            try:
+                st = p.stat()
+            except OSError:
                 return None
+            if not p.is_file() or st.st_size != info["size"]:
+                return None
+            if st.st_mtime_ns != manifest.get("mtimes", {}).get(rel):
+                digest = memo.file(p) if memo is not None else sha256_file(p)
+                if digest != info["sha256"]:
+                    return None
         return Entry(fp, root, manifest)
 
     def get(self, fp: str) -> Entry | None:
@@ -111,8 +139,8 @@ class Store:
                 bad = [rel for rel, info in expected.items() if found[rel]["sha256"] != info["sha256"]]
                 problem = f"checksum mismatch in {bad[0]}" if bad else None
         if problem:
+            self._discard(root, problem)
             self.warnings.append(f"cache entry {fp} is damaged ({problem}); rebuilding it")
-            self._discard(root)
             return None
         return Entry(fp, root, manifest)
 
@@ -145,12 +173,12 @@ class Store:
         checksums) is written last and the directory renamed into place in one step.
         Call under `lock(fp)`."""
         self.tmp.mkdir(parents=True, exist_ok=True)
-        work = self.tmp / f"{fp}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        work = self.tmp / f"{fp}~{socket.gethostname()}~{os.getpid()}~{uuid.uuid4().hex[:8]}"  # see sweep_tmp
         work.mkdir()
         started = time.time()
         try:
             yield work
-            manifest = dict(manifest, fingerprint=fp, checksums=checksums(work))
+            manifest = dict(manifest, fingerprint=fp, checksums=checksums(work), mtimes=mtimes(work))
             manifest.setdefault("timings", {})["build_s"] = round(time.time() - started, 3)
             manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             atomic_write_json(work / MANIFEST, manifest)
@@ -162,13 +190,16 @@ class Store:
             shutil.rmtree(work, ignore_errors=True)
             raise
 
-    def _discard(self, path: Path) -> None:
+    def _discard(self, path: Path, why: str = "") -> None:
         self.tmp.mkdir(parents=True, exist_ok=True)
         trash = self.tmp / f"discard.{path.name}.{uuid.uuid4().hex[:8]}"
         try:
             os.replace(path, trash)
         except OSError as exc:
-            raise CacheError(f"cannot move aside {path}: {exc}") from exc
+            raise CacheError(
+                (f"cache entry {path} is damaged ({why}), and " if why else f"{path} must go, but ")
+                + f"it cannot be moved aside: {exc.strerror or exc}. Make the runs dir writable "
+                f"(chmod -R u+w {self.root}) or delete {path} by hand, then run again; it will be rebuilt.") from exc
         shutil.rmtree(trash, ignore_errors=True)
 
     def remove(self, fp: str) -> None:
@@ -181,14 +212,33 @@ class Store:
             self._discard(self.partial(fp))
         (self.partial(fp).parent / f".{fp}.layout.lock").unlink(missing_ok=True)  # Ray workers' layout lock
 
-    def sweep_tmp(self, older_than_s: float = 3600) -> None:
-        """Remove builds abandoned by crashed processes (older than an hour)."""
+    def sweep_tmp(self, older_than_s: float = 3600) -> list[Path]:
+        """Remove what crashed processes left in the temporary area: a half-built entry whose
+        builder (named in it: host and pid) is a process of this host that is gone, anything
+        being discarded, and anything older than an hour (builders on other hosts of a shared
+        store). Returns what was removed."""
         if not self.tmp.exists():
-            return
-        now = time.time()
+            return []
+        now, host, removed = time.time(), socket.gethostname(), []
         for p in self.tmp.iterdir():
+            parts = p.name.split("~")
             try:
-                if now - p.stat().st_mtime > older_than_s:
+                dead = len(parts) == 4 and parts[1] == host and not _alive(int(parts[2]))
+                if dead or p.name.startswith("discard.") or now - p.stat().st_mtime > older_than_s:
                     shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
-            except OSError:
+                    removed.append(p)
+            except (OSError, ValueError):
                 pass
+        return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True

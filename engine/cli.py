@@ -529,6 +529,10 @@ def gc(runs_dir, keep_runs: int, yes: bool) -> None:
                   markup=False)
     for fps in written.values():
         keep.update(fps)
+    if yes:  # half-built entries of crashed runs: their builder is gone
+        swept = store.sweep_tmp()
+        if swept:
+            out.print(f"removed {len(swept)} half-built entries left by crashed runs", markup=False)
     doomed = [store.entry_path(fp) for fp in store.entries() if fp not in keep]
     if store.partial_root.exists():
         doomed += [p for p in store.partial_root.iterdir() if p.name not in keep]

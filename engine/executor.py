@@ -79,11 +79,13 @@ def make_plan(recipe: Recipe, runs_dir: str | os.PathLike, memo: HashMemo | None
     store = Store(runs_dir)
     items = []
     for name, (fp, comps) in fingerprints(recipe, memo).items():
-        if store.peek(fp):
+        if store.peek(fp, memo):
             status, why = "cached", []
         else:
             status = "partial" if store.has_partial(fp) else "run"
             why = reasons(last_components(runs_dir, recipe.name, name), comps)
+            if store.entry_path(fp).is_dir():
+                why = ["its cache entry is damaged (a file changed since it was built); it will be rebuilt"]
         items.append(PlanItem(name, recipe.stages[name].kind, fp, status, why, comps))
     memo.save()
     return items

@@ -27,6 +27,7 @@ and `--help` import the engine and must stay fast.
 from __future__ import annotations
 
 import gc
+import json
 import os
 import shutil
 import sys
@@ -256,26 +257,74 @@ def builtin_root(cache_root: Path) -> Path:
     return Path(os.environ.get("RECIPE_BUILTIN_DIR") or Path(cache_root) / "builtin")
 
 
-def builtin_dir(name: str, cache_root: Path) -> Path:
-    """The directory of builtin `name`, built on first use.
+CHECKSUMS = "recipe-checksums.json"  # sha256 of every file of a built builtin, written when it is built
+_verified: set[Path] = set()  # builtins whose files were checked in this process
+
+
+def _checksums(folder: Path) -> dict[str, str]:
+    from .fingerprint import sha256_file
+
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != CHECKSUMS}
+
+
+def _intact(folder: Path) -> str | None:
+    """None when the builtin's files match the checksums recorded at build (checked once per
+    process), else what is wrong. A builtin built before checksums were recorded gets them now."""
+    if folder in _verified:
+        return None
+    try:
+        expected = json.loads((folder / CHECKSUMS).read_text())
+    except FileNotFoundError:
+        expected = None
+    except (OSError, ValueError):
+        return f"{CHECKSUMS} is unreadable"
+    found = _checksums(folder)
+    if expected is None:  # built by an older engine: record what is there
+        from .io import atomic_write_json
+
+        atomic_write_json(folder / CHECKSUMS, found)
+    elif found != expected:
+        bad = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
+        return f"{bad[0]} does not match the checksum recorded when it was built"
+    _verified.add(folder)
+    return None
+
+
+def builtin_dir(name: str, cache_root: Path, warn=None) -> Path:
+    """The directory of builtin `name`, built on first use and verified on use.
 
     Built in a temporary sibling and renamed into place, so the final directory is complete
-    or absent; a lock makes concurrent runs build once and share the result."""
+    or absent; a lock makes concurrent runs build once and share the result. The build records
+    every file's sha256 (recipe-checksums.json); the first use in a process checks them, and a
+    builtin whose files changed (bit rot, a stray write) is rebuilt with a warning (`warn`,
+    else stderr), never trusted: every model trained from it would silently change."""
     if name not in BUILDERS:
         known = ", ".join(f"builtin:{n}" for n in sorted(BUILDERS))
         raise RecipeError.single(f"unknown builtin model 'builtin:{name}'; known: {known}.")
     root = builtin_root(cache_root)
     final = root / _builtin_folder(name)
-    if final.is_dir():
+    if final.is_dir() and _intact(final) is None:
         return final
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root / f".{final.name}.lock")):
-        if final.is_dir():  # another process built it while we waited
-            return final
+        if final.is_dir():  # another process built it while we waited, or it is damaged
+            problem = _intact(final)
+            if problem is None:
+                return final
+            message = f"builtin:{name} at {final} is damaged ({problem}); rebuilding it"
+            (warn or (lambda m: print(f"warning: {m}", file=sys.stderr)))(message)
+            aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.damaged.", dir=root))
+            os.replace(final, aside / "old")
+            shutil.rmtree(aside, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
         try:
             BUILDERS[name](tmp)
+            from .io import atomic_write_json
+
+            atomic_write_json(tmp / CHECKSUMS, _checksums(tmp))
             os.replace(tmp, final)
+            _verified.add(final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return final

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .fingerprint import sha256_file
 from .io import atomic_write_json
 from .seeds import derive
 from .rows import read_rows, write_rows
@@ -93,14 +94,20 @@ class ShardRunner:
             self.log.warning("shard %d has %d rows, expected %s; redoing it", index, len(rows), stats.get("_rows"))
             shutil.rmtree(d, ignore_errors=True)
             return None
+        if stats.get("_sha256") != sha256_file(d / "rows.parquet"):  # an edited or damaged shard is redone
+            self.log.warning("shard %d does not match the checksum it was committed with; redoing it", index)
+            shutil.rmtree(d, ignore_errors=True)
+            return None
         stats.pop("_rows", None)
+        stats.pop("_sha256", None)
         return ShardResult(rows, stats)
 
     def _commit(self, index: int, result: ShardResult) -> None:
         work = self.root / f".tmp-{index:06d}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         work.mkdir(parents=True)
         write_rows(work / "rows.parquet", result.rows)
-        atomic_write_json(work / "stats.json", dict(result.stats, _rows=len(result.rows)))
+        atomic_write_json(work / "stats.json", dict(result.stats, _rows=len(result.rows),
+                                                    _sha256=sha256_file(work / "rows.parquet")))
         try:
             os.replace(work, self._shard_dir(index))
         except OSError:  # committed meanwhile by another attempt: the same rows, keep the first

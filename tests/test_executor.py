@@ -55,6 +55,7 @@ def test_crash_between_shard_commits_then_resume_equals_uninterrupted(project, r
     assert store.peek(fp) is None and not store.entry_path(fp).exists()  # nothing that looks whole
     assert sorted(p.name for p in store.partial(fp).glob("shard-*")) == ["shard-000000", "shard-000001"]
     assert {p.name: p.status for p in make_plan(load_recipe(project / "recipe.toml"), runs)}["clean"] == "partial"
+    assert len(list((runs / "cache" / "tmp").iterdir())) == 1  # the half-built entry of the killed run
 
     proc = run_cli_subprocess("run", project / "recipe.toml", "--runs-dir", runs)
     assert proc.returncode == 0, proc.stderr
@@ -62,6 +63,7 @@ def test_crash_between_shard_commits_then_resume_equals_uninterrupted(project, r
     assert "resumed: 2 of 4 shards were already committed" in log
     assert "clean: resuming: 2 of 4 shards committed" in proc.stderr  # said when the stage starts
     assert not store.partial(fp).exists()
+    assert list((runs / "cache" / "tmp").iterdir()) == []  # its builder is gone: swept at the next run
 
     fresh = tmp_path / "fresh-runs"
     assert run_cli_subprocess("run", project / "recipe.toml", "--runs-dir", fresh).returncode == 0
@@ -152,3 +154,59 @@ def test_the_run_record_keeps_stages_in_dag_order(project, runs):
     record = run(load_recipe(project / "recipe.toml"), runs)
     data = json.loads((record.dir / "record.json").read_text())
     assert list(data["stages"]) == ["clean", "again"] == data["order"]
+
+
+def test_an_edited_shard_with_the_same_row_count_is_redone(project, runs, tmp_path):
+    """A committed shard rewritten as valid Parquet, same rows count, one message changed: its
+    checksum no longer matches, so resume redoes it and the result equals an uninterrupted run."""
+    proc = run_cli_subprocess("run", project / "recipe.toml", "--runs-dir", runs, env_extra={CRASH_ENV: "2"})
+    assert proc.returncode == 137
+    [shard] = sorted(runs.glob("cache/partial/*/shard-000000"))
+    rows = read_rows(shard / "rows.parquet")
+    rows[3]["messages"][1]["content"] = "An edited answer that nobody generated."
+    from engine.rows import write_rows
+
+    write_rows(shard / "rows.parquet", rows)
+    assert run_cli_subprocess("run", project / "recipe.toml", "--runs-dir", runs).returncode == 0
+    log = (runs / "basic" / "latest" / "logs" / "clean.log").read_text()
+    assert "shard 0 does not match the checksum it was committed with; redoing it" in log
+    fresh = tmp_path / "fresh"
+    assert run_cli_subprocess("run", project / "recipe.toml", "--runs-dir", fresh).returncode == 0
+    assert rows_of(runs, "basic", "clean") == rows_of(fresh, "basic", "clean")
+
+
+def test_plan_finds_flipped_bytes_as_run_will_and_trusts_a_mere_touch(project, runs):
+    r = load_recipe(project / "recipe.toml")
+    record = run(r, runs)
+    rows_file = (record.dir / "stages" / "clean" / "rows.parquet").resolve()
+    os.utime(rows_file)  # a new mtime, same bytes: hashed once, still cached
+    assert [p.status for p in make_plan(r, runs)] == ["cached", "cached"]
+    data = bytearray(rows_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one byte flipped
+    rows_file.write_bytes(bytes(data))
+    plan = {p.name: p for p in make_plan(r, runs)}
+    assert plan["clean"].status == "run" and "damaged" in plan["clean"].reasons[0]
+    assert plan["again"].status == "cached"
+    again = run(r, runs)
+    assert again.data["stages"]["clean"]["status"] == "run"  # run agrees: rebuilt
+    assert [p.status for p in make_plan(r, runs)] == ["cached", "cached"]
+
+
+def test_a_damaged_entry_that_cannot_be_moved_aside_says_what_to_do(project, runs, monkeypatch):
+    import pytest
+
+    import engine.cache as cache
+    from engine.errors import CacheError
+
+    record = run(load_recipe(project / "recipe.toml"), runs)
+    fp = record.data["stages"]["clean"]["fingerprint"]
+    (runs / "cache" / fp / "rows.parquet").write_bytes(b"garbage")
+
+    def read_only(src, dst):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cache.os, "replace", read_only)
+    with pytest.raises(CacheError) as err:
+        Store(runs).get(fp)
+    text = str(err.value)
+    assert "is damaged (" in text and "Permission denied" in text and "chmod -R u+w" in text

@@ -174,6 +174,30 @@ def test_builtin_dir_builds_once_and_reuses(cache_root, tiny):
     assert leftovers == []
 
 
+def test_a_damaged_builtin_is_rebuilt_never_trusted(tmp_path):
+    """64 bytes flipped in the built weights: the next process to use it finds the checksums
+    recorded at build do not match, warns, and rebuilds the same bytes as before. (Its own
+    cache root: a loaded model maps its weights file, so flipping the shared one would change it.)"""
+    cache_root = tmp_path
+    path = models.builtin_dir("tiny-chat", cache_root)
+    weights = path / "model.safetensors"
+    good = weights.read_bytes()
+    assert (path / models.CHECKSUMS).is_file()
+    data = bytearray(good)
+    for i in range(64):
+        data[len(data) // 2 + i] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    models._verified.clear()  # as in a new process
+    said = []
+    assert models.builtin_dir("tiny-chat", cache_root, warn=said.append) == path
+    assert said and "damaged (model.safetensors does not match the checksum" in said[0]
+    assert weights.read_bytes() == good
+    models._verified.clear()
+    assert models.builtin_dir("tiny-chat", cache_root, warn=said.append) == path and len(said) == 1
+    leftovers = [p.name for p in path.parent.iterdir() if p.is_dir() and p != path]
+    assert leftovers == []  # the damaged copy is gone
+
+
 def test_concurrent_callers_build_once(tmp_path, monkeypatch):
     calls = []
 
