@@ -95,6 +95,7 @@ def validate(recipe: str, sets) -> None:
     r = _load(recipe, sets)
     kinds = ", ".join(f"{n} ({s.kind})" for n, s in r.stages.items())
     out.print(f"ok: {r.name}: {len(r.stages)} stages: {kinds}", markup=False)
+    _remote_code_notes(r)
 
 
 @main.command()
@@ -103,22 +104,29 @@ def validate(recipe: str, sets) -> None:
 @_runs_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--resolved", is_flag=True, help="Also print the resolved recipe (extends and --set applied).")
-def plan(recipe: str, sets, runs_dir, as_json: bool, resolved: bool) -> None:
+@click.option("--rehash", is_flag=True,
+              help="Hash every input file again instead of trusting the memo of (inode, size, mtime): for files "
+                   "edited in place with their size and mtime kept.")
+def plan(recipe: str, sets, runs_dir, as_json: bool, resolved: bool, rehash: bool) -> None:
     """Show each stage, its fingerprint, whether it is cached, and why it would run."""
-    from .executor import make_plan
+    from .executor import make_plan, memo_for
     from .recipe import dump_toml
 
     r = _load(recipe, sets)
-    items = make_plan(r, _runs_dir(runs_dir))
+    items = make_plan(r, _runs_dir(runs_dir), memo_for(_runs_dir(runs_dir), rehash))
     if as_json:
         click.echo(json.dumps({"recipe": r.name, "stages": [i.as_json() for i in items]}, indent=2))
         return
     if resolved:
         out.print(dump_toml(r.raw), markup=False)
     _plan_table(r.name, items)
+    _remote_code_notes(r)
+
+
+def _remote_code_notes(r) -> None:
     for name, spec in r.models.items():
         if spec.trust_remote_code:
-            out.print(f"[yellow]note[/]: model '{name}' ({spec.path}) has trust_remote_code = true: "
+            out.print(f"[yellow]note[/]: model '{name}' ({escape(str(spec.path))}) has trust_remote_code = true: "
                       "loading it runs code from the model repository.")
 
 
@@ -145,7 +153,11 @@ def _plan_table(name: str, items) -> None:
               help="The Ray cluster to join (default: RAY_ADDRESS, else a local one).")
 @click.option("--fail-fast", is_flag=True,
               help="Stop at the first failed stage (default: stages that do not need it still run, like make -k).")
-def run_cmd(recipe: str, sets, runs_dir, only, force, dry_run: bool, executor, ray_address, fail_fast: bool) -> None:
+@click.option("--rehash", is_flag=True,
+              help="Hash every input file again instead of trusting the memo of (inode, size, mtime): for files "
+                   "edited in place with their size and mtime kept.")
+def run_cmd(recipe: str, sets, runs_dir, only, force, dry_run: bool, executor, ray_address, fail_fast: bool,
+            rehash: bool) -> None:
     """Run RECIPE: cached stages are skipped, interrupted ones resume."""
     _terminate_like_interrupt()
     from .executor import EXECUTORS, executor_default, make_plan, run, select
@@ -157,8 +169,10 @@ def run_cmd(recipe: str, sets, runs_dir, only, force, dry_run: bool, executor, r
         raise RecipeError.single(f"RECIPE_EXECUTOR is '{executor}'; known executors: {', '.join(EXECUTORS)}.",
                                  hint="Unset it, or set it to local or ray.")
     if dry_run:
+        from .executor import memo_for
+
         chosen = select(r, list(only), list(force))
-        _plan_table(r.name, [i for i in make_plan(r, root) if i.name in chosen])
+        _plan_table(r.name, [i for i in make_plan(r, root, memo_for(root, rehash)) if i.name in chosen])
         return
     console = Console(file=sys.stderr, highlight=False, soft_wrap=True)  # the real stderr: third parties go to
     progress = progress_bars(console)                                    # stage logs (engine.quiet)
@@ -168,7 +182,8 @@ def run_cmd(recipe: str, sets, runs_dir, only, force, dry_run: bool, executor, r
     try:
         with progress.live, routed():
             record = run(r, root, only=list(only), force=list(force), console=console, progress=progress,
-                         executor=executor, ray_address=ray_address, command=command, fail_fast=fail_fast)
+                         executor=executor, ray_address=ray_address, command=command, fail_fast=fail_fast,
+                         rehash=rehash)
     except StageFailed as failed:  # the failed run still gets its report: which stage, why, where its log is
         run_dir = Path(failed.log_path).parent.parent
         if (run_dir / "record.json").is_file():

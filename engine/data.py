@@ -111,7 +111,15 @@ def _read_file(path: Path, fmt: str, where: dict) -> list[dict]:
             return read_rows(path)
         if fmt == "csv":  # newline="" keeps line breaks inside quoted cells
             with open(path, encoding="utf-8-sig", newline="") as fh:
-                return [dict(r) for r in csv.DictReader(fh)]
+                reader, rows = csv.DictReader(fh), []
+                for r in reader:
+                    if None in r:  # more cells than the header has columns
+                        raise DataError.single(
+                            f"{path} line {reader.line_num} has {len(reader.fieldnames or []) + len(r[None])} cells "
+                            f"but the header has {len(reader.fieldnames or [])} columns.",
+                            hint="Quote cells that hold commas, or fix the row.", **where)
+                    rows.append(dict(r))
+                return rows
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError, ValueError, csv.Error) as e:  # pyarrow errors: ValueError
         raise DataError.single(f"could not read {path}: {_one_line(e)}", **where) from None
@@ -194,8 +202,42 @@ def _one_line(e: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow", ".tsv", ".txt")
+MAX_DIR_ENTRIES = 100_000
+
+
+def not_a_dataset(path: Path) -> str | None:
+    """Why `path` cannot be read as a dataset, or None: a device, FIFO or socket (reading
+    /dev/zero never ends), or a directory that is not one (no save_to_disk marker and no data
+    file in it or its subfolders, or more entries than any dataset folder has: `/`)."""
+    try:
+        if not path.exists() or path.is_file():
+            return None
+        if not path.is_dir():
+            return f"{path} is not a regular file (a device, pipe or socket); point path at a data file"
+        if any((path / m).exists() for m in SAVE_TO_DISK_MARKERS):
+            return None
+        seen, found = 0, False
+        for dirpath, dirnames, filenames in os.walk(path):
+            seen += len(dirnames) + len(filenames)
+            if seen > MAX_DIR_ENTRIES:
+                return (f"{path} holds more than {MAX_DIR_ENTRIES:,} files and folders: it is not a dataset "
+                        "folder; point path at the data file or the dataset's own folder")
+            depth = len(Path(dirpath).relative_to(path).parts)
+            found = found or (depth <= 2 and any(f.lower().endswith(DATA_SUFFIXES) for f in filenames))
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    except OSError as e:
+        return f"cannot read {path}: {_one_line(e)}"
+    if not found:
+        return (f"{path} is a directory with no data file ({', '.join(DATA_SUFFIXES)}) in it or its subfolders, "
+                "and it is not a saved dataset (save_to_disk)")
+    return None
+
+
 def _read(source, fmt, split, revision, where) -> list[dict]:
     path = Path(source).expanduser()
+    if (why := not_a_dataset(path)) is not None:
+        raise DataError.single(why + ".", **where)
     if path.is_dir():
         return _read_hf_dir(path, split, where)
     if path.is_file():
@@ -322,6 +364,8 @@ def preview(spec, name: str, where: dict) -> tuple[list[dict] | None, str | None
     rows are returned when the file was small enough to load in full (else None). Directories and hub
     ids are left to the run."""
     path = Path(spec.path).expanduser()
+    if path.is_absolute() and (why := not_a_dataset(path)) is not None:
+        return None, f"dataset '{name}': {why}."
     if not path.is_absolute() or not path.is_file():
         return None, None
     try:

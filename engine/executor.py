@@ -45,8 +45,8 @@ def runs_dir_default() -> str:
     return os.environ.get("RECIPE_RUNS_DIR", "runs")
 
 
-def memo_for(runs_dir: str | os.PathLike) -> HashMemo:
-    return HashMemo(Path(runs_dir) / "cache" / "hashes.json")
+def memo_for(runs_dir: str | os.PathLike, rehash: bool = False) -> HashMemo:
+    return HashMemo(Path(runs_dir) / "cache" / "hashes.json", rehash=rehash)
 
 
 # --------------------------------------------------------------------------- plan
@@ -209,7 +209,7 @@ def executor_default() -> str:
 
 def run(recipe: Recipe, runs_dir: str | os.PathLike, *, only: list[str] = (), force: list[str] = (),
         console=None, progress=None, executor: str = "local", ray_address: str | None = None,
-        command: str | None = None, fail_fast: bool = False) -> RunRecord:
+        command: str | None = None, fail_fast: bool = False, rehash: bool = False) -> RunRecord:
     """Run every selected stage not in the cache. Raises StageFailed (exit 1) or RecipeError
     (exit 2); committed shards and upstream entries are kept either way. When a stage fails, the
     stages that need it are skipped and the others still run (like `make -k`); the first failure
@@ -232,7 +232,7 @@ def run(recipe: Recipe, runs_dir: str | os.PathLike, *, only: list[str] = (), fo
         rayexec.check_shared_store(runs_dir)
     force = recipe.stage_names(list(force))
     chosen = select(recipe, list(only), force)
-    memo = memo_for(runs_dir)
+    memo = memo_for(runs_dir, rehash)
     store = Store(runs_dir)
     store.sweep_tmp()
     plan = {p.name: p for p in make_plan(recipe, runs_dir, memo)}

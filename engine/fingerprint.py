@@ -64,11 +64,13 @@ class HashMemo:
 
     MAX_ENTRIES = 100_000
 
-    def __init__(self, state_file: str | os.PathLike | None) -> None:
+    def __init__(self, state_file: str | os.PathLike | None, rehash: bool = False) -> None:
+        """`rehash`: ignore the remembered hashes (each file is hashed again, then remembered):
+        for files edited in place with their size and mtime kept."""
         self.path = Path(state_file) if state_file else None
         self.entries: dict[str, str] = {}
         self.dirty = False
-        if self.path and self.path.exists():
+        if self.path and self.path.exists() and not rehash:
             try:
                 self.entries = json.loads(self.path.read_text())
             except (OSError, ValueError):

@@ -257,6 +257,9 @@ def read_toml(path: Path) -> tuple[dict, dict[str, tuple[str, int]]]:
         raise RecipeError.single(f"cannot read the file: {exc}", file=shown) from None
     try:
         data = tomllib.loads(text)
+    except RecursionError:
+        raise RecipeError.single("arrays or inline tables are nested too deeply to read.", file=shown,
+                                 hint=f"Recipes never need more than {MAX_DEPTH} levels; flatten the value.") from None
     except tomllib.TOMLDecodeError as exc:
         msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc))
         raise RecipeError.single(
@@ -302,8 +305,10 @@ def load_layers(path: Path, _stack: tuple[Path, ...] = ()) -> tuple[dict, dict[s
     merged: dict = {}
     merged_locs: dict[str, tuple[str, int]] = {}
     for base in bases:
+        if (why := path_problem(base)) is not None:
+            raise RecipeError.single(f"extends {base[:60]!r}, which {why}.", **locate(locations, "recipe.extends", path))
         base_path = path.parent / base
-        if not base_path.exists():
+        if not base_path.is_file():
             raise RecipeError.single(
                 f"extends '{base}', which does not exist ({_display(base_path)}).",
                 **locate(locations, "recipe.extends", path),
@@ -362,9 +367,29 @@ def is_hub_id(value: str) -> bool:
     )
 
 
+MAX_PATH = 4096  # bytes in a path (Linux PATH_MAX)
+MAX_NAME = 255  # bytes in one path component (NAME_MAX)
+
+
+def path_problem(value: str) -> str | None:
+    """What makes `value` unusable as a file path on this system, or None."""
+    if "\x00" in value:
+        return "holds a NUL byte, which no file name can contain"
+    if len(value.encode("utf-8", "surrogatepass")) > MAX_PATH:
+        return f"is {len(value):,} characters long; paths have at most {MAX_PATH} bytes"
+    long = next((part for part in value.split("/") if len(part.encode("utf-8", "surrogatepass")) > MAX_NAME), None)
+    if long is not None:
+        return f"has a component of {len(long)} characters ('{long[:20]}...'); names have at most {MAX_NAME} bytes"
+    return None
+
+
 def resolve_path(value: str, key: str, locations: dict, top: Path) -> str:
     """Absolute path for a local file value, relative to the file that set it. Hub ids and
-    builtin names are returned unchanged."""
+    builtin names are returned unchanged. An impossible path (NUL, too long) is a RecipeError."""
+    if (why := path_problem(value)) is not None:
+        raise RecipeError.single(f"the path {value[:60]!r}{'...' if len(value) > 60 else ''} {why}.",
+                                 hint="Give the path of an existing file, relative to the recipe file.",
+                                 **locate(locations, key, top))
     if value.startswith("builtin:") or Path(value).is_absolute():
         return value
     source = locations.get(key, (str(top), 0))[0]
@@ -455,11 +480,55 @@ def _alias_round_locations(locations: dict[str, tuple[str, int]], stages: dict[s
                 locations.setdefault(f"stages.{name}{key[len(prefix):]}", where)
 
 
+MAX_DEPTH = 32  # tables and arrays nested deeper than any recipe needs
+
+
+def shape_problems(data: dict, locations: dict, top: Path) -> list[Problem]:
+    """The shape every later check relies on: each section a table of tables, a stage's kind a
+    string, nothing nested absurdly deep. Checked first, so that no check meets a scalar where it
+    expects a table (`datasets = true`, `stages = 1`, also through --set)."""
+    problems = []
+    stack = [(data, (), 0)]
+    while stack:
+        node, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            problems.append(Problem(f"nested more than {MAX_DEPTH} levels deep.", hint="Flatten the value.",
+                                    **locate(locations, ".".join(path[:3]), top)))
+            break
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        stack += [(v, (*path, str(k)), depth + 1) for k, v in items if isinstance(v, (dict, list))]
+    if problems:
+        return problems
+    if "recipe" in data and not isinstance(data["recipe"], dict):
+        problems.append(Problem(f"expected the [recipe] table, found {describe(data['recipe'])}.",
+                                **locate(locations, "recipe", top)))
+    for section in ("models", "datasets", "constitutions", "stages", "loops"):
+        tables = data.get(section)
+        if tables is None:
+            continue
+        if not isinstance(tables, dict):
+            problems.append(Problem(f"expected tables [{section}.NAME], found {describe(tables)}.",
+                                    hint=f"Write each entry as its own table: [{section}.NAME].",
+                                    **locate(locations, section, top)))
+            continue
+        for name, table in tables.items():
+            if not isinstance(table, dict):
+                problems.append(Problem(f"expected a table [{section}.{name}], found {describe(table)}.",
+                                        **locate(locations, f"{section}.{name}", top)))
+            elif section == "stages" and "kind" in table and not isinstance(table["kind"], str):
+                problems.append(Problem(f"expected a string (the stage kind), found {describe(table['kind'])}.",
+                                        hint=f"Known kinds: {', '.join(sorted(registry.kinds()))}.",
+                                        **locate(locations, f"stages.{name}.kind", top)))
+    return problems
+
+
 def load_recipe(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read, merge, override, resolve and validate a recipe. Raises RecipeError with every problem."""
     top = Path(path)
     data, locations = load_layers(top)
     apply_sets(data, locations, list(sets))
+    if shape := shape_problems(data, locations, top):
+        raise RecipeError(shape)
     _resolve_paths(data, locations, top)
     problems: list[Problem] = []
 

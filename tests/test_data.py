@@ -152,7 +152,7 @@ def test_dir_of_data_files(tmp_path):
 
 def test_empty_dir(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="no data files"):
+    with pytest.raises(DataError, match="is a directory with no data file"):
         load_rows(str(tmp_path / "empty"), name="seed")
 
 

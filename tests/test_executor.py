@@ -210,3 +210,20 @@ def test_a_damaged_entry_that_cannot_be_moved_aside_says_what_to_do(project, run
         Store(runs).get(fp)
     text = str(err.value)
     assert "is damaged (" in text and "Permission denied" in text and "chmod -R u+w" in text
+
+
+def test_rehash_notices_a_file_edited_with_its_size_and_mtime_kept(project, runs):
+    data = project / "data" / "convs.jsonl"
+    assert run_cli_subprocess("run", project / "recipe.toml", "--runs-dir", runs).returncode == 0
+    st = data.stat()
+    text = data.read_text()
+    data.write_text(text.replace("Question number 1 ", "Question number 9 ", 1))  # same size
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert data.stat().st_size == st.st_size
+    quiet = run_cli_subprocess("plan", project / "recipe.toml", "--runs-dir", runs, "--json")
+    assert [s["status"] for s in json.loads(quiet.stdout)["stages"]] == ["cached", "cached"]  # the memo's trade-off
+    loud = run_cli_subprocess("plan", project / "recipe.toml", "--runs-dir", runs, "--json", "--rehash")
+    stages = json.loads(loud.stdout)["stages"]
+    assert stages[0]["status"] == "run" and any("seed" in r for r in stages[0]["reasons"]), stages
+    assert run_cli_subprocess("run", project / "recipe.toml", "--runs-dir", runs, "--rehash").returncode == 0
+    assert rows_of(runs, "basic", "clean")[1]["messages"][0]["content"].startswith("Question number 9")
