@@ -53,6 +53,60 @@ def escape_markers(value: Any) -> str:
     return MARKER.sub(lambda m: "\\" + m.group(0), str(value))
 
 
+MAX_POWER = 10_000  # exponent bound for `**` in templates: 10**(10**7) would run for seconds, 10**(10**9) forever
+MAX_ITEMS = 1_000_000  # longest string or list a template may make with `*`
+TRIAL_SECONDS = 2.0  # validate's trial render of a template with placeholder values: time
+TRIAL_OUTPUT = 10_000_000  # and output (characters): its memory
+
+
+class _Sandbox(SandboxedEnvironment):
+    """Jinja's sandbox, with `**` and `*` bounded: the sandbox itself lets `10**(10**9)` and
+    `"a" * 10**9` run. Intercepting them also stops jinja from folding such constants while it
+    compiles, which `recipe validate` does when it lists a template's variables."""
+
+    intercepted_binops = frozenset({"**", "*"})
+
+    def call_binop(self, context, operator, left, right):
+        from jinja2.exceptions import SecurityError
+
+        if operator == "**" and isinstance(right, (int, float)) and abs(right) > MAX_POWER:
+            raise SecurityError(f"the exponent {right} is too large (at most {MAX_POWER})")
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_ITEMS:
+                    raise SecurityError(f"`*` would make {len(seq) * n:,} items (at most {MAX_ITEMS:,})")
+        return super().call_binop(context, operator, left, right)
+
+
+class Placeholder:
+    """A stand-in for any variable in validate's trial render: every attribute, item and call
+    is another placeholder, it iterates once and prints as a word. It cannot make the render
+    call into real objects, so what the trial meets is the template's own doing."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return Placeholder()
+
+    def __getitem__(self, key):
+        return Placeholder()
+
+    def __call__(self, *args, **kwargs):
+        return Placeholder()
+
+    def __iter__(self):
+        return iter([Placeholder()])
+
+    def __len__(self) -> int:
+        return 1
+
+    def __str__(self) -> str:
+        return "placeholder"
+
+    def __bool__(self) -> bool:
+        return True
+
+
 class Templates:
     """Named templates over `search` (recipe-local dirs, earliest wins) then the built-ins, then
     `base` (the recipe's folder): `template = "prompts/ask.j2"` is a path relative to the recipe.
@@ -64,7 +118,7 @@ class Templates:
         loaders = [jinja2.FileSystemLoader([str(p) for p in self.search])]
         if self.base is not None:
             loaders.append(jinja2.FileSystemLoader([str(self.base)]))
-        self.env = SandboxedEnvironment(
+        self.env = _Sandbox(
             loader=jinja2.ChoiceLoader(loaders),
             undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True,
             trim_blocks=True, lstrip_blocks=True)
@@ -127,8 +181,19 @@ class Templates:
     def render(self, name: str, /, **variables: Any) -> str:
         """Render `name`. Any failure inside a template is a `TemplateRenderError` naming the
         template and line; only a missing top-level template is a `RecipeError` (a config fault)."""
+        return self._render(name, None, variables)
+
+    def _render(self, name: str, limit: int | None, variables: dict) -> str:
+        """The rendered text; with `limit`, a trial: the output is counted (at most `limit`), not kept."""
         try:
-            return self.env.get_template(name).render(**variables)
+            if limit is None:
+                return self.env.get_template(name).render(**variables)
+            size = 0  # a trial render: the output is only counted, never kept
+            for part in self.env.get_template(name).generate(**variables):
+                size += len(part)
+                if size > limit:
+                    raise MemoryError(f"the output passed {limit:,} characters")
+            return ""
         except jinja2.TemplateSyntaxError as exc:  # this template or one it includes
             raise TemplateRenderError(exc.name or name, exc.lineno, exc.message or str(exc)) from exc
         except Exception as exc:  # undefined, security, TypeError in an expression, missing include
@@ -242,11 +307,49 @@ class Templates:
             return [Problem(f"template {exc.name or name} line {exc.lineno}: syntax error: {exc.message}",
                             file=exc.filename, line=exc.lineno, key=key)]
         listing = ", ".join(sorted(available)) or "none"
-        return [Problem(f"template {name} line {at} uses '{var}'" + (f" (in {via})" if via else "")
-                        + f", which stage '{stage}' does not pass. Available: {listing}.",
-                        file=file, line=line, key=key)
-                for var, (at, via) in sorted(uses.items(), key=lambda kv: (kv[1][0], kv[0]))
-                if var not in available and var not in optional]
+        problems = [Problem(f"template {name} line {at} uses '{var}'" + (f" (in {via})" if via else "")
+                            + f", which stage '{stage}' does not pass. Available: {listing}.",
+                            file=file, line=line, key=key)
+                    for var, (at, via) in sorted(uses.items(), key=lambda kv: (kv[1][0], kv[0]))
+                    if var not in available and var not in optional]
+        if not problems and (why := self.trial(name, available)) is not None:
+            problems.append(Problem(why, file=file, line=line, key=key,
+                                    hint="Templates run in a sandbox: no attributes starting with '_', no huge "
+                                         "numbers or strings, nothing that runs for long."))
+        return problems
+
+    def trial(self, name: str, available: set[str]) -> str | None:
+        """Render `name` once in the sandbox with a placeholder for every variable, within
+        TRIAL_SECONDS: what the sandbox blocks (`__class__`, `10**10**9`, `"a" * 10**9`) or a
+        render that does not end is reported now, with the template line, not at run time.
+        Other errors depend on real data (a placeholder is not a number) and are left to the run."""
+        import signal
+        import threading
+
+        from jinja2.exceptions import SecurityError
+
+        def too_long(signum, frame):
+            raise TimeoutError(f"rendering took more than {TRIAL_SECONDS:g} s")
+
+        timed = threading.current_thread() is threading.main_thread()
+        if timed:
+            previous = signal.signal(signal.SIGALRM, too_long)
+            signal.setitimer(signal.ITIMER_REAL, TRIAL_SECONDS)
+        try:
+            self._render(name, TRIAL_OUTPUT, {v: Placeholder() for v in available})
+        except TemplateRenderError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, (SecurityError, TimeoutError, MemoryError, OverflowError, RecursionError)):
+                return (f"template {exc.template}" + (f" line {exc.line}" if exc.line else "")
+                        + f": {'blocked by the sandbox' if isinstance(cause, SecurityError) else 'cannot render'}: "
+                        + f"{cause or type(cause).__name__}.")
+        except (TimeoutError, RecipeError):
+            return f"template {name}: rendering took more than {TRIAL_SECONDS:g} s with placeholder values."
+        finally:
+            if timed:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, previous)
+        return None
 
 
 def template_files(recipe_dir: Path, names: list[str]) -> dict[str, str]:

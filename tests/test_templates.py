@@ -422,3 +422,48 @@ def test_a_template_is_found_by_a_path_relative_to_the_recipe(tmp_path):
             t.path("prompts/locked.j2")
     finally:
         locked.chmod(0o644)
+
+
+HOSTILE_TEMPLATES = [
+    ("{{ 10**(10**7) }}", "blocked by the sandbox: the exponent 10000000 is too large"),
+    ("{{ 10**(10**9) }}", "blocked by the sandbox: the exponent"),
+    ('{{ "a" * 10**9 }}', "would make 1,000,000,000 items"),
+    ("{{ ''.__class__.__mro__ }}", "blocked by the sandbox: access to attribute '__class__'"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}",
+     "the output passed 10,000,000 characters"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "more than 2 s"),
+]
+
+
+@pytest.mark.parametrize("body, says", HOSTILE_TEMPLATES)
+def test_validate_catches_what_the_sandbox_blocks_quickly_and_with_the_line(tmp_path, body, says):
+    """No constant is evaluated while listing variables, and a trial render in the sandbox with
+    placeholder values, bounded in time and output, reports violations at validate, not at run."""
+    import time
+
+    from conftest import run_cli_subprocess
+
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "templates" / "t.j2").write_text(f"### user\nhello {{{{ prompt }}}}\n{body}\n")
+    (tmp_path / "d.jsonl").write_text('{"prompt": "hi"}\n')
+    (tmp_path / "r.toml").write_text('[recipe]\nname = "t"\n[models.p]\npath = "builtin:tiny-chat"\n'
+                                     '[datasets.d]\npath = "d.jsonl"\ntype = "prompts"\n'
+                                     '[stages.g]\nkind = "generate"\ninput = "d"\nmodel = "p"\ntemplate = "t.j2"\n')
+    started = time.monotonic()
+    out = run_cli_subprocess("validate", tmp_path / "r.toml", timeout=60)
+    assert out.returncode == 2 and says in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert "stages.g.template" in out.stderr and "t.j2" in out.stderr
+    assert time.monotonic() - started < 15
+
+
+def test_the_sandbox_limits_hold_at_render_time_too(tmp_path):
+    from jinja2.exceptions import SecurityError
+
+    from engine.templates import TemplateRenderError
+
+    (tmp_path / "p.j2").write_text("{{ 2 ** n }}")
+    t = Templates([tmp_path])
+    assert t.render("p.j2", n=10) == "1024"
+    with pytest.raises(TemplateRenderError) as err:
+        t.render("p.j2", n=10**8)
+    assert isinstance(err.value.__cause__, SecurityError)
