@@ -7,6 +7,7 @@ Exit codes: 0 ok, 1 a stage failed (see its log), 2 bad input (recipe, data, usa
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -156,14 +157,27 @@ def _plan_table(name: str, items) -> None:
 @click.option("--rehash", is_flag=True,
               help="Hash every input file again instead of trusting the memo of (inode, size, mtime): for files "
                    "edited in place with their size and mtime kept.")
+@click.option("--threads", default=None, metavar="N|auto",
+              help="torch's threads (default: $RECIPE_THREADS, else auto: the cores this process may use). Give each "
+                   "of several runs on one machine its share.")
 def run_cmd(recipe: str, sets, runs_dir, only, force, dry_run: bool, executor, ray_address, fail_fast: bool,
-            rehash: bool) -> None:
+            rehash: bool, threads) -> None:
     """Run RECIPE: cached stages are skipped, interrupted ones resume."""
     _terminate_like_interrupt()
     from .executor import EXECUTORS, executor_default, make_plan, run, select
 
+    from .threads import ENV as THREADS_ENV
+    from .threads import parse as parse_threads
+
     r = _load(recipe, sets)
     root = _runs_dir(runs_dir)
+    raw_threads = threads if threads is not None else os.environ.get(THREADS_ENV)
+    try:
+        n_threads = parse_threads(raw_threads)
+    except ValueError:
+        raise RecipeError.single(f"--threads (or {THREADS_ENV}) is '{raw_threads}': expected a positive whole number "
+                                 "or auto.", hint="For example --threads 1 for each of two runs on a 2-core machine.") \
+            from None
     executor = executor or executor_default()
     if executor not in EXECUTORS:
         raise RecipeError.single(f"RECIPE_EXECUTOR is '{executor}'; known executors: {', '.join(EXECUTORS)}.",
@@ -183,7 +197,7 @@ def run_cmd(recipe: str, sets, runs_dir, only, force, dry_run: bool, executor, r
         with progress.live, routed():
             record = run(r, root, only=list(only), force=list(force), console=console, progress=progress,
                          executor=executor, ray_address=ray_address, command=command, fail_fast=fail_fast,
-                         rehash=rehash)
+                         rehash=rehash, threads=n_threads)
     except StageFailed as failed:  # the failed run still gets its report: which stage, why, where its log is
         run_dir = Path(failed.log_path).parent.parent
         if (run_dir / "record.json").is_file():

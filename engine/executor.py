@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from . import loading
+from . import threads as threads_mod
 from .artifact import Artifact
 from .cache import Entry, Store
 from .io import atomic_write_json
@@ -209,12 +210,14 @@ def executor_default() -> str:
 
 def run(recipe: Recipe, runs_dir: str | os.PathLike, *, only: list[str] = (), force: list[str] = (),
         console=None, progress=None, executor: str = "local", ray_address: str | None = None,
-        command: str | None = None, fail_fast: bool = False, rehash: bool = False) -> RunRecord:
+        command: str | None = None, fail_fast: bool = False, rehash: bool = False,
+        threads: int | None = None) -> RunRecord:
     """Run every selected stage not in the cache. Raises StageFailed (exit 1) or RecipeError
     (exit 2); committed shards and upstream entries are kept either way. When a stage fails, the
     stages that need it are skipped and the others still run (like `make -k`); the first failure
     is raised at the end (`fail_fast` stops at once instead). `executor` = "ray" runs the stages'
-    work on a Ray cluster (engine.rayexec); it never changes what a stage makes."""
+    work on a Ray cluster (engine.rayexec); it never changes what a stage makes. `threads`: torch's
+    intra-op threads (None: the cores this process may use; engine.threads)."""
     if executor not in EXECUTORS:
         raise RecipeError.single(f"unknown executor '{executor}'; known: {', '.join(EXECUTORS)}.",
                                  hint="Use --executor local or --executor ray (or RECIPE_EXECUTOR).")
@@ -237,6 +240,18 @@ def run(recipe: Recipe, runs_dir: str | os.PathLike, *, only: list[str] = (), fo
     store.sweep_tmp()
     plan = {p.name: p for p in make_plan(recipe, runs_dir, memo)}
     record = RunRecord(runs_dir, recipe, command=command)
+    n_threads = threads_mod.choose(threads)
+    threads_mod.apply(n_threads)
+    record.data["threads"] = n_threads
+    registration = threads_mod.Registration(n_threads)
+    sharing = threads_mod.others()
+    if sharing and console is not None:
+        cores = threads_mod.available_cores()
+        console.print(f"[yellow]warning[/]: {len(sharing)} other recipe run(s) are using this machine "
+                      f"(pid {', '.join(str(pid) for pid, _ in sharing)}); this one computes with {n_threads} "
+                      f"threads on {cores} cores. Runs side by side on the same cores slow each other down many "
+                      f"times over: give each `--threads {max(1, cores // (len(sharing) + 1))}` (README: several "
+                      "recipes on one machine).")
     entries: dict[str, Entry] = {}
     concurrent = executor == "ray"  # independent stages at once; Ray places their work by resources
     pool = None if concurrent else loading.ModelPool()  # a Ray driver loads models only to patch a hole
@@ -311,6 +326,7 @@ def run(recipe: Recipe, runs_dir: str | os.PathLike, *, only: list[str] = (), fo
     finally:
         if pool is not None:
             pool.clear()
+        registration.close()
         record.finish(status)
     return record
 
@@ -471,7 +487,8 @@ def _build(recipe, name, item, entries, store, record, console, progress, why, p
     stage = recipe.stages[name]
     log_path = record.dir / "logs" / f"{name}.log"
     log = stage_logger(name, log_path)
-    log.info("stage %s (%s) fingerprint %s; runs because: %s", name, stage.kind, item.fingerprint, "; ".join(why))
+    log.info("stage %s (%s) fingerprint %s; runs because: %s; %s torch threads", name, stage.kind, item.fingerprint,
+             "; ".join(why), record.data.get("threads", "default"))
     record.stage(name, status="running", log=str(log_path.relative_to(record.dir)))
     manifest = {"stage": name, "recipe": recipe.name, "components": item.components, "versions": versions()}
     try:

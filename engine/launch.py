@@ -75,12 +75,18 @@ def command(processes: int, accelerate_config: str | None, payload: Path, *, mac
     return cmd
 
 
-def environment() -> dict[str, str]:
-    """The environment of a launched stage: this engine importable, one OpenMP thread per process
-    unless the user chose otherwise."""
+def environment(processes: int = 1) -> dict[str, str]:
+    """The environment of a launched stage: this engine importable, and each of its `processes`
+    this machine's share of the run's threads (engine.threads), at least one."""
+    from .threads import available_cores
+
     root = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in [root, os.environ.get("PYTHONPATH", "")] if p))
-    env.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        threads = int(os.environ.get("OMP_NUM_THREADS") or available_cores())
+    except ValueError:
+        threads = available_cores()
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(max(1, threads // max(1, processes)))
     return env
 
 
@@ -137,11 +143,11 @@ def prepare(stage, inputs: dict, ctx, log_path: Path) -> tuple[Path, str | None]
     return work, str(work / "accelerate.yaml")
 
 
-def execute(cmd: list[str], out_log: Path, stop: Path | None = None) -> int:
+def execute(cmd: list[str], out_log: Path, stop: Path | None = None, processes: int = 1) -> int:
     """Run a launch command, its output to `out_log`; its exit code. When the file `stop` appears
     (another node failed), the whole process group is killed and -9 returned."""
     with open(out_log, "w", encoding="utf-8") as sink:
-        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=environment(),
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=environment(processes),
                                 start_new_session=True)
         while True:
             try:
@@ -179,7 +185,7 @@ def launch_stage(stage, inputs: dict, ctx, log_path: Path) -> None:
     if ctx.console is not None:
         ctx.console.print(f"{stage.name}: {res.processes} processes (accelerate launch)")
     out_log = work / "accelerate.log"
-    collect(work, ctx, f"{res.processes}-process", {out_log: execute(cmd, out_log)})
+    collect(work, ctx, f"{res.processes}-process", {out_log: execute(cmd, out_log, processes=res.processes)})
 
 
 def worker(payload_path: str) -> int:

@@ -204,7 +204,8 @@ def _node(work: str, rank: int, nodes: int, processes: int, config: str | None, 
     from .launch import PAYLOAD, STOP, command, execute
 
     cmd = command(processes, config, Path(work) / PAYLOAD, machines=nodes, machine_rank=rank, main_ip=ip, port=port)
-    return execute(cmd, Path(work) / f"accelerate.node{rank}.log", stop=Path(work) / STOP)
+    return execute(cmd, Path(work) / f"accelerate.node{rank}.log", stop=Path(work) / STOP,
+                   processes=processes // nodes)
 
 
 def _multi_node(ray, stage, inputs: dict, ctx, log_path: Path, cpus: float) -> None:

@@ -65,3 +65,55 @@ def test_validate_prints_the_remote_code_note_that_plan_prints(tmp_path):
     out = run_cli_subprocess("validate", path)
     assert out.returncode == 0, out.stderr
     assert "trust_remote_code = true" in out.stdout and "runs code from the model repository" in out.stdout
+
+
+# --------------------------------------------------------------------------- threads
+
+
+def test_auto_threads_are_the_cores_this_process_may_use():
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    if shutil.which("taskset") is None:
+        pytest.skip("no taskset here")
+    out = subprocess.run(["taskset", "-c", "0", sys.executable, "-c",
+                          "from engine.threads import available_cores; print(available_cores())"],
+                         capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "1"
+
+
+def test_threads_setting_reaches_the_stage_and_the_record(project, runs):
+    import json
+
+    out = run_cli_subprocess("run", project / "recipe.toml", "--runs-dir", runs, "--threads", "1")
+    assert out.returncode == 0, out.stderr
+    record = json.loads((runs / "basic" / "latest" / "record.json").read_text())
+    assert record["threads"] == 1
+    assert "; 1 torch threads" in (runs / "basic" / "latest" / "logs" / "clean.log").read_text()
+    bad = run_cli_subprocess("run", project / "recipe.toml", "--runs-dir", runs, "--threads", "0")
+    assert bad.returncode == 2 and "--threads" in bad.stderr and "Traceback" not in bad.stderr
+    env = run_cli_subprocess("run", project / "recipe.toml", "--runs-dir", runs, env_extra={"RECIPE_THREADS": "lots"})
+    assert env.returncode == 2 and "RECIPE_THREADS" in env.stderr
+
+
+def test_a_run_started_beside_another_says_how_to_share_the_cores(project, runs):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    holder = subprocess.Popen([sys.executable, "-c", "from engine.threads import Registration; import time; "
+                               "r = Registration(2); print('up', flush=True); time.sleep(60)"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "up"
+        out = run_cli_subprocess("run", project / "recipe.toml", "--runs-dir", runs)
+        assert out.returncode == 0, out.stderr
+        assert f"other recipe run(s) are using this machine (pid {holder.pid})" in out.stderr
+        assert "--threads" in out.stderr
+    finally:
+        holder.kill()
+        holder.wait()
