@@ -117,3 +117,58 @@ def test_a_run_started_beside_another_says_how_to_share_the_cores(project, runs)
     finally:
         holder.kill()
         holder.wait()
+
+
+# --------------------------------------------------------------------------- what held: keep it so
+
+REDUCED = ("datasets.scenarios.limit=8", "stages.chats.shard_size=2", "stages.revised.shard_size=4",
+           "stages.best_of_n.shard_size=3", "stages.eval.max_items=2", "stages.eval.shard_size=8")
+
+
+@pytest.mark.slow
+def test_the_reduced_flagship_killed_twice_then_resumed_equals_an_uninterrupted_run(tmp_path):
+    """SIGKILL of the whole process group in the middle of generation and of critique-and-revise,
+    then `recipe run` again: every rows file and every weights file equals an uninterrupted run's,
+    and the killed runs left nothing half-built behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    flagship = ROOT / "recipes" / "caI_multiturn.toml"
+    sets = [a for s in REDUCED for a in ("--set", s)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+
+    def command(runs):
+        return [sys.executable, "-m", "engine.cli", "run", str(flagship), "--runs-dir", str(runs), *sets]
+
+    whole = tmp_path / "whole"
+    assert subprocess.run(command(whole), env=env, capture_output=True, cwd=ROOT).returncode == 0
+    runs = tmp_path / "killed"
+    kills = 0
+    for ready in ("*/shard-000000", "*/shard-000001"):  # mid chats, then mid revised (new partial dirs)
+        proc = subprocess.Popen(command(runs), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        seen = set(p.parent for p in (runs / "cache" / "partial").glob(ready)) if kills else set()
+        deadline = time.time() + 240
+        while proc.poll() is None and time.time() < deadline:
+            fresh = set(p.parent for p in (runs / "cache" / "partial").glob(ready)) - seen
+            if fresh:
+                os.killpg(proc.pid, signal.SIGKILL)
+                kills += 1
+                break
+            time.sleep(0.05)
+        proc.wait()
+    assert kills >= 1
+    final = subprocess.run(command(runs), env=env, capture_output=True, text=True, cwd=ROOT)
+    assert final.returncode == 0, final.stderr
+    assert list((runs / "cache" / "tmp").iterdir()) == []
+    a, b = whole / "cai-multiturn" / "latest" / "stages", runs / "cai-multiturn" / "latest" / "stages"
+    files = sorted(Path(link.name) / p.relative_to(link.resolve()) for link in a.iterdir()
+                   for p in link.resolve().rglob("*") if p.suffix in (".parquet", ".safetensors"))
+    assert any(str(f).endswith(".safetensors") for f in files) and any(str(f).endswith(".parquet") for f in files)
+    for f in files:
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f

@@ -162,3 +162,38 @@ def test_a_failed_stage_leaves_a_sample_of_the_bad_output_and_the_other_branch_s
         assert "judged" not in record["stages"] or record["stages"]["judged"]["status"] != "run"
     finally:
         srv.stop()
+
+
+def test_an_api_key_named_by_api_key_env_is_in_no_file_of_the_run(tmp_path, monkeypatch):
+    secret = "sk-recipe-test-7f3a9c-secret"
+    srv = ChatServer(Scripted(), model_name="scripted-judge", api_key=secret)
+    srv.start()
+    try:
+        monkeypatch.setenv("JUDGE_KEY", secret)
+        root = tmp_path / "p"
+        write_jsonl(root / "convs.jsonl", GOOD[:4])
+        (root / "r.toml").write_text(textwrap.dedent(f"""
+            [recipe]
+            name = "secret"
+            [models.teacher]
+            path = "scripted-judge"
+            backend = "openai"
+            base_url = "{srv.url}"
+            api_key_env = "JUDGE_KEY"
+            [datasets.convs]
+            path = "convs.jsonl"
+            [stages.judged]
+            kind = "judge"
+            input = "convs"
+            model = "teacher"
+        """))
+        runs = tmp_path / "runs"
+        run(load_recipe(root / "r.toml"), runs)
+        from engine.report import write_run_report
+
+        write_run_report(runs / "secret" / "latest")
+        files = [p for p in runs.rglob("*") if p.is_file()]
+        assert len(files) > 5
+        assert not [p for p in files if secret.encode() in p.read_bytes()]
+    finally:
+        srv.stop()
