@@ -167,11 +167,11 @@ def test_a_store_the_workers_cannot_see_stops_the_run_naming_runs_dir(tmp_path):
         ray.shutdown()
 
 
-@pytest.mark.slow
-def test_a_simulated_two_node_cluster_gives_the_rows_of_a_local_run(tmp_path):
+@pytest.fixture
+def two_nodes():
+    """A simulated two-node cluster on this machine (ray.cluster_utils.Cluster), one CPU each."""
     from ray.cluster_utils import Cluster
 
-    path = project(tmp_path / "proj")
     if ray.is_initialized():
         ray.shutdown()
     nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
@@ -180,10 +180,16 @@ def test_a_simulated_two_node_cluster_gives_the_rows_of_a_local_run(tmp_path):
         ray.init(address=nodes.address, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
         nodes.wait_for_nodes()
-        onray = run(load_recipe(path), tmp_path / "ray", executor="ray", only=["scored"])
+        yield nodes
     finally:
         ray.shutdown()
         nodes.shutdown()
+
+
+@pytest.mark.slow
+def test_a_simulated_two_node_cluster_gives_the_rows_of_a_local_run(tmp_path, two_nodes):
+    path = project(tmp_path / "proj")
+    onray = run(load_recipe(path), tmp_path / "ray", executor="ray", only=["scored"])
     logs = onray.dir / "logs"
     workers = [(logs / f"gen.log.ray{rank}").read_text() for rank in range(2)]
     assert len({re.search(r"on node (\w+)", w).group(1) for w in workers}) == 2  # one worker per node
@@ -192,30 +198,18 @@ def test_a_simulated_two_node_cluster_gives_the_rows_of_a_local_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_training_stage_on_two_simulated_nodes_equals_two_local_processes(tmp_path):
+def test_a_training_stage_on_two_simulated_nodes_equals_two_local_processes(tmp_path, two_nodes):
     """`nodes = 2`: accelerate's multi-node launch, one Ray task per node of a placement group;
     the weights are those of the same two processes on one machine."""
-    from ray.cluster_utils import Cluster
     from test_launch import make
 
     two = run(load_recipe(make(tmp_path / "two", "[stages.train.resources]\nprocesses = 2")), tmp_path / "runs2")
-    if ray.is_initialized():
-        ray.shutdown()
-    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    try:
-        nodes.add_node(num_cpus=1)
-        ray.init(address=nodes.address, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-        nodes.wait_for_nodes()
-        spread = run(load_recipe(make(tmp_path / "mn", "[stages.train.resources]\nnodes = 2")), tmp_path / "runsmn",
-                     executor="ray")
-        with pytest.raises(RecipeError, match="asks for 3 nodes") as err:  # more nodes than the cluster has
-            run(load_recipe(make(tmp_path / "three", "[stages.train.resources]\nnodes = 3")), tmp_path / "runs3",
-                executor="ray")
-        assert "stages.train.resources.nodes" in err.value.format()
-    finally:
-        ray.shutdown()
-        nodes.shutdown()
+    spread = run(load_recipe(make(tmp_path / "mn", "[stages.train.resources]\nnodes = 2")), tmp_path / "runsmn",
+                 executor="ray")
+    with pytest.raises(RecipeError, match="asks for 3 nodes") as err:  # more nodes than the cluster has
+        run(load_recipe(make(tmp_path / "three", "[stages.train.resources]\nnodes = 3")), tmp_path / "runs3",
+            executor="ray")
+    assert "stages.train.resources.nodes" in err.value.format()
     assert "on Ray: 2 nodes x 1 processes" in (spread.dir / "logs" / "train.log").read_text()
     assert spread.data["stages"]["train"]["fingerprint"] == two.data["stages"]["train"]["fingerprint"]
     mine = sorted((two.dir / "stages" / "train" / "model").glob("*.safetensors"))
