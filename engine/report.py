@@ -504,7 +504,8 @@ def training_blocks(name: str, kind: str, entry: Path) -> list[Block]:
                                                                    ylabel="loss"), f"{name}: {', '.join(loss_keys)} per step"))
     if other:  # one panel per family (log-probabilities, rewards, margins, ...): each on its own scale
         families: dict[str, list[str]] = {}
-        for k in other:
+        first = ("rewards", "rewards/margins", "rewards/accuracies", "logps", "logits")
+        for k in sorted(other, key=lambda k: (first.index(_family(k)) if _family(k) in first else len(first))):
             families.setdefault(_family(k), []).append(k)
         charts = [(fam, {k.split("/")[-1] if len(keys) > 1 else k: (xs, [s.get(k) if is_num(s.get(k)) else None
                                                                      for s in steps]) for k in keys})
@@ -581,7 +582,7 @@ def run_blocks(run_dir: Path) -> tuple[str, list[Block]]:
     return title, blocks
 
 
-REPORT_STYLE = 1  # bump when a stage's report blocks change: memoized blocks of older styles are not reused
+REPORT_STYLE = 2  # bump when a stage's report blocks change: memoized blocks of older styles are not reused
 _BLOCKS = {cls.__name__: cls for cls in (Heading, Para, Bullets, Table, Image, Details)}
 
 
