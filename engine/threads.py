@@ -77,14 +77,20 @@ class Registration:
     def __init__(self, threads: int) -> None:
         from filelock import FileLock
 
+        self.lock = None
         folder = _registry()
-        folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / f"{os.getpid()}.lock"
-        self.path.with_suffix(".threads").write_text(str(threads))
-        self.lock = FileLock(str(self.path))
-        self.lock.acquire()
+        try:  # a temp dir we cannot write only costs the warning about other runs
+            folder.mkdir(parents=True, exist_ok=True)
+            self.path.with_suffix(".threads").write_text(str(threads))
+            self.lock = FileLock(str(self.path))
+            self.lock.acquire(timeout=5)
+        except Exception:  # noqa: BLE001 - OSError, filelock.Timeout
+            self.lock = None
 
     def close(self) -> None:
+        if self.lock is None:
+            return
         self.lock.release()
         for p in (self.path, self.path.with_suffix(".threads")):
             p.unlink(missing_ok=True)

@@ -467,3 +467,16 @@ def test_the_sandbox_limits_hold_at_render_time_too(tmp_path):
     with pytest.raises(TemplateRenderError) as err:
         t.render("p.j2", n=10**8)
     assert isinstance(err.value.__cause__, SecurityError)
+
+
+def test_the_trial_render_puts_back_an_outer_timer(tmp_path):
+    import signal
+
+    (tmp_path / "ok.j2").write_text("### user\n{{ prompt }}\n")
+    signal.setitimer(signal.ITIMER_REAL, 100.0)
+    try:
+        assert Templates([tmp_path]).trial("ok.j2", {"prompt"}) is None
+        left, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 90 < left <= 100
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
