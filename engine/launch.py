@@ -174,6 +174,8 @@ def collect(work: Path, ctx, what: str, codes: dict[Path, int]) -> None:
                            + f"; see {out_log}")
     result = json.loads((work / RESULT).read_text())
     ctx.rows_out = result.get("rows_out")
+    for warning in result.get("warnings", []):  # said by rank 0: into this run's record, report and console
+        ctx.warn(warning)
 
 
 def launch_stage(stage, inputs: dict, ctx, log_path: Path) -> None:
@@ -208,7 +210,8 @@ def worker(payload_path: str) -> int:
         close_logger(log)
     if rank == 0:
         atomic_write_text(Path(payload["result"]), json.dumps(
-            {"rows_out": ctx.rows_out, "world_size": int(os.environ.get("WORLD_SIZE", "1"))}))
+            {"rows_out": ctx.rows_out, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+             "warnings": ctx.warnings}))
     return 0
 
 

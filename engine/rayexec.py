@@ -185,7 +185,7 @@ def _whole(blob: bytes) -> dict:
             launch_stage(stage, inputs, ctx, Path(payload["log"]))
         else:
             stage.module.run(config, inputs, ctx)
-        return {"rows_out": ctx.rows_out}
+        return {"rows_out": ctx.rows_out, "warnings": ctx.warnings}
     finally:
         close_logger(log)
 
@@ -282,7 +282,10 @@ def run_stage(stage, inputs: dict, ctx, log_path: Path) -> bool:
         gpus = _gpus(ray, res) * res.processes
         ctx.log.info("on Ray: one task with %g GPUs, %g CPUs", gpus, cpus)
         task = ray.remote(_whole).options(num_gpus=gpus, num_cpus=cpus, max_retries=MAX_RETRIES)
-        ctx.rows_out = ray.get(task.remote(blob))["rows_out"]
+        done = ray.get(task.remote(blob))
+        ctx.rows_out = done["rows_out"]
+        for warning in done.get("warnings", []):  # said in the task: into the driver's record and console
+            ctx.warn(warning)
         return True
     k, gpus = _workers(ray, res, cpus), _gpus(ray, res)
     ctx.log.info("on Ray: %d workers (%g GPUs, %g CPUs each)", k, gpus, cpus)
