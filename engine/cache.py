@@ -56,19 +56,11 @@ def checksums(root: Path) -> dict[str, dict]:
     return out
 
 
-def mtimes(root: Path) -> dict[str, int]:
-    """Each file's modification time (ns) at commit, kept apart from the checksums (which are
-    the same for the same bytes, whenever they were written): `peek` hashes a file only when
+def mtimes(root: Path, files: dict[str, dict]) -> dict[str, int]:
+    """Each of `files`' modification time (ns) at commit, kept apart from the checksums (which
+    are the same for the same bytes, whenever they were written): `peek` hashes a file only when
     its time differs."""
-    return {rel: (root / rel).stat().st_mtime_ns for rel in checksums_names(root)}
-
-
-def checksums_names(root: Path) -> list[str]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        out += [(Path(dirpath) / n).relative_to(root).as_posix() for n in sorted(filenames)]
-    return [rel for rel in out if rel != MANIFEST]
+    return {rel: (root / rel).stat().st_mtime_ns for rel in files}
 
 
 class Store:
@@ -178,7 +170,8 @@ class Store:
         started = time.time()
         try:
             yield work
-            manifest = dict(manifest, fingerprint=fp, checksums=checksums(work), mtimes=mtimes(work))
+            sums = checksums(work)
+            manifest = dict(manifest, fingerprint=fp, checksums=sums, mtimes=mtimes(work, sums))
             manifest.setdefault("timings", {})["build_s"] = round(time.time() - started, 3)
             manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             atomic_write_json(work / MANIFEST, manifest)

@@ -490,7 +490,8 @@ def _build(recipe, name, item, entries, store, record, console, progress, why, p
     log.info("stage %s (%s) fingerprint %s; runs because: %s; %s torch threads", name, stage.kind, item.fingerprint,
              "; ".join(why), record.data.get("threads", "default"))
     record.stage(name, status="running", log=str(log_path.relative_to(record.dir)))
-    manifest = {"stage": name, "recipe": recipe.name, "components": item.components, "versions": versions()}
+    manifest = {"stage": name, "recipe": recipe.name, "components": item.components,
+                "versions": record.data.get("versions") or versions()}  # read once per run, at its start
     try:
         inputs = _inputs(recipe, name, entries)
         with store.build(item.fingerprint, manifest) as out_dir:
