@@ -18,6 +18,8 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from .io import atomic_write_bytes
+
 STYLE = 2  # bump when the drawing code changes: cached figures of older styles are not reused
 _cache: ContextVar[Path | None] = ContextVar("figure_cache", default=None)
 
@@ -29,6 +31,11 @@ def figure_cache(directory: Path | None) -> Iterator[None]:
         yield
     finally:
         _cache.reset(token)
+
+
+def cache_dir() -> Path | None:
+    """The figure cache in use (inside `figure_cache`), else None."""
+    return _cache.get()
 
 
 def _cached(draw):
@@ -45,13 +52,9 @@ def _cached(draw):
             data = hit.read_bytes()
         except OSError:
             data = draw(None, *args, **kwargs)
-            from .io import atomic_write_bytes
-
             directory.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(hit, data)
         if path is not None:
-            from .io import atomic_write_bytes
-
             atomic_write_bytes(path, data)
         return data
     return wrapper
@@ -74,8 +77,6 @@ def _save(fig, path: str | Path | None) -> bytes:
     plt.close(fig)
     data = buf.getvalue()
     if path is not None:
-        from .io import atomic_write_bytes
-
         atomic_write_bytes(path, data)
     return data
 

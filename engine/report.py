@@ -592,7 +592,7 @@ def _memo_blocks(fingerprint: str | None, name: str, part: str, make) -> list[Bl
     import base64
     import dataclasses
 
-    directory = plots._cache.get()
+    directory = plots.cache_dir()
     if directory is None or not fingerprint:
         return make()
     path = directory / f"blocks-{fingerprint}-{_slug(name)}-{part}-{REPORT_STYLE}.{plots.STYLE}.json"
