@@ -17,12 +17,12 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from filelock import FileLock
 
 from .config import EXEC_ONLY, PATH, REF, marker
-from .graph import edges, order
+from .graph import Source, edges, order
 from .io import atomic_write_text, canonical
 from .stage import hook
 
@@ -180,6 +180,22 @@ def model_identity(spec: "ModelSpec", memo: HashMemo, stage_fps: dict[str, str])
     }
 
 
+def constitution_identity(recipe: "Recipe", name: str, memo: HashMemo) -> dict:
+    """An input like a dataset: its file's content, never its path."""
+    path = recipe.constitutions[name].path
+    return {"constitution": memo.file(path) if Path(path).is_file() else {"missing": True}}
+
+
+# What identifies an input of each kind (graph.Source): the id its consumers' fingerprints hold.
+IDENTITY: dict[Source, Callable[["Recipe", str, dict[str, str], HashMemo], str]] = {
+    Source.STAGES: lambda recipe, name, fps, memo: fps[name],
+    Source.DATASETS: lambda recipe, name, fps, memo: digest(dataset_identity(recipe, name, memo)),
+    Source.MODELS: lambda recipe, name, fps, memo: digest(model_identity(recipe.models[name], memo, fps)),
+    Source.CONSTITUTIONS: lambda recipe, name, fps, memo: digest(constitution_identity(recipe, name, memo)),
+}
+assert set(IDENTITY) == set(Source), "every input kind needs an identity"
+
+
 # --------------------------------------------------------------------------- stages
 
 
@@ -197,16 +213,8 @@ def stage_components(recipe: "Recipe", name: str, stage_fps: dict[str, str], mem
             config[fname] = value
     inputs: dict[str, list[dict]] = {}
     for edge in edges(recipe, name):
-        if edge.source == "stages":
-            ident = stage_fps[edge.name]
-        elif edge.source == "constitutions":  # an input like a dataset: its file's content, never its path
-            path = recipe.constitutions[edge.name].path
-            ident = digest({"constitution": memo.file(path) if Path(path).is_file() else {"missing": True}})
-        elif edge.source == "datasets":
-            ident = digest(dataset_identity(recipe, edge.name, memo))
-        else:
-            ident = digest(model_identity(recipe.models[edge.name], memo, stage_fps))
-        inputs.setdefault(edge.field, []).append({"name": edge.name, "source": edge.source, "id": ident})
+        ident = IDENTITY[edge.source](recipe, edge.name, stage_fps, memo)
+        inputs.setdefault(edge.field, []).append({"name": edge.name, "source": edge.source.value, "id": ident})
     templates = {}
     if hook(stage.module, "templates"):
         for tname, tpath in hook(stage.module, "templates")(stage.config, recipe).items():
@@ -278,7 +286,7 @@ def reasons(old: dict | None, new: dict) -> list[str]:
         before_ids = set(before.values())
         for item in new["inputs"].get(fname, []):
             if item["id"] not in before_ids:
-                label = {"stages": "input", "datasets": "data", "models": "model"}[item["source"]]
+                label = Source(item["source"]).label
                 out.append(f"{label} changed: {item['name']}")
         if len(before) > len(new["inputs"].get(fname, [])):
             out.append(f"inputs removed: {fname}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import graphlib
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -21,11 +22,36 @@ if TYPE_CHECKING:
     from .recipe import Recipe
 
 
+class Source(str, Enum):
+    """The kinds of thing a reference can name: the recipe table that defines it. The one list
+    the graph, the fingerprint's input identities and the re-run reasons all read, so a new kind
+    of input cannot be forgotten in one of them (engine.fingerprint checks it covers every one).
+    The value is the recipe section (and what fingerprints hold); `label` is how a re-run
+    reason names a changed input of this kind."""
+
+    STAGES = "stages"
+    DATASETS = "datasets"
+    MODELS = "models"
+    CONSTITUTIONS = "constitutions"
+
+    @property
+    def label(self) -> str:
+        return {"stages": "input", "datasets": "data", "models": "model", "constitutions": "constitution"}[self.value]
+
+    @property
+    def singular(self) -> str:
+        return self.value[:-1]
+
+    def table(self, recipe: "Recipe") -> dict:
+        """The recipe's definitions of this kind (name -> spec)."""
+        return getattr(recipe, self.value)
+
+
 @dataclass(frozen=True)
 class Edge:
     field: str  # the Config field holding the reference
     name: str  # what it names
-    source: str  # "stages", "datasets" or "models"
+    source: Source
 
 
 def refs_of(config) -> Iterator[tuple[str, str]]:
@@ -37,15 +63,11 @@ def refs_of(config) -> Iterator[tuple[str, str]]:
                 yield fname, item
 
 
-def source_of(recipe: "Recipe", name: str) -> str | None:
-    if name in recipe.stages:
-        return "stages"
-    if name in recipe.datasets:
-        return "datasets"
-    if name in recipe.models:
-        return "models"
-    if name in recipe.constitutions:
-        return "constitutions"
+def source_of(recipe: "Recipe", name: str) -> Source | None:
+    """What `name` is in this recipe (stages first, then datasets, models, constitutions)."""
+    for source in Source:
+        if name in source.table(recipe):
+            return source
     return None
 
 
@@ -81,8 +103,8 @@ def _missing(recipe: "Recipe", stage: str, fname: str, ref: str) -> Problem:
                        + (f"Defined: {', '.join(known_c)}." if known_c
                           else f"Add [constitutions.{ref}] with path = \"constitutions/{ref}.toml\"."),
                        **recipe.where(f"stages.{stage}.{fname}"))
-    known = {"datasets": sorted(recipe.datasets), "models": sorted(recipe.models), "stages": sorted(recipe.stages),
-             "constitutions": sorted(recipe.constitutions)}
+    known = {s.value: sorted(s.table(recipe)) for s in (Source.DATASETS, Source.MODELS, Source.STAGES,
+                                                         Source.CONSTITUTIONS)}
     everything = [n for names in known.values() for n in names]
     close = difflib.get_close_matches(ref, everything, n=1)
     listing = "; ".join(f"{k}: {', '.join(v)}" for k, v in known.items() if v) or "none defined"
@@ -113,13 +135,13 @@ def graph_problems(recipe: "Recipe", invalid: dict[str, list[tuple[str, str]]] |
                 continue
             gives = artifact_type(recipe, ref)
             if gives not in accepted[fname]:
-                what = f"stage '{ref}' ({recipe.stages[ref].kind})" if src == "stages" else f"{src[:-1]} '{ref}'"
+                what = f"stage '{ref}' ({recipe.stages[ref].kind})" if src is Source.STAGES else f"{src.singular} '{ref}'"
                 problems.append(Problem(
                     f"stage '{name}' ({stage.kind}) takes {' or '.join(accepted[fname])} as {fname}, "
                     f"but {what} gives {gives}.",
                     hint="Point it at a stage or dataset of the right type.",
                     **recipe.where(f"stages.{name}.{fname}")))
-            if src == "stages":
+            if src is Source.STAGES:
                 deps[name].add(ref)
     problems += resource_problems(recipe)
     try:
@@ -164,7 +186,7 @@ def order(recipe: "Recipe") -> list[str]:
     """Stage names in a deterministic topological order (ties broken by recipe order)."""
     position = {n: i for i, n in enumerate(recipe.stages)}
     sorter = graphlib.TopologicalSorter(
-        {n: {e.name for e in edges(recipe, n) if e.source == "stages"} for n in recipe.stages}
+        {n: {e.name for e in edges(recipe, n) if e.source is Source.STAGES} for n in recipe.stages}
     )
     sorter.prepare()
     out: list[str] = []
@@ -185,7 +207,7 @@ def upstream(recipe: "Recipe", names: list[str]) -> set[str]:
         if n in seen:
             continue
         seen.add(n)
-        todo.extend(e.name for e in edges(recipe, n) if e.source == "stages")
+        todo.extend(e.name for e in edges(recipe, n) if e.source is Source.STAGES)
     return seen
 
 
