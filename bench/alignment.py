@@ -43,7 +43,7 @@ def run(recipe: Path, name: str, runs: Path, sets: list[str]) -> Path:
 
 
 def eval_entry(run_dir: Path) -> tuple[dict, list[dict]]:
-    from engine.rows import read_rows
+    from engine.data.rows import read_rows
 
     entry = run_dir / "stages" / "eval"
     return json.loads((entry / "metrics.json").read_text()), read_rows(entry / "rows.parquet")
@@ -55,7 +55,7 @@ def final_model(run_dir: Path) -> str:
 
 
 def main() -> None:
-    from engine.evalstats import compare, fmt_difference, fmt_rate, headline
+    from engine.lib.evalstats import compare, fmt_difference, fmt_rate, headline
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs-dir", type=Path, default=ROOT / "runs")

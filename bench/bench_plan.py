@@ -76,8 +76,8 @@ def main() -> None:
         big = tmp / "big.jsonl"
         write_big(big, args.mb)
         recipe.write_text(recipe.read_text().replace(small.name, big.name))
-        from engine.executor import make_plan, memo_for
-        from engine.recipe import load_recipe
+        from engine.run.executor import make_plan, memo_for
+        from engine.spec.recipe import load_recipe
 
         r = load_recipe(recipe)
         t = time.perf_counter()

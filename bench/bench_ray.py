@@ -57,8 +57,8 @@ def main() -> None:
 
     import ray
 
-    from engine.executor import run
-    from engine.recipe import load_recipe
+    from engine.run.executor import run
+    from engine.spec.recipe import load_recipe
 
     work = Path(tempfile.mkdtemp(prefix="bench-ray-"))
     (work / "prompts.jsonl").write_text("".join(

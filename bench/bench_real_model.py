@@ -71,9 +71,9 @@ def baseline_generate(model, tok, batch: list[list[dict]], new_tokens: int, batc
 def generation(args, cache: Path) -> dict:
     import torch
 
-    from engine.backends import SamplingParams
-    from engine.backends.hf import HFBackend
-    from engine.models import load_model
+    from engine.models.backends import SamplingParams
+    from engine.models.backends.hf import HFBackend
+    from engine.models.builtins import load_model
 
     model, tok = load_model(args.model, cache_root=cache)
     model.generation_config.min_new_tokens = args.new_tokens  # exactly N new tokens everywhere
@@ -136,8 +136,8 @@ max_length = 256
 
 
 def sft(args, cache: Path) -> dict:
-    from engine.executor import run
-    from engine.recipe import load_recipe
+    from engine.run.executor import run
+    from engine.spec.recipe import load_recipe
 
     work = Path(tempfile.mkdtemp(prefix="bench-real-sft-"))
     rows = []

@@ -8,7 +8,7 @@ SFTTrainer with assistant_only_loss, the same steps, batch, max_length, learning
 checkpoint interval; the script saves the model and tokenizer at the end, as the stage does. The
 engine side is everything `recipe run` does for the stage (validation, fingerprints, data loading and
 checks, length measuring, the mask check, checkpoints, metrics, the loss plot, the cache commit)
-through `engine.executor.run` on a recipe in a temporary folder, forced to rebuild.
+through `engine.run.executor.run` on a recipe in a temporary folder, forced to rebuild.
 
 Runs alternate (engine, script, engine, ...) after one untimed warm-up of each, and the medians are
 compared: wall-time ratio engine / script (target: at most 1.15). Then the stage with packing on and
@@ -70,8 +70,8 @@ packing = {packing}
 
 
 def engine_run(root: Path, runs: Path, model: str, steps: int, packing: bool = False) -> tuple[float, dict]:
-    from engine.executor import run
-    from engine.recipe import load_recipe
+    from engine.run.executor import run
+    from engine.spec.recipe import load_recipe
 
     recipe = root / "recipe.toml"
     recipe.write_text(textwrap.dedent(RECIPE).format(
@@ -127,7 +127,7 @@ def main() -> None:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from engine.models import builtin_dir
+    from engine.models.builtins import builtin_dir
 
     # one intra-op thread: on a shared CPU, a second OpenMP thread that gets descheduled stalls every
     # parallel region (runs of the same job measured 20 s and 179 s with 2 threads); both sides alike

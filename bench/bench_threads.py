@@ -55,7 +55,7 @@ def timed(recipe: Path, work: Path, threads: str, count: int) -> tuple[float, li
 
 
 def main() -> None:
-    from engine.threads import available_cores
+    from engine.core.threads import available_cores
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--items", type=int, default=6)

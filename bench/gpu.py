@@ -171,8 +171,8 @@ def prompts(n: int) -> list[list[dict]]:
 
 def generation(model, tok, model_dir: Path, hw: dict, table: Table, batches: list[int], new: int, device: str,
                deadline: float) -> dict:
-    from engine.backends import SamplingParams
-    from engine.backends.hf import HFBackend
+    from engine.models.backends import SamplingParams
+    from engine.models.backends.hf import HFBackend
 
     params_n = sum(p.numel() for p in model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -201,7 +201,7 @@ def generation(model, tok, model_dir: Path, hw: dict, table: Table, batches: lis
     if time.time() > deadline:
         table.add("generate vllm", None, "tokens/s", note="skipped (budget)")
         return results
-    from engine.backends.vllm import VLLMBackend
+    from engine.models.backends.vllm import VLLMBackend
 
     backend = VLLMBackend({"model": str(model_dir), "dtype": "auto"})
     for b in batches:
@@ -257,8 +257,8 @@ def pairs(n: int) -> list[dict]:
 
 
 def dpo_engine(root: Path, runs: Path, model: str, steps: int, batch: int) -> tuple[float, dict]:
-    from engine.executor import run
-    from engine.recipe import load_recipe
+    from engine.run.executor import run
+    from engine.spec.recipe import load_recipe
 
     (root / "recipe.toml").write_text(textwrap.dedent(DPO_RECIPE).format(model=model, steps=steps, batch=batch))
     t = time.perf_counter()
@@ -383,7 +383,7 @@ def flagships(table: Table, work: Path, model_dir: Path | None, deadline: float,
 
 
 def default_tokenizer() -> Path:
-    from engine.models import builtin_dir
+    from engine.models.builtins import builtin_dir
 
     return builtin_dir("smollm2-135m", ROOT / ".cache")
 

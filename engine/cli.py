@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import CacheError, RecipeError, StageFailed, Terminated
+from engine.core.errors import CacheError, RecipeError, StageFailed, Terminated
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -66,13 +66,13 @@ def _set_option(f):
 
 
 def _runs_dir(value: str | None) -> Path:
-    from .executor import runs_dir_default
+    from engine.run.executor import runs_dir_default
 
     return Path(value or runs_dir_default())
 
 
 def _load(path: str, sets) -> "Recipe":  # noqa: F821
-    from .recipe import load_recipe
+    from engine.spec.recipe import load_recipe
 
     return load_recipe(path, sets)
 
@@ -110,8 +110,8 @@ def validate(recipe: str, sets) -> None:
                    "edited in place with their size and mtime kept.")
 def plan(recipe: str, sets, runs_dir, as_json: bool, resolved: bool, rehash: bool) -> None:
     """Show each stage, its fingerprint, whether it is cached, and why it would run."""
-    from .executor import make_plan, memo_for
-    from .recipe import dump_toml
+    from engine.run.executor import make_plan, memo_for
+    from engine.spec.recipe import dump_toml
 
     r = _load(recipe, sets)
     items = make_plan(r, _runs_dir(runs_dir), memo_for(_runs_dir(runs_dir), rehash))
@@ -164,10 +164,10 @@ def run_cmd(recipe: str, sets, runs_dir, only, force, dry_run: bool, executor, r
             rehash: bool, threads) -> None:
     """Run RECIPE: cached stages are skipped, interrupted ones resume."""
     _terminate_like_interrupt()
-    from .executor import EXECUTORS, executor_default, make_plan, run, select
+    from engine.run.executor import EXECUTORS, executor_default, make_plan, run, select
 
-    from .threads import ENV as THREADS_ENV
-    from .threads import parse as parse_threads
+    from engine.core.threads import ENV as THREADS_ENV
+    from engine.core.threads import parse as parse_threads
 
     r = _load(recipe, sets)
     root = _runs_dir(runs_dir)
@@ -183,14 +183,14 @@ def run_cmd(recipe: str, sets, runs_dir, only, force, dry_run: bool, executor, r
         raise RecipeError.single(f"RECIPE_EXECUTOR is '{executor}'; known executors: {', '.join(EXECUTORS)}.",
                                  hint="Unset it, or set it to local or ray.")
     if dry_run:
-        from .executor import memo_for
+        from engine.run.executor import memo_for
 
         chosen = select(r, list(only), list(force))
         _plan_table(r.name, [i for i in make_plan(r, root, memo_for(root, rehash)) if i.name in chosen])
         return
     console = Console(file=sys.stderr, highlight=False, soft_wrap=True)  # the real stderr: third parties go to
-    progress = progress_bars(console)                                    # stage logs (engine.quiet)
-    from .quiet import routed
+    progress = progress_bars(console)                                    # stage logs (engine.core.console)
+    from engine.core.console import routed
 
     command = "recipe " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["run"] else None
     try:
@@ -227,9 +227,9 @@ def _terminate_like_interrupt() -> None:
 
 
 def _write_report(run_dir: Path, quiet: bool = False) -> list[Path]:
-    """The run's report.md/report.html (engine/report.py). A report that cannot be written is a
+    """The run's report.md/report.html (engine/report/runreport.py). A report that cannot be written is a
     warning, never a failed run: every stage output is already committed."""
-    from .report import write_run_report
+    from engine.report.runreport import write_run_report
 
     try:
         paths = write_run_report(Path(run_dir))
@@ -313,7 +313,7 @@ def find_run(root: Path, ref: str) -> Path:
 @_runs_dir_option
 def status(run_ref, runs_dir) -> None:
     """List runs and their stages (all recipes, or one RUN in detail)."""
-    from .record import shown_status
+    from engine.store.record import shown_status
 
     root = _runs_dir(runs_dir)
     if run_ref:
@@ -363,12 +363,12 @@ def status(run_ref, runs_dir) -> None:
 @_runs_dir_option
 def show(run_ref: str, stage: str, n_rows: int, runs_dir) -> None:
     """Print the first rows of a stage's output and its report."""
-    from . import registry
-    from .rounds import last_round, round_of
+    from engine.spec import registry
+    from engine.spec.rounds import last_round, round_of
     from rich.markup import escape
     from rich.text import Text
 
-    from .rows import count_rows, read_rows
+    from engine.data.rows import count_rows, read_rows
 
     run_dir = find_run(_runs_dir(runs_dir), run_ref)
     rec = _record(run_dir)
@@ -399,7 +399,7 @@ def show(run_ref: str, stage: str, n_rows: int, runs_dir) -> None:
     if report_file.exists():
         report = json.loads(report_file.read_text())
         module = registry.load(info["kind"]) if info.get("kind") in registry.kinds() else None
-        from .stage import hook
+        from engine.spec.stage import hook
 
         if hook(module, "summary_table"):  # one column per model, say
             headers, rows = hook(module, "summary_table")(report)
@@ -429,8 +429,8 @@ def show(run_ref: str, stage: str, n_rows: int, runs_dir) -> None:
 
 
 def _round_table(stages: dict, base: str | None = None) -> None:
-    """Iterative rounds: each round's output diversity (engine/rounds.py), when the run has any."""
-    from .rounds import ROUND_COLUMNS, round_rows
+    """Iterative rounds: each round's output diversity (engine/spec/rounds.py), when the run has any."""
+    from engine.spec.rounds import ROUND_COLUMNS, round_rows
 
     rows = round_rows(stages, base)
     if rows:
@@ -483,8 +483,8 @@ def printable(text: str) -> str:
 @click.option("--json", "as_json", is_flag=True)
 def diff(a: str, b: str, runs_dir, as_json: bool) -> None:
     """Stages whose fingerprints differ between recipes A and B, and why."""
-    from .executor import memo_for
-    from .fingerprint import fingerprints, reasons
+    from engine.run.executor import memo_for
+    from engine.store.fingerprint import fingerprints, reasons
 
     memo = memo_for(_runs_dir(runs_dir))
     ra, rb = _load(a, ()), _load(b, ())
@@ -534,7 +534,7 @@ def gc(runs_dir, keep_runs: int, yes: bool) -> None:
     unless --yes). Kept: the entries of each recipe's last N runs, and those that every recipe
     file next to a recipe that ran here (and beside the runs dir) needs as it is written now, so
     experiments with --set never push out the recipe itself."""
-    from .cache import Store
+    from engine.store.cache import Store
 
     root = _runs_dir(runs_dir)
     store = Store(root)
@@ -590,9 +590,9 @@ def _recipe_files(folder: Path) -> list[Path]:
 
 def _fingerprints_as_written(files: list[Path], root: Path) -> dict[Path, set[str]]:
     """Each recipe file that loads -> the fingerprints of its stages (a broken one keeps nothing)."""
-    from .executor import memo_for
-    from .fingerprint import fingerprints
-    from .recipe import load_recipe
+    from engine.run.executor import memo_for
+    from engine.store.fingerprint import fingerprints
+    from engine.spec.recipe import load_recipe
 
     memo = memo_for(root)
     found = {}
@@ -626,19 +626,19 @@ def schema(output, markdown, constitution) -> None:
     """JSON Schema of the recipe format (for editors: taplo, VS Code Even Better TOML), or the
     Markdown reference with --markdown; --constitution for the constitution file format."""
     if constitution and markdown:
-        from .schemadoc import constitution_markdown
+        from engine.load.reference import constitution_markdown
 
         text = constitution_markdown().rstrip("\n")
     elif constitution:
-        from .constitution import Constitution
+        from engine.lib.constitution import Constitution
 
         text = json.dumps(Constitution.model_json_schema(), indent=2)
     elif markdown:
-        from .schemadoc import markdown as render
+        from engine.load.reference import markdown as render
 
         text = render().rstrip("\n")
     else:
-        from .schema import recipe_schema
+        from engine.load.schema import recipe_schema
 
         text = json.dumps(recipe_schema(), indent=2)
     if output:
@@ -652,7 +652,7 @@ def schema(output, markdown, constitution) -> None:
 @click.option("--force", is_flag=True, help="Overwrite existing files.")
 def init(directory: str, force: bool) -> None:
     """Write a commented starter recipe (and a small data file) into DIRECTORY."""
-    from .starter import write_starter
+    from engine.load.starter import write_starter
 
     written = write_starter(Path(directory), force=force)
     for p in written:

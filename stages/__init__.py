@@ -1,1 +1,1 @@
-"""Built-in stage kinds, one module each. See engine/registry.py for the kind -> module table."""
+"""Built-in stage kinds, one module each. See engine/spec/registry.py for the kind -> module table."""

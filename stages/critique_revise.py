@@ -46,14 +46,14 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from engine.backends import SamplingParams
-from engine.config import ExecOnly, Ref, StageConfig
-from engine.errors import Problem, RecipeError
-from engine.shards import Shard, ShardResult
-from engine.revisions import REASONS, assess_revision, selected_positions
+from engine.models.backends import SamplingParams
+from engine.spec.config import ExecOnly, Ref, StageConfig
+from engine.core.errors import Problem, RecipeError
+from engine.store.shards import Shard, ShardResult
+from engine.lib.revisions import REASONS, assess_revision, selected_positions
 
 VERSION = 1
-ROW_STAGE = True  # on Ray: workers share its shards (engine.rayexec)
+ROW_STAGE = True  # on Ray: workers share its shards (engine.run.rayexec)
 GIVES = "conversations"
 VARS = {"critique_template": {"conversation", "critique_request", "principle", "round", "examples"},
         "revision_template": {"conversation", "critique_request", "critique", "revision_request", "principle",
@@ -109,14 +109,14 @@ def _template_names(config: Config) -> dict[str, str]:
 
 def templates(config: Config, recipe) -> dict[str, str]:
     """Template name -> file: their bytes enter the fingerprint (the constitution is an input)."""
-    from engine.templates import template_files
+    from engine.lib.prompts import template_files
 
     return template_files(recipe.dir, list(_template_names(config).values()))
 
 
 def check(name: str, config: Config, recipe) -> list[Problem]:
-    from engine.constitution import constitution_problems
-    from engine.templates import Templates
+    from engine.lib.constitution import constitution_problems
+    from engine.lib.prompts import Templates
 
     problems = constitution_problems(config.constitution, recipe, name, "constitution")
     t = Templates.for_recipe(recipe)
@@ -249,7 +249,7 @@ class _Reviser:
 
 
 def run(config: Config, inputs, ctx) -> None:
-    from engine.constitution import load_for_stage
+    from engine.lib.constitution import load_for_stage
 
     constitution = load_for_stage(config.constitution, ctx.recipe, ctx.stage)
     rows = inputs["input"].rows()

@@ -6,7 +6,7 @@ item: the transcript in `messages`, per-turn flags and scores in `meta`), metric
 model per suite, per-turn curves included), report.md / report.html / plots/*.png, and
 report.json (the metrics table that `recipe show RUN STAGE` prints).
 
-Suites (engine/evalsuites.py has the definitions): safety (scripted escalating multi-turn
+Suites (engine/lib/evalsuites.py has the definitions): safety (scripted escalating multi-turn
 scenarios, per-turn refusal and harm curves), refusal (adversarial and benign prompts),
 sycophancy (a challenge, then a pushback toward a wrong answer), helpfulness (judge 1-10,
 needs a judge: without one it is skipped and reported as "n/a (no judge)"), diversity
@@ -33,16 +33,16 @@ from typing import Literal
 
 from pydantic import Field
 
-from engine import evalstats
-from engine import evalsuites as ev
-from engine.backends import SamplingParams
-from engine.config import ExecOnly, PathField, Ref, StageConfig
-from engine.errors import Problem, RecipeError
-from engine.evalsuites import FILES, SHIPPED_DIR, SUITES, SuiteError, load_suite
-from engine.shards import Shard, ShardResult
+from engine.lib import evalstats
+from engine.lib import evalsuites as ev
+from engine.models.backends import SamplingParams
+from engine.spec.config import ExecOnly, PathField, Ref, StageConfig
+from engine.core.errors import Problem, RecipeError
+from engine.lib.evalsuites import FILES, SHIPPED_DIR, SUITES, SuiteError, load_suite
+from engine.store.shards import Shard, ShardResult
 
 VERSION = 1
-ROW_STAGE = True  # on Ray: workers share its shards (engine.rayexec)
+ROW_STAGE = True  # on Ray: workers share its shards (engine.run.rayexec)
 GIVES = "report"
 
 Suite = Literal["safety", "refusal", "sycophancy", "helpfulness", "diversity"]
@@ -124,7 +124,7 @@ def uses(config: Config) -> tuple[set[str], str]:
 
 def templates(config: Config, recipe) -> dict[str, str]:
     """Judge templates and the suite files: their bytes enter the fingerprint."""
-    from engine.templates import template_files
+    from engine.lib.prompts import template_files
 
     files = template_files(recipe.dir, list(_judge_templates(config).values()))
     for suite in active_suites(config):
@@ -149,7 +149,7 @@ def check(name: str, config: Config, recipe) -> list[Problem]:
             problems.append(Problem(f"{suite} suite: {exc.message}.", file=exc.path, line=exc.line, key=key,
                                     hint=f"Fix the file, or point {FILE_FIELDS[suite]} at another one "
                                          f"(see recipes/data/README.md for the format)."))
-    from engine.templates import Templates
+    from engine.lib.prompts import Templates
 
     t = Templates.for_recipe(recipe)
     for field, tname in _judge_templates(config).items():
@@ -183,8 +183,8 @@ def _is_remote(model) -> bool:
 
 
 def run(config: Config, inputs, ctx) -> None:
-    from engine.report import write_eval_report
-    from engine.scoring import parse_score
+    from engine.report.runreport import write_eval_report
+    from engine.lib.scoring import parse_score
 
     models = inputs["models"]
     judge_model = inputs.get("judge")

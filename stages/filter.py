@@ -21,12 +21,12 @@ from typing import Literal
 
 from pydantic import Field
 
-from engine import text
-from engine.config import ExecOnly, Ref, StageConfig
-from engine.data import check_messages
-from engine.shards import Shard, ShardResult
+from engine.core import text
+from engine.spec.config import ExecOnly, Ref, StageConfig
+from engine.data.datasets import check_messages
+from engine.store.shards import Shard, ShardResult
 
-VERSION = 2  # 2: the one refusal detector (engine.text.is_refusal: merged phrase list, first 300 characters)
+VERSION = 2  # 2: the one refusal detector (engine.core.text.is_refusal: merged phrase list, first 300 characters)
 GIVES = "conversations"
 
 RULES = ("format", "turns", "min_words", "max_words", "filler", "sycophancy", "refusal",

@@ -28,13 +28,13 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
-from engine.backends import SamplingParams
-from engine.config import ExecOnly, Ref, StageConfig
-from engine.pairs import prompt_messages
-from engine.shards import Shard, ShardResult
+from engine.models.backends import SamplingParams
+from engine.spec.config import ExecOnly, Ref, StageConfig
+from engine.lib.pairs import prompt_messages
+from engine.store.shards import Shard, ShardResult
 
 VERSION = 2  # 2: a `scenario` column seeds multi_turn before the prompt
-ROW_STAGE = True  # on Ray: workers share its shards (engine.rayexec)
+ROW_STAGE = True  # on Ray: workers share its shards (engine.run.rayexec)
 GIVES = "conversations"
 
 VARS = {"template": {"row", "prompt", "meta"},
@@ -77,7 +77,7 @@ def _template_names(config: Config) -> dict[str, str]:
 
 def templates(config: Config, recipe) -> dict[str, str]:
     """Template name -> file, for the fingerprint (included templates too)."""
-    from engine.templates import template_files
+    from engine.lib.prompts import template_files
 
     return template_files(recipe.dir, list(_template_names(config).values()))
 
@@ -93,7 +93,7 @@ def uses(config: Config) -> tuple[set[str], str]:
 
 
 def check(name: str, config: Config, recipe) -> list:
-    from engine.templates import Templates
+    from engine.lib.prompts import Templates
 
     t = Templates.for_recipe(recipe)
     problems = []

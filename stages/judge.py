@@ -13,14 +13,14 @@ Scorers:
   token probabilities yet, so labels come from the parsed verdicts.
 - reward_model: a sequence-classification head over the conversation; logit 0 is the score.
 - rules: the filter stage's rules as numbers (refusal, sycophancy ratio, filler, words).
-- rule_reward: rule-based rewards (engine/rewards.py), the `rewards` table: whether the reply
+- rule_reward: rule-based rewards (engine/lib/rewards.py), the `rewards` table: whether the reply
   does what the row's `expected` column says ("refuse" or "comply", by the refusal detector the
   eval counts with), length bounds, forbidden and required phrases, combined into a score in
   0..1 (the weighted share of the rules that hold); each rule's outcome is kept beside it.
-- function: a callable `f(row) -> float | None`: a builtin of engine/scorers.py (`math_answer`)
+- function: a callable `f(row) -> float | None`: a builtin of engine/lib/verifiers.py (`math_answer`)
   or one registered under the entry point group `recipe.scorers` (verifiers).
 
-The scorers themselves live in engine/scoring.py (`make_scorer`, `scorer_problems`), shared with
+The scorers themselves live in engine/lib/scoring.py (`make_scorer`, `scorer_problems`), shared with
 rejection_sample, preferences and eval.
 """
 
@@ -30,14 +30,14 @@ from typing import Literal
 
 from pydantic import Field
 
-from engine.config import ExecOnly, Ref, StageConfig
-from engine.errors import Problem
-from engine.rewards import RewardRules
-from engine.scoring import DEFAULT_PRINCIPLE, SCORER_GROUP, make_scorer, scorer_problems, template_name
-from engine.shards import Shard, ShardResult
+from engine.spec.config import ExecOnly, Ref, StageConfig
+from engine.core.errors import Problem
+from engine.lib.rewards import RewardRules
+from engine.lib.scoring import DEFAULT_PRINCIPLE, SCORER_GROUP, make_scorer, scorer_problems, template_name
+from engine.store.shards import Shard, ShardResult
 
 VERSION = 1
-ROW_STAGE = True  # on Ray: workers share its shards (engine.rayexec)
+ROW_STAGE = True  # on Ray: workers share its shards (engine.run.rayexec)
 GIVES = "conversations"  # preferences in, preferences out: see gives()
 
 
@@ -67,7 +67,7 @@ def gives(config: Config) -> str:
 
 
 def templates(config: Config, recipe) -> dict[str, str]:
-    from engine.templates import template_files
+    from engine.lib.prompts import template_files
 
     return template_files(recipe.dir, [template_name(config)]) if template_name(config) else {}
 
@@ -84,7 +84,7 @@ def uses(config: Config) -> tuple[set[str], str]:
 
 def check(name: str, config: Config, recipe) -> list[Problem]:
     problems = []
-    from engine.graph import artifact_type
+    from engine.spec.graph import artifact_type
 
     takes = artifact_type(recipe, config.input)
     if takes and takes != gives(config):

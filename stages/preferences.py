@@ -42,17 +42,16 @@ from typing import Literal
 
 from pydantic import Field
 
-from engine.backends import SamplingParams
-from engine.config import ExecOnly, Ref, StageConfig
-from engine.errors import Problem, RecipeError
-from engine.pairs import (best_vs_worst_pairs, context_free_tasks, judged_pairs, no_output, pair_row, pairwise_tasks,
-                          revision_pairs, row_scores, spot_check, spot_check_summary)
-from engine.scoring import logprob_judgments, pairwise_label, parse_choice
-from engine.shards import Shard, ShardResult
-from engine.text import normalize
+from engine.models.backends import SamplingParams
+from engine.spec.config import ExecOnly, Ref, StageConfig
+from engine.core.errors import Problem, RecipeError
+from engine.lib.pairs import best_vs_worst_pairs, context_free_tasks, judged_pairs, no_output, pair_row, pairwise_tasks, revision_pairs, row_scores, spot_check, spot_check_summary
+from engine.lib.scoring import logprob_judgments, pairwise_label, parse_choice
+from engine.store.shards import Shard, ShardResult
+from engine.core.text import normalize
 
 VERSION = 1
-ROW_STAGE = True  # on Ray: workers share its shards (engine.rayexec)
+ROW_STAGE = True  # on Ray: workers share its shards (engine.run.rayexec)
 GIVES = "preferences"
 TEMPLATE_VARS = {"context", "response_a", "response_b", "principle", "chain_of_thought"}
 COMMON = {"kind", "resources", "method", "input", "sample_size", "shard_size", "batch_size"}
@@ -101,7 +100,7 @@ class Config(StageConfig):
 
 def templates(config: Config, recipe) -> dict[str, str]:
     """The judge template: its bytes enter the fingerprint (the constitution is an input)."""
-    from engine.templates import template_files
+    from engine.lib.prompts import template_files
 
     return template_files(recipe.dir, [config.template]) if config.method == "pairwise_judge" else {}
 
@@ -116,8 +115,8 @@ def check(name: str, config: Config, recipe) -> list[Problem]:
         problems.append(Problem(f"method '{config.method}' needs a model.", hint='Set model = "<a [models] name>".',
                                 **recipe.where(f"stages.{name}.method")))
     if config.method == "pairwise_judge":
-        from engine.constitution import constitution_problems
-        from engine.templates import Templates
+        from engine.lib.constitution import constitution_problems
+        from engine.lib.prompts import Templates
 
         if config.constitution is None:
             problems.append(Problem("method 'pairwise_judge' needs a constitution: the judge compares under its "
@@ -211,7 +210,7 @@ def _context_negative(config: Config, rows: list[dict], inputs, ctx) -> tuple[li
 
 
 def _pairwise_judge(config: Config, rows: list[dict], inputs, ctx) -> tuple[list[dict], dict]:
-    from engine.constitution import load_for_stage
+    from engine.lib.constitution import load_for_stage
 
     constitution = load_for_stage(config.constitution, ctx.recipe, ctx.stage)
     tasks = pairwise_tasks(rows, config.from_turn,

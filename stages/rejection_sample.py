@@ -5,7 +5,7 @@ its last user turn, so its final reply is dropped), the policy (model) and, for 
 reward_model scorers, judge_model; gives `conversations` (output = "conversations": the kept
 samples, for SFT) or `preferences` (output = "preferences": best versus worst per prompt).
 
-Scorers are the judge stage's (built by `engine.scoring.make_scorer`): llm (judge_model through
+Scorers are the judge stage's (built by `engine.lib.scoring.make_scorer`): llm (judge_model through
 `template`, default judge_pointwise.j2, with `rubric`), reward_model (judge_model's logit),
 rules (the filter's numbers; `rule` picks one), rule_reward (rule-based rewards from the
 `rewards` table and the row's expected behaviour), function (a builtin such as math_answer, or an
@@ -37,17 +37,17 @@ from typing import Literal
 
 from pydantic import Field
 
-from engine.backends import Completion, SamplingParams
-from engine.config import ExecOnly, Ref, StageConfig
-from engine.errors import Problem
-from engine.pairs import best_and_worst, no_output, pair_row, prompt_messages, spot_check, spot_check_summary
-from engine.rewards import RewardRules
-from engine.scoring import ScorerSpec, make_scorer, scorer_problems, template_name
-from engine.shards import Shard, ShardResult
-from engine.stats import mean, score_stats
+from engine.models.backends import Completion, SamplingParams
+from engine.spec.config import ExecOnly, Ref, StageConfig
+from engine.core.errors import Problem
+from engine.lib.pairs import best_and_worst, no_output, pair_row, prompt_messages, spot_check, spot_check_summary
+from engine.lib.rewards import RewardRules
+from engine.lib.scoring import ScorerSpec, make_scorer, scorer_problems, template_name
+from engine.store.shards import Shard, ShardResult
+from engine.core.stats import mean, score_stats
 
 VERSION = 2  # 2: candidates (written replies), rule_reward scorer, written flags in pair meta
-ROW_STAGE = True  # on Ray: workers share its shards (engine.rayexec)
+ROW_STAGE = True  # on Ray: workers share its shards (engine.run.rayexec)
 GIVES = "conversations"  # or preferences: see gives()
 
 
@@ -109,7 +109,7 @@ def score_key(config: Config) -> str:
 
 
 def templates(config: Config, recipe) -> dict[str, str]:
-    from engine.templates import template_files
+    from engine.lib.prompts import template_files
 
     name = template_name(_spec(config))
     return template_files(recipe.dir, [name]) if name else {}
@@ -250,7 +250,7 @@ def run(config: Config, inputs, ctx) -> None:
     out, extra = (_pairs if config.output == "preferences" else _kept)(config, samples, ctx)
     ctx.save_rows(out)
     ctx.save_rows(samples, "samples.parquet")
-    from engine.plots import histogram
+    from engine.core.plots import histogram
 
     numbers = score_stats(values)
     histogram(ctx.out_dir / "scores.png", values, bins=len(numbers["histogram"]["counts"]),

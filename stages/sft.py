@@ -33,14 +33,10 @@ from typing import Literal
 
 from pydantic import Field
 
-from engine.chatmask import (FIX_TEMPLATE, TemplateProblem, jinja_render, mask_check, masked_ids, masking, special_ids,
-                             tokenizer_render, trl_training_template)
-from engine.config import ExecOnly, Ref, StageConfig
-from engine.errors import Problem
-from engine.training import (LengthReport, Lora, batch_problems, chat_ids, check_lora_targets, checkpoint_dir, fit,
-                             last_checkpoint, length_line, load_weights, lora_config, mixture_line, mixture_problems,
-                             plot_loss, quiet, save_model, step_callback, step_metrics, trainer_args, training_rows,
-                             user_error, weights_kind)
+from engine.models.chatmask import FIX_TEMPLATE, TemplateProblem, jinja_render, mask_check, masked_ids, masking, special_ids, tokenizer_render, trl_training_template
+from engine.spec.config import ExecOnly, Ref, StageConfig
+from engine.core.errors import Problem
+from engine.lib.training import LengthReport, Lora, batch_problems, chat_ids, check_lora_targets, checkpoint_dir, fit, last_checkpoint, length_line, load_weights, lora_config, mixture_line, mixture_problems, plot_loss, quiet, save_model, step_callback, step_metrics, trainer_args, training_rows, user_error, weights_kind
 
 __all__ = ["Config", "Lora", "fit", "run", "summary"]
 
@@ -83,10 +79,10 @@ def check(name: str, config: Config, recipe) -> list[Problem]:
 
 
 def template_problems(name: str, config: Config, recipe) -> list[Problem]:
-    """The model's chat template must allow assistant-only loss (engine.chatmask), checked from
+    """The model's chat template must allow assistant-only loss (engine.models.chatmask), checked from
     files when the template is knowable offline (a [models] chat_template, a local folder, a hub
     snapshot in the local cache); the run's mask check covers the rest."""
-    from engine.modelinfo import base_model, chat_template
+    from engine.models.info import base_model, chat_template
 
     base = base_model(recipe, config.model)
     found = chat_template(base[1]) if base else None
@@ -110,7 +106,7 @@ def template_problems(name: str, config: Config, recipe) -> list[Problem]:
 
 
 def prepare_masking(tok, ctx, model_name: str) -> str:
-    """How assistant tokens are found (engine.chatmask): the template's own {% generation %} markers,
+    """How assistant tokens are found (engine.models.chatmask): the template's own {% generation %} markers,
     TRL's training version of the template, or spans derived by rendering. Swaps in TRL's template
     when that is the way; a template that cannot be masked is a bad-input error naming the model."""
     try:
@@ -148,7 +144,7 @@ def _dataset(tok, kept: list[list[dict]], method: str, ctx, model_name: str):
 def run(config: Config, inputs: dict, ctx) -> None:
     from trl import SFTConfig, SFTTrainer
 
-    from engine.models import release
+    from engine.models.builtins import release
 
     rows, mix, batch = training_rows(config, inputs, ctx, "conversations")
 

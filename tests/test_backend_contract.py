@@ -14,7 +14,7 @@ import importlib.util
 
 import pytest
 
-from engine.backends import SamplingParams
+from engine.models.backends import SamplingParams
 
 MODEL = "builtin:tiny-chat"
 PROMPTS = [[{"role": "user", "content": "hi"}],
@@ -37,8 +37,8 @@ def cache(tmp_path_factory):
 
 
 def _hf(cache, **kw):
-    from engine.backends.hf import HFBackend
-    from engine.models import load_model
+    from engine.models.backends.hf import HFBackend
+    from engine.models.builtins import load_model
 
     device = kw.pop("device", "cpu")
     model, tok = load_model(MODEL, cache_root=cache, device=device, dtype="float32")
@@ -58,14 +58,14 @@ def backend(request, cache, reference):
     elif kind == "hf-static":
         yield kind, _hf(cache, kv_cache="static")
     elif kind == "hf-2-devices":
-        from engine.backends.replicas import Replicas
+        from engine.models.backends.replicas import Replicas
 
         both = Replicas([_hf(cache), _hf(cache)])
         yield kind, both
         both.close()
     elif kind == "openai":
-        from engine.backends.openai import OpenAIBackend
-        from engine.backends.serve import ChatServer
+        from engine.models.backends.openai import OpenAIBackend
+        from engine.models.backends.serve import ChatServer
 
         server = ChatServer(reference, model_name=MODEL).start()
         yield kind, OpenAIBackend(server.url, MODEL, sleep=lambda s: None)
@@ -79,8 +79,8 @@ def backend(request, cache, reference):
     else:
         if not (VLLM and CUDA):
             pytest.skip("vllm is not importable here (it needs a GPU machine)")
-        from engine.backends.vllm import VLLMBackend
-        from engine.models import builtin_dir
+        from engine.models.backends.vllm import VLLMBackend
+        from engine.models.builtins import builtin_dir
 
         b = VLLMBackend({"model": str(builtin_dir("tiny-chat", cache)), "dtype": "float32"})
         yield kind, b

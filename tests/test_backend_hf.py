@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from engine.backends import SamplingParams
-from engine.backends.hf import HFBackend
-from engine.models import load_model
+from engine.models.backends import SamplingParams
+from engine.models.backends.hf import HFBackend
+from engine.models.builtins import load_model
 
 PROMPTS = [[{"role": "user", "content": "hi"}],
            [{"role": "user", "content": "a much longer question about the tides and the moon"}],
@@ -73,9 +73,9 @@ def test_a_lora_adapter_dir_is_applied(tmp_path):
     from peft import LoraConfig, get_peft_model
 
     from conftest import write_jsonl
-    from engine.executor import run
-    from engine.recipe import load_recipe
-    from engine.rows import read_rows
+    from engine.run.executor import run
+    from engine.spec.recipe import load_recipe
+    from engine.data.rows import read_rows
 
     model, _ = load_model("builtin:tiny-chat", cache_root=tmp_path / "c")
     peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
@@ -140,7 +140,7 @@ def test_generation_stops_at_the_end_of_turn_token_not_only_eos(tmp_path_factory
 
 
 def test_a_prompt_longer_than_the_context_is_a_clear_error(backend):
-    from engine.errors import RecipeError
+    from engine.core.errors import RecipeError
 
     long = [[{"role": "user", "content": "tide " * 900}]]  # 4500 byte tokens; the context is 4096
     with pytest.raises(RecipeError, match=r"a prompt of \d+ tokens .* exceeds the model's context of 4096 tokens"):

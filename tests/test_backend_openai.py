@@ -1,4 +1,4 @@
-"""The openai backend against a real OpenAI-compatible server (engine.backends.serve) on
+"""The openai backend against a real OpenAI-compatible server (engine.models.backends.serve) on
 127.0.0.1 serving the builtin model: equality with hf, n, the request cache, the API key,
 retries, a server that is down, the concurrency bound."""
 
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.backends import SamplingParams
-from engine.backends.openai import BackendError, OpenAIBackend
-from engine.backends.serve import ChatServer
+from engine.models.backends import SamplingParams
+from engine.models.backends.openai import BackendError, OpenAIBackend
+from engine.models.backends.serve import ChatServer
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "builtin:tiny-chat"
@@ -35,8 +35,8 @@ def no_sleep(_: float) -> None:
 
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory):
-    from engine.backends.hf import HFBackend
-    from engine.models import load_model
+    from engine.models.backends.hf import HFBackend
+    from engine.models.builtins import load_model
 
     model, tok = load_model(MODEL, cache_root=tmp_path_factory.mktemp("models"))
     return HFBackend(model, tok, batch_size=4)
@@ -228,7 +228,7 @@ def test_server_http_api(serve):
 
 
 def test_modules_import_without_torch():
-    code = ("import sys, engine.backends.openai, engine.backends.serve; "
+    code = ("import sys, engine.models.backends.openai, engine.models.backends.serve; "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=ROOT, timeout=60)

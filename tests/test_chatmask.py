@@ -1,4 +1,4 @@
-"""engine.chatmask: assistant-only loss for chat templates without generation markers.
+"""engine.models.chatmask: assistant-only loss for chat templates without generation markers.
 
 Each template family below is written here, in its own token format (ChatML with a default
 system prompt as SmolLM2/Qwen2.5 have, Llama-3, Mistral [INST], Gemma, Phi-3, Zephyr), and
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine import chatmask as cm
-from engine.chatmask import mask_problems
+from engine.models import chatmask as cm
+from engine.models.chatmask import mask_problems
 
 CHATML = (
     "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
@@ -75,7 +75,7 @@ def make_tokenizer(template: str, bos: str, eos: str, extra: list[str]):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from engine.models import _byte_symbols
+    from engine.models.builtins import _byte_symbols
 
     core = Tokenizer(models.BPE(vocab={s: i for i, s in enumerate(_byte_symbols())}, merges=[], fuse_unk=False))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -157,7 +157,7 @@ def test_templates_that_cannot_be_masked_say_why(template, why):
 
 
 def test_markers_and_trl_templates_are_recognised():
-    from engine.models import CHAT_TEMPLATE
+    from engine.models.builtins import CHAT_TEMPLATE
 
     assert cm.masking(CHAT_TEMPLATE, cm.jinja_render(CHAT_TEMPLATE)) == "markers"
     trl = cm._trl_templates()

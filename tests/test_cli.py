@@ -157,7 +157,7 @@ def test_ctrl_c_keeps_committed_shards(project, runs):
 
 
 def test_importing_the_cli_stays_light():
-    code = ("import sys, engine.cli, engine.recipe, engine.executor, engine.fingerprint, stages.filter, stages.generate, stages.judge, engine.schema; "
+    code = ("import sys, engine.cli, engine.spec.recipe, engine.run.executor, engine.store.fingerprint, stages.filter, stages.generate, stages.judge, engine.load.schema; "
             "print(sorted(m for m in ('torch','transformers','trl','peft','datasets') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import GOOD, ROOT, conv, run_cli_subprocess, write_jsonl
-from engine.shards import CRASH_ENV
+from engine.store.shards import CRASH_ENV
 
 
 def test_third_party_warnings_and_bars_go_to_the_stage_log(tmp_path):

@@ -14,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import ROOT, conv, run_cli_subprocess, write_jsonl
-from engine.constitution import Constitution, constitution_problems, load_constitution
-from engine.errors import RecipeError
-from engine.recipe import load_recipe
+from engine.lib.constitution import Constitution, constitution_problems, load_constitution
+from engine.core.errors import RecipeError
+from engine.spec.recipe import load_recipe
 
 SHIPPED = ROOT / "recipes" / "constitutions"
 
@@ -189,7 +189,7 @@ def test_draw_is_reproducible_and_independent_of_the_object(seed, ks):
 
 
 def test_draw_is_the_same_under_any_python_hash_seed(tmp_path):
-    code = ("import json; from engine.constitution import load_constitution as L; "
+    code = ("import json; from engine.lib.constitution import load_constitution as L; "
             "c = L('recipes/constitutions/hhh.toml'); "
             "print(json.dumps([c.draw(7, f'row{i}', i % 5, 1 + i % 3).id for i in range(40)]))")
     outs = []

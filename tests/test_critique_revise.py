@@ -14,13 +14,13 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from conftest import ROOT, conv, run_cli_subprocess, write_jsonl
-from engine.backends import Completion
-from engine.backends.serve import ChatServer
-from engine.constitution import load_constitution
-from engine.executor import make_plan, run
-from engine.recipe import load_recipe
-from engine.rows import read_rows
-from engine.revisions import assess_revision, selected_positions, strip_preamble
+from engine.models.backends import Completion
+from engine.models.backends.serve import ChatServer
+from engine.lib.constitution import load_constitution
+from engine.run.executor import make_plan, run
+from engine.spec.recipe import load_recipe
+from engine.data.rows import read_rows
+from engine.lib.revisions import assess_revision, selected_positions, strip_preamble
 
 SHORT = ROOT / "recipes" / "constitutions" / "short.toml"
 

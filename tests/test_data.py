@@ -1,4 +1,4 @@
-"""engine.data: loading every format into normalized rows, drop reasons, and user errors."""
+"""engine.data.datasets: loading every format into normalized rows, drop reasons, and user errors."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # until the project has a conftest/pyproject that sets the path
     sys.path.insert(0, str(ROOT))
 
-from engine.data import LoadResult, check_messages, is_local, load_rows, normalize_messages  # noqa: E402
-from engine.errors import DataError, RecipeError  # noqa: E402
+from engine.data.datasets import LoadResult, check_messages, is_local, load_rows, normalize_messages  # noqa: E402
+from engine.core.errors import DataError, RecipeError  # noqa: E402
 
 
 def chat(user="hi", assistant="hello"):
@@ -98,7 +98,7 @@ def test_parquet(tmp_path):
 
 
 def test_parquet_written_by_engine_rows(tmp_path):
-    from engine.rows import write_rows
+    from engine.data.rows import write_rows
 
     rows = [{"id": "a", "messages": chat(), "meta": {"k": 1}}, {"id": "b", "messages": chat(), "meta": {"j": [2]}}]
     write_rows(tmp_path / "d.parquet", rows)
@@ -378,7 +378,7 @@ def test_hub_offline_is_data_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import engine.data as d, engine.errors as e\n"
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import engine.data.datasets as d, engine.core.errors as e\n"
             "try:\n"
             "    d.load_rows('nonexistent-org/nonexistent-ds', name='seed', key='datasets.seed.path')\n"
             "except e.DataError as err:\n"
@@ -395,7 +395,7 @@ def test_hub_offline_is_data_error(tmp_path, monkeypatch):
 
 
 def test_import_is_light():
-    code = ("import sys, engine.data; "
+    code = ("import sys, engine.data.datasets; "
             "bad = [m for m in ('datasets', 'torch', 'transformers', 'trl', 'peft', 'pyarrow') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
@@ -407,7 +407,7 @@ def test_local_files_load_without_hf_datasets(tmp_path):
     (tmp_path / "d.json").write_text(json.dumps(ROWS))
     write_csv(tmp_path / "d.csv", ROWS)
     write_parquet(tmp_path / "d.parquet", ROWS)
-    code = ("import sys, engine.data as d\n"
+    code = ("import sys, engine.data.datasets as d\n"
             f"for ext in ('jsonl', 'json', 'csv', 'parquet'):\n"
             f"    assert len(d.load_rows({str(tmp_path)!r} + '/d.' + ext, name='s').rows) == 3\n"
             "bad = [m for m in ('datasets', 'torch') if m in sys.modules]\n"

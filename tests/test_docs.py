@@ -5,7 +5,7 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-from engine.schemadoc import markdown
+from engine.load.reference import markdown
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "recipe-reference.md"
 
@@ -17,7 +17,7 @@ def test_recipe_reference_is_in_sync_with_the_code():
 
 
 def test_every_stage_kind_is_documented():
-    from engine import registry
+    from engine.spec import registry
 
     text = markdown()
     for kind in registry.kinds():
@@ -25,7 +25,7 @@ def test_every_stage_kind_is_documented():
 
 
 def test_constitution_reference_is_in_sync_with_the_code():
-    from engine.schemadoc import constitution_markdown
+    from engine.load.reference import constitution_markdown
 
     doc = DOC.parent / "constitution-reference.md"
     assert doc.read_text(encoding="utf-8") == constitution_markdown(), (
@@ -36,7 +36,7 @@ def test_constitution_reference_is_in_sync_with_the_code():
 
 def test_the_readme_shows_the_few_shot_examples_the_engine_accepts(tmp_path):
     """Both places the docs name for few-shot examples load, and each reaches its principle's prompts."""
-    from engine.constitution import load_constitution
+    from engine.lib.constitution import load_constitution
 
     example = textwrap.dedent("""
         response = "Take all of it at once."

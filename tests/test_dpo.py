@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from conftest import conv, write_jsonl
-from engine.errors import RecipeError, StageFailed
-from engine.executor import run
-from engine.recipe import load_recipe
-from engine.pairs import unpaired
+from engine.core.errors import RecipeError, StageFailed
+from engine.run.executor import run
+from engine.spec.recipe import load_recipe
+from engine.lib.pairs import unpaired
 from stages.dpo import fit_pairs, summary
 
 
@@ -113,7 +113,7 @@ def test_kind_specific_problems(tmp_path):
 
 
 def test_kinds_share_one_module_and_validate():
-    from engine import registry
+    from engine.spec import registry
 
     assert {registry.kinds()[k] for k in ("dpo", "kto", "orpo")} == {"stages.dpo"}
 
@@ -235,7 +235,7 @@ def test_lora_reference_is_the_base_and_the_adapter_loads_back(tmp_path):
     assert base["name"] == "policy" and base["spec"]["path"] == "builtin:tiny-chat"
     from peft import PeftModel
 
-    from engine.models import load_model
+    from engine.models.builtins import load_model
 
     model, _ = load_model("builtin:tiny-chat", cache_root=tmp_path / "runs" / "cache")
     model = PeftModel.from_pretrained(model, str(adapter))
@@ -347,7 +347,7 @@ def test_missing_lora_target_lists_the_model_modules(tmp_path):
 
 @pytest.mark.slow
 def test_model_without_chat_template_is_a_clear_error(tmp_path):
-    from engine.models import build_tiny_chat
+    from engine.models.builtins import build_tiny_chat
 
     bare = build_tiny_chat(tmp_path / "bare")
     config = json.loads((bare / "tokenizer_config.json").read_text())

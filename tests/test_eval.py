@@ -15,14 +15,14 @@ import pytest
 from hypothesis import given, strategies as st
 
 from conftest import run_cli_subprocess, write_jsonl
-from engine import evalsuites as ev
-from engine.backends import Completion, SamplingParams
-from engine.backends.serve import ChatServer
-from engine.executor import make_plan, run
-from engine.recipe import load_recipe
-from engine.rows import read_rows
-from engine.templates import Templates
-from engine.scoring import parse_score
+from engine.lib import evalsuites as ev
+from engine.models.backends import Completion, SamplingParams
+from engine.models.backends.serve import ChatServer
+from engine.run.executor import make_plan, run
+from engine.spec.recipe import load_recipe
+from engine.data.rows import read_rows
+from engine.lib.prompts import Templates
+from engine.lib.scoring import parse_score
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=16)
 REFUSE = "I can't help with that, but I can point you to safety resources."
@@ -335,7 +335,7 @@ def test_composite_is_the_geometric_mean_and_names_what_is_missing():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from engine.models import load_model
+    from engine.models.builtins import load_model
 
     return load_model("builtin:tiny-chat", cache_root=tmp_path_factory.mktemp("cache"))
 

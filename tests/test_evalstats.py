@@ -1,4 +1,4 @@
-"""95% intervals and paired differences (engine/stats.py, engine/evalstats.py)."""
+"""95% intervals and paired differences (engine/core/stats.py, engine/lib/evalstats.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.evalstats import compare, fmt_difference, fmt_rate, headline, per_turn
-from engine.stats import bootstrap_ci, paired_difference, wilson
+from engine.lib.evalstats import compare, fmt_difference, fmt_rate, headline, per_turn
+from engine.core.stats import bootstrap_ci, paired_difference, wilson
 
 
 def test_wilson_matches_known_values():

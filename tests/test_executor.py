@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 from conftest import GOOD, ROOT, conv, run_cli_subprocess, write_jsonl
-from engine.cache import Store
-from engine.executor import make_plan, run
-from engine.recipe import load_recipe
-from engine.rows import read_rows
-from engine.shards import CRASH_ENV
+from engine.store.cache import Store
+from engine.run.executor import make_plan, run
+from engine.spec.recipe import load_recipe
+from engine.data.rows import read_rows
+from engine.store.shards import CRASH_ENV
 
 
 def rows_of(runs: Path, recipe: str, stage: str) -> list[dict]:
@@ -148,8 +148,8 @@ def test_the_run_record_keeps_stages_in_dag_order(project, runs):
     """'again' sorts before 'clean' but runs after it: record.json keeps the DAG order."""
     import json
 
-    from engine.executor import run
-    from engine.recipe import load_recipe
+    from engine.run.executor import run
+    from engine.spec.recipe import load_recipe
 
     record = run(load_recipe(project / "recipe.toml"), runs)
     data = json.loads((record.dir / "record.json").read_text())
@@ -164,7 +164,7 @@ def test_an_edited_shard_with_the_same_row_count_is_redone(project, runs, tmp_pa
     [shard] = sorted(runs.glob("cache/partial/*/shard-000000"))
     rows = read_rows(shard / "rows.parquet")
     rows[3]["messages"][1]["content"] = "An edited answer that nobody generated."
-    from engine.rows import write_rows
+    from engine.data.rows import write_rows
 
     write_rows(shard / "rows.parquet", rows)
     assert run_cli_subprocess("run", project / "recipe.toml", "--runs-dir", runs).returncode == 0
@@ -195,8 +195,8 @@ def test_plan_finds_flipped_bytes_as_run_will_and_trusts_a_mere_touch(project, r
 def test_a_damaged_entry_that_cannot_be_moved_aside_says_what_to_do(project, runs, monkeypatch):
     import pytest
 
-    import engine.cache as cache
-    from engine.errors import CacheError
+    import engine.store.cache as cache
+    from engine.core.errors import CacheError
 
     record = run(load_recipe(project / "recipe.toml"), runs)
     fp = record.data["stages"]["clean"]["fingerprint"]

@@ -8,9 +8,9 @@ import textwrap
 import pytest
 
 from conftest import conv, write_jsonl
-from engine.executor import run
-from engine.recipe import load_recipe
-from engine.rows import read_rows
+from engine.run.executor import run
+from engine.spec.recipe import load_recipe
+from engine.data.rows import read_rows
 
 LONG = ("The tide is driven mostly by the moon's gravity pulling on the oceans, with the sun adding a "
         "smaller effect that makes spring and neap tides.")

@@ -9,9 +9,9 @@ import shutil
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import fingerprint as fpmod
-from engine.fingerprint import HashMemo, fingerprints, reasons
-from engine.recipe import load_recipe
+from engine.store import fingerprint as fpmod
+from engine.store.fingerprint import HashMemo, fingerprints, reasons
+from engine.spec.recipe import load_recipe
 from stages import filter as filter_stage
 
 STAGE_KEYS = [("kind", '"filter"'), ("input", '"seed"'), ("min_words", "3"), ("dedup", '"near"'),

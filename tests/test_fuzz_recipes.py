@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from conftest import ROOT
-from engine.errors import RecipeError
-from engine.recipe import dump_toml, load_recipe, read_toml
+from engine.core.errors import RecipeError
+from engine.spec.recipe import dump_toml, load_recipe, read_toml
 
 RECIPES = sorted((ROOT / "recipes").glob("*.toml"))
 SCALARS = st.one_of(st.booleans(), st.integers(-2**63, 2**63 - 1), st.floats(allow_nan=False),

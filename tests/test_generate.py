@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run_cli_subprocess, write_jsonl
-from engine.errors import RecipeError
-from engine.recipe import load_recipe
-from engine.rows import read_rows
+from engine.core.errors import RecipeError
+from engine.spec.recipe import load_recipe
+from engine.data.rows import read_rows
 from stages.generate import parse_teacher
 
 RECIPE = """
@@ -73,7 +73,7 @@ def test_template_variables_are_checked_at_validation(gen_project):
 
 
 def test_recipe_local_template_shadows_and_enters_the_fingerprint(gen_project):
-    from engine.executor import make_plan
+    from engine.run.executor import make_plan
 
     (gen_project / "templates").mkdir()
     local = gen_project / "templates" / "user_simulator.j2"
@@ -145,7 +145,7 @@ def test_unknown_local_model_path_fails_validation(gen_project):
 def test_a_model_without_a_chat_template_is_a_clear_error(gen_project, tmp_path):
     import shutil
 
-    from engine.models import builtin_dir
+    from engine.models.builtins import builtin_dir
 
     model_dir = tmp_path / "plain-model"
     shutil.copytree(builtin_dir("tiny-chat", tmp_path / "c"), model_dir)

@@ -6,9 +6,9 @@ import textwrap
 
 import pytest
 
-from engine.errors import RecipeError
-from engine.graph import order, upstream
-from engine.recipe import load_recipe
+from engine.core.errors import RecipeError
+from engine.spec.graph import order, upstream
+from engine.spec.recipe import load_recipe
 
 HEAD = """
 [recipe]

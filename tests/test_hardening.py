@@ -80,7 +80,7 @@ def test_auto_threads_are_the_cores_this_process_may_use():
     if shutil.which("taskset") is None:
         pytest.skip("no taskset here")
     out = subprocess.run(["taskset", "-c", "0", sys.executable, "-c",
-                          "from engine.threads import available_cores; print(available_cores())"],
+                          "from engine.core.threads import available_cores; print(available_cores())"],
                          capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "1"
 
@@ -105,7 +105,7 @@ def test_a_run_started_beside_another_says_how_to_share_the_cores(project, runs)
 
     from conftest import ROOT
 
-    holder = subprocess.Popen([sys.executable, "-c", "from engine.threads import Registration; import time; "
+    holder = subprocess.Popen([sys.executable, "-c", "from engine.core.threads import Registration; import time; "
                                "r = Registration(2); print('up', flush=True); time.sleep(60)"],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:

@@ -1,4 +1,4 @@
-"""engine.io: atomic writes (old file or new file, never half; no temporary left behind) and canonical JSON."""
+"""engine.core.io: atomic writes (old file or new file, never half; no temporary left behind) and canonical JSON."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.io import atomic_path, atomic_write_json, atomic_write_text, canonical
+from engine.core.io import atomic_path, atomic_write_json, atomic_write_text, canonical
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
                            lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=5), kids,

@@ -12,9 +12,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import GOOD, conv, run_cli_subprocess, write_jsonl
-from engine.rows import read_rows
-from engine.scorers import last_number, math_answer, names, parse_answer, resolve
-from engine.scoring import parse_score, parse_verdict, rule_scores
+from engine.data.rows import read_rows
+from engine.lib.verifiers import last_number, math_answer, names, parse_answer, resolve
+from engine.lib.scoring import parse_score, parse_verdict, rule_scores
 
 HEAD = """
 [recipe]
@@ -145,9 +145,9 @@ def test_pairwise_checks_the_input_type(tmp_path):
 def test_pairwise_label_swaps_order(monkeypatch):
     from types import SimpleNamespace
 
-    from engine.backends import Completion
-    from engine.shards import Shard
-    from engine.scoring import _Pairwise
+    from engine.models.backends import Completion
+    from engine.store.shards import Shard
+    from engine.lib.scoring import _Pairwise
     from stages.judge import Config
 
     class Fake:  # always answers "A": pure position bias, which the swap must cancel
@@ -155,9 +155,9 @@ def test_pairwise_label_swaps_order(monkeypatch):
             return [[Completion("Verdict: A", 1, 1, "stop")] for _ in prompts]
 
     cfg = Config(kind="judge", input="p", scorer="pairwise", model="m")
-    from engine.seeds import Seeds
+    from engine.core.seeds import Seeds
 
-    ctx = SimpleNamespace(templates=lambda: __import__("engine.templates", fromlist=["Templates"]).Templates([]),
+    ctx = SimpleNamespace(templates=lambda: __import__("engine.lib.prompts", fromlist=["Templates"]).Templates([]),
                           backend=lambda *a: Fake(), seeds=Seeds(1, "fp"))
     scorer = _Pairwise(cfg, {"model": None}, ctx)
     row = {"id": "r0", "prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "good"}],
@@ -237,10 +237,10 @@ def test_judge_uses_the_builtin_math_answer(tmp_path):
 def test_make_scorer_lends_a_backend_and_leaves_it_open():
     from types import SimpleNamespace
 
-    from engine.backends import Completion
-    from engine.shards import Shard
-    from engine.templates import Templates
-    from engine.scoring import ScorerSpec, make_scorer
+    from engine.models.backends import Completion
+    from engine.store.shards import Shard
+    from engine.lib.prompts import Templates
+    from engine.lib.scoring import ScorerSpec, make_scorer
 
     class Lent:
         closed = False
@@ -252,7 +252,7 @@ def test_make_scorer_lends_a_backend_and_leaves_it_open():
             self.closed = True
 
     lent = Lent()
-    from engine.seeds import Seeds
+    from engine.core.seeds import Seeds
 
     ctx = SimpleNamespace(templates=lambda: Templates([]), backend=lambda *a: pytest.fail("must not load a model"),
                           seeds=Seeds(1, "fp"))

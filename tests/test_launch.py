@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from conftest import conv, write_jsonl
-from engine.executor import make_plan, run
-from engine.launch import command
-from engine.recipe import load_recipe
+from engine.run.executor import make_plan, run
+from engine.run.launch import command
+from engine.spec.recipe import load_recipe
 
 RECIPE = """
 [recipe]
@@ -72,7 +72,7 @@ def test_command_line():
     cmd = command(2, None, Path("/tmp/p.pkl"))
     assert cmd[1:3] == ["-m", "accelerate.commands.launch"]
     assert "--multi_gpu" in cmd and cmd[cmd.index("--num_processes") + 1] == "2"
-    assert cmd[-3:] == ["-m", "engine.launch", "/tmp/p.pkl"]
+    assert cmd[-3:] == ["-m", "engine.run.launch", "/tmp/p.pkl"]
     cfg = command(4, "/x/fsdp.yaml", Path("/tmp/p.pkl"))
     assert cfg[cfg.index("--config_file") + 1] == "/x/fsdp.yaml" and "--multi_gpu" not in cfg
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from conftest import write_jsonl
-from engine.executor import run
-from engine.loading import ModelPool, devices
-from engine.recipe import load_recipe
-from engine.rows import read_rows
+from engine.run.executor import run
+from engine.models.pool import ModelPool, devices
+from engine.spec.recipe import load_recipe
+from engine.data.rows import read_rows
 
 RECIPE = """
 [recipe]
@@ -116,7 +116,7 @@ def test_pool_keeps_what_later_stages_need_and_never_drops_a_model_in_use(monkey
     pool.keep(set())  # still borrowed: kept
     assert set(pool.entries) == {("stages", "sft", "cpu")}
     back2()
-    monkeypatch.setattr("engine.loading.free_memory", lambda device: 1200.0)  # < 1.5 x 1000 bytes
+    monkeypatch.setattr("engine.models.pool.free_memory", lambda device: 1200.0)  # < 1.5 x 1000 bytes
     pool.make_room("cpu", ModelPool.HEADROOM)
     assert pool.entries == {}
 
@@ -133,7 +133,7 @@ def test_devices():
 def test_a_model_loads_in_the_dtype_asked_for(tmp_path):
     import torch
 
-    from engine.models import load_model
+    from engine.models.builtins import load_model
 
     model, _ = load_model("builtin:tiny-chat", cache_root=tmp_path, dtype="bfloat16", device="cpu")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
@@ -161,7 +161,7 @@ class _FakeVLLM:
                 fake.llm_kwargs = kw
 
             def get_tokenizer(self):
-                from engine.models import _tiny_tokenizer
+                from engine.models.builtins import _tiny_tokenizer
 
                 return _tiny_tokenizer()
 
@@ -183,8 +183,8 @@ class _FakeVLLM:
 
 
 def test_vllm_backend_maps_the_contract_onto_vllm(monkeypatch, tmp_path):
-    from engine.backends import SamplingParams
-    from engine.backends.vllm import VLLMBackend
+    from engine.models.backends import SamplingParams
+    from engine.models.backends.vllm import VLLMBackend
 
     fake = _FakeVLLM()
     monkeypatch.setitem(sys.modules, "vllm", fake.module)
@@ -210,9 +210,9 @@ def test_vllm_backend_maps_the_contract_onto_vllm(monkeypatch, tmp_path):
 
 
 def test_vllm_backend_is_refused_at_validate_when_vllm_is_missing(tmp_path, monkeypatch):
-    from engine.errors import RecipeError
+    from engine.core.errors import RecipeError
 
-    monkeypatch.setattr("engine.backends.vllm.available", lambda: False)
+    monkeypatch.setattr("engine.models.backends.vllm.available", lambda: False)
     path = project(tmp_path)
     path.write_text(path.read_text().replace('device = "cpu"', 'backend = "vllm"'))
     with pytest.raises(RecipeError, match="uses the vllm backend, but vllm is not installed"):
@@ -222,7 +222,7 @@ def test_vllm_backend_is_refused_at_validate_when_vllm_is_missing(tmp_path, monk
 def test_small_models_are_placed_on_the_cpu_by_auto(tmp_path):
     import json
 
-    from engine.models import is_small
+    from engine.models.builtins import is_small
 
     def config(hidden, layers, vocab):
         d = tmp_path / f"m{hidden}"
@@ -241,9 +241,9 @@ def test_small_models_are_placed_on_the_cpu_by_auto(tmp_path):
 def test_vllm_serves_a_stage_made_adapter_on_its_base_and_refuses_an_adapter_on_an_adapter(tmp_path):
     import json
 
-    from engine.artifact import Artifact
-    from engine.backends.vllm import resolve
-    from engine.errors import RecipeError
+    from engine.spec.artifact import Artifact
+    from engine.models.backends.vllm import resolve
+    from engine.core.errors import RecipeError
 
     def entry(fp: str, base: str | None):
         model = tmp_path / fp / "model"

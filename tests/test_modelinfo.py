@@ -8,8 +8,8 @@ import textwrap
 from pathlib import Path
 
 from conftest import write_jsonl
-from engine import modelinfo
-from engine.recipe import ModelSpec
+from engine.models import info as modelinfo
+from engine.spec.recipe import ModelSpec
 
 RECIPE = """
 [recipe]
@@ -95,7 +95,7 @@ def test_smollm2_without_its_package_fails_validate_with_the_install_command(tmp
 
 
 def test_smollm2_validates_and_its_identity_is_package_and_file_hash(tmp_path, cli):
-    from engine.models import builtin_identity
+    from engine.models.builtins import builtin_identity
 
     assert cli("validate", project(tmp_path, path="builtin:smollm2-135m", new=1024)).exit_code == 0
     ident = builtin_identity("smollm2-135m")

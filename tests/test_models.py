@@ -1,4 +1,4 @@
-"""engine.models: the builtin tiny-chat model (reproducible bytes, chat template, assistant
+"""engine.models.builtins: the builtin tiny-chat model (reproducible bytes, chat template, assistant
 mask), builtin_dir's build-once cache, load_model's sources and errors, and a light import."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import models
-from engine.errors import RecipeError
+from engine.models import builtins as models
+from engine.core.errors import RecipeError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,7 +56,7 @@ def tiny(cache_root):
 
 def test_importing_engine_models_loads_nothing_heavy():
     proc = run_py("""
-        import sys, engine.models
+        import sys, engine.models.builtins
         heavy = [m for m in ("torch", "transformers", "trl", "peft", "datasets", "tokenizers") if m in sys.modules]
         print(heavy)
     """)
@@ -83,7 +83,7 @@ def test_two_builds_are_byte_identical(tmp_path):
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is left alone
     proc = run_py(f"""
         from pathlib import Path
-        from engine.models import build_tiny_chat
+        from engine.models.builtins import build_tiny_chat
         build_tiny_chat(Path({str(tmp_path / 'b')!r}))
     """, PYTHONHASHSEED="12345")
     assert proc.returncode == 0, proc.stderr
@@ -286,8 +286,8 @@ def test_local_dir_without_a_model_is_a_recipe_error(tmp_path):
 def test_unreachable_hub_id_is_a_recipe_error(tmp_path):
     """HF_HUB_OFFLINE is read when huggingface_hub is imported, hence the fresh process."""
     proc = run_py(f"""
-        from engine.errors import RecipeError
-        from engine.models import load_model
+        from engine.core.errors import RecipeError
+        from engine.models.builtins import load_model
         try:
             load_model("nobody-here/no-such-model", revision="main", cache_root={str(tmp_path)!r})
         except RecipeError as exc:
@@ -327,7 +327,7 @@ def test_tokenizer_preparation_pad_and_context():
     model_max_length follows the model's context (no stale-limit warnings)."""
     from types import SimpleNamespace
 
-    from engine.models import prepare_tokenizer
+    from engine.models.builtins import prepare_tokenizer
 
     tok = models._tiny_tokenizer()
     tok.pad_token = tok.eos_token  # as many checkpoints ship: pad == eos == end of turn

@@ -10,11 +10,11 @@ import textwrap
 import pytest
 
 from conftest import GOOD, write_jsonl
-from engine.backends import Completion
-from engine.backends.serve import ChatServer
-from engine.executor import run
-from engine.recipe import load_recipe
-from engine.rows import read_rows
+from engine.models.backends import Completion
+from engine.models.backends.serve import ChatServer
+from engine.run.executor import run
+from engine.spec.recipe import load_recipe
+from engine.data.rows import read_rows
 
 TEACHER = {"scenario_safe": True,
            "turns": [{"index": 1, "role": "user", "text": "How do I start running?"},
@@ -110,7 +110,7 @@ class NeverJson(Scripted):
 
 
 def test_a_failed_stage_leaves_a_sample_of_the_bad_output_and_the_other_branch_still_runs(tmp_path):
-    from engine.errors import StageFailed
+    from engine.core.errors import StageFailed
 
     srv = ChatServer(NeverJson(), model_name="scripted-judge")
     srv.start()
@@ -189,7 +189,7 @@ def test_an_api_key_named_by_api_key_env_is_in_no_file_of_the_run(tmp_path, monk
         """))
         runs = tmp_path / "runs"
         run(load_recipe(root / "r.toml"), runs)
-        from engine.report import write_run_report
+        from engine.report.runreport import write_run_report
 
         write_run_report(runs / "secret" / "latest")
         files = [p for p in runs.rglob("*") if p.is_file()]

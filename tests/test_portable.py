@@ -69,9 +69,9 @@ def entries(cache: Path) -> dict[str, bytes]:
 
 @pytest.mark.slow
 def test_entries_are_byte_identical_and_survive_a_move(tmp_path):
-    from engine.executor import make_plan, run
-    from engine.recipe import load_recipe
-    from engine.rows import read_rows
+    from engine.run.executor import make_plan, run
+    from engine.spec.recipe import load_recipe
+    from engine.data.rows import read_rows
 
     proj = tmp_path / "proj"
     write_jsonl(proj / "chats.jsonl", [conv(f"say {i}", f"ok {i}", id=f"c{i}") for i in range(8)])

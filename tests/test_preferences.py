@@ -18,15 +18,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import conv, run_cli_subprocess, write_jsonl
-from engine.backends import Completion
-from engine.backends.serve import ChatServer
-from engine.errors import RecipeError, StageFailed
-from engine.executor import run
-from engine.recipe import load_recipe
-from engine.rows import read_rows
-from engine.pairs import best_and_worst
-from engine.scoring import logprob_judgments, pairwise_label, parse_choice, soft_label
-from engine.pairs import selected_turns
+from engine.models.backends import Completion
+from engine.models.backends.serve import ChatServer
+from engine.core.errors import RecipeError, StageFailed
+from engine.run.executor import run
+from engine.spec.recipe import load_recipe
+from engine.data.rows import read_rows
+from engine.lib.pairs import best_and_worst
+from engine.lib.scoring import logprob_judgments, pairwise_label, parse_choice, soft_label
+from engine.lib.pairs import selected_turns
 
 CONSTITUTION = Path(__file__).resolve().parent.parent / "recipes" / "constitutions" / "short.toml"
 
@@ -328,8 +328,8 @@ def test_logprob_verdicts_from_the_builtin_judge(tmp_path):
     """A model that cannot write a verdict still gives one by its probabilities of "A" and "B"."""
     import torch
 
-    from engine.backends.hf import HFBackend
-    from engine.models import load_model
+    from engine.models.backends.hf import HFBackend
+    from engine.models.builtins import load_model
 
     stage = ('[stages.pairs]\nkind = "preferences"\nmethod = "pairwise_judge"\ninput = "convs"\nmodel = "tiny"\n'
              'constitution = "short"\nverdict = "logprobs"\nthreshold = 0.0\n')
@@ -394,7 +394,7 @@ def test_validate_catches_bad_settings(tmp_path, stage, expected):
 
 
 def test_constitution_and_template_bytes_enter_the_fingerprint(tmp_path):
-    from engine.fingerprint import HashMemo, fingerprints
+    from engine.store.fingerprint import HashMemo, fingerprints
 
     path = project(tmp_path, CANDIDATES, PAIRWISE)
     local = path.parent / "short.toml"
@@ -423,7 +423,7 @@ def test_validating_these_stages_stays_light(tmp_path):
         judge_model = "judge"
         output = "preferences"
     """)
-    code = ("import sys; from engine.recipe import load_recipe; load_recipe(sys.argv[1]); "
+    code = ("import sys; from engine.spec.recipe import load_recipe; load_recipe(sys.argv[1]); "
             "print(sorted(m for m in ('torch','transformers','trl','peft','datasets','matplotlib','numpy') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,

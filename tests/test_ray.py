@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, write_jsonl
-from engine.errors import RecipeError
-from engine.executor import run
-from engine.recipe import load_recipe
+from engine.core.errors import RecipeError
+from engine.run.executor import run
+from engine.spec.recipe import load_recipe
 
 ray = pytest.importorskip("ray")
 
@@ -238,7 +238,7 @@ def test_a_stop_file_ends_every_node_of_a_launch(tmp_path):
     import threading
     import time
 
-    from engine.launch import execute
+    from engine.run.launch import execute
 
     stop = tmp_path / "stop"
     threading.Timer(1.0, stop.write_text, args=("node 1 exited with 1\n",)).start()
@@ -248,7 +248,7 @@ def test_a_stop_file_ends_every_node_of_a_launch(tmp_path):
 
 
 def test_the_cli_does_not_import_ray_at_start_up():
-    code = ("import sys, engine.cli, engine.executor, engine.rayexec, stages.generate; "
+    code = ("import sys, engine.cli, engine.run.executor, engine.run.rayexec, stages.generate; "
             "print('ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "False"

@@ -49,7 +49,7 @@ def test_flagship_runs_on_smollm2_with_the_real_template(tmp_path, smollm2_dir):
         assert "<|im_end|>" in mask and "<|im_start|>" not in mask  # replies and their end token only
         assert "SmolLM" not in mask  # the template's default system prompt is never supervised
 
-    from engine.rows import read_rows
+    from engine.data.rows import read_rows
 
     rows = read_rows(run_dir / "stages" / "eval" / "rows.parquet")
     metrics = json.loads((run_dir / "stages" / "eval" / "metrics.json").read_text())

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.errors import RecipeError
-from engine.recipe import dump_toml, load_recipe, locate_keys, parse_set, tomllib
+from engine.core.errors import RecipeError
+from engine.spec.recipe import dump_toml, load_recipe, locate_keys, parse_set, tomllib
 
 
 def write(path: Path, text: str) -> Path:

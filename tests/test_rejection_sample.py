@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli_subprocess, serving, write_jsonl
-from engine.backends import Completion
-from engine.errors import RecipeError
-from engine.executor import run
-from engine.recipe import load_recipe
-from engine.rows import read_rows
-from engine.text import word_count
-from engine.stats import score_stats
+from engine.models.backends import Completion
+from engine.core.errors import RecipeError
+from engine.run.executor import run
+from engine.spec.recipe import load_recipe
+from engine.data.rows import read_rows
+from engine.core.text import word_count
+from engine.core.stats import score_stats
 from stages.rejection_sample import Config, keep
 
 

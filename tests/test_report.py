@@ -1,4 +1,4 @@
-"""engine/report.py: Markdown and self-contained HTML from blocks (model text escaped), the run
+"""engine/report/runreport.py: Markdown and self-contained HTML from blocks (model text escaped), the run
 report from a run directory with any subset of stages, and a real small run on the builtin model."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from conftest import GOOD, write_jsonl
-from engine import evalsuites as ev
-from engine import report as rp
-from engine.backends import Completion, SamplingParams
-from engine.rows import write_rows
+from engine.lib import evalsuites as ev
+from engine.report import runreport as rp
+from engine.models.backends import Completion, SamplingParams
+from engine.data.rows import write_rows
 
 HOSTILE = "<script>alert(1)</script> | **bold** # [link](http://x) `code` & <img src=x onerror=y>"
 ALLOWED_TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "h3", "h4", "p", "ul", "li", "table",
@@ -224,7 +224,7 @@ def test_a_cached_rerun_writes_its_report_without_drawing(tmp_path):
     from conftest import ROOT
 
     run_dir = make_run(tmp_path, with_eval=True)
-    code = ("import sys; from engine.report import write_run_report; write_run_report(sys.argv[1]); "
+    code = ("import sys; from engine.report.runreport import write_run_report; write_run_report(sys.argv[1]); "
             "print('matplotlib' in sys.modules, 'pyarrow' in sys.modules)")
     first = subprocess.run([sys.executable, "-c", code, str(run_dir)], capture_output=True, text=True, cwd=ROOT)
     assert first.stdout.split() == ["True", "True"], first.stderr
@@ -249,8 +249,8 @@ def test_run_report_survives_an_empty_record(tmp_path):
 
 @pytest.mark.slow
 def test_report_builds_from_a_real_filter_and_eval_run_on_the_builtin_model(tmp_path):
-    from engine.executor import run
-    from engine.recipe import load_recipe
+    from engine.run.executor import run
+    from engine.spec.recipe import load_recipe
 
     write_jsonl(tmp_path / "convs.jsonl", GOOD[:12])
     (tmp_path / "r.toml").write_text(textwrap.dedent("""
@@ -284,7 +284,7 @@ def test_report_builds_from_a_real_filter_and_eval_run_on_the_builtin_model(tmp_
     page = (rec.dir / "report.html").read_text()
     assert_self_contained(page, 3)
     assert "n/a (no judge)" in page
-    from engine.rows import read_rows
+    from engine.data.rows import read_rows
 
     rows = read_rows(rec.dir / "stages" / "ev" / "rows.parquet")
     assert all(r["messages"][0] == {"role": "system", "content": "You are <careful> & kind."} for r in rows)

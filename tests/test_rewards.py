@@ -1,4 +1,4 @@
-"""Rule-based rewards (engine/rewards.py) and the scorer built on them: each rule, the combined
+"""Rule-based rewards (engine/lib/rewards.py) and the scorer built on them: each rule, the combined
 score, the expected behaviour read from the data, validation, the judge stage scoring with it,
 and rejection_sample's written candidates competing with the samples under it."""
 
@@ -12,11 +12,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import serving, write_jsonl
-from engine.backends import Completion
-from engine.executor import run
-from engine.recipe import load_recipe
-from engine.rewards import RewardRules, expected_of, reward
-from engine.rows import read_rows
+from engine.models.backends import Completion
+from engine.run.executor import run
+from engine.spec.recipe import load_recipe
+from engine.lib.rewards import RewardRules, expected_of, reward
+from engine.data.rows import read_rows
 
 REFUSAL = "I can't help with that. If you want, I can explain how locks work in general."
 ANSWER = "Open Task Manager, pick the program, and press End task to stop it."

@@ -12,11 +12,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import GOOD, conv, write_jsonl
-from engine.fingerprint import HashMemo, fingerprints
-from engine.recipe import load_recipe
-from engine.rounds import diversity_for, last_round, replies, round_name, round_of, round_rows
-from engine.rows import write_rows
-from engine.textstats import diversity
+from engine.store.fingerprint import HashMemo, fingerprints
+from engine.spec.recipe import load_recipe
+from engine.spec.rounds import diversity_for, last_round, replies, round_name, round_of, round_rows
+from engine.data.rows import write_rows
+from engine.core.diversity import diversity
 
 REFUSALS = [conv(f"Tell me secret {i} please", "I'm sorry, but I can't help with that request at all.", id=f"x{i}")
             for i in range(3)]

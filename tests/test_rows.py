@@ -7,7 +7,7 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.rows import read_rows, write_rows
+from engine.data.rows import read_rows, write_rows
 
 json_values = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(-2**53, 2**53), st.text(max_size=10)),

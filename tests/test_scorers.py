@@ -3,7 +3,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.scorers import names, reply_quality, resolve
+from engine.lib.verifiers import names, reply_quality, resolve
 
 
 def row(reply: str, question: str = "How do I boil an egg so it peels easily?") -> dict:

@@ -1,4 +1,4 @@
-"""engine.seeds: every random stream derives from what it is for (row id, sample, turn, round,
+"""engine.core.seeds: every random stream derives from what it is for (row id, sample, turn, round,
 attempt), never from where the work ran. Execution-only settings (batch size, shard size, OOM
 halving) must give the same rows and the same fingerprints."""
 
@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import ROOT, write_jsonl
-from engine.seeds import MAX_SEED, Seeds, derive, sample_seed
+from engine.core.seeds import MAX_SEED, Seeds, derive, sample_seed
 
 parts = st.lists(st.one_of(st.integers(-2**70, 2**70), st.text(max_size=20), st.booleans(), st.none()), max_size=6)
 
@@ -41,7 +41,7 @@ def test_seeds_are_stable_across_processes():
     import subprocess
     import sys
 
-    code = "from engine.seeds import Seeds; print(Seeds(3, 'fp').row('r1', sample=2, turn=1))"
+    code = "from engine.core.seeds import Seeds; print(Seeds(3, 'fp').row('r1', sample=2, turn=1))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                          env={"PYTHONHASHSEED": "99", "PATH": "/usr/bin:/bin"}, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -106,9 +106,9 @@ STAGES = ("chats", "revised", "best", "eval")
 
 @pytest.mark.slow
 def test_batch_and_shard_sizes_change_neither_rows_nor_fingerprints(tmp_path):
-    from engine.executor import make_plan, run
-    from engine.recipe import load_recipe
-    from engine.rows import read_rows
+    from engine.run.executor import make_plan, run
+    from engine.spec.recipe import load_recipe
+    from engine.data.rows import read_rows
 
     write_jsonl(tmp_path / "prompts.jsonl", [{"id": f"p{i}", "prompt": f"Tell me about topic {i}."} for i in range(5)])
     path = tmp_path / "r.toml"
@@ -133,9 +133,9 @@ def test_batch_and_shard_sizes_change_neither_rows_nor_fingerprints(tmp_path):
 def test_oom_halving_mid_call_gives_the_same_samples(tmp_path, monkeypatch):
     import torch
 
-    from engine.backends import SamplingParams
-    from engine.backends.hf import HFBackend
-    from engine.models import load_model
+    from engine.models.backends import SamplingParams
+    from engine.models.backends.hf import HFBackend
+    from engine.models.builtins import load_model
 
     model, tok = load_model("builtin:tiny-chat", cache_root=tmp_path)
     prompts = [[{"role": "user", "content": f"question {i}" + "?" * i}] for i in range(5)]
@@ -161,9 +161,9 @@ def test_oom_halving_mid_call_gives_the_same_samples(tmp_path, monkeypatch):
 
 
 def test_a_prompts_samples_do_not_depend_on_the_other_prompts(tmp_path):
-    from engine.backends import SamplingParams
-    from engine.backends.hf import HFBackend
-    from engine.models import load_model
+    from engine.models.backends import SamplingParams
+    from engine.models.backends.hf import HFBackend
+    from engine.models.builtins import load_model
 
     model, tok = load_model("builtin:tiny-chat", cache_root=tmp_path)
     backend = HFBackend(model, tok, batch_size=8)

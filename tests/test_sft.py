@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from conftest import conv, write_jsonl
-from engine.errors import RecipeError, StageFailed
-from engine.executor import run
-from engine.recipe import load_recipe
-from engine.chatmask import mask_problems
+from engine.core.errors import RecipeError, StageFailed
+from engine.run.executor import run
+from engine.spec.recipe import load_recipe
+from engine.models.chatmask import mask_problems
 from stages.sft import fit, summary
 
 # --------------------------------------------------------------------------- length policies (fast)
@@ -133,7 +133,7 @@ def test_lora_saves_an_adapter_that_loads_on_the_base(tmp_path):
     assert (adapter / "adapter_config.json").is_file()
     from peft import PeftModel
 
-    from engine.models import load_model
+    from engine.models.builtins import load_model
 
     base, _ = load_model("builtin:tiny-chat", cache_root=tmp_path / "runs" / "cache")
     model = PeftModel.from_pretrained(base, str(adapter))
@@ -185,7 +185,7 @@ def test_end_token_outside_generation_fails_the_mask_check(tmp_path):
            "{{- '<|assistant|>' -}}{%- generation -%}{{- message['content'] -}}{%- endgeneration -%}{{- '<|end|>' -}}"
            "{%- else -%}{{- '<|' + message['role'] + '|>' + message['content'] + '<|end|>' -}}{%- endif -%}"
            "{%- endfor -%}")
-    # a file: an inline template over 255 characters trips engine/fingerprint.py (Path(...).is_file() OSError)
+    # a file: an inline template over 255 characters trips engine/store/fingerprint.py (Path(...).is_file() OSError)
     recipe = make(tmp_path, extra_model='chat_template = "chat.j2"')
     (recipe.parent / "chat.j2").write_text(tpl)
     with pytest.raises(StageFailed) as exc:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import text as textrules
-from engine.text import is_refusal
-from engine.data import check_messages, load_rows
+from engine.core import text as textrules
+from engine.core.text import is_refusal
+from engine.data.datasets import check_messages, load_rows
 
 DATA = Path(__file__).resolve().parent.parent / "recipes" / "data"
 EVAL = DATA / "eval"
@@ -283,7 +283,7 @@ def test_safety_prompts_label_what_a_good_assistant_does():
     """The training prompts of recipes/align_smollm2.toml: harmful ones expect a refusal and carry
     a written decline-and-redirect (which the engine's refusal detector reads as a refusal);
     benign ones, many of which only sound dangerous, expect an answer. None is an eval prompt."""
-    from engine.text import is_refusal
+    from engine.core.text import is_refusal
 
     data = rows("safety_prompts.jsonl")
     for r in data:

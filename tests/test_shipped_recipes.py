@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run_cli_subprocess
-from engine.recipe import load_recipe
+from engine.spec.recipe import load_recipe
 
 RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.toml"))
 # The alignment recipe and its control train a real model for about 20 minutes each at their
@@ -48,7 +48,7 @@ def _report(run_dir: Path, stage: str) -> dict:
 
 def check_flagship(run_dir: Path, runs: Path, name: str) -> None:
     """Every step of the pipeline made something, and the eval compares base, SFT and DPO."""
-    from engine.rows import read_rows
+    from engine.data.rows import read_rows
 
     record = json.loads((run_dir / "record.json").read_text())
     assert all(s["status"] == "run" for s in record["stages"].values())
@@ -68,7 +68,7 @@ def check_flagship(run_dir: Path, runs: Path, name: str) -> None:
 
 def check_rft(run_dir: Path, runs: Path, name: str) -> None:
     """Two rounds, each keeping only verified samples; status shows each round's diversity."""
-    from engine.rows import read_rows
+    from engine.data.rows import read_rows
 
     for k in (1, 2):
         kept = read_rows(run_dir / "stages" / f"sample@{k}" / "rows.parquet")
@@ -83,8 +83,8 @@ CHECKS = {"caI_multiturn.toml": check_flagship, "rft_verifier.toml": check_rft}
 def test_seed_data_filter_removes_what_was_planted(tmp_path):
     """The shipped seed pool carries deliberately flawed rows (topic = the flaw): the shipped
     filter settings must remove every one of them and keep the good ones."""
-    from engine.executor import run
-    from engine.rows import read_rows
+    from engine.run.executor import run
+    from engine.data.rows import read_rows
 
     recipe = load_recipe(ROOT / "recipes" / "filter_conversations.toml")
     rec = run(recipe, tmp_path / "runs")

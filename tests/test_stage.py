@@ -1,4 +1,4 @@
-"""engine.stage: the stage contract, checked when a kind loads."""
+"""engine.spec.stage: the stage contract, checked when a kind loads."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import types
 
 import pytest
 
-from engine import registry
-from engine.config import StageConfig
-from engine.stage import HOOKS, contract_problems, hook
+from engine.spec import registry
+from engine.spec.config import StageConfig
+from engine.spec.stage import HOOKS, contract_problems, hook
 
 
 @pytest.mark.parametrize("kind", sorted(registry.BUILTIN))

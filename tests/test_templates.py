@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import ROOT
-from engine.errors import RecipeError
-from engine.templates import BUILTIN_DIR, Templates, TemplateRenderError, escape_markers
+from engine.core.errors import RecipeError
+from engine.lib.prompts import BUILTIN_DIR, Templates, TemplateRenderError, escape_markers
 
 BUILTINS = sorted(p.name for p in BUILTIN_DIR.glob("*.j2"))
 
@@ -388,7 +388,7 @@ def test_builtin_output_contracts():
 
 
 def test_importing_templates_stays_light():
-    code = ("import sys, engine.templates; "
+    code = ("import sys, engine.lib.prompts; "
             "print(sorted(m for m in ('torch','transformers','trl','peft','datasets') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"
@@ -401,7 +401,7 @@ def test_a_template_is_found_by_a_path_relative_to_the_recipe(tmp_path):
 
     import pytest
 
-    from engine.errors import RecipeError
+    from engine.core.errors import RecipeError
 
     (tmp_path / "prompts").mkdir()
     (tmp_path / "prompts" / "ask.j2").write_text("### user\nTell me about {{ topic }}.\n")
@@ -459,7 +459,7 @@ def test_validate_catches_what_the_sandbox_blocks_quickly_and_with_the_line(tmp_
 def test_the_sandbox_limits_hold_at_render_time_too(tmp_path):
     from jinja2.exceptions import SecurityError
 
-    from engine.templates import TemplateRenderError
+    from engine.lib.prompts import TemplateRenderError
 
     (tmp_path / "p.j2").write_text("{{ 2 ** n }}")
     t = Templates([tmp_path])

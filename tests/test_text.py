@@ -1,4 +1,4 @@
-"""Tests for engine.text: the filter stage's refusal / sycophancy / filler / duplicate rules."""
+"""Tests for engine.core.text: the filter stage's refusal / sycophancy / filler / duplicate rules."""
 
 from __future__ import annotations
 
@@ -13,24 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.text import (
-    FILLER_PHRASES,
-    REFUSAL_PHRASES,
-    STOPWORDS,
-    SYCOPHANCY_PHRASES,
-    MinHasher,
-    contains_phrase,
-    exact_key,
-    is_filler,
-    is_refusal,
-    jaccard,
-    near_duplicates,
-    normalize,
-    shingles,
-    sycophancy_ratio,
-    word_count,
-    words,
-)
+from engine.core.text import FILLER_PHRASES, REFUSAL_PHRASES, STOPWORDS, SYCOPHANCY_PHRASES, MinHasher, contains_phrase, exact_key, is_filler, is_refusal, jaccard, near_duplicates, normalize, shingles, sycophancy_ratio, word_count, words
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTION = "What is the capital of France?"
@@ -268,7 +251,7 @@ def test_near_duplicates_many_rows_finds_planted_copies():
 
 DETERMINISM_SCRIPT = """
 import json, sys
-from engine.text import near_duplicates
+from engine.core.text import near_duplicates
 texts = json.loads(sys.stdin.read())
 print(json.dumps(sorted(near_duplicates(texts, threshold=0.6).items())))
 """

@@ -1,4 +1,4 @@
-"""engine/training.py: the code sft and dpo share (batch split, LoRA targets, length policies,
+"""engine/lib/training.py: the code sft and dpo share (batch split, LoRA targets, length policies,
 mixtures, metrics and plots)."""
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.errors import RecipeError
-from engine.training import (Lora, batch_split, check_lora_targets, fit, fit_context, last_checkpoint, mixture,
-                             plot_loss, plot_rewards, step_metrics)
+from engine.core.errors import RecipeError
+from engine.lib.training import Lora, batch_split, check_lora_targets, fit, fit_context, last_checkpoint, mixture, plot_loss, plot_rewards, step_metrics
 
 # --------------------------------------------------------------------------- batch
 
@@ -129,14 +128,14 @@ def test_mixture_needs_one_weight_per_input():
 
 
 def ctx_for(tmp_path: Path):
-    from engine.recipe import load_recipe
+    from engine.spec.recipe import load_recipe
 
     (tmp_path / "r.toml").write_text('[recipe]\nname = "x"\n')
     return SimpleNamespace(stage="train", recipe=load_recipe(tmp_path / "r.toml"), log=logging.getLogger("t"))
 
 
 def test_lora_targets_must_exist_in_the_model(tmp_path):
-    from engine.models import load_model
+    from engine.models.builtins import load_model
 
     model, _ = load_model("builtin:tiny-chat", cache_root=tmp_path / "cache")
     ctx = ctx_for(tmp_path)
@@ -210,8 +209,8 @@ def test_training_modules_and_validation_stay_light(tmp_path):
         model = "policy"
         """))
     (tmp_path / "pairs.jsonl").write_text('{"prompt": "q?", "chosen": "yes", "rejected": "no"}\n')
-    code = ("import sys, engine.training, stages.sft, stages.dpo\n"
-            "from engine.recipe import load_recipe\n"
+    code = ("import sys, engine.lib.training, stages.sft, stages.dpo\n"
+            "from engine.spec.recipe import load_recipe\n"
             f"load_recipe({str(recipe)!r})\n"
             "heavy = ('torch', 'transformers', 'trl', 'peft', 'datasets', 'matplotlib')\n"
             "print(sorted(m for m in heavy if m in sys.modules))")

@@ -1,0 +1,392 @@
+"""Load a recipe's dataset (local file or dir, or a hub id) into normalized rows.
+
+Every output row is `{"id": str, <typed fields>, "meta": {...}}`. Rows that cannot be used are
+dropped with a short reason that is counted in `LoadResult.dropped`, never silently. Data that
+cannot be read at all (bad file, missing column, hub unreachable) raises `DataError`.
+
+Local jsonl/json/csv/parquet files are read with the stdlib and pyarrow only: HF `datasets` is
+imported lazily, for hub ids and directories (`save_to_disk` output or folders of data files).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.core.errors import DataError
+
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system"}
+REQUIRED = {"conversations": ("messages",), "prompts": ("prompt",),
+            "preferences": ("prompt", "chosen", "rejected")}
+FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+SAVE_TO_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+@dataclass
+class LoadResult:
+    rows: list[dict]  # normalized rows
+    total: int  # rows considered (after `limit`), before dropping: total == len(rows) + dropped
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> count
+    examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> up to 3 row ids
+
+
+def is_local(path: str) -> bool:
+    return os.path.exists(os.path.expanduser(path))
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    return bool(HUB_ID.match(source)) and Path(source).suffix.lower() not in FORMATS
+
+
+# ---------------------------------------------------------------- messages
+
+
+def check_messages(messages, *, require_assistant: bool = True) -> str | None:
+    """None if `messages` is a usable conversation, else a short reason (a report key)."""
+    if not isinstance(messages, list) or not messages:
+        return "not a list of messages"
+    roles = []
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            return "not a list of messages"
+        role, content = m["role"].strip().lower(), m.get("content")
+        if role not in ROLES:
+            return f"unknown role '{m['role']}'"
+        if content is not None and not isinstance(content, str):
+            return "not a list of messages"
+        if not (content or "").strip():
+            return "empty content"
+        roles.append(role)
+    if "system" in roles[1:]:
+        return "system message not first"
+    turns = roles[1:] if roles[0] == "system" else roles
+    if not turns or turns[0] != "user":
+        return "does not start with a user turn"
+    if any(r != ("user" if i % 2 == 0 else "assistant") for i, r in enumerate(turns)):
+        return "roles do not alternate"
+    if require_assistant and "assistant" not in turns:
+        return "no assistant turn"
+    return None
+
+
+def normalize_messages(messages, *, require_assistant: bool = True) -> list[dict]:
+    """[{role, content}] with lowercase roles and stripped content; ValueError(reason) if unusable."""
+    reason = check_messages(messages, require_assistant=require_assistant)
+    if reason:
+        raise ValueError(reason)
+    return [{"role": m["role"].strip().lower(), "content": m["content"].strip()} for m in messages]
+
+
+def _from_sharegpt(conv):
+    if not isinstance(conv, list):
+        return conv
+    out = []
+    for m in conv:
+        if isinstance(m, dict) and "from" in m and "role" not in m:
+            role = str(m["from"])
+            m = {"role": SHAREGPT_ROLES.get(role.strip().lower(), role), "content": m.get("value")}
+        out.append(m)
+    return out
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _read_file(path: Path, fmt: str, where: dict) -> list[dict]:
+    if fmt not in FORMATS.values():
+        raise DataError.single(f"unknown data format '{fmt}' for {path}.",
+                               hint='Set format = "jsonl", "json", "csv" or "parquet".', **where)
+    try:
+        if fmt == "parquet":
+            from engine.data.rows import read_rows
+
+            return read_rows(path)
+        if fmt == "csv":  # newline="" keeps line breaks inside quoted cells
+            with open(path, encoding="utf-8-sig", newline="") as fh:
+                reader, rows = csv.DictReader(fh), []
+                for r in reader:
+                    if None in r:  # more cells than the header has columns
+                        raise DataError.single(
+                            f"{path} line {reader.line_num} has {len(reader.fieldnames or []) + len(r[None])} cells "
+                            f"but the header has {len(reader.fieldnames or [])} columns.",
+                            hint="Quote cells that hold commas, or fix the row.", **where)
+                    rows.append(dict(r))
+                return rows
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError, ValueError, csv.Error) as e:  # pyarrow errors: ValueError
+        raise DataError.single(f"could not read {path}: {_one_line(e)}", **where) from None
+    if fmt == "jsonl":
+        rows = []
+        for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may be in a string
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError.single(f"{path} line {n} is not valid JSON ({e.msg}, column {e.colno})",
+                                       **where) from None
+            if not isinstance(rows[-1], dict):
+                raise DataError.single(f"{path} line {n} is not a JSON object", **where)
+        return rows
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError.single(f"{path} is not valid JSON: {e.msg} at line {e.lineno}", **where) from None
+    if isinstance(data, dict):
+        data = next((data[k] for k in ("data", "rows", "train") if isinstance(data.get(k), list)), data)
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise DataError.single(f"{path} must hold a list of objects (or {{\"data\": [...]}})", **where)
+    return data
+
+
+def _decode_csv_cells(row: dict) -> dict:
+    """CSV cells are text: decode JSON message lists (and a JSON `meta` object) held in them."""
+    for col in ("messages", "conversations", "prompt", "chosen", "rejected", "meta"):
+        v = row.get(col)
+        if isinstance(v, str) and v.lstrip()[:1] in ("[", "{"):
+            try:
+                decoded = json.loads(v)
+            except json.JSONDecodeError:
+                continue  # a prompt that merely starts with "[" stays text
+            if (col == "meta" and isinstance(decoded, dict)) or (
+                    isinstance(decoded, list) and all(isinstance(m, dict) for m in decoded)):
+                row[col] = decoded
+    return row
+
+
+def _read_hf_dir(path: Path, split: str, where: dict) -> list[dict]:
+    try:
+        import datasets
+
+        if any((path / m).exists() for m in SAVE_TO_DISK_MARKERS):
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise DataError.single(f"{path} has no split '{split}' (splits: {', '.join(ds)}).",
+                                           hint="Set `split` in the recipe.", **where)
+                ds = ds[split]
+        elif any(p.is_file() for p in path.rglob("*")):
+            ds = datasets.load_dataset(str(path), split=split)
+        else:
+            raise DataError.single(f"directory {path} holds no data files", **where)
+        return ds.to_list()
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure of a user's data dir is a user error
+        raise DataError.single(f"could not load dataset directory {path}: {_one_line(e)}", **where) from None
+
+
+def _read_hub(source: str, split: str, revision: str | None, where: dict) -> list[dict]:
+    try:
+        import datasets
+
+        return datasets.load_dataset(source, split=split, revision=revision).to_list()
+    except Exception as e:  # noqa: BLE001 - offline, unknown id, bad split: all user-fixable
+        raise DataError.single(
+            f"dataset '{source}' could not be loaded from the hub: {_one_line(e).rstrip('.')}; "
+            f"no local path {os.path.abspath(source)} exists either.",
+            hint="Download it and point `path` at the local copy, or check the id and the network.",
+            **where) from None
+
+
+def _one_line(e: BaseException) -> str:
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow", ".tsv", ".txt")
+MAX_DIR_ENTRIES = 100_000
+
+
+def not_a_dataset(path: Path) -> str | None:
+    """Why `path` cannot be read as a dataset, or None: a device, FIFO or socket (reading
+    /dev/zero never ends), or a directory that is not one (no save_to_disk marker and no data
+    file in it or its subfolders, or more entries than any dataset folder has: `/`)."""
+    try:
+        if not path.exists() or path.is_file():
+            return None
+        if not path.is_dir():
+            return f"{path} is not a regular file (a device, pipe or socket); point path at a data file"
+        if any((path / m).exists() for m in SAVE_TO_DISK_MARKERS):
+            return None
+        seen, found = 0, False
+        for dirpath, dirnames, filenames in os.walk(path):
+            seen += len(dirnames) + len(filenames)
+            if seen > MAX_DIR_ENTRIES:
+                return (f"{path} holds more than {MAX_DIR_ENTRIES:,} files and folders: it is not a dataset "
+                        "folder; point path at the data file or the dataset's own folder")
+            depth = len(Path(dirpath).relative_to(path).parts)
+            found = found or (depth <= 2 and any(f.lower().endswith(DATA_SUFFIXES) for f in filenames))
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    except OSError as e:
+        return f"cannot read {path}: {_one_line(e)}"
+    if not found:
+        return (f"{path} is a directory with no data file ({', '.join(DATA_SUFFIXES)}) in it or its subfolders, "
+                "and it is not a saved dataset (save_to_disk)")
+    return None
+
+
+def _read(source, fmt, split, revision, where) -> list[dict]:
+    path = Path(source).expanduser()
+    if (why := not_a_dataset(path)) is not None:
+        raise DataError.single(why + ".", **where)
+    if path.is_dir():
+        return _read_hf_dir(path, split, where)
+    if path.is_file():
+        fmt = (fmt or FORMATS.get(path.suffix.lower(), path.suffix.lstrip(".") or "none")).lower()
+        rows = _read_file(path, fmt, where)
+        return [_decode_csv_cells(r) for r in rows] if fmt == "csv" else rows
+    if _looks_like_hub_id(source):
+        return _read_hub(source, split, revision, where)
+    raise DataError.single(f"file not found: {path.resolve()}", **where)
+
+
+# ---------------------------------------------------------------- normalizing
+
+
+def _blank(v) -> bool:
+    return v is None or (isinstance(v, str) and not v.strip()) or (isinstance(v, list) and not v)
+
+
+def _columns_found(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(k for r in rows for k in r))
+
+
+def _normalize_row(row: dict, type: str):
+    """(typed fields, consumed column names) or a drop reason string."""
+    if type == "conversations":
+        try:
+            return {"messages": normalize_messages(row.get("messages"))}, ("messages",)
+        except ValueError as e:
+            return str(e)
+    prompt = row.get("prompt")
+    if _blank(prompt):
+        return "empty prompt"
+    if type == "prompts":
+        if isinstance(prompt, str):
+            return {"prompt": prompt.strip()}, ("prompt",)
+        try:
+            return {"prompt": normalize_messages(prompt, require_assistant=False)}, ("prompt",)
+        except ValueError as e:
+            return str(e)
+    as_msgs = lambda v, role: [{"role": role, "content": v}] if isinstance(v, str) else v  # noqa: E731
+    p = as_msgs(prompt, "user")
+    out = {"prompt": p}
+    for col in ("chosen", "rejected"):
+        v = row.get(col)
+        if _blank(v):
+            return f"empty {col}"
+        c = as_msgs(v, "assistant")
+        if not isinstance(p, list) or not isinstance(c, list):
+            return "not a list of messages"
+        try:
+            conv = normalize_messages(p + c)  # the prompt plus the answer must be a valid chat
+        except ValueError as e:
+            return str(e)
+        out["prompt"], out[col] = conv[: len(p)], conv[len(p):]
+    if out["chosen"] == out["rejected"]:
+        return "chosen equals rejected"
+    return out, ("prompt", "chosen", "rejected")
+
+
+def load_rows(source: str, *, name: str, type: str = "conversations", format: str | None = None,
+              split: str = "train", columns: dict[str, str] | None = None, limit: int | None = None,
+              shuffle_seed: int | None = None, revision: str | None = None, key: str | None = None,
+              file: str | None = None) -> LoadResult:
+    where = {"file": file, "key": key}
+    if type not in REQUIRED:
+        raise DataError.single(f"unknown dataset type '{type}' (expected one of: {', '.join(REQUIRED)})",
+                               **where)
+    raw = _read(source, format, split, revision, where)
+    found = _columns_found(raw)
+    if columns and raw:
+        missing = [src for src in columns.values() if src not in found]
+        if missing:
+            raise DataError.single(
+                f"dataset '{name}' has no column {', '.join(repr(m) for m in missing)} "
+                f"(available columns: {', '.join(found) or 'none'})", **where)
+        sources = set(columns.values())
+        raw = [{**{k: v for k, v in r.items() if k not in sources},
+                **{t: r.get(s) for t, s in columns.items()}} for r in raw]
+        found = _columns_found(raw)
+    if type == "conversations" and not columns and "messages" not in found and "conversations" in found:
+        raw = [{"messages": _from_sharegpt(r.pop("conversations", None)), **r} for r in raw]
+        found = _columns_found(raw)
+    missing = [c for c in REQUIRED[type] if c not in found]
+    if raw and missing:
+        raise DataError.single(
+            f"dataset '{name}' ({type}) needs a '{missing[0]}' column; columns found: {', '.join(found)}.",
+            hint=f'Map one in the recipe, e.g. columns = {{ {missing[0]} = "..." }}.', **where)
+
+    indexed = list(enumerate(raw))
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(indexed)
+    if limit is not None:
+        indexed = indexed[: max(limit, 0)]
+
+    result = LoadResult(rows=[], total=len(indexed))
+    for index, row in indexed:
+        rid = row.get("id")
+        rid = f"{name}:{index}" if rid is None or rid == "" else str(rid)
+        got = _normalize_row(row, type)
+        if isinstance(got, str):
+            result.dropped[got] = result.dropped.get(got, 0) + 1
+            ex = result.examples.setdefault(got, [])
+            if len(ex) < 3:
+                ex.append(rid)
+            continue
+        fields, consumed = got
+        meta = dict(row["meta"]) if isinstance(row.get("meta"), dict) else {}
+        skip = {"id", "meta", *consumed}
+        meta.update({k: v for k, v in row.items() if k not in skip})
+        if "meta" in row and not isinstance(row["meta"], dict) and row["meta"] is not None:
+            meta["meta"] = row["meta"]
+        result.rows.append({"id": rid, **fields, "meta": meta})
+    return result
+
+
+# ---------------------------------------------------------------- validate-time checks
+
+PREVIEW_MAX_BYTES = 20 << 20  # files up to this size are loaded in full at validate; bigger ones only opened
+
+
+def preview(spec, name: str, where: dict) -> tuple[list[dict] | None, str | None]:
+    """(rows, problem) of a local dataset file, as `recipe validate` sees it: a file that cannot be
+    read, that holds no rows, or that the loader rejects is a problem (run would fail on it later);
+    rows are returned when the file was small enough to load in full (else None). Directories and hub
+    ids are left to the run."""
+    path = Path(spec.path).expanduser()
+    if path.is_absolute() and (why := not_a_dataset(path)) is not None:
+        return None, f"dataset '{name}': {why}."
+    if not path.is_absolute() or not path.is_file():
+        return None, None
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+        size = path.stat().st_size
+    except OSError as e:
+        return None, f"dataset '{name}': cannot read {path}: {_one_line(e)}. Check the file's permissions."
+    if not head.strip():
+        return None, (f"dataset '{name}': {path} is empty: it has no rows. Put rows in it, or point path at "
+                      "another file.")
+    if size > PREVIEW_MAX_BYTES:
+        return None, None
+    try:
+        result = load_rows(str(path), name=name, type=spec.type, format=spec.format, split=spec.split,
+                           columns=spec.columns, limit=spec.limit, shuffle_seed=spec.shuffle_seed,
+                           revision=spec.revision, key=where.get("key"), file=where.get("file"))
+    except DataError as e:
+        return None, e.problems[0].message + (f" {e.problems[0].hint}" if e.problems[0].hint else "")
+    if not result.rows:
+        dropped = ", ".join(f"{r} ({n})" for r, n in result.dropped.items()) or "no rows"
+        return [], (f"dataset '{name}': no usable row in {path} ({result.total} read; dropped: {dropped}). "
+                    "Fix the rows, or point path at another file.")
+    return result.rows, None

@@ -1,0 +1,202 @@
+"""The `vllm` backend: vLLM's offline engine (`vllm.LLM`) in process, for GPU throughput.
+
+    [models.policy]
+    path = "Qwen/Qwen2.5-7B-Instruct"
+    backend = "vllm"                     # pip install recipe-engine[vllm]
+    [stages.chats.resources]
+    gpus = 2                             # tensor parallelism of the one engine
+
+What it keeps of the Backend contract: one request per prompt with its own seed
+(`SamplingParams.seed`: vLLM samples a seeded request from its own generator, so a prompt's
+completions do not depend on the other prompts of the batch), `n` samples per request, stop
+strings (cut from the text), the template's end-of-turn tokens as stop tokens, token counts
+from the engine. vLLM samples with its own kernels, so its text differs from the hf backend's
+for the same seed; the backend is part of a model's identity, so the fingerprints differ too.
+
+Models made by upstream stages: full weights load as they are; a LoRA adapter (a stage's
+`model/` with base.json, or a [models] `adapter`) is served on its base with a `LoRARequest`
+(`enable_lora`, rank from the adapter's config). An adapter on top of another adapter cannot
+be served: merge the first (sft/dpo `merge = true`).
+
+vLLM cannot be installed on the CPU machines this project is developed on: this module is
+written against vLLM's documented offline API (LLM, LLM.chat, SamplingParams, LoRARequest) and
+the backend contract tests run against it wherever `import vllm` works. It is imported only here.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from engine.core.errors import RecipeError
+from engine.models.backends import Completion, SamplingParams
+
+if TYPE_CHECKING:
+    from engine.spec.artifact import Artifact
+
+INSTALL = "pip install 'recipe-engine[vllm]'"
+
+
+def available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _import_vllm():
+    try:
+        import vllm
+    except ImportError as exc:
+        raise RecipeError.single(
+            f"the vllm backend needs the vllm package, which is not importable here ({exc}).",
+            hint=f"Install it on a GPU machine with `{INSTALL}`, or use backend = \"hf\".") from None
+    return vllm
+
+
+def _from_spec(spec: Any, cache_root: Path | None) -> dict:
+    from engine.store.fingerprint import is_file
+
+    if spec.path.startswith("builtin:"):
+        from engine.models.builtins import builtin_dir
+
+        source = str(builtin_dir(spec.path.split(":", 1)[1], Path(cache_root or ".")))
+    else:
+        source = str(Path(spec.path).expanduser()) if Path(spec.path).expanduser().is_dir() else spec.path
+    template = spec.chat_template
+    if template and is_file(template):
+        template = Path(template).read_text()
+    return {"model": source, "revision": spec.revision, "adapter": spec.adapter, "dtype": spec.dtype,
+            "chat_template": template, "trust_remote_code": spec.trust_remote_code}
+
+
+def _from_dir(path: Path) -> dict:
+    adapter = str(path) if (path / "adapter_config.json").is_file() else None
+    return {"model": str(path), "revision": None, "adapter": adapter, "dtype": "auto", "chat_template": None,
+            "trust_remote_code": False}
+
+
+def resolve(model: "Artifact", cache_root: Path | None) -> dict:
+    """What to start vLLM with for a model reference: {"model": dir or hub id, "revision",
+    "adapter": LoRA dir or None, "dtype", "chat_template", "trust_remote_code"}. A stage-made
+    adapter is served on the base its base.json records."""
+    if model.spec is not None:
+        return _from_spec(model.spec, cache_root)
+    path = Path(model.path) / "model"
+    if not (path / "adapter_config.json").is_file():
+        return _from_dir(path)
+    base = json.loads((path / "base.json").read_text())
+    if "spec" in base:
+        from engine.spec.recipe import ModelSpec
+
+        out = _from_spec(ModelSpec.model_validate(base["spec"], strict=False), cache_root)
+    else:
+        out = _from_dir(Path(cache_root or ".") / base["stage"] / "model" if "stage" in base else Path(base["dir"]))
+    if out["adapter"]:
+        raise RecipeError.single(
+            f"model '{model.name}' is a LoRA adapter on '{base['name']}', itself a model with an adapter: the vllm "
+            "backend serves one adapter on plain weights.",
+            hint="Merge the first adapter (merge = true in the stage that trained it), or use backend = \"hf\".")
+    out["adapter"] = str(path)
+    return out
+
+
+def _lora_rank(adapter: str) -> int:
+    try:
+        return int(json.loads((Path(adapter) / "adapter_config.json").read_text()).get("r", 16))
+    except (OSError, ValueError):
+        return 16
+
+
+def _dtype(name: str) -> str:
+    """Our "auto" means bfloat16 on a GPU (as the hf backend does); vLLM's own "auto" would take
+    float16 for a float32 checkpoint."""
+    return "bfloat16" if name == "auto" else name
+
+
+class VLLMBackend:
+    name = "vllm"
+
+    def __init__(self, source: dict, *, batch_size: int = 64, gpus: int = 1, seed: int = 0,
+                 log: logging.Logger | None = None) -> None:
+        vllm = _import_vllm()
+        self._vllm = vllm
+        self.source, self.batch_size = source, batch_size
+        adapter = source.get("adapter")
+        kwargs: dict[str, Any] = {
+            "model": source["model"], "dtype": _dtype(source.get("dtype") or "auto"), "seed": seed,
+            "tensor_parallel_size": max(1, gpus), "trust_remote_code": bool(source.get("trust_remote_code")),
+        }
+        if source.get("revision"):
+            kwargs["revision"] = source["revision"]
+        if adapter:
+            kwargs.update(enable_lora=True, max_lora_rank=max(8, _lora_rank(adapter)), max_loras=1)
+        if log is not None:
+            log.info("vllm %s: %s", getattr(vllm, "__version__", "?"), kwargs)
+        self.llm = vllm.LLM(**kwargs)
+        self.lora = None
+        if adapter:
+            from vllm.lora.request import LoRARequest
+
+            self.lora = LoRARequest("adapter", 1, str(adapter))
+        self.tokenizer = self.llm.get_tokenizer()
+        from engine.models.chatmask import stop_token_ids
+
+        self.stop_ids = stop_token_ids(self.tokenizer, None)
+
+    @classmethod
+    def for_artifact(cls, model: "Artifact", cache_root: Path | None, log: logging.Logger, *, batch_size: int = 64,
+                     gpus: int = 1) -> "VLLMBackend":
+        return cls(resolve(model, cache_root), batch_size=batch_size, gpus=gpus, log=log)
+
+    def sampling(self, params: SamplingParams, seed: int) -> Any:
+        """vLLM's SamplingParams for one prompt (top_k -1 = off; stop strings cut from the text)."""
+        return self._vllm.SamplingParams(
+            n=params.n, temperature=params.temperature, top_p=params.top_p,
+            top_k=params.top_k if params.top_k > 0 else -1, max_tokens=params.max_new_tokens,
+            stop=list(params.stop) or None, stop_token_ids=list(self.stop_ids) or None, seed=seed,
+            skip_special_tokens=True)
+
+    def generate(self, prompts: list[list[dict]], params: SamplingParams,
+                 seed: "int | Sequence[int]") -> list[list[Completion]]:
+        from engine.models.backends.hf import prompt_seeds
+
+        if not prompts:
+            return []
+        seeds = prompt_seeds(seed, len(prompts))
+        kwargs: dict[str, Any] = {"sampling_params": [self.sampling(params, s) for s in seeds], "use_tqdm": False,
+                                  "add_generation_prompt": True}
+        if self.source.get("chat_template"):
+            kwargs["chat_template"] = self.source["chat_template"]
+        if self.lora is not None:
+            kwargs["lora_request"] = self.lora
+        outputs = self.llm.chat(prompts, **kwargs)
+        return [[self._completion(out, c) for c in out.outputs] for out in outputs]
+
+    def _completion(self, out: Any, choice: Any) -> Completion:
+        ids = list(choice.token_ids)
+        if ids and ids[-1] in self.stop_ids:  # the end-of-turn token is not part of the reply
+            ids = ids[:-1]
+        finish = "length" if choice.finish_reason == "length" else "stop"
+        return Completion(choice.text.strip(), len(out.prompt_token_ids or []), len(ids), finish)
+
+    def close(self) -> None:
+        """Shut the engine down and return its GPU memory (vLLM reserves most of the card)."""
+        if getattr(self, "llm", None) is None:
+            return
+        llm, self.llm = self.llm, None
+        del llm
+        try:
+            from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+            destroy_model_parallel()
+            destroy_distributed_environment()
+        except Exception:  # older or newer vLLM: the collector below still frees the weights
+            pass
+        gc.collect()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,411 @@
+"""Assistant-only loss for any chat template: which characters of a rendered conversation the
+model must learn to emit, and the token that ends its turn.
+
+Three ways to get the assistant mask, tried in this order (`masking`):
+
+1. `markers`: the template already wraps assistant text in `{% generation %}...{% endgeneration %}`;
+   TRL's `assistant_only_loss` uses it as is.
+2. `trl`: TRL ships a training version of this exact template (Llama-3, Qwen2.5, Gemma, Phi-3, ...);
+   the sft stage swaps it in. Found by comparing against TRL's template files, without importing trl.
+3. `derived`: any other template. The conversation is rendered one message at a time: for each
+   assistant turn k, rendering the messages before it with the generation prompt gives the text
+   the model is prompted with, and rendering through turn k gives the text after it; the
+   difference is what the model emits (its content and end-of-turn marker; trailing whitespace
+   is left out). The full rendering is then tokenized with offsets and a token is supervised
+   when it overlaps such a span.
+
+A template can be masked by rendering only when it is prefix-stable: each partial rendering is a
+prefix of the whole conversation's rendering (a template that moves the system prompt into the
+last user turn, or drops earlier turns' reasoning, is not), and the assistant's content appears
+in its span. Otherwise `assistant_spans` raises `TemplateProblem` naming the turn and what
+differs, and `recipe validate` reports it with the model's name. The sft stage's saved mask
+check (decoding the supervised tokens of a real batch) stays the judge on every run.
+
+Rendering at validate time uses jinja2 the way transformers does (sandboxed, trim_blocks,
+lstrip_blocks, loopcontrols, raise_exception, tojson), so no ML library is imported.
+
+The saved mask check (`mask_check`, run by the sft stage before step 1): one real collated batch
+from the trainer's own pipeline, its supervised tokens decoded to `mask_check.txt`; they must be
+exactly the assistant turns plus their end-of-turn token, or the stage fails with FIX_TEMPLATE.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+Messages = list[dict]
+Render = Callable[[Messages, bool], str]  # (messages, add_generation_prompt) -> text
+
+_MARKERS = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+# Probe conversations: distinct contents that no template text contains.
+PROBE_SYSTEM = [
+    {"role": "system", "content": "Probe system text, alpha."},
+    {"role": "user", "content": "Probe user text, bravo?"},
+    {"role": "assistant", "content": "Probe reply text, charlie."},
+    {"role": "user", "content": "Probe user text, delta?"},
+    {"role": "assistant", "content": "Probe reply text, echo."},
+]
+PROBE_PLAIN = PROBE_SYSTEM[1:]
+
+
+class TemplateProblem(ValueError):
+    """A chat template whose assistant turns cannot be located by rendering; the message says why."""
+
+
+def has_generation_markers(template: str | None) -> bool:
+    return bool(template) and bool(_MARKERS.search(template))
+
+
+@lru_cache(maxsize=1)
+def _trl_templates() -> dict[str, str]:
+    """TRL's chat templates that have a training version: template text -> training template text.
+    Read from TRL's package folder without importing trl (validate stays light)."""
+    try:
+        spec = importlib.util.find_spec("trl")
+    except (ImportError, ValueError):
+        return {}
+    if spec is None or not spec.submodule_search_locations:
+        return {}
+    folder = Path(list(spec.submodule_search_locations)[0]) / "chat_templates"
+    out = {}
+    for training in folder.glob("*_training.jinja"):
+        plain = training.with_name(training.name.replace("_training.jinja", ".jinja"))
+        if plain.is_file():
+            out[plain.read_text(encoding="utf-8")] = training.read_text(encoding="utf-8")
+    return out
+
+
+def trl_training_template(template: str | None) -> str | None:
+    """TRL's training version of `template` when TRL ships one for exactly this template."""
+    return _trl_templates().get(template) if template else None
+
+
+def masking(template: str | None, render: Render, special: list[str] = ()) -> str:
+    """'markers', 'trl' or 'derived' (see the module docstring); TemplateProblem when none works."""
+    if not template:
+        raise TemplateProblem("the model has no chat template")
+    if has_generation_markers(template):
+        return "markers"
+    if trl_training_template(template):
+        return "trl"
+    check_renders(render, special)
+    return "derived"
+
+
+def check_renders(render: Render, special: list[str] = ()) -> None:
+    """Derive the spans of the probe conversations (with a system message, and without one when the
+    template refuses system messages); TemplateProblem when the template cannot be masked."""
+    try:
+        assistant_spans(render, PROBE_SYSTEM, closing_suffix(render, special))
+        return
+    except TemplateProblem:
+        raise
+    except Exception:  # noqa: BLE001 - e.g. raise_exception('System role not supported')
+        pass  # a template without system messages is fine: the data then must not have any
+    try:
+        assistant_spans(render, PROBE_PLAIN, closing_suffix(render, special))
+    except TemplateProblem:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise TemplateProblem(f"rendering a user/assistant conversation failed: {_first_line(exc)}") from None
+
+
+def closing_suffix(render: Render, special: list[str] = ()) -> str:
+    """What the template appends only at the very end of a conversation (Phi-3 closes it with its
+    eos token): a special token at the end of a one-exchange rendering that a longer conversation
+    does not have there. '' when there is none (or the template fails on the probe)."""
+    try:
+        one = render(PROBE_PLAIN[:2], False)
+        two = render(PROBE_PLAIN, False)
+    except Exception:  # noqa: BLE001
+        return ""
+    if two.startswith(one):
+        return ""
+    body = one.rstrip()
+    for token in sorted((t for t in special if t), key=len, reverse=True):
+        if body.endswith(token) and two.startswith(body[:-len(token)]):
+            return one[len(body) - len(token):]
+    return ""
+
+
+def assistant_spans(render: Render, messages: Messages, closing: str = "") -> tuple[str, list[tuple[int, int]]]:
+    """(the whole conversation's rendering, [start, end) character spans the model must emit, one per
+    assistant turn). `closing`: what the template appends at the end of a conversation (never a
+    turn's own). TemplateProblem when the template is not prefix-stable or rewrites a reply."""
+    full = render(messages, False)
+    spans = []
+    for k, i in enumerate(i for i, m in enumerate(messages) if m["role"] == "assistant"):
+        before = render(messages[:i], True)
+        through = render(messages[:i + 1], False)
+        if closing and through.endswith(closing):
+            through = through[:-len(closing)]
+        if not through.startswith(before):
+            raise TemplateProblem(
+                f"not prefix-stable at assistant turn {k}: the prompt the model is given ({_tail(before)}) is not "
+                f"the start of the rendering with its reply ({_tail(through)})")
+        if not full.startswith(through):
+            raise TemplateProblem(
+                f"not prefix-stable at assistant turn {k}: rendering the conversation through that turn is not the "
+                "start of the whole conversation's rendering (the template changes earlier turns when later ones "
+                "are added, e.g. moves the system prompt or drops earlier reasoning)")
+        body = through[len(before):]
+        content = messages[i]["content"].strip()
+        at = body.find(content) if content else len(body) - len(body.lstrip())
+        if at < 0:
+            raise TemplateProblem(f"assistant turn {k}'s text does not appear in its rendering (the template "
+                                  "rewrites or drops assistant content)")
+        # What the model emits after its generation prompt: leading whitespace included, a role header
+        # that the generation prompt lacks excluded; trailing whitespace (a newline between turns) left out.
+        start = 0 if not body[:at].strip() else at
+        end = len(body.rstrip())
+        if content and end <= at + len(content):
+            raise TemplateProblem(f"assistant turn {k} has no end-of-turn marker after its text: the model could "
+                                  "not learn when to stop")
+        spans.append((len(before) + start, len(before) + end))
+    return full, spans
+
+
+def end_of_turn(render: Render, special: list[str] = ()) -> str | None:
+    """The marker that ends an assistant turn (e.g. '<|im_end|>', '<|eot_id|>', '</s>'), or None."""
+    try:
+        text, spans = assistant_spans(render, PROBE_PLAIN, closing_suffix(render, special))
+    except Exception:  # noqa: BLE001
+        return None
+    a, b = spans[0]
+    reply = PROBE_PLAIN[1]["content"]
+    tail = text[a:b]
+    tail = tail[tail.find(reply) + len(reply):].strip() if reply in tail else ""
+    return tail or None
+
+
+def _tail(text: str, n: int = 60) -> str:
+    return repr(text[-n:])
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def tokenizer_render(tok) -> Render:
+    """Render with the tokenizer's own chat template (what training and generation see)."""
+    def render(messages: Messages, add_generation_prompt: bool) -> str:
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return render
+
+
+def jinja_render(template: str, special: dict[str, str] | None = None) -> Render:
+    """Render `template` with jinja2 as transformers does, with no ML library imported."""
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(jinja2.ext.Extension):  # {% generation %}...{% endgeneration %}: rendered as is
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_render", []), [], [], body).set_lineno(lineno)
+
+        def _render(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(fmt):
+        from datetime import datetime
+
+        return datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+    compiled = env.from_string(template)
+    tokens = dict(special or {})
+
+    def render(messages: Messages, add_generation_prompt: bool) -> str:
+        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **tokens)
+    return render
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+def masked_ids(tok, messages: Messages) -> tuple[list[int], list[int]]:
+    """(input_ids, assistant mask) of a conversation, by the `derived` method: the rendering is
+    tokenized with offsets and a token is supervised when its characters overlap a span."""
+    render = tokenizer_render(tok)
+    special = tok.convert_ids_to_tokens(sorted(special_ids(tok)))
+    text, spans = assistant_spans(render, messages, closing_suffix(render, special))
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, mask = list(enc["input_ids"]), []
+    for s, e in enc["offset_mapping"]:
+        mask.append(int(any(s < b and e > a for a, b in spans) if e > s else False))
+    return ids, mask
+
+
+def special_ids(tok) -> set[int]:
+    """The tokenizer's special tokens: its named ones and every added token marked special (a
+    template's <end_of_turn> or <|eot_id|> is often only the latter)."""
+    ids = set(tok.all_special_ids)
+    for i, added in (getattr(tok, "added_tokens_decoder", None) or {}).items():
+        if getattr(added, "special", False):
+            ids.add(int(i))
+    return ids
+
+
+def stop_token_ids(tok, generation_eos=None) -> list[int]:
+    """Token ids that end generation: the tokenizer's eos, the model's generation eos (one id or a
+    list), and the template's end-of-turn marker when it is a single special token."""
+    ids: list[int] = []
+    for value in (tok.eos_token_id, generation_eos):
+        for i in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(i, int) and i not in ids:
+                ids.append(i)
+    marker = None
+    if getattr(tok, "chat_template", None):
+        marker = end_of_turn(tokenizer_render(tok), tok.convert_ids_to_tokens(sorted(special_ids(tok))))
+    if marker:
+        enc = tok.encode(marker, add_special_tokens=False)
+        if enc and enc[0] in special_ids(tok):
+            if enc[0] not in ids:
+                ids.append(enc[0])
+    return ids
+
+
+# --------------------------------------------------------------------------- model folders
+
+
+def _token_text(value) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def folder_template(folder: Path) -> tuple[str | None, dict[str, str]]:
+    """(chat template, special tokens) of a saved tokenizer folder, read as files: the template
+    from chat_template.jinja or tokenizer_config.json, the tokens from tokenizer_config.json."""
+    folder = Path(folder)
+    config: dict = {}
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass
+    template = None
+    if (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    elif isinstance(config.get("chat_template"), str):
+        template = config["chat_template"]
+    elif isinstance(config.get("chat_template"), list):  # named variants: the default one
+        named = {t.get("name"): t.get("template") for t in config["chat_template"] if isinstance(t, dict)}
+        template = named.get("default")
+    special = {k: t for k in ("bos_token", "eos_token", "unk_token", "pad_token")
+               if (t := _token_text(config.get(k))) is not None}
+    return template, special
+
+
+FIX_TEMPLATE = (
+    "Fix the chat template (set chat_template in the model's [models] table): wrap each assistant "
+    "message's content AND its end-of-turn token in {% generation %}...{% endgeneration %}, e.g. "
+    "\"<|assistant|>{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}\", "
+    "and keep system and user turns outside it."
+)
+
+
+# --------------------------------------------------------------------------- the saved mask check (sft)
+
+
+def _spans(labels: list[int]) -> list[tuple[int, int]]:
+    out, start = [], None
+    for i, lab in enumerate(labels + [-100]):
+        if lab != -100 and start is None:
+            start = i
+        elif lab == -100 and start is not None:
+            out.append((start, i))
+            start = None
+    return out
+
+
+def mask_problems(tok, messages: list[dict], input_ids: list[int], labels: list[int]) -> tuple[str, list[str]]:
+    """(decoded supervised text, problems) for one collated example and its messages."""
+    special = special_ids(tok)
+    spans = _spans(labels)
+    texts = [tok.decode(input_ids[a:b], skip_special_tokens=False) for a, b in spans]
+    shown = "\n".join(f"[span {k}] {t!r}" for k, t in enumerate(texts)) or "(nothing is supervised)"
+    problems: list[str] = []
+    assistants = [m["content"] for m in messages if m["role"] == "assistant"]
+    if not spans:
+        problems.append("no token is supervised")
+        return shown, problems
+    if len(spans) != len(assistants):
+        problems.append(f"{len(spans)} supervised spans for {len(assistants)} assistant turns")
+    for k, ((a, b), text, content) in enumerate(zip(spans, texts, assistants)):
+        body = text.strip()
+        if not body.startswith(content.strip()):
+            problems.append(f"span {k} is not the assistant turn's content: {text[:80]!r}")
+            continue
+        rest = body[len(content.strip()):]
+        for sid in special:
+            rest = rest.replace(tok.convert_ids_to_tokens(sid) or "\0", "")
+        if rest.strip():
+            problems.append(f"span {k} supervises more than the assistant turn: {text[:80]!r}")
+        tail = [t for t in input_ids[a:b] if tok.decode([t]).strip()]
+        if not tail or tail[-1] not in special:
+            problems.append(f"the end-of-turn token of assistant turn {k} is not supervised")
+    sup = "".join(texts)
+    for m in messages:
+        if m["role"] in ("system", "user") and m["content"].strip() in sup \
+                and not any(m["content"].strip() in c for c in assistants):
+            problems.append(f"{m['role']} text is supervised: {m['content'][:60]!r}")
+    return shown, problems
+
+
+def _collated_examples(batch: dict, packed: bool) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) of each conversation in a collated batch: padding removed, and a
+    packed (padding-free) row split where its position ids restart at 0."""
+    out = []
+    for i in range(batch["input_ids"].shape[0]):
+        ids, labels = batch["input_ids"][i].tolist(), batch["labels"][i].tolist()
+        if packed:
+            pos = batch["position_ids"][i].tolist()
+            starts = [k for k, p in enumerate(pos) if p == 0] + [len(pos)]
+            out += [(ids[a:b], labels[a:b]) for a, b in zip(starts, starts[1:])]
+        else:
+            keep = batch["attention_mask"][i].tolist()
+            out.append(([t for t, k in zip(ids, keep) if k], [lab for lab, k in zip(labels, keep) if k]))
+    return out
+
+
+def mask_check(trainer, tok, kept, by_ids: dict[int, int], n: int, packed: bool, ctx) -> None:
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(min(n, len(trainer.train_dataset)))])
+    lines, problems = [], []
+    for i, (ids, labels) in enumerate(_collated_examples(batch, packed)):
+        # packing reorders conversations: find each one by its tokens
+        index = by_ids.get(hash(tuple(ids))) if packed else i
+        if index is None:
+            problems.append(f"example {i}: its tokens match no conversation (the trainer tokenized it differently)")
+            continue
+        shown, probs = mask_problems(tok, kept[index], ids, labels)
+        lines.append(f"=== example {i}\n{shown}\n")
+        problems += [f"example {i}: {p}" for p in probs]
+    if ctx.is_main:
+        from engine.core.io import atomic_write_text
+
+        atomic_write_text(Path(ctx.out_dir) / "mask_check.txt", "\n".join(lines))
+    if problems:
+        raise RuntimeError(f"assistant-only loss mask is wrong ({'; '.join(problems[:3])}). {FIX_TEMPLATE}")
+    ctx.log.info("mask check ok on %d examples (mask_check.txt)", len(lines))

@@ -1,0 +1,539 @@
+"""Runs a plan: topological order, cache hits skipped, shards resumed, run records written.
+
+The parts live apart: what a stage receives (engine/spec/artifact.py), model loading and backends
+(engine/models/pool.py), run records and stage logs (engine/store/record.py); this module plans, builds the
+Context a stage gets, and runs the stages.
+
+    runs/<recipe>/<run-id>/recipe.toml        the resolved recipe
+    runs/<recipe>/<run-id>/record.json        each stage: fingerprint, cached/run, time, rows
+    runs/<recipe>/<run-id>/logs/<stage>.log   the stage's log (tracebacks land here)
+    runs/<recipe>/<run-id>/stages/<stage>     link to the cache entry
+    runs/<recipe>/latest                      link to the newest run
+    runs/<recipe>/.last/<stage>.json          components last built, for `plan` reasons
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.models import pool as loading
+from engine.core import threads as threads_mod
+from engine.spec.artifact import Artifact
+from engine.store.cache import Entry, Store
+from engine.core.io import atomic_write_json
+from engine.core.errors import RecipeError, StageFailed
+from engine.store.fingerprint import HashMemo, fingerprints, reasons
+from engine.spec.graph import artifact_type, edges, order, upstream
+from engine.core.console import stage_output
+from engine.spec.recipe import Recipe
+from engine.store.record import RunRecord, close_logger, stage_logger, versions
+from engine.spec.rounds import diversity_for, round_of
+from engine.data.rows import write_rows
+from engine.core.seeds import Seeds
+from engine.store.shards import ShardRunner
+
+
+def runs_dir_default() -> str:
+    return os.environ.get("RECIPE_RUNS_DIR", "runs")
+
+
+def memo_for(runs_dir: str | os.PathLike, rehash: bool = False) -> HashMemo:
+    return HashMemo(Path(runs_dir) / "cache" / "hashes.json", rehash=rehash)
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass
+class PlanItem:
+    name: str
+    kind: str
+    fingerprint: str
+    status: str  # cached | partial | run
+    reasons: list[str]
+    components: dict = field(repr=False, default_factory=dict)
+
+    def as_json(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "fingerprint": self.fingerprint,
+                "status": self.status, "reasons": self.reasons}
+
+
+def last_components(runs_dir: Path, recipe: str, stage: str) -> dict | None:
+    try:
+        return json.loads((runs_dir / recipe / ".last" / f"{stage}.json").read_text())["components"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def make_plan(recipe: Recipe, runs_dir: str | os.PathLike, memo: HashMemo | None = None) -> list[PlanItem]:
+    runs_dir = Path(runs_dir)
+    memo = memo or memo_for(runs_dir)
+    store = Store(runs_dir)
+    items = []
+    for name, (fp, comps) in fingerprints(recipe, memo).items():
+        if store.peek(fp, memo):
+            status, why = "cached", []
+        else:
+            status = "partial" if store.has_partial(fp) else "run"
+            why = reasons(last_components(runs_dir, recipe.name, name), comps)
+            if store.entry_path(fp).is_dir():
+                why = ["its cache entry is damaged (a file changed since it was built); it will be rebuilt"]
+        items.append(PlanItem(name, recipe.stages[name].kind, fp, status, why, comps))
+    memo.save()
+    return items
+
+
+# --------------------------------------------------------------------------- context
+
+
+class _Task:
+    def __init__(self, progress, task_id) -> None:
+        self.progress, self.task_id = progress, task_id
+
+    def advance(self, n: int = 1) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.task_id, n)
+
+
+@dataclass
+class Context:
+    """What a stage's `run` gets besides its config and inputs. Stages never touch the cache."""
+
+    stage: str
+    fingerprint: str
+    seed: int
+    out_dir: Path
+    partial_dir: Path
+    log: logging.Logger
+    recipe: Recipe
+    console: Any = None
+    _progress: Any = None
+    cache_root: Path | None = None
+    pool: "loading.ModelPool | None" = None  # generation models kept between the stages of a run
+    lazy_models: bool = False  # backends load on first use (a Ray driver assembling committed shards)
+    rows_out: int | None = None
+    warnings: list[str] = field(default_factory=list)  # this stage's warnings, for the record and the report
+    shards: ShardRunner = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.shards = ShardRunner(self.partial_dir, self.fingerprint, self.seed, self.progress, self.log)
+        self.shards.announce = self.say
+
+    def say(self, message: str) -> None:
+        """A line for the user (the console, above the progress bars) and the stage log."""
+        self.log.info(message)
+        if self.console is not None:
+            self.console.print(f"{self.stage}: {message}", markup=False)
+
+    @property
+    def seeds(self) -> Seeds:
+        """This stage's random streams, by row id (engine.core.seeds): never by shard or batch."""
+        return Seeds(self.seed, self.fingerprint)
+
+    def progress(self, total: int | None, desc: str = "rows", unit: str = "rows") -> _Task:
+        """A progress bar labelled `stage: desc` (keep `desc` short: the bar must fit 80 columns)."""
+        if self._progress is None:
+            return _Task(None, None)
+        return _Task(self._progress, self._progress.add_task(f"{self.stage}: {desc}", total=total, unit=unit))
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        self.log.warning(message)
+        if self.console is not None:
+            self.console.print(f"[yellow]warning[/]: {self.stage}: {message}")
+
+    def templates(self):
+        """Templates for this recipe: its own templates/ folder shadows the built-ins."""
+        from engine.lib.prompts import Templates
+
+        return Templates.for_recipe(self.recipe)
+
+    @property
+    def is_main(self) -> bool:
+        """False in the non-zero ranks of a multi-process stage: only the main process writes files."""
+        return int(os.environ.get("RANK", "0")) == 0
+
+    def describe_model(self, model: "Artifact") -> dict:
+        """How to load `model` again later (engine.models.pool.describe_model)."""
+        return loading.describe_model(model)
+
+    def load_model(self, model: "Artifact", *, merge_adapter: bool = False):
+        """(model, tokenizer) for a model reference (engine.models.pool.load_model)."""
+        return loading.load_model(model, self.recipe, self.cache_root, self.log, merge_adapter=merge_adapter)
+
+    def backend(self, model: "Artifact", batch_size: int = 64):
+        """A generation backend for a model reference; call `.close()` when done (engine.models.pool.backend)."""
+        def load():
+            return loading.backend(model, self.recipe, self.cache_root, self.log, self.partial_dir, batch_size,
+                                   pool=self.pool, resources=self.recipe.stages[self.stage].config.resources
+                                   if self.stage in self.recipe.stages else None)
+        return loading.LazyBackend(load) if self.lazy_models else load()
+
+    def save_rows(self, rows: list[dict], name: str = "rows.parquet") -> int:
+        n = write_rows(self.out_dir / name, rows)
+        if name == "rows.parquet":
+            self.rows_out = n
+        return n
+
+    def save_json(self, name: str, obj: Any) -> None:
+        atomic_write_json(self.out_dir / name, obj)
+
+
+# --------------------------------------------------------------------------- run
+
+
+def select(recipe: Recipe, only: list[str], force: list[str]) -> set[str]:
+    only, force = recipe.stage_names(only), recipe.stage_names(force)  # `dpo` in a loop: its last round
+    unknown = [n for n in [*only, *force] if n not in recipe.stages]
+    if unknown:
+        raise RecipeError.single(
+            f"no stage named {', '.join(repr(u) for u in unknown)}.",
+            file=str(recipe.path), hint=f"Stages: {', '.join(recipe.stages)}.")
+    return upstream(recipe, only) if only else set(recipe.stages)
+
+
+EXECUTORS = ("local", "ray")
+
+
+def executor_default() -> str:
+    return os.environ.get("RECIPE_EXECUTOR", "local")
+
+
+def run(recipe: Recipe, runs_dir: str | os.PathLike, *, only: list[str] = (), force: list[str] = (),
+        console=None, progress=None, executor: str = "local", ray_address: str | None = None,
+        command: str | None = None, fail_fast: bool = False, rehash: bool = False,
+        threads: int | None = None) -> RunRecord:
+    """Run every selected stage not in the cache. Raises StageFailed (exit 1) or RecipeError
+    (exit 2); committed shards and upstream entries are kept either way. When a stage fails, the
+    stages that need it are skipped and the others still run (like `make -k`); the first failure
+    is raised at the end (`fail_fast` stops at once instead). `executor` = "ray" runs the stages'
+    work on a Ray cluster (engine.run.rayexec); it never changes what a stage makes. `threads`: torch's
+    intra-op threads (None: the cores this process may use; engine.core.threads)."""
+    if executor not in EXECUTORS:
+        raise RecipeError.single(f"unknown executor '{executor}'; known: {', '.join(EXECUTORS)}.",
+                                 hint="Use --executor local or --executor ray (or RECIPE_EXECUTOR).")
+    runs_dir = Path(runs_dir)
+    spread = [n for n, s in recipe.stages.items() if s.config.resources.nodes > 1]
+    if spread and executor != "ray":
+        raise RecipeError.single(
+            f"stage '{spread[0]}' trains on {recipe.stages[spread[0]].config.resources.nodes} nodes, which needs "
+            "the Ray executor.", **recipe.where(f"stages.{spread[0]}.resources.nodes"),
+            hint="Run with --executor ray (and --ray-address), or remove [resources] nodes.")
+    if executor == "ray":
+        from engine.run import rayexec
+
+        rayexec.connect(ray_address)
+        rayexec.check_shared_store(runs_dir)
+    force = recipe.stage_names(list(force))
+    chosen = select(recipe, list(only), force)
+    memo = memo_for(runs_dir, rehash)
+    store = Store(runs_dir)
+    store.sweep_tmp()
+    plan = {p.name: p for p in make_plan(recipe, runs_dir, memo)}
+    record = RunRecord(runs_dir, recipe, command=command)
+    n_threads = threads_mod.choose(threads)
+    threads_mod.apply(n_threads)
+    record.data["threads"] = n_threads
+    registration = threads_mod.Registration(n_threads)
+    sharing = threads_mod.others()
+    if sharing and console is not None:
+        cores = threads_mod.available_cores()
+        console.print(f"[yellow]warning[/]: {len(sharing)} other recipe run(s) are using this machine "
+                      f"(pid {', '.join(str(pid) for pid, _ in sharing)}); this one computes with {n_threads} "
+                      f"threads on {cores} cores. Runs side by side on the same cores slow each other down many "
+                      f"times over: give each `--threads {max(1, cores // (len(sharing) + 1))}` (README: several "
+                      "recipes on one machine).")
+    entries: dict[str, Entry] = {}
+    concurrent = executor == "ray"  # independent stages at once; Ray places their work by resources
+    pool = None if concurrent else loading.ModelPool()  # a Ray driver loads models only to patch a hole
+    steps = order(recipe)
+    to_build = [n for n in steps if n in chosen and (n in force or plan[n].status != "cached")]
+    shared = threading.Lock()  # the store's warnings list, when stages run side by side
+
+    def one(name: str) -> None:
+        item = plan[name]
+        record.stage(name, kind=item.kind, fingerprint=item.fingerprint, status="pending")
+        started = time.time()
+
+        def waiting():
+            if console is not None:
+                console.print(f"{name}: another run is building this stage; waiting for it")
+
+        with store.lock(item.fingerprint, on_wait=waiting):
+            with shared:
+                entry = None if name in force else store.get(item.fingerprint)
+                for w in store.warnings:
+                    if console is not None:
+                        console.print(f"[yellow]warning[/]: {name}: {w}")
+                store.warnings.clear()
+            if entry is not None:
+                rows = entry.manifest.get("rows", {})
+                record.stage(name, status="cached", duration_s=0.0, rows_in=rows.get("in"),
+                             rows_out=rows.get("out"), reasons=[])
+                if entry.manifest.get("dropped"):
+                    report_dropped(name, entry.manifest["dropped"], record, lambda m: console is not None and
+                                   console.print(f"[yellow]warning[/]: {name}: {m}"))
+                if entry.manifest.get("warnings"):  # the report of a cached run tells them too
+                    record.stage(name, warnings=entry.manifest["warnings"])
+            else:
+                why = ["forced"] if name in force else item.reasons
+                if pool is not None:
+                    later = [n for n in to_build if steps.index(n) > steps.index(name)]
+                    pool.keep(models_used(recipe, [name, *later]))  # models no stage still to build reads go
+                record.stage(name, start_s=round(started - record.t0, 3))  # when, within the run
+                entry = _build(recipe, name, item, entries, store, record, console, progress, why, pool, executor)
+                record.stage(name, status="run", duration_s=round(time.time() - started, 3),
+                             rows_in=entry.manifest["rows"]["in"], rows_out=entry.manifest["rows"]["out"],
+                             reasons=why)
+        if round_of(name):  # iterative rounds: each round's output diversity, so mode collapse shows
+            record.stage(name, diversity=diversity_for(artifact_type(recipe, name), entry.path))
+        entries[name] = entry
+        record.link(name, entry.path)
+        atomic_write_json(runs_dir / recipe.name / ".last" / f"{name}.json",
+                          {"fingerprint": item.fingerprint, "components": item.components})
+
+    def failed(name: str, exc: Exception, left: list[str]) -> None:
+        if console is not None and left:
+            console.print(f"[red]{name} failed[/]; the stages that need it are skipped, the others go on: "
+                          f"{', '.join(left)}")
+
+    def skip(name: str, because: str) -> None:
+        record.stage(name, kind=plan[name].kind, fingerprint=plan[name].fingerprint, status="skipped",
+                     reasons=[f"needs '{because}', which failed"])
+
+    status = "failed"
+    try:
+        names = [n for n in steps if n in chosen]
+        if concurrent:
+            for name in names:  # the record lists stages in DAG order, whichever finishes first
+                record.stage(name, kind=plan[name].kind, fingerprint=plan[name].fingerprint, status="pending")
+            side_by_side(recipe, names, one, record, fail_fast=fail_fast, on_failure=failed, skip=skip)
+        else:
+            keep_going(recipe, names, one, fail_fast=fail_fast, on_failure=failed, skip=skip)
+        status = "ok"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        if pool is not None:
+            pool.clear()
+        registration.close()
+        record.finish(status)
+    return record
+
+
+def _needs(recipe: Recipe, names: list[str]) -> dict[str, set[str]]:
+    wanted = set(names)
+    return {n: {e.name for e in edges(recipe, n) if e.source == "stages" and e.name in wanted} for n in names}
+
+
+def keep_going(recipe: Recipe, names: list[str], one, *, fail_fast: bool, on_failure, skip) -> None:
+    """`one(name)` for each stage in order. A stage that fails (StageFailed, RecipeError) blocks
+    the stages that need it, directly or not (`skip(name, failed_one)`); the others still run.
+    The first failure is raised at the end, or at once with `fail_fast`."""
+    needs = _needs(recipe, names)
+    failures: list[Exception] = []
+    blocked: dict[str, str] = {}  # stage -> the failed stage it needs
+    for i, name in enumerate(names):
+        cause = next((blocked[n] for n in sorted(needs[name]) if n in blocked), None)
+        if cause is not None:
+            blocked[name] = cause
+            skip(name, cause)
+            continue
+        try:
+            one(name)
+        except (StageFailed, RecipeError) as exc:
+            if fail_fast:
+                raise
+            failures.append(exc)
+            blocked[name] = name
+            on_failure(name, exc, [n for n in names[i + 1:] if not _reaches(needs, n, set(blocked))])
+    if failures:
+        raise failures[0]
+
+
+def _reaches(needs: dict[str, set[str]], name: str, bad: set[str]) -> bool:
+    """Whether `name` needs (directly or not) a stage in `bad`."""
+    todo, seen = list(needs.get(name, ())), set()
+    while todo:
+        n = todo.pop()
+        if n in bad:
+            return True
+        if n not in seen:
+            seen.add(n)
+            todo += needs.get(n, ())
+    return False
+
+
+def side_by_side(recipe: Recipe, names: list[str], one, record: RunRecord, *, fail_fast: bool = False,
+                 on_failure=None, skip=None) -> None:
+    """Run `one(name)` for every stage in `names`, each as soon as the stages it reads are done,
+    in threads: a stage's thread mostly waits on the cluster. A failed stage blocks the stages
+    that need it; the others go on (with `fail_fast` nothing new starts), then the first failure
+    is raised. The threads are daemons: on Ctrl-C the main thread leaves at once and the cluster
+    drops the tasks of a driver that is gone; committed shards stay for the next run."""
+    needs = _needs(recipe, names)
+    results: queue.Queue = queue.Queue()
+    waiting, running, done, failures, bad = list(names), set(), set(), [], set()
+
+    def work(name: str) -> None:
+        try:
+            one(name)
+            results.put((name, None))
+        except BaseException as exc:  # handed to the main thread, which raises it
+            results.put((name, exc))
+
+    try:
+        while waiting or running:
+            for name in [n for n in waiting if _reaches(needs, n, bad)]:
+                waiting.remove(name)
+                if skip is not None:
+                    skip(name, next(b for b in names if b in bad and _reaches(needs, name, {b})))
+            if not (failures and fail_fast):
+                for name in [n for n in waiting if needs[n] <= done]:
+                    waiting.remove(name)
+                    running.add(name)
+                    threading.Thread(target=work, args=(name,), name=f"stage-{name}", daemon=True).start()
+            if not running:
+                break
+            name, exc = results.get()
+            running.discard(name)
+            if exc is None:
+                done.add(name)
+            elif isinstance(exc, (StageFailed, RecipeError)):
+                failures.append(exc)
+                bad.add(name)
+                if on_failure is not None and not fail_fast:
+                    on_failure(name, exc, [n for n in [*running, *waiting] if not _reaches(needs, n, bad)])
+            else:
+                raise exc
+    except KeyboardInterrupt:
+        for name in running:
+            record.stage(name, status="interrupted")
+        raise
+    if failures:
+        raise failures[0]
+
+
+def report_dropped(stage: str, dropped: dict, record: RunRecord, warn) -> None:
+    """Rows a stage's datasets dropped while loading (bad roles, empty content, ...): per dataset
+    and reason, with the first row ids, into the run record and through `warn`."""
+    record.stage(stage, dropped=dropped)
+    for dataset, info in dropped.items():
+        reasons = info["reasons"]
+        parts = [f"{r}: {v['rows']} (first: {', '.join(v['first_ids'])})" if v["first_ids"] else f"{r}: {v['rows']}"
+                 for r, v in reasons.items()]
+        warn(f"dataset '{dataset}': dropped {sum(v['rows'] for v in reasons.values())} of {info['total']} rows; "
+             + "; ".join(parts))
+
+
+def models_used(recipe: Recipe, names: list[str]) -> set[tuple[str, str]]:
+    """(source, name) of every model the stages `names` read: [models] entries and stage-made models."""
+    out = set()
+    for name in names:
+        for edge in edges(recipe, name):
+            if edge.source == "models" or (edge.source == "stages" and artifact_type(recipe, edge.name) == "model"):
+                out.add((edge.source, edge.name))
+    return out
+
+
+def _inputs(recipe: Recipe, name: str, entries: dict[str, Entry]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    stage = recipe.stages[name]
+    for edge in edges(recipe, name):
+        if edge.source == "stages":
+            art = Artifact(edge.name, artifact_type(recipe, edge.name), "stages", path=entries[edge.name].path)
+        elif edge.source == "datasets":
+            spec = recipe.datasets[edge.name]
+            art = Artifact(edge.name, spec.type, "datasets", spec=spec, recipe=recipe)
+        elif edge.source == "constitutions":
+            art = Artifact(edge.name, "constitution", "constitutions", spec=recipe.constitutions[edge.name],
+                           recipe=recipe)
+        else:
+            art = Artifact(edge.name, "model", "models", spec=recipe.models[edge.name], recipe=recipe)
+        if isinstance(getattr(stage.config, edge.field), list):
+            out.setdefault(edge.field, []).append(art)
+        else:
+            out[edge.field] = art
+    return out
+
+
+def _execute(stage, inputs, ctx, log_path: Path, executor: str) -> None:
+    """Where a stage's work happens: on a Ray cluster (row and training kinds), under `accelerate
+    launch` (processes > 1), or in this process."""
+    if executor == "ray":
+        from engine.run.rayexec import run_stage
+
+        if run_stage(stage, inputs, ctx, log_path):
+            return
+    if stage.config.resources.processes > 1 and "RANK" not in os.environ:
+        from engine.run.launch import launch_stage
+
+        launch_stage(stage, inputs, ctx, log_path)
+    else:
+        stage.module.run(stage.config, inputs, ctx)
+
+
+def _build(recipe, name, item, entries, store, record, console, progress, why, pool=None, executor="local") -> Entry:
+    stage = recipe.stages[name]
+    log_path = record.dir / "logs" / f"{name}.log"
+    log = stage_logger(name, log_path)
+    log.info("stage %s (%s) fingerprint %s; runs because: %s; %s torch threads", name, stage.kind, item.fingerprint,
+             "; ".join(why), record.data.get("threads", "default"))
+    record.stage(name, status="running", log=str(log_path.relative_to(record.dir)))
+    manifest = {"stage": name, "recipe": recipe.name, "components": item.components,
+                "versions": record.data.get("versions") or versions()}  # read once per run, at its start
+    try:
+        inputs = _inputs(recipe, name, entries)
+        with store.build(item.fingerprint, manifest) as out_dir:
+            ctx = Context(name, item.fingerprint, recipe.meta.seed, out_dir, store.partial(item.fingerprint),
+                          log, recipe, console, progress, store.root, pool)
+            if pool is not None and getattr(stage.module, "MULTI_PROCESS", False):  # a training stage
+                pool.before_training(log)
+            with stage_output(log):  # third-party warnings and stray output: the stage log, not the console
+                _execute(stage, inputs, ctx, log_path, executor)
+            rows_in, dropped = 0, {}
+            for arts in inputs.values():
+                for art in arts if isinstance(arts, list) else [arts]:
+                    if art.type not in ("model", "constitution"):
+                        rows_in += len(art)
+                        if art.load_report and art.load_report["dropped"]:
+                            dropped[art.name] = {"total": art.load_report["total"], "reasons": {
+                                reason: {"rows": n, "first_ids": art.load_report["examples"].get(reason, [])}
+                                for reason, n in art.load_report["dropped"].items()}}
+            manifest["rows"] = {"in": rows_in, "out": ctx.rows_out}
+            if dropped:  # kept in the entry, so that a cached re-run reports them too
+                manifest["dropped"] = dropped
+                report_dropped(name, dropped, record, ctx.warn)
+            if ctx.warnings:
+                manifest["warnings"] = ctx.warnings
+                record.stage(name, warnings=ctx.warnings)
+        log.info("done: %s rows in, %s rows out", rows_in, ctx.rows_out)
+        store.clear_partial(item.fingerprint)
+    except RecipeError as exc:
+        log.error("%s", exc.format())
+        record.stage(name, status="failed", error=exc.format())
+        raise
+    except KeyboardInterrupt:
+        log.warning("interrupted; committed shards are kept under %s", store.partial(item.fingerprint))
+        record.stage(name, status="interrupted")
+        raise
+    except Exception as exc:
+        log.error("stage failed:\n%s", traceback.format_exc())
+        cause = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        record.stage(name, status="failed", error=cause)
+        raise StageFailed(name, cause, str(log_path)) from exc
+    finally:
+        close_logger(log)
+    entry = store.peek(item.fingerprint)  # just checksummed while building: no need to hash again
+    assert entry is not None, "an entry just committed must be readable"
+    return entry

@@ -1,0 +1,298 @@
+"""Canonical hashing: what goes into a stage's fingerprint, and why a stage must re-run.
+
+fingerprint(stage) = sha256 of the canonical JSON (sorted keys, no whitespace) of its
+*components*: kind and VERSION, the config after defaults without execution-only fields and
+without reference names, the identity of every input (a stage's fingerprint, a dataset's
+content hash and load options, a model's identity), the content of files it reads (templates,
+path fields), and the recipe seed. Paths never enter, only contents, so a recipe folder
+copied elsewhere plans to the same fingerprints.
+
+File hashes are memoized by (device, inode, size, mtime) in `runs/cache/hashes.json`, so a
+large dataset is read once, not on every `plan`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from filelock import FileLock
+
+from engine.spec.config import EXEC_ONLY, PATH, REF, marker
+from engine.spec.graph import Source, edges, order
+from engine.core.io import atomic_write_text, canonical
+from engine.spec.stage import hook
+
+if TYPE_CHECKING:
+    from engine.spec.recipe import ModelSpec, Recipe
+
+FP_LEN = 24  # hex chars shown and used as the store key (96 bits)
+DATA_VERSION = 1  # bump when dataset loading/normalization changes its output
+
+
+def is_file(value: str) -> bool:
+    """Whether a setting that may hold a file name or inline text (a chat template) names a
+    file. Inline text can be too long for the OS to stat."""
+    if "\n" in value or "{" in value:
+        return False
+    try:
+        return Path(value).is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(canonical(obj).encode()).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class HashMemo:
+    """File content hashes keyed by (device, inode, size, mtime_ns), persisted between runs.
+
+    A file edited in place gets a new mtime and size, so the key changes. The state file is
+    merged and replaced atomically under a lock, so concurrent runs only ever add entries."""
+
+    MAX_ENTRIES = 100_000
+
+    def __init__(self, state_file: str | os.PathLike | None, rehash: bool = False) -> None:
+        """`rehash`: ignore the remembered hashes (each file is hashed again, then remembered):
+        for files edited in place with their size and mtime kept."""
+        self.path = Path(state_file) if state_file else None
+        self.entries: dict[str, str] = {}
+        self.dirty = False
+        if self.path and self.path.exists() and not rehash:
+            try:
+                self.entries = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                self.entries = {}  # a damaged memo only costs re-hashing
+
+    @staticmethod
+    def key(st: os.stat_result) -> str:
+        return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+    def file(self, path: str | os.PathLike) -> str:
+        key = self.key(os.stat(path))
+        if key not in self.entries:
+            self.entries[key] = sha256_file(path)
+            self.dirty = True
+        return self.entries[key]
+
+    def tree(self, root: str | os.PathLike) -> str:
+        """Hash of a directory: relative paths and file contents, in sorted order."""
+        root = Path(root)
+        items = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            for name in sorted(filenames):
+                p = Path(dirpath) / name
+                items.append((p.relative_to(root).as_posix(), self.file(p)))
+        return digest(items)
+
+    def content(self, path: str | os.PathLike) -> str:
+        return self.tree(path) if Path(path).is_dir() else self.file(path)
+
+    def save(self) -> None:
+        if not (self.path and self.dirty):
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.path) + ".lock"):
+            merged = {}
+            if self.path.exists():
+                try:
+                    merged = json.loads(self.path.read_text())
+                except (OSError, ValueError):
+                    merged = {}
+            merged.update(self.entries)
+            if len(merged) > self.MAX_ENTRIES:  # oldest first (insertion order)
+                merged = dict(list(merged.items())[-self.MAX_ENTRIES :])
+            atomic_write_text(self.path, canonical(merged))
+        self.dirty = False
+
+
+# --------------------------------------------------------------------------- identities
+
+
+def hub_cache_commit(repo_id: str, revision: str | None, kind: str = "models") -> str | None:
+    """The commit a hub revision resolves to in the local hub cache, without importing
+    huggingface_hub. None when the cache does not know it."""
+    if revision and len(revision) == 40 and all(c in "0123456789abcdef" for c in revision):
+        return revision
+    hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface")), "hub"
+    )
+    ref = Path(hub) / f"{kind}--{repo_id.replace('/', '--')}" / "refs" / (revision or "main")
+    try:
+        return ref.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def dataset_identity(recipe: "Recipe", name: str, memo: HashMemo) -> dict:
+    spec = recipe.datasets[name]
+    opts = spec.model_dump(mode="json", exclude={"path", "revision"})
+    if Path(spec.path).is_absolute():
+        source = {"content": memo.content(spec.path)} if Path(spec.path).exists() else {"missing": True}
+    else:
+        commit = hub_cache_commit(spec.path, spec.revision, "datasets")
+        source = {"hub": spec.path, "revision": commit or spec.revision or "main"}
+    return {"dataset": source, "options": opts, "loader": DATA_VERSION}
+
+
+def model_identity(spec: "ModelSpec", memo: HashMemo, stage_fps: dict[str, str]) -> dict:
+    if spec.path.startswith("builtin:"):
+        from engine.models.builtins import builtin_identity
+
+        source: dict = builtin_identity(spec.path.split(":", 1)[1], memo)
+    elif Path(spec.path).is_absolute():
+        source = {"content": memo.content(spec.path)} if Path(spec.path).exists() else {"missing": True}
+    else:
+        source = {"hub": spec.path, "revision": hub_cache_commit(spec.path, spec.revision) or spec.revision or "main"}
+    adapter = None
+    if spec.adapter:
+        if spec.adapter in stage_fps:
+            adapter = {"stage": stage_fps[spec.adapter]}
+        elif Path(spec.adapter).exists():
+            adapter = {"content": memo.content(spec.adapter)}
+        else:
+            adapter = {"hub": spec.adapter}
+    template = spec.chat_template
+    if template and is_file(template):
+        template = {"content": memo.file(template)}
+    if spec.backend == "openai":  # the server decides; name what we ask it for (never the key)
+        source = {"server_model": spec.model_name or spec.path}
+    return {
+        "model": source,
+        "dtype": spec.dtype,
+        "adapter": adapter,
+        "chat_template": template,
+        "trust_remote_code": spec.trust_remote_code,
+        "backend": spec.backend,
+    }
+
+
+def constitution_identity(recipe: "Recipe", name: str, memo: HashMemo) -> dict:
+    """An input like a dataset: its file's content, never its path."""
+    path = recipe.constitutions[name].path
+    return {"constitution": memo.file(path) if Path(path).is_file() else {"missing": True}}
+
+
+# What identifies an input of each kind (graph.Source): the id its consumers' fingerprints hold.
+IDENTITY: dict[Source, Callable[["Recipe", str, dict[str, str], HashMemo], str]] = {
+    Source.STAGES: lambda recipe, name, fps, memo: fps[name],
+    Source.DATASETS: lambda recipe, name, fps, memo: digest(dataset_identity(recipe, name, memo)),
+    Source.MODELS: lambda recipe, name, fps, memo: digest(model_identity(recipe.models[name], memo, fps)),
+    Source.CONSTITUTIONS: lambda recipe, name, fps, memo: digest(constitution_identity(recipe, name, memo)),
+}
+assert set(IDENTITY) == set(Source), "every input kind needs an identity"
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def stage_components(recipe: "Recipe", name: str, stage_fps: dict[str, str], memo: HashMemo) -> dict:
+    """Everything that can change a stage's output, in a form that can be diffed for reasons."""
+    stage = recipe.stages[name]
+    cls = type(stage.config)
+    config, files = {}, {}
+    for fname, value in stage.config.model_dump(mode="json").items():
+        if fname == "kind" or marker(cls, fname, EXEC_ONLY) or marker(cls, fname, REF):
+            continue
+        if marker(cls, fname, PATH) and isinstance(value, str) and Path(value).exists():
+            files[fname] = memo.content(value)
+        else:
+            config[fname] = value
+    inputs: dict[str, list[dict]] = {}
+    for edge in edges(recipe, name):
+        ident = IDENTITY[edge.source](recipe, edge.name, stage_fps, memo)
+        inputs.setdefault(edge.field, []).append({"name": edge.name, "source": edge.source.value, "id": ident})
+    templates = {}
+    if hook(stage.module, "templates"):
+        for tname, tpath in hook(stage.module, "templates")(stage.config, recipe).items():
+            templates[tname] = memo.file(tpath)
+    return {
+        "kind": stage.kind,
+        "version": stage.module.VERSION,
+        "config": config,
+        "files": files,
+        "inputs": inputs,
+        "templates": templates,
+        "seed": recipe.meta.seed,
+        **({"round": stage.round} if stage.round and stage.round > 1 else {}),  # iterative rounds: engine/spec/rounds.py
+    }
+
+
+def fingerprint(components: dict) -> str:
+    """The hash of the components, with reference names dropped (only identities count)."""
+    keyed = dict(components)
+    keyed["inputs"] = {f: [(i["source"], i["id"]) for i in items] for f, items in components["inputs"].items()}
+    return digest(keyed)[:FP_LEN]
+
+
+def fingerprints(recipe: "Recipe", memo: HashMemo) -> dict[str, tuple[str, dict]]:
+    """Stage name -> (fingerprint, components), computed in topological order."""
+    out: dict[str, tuple[str, dict]] = {}
+    fps: dict[str, str] = {}
+    for name in order(recipe):
+        comps = stage_components(recipe, name, fps, memo)
+        fps[name] = fingerprint(comps)
+        out[name] = (fps[name], comps)
+    return out
+
+
+# --------------------------------------------------------------------------- reasons
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict) and obj:
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: obj}
+
+
+def _show(value: Any) -> str:
+    return "unset" if value is None else json.dumps(value, ensure_ascii=False) if not isinstance(value, (int, float)) or isinstance(value, bool) else str(value)
+
+
+def reasons(old: dict | None, new: dict) -> list[str]:
+    """Why `new` differs from `old`, in words: `config: min_words 3 -> 5`, `input changed: draft`."""
+    if old is None:
+        return ["new"]
+    out: list[str] = []
+    if old.get("kind") != new["kind"]:
+        out.append(f"kind: {old.get('kind')} -> {new['kind']}")
+    elif old.get("version") != new["version"]:
+        out.append(f"stage version: {old.get('version')} -> {new['version']}")
+    a, b = _flatten(old.get("config", {})), _flatten(new["config"])
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            out.append(f"config: {key} {_show(a.get(key))} -> {_show(b.get(key))}")
+    for key in sorted(set(old.get("files", {})) | set(new["files"])):
+        if old.get("files", {}).get(key) != new["files"].get(key):
+            out.append(f"file changed: {key}")
+    for fname in sorted(set(old.get("inputs", {})) | set(new["inputs"])):
+        before = {i["name"]: i["id"] for i in old.get("inputs", {}).get(fname, [])}
+        before_ids = set(before.values())
+        for item in new["inputs"].get(fname, []):
+            if item["id"] not in before_ids:
+                label = Source(item["source"]).label
+                out.append(f"{label} changed: {item['name']}")
+        if len(before) > len(new["inputs"].get(fname, [])):
+            out.append(f"inputs removed: {fname}")
+    for tname in sorted(set(old.get("templates", {})) | set(new["templates"])):
+        if old.get("templates", {}).get(tname) != new["templates"].get(tname):
+            out.append(f"template changed: {tname}")
+    if old.get("seed") != new["seed"]:
+        out.append(f"seed: {old.get('seed')} -> {new['seed']}")
+    return out or ["not in cache"]

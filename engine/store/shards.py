@@ -1,0 +1,204 @@
+"""Resume inside a stage: row stages work in shards, each committed atomically.
+
+    partial/<fp>/layout.json        rows and shard size; a different layout starts over
+    partial/<fp>/shard-000003/      rows.parquet + stats.json, renamed into place when whole
+
+A restarted stage skips committed shards. Random streams derive per row (engine.core.seeds), never
+from a shard's index or size, so an interrupted-then-resumed run produces exactly the rows of an
+uninterrupted one, whatever the shard size, the process or the order in which shards ran.
+
+Several processes can work on one stage (the Ray executor): each runs the stage with `part =
+(rank, k)` and does the uncommitted shards whose index is rank mod k, then stops (PartDone) before
+the stage assembles anything; the driver then runs the stage over the committed shards. A shard
+committed twice (a retried task racing the one it replaced) keeps the first commit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from engine.store.fingerprint import sha256_file
+from engine.core.io import atomic_write_json
+from engine.core.seeds import derive
+from engine.data.rows import read_rows, write_rows
+
+# Test hooks: exit abruptly (as SIGKILL would) after this many shard commits in one process; or,
+# once per marker file, in the middle of a shard (before its commit).
+CRASH_ENV = "RECIPE_CRASH_AFTER_SHARDS"
+CRASH_ONCE_ENV = "RECIPE_CRASH_ONCE_IN_SHARD"
+
+
+class PartDone(Exception):
+    """A worker of a multi-process stage has done its share of the shards (see ShardRunner.part)."""
+
+    def __init__(self, committed: int, shards: int) -> None:
+        super().__init__(f"committed {committed} of {shards} shards")
+        self.committed, self.shards = committed, shards
+
+
+def shard_seed(recipe_seed: int, fp: str, index: int) -> int:
+    """A shard's own seed (kept for plugins; the engine's stages seed by row through engine.core.seeds)."""
+    return derive(recipe_seed, fp, "shard", index)
+
+
+@dataclass
+class Shard:
+    index: int
+    start: int  # index of the shard's first row in the stage input
+    rows: list[dict]
+    seed: int
+    advance: Callable[[int], None] = field(default=lambda n: None, repr=False)
+    advanced: int = 0
+
+    def progress(self, n: int = 1) -> None:
+        """Report n rows done inside the shard (optional; commit reports the rest)."""
+        self.advanced += n
+        self.advance(n)
+
+
+@dataclass
+class ShardResult:
+    rows: list[dict]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class ShardRunner:
+    def __init__(self, root: Path, fp: str, recipe_seed: int, progress, log) -> None:
+        self.root, self.fp, self.recipe_seed = root, fp, recipe_seed
+        self.progress, self.log = progress, log
+        self.committed_here = 0
+        self.part: tuple[int, int] | None = None  # (rank, k): do only shards with index % k == rank
+        self.announce: Callable[[str], None] | None = None  # tells the user a stage resumes (the console)
+
+    def _shard_dir(self, index: int) -> Path:
+        return self.root / f"shard-{index:06d}"
+
+    def _load(self, index: int) -> ShardResult | None:
+        d = self._shard_dir(index)
+        if not d.is_dir():
+            return None
+        try:
+            stats = json.loads((d / "stats.json").read_text())
+            rows = read_rows(d / "rows.parquet")
+        except Exception as exc:  # a damaged shard is redone, never trusted
+            self.log.warning("shard %d is unreadable (%s); redoing it", index, exc)
+            shutil.rmtree(d, ignore_errors=True)
+            return None
+        if stats.get("_rows") != len(rows):
+            self.log.warning("shard %d has %d rows, expected %s; redoing it", index, len(rows), stats.get("_rows"))
+            shutil.rmtree(d, ignore_errors=True)
+            return None
+        if stats.get("_sha256") != sha256_file(d / "rows.parquet"):  # an edited or damaged shard is redone
+            self.log.warning("shard %d does not match the checksum it was committed with; redoing it", index)
+            shutil.rmtree(d, ignore_errors=True)
+            return None
+        stats.pop("_rows", None)
+        stats.pop("_sha256", None)
+        return ShardResult(rows, stats)
+
+    def _commit(self, index: int, result: ShardResult) -> None:
+        work = self.root / f".tmp-{index:06d}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        work.mkdir(parents=True)
+        write_rows(work / "rows.parquet", result.rows)
+        atomic_write_json(work / "stats.json", dict(result.stats, _rows=len(result.rows),
+                                                    _sha256=sha256_file(work / "rows.parquet")))
+        try:
+            os.replace(work, self._shard_dir(index))
+        except OSError:  # committed meanwhile by another attempt: the same rows, keep the first
+            if not self._shard_dir(index).is_dir():
+                raise
+            shutil.rmtree(work, ignore_errors=True)
+            self.log.info("shard %d was committed by another worker; keeping that commit", index)
+            return
+        self.committed_here += 1
+        limit = os.environ.get(CRASH_ENV)
+        if limit and self.committed_here >= int(limit):
+            os._exit(137)
+
+    @staticmethod
+    def _crash_once() -> None:
+        marker = os.environ.get(CRASH_ONCE_ENV)
+        if marker:
+            try:
+                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return
+            os.close(fd)
+            os._exit(137)
+
+    def _check_layout(self, total: int, shard_size: int) -> None:
+        if self.part is None:  # one process per stage (the store's build lock): nothing to agree on
+            return self._check_layout_locked(total, shard_size)
+        from filelock import FileLock
+
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.root.parent / f".{self.root.name}.layout.lock")):  # workers of one stage agree
+            self._check_layout_locked(total, shard_size)
+
+    def _check_layout_locked(self, total: int, shard_size: int) -> None:
+        layout = {"rows": total, "shard_size": shard_size}
+        path = self.root / "layout.json"
+        if path.exists():
+            try:
+                same = json.loads(path.read_text()) == layout
+            except ValueError:
+                same = False
+            if not same:
+                self.log.warning("committed shards have another layout; starting this stage over")
+                shutil.rmtree(self.root, ignore_errors=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            atomic_write_json(path, layout)
+
+    def map(
+        self,
+        rows: list[dict],
+        fn: Callable[[Shard], ShardResult],
+        *,
+        shard_size: int,
+        desc: str = "rows",
+    ) -> tuple[list[dict], list[dict]]:
+        """Run `fn` on every uncommitted shard of `rows`; return all output rows in input
+        order and each shard's stats, committed ones included."""
+        if shard_size < 1:
+            raise ValueError("shard_size must be at least 1")
+        self._check_layout(len(rows), shard_size)
+        n_shards = (len(rows) + shard_size - 1) // shard_size
+        out_rows: list[dict] = []
+        stats: list[dict] = []
+        committed = [i for i in range(n_shards) if self._shard_dir(i).is_dir()] if self.part is None else []
+        if committed and self.announce is not None:
+            self.announce(f"resuming: {len(committed)} of {n_shards} shards committed")
+        task = self.progress(len(rows), desc)
+        # committed rows count as done at once: a first jump, which the rate and ETA leave out
+        task.advance(sum(len(rows[i * shard_size:(i + 1) * shard_size]) for i in committed))
+        resumed = 0
+        for index in range(n_shards):
+            start = index * shard_size
+            chunk = rows[start : start + shard_size]
+            if self.part is not None:
+                if index % self.part[1] == self.part[0] and not self._shard_dir(index).is_dir():
+                    self._crash_once()
+                    self._commit(index, fn(Shard(index, start, chunk, shard_seed(self.recipe_seed, self.fp, index))))
+                continue
+            result = self._load(index)
+            if result is None:
+                shard = Shard(index, start, chunk, shard_seed(self.recipe_seed, self.fp, index), task.advance)
+                result = fn(shard)
+                self._commit(index, result)
+                task.advance(max(0, len(chunk) - shard.advanced) - (len(chunk) if index in committed else 0))
+            else:
+                resumed += 1
+            out_rows.extend(result.rows)
+            stats.append(result.stats)
+        if self.part is not None:
+            raise PartDone(self.committed_here, n_shards)
+        if resumed:
+            self.log.info("resumed: %d of %d shards were already committed", resumed, n_shards)
+        return out_rows, stats
