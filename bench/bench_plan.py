@@ -77,7 +77,7 @@ def main() -> None:
         write_big(big, args.mb)
         recipe.write_text(recipe.read_text().replace(small.name, big.name))
         from engine.run.executor import make_plan, memo_for
-        from engine.spec.recipe import load_recipe
+        from engine.load.loader import load_recipe
 
         r = load_recipe(recipe)
         t = time.perf_counter()

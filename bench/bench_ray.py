@@ -58,7 +58,7 @@ def main() -> None:
     import ray
 
     from engine.run.executor import run
-    from engine.spec.recipe import load_recipe
+    from engine.load.loader import load_recipe
 
     work = Path(tempfile.mkdtemp(prefix="bench-ray-"))
     (work / "prompts.jsonl").write_text("".join(

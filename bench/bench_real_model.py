@@ -137,7 +137,7 @@ max_length = 256
 
 def sft(args, cache: Path) -> dict:
     from engine.run.executor import run
-    from engine.spec.recipe import load_recipe
+    from engine.load.loader import load_recipe
 
     work = Path(tempfile.mkdtemp(prefix="bench-real-sft-"))
     rows = []

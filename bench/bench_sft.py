@@ -71,7 +71,7 @@ packing = {packing}
 
 def engine_run(root: Path, runs: Path, model: str, steps: int, packing: bool = False) -> tuple[float, dict]:
     from engine.run.executor import run
-    from engine.spec.recipe import load_recipe
+    from engine.load.loader import load_recipe
 
     recipe = root / "recipe.toml"
     recipe.write_text(textwrap.dedent(RECIPE).format(

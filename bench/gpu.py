@@ -258,7 +258,7 @@ def pairs(n: int) -> list[dict]:
 
 def dpo_engine(root: Path, runs: Path, model: str, steps: int, batch: int) -> tuple[float, dict]:
     from engine.run.executor import run
-    from engine.spec.recipe import load_recipe
+    from engine.load.loader import load_recipe
 
     (root / "recipe.toml").write_text(textwrap.dedent(DPO_RECIPE).format(model=model, steps=steps, batch=batch))
     t = time.perf_counter()

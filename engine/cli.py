@@ -72,7 +72,7 @@ def _runs_dir(value: str | None) -> Path:
 
 
 def _load(path: str, sets) -> "Recipe":  # noqa: F821
-    from engine.spec.recipe import load_recipe
+    from engine.load.loader import load_recipe
 
     return load_recipe(path, sets)
 
@@ -111,7 +111,7 @@ def validate(recipe: str, sets) -> None:
 def plan(recipe: str, sets, runs_dir, as_json: bool, resolved: bool, rehash: bool) -> None:
     """Show each stage, its fingerprint, whether it is cached, and why it would run."""
     from engine.run.executor import make_plan, memo_for
-    from engine.spec.recipe import dump_toml
+    from engine.core.toml import dump_toml
 
     r = _load(recipe, sets)
     items = make_plan(r, _runs_dir(runs_dir), memo_for(_runs_dir(runs_dir), rehash))
@@ -592,7 +592,7 @@ def _fingerprints_as_written(files: list[Path], root: Path) -> dict[Path, set[st
     """Each recipe file that loads -> the fingerprints of its stages (a broken one keeps nothing)."""
     from engine.run.executor import memo_for
     from engine.store.fingerprint import fingerprints
-    from engine.spec.recipe import load_recipe
+    from engine.load.loader import load_recipe
 
     memo = memo_for(root)
     found = {}

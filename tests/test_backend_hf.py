@@ -74,7 +74,7 @@ def test_a_lora_adapter_dir_is_applied(tmp_path):
 
     from conftest import write_jsonl
     from engine.run.executor import run
-    from engine.spec.recipe import load_recipe
+    from engine.load.loader import load_recipe
     from engine.data.rows import read_rows
 
     model, _ = load_model("builtin:tiny-chat", cache_root=tmp_path / "c")

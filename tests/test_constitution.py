@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from conftest import ROOT, conv, run_cli_subprocess, write_jsonl
 from engine.lib.constitution import Constitution, constitution_problems, load_constitution
 from engine.core.errors import RecipeError
-from engine.spec.recipe import load_recipe
+from engine.load.loader import load_recipe
 
 SHIPPED = ROOT / "recipes" / "constitutions"
 

@@ -19,7 +19,7 @@ from engine.lib import evalsuites as ev
 from engine.models.backends import Completion, SamplingParams
 from engine.models.backends.serve import ChatServer
 from engine.run.executor import make_plan, run
-from engine.spec.recipe import load_recipe
+from engine.load.loader import load_recipe
 from engine.data.rows import read_rows
 from engine.lib.prompts import Templates
 from engine.lib.scoring import parse_score

@@ -11,7 +11,7 @@ from pathlib import Path
 from conftest import GOOD, ROOT, conv, run_cli_subprocess, write_jsonl
 from engine.store.cache import Store
 from engine.run.executor import make_plan, run
-from engine.spec.recipe import load_recipe
+from engine.load.loader import load_recipe
 from engine.data.rows import read_rows
 from engine.store.shards import CRASH_ENV
 
@@ -149,7 +149,7 @@ def test_the_run_record_keeps_stages_in_dag_order(project, runs):
     import json
 
     from engine.run.executor import run
-    from engine.spec.recipe import load_recipe
+    from engine.load.loader import load_recipe
 
     record = run(load_recipe(project / "recipe.toml"), runs)
     data = json.loads((record.dir / "record.json").read_text())

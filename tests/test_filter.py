@@ -9,7 +9,7 @@ import pytest
 
 from conftest import conv, write_jsonl
 from engine.run.executor import run
-from engine.spec.recipe import load_recipe
+from engine.load.loader import load_recipe
 from engine.data.rows import read_rows
 
 LONG = ("The tide is driven mostly by the moon's gravity pulling on the oceans, with the sun adding a "

@@ -9,9 +9,11 @@ import shutil
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from engine.core import hashing
 from engine.store import fingerprint as fpmod
-from engine.store.fingerprint import HashMemo, fingerprints, reasons
-from engine.spec.recipe import load_recipe
+from engine.core.hashing import HashMemo
+from engine.store.fingerprint import fingerprints, reasons
+from engine.load.loader import load_recipe
 from stages import filter as filter_stage
 
 STAGE_KEYS = [("kind", '"filter"'), ("input", '"seed"'), ("min_words", "3"), ("dedup", '"near"'),
@@ -109,8 +111,8 @@ def test_renaming_a_stage_keeps_fingerprints(project):
 
 def test_file_hashes_are_memoized_by_stat(project, tmp_path, monkeypatch):
     calls = []
-    real = fpmod.sha256_file
-    monkeypatch.setattr(fpmod, "sha256_file", lambda p, *a: calls.append(p) or real(p, *a))
+    real = hashing.sha256_file
+    monkeypatch.setattr(hashing, "sha256_file", lambda p, *a: calls.append(p) or real(p, *a))
     state = tmp_path / "memo.json"
     memo = HashMemo(state)
     first = fps(project / "recipe.toml", memo=memo)
@@ -128,7 +130,7 @@ def test_file_hashes_are_memoized_by_stat(project, tmp_path, monkeypatch):
 def test_canonical_json_ignores_key_order(d):
     items = list(d.items())
     random.Random(0).shuffle(items)
-    assert fpmod.digest(d) == fpmod.digest(dict(items))
+    assert hashing.digest(d) == hashing.digest(dict(items))
 
 
 def test_reasons_in_words():
@@ -144,6 +146,6 @@ def test_reasons_in_words():
 
 
 def test_long_inline_chat_template_is_text_not_a_path():
-    assert not fpmod.is_file("{% for m in messages %}" + "x" * 5000 + "{% endfor %}")
-    assert not fpmod.is_file("a" * 5000)  # too long for the OS: still no crash
-    assert fpmod.is_file(__file__)
+    assert not hashing.is_file("{% for m in messages %}" + "x" * 5000 + "{% endfor %}")
+    assert not hashing.is_file("a" * 5000)  # too long for the OS: still no crash
+    assert hashing.is_file(__file__)

@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 
 from conftest import ROOT
 from engine.core.errors import RecipeError
-from engine.spec.recipe import dump_toml, load_recipe, read_toml
+from engine.core.toml import dump_toml
+from engine.load.loader import load_recipe
+from engine.spec.locations import read_toml
 
 RECIPES = sorted((ROOT / "recipes").glob("*.toml"))
 SCALARS = st.one_of(st.booleans(), st.integers(-2**63, 2**63 - 1), st.floats(allow_nan=False),

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import ROOT, run_cli_subprocess, write_jsonl
 from engine.core.errors import RecipeError
-from engine.spec.recipe import load_recipe
+from engine.load.loader import load_recipe
 from engine.data.rows import read_rows
 from stages.generate import parse_teacher
 

@@ -8,7 +8,7 @@ import pytest
 
 from engine.core.errors import RecipeError
 from engine.spec.graph import order, upstream
-from engine.spec.recipe import load_recipe
+from engine.load.loader import load_recipe
 
 HEAD = """
 [recipe]

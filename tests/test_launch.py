@@ -11,7 +11,7 @@ import pytest
 from conftest import conv, write_jsonl
 from engine.run.executor import make_plan, run
 from engine.run.launch import command
-from engine.spec.recipe import load_recipe
+from engine.load.loader import load_recipe
 
 RECIPE = """
 [recipe]

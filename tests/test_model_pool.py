@@ -18,7 +18,7 @@ import pytest
 from conftest import write_jsonl
 from engine.run.executor import run
 from engine.models.pool import ModelPool, devices
-from engine.spec.recipe import load_recipe
+from engine.load.loader import load_recipe
 from engine.data.rows import read_rows
 
 RECIPE = """

@@ -13,7 +13,7 @@ from conftest import GOOD, write_jsonl
 from engine.models.backends import Completion
 from engine.models.backends.serve import ChatServer
 from engine.run.executor import run
-from engine.spec.recipe import load_recipe
+from engine.load.loader import load_recipe
 from engine.data.rows import read_rows
 
 TEACHER = {"scenario_safe": True,

@@ -70,7 +70,7 @@ def entries(cache: Path) -> dict[str, bytes]:
 @pytest.mark.slow
 def test_entries_are_byte_identical_and_survive_a_move(tmp_path):
     from engine.run.executor import make_plan, run
-    from engine.spec.recipe import load_recipe
+    from engine.load.loader import load_recipe
     from engine.data.rows import read_rows
 
     proj = tmp_path / "proj"

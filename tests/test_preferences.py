@@ -22,7 +22,7 @@ from engine.models.backends import Completion
 from engine.models.backends.serve import ChatServer
 from engine.core.errors import RecipeError, StageFailed
 from engine.run.executor import run
-from engine.spec.recipe import load_recipe
+from engine.load.loader import load_recipe
 from engine.data.rows import read_rows
 from engine.lib.pairs import best_and_worst
 from engine.lib.scoring import logprob_judgments, pairwise_label, parse_choice, soft_label
@@ -394,7 +394,8 @@ def test_validate_catches_bad_settings(tmp_path, stage, expected):
 
 
 def test_constitution_and_template_bytes_enter_the_fingerprint(tmp_path):
-    from engine.store.fingerprint import HashMemo, fingerprints
+    from engine.core.hashing import HashMemo
+    from engine.store.fingerprint import fingerprints
 
     path = project(tmp_path, CANDIDATES, PAIRWISE)
     local = path.parent / "short.toml"
@@ -423,7 +424,7 @@ def test_validating_these_stages_stays_light(tmp_path):
         judge_model = "judge"
         output = "preferences"
     """)
-    code = ("import sys; from engine.spec.recipe import load_recipe; load_recipe(sys.argv[1]); "
+    code = ("import sys; from engine.load.loader import load_recipe; load_recipe(sys.argv[1]); "
             "print(sorted(m for m in ('torch','transformers','trl','peft','datasets','matplotlib','numpy') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,

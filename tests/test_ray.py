@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT, write_jsonl
 from engine.core.errors import RecipeError
 from engine.run.executor import run
-from engine.spec.recipe import load_recipe
+from engine.load.loader import load_recipe
 
 ray = pytest.importorskip("ray")
 

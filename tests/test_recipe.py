@@ -10,7 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.core.errors import RecipeError
-from engine.spec.recipe import dump_toml, load_recipe, locate_keys, parse_set, tomllib
+from engine.core.toml import dump_toml
+from engine.load.loader import load_recipe
+from engine.spec.locations import locate_keys
+from engine.load.layers import parse_set
+from engine.core.toml import tomllib
 
 
 def write(path: Path, text: str) -> Path:

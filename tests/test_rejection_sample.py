@@ -18,7 +18,7 @@ from conftest import run_cli_subprocess, serving, write_jsonl
 from engine.models.backends import Completion
 from engine.core.errors import RecipeError
 from engine.run.executor import run
-from engine.spec.recipe import load_recipe
+from engine.load.loader import load_recipe
 from engine.data.rows import read_rows
 from engine.core.text import word_count
 from engine.core.stats import score_stats

@@ -250,7 +250,7 @@ def test_run_report_survives_an_empty_record(tmp_path):
 @pytest.mark.slow
 def test_report_builds_from_a_real_filter_and_eval_run_on_the_builtin_model(tmp_path):
     from engine.run.executor import run
-    from engine.spec.recipe import load_recipe
+    from engine.load.loader import load_recipe
 
     write_jsonl(tmp_path / "convs.jsonl", GOOD[:12])
     (tmp_path / "r.toml").write_text(textwrap.dedent("""

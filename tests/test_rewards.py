@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from conftest import serving, write_jsonl
 from engine.models.backends import Completion
 from engine.run.executor import run
-from engine.spec.recipe import load_recipe
+from engine.load.loader import load_recipe
 from engine.lib.rewards import RewardRules, expected_of, reward
 from engine.data.rows import read_rows
 

@@ -12,8 +12,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import GOOD, conv, write_jsonl
-from engine.store.fingerprint import HashMemo, fingerprints
-from engine.spec.recipe import load_recipe
+from engine.core.hashing import HashMemo
+from engine.store.fingerprint import fingerprints
+from engine.load.loader import load_recipe
 from engine.spec.rounds import diversity_for, last_round, replies, round_name, round_of, round_rows
 from engine.data.rows import write_rows
 from engine.core.diversity import diversity

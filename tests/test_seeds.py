@@ -107,7 +107,7 @@ STAGES = ("chats", "revised", "best", "eval")
 @pytest.mark.slow
 def test_batch_and_shard_sizes_change_neither_rows_nor_fingerprints(tmp_path):
     from engine.run.executor import make_plan, run
-    from engine.spec.recipe import load_recipe
+    from engine.load.loader import load_recipe
     from engine.data.rows import read_rows
 
     write_jsonl(tmp_path / "prompts.jsonl", [{"id": f"p{i}", "prompt": f"Tell me about topic {i}."} for i in range(5)])

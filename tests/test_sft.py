@@ -11,7 +11,7 @@ import pytest
 from conftest import conv, write_jsonl
 from engine.core.errors import RecipeError, StageFailed
 from engine.run.executor import run
-from engine.spec.recipe import load_recipe
+from engine.load.loader import load_recipe
 from engine.models.chatmask import mask_problems
 from stages.sft import fit, summary
 

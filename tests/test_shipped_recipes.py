@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run_cli_subprocess
-from engine.spec.recipe import load_recipe
+from engine.load.loader import load_recipe
 
 RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.toml"))
 # The alignment recipe and its control train a real model for about 20 minutes each at their

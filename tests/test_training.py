@@ -128,7 +128,7 @@ def test_mixture_needs_one_weight_per_input():
 
 
 def ctx_for(tmp_path: Path):
-    from engine.spec.recipe import load_recipe
+    from engine.load.loader import load_recipe
 
     (tmp_path / "r.toml").write_text('[recipe]\nname = "x"\n')
     return SimpleNamespace(stage="train", recipe=load_recipe(tmp_path / "r.toml"), log=logging.getLogger("t"))
@@ -210,7 +210,7 @@ def test_training_modules_and_validation_stay_light(tmp_path):
         """))
     (tmp_path / "pairs.jsonl").write_text('{"prompt": "q?", "chosen": "yes", "rejected": "no"}\n')
     code = ("import sys, engine.lib.training, stages.sft, stages.dpo\n"
-            "from engine.spec.recipe import load_recipe\n"
+            "from engine.load.loader import load_recipe\n"
             f"load_recipe({str(recipe)!r})\n"
             "heavy = ('torch', 'transformers', 'trl', 'peft', 'datasets', 'matplotlib')\n"
             "print(sorted(m for m in heavy if m in sys.modules))")

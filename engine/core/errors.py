@@ -8,6 +8,9 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 from dataclasses import dataclass, field
 
 
@@ -74,3 +77,10 @@ class Terminated(KeyboardInterrupt):
 
 class CacheError(Exception):
     """The store could not be read or written."""
+
+
+def did_you_mean(word: str, options: Iterable[str]) -> str:
+    """"Did you mean 'x'?" when one of `options` is close to a misspelt `word` (difflib's ratio of
+    0.6 or more), else "". The one did-you-mean of every error message."""
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f"Did you mean '{close[0]}'?" if close else ""

@@ -253,7 +253,7 @@ def _cross_problems(data: dict, locations: dict, file: str) -> list[Problem]:
 def load_constitution(path: str | Path) -> Constitution:
     """Read and validate a constitution file. Raises `RecipeError` with every problem found,
     each naming the file, the line and what to fix."""
-    from engine.spec.recipe import _display, read_toml  # syntax errors and missing files come with a line
+    from engine.spec.locations import _display, read_toml  # syntax errors and missing files come with a line
 
     path = Path(path)
     data, locations = read_toml(path)

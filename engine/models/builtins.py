@@ -215,7 +215,7 @@ def builtin_identity(name: str, memo: Any = None) -> dict:
     package is a RecipeError (the recipe cannot run)."""
     if name == "smollm2-135m":
         gguf, version = smollm2_gguf()
-        from engine.store.fingerprint import sha256_file
+        from engine.core.hashing import sha256_file
 
         sha = memo.file(gguf) if memo is not None else sha256_file(gguf)
         return {"builtin": name, "builder": SMOLLM2_BUILDER, "package": f"{SMOLLM2_PACKAGE}=={version}",
@@ -262,7 +262,7 @@ _verified: set[Path] = set()  # builtins whose files were checked in this proces
 
 
 def _checksums(folder: Path) -> dict[str, str]:
-    from engine.store.fingerprint import sha256_file
+    from engine.core.hashing import sha256_file
 
     return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*"))
             if p.is_file() and p.name != CHECKSUMS}

@@ -41,7 +41,7 @@ def base_model(recipe: "Recipe", name: str) -> tuple[str, "ModelSpec"] | None:
 def model_folder(spec: "ModelSpec") -> Path | None:
     """The folder holding the model's files, when it is on this machine without a download: a local
     directory, or a hub id whose revision is in the local hub cache."""
-    from engine.store.fingerprint import hub_cache_commit
+    from engine.core.hashing import hub_cache_commit
 
     if spec.backend != "hf" or spec.path.startswith("builtin:"):
         return None
@@ -81,7 +81,7 @@ def chat_template(spec: "ModelSpec") -> tuple[str, dict[str, str]] | None:
     own chat_template, else the folder's. builtin:smollm2-135m is built on first use; its ChatML
     template is covered by the tests."""
     from engine.models.chatmask import folder_template
-    from engine.store.fingerprint import is_file
+    from engine.core.hashing import is_file
 
     if spec.backend != "hf":
         return None

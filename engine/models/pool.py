@@ -96,7 +96,7 @@ def _load_dir(path: Path, cache_root: Path | None, log: logging.Logger, merge_ad
 
 def _load_spec(name: str, spec, recipe: "Recipe | None", cache_root: Path | None, log: logging.Logger,
                merge_adapter: bool, device: str = "auto"):
-    from engine.store.fingerprint import is_file
+    from engine.core.hashing import is_file
     from engine.models.builtins import load_model as load_weights
 
     m, tok = load_weights(spec.path, dtype=spec.dtype, device=device, revision=spec.revision,

@@ -31,7 +31,8 @@ from engine.spec.artifact import Artifact
 from engine.store.cache import Entry, Store
 from engine.core.io import atomic_write_json
 from engine.core.errors import RecipeError, StageFailed
-from engine.store.fingerprint import HashMemo, fingerprints, reasons
+from engine.core.hashing import HashMemo
+from engine.store.fingerprint import fingerprints, reasons
 from engine.spec.graph import artifact_type, edges, order, upstream
 from engine.core.console import stage_output
 from engine.spec.recipe import Recipe

@@ -135,7 +135,7 @@ def prepare(stage, inputs: dict, ctx, log_path: Path) -> tuple[Path, str | None]
     atomic_write_bytes(work / PAYLOAD, pickle.dumps(payload))
     if not res.accelerate_config:
         return work, None
-    from engine.spec.recipe import resolve_path
+    from engine.spec.paths import resolve_path
 
     source = resolve_path(res.accelerate_config, f"stages.{stage.name}.resources.accelerate_config",
                           ctx.recipe.locations, ctx.recipe.path)

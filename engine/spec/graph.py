@@ -157,7 +157,7 @@ def graph_problems(recipe: "Recipe", invalid: dict[str, list[tuple[str, str]]] |
 
 def resource_problems(recipe: "Recipe") -> list[Problem]:
     """`[stages.X.resources]`: several processes only for kinds that support them; config files exist."""
-    from engine.spec.recipe import resolve_path
+    from engine.spec.paths import resolve_path
 
     problems = []
     for name, stage in recipe.stages.items():

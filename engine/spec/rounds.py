@@ -25,7 +25,6 @@ the final replies) goes into the run record, so mode collapse shows round by rou
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +36,8 @@ from engine.spec.config import Table, ref_fields
 from engine.core.errors import Problem
 
 if TYPE_CHECKING:
-    from engine.spec.recipe import Stage
+    from engine.spec.stage import Stage
+from engine.core.errors import did_you_mean
 
 MAX_ROUNDS = 20
 _ROUND = re.compile(r"^(.+)@([1-9][0-9]*)$")
@@ -155,8 +155,8 @@ class Rounds:
 
 
 def _did_you_mean(word: str, options) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    return f"Did you mean '{close[0]}'? " if close else ""
+    hint = did_you_mean(word, options)
+    return f"{hint} " if hint else ""
 
 
 def loop_problems(loops: dict[str, LoopSpec], stages: list[str], refs: dict[str, list[tuple[str, str]]],

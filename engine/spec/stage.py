@@ -47,6 +47,7 @@ from types import ModuleType
 from typing import Any, Callable, Protocol
 
 from engine.spec.config import ARTIFACT_TYPES, StageConfig
+from dataclasses import dataclass
 
 
 class StageModule(Protocol):
@@ -116,3 +117,18 @@ def hook(module: ModuleType | None, name: str) -> Callable | Any | None:
     """An optional hook of a stage module (None when the module does not define it)."""
     assert name in HOOKS, f"unknown stage hook {name!r}"
     return getattr(module, name, None) if module is not None else None
+
+
+@dataclass
+class Stage:
+    name: str
+    kind: str
+    config: StageConfig
+    module: ModuleType
+    round: int | None = None  # in a loop: the round (the name is then `base@round`)
+    loop: str | None = None  # in a loop: its [loops.*] name
+
+    @property
+    def base(self) -> str:
+        """The name the user gave the stage (`dpo` for `dpo@2`)."""
+        return self.name.rsplit("@", 1)[0] if self.round is not None else self.name

@@ -29,7 +29,7 @@ from filelock import FileLock, Timeout
 
 from engine.core.io import atomic_write_json
 from engine.core.errors import CacheError
-from engine.store.fingerprint import sha256_file
+from engine.core.hashing import sha256_file
 
 MANIFEST = "manifest.json"
 

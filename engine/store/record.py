@@ -17,7 +17,8 @@ from filelock import FileLock, Timeout
 
 from engine import __version__
 from engine.core.io import atomic_write_text
-from engine.spec.recipe import Recipe, dump_toml
+from engine.spec.recipe import Recipe
+from engine.core.toml import dump_toml
 
 
 def versions() -> dict[str, str]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from engine.store.fingerprint import sha256_file
+from engine.core.hashing import sha256_file
 from engine.core.io import atomic_write_json
 from engine.core.seeds import derive
 from engine.data.rows import read_rows, write_rows

@@ -57,7 +57,7 @@ def _import_vllm():
 
 
 def _from_spec(spec: Any, cache_root: Path | None) -> dict:
-    from engine.store.fingerprint import is_file
+    from engine.core.hashing import is_file
 
     if spec.path.startswith("builtin:"):
         from engine.models.builtins import builtin_dir
