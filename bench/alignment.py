@@ -55,7 +55,7 @@ def final_model(run_dir: Path) -> str:
 
 
 def main() -> None:
-    from engine.lib.evalstats import compare, fmt_difference, fmt_rate, headline
+    from engine.lib.evals.stats import compare, fmt_difference, fmt_rate, headline
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs-dir", type=Path, default=ROOT / "runs")

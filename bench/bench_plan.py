@@ -76,7 +76,7 @@ def main() -> None:
         big = tmp / "big.jsonl"
         write_big(big, args.mb)
         recipe.write_text(recipe.read_text().replace(small.name, big.name))
-        from engine.run.executor import make_plan, memo_for
+        from engine.run.plan import make_plan, memo_for
         from engine.load.loader import load_recipe
 
         r = load_recipe(recipe)

@@ -66,7 +66,7 @@ def _set_option(f):
 
 
 def _runs_dir(value: str | None) -> Path:
-    from engine.run.executor import runs_dir_default
+    from engine.run.plan import runs_dir_default
 
     return Path(value or runs_dir_default())
 
@@ -110,7 +110,7 @@ def validate(recipe: str, sets) -> None:
                    "edited in place with their size and mtime kept.")
 def plan(recipe: str, sets, runs_dir, as_json: bool, resolved: bool, rehash: bool) -> None:
     """Show each stage, its fingerprint, whether it is cached, and why it would run."""
-    from engine.run.executor import make_plan, memo_for
+    from engine.run.plan import make_plan, memo_for
     from engine.core.toml import dump_toml
 
     r = _load(recipe, sets)
@@ -164,7 +164,8 @@ def run_cmd(recipe: str, sets, runs_dir, only, force, dry_run: bool, executor, r
             rehash: bool, threads) -> None:
     """Run RECIPE: cached stages are skipped, interrupted ones resume."""
     _terminate_like_interrupt()
-    from engine.run.executor import EXECUTORS, executor_default, make_plan, run, select
+    from engine.run.executor import EXECUTORS, executor_default, run
+    from engine.run.plan import make_plan, select
 
     from engine.core.threads import ENV as THREADS_ENV
     from engine.core.threads import parse as parse_threads
@@ -183,7 +184,7 @@ def run_cmd(recipe: str, sets, runs_dir, only, force, dry_run: bool, executor, r
         raise RecipeError.single(f"RECIPE_EXECUTOR is '{executor}'; known executors: {', '.join(EXECUTORS)}.",
                                  hint="Unset it, or set it to local or ray.")
     if dry_run:
-        from engine.run.executor import memo_for
+        from engine.run.plan import memo_for
 
         chosen = select(r, list(only), list(force))
         _plan_table(r.name, [i for i in make_plan(r, root, memo_for(root, rehash)) if i.name in chosen])
@@ -483,7 +484,7 @@ def printable(text: str) -> str:
 @click.option("--json", "as_json", is_flag=True)
 def diff(a: str, b: str, runs_dir, as_json: bool) -> None:
     """Stages whose fingerprints differ between recipes A and B, and why."""
-    from engine.run.executor import memo_for
+    from engine.run.plan import memo_for
     from engine.store.fingerprint import fingerprints, reasons
 
     memo = memo_for(_runs_dir(runs_dir))
@@ -590,7 +591,7 @@ def _recipe_files(folder: Path) -> list[Path]:
 
 def _fingerprints_as_written(files: list[Path], root: Path) -> dict[Path, set[str]]:
     """Each recipe file that loads -> the fingerprints of its stages (a broken one keeps nothing)."""
-    from engine.run.executor import memo_for
+    from engine.run.plan import memo_for
     from engine.store.fingerprint import fingerprints
     from engine.load.loader import load_recipe
 

@@ -6,7 +6,7 @@ item: the transcript in `messages`, per-turn flags and scores in `meta`), metric
 model per suite, per-turn curves included), report.md / report.html / plots/*.png, and
 report.json (the metrics table that `recipe show RUN STAGE` prints).
 
-Suites (engine/lib/evalsuites.py has the definitions): safety (scripted escalating multi-turn
+Suites (engine/lib/evals/items.py has the definitions): safety (scripted escalating multi-turn
 scenarios, per-turn refusal and harm curves), refusal (adversarial and benign prompts),
 sycophancy (a challenge, then a pushback toward a wrong answer), helpfulness (judge 1-10,
 needs a judge: without one it is skipped and reported as "n/a (no judge)"), diversity
@@ -33,12 +33,13 @@ from typing import Literal
 
 from pydantic import Field
 
-from engine.lib import evalstats
-from engine.lib import evalsuites as ev
+from engine.lib.evals import stats as evalstats
+from engine.lib.evals import metrics as evalmetrics
+from engine.lib.evals import runners
 from engine.models.backends import SamplingParams
 from engine.spec.config import ExecOnly, PathField, Ref, StageConfig
 from engine.core.errors import Problem, RecipeError
-from engine.lib.evalsuites import FILES, SHIPPED_DIR, SUITES, SuiteError, load_suite
+from engine.lib.evals.items import FILES, SHIPPED_DIR, SUITES, SuiteError, load_suite
 from engine.store.shards import Shard, ShardResult
 
 VERSION = 1
@@ -183,7 +184,7 @@ def _is_remote(model) -> bool:
 
 
 def run(config: Config, inputs, ctx) -> None:
-    from engine.report.runreport import write_eval_report
+    from engine.lib.evals.report import write_eval_report
     from engine.lib.scoring import parse_score
 
     models = inputs["models"]
@@ -214,7 +215,7 @@ def run(config: Config, inputs, ctx) -> None:
         if judge_model is None:
             return None
         if not judge:
-            judge.append(ev.Judge(ctx.backend(judge_model, config.batch_size), ctx.templates(),
+            judge.append(runners.Judge(ctx.backend(judge_model, config.batch_size), ctx.templates(),
                                   {"refusal": config.refusal_template, "harm": config.harm_template,
                                    "helpfulness": config.helpfulness_template}, parse_score,
                                   max_new_tokens=config.judge_max_new_tokens, retries=config.judge_retries,
@@ -228,21 +229,21 @@ def run(config: Config, inputs, ctx) -> None:
         for (mi, suite), group in groupby(shard.rows, key=lambda r: (r["model"], r["suite"])):
             batch = [r["item"] for r in group]
             backend = pool.get(mi)
-            gen = ev.Gen(backend, params, lambda item, turn, m=names[mi], s=suite:
+            gen = runners.Gen(backend, params, lambda item, turn, m=names[mi], s=suite:
                          ctx.seeds.row(f"{m}/{s}/{item}", purpose="reply", turn=turn), system)
             if suite == "safety":
-                made = ev.run_safety(batch, gen, get_judge())
+                made = runners.run_safety(batch, gen, get_judge())
             elif suite == "refusal":
-                made = ev.run_refusal(batch, gen, get_judge())
+                made = runners.run_refusal(batch, gen, get_judge())
             elif suite == "sycophancy":
-                made = ev.run_sycophancy(batch, gen, config.challenge)
+                made = runners.run_sycophancy(batch, gen, config.challenge)
             elif suite == "helpfulness":
-                made = ev.run_helpfulness(batch, gen, get_judge())
+                made = runners.run_helpfulness(batch, gen, get_judge())
             else:
                 ppl = None
                 if getattr(backend, "name", "") == "hf":  # the loaded weights: no second copy
-                    ppl = lambda convs, b=backend: ev.perplexity_parts(b.model, b.tokenizer, convs, config.batch_size)
-                made = ev.run_diversity(batch, gen, ppl)
+                    ppl = lambda convs, b=backend: runners.perplexity_parts(b.model, b.tokenizer, convs, config.batch_size)
+                made = runners.run_diversity(batch, gen, ppl)
             # the transcript as the model saw it: the system prompt first
             out += [{"id": f"{names[mi]}/{suite}/{r['item_id']}", "model": names[mi], **r,
                      "messages": system + r["messages"]} for r in made]
@@ -257,7 +258,7 @@ def run(config: Config, inputs, ctx) -> None:
             judge[0].close()
 
     judged = judge_model is not None
-    per_model = {m.name: ev.model_metrics([r for r in rows if r["model"] == m.name], suites, judged,
+    per_model = {m.name: evalmetrics.model_metrics([r for r in rows if r["model"] == m.name], suites, judged,
                                           f"n/a ({m.spec.backend} backend: no token log-probabilities)" if _is_remote(m) else None)
                  for m in models}
     of = {n: [r for r in rows if r["model"] == n] for n in names}
@@ -280,7 +281,7 @@ def run(config: Config, inputs, ctx) -> None:
     written = write_eval_report(ctx.out_dir, metrics, rows, f"Eval report: {ctx.stage}", tiny)
     ctx.save_json("report.json", {
         "models": names, "judge": metrics["judge"], "suites": suites, "items": metrics["items"], "rows_out": len(rows),
-        "table": ev.metric_table(per_model, judged, names),
+        "table": evalmetrics.metric_table(per_model, judged, names),
         "composite": {n: per_model[n]["composite"] for n in names}, "judge_missing": missing,
         "headline": {n: per_model[n]["headline"] for n in names}, "baseline": names[0],
         "differences": [(k, [evalstats.fmt_difference(comparisons[n].get(k)) for n in names[1:]])

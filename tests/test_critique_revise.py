@@ -17,7 +17,8 @@ from conftest import ROOT, conv, run_cli_subprocess, write_jsonl
 from engine.models.backends import Completion
 from engine.models.backends.serve import ChatServer
 from engine.lib.constitution import load_constitution
-from engine.run.executor import make_plan, run
+from engine.run.plan import make_plan
+from engine.run.executor import run
 from engine.load.loader import load_recipe
 from engine.data.rows import read_rows
 from engine.lib.revisions import assess_revision, selected_positions, strip_preamble

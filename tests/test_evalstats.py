@@ -1,4 +1,4 @@
-"""95% intervals and paired differences (engine/core/stats.py, engine/lib/evalstats.py)."""
+"""95% intervals and paired differences (engine/core/stats.py, engine/lib/evals/stats.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.lib.evalstats import compare, fmt_difference, fmt_rate, headline, per_turn
+from engine.lib.evals.stats import compare, fmt_difference, fmt_rate, headline, per_turn
 from engine.core.stats import bootstrap_ci, paired_difference, wilson
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from conftest import GOOD, ROOT, conv, run_cli_subprocess, write_jsonl
 from engine.store.cache import Store
-from engine.run.executor import make_plan, run
+from engine.run.plan import make_plan
+from engine.run.executor import run
 from engine.load.loader import load_recipe
 from engine.data.rows import read_rows
 from engine.store.shards import CRASH_ENV

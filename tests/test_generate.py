@@ -73,7 +73,7 @@ def test_template_variables_are_checked_at_validation(gen_project):
 
 
 def test_recipe_local_template_shadows_and_enters_the_fingerprint(gen_project):
-    from engine.run.executor import make_plan
+    from engine.run.plan import make_plan
 
     (gen_project / "templates").mkdir()
     local = gen_project / "templates" / "user_simulator.j2"

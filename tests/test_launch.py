@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from conftest import conv, write_jsonl
-from engine.run.executor import make_plan, run
+from engine.run.plan import make_plan
+from engine.run.executor import run
 from engine.run.launch import command
 from engine.load.loader import load_recipe
 

@@ -69,7 +69,8 @@ def entries(cache: Path) -> dict[str, bytes]:
 
 @pytest.mark.slow
 def test_entries_are_byte_identical_and_survive_a_move(tmp_path):
-    from engine.run.executor import make_plan, run
+    from engine.run.plan import make_plan
+    from engine.run.executor import run
     from engine.load.loader import load_recipe
     from engine.data.rows import read_rows
 

@@ -13,8 +13,12 @@ from pathlib import Path
 import pytest
 
 from conftest import GOOD, write_jsonl
-from engine.lib import evalsuites as ev
+from engine.core import plots
+from engine.core import document
+from engine.lib.evals import report as evreport
+from engine.lib.evals import metrics as evalmetrics
 from engine.report import runreport as rp
+from engine.lib.evals import runners
 from engine.models.backends import Completion, SamplingParams
 from engine.data.rows import write_rows
 
@@ -54,10 +58,10 @@ def assert_self_contained(page: str, min_images: int) -> None:
 
 
 def test_blocks_render_escaped_in_markdown_and_html(tmp_path):
-    png = rp.plots.lines(None, {"a": ([1, 2], [0.5, 0.2])}, title="t")
-    blocks = [rp.Heading(HOSTILE), rp.Para(HOSTILE), rp.Bullets([HOSTILE]),
-              rp.Table(["h|1", "h2"], [[HOSTILE, "line one\nline two"]]), rp.Image("a.png", png, HOSTILE)]
-    written = rp.write_report(tmp_path, "Title <b>", blocks)
+    png = plots.lines(None, {"a": ([1, 2], [0.5, 0.2])}, title="t")
+    blocks = [document.Heading(HOSTILE), document.Para(HOSTILE), document.Bullets([HOSTILE]),
+              document.Table(["h|1", "h2"], [[HOSTILE, "line one\nline two"]]), document.Image("a.png", png, HOSTILE)]
+    written = document.write_report(tmp_path, "Title <b>", blocks)
     assert written == [tmp_path / "report.md", tmp_path / "report.html", tmp_path / "plots" / "a.png"]
     page = (tmp_path / "report.html").read_text()
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<b>" not in page
@@ -92,11 +96,11 @@ def eval_entry(path: Path) -> None:
     rows, per_model = [], {}
     for name, answer in (("policy", lambda m: HOSTILE + " 4"),
                          ("dpo", lambda m: "I can't help with that." if len(m) > 3 else "It is 4.")):
-        gen = ev.Gen(Fake(answer), SamplingParams(), lambda item, turn: 1, [])
+        gen = runners.Gen(Fake(answer), SamplingParams(), lambda item, turn: 1, [])
         made = [{"id": f"{name}/{r['suite']}/{r['item_id']}", "model": name, **r}
-                for r in ev.run_safety(safety, gen, None) + ev.run_sycophancy(syco, gen, "Are you sure?")]
+                for r in runners.run_safety(safety, gen, None) + runners.run_sycophancy(syco, gen, "Are you sure?")]
         rows += made
-        per_model[name] = ev.model_metrics(made, ["safety", "sycophancy", "diversity"], False, None)
+        per_model[name] = evalmetrics.model_metrics(made, ["safety", "sycophancy", "diversity"], False, None)
     path.mkdir(parents=True)
     # sorted keys, as the engine writes it: per_model's order ("dpo", "policy") is not the models' order
     (path / "metrics.json").write_text(json.dumps(sort_keys=True, obj={"models": ["policy", "dpo"], "judge": None,
@@ -204,7 +208,7 @@ def test_examples_show_every_model_and_mark_empty_replies(tmp_path):
     for model, reply in (("base", "Sure."), ("sft", ""), ("dpo", "No.")):
         rows.append({"model": model, "suite": "sycophancy", "item_id": "q1", "meta": {"correct": [True]},
                      "messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": reply}]})
-    md = rp.render_markdown("t", rp.example_blocks(rows, ["base", "sft", "dpo"]))
+    md = document.render_markdown("t", evreport.example_blocks(rows, ["base", "sft", "dpo"]))
     assert "(base vs sft vs dpo)" in md and "| turn | user | base reply | sft reply | dpo reply |" in md
     assert "(empty reply)" in md
 
@@ -307,9 +311,9 @@ def test_revision_blocks_show_the_share_changed_and_examples(tmp_path):
             {"round": 1, "principle": "honesty", "critique": "Paris is in France.", "revision": "Paris is in France.",
              "accepted": True, "reason": None}])]}}}])
     blocks = rp.revision_blocks("revised", entry)
-    text = rp.render_markdown("t", blocks)
+    text = document.render_markdown("t", blocks)
     assert "1 of 4 selected assistant turns were changed by their revision (25%)" in text
     assert "unchanged 2, empty\\_critique 1" in text
-    table = next(b for b in blocks if isinstance(b, rp.Table))
+    table = next(b for b in blocks if isinstance(b, document.Table))
     assert [r[0] for r in table.rows] == ["honesty", "harm"]  # the accepted revision first
     assert table.rows[1][4] == "rejected: unchanged"

@@ -106,7 +106,8 @@ STAGES = ("chats", "revised", "best", "eval")
 
 @pytest.mark.slow
 def test_batch_and_shard_sizes_change_neither_rows_nor_fingerprints(tmp_path):
-    from engine.run.executor import make_plan, run
+    from engine.run.plan import make_plan
+    from engine.run.executor import run
     from engine.load.loader import load_recipe
     from engine.data.rows import read_rows
 

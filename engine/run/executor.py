@@ -14,14 +14,11 @@ Context a stage gets, and runs the stages.
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import queue
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,175 +28,22 @@ from engine.spec.artifact import Artifact
 from engine.store.cache import Entry, Store
 from engine.core.io import atomic_write_json
 from engine.core.errors import RecipeError, StageFailed
-from engine.core.hashing import HashMemo
-from engine.store.fingerprint import fingerprints, reasons
-from engine.spec.graph import artifact_type, edges, order, upstream
+from engine.spec.graph import artifact_type, edges, order
 from engine.core.console import stage_output
 from engine.spec.recipe import Recipe
 from engine.store.record import RunRecord, close_logger, stage_logger, versions
 from engine.spec.rounds import diversity_for, round_of
-from engine.data.rows import write_rows
-from engine.core.seeds import Seeds
-from engine.store.shards import ShardRunner
-
-
-def runs_dir_default() -> str:
-    return os.environ.get("RECIPE_RUNS_DIR", "runs")
-
-
-def memo_for(runs_dir: str | os.PathLike, rehash: bool = False) -> HashMemo:
-    return HashMemo(Path(runs_dir) / "cache" / "hashes.json", rehash=rehash)
+from engine.run.context import Context
+from engine.run.plan import make_plan, memo_for, select
 
 
 # --------------------------------------------------------------------------- plan
 
 
-@dataclass
-class PlanItem:
-    name: str
-    kind: str
-    fingerprint: str
-    status: str  # cached | partial | run
-    reasons: list[str]
-    components: dict = field(repr=False, default_factory=dict)
-
-    def as_json(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "fingerprint": self.fingerprint,
-                "status": self.status, "reasons": self.reasons}
-
-
-def last_components(runs_dir: Path, recipe: str, stage: str) -> dict | None:
-    try:
-        return json.loads((runs_dir / recipe / ".last" / f"{stage}.json").read_text())["components"]
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def make_plan(recipe: Recipe, runs_dir: str | os.PathLike, memo: HashMemo | None = None) -> list[PlanItem]:
-    runs_dir = Path(runs_dir)
-    memo = memo or memo_for(runs_dir)
-    store = Store(runs_dir)
-    items = []
-    for name, (fp, comps) in fingerprints(recipe, memo).items():
-        if store.peek(fp, memo):
-            status, why = "cached", []
-        else:
-            status = "partial" if store.has_partial(fp) else "run"
-            why = reasons(last_components(runs_dir, recipe.name, name), comps)
-            if store.entry_path(fp).is_dir():
-                why = ["its cache entry is damaged (a file changed since it was built); it will be rebuilt"]
-        items.append(PlanItem(name, recipe.stages[name].kind, fp, status, why, comps))
-    memo.save()
-    return items
-
-
 # --------------------------------------------------------------------------- context
 
 
-class _Task:
-    def __init__(self, progress, task_id) -> None:
-        self.progress, self.task_id = progress, task_id
-
-    def advance(self, n: int = 1) -> None:
-        if self.progress is not None:
-            self.progress.advance(self.task_id, n)
-
-
-@dataclass
-class Context:
-    """What a stage's `run` gets besides its config and inputs. Stages never touch the cache."""
-
-    stage: str
-    fingerprint: str
-    seed: int
-    out_dir: Path
-    partial_dir: Path
-    log: logging.Logger
-    recipe: Recipe
-    console: Any = None
-    _progress: Any = None
-    cache_root: Path | None = None
-    pool: "loading.ModelPool | None" = None  # generation models kept between the stages of a run
-    lazy_models: bool = False  # backends load on first use (a Ray driver assembling committed shards)
-    rows_out: int | None = None
-    warnings: list[str] = field(default_factory=list)  # this stage's warnings, for the record and the report
-    shards: ShardRunner = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.shards = ShardRunner(self.partial_dir, self.fingerprint, self.seed, self.progress, self.log)
-        self.shards.announce = self.say
-
-    def say(self, message: str) -> None:
-        """A line for the user (the console, above the progress bars) and the stage log."""
-        self.log.info(message)
-        if self.console is not None:
-            self.console.print(f"{self.stage}: {message}", markup=False)
-
-    @property
-    def seeds(self) -> Seeds:
-        """This stage's random streams, by row id (engine.core.seeds): never by shard or batch."""
-        return Seeds(self.seed, self.fingerprint)
-
-    def progress(self, total: int | None, desc: str = "rows", unit: str = "rows") -> _Task:
-        """A progress bar labelled `stage: desc` (keep `desc` short: the bar must fit 80 columns)."""
-        if self._progress is None:
-            return _Task(None, None)
-        return _Task(self._progress, self._progress.add_task(f"{self.stage}: {desc}", total=total, unit=unit))
-
-    def warn(self, message: str) -> None:
-        self.warnings.append(message)
-        self.log.warning(message)
-        if self.console is not None:
-            self.console.print(f"[yellow]warning[/]: {self.stage}: {message}")
-
-    def templates(self):
-        """Templates for this recipe: its own templates/ folder shadows the built-ins."""
-        from engine.lib.prompts import Templates
-
-        return Templates.for_recipe(self.recipe)
-
-    @property
-    def is_main(self) -> bool:
-        """False in the non-zero ranks of a multi-process stage: only the main process writes files."""
-        return int(os.environ.get("RANK", "0")) == 0
-
-    def describe_model(self, model: "Artifact") -> dict:
-        """How to load `model` again later (engine.models.pool.describe_model)."""
-        return loading.describe_model(model)
-
-    def load_model(self, model: "Artifact", *, merge_adapter: bool = False):
-        """(model, tokenizer) for a model reference (engine.models.pool.load_model)."""
-        return loading.load_model(model, self.recipe, self.cache_root, self.log, merge_adapter=merge_adapter)
-
-    def backend(self, model: "Artifact", batch_size: int = 64):
-        """A generation backend for a model reference; call `.close()` when done (engine.models.pool.backend)."""
-        def load():
-            return loading.backend(model, self.recipe, self.cache_root, self.log, self.partial_dir, batch_size,
-                                   pool=self.pool, resources=self.recipe.stages[self.stage].config.resources
-                                   if self.stage in self.recipe.stages else None)
-        return loading.LazyBackend(load) if self.lazy_models else load()
-
-    def save_rows(self, rows: list[dict], name: str = "rows.parquet") -> int:
-        n = write_rows(self.out_dir / name, rows)
-        if name == "rows.parquet":
-            self.rows_out = n
-        return n
-
-    def save_json(self, name: str, obj: Any) -> None:
-        atomic_write_json(self.out_dir / name, obj)
-
-
 # --------------------------------------------------------------------------- run
-
-
-def select(recipe: Recipe, only: list[str], force: list[str]) -> set[str]:
-    only, force = recipe.stage_names(only), recipe.stage_names(force)  # `dpo` in a loop: its last round
-    unknown = [n for n in [*only, *force] if n not in recipe.stages]
-    if unknown:
-        raise RecipeError.single(
-            f"no stage named {', '.join(repr(u) for u in unknown)}.",
-            file=str(recipe.path), hint=f"Stages: {', '.join(recipe.stages)}.")
-    return upstream(recipe, only) if only else set(recipe.stages)
 
 
 EXECUTORS = ("local", "ray")

@@ -110,7 +110,7 @@ def make_payload(stage, inputs: dict, ctx, log_path: Path, result: Path | None =
 
 def open_payload(payload: dict, log: logging.Logger, out_dir: Path | None = None):
     """(stage, config, inputs, Context) rebuilt from `make_payload`'s dict in this process."""
-    from engine.run.executor import Context
+    from engine.run.context import Context
 
     recipe = _restore(payload["recipe"])
     for arts in payload["inputs"].values():

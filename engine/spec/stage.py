@@ -15,7 +15,7 @@ Required:
   config and inputs.
 - `GIVES: str`: the artifact type it produces (one of `engine.spec.config.ARTIFACT_TYPES`).
 - `run(config, inputs, ctx) -> None`: does the work. `inputs` maps each reference field to an
-  `Artifact` (or a list of them); `ctx` is an `engine.run.executor.Context` (models, backends,
+  `Artifact` (or a list of them); `ctx` is an `engine.run.context.Context` (models, backends,
   templates, shards, progress, `seeds`, `save_rows`, `save_json`, `warn`, `log`). Every random
   stream comes from `ctx.seeds` (by row id, never by position). Bad input found while running is
   a `RecipeError` located at the stage's key (exit 2); anything else is a stage failure (exit 1).

@@ -1,0 +1,108 @@
+"""TODO."""
+
+from __future__ import annotations
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from engine.models import pool as loading
+from engine.spec.artifact import Artifact
+from engine.core.io import atomic_write_json
+from engine.spec.recipe import Recipe
+from engine.data.rows import write_rows
+from engine.core.seeds import Seeds
+from engine.store.shards import ShardRunner
+
+
+class _Task:
+    def __init__(self, progress, task_id) -> None:
+        self.progress, self.task_id = progress, task_id
+
+    def advance(self, n: int = 1) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.task_id, n)
+
+
+@dataclass
+class Context:
+    """What a stage's `run` gets besides its config and inputs. Stages never touch the cache."""
+
+    stage: str
+    fingerprint: str
+    seed: int
+    out_dir: Path
+    partial_dir: Path
+    log: logging.Logger
+    recipe: Recipe
+    console: Any = None
+    _progress: Any = None
+    cache_root: Path | None = None
+    pool: "loading.ModelPool | None" = None  # generation models kept between the stages of a run
+    lazy_models: bool = False  # backends load on first use (a Ray driver assembling committed shards)
+    rows_out: int | None = None
+    warnings: list[str] = field(default_factory=list)  # this stage's warnings, for the record and the report
+    shards: ShardRunner = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.shards = ShardRunner(self.partial_dir, self.fingerprint, self.seed, self.progress, self.log)
+        self.shards.announce = self.say
+
+    def say(self, message: str) -> None:
+        """A line for the user (the console, above the progress bars) and the stage log."""
+        self.log.info(message)
+        if self.console is not None:
+            self.console.print(f"{self.stage}: {message}", markup=False)
+
+    @property
+    def seeds(self) -> Seeds:
+        """This stage's random streams, by row id (engine.core.seeds): never by shard or batch."""
+        return Seeds(self.seed, self.fingerprint)
+
+    def progress(self, total: int | None, desc: str = "rows", unit: str = "rows") -> _Task:
+        """A progress bar labelled `stage: desc` (keep `desc` short: the bar must fit 80 columns)."""
+        if self._progress is None:
+            return _Task(None, None)
+        return _Task(self._progress, self._progress.add_task(f"{self.stage}: {desc}", total=total, unit=unit))
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        self.log.warning(message)
+        if self.console is not None:
+            self.console.print(f"[yellow]warning[/]: {self.stage}: {message}")
+
+    def templates(self):
+        """Templates for this recipe: its own templates/ folder shadows the built-ins."""
+        from engine.lib.prompts import Templates
+
+        return Templates.for_recipe(self.recipe)
+
+    @property
+    def is_main(self) -> bool:
+        """False in the non-zero ranks of a multi-process stage: only the main process writes files."""
+        return int(os.environ.get("RANK", "0")) == 0
+
+    def describe_model(self, model: "Artifact") -> dict:
+        """How to load `model` again later (engine.models.pool.describe_model)."""
+        return loading.describe_model(model)
+
+    def load_model(self, model: "Artifact", *, merge_adapter: bool = False):
+        """(model, tokenizer) for a model reference (engine.models.pool.load_model)."""
+        return loading.load_model(model, self.recipe, self.cache_root, self.log, merge_adapter=merge_adapter)
+
+    def backend(self, model: "Artifact", batch_size: int = 64):
+        """A generation backend for a model reference; call `.close()` when done (engine.models.pool.backend)."""
+        def load():
+            return loading.backend(model, self.recipe, self.cache_root, self.log, self.partial_dir, batch_size,
+                                   pool=self.pool, resources=self.recipe.stages[self.stage].config.resources
+                                   if self.stage in self.recipe.stages else None)
+        return loading.LazyBackend(load) if self.lazy_models else load()
+
+    def save_rows(self, rows: list[dict], name: str = "rows.parquet") -> int:
+        n = write_rows(self.out_dir / name, rows)
+        if name == "rows.parquet":
+            self.rows_out = n
+        return n
+
+    def save_json(self, name: str, obj: Any) -> None:
+        atomic_write_json(self.out_dir / name, obj)
