@@ -28,7 +28,7 @@ def main() -> None:
 
     from engine.models.backends import SamplingParams
     from engine.models.backends.hf import HFBackend
-    from engine.models.builtins import load_model
+    from engine.models.weights import load_model
 
     torch.set_num_threads(2)
     model, tok = load_model("builtin:tiny-chat", cache_root=Path(tempfile.mkdtemp()))

@@ -73,7 +73,7 @@ def generation(args, cache: Path) -> dict:
 
     from engine.models.backends import SamplingParams
     from engine.models.backends.hf import HFBackend
-    from engine.models.builtins import load_model
+    from engine.models.weights import load_model
 
     model, tok = load_model(args.model, cache_root=cache)
     model.generation_config.min_new_tokens = args.new_tokens  # exactly N new tokens everywhere

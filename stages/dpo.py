@@ -36,7 +36,8 @@ from pydantic import Field
 from engine.spec.config import ExecOnly, Ref, StageConfig
 from engine.core.errors import Problem
 from engine.lib.pairs import unpaired
-from engine.lib.training import REWARD_KEYS, LengthReport, Lora, batch_problems, batch_split, chat_ids, check_lora_targets, checkpoint_dir, fit_context, last_checkpoint, length_line, load_weights, lora_config, mixture_line, mixture_problems, plot_loss, plot_rewards, quiet, save_model, step_callback, step_metrics, trainer_args, training_rows, user_error, weights_kind
+from engine.lib.training import REWARD_KEYS, LengthReport, Lora, batch_problems, batch_split, chat_ids, check_lora_targets, fit_context, load_weights, lora_config, mixture_line, mixture_problems, training_rows, user_error
+from engine.lib.trainer import checkpoint_dir, last_checkpoint, length_line, plot_loss, plot_rewards, quiet, save_model, step_callback, step_metrics, trainer_args, weights_kind
 
 VERSION = 2  # 2: input may be a weighted list of preference sets
 GIVES = "model"
@@ -205,7 +206,7 @@ def _trainer(config: Config, model, ref, tok, data: list[dict], base_args: dict,
 
 
 def run(config: Config, inputs: dict, ctx) -> None:
-    from engine.models.builtins import release
+    from engine.models.weights import release
 
     rows, mix, batch = training_rows(config, inputs, ctx, "preference pairs")
 

@@ -33,10 +33,12 @@ from typing import Literal
 
 from pydantic import Field
 
-from engine.models.chatmask import FIX_TEMPLATE, TemplateProblem, jinja_render, mask_check, masked_ids, masking, special_ids, tokenizer_render, trl_training_template
+from engine.models.chatmask import FIX_TEMPLATE, TemplateProblem, jinja_render, masked_ids, masking, special_ids, tokenizer_render, trl_training_template
+from engine.lib.trainer import mask_check
 from engine.spec.config import ExecOnly, Ref, StageConfig
 from engine.core.errors import Problem
-from engine.lib.training import LengthReport, Lora, batch_problems, chat_ids, check_lora_targets, checkpoint_dir, fit, last_checkpoint, length_line, load_weights, lora_config, mixture_line, mixture_problems, plot_loss, quiet, save_model, step_callback, step_metrics, trainer_args, training_rows, user_error, weights_kind
+from engine.lib.training import LengthReport, Lora, batch_problems, chat_ids, check_lora_targets, fit, load_weights, lora_config, mixture_line, mixture_problems, training_rows, user_error
+from engine.lib.trainer import checkpoint_dir, last_checkpoint, length_line, plot_loss, quiet, save_model, step_callback, step_metrics, trainer_args, weights_kind
 
 __all__ = ["Config", "Lora", "fit", "run", "summary"]
 
@@ -144,7 +146,7 @@ def _dataset(tok, kept: list[list[dict]], method: str, ctx, model_name: str):
 def run(config: Config, inputs: dict, ctx) -> None:
     from trl import SFTConfig, SFTTrainer
 
-    from engine.models.builtins import release
+    from engine.models.weights import release
 
     rows, mix, batch = training_rows(config, inputs, ctx, "conversations")
 

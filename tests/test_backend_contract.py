@@ -38,7 +38,7 @@ def cache(tmp_path_factory):
 
 def _hf(cache, **kw):
     from engine.models.backends.hf import HFBackend
-    from engine.models.builtins import load_model
+    from engine.models.weights import load_model
 
     device = kw.pop("device", "cpu")
     model, tok = load_model(MODEL, cache_root=cache, device=device, dtype="float32")

@@ -6,7 +6,7 @@ import pytest
 
 from engine.models.backends import SamplingParams
 from engine.models.backends.hf import HFBackend
-from engine.models.builtins import load_model
+from engine.models.weights import load_model
 
 PROMPTS = [[{"role": "user", "content": "hi"}],
            [{"role": "user", "content": "a much longer question about the tides and the moon"}],

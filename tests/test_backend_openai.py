@@ -36,7 +36,7 @@ def no_sleep(_: float) -> None:
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory):
     from engine.models.backends.hf import HFBackend
-    from engine.models.builtins import load_model
+    from engine.models.weights import load_model
 
     model, tok = load_model(MODEL, cache_root=tmp_path_factory.mktemp("models"))
     return HFBackend(model, tok, batch_size=4)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from engine.models import chatmask as cm
-from engine.models.chatmask import mask_problems
+from engine.lib.trainer import mask_problems
 
 CHATML = (
     "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"

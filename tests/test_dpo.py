@@ -235,7 +235,7 @@ def test_lora_reference_is_the_base_and_the_adapter_loads_back(tmp_path):
     assert base["name"] == "policy" and base["spec"]["path"] == "builtin:tiny-chat"
     from peft import PeftModel
 
-    from engine.models.builtins import load_model
+    from engine.models.weights import load_model
 
     model, _ = load_model("builtin:tiny-chat", cache_root=tmp_path / "runs" / "cache")
     model = PeftModel.from_pretrained(model, str(adapter))

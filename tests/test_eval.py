@@ -338,7 +338,7 @@ def test_composite_is_the_geometric_mean_and_names_what_is_missing():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from engine.models.builtins import load_model
+    from engine.models.weights import load_model
 
     return load_model("builtin:tiny-chat", cache_root=tmp_path_factory.mktemp("cache"))
 

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.core import hashing
-from engine.store import fingerprint as fpmod
+from engine.spec.config import EXEC_ONLY, marker
 from engine.core.hashing import HashMemo
 from engine.store.fingerprint import fingerprints, reasons
 from engine.load.loader import load_recipe
@@ -72,7 +72,7 @@ def test_every_semantic_field_changes_the_fingerprint_and_exec_only_ones_do_not(
         value = _other_value(name, field, getattr(cfg, name))
         literal = repr(value).replace("True", "true").replace("False", "false").replace("'", '"')
         changed = fps(project / "recipe.toml", [f"stages.clean.{name}={literal}"])["clean"]
-        exec_only = fpmod.marker(filter_stage.Config, name, fpmod.EXEC_ONLY)
+        exec_only = marker(filter_stage.Config, name, EXEC_ONLY)
         assert (changed == base) == bool(exec_only), name
         checked += 1
     assert checked >= 15

@@ -133,7 +133,7 @@ def test_devices():
 def test_a_model_loads_in_the_dtype_asked_for(tmp_path):
     import torch
 
-    from engine.models.builtins import load_model
+    from engine.models.weights import load_model
 
     model, _ = load_model("builtin:tiny-chat", cache_root=tmp_path, dtype="bfloat16", device="cpu")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
@@ -222,7 +222,7 @@ def test_vllm_backend_is_refused_at_validate_when_vllm_is_missing(tmp_path, monk
 def test_small_models_are_placed_on_the_cpu_by_auto(tmp_path):
     import json
 
-    from engine.models.builtins import is_small
+    from engine.models.weights import is_small
 
     def config(hidden, layers, vocab):
         d = tmp_path / f"m{hidden}"

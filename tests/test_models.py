@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from engine.models import builtins as models
+from engine.models import weights
 from engine.core.errors import RecipeError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,7 +49,7 @@ def cache_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny(cache_root):
-    return models.load_model("builtin:tiny-chat", cache_root=cache_root)
+    return weights.load_model("builtin:tiny-chat", cache_root=cache_root)
 
 
 # --------------------------------------------------------------------------- import
@@ -234,7 +235,7 @@ def test_unknown_builtin_is_a_recipe_error(tmp_path):
         models.builtin_dir("huge-chat", tmp_path)
     assert "builtin:huge-chat" in str(info.value) and "builtin:tiny-chat" in str(info.value)
     with pytest.raises(RecipeError):
-        models.load_model("builtin:huge-chat", cache_root=tmp_path)
+        weights.load_model("builtin:huge-chat", cache_root=tmp_path)
     assert not (tmp_path / "builtin").exists()
 
 
@@ -258,36 +259,36 @@ def test_load_model_builtin_generates_deterministically(tiny, cache_root):
     first = greedy(model)
     assert len(first) == 2 and all(len(row) == 8 for row in first)
     assert greedy(model) == first
-    again, _ = models.load_model("builtin:tiny-chat", cache_root=cache_root)  # a cache hit, same weights
+    again, _ = weights.load_model("builtin:tiny-chat", cache_root=cache_root)  # a cache hit, same weights
     assert greedy(again) == first
-    models.release(again)
+    weights.release(again)
 
 
 def test_load_model_local_dir_and_explicit_dtype(tiny, cache_root):
     import torch
 
     path = models.builtin_dir("tiny-chat", cache_root)
-    model, tok = models.load_model(path, dtype="bfloat16", device="cpu", cache_root=cache_root)
+    model, tok = weights.load_model(path, dtype="bfloat16", device="cpu", cache_root=cache_root)
     assert model.dtype == torch.bfloat16 and tok.padding_side == "left"
-    models.release(model)
+    weights.release(model)
 
 
 def test_missing_local_path_is_a_recipe_error(tmp_path):
     with pytest.raises(RecipeError, match="not a directory"):
-        models.load_model(str(tmp_path / "no-such-model"), cache_root=tmp_path)
+        weights.load_model(str(tmp_path / "no-such-model"), cache_root=tmp_path)
 
 
 def test_local_dir_without_a_model_is_a_recipe_error(tmp_path):
     (tmp_path / "empty-model").mkdir()
     with pytest.raises(RecipeError, match="cannot load the model in"):
-        models.load_model(str(tmp_path / "empty-model"), cache_root=tmp_path)
+        weights.load_model(str(tmp_path / "empty-model"), cache_root=tmp_path)
 
 
 def test_unreachable_hub_id_is_a_recipe_error(tmp_path):
     """HF_HUB_OFFLINE is read when huggingface_hub is imported, hence the fresh process."""
     proc = run_py(f"""
         from engine.core.errors import RecipeError
-        from engine.models.builtins import load_model
+        from engine.models.weights import load_model
         try:
             load_model("nobody-here/no-such-model", revision="main", cache_root={str(tmp_path)!r})
         except RecipeError as exc:
@@ -300,7 +301,7 @@ def test_unreachable_hub_id_is_a_recipe_error(tmp_path):
 
 
 def test_release_accepts_a_model():
-    models.release(object())  # nothing to free, must not fail (or import torch needlessly)
+    weights.release(object())  # nothing to free, must not fail (or import torch needlessly)
 
 
 def test_size_and_generation_speed(tiny, capsys):
@@ -327,7 +328,7 @@ def test_tokenizer_preparation_pad_and_context():
     model_max_length follows the model's context (no stale-limit warnings)."""
     from types import SimpleNamespace
 
-    from engine.models.builtins import prepare_tokenizer
+    from engine.models.weights import prepare_tokenizer
 
     tok = models._tiny_tokenizer()
     tok.pad_token = tok.eos_token  # as many checkpoints ship: pad == eos == end of turn

@@ -329,7 +329,7 @@ def test_logprob_verdicts_from_the_builtin_judge(tmp_path):
     import torch
 
     from engine.models.backends.hf import HFBackend
-    from engine.models.builtins import load_model
+    from engine.models.weights import load_model
 
     stage = ('[stages.pairs]\nkind = "preferences"\nmethod = "pairwise_judge"\ninput = "convs"\nmodel = "tiny"\n'
              'constitution = "short"\nverdict = "logprobs"\nthreshold = 0.0\n')

@@ -136,7 +136,7 @@ def test_oom_halving_mid_call_gives_the_same_samples(tmp_path, monkeypatch):
 
     from engine.models.backends import SamplingParams
     from engine.models.backends.hf import HFBackend
-    from engine.models.builtins import load_model
+    from engine.models.weights import load_model
 
     model, tok = load_model("builtin:tiny-chat", cache_root=tmp_path)
     prompts = [[{"role": "user", "content": f"question {i}" + "?" * i}] for i in range(5)]
@@ -164,7 +164,7 @@ def test_oom_halving_mid_call_gives_the_same_samples(tmp_path, monkeypatch):
 def test_a_prompts_samples_do_not_depend_on_the_other_prompts(tmp_path):
     from engine.models.backends import SamplingParams
     from engine.models.backends.hf import HFBackend
-    from engine.models.builtins import load_model
+    from engine.models.weights import load_model
 
     model, tok = load_model("builtin:tiny-chat", cache_root=tmp_path)
     backend = HFBackend(model, tok, batch_size=8)

@@ -12,7 +12,7 @@ from conftest import conv, write_jsonl
 from engine.core.errors import RecipeError, StageFailed
 from engine.run.executor import run
 from engine.load.loader import load_recipe
-from engine.models.chatmask import mask_problems
+from engine.lib.trainer import mask_problems
 from stages.sft import fit, summary
 
 # --------------------------------------------------------------------------- length policies (fast)
@@ -133,7 +133,7 @@ def test_lora_saves_an_adapter_that_loads_on_the_base(tmp_path):
     assert (adapter / "adapter_config.json").is_file()
     from peft import PeftModel
 
-    from engine.models.builtins import load_model
+    from engine.models.weights import load_model
 
     base, _ = load_model("builtin:tiny-chat", cache_root=tmp_path / "runs" / "cache")
     model = PeftModel.from_pretrained(base, str(adapter))

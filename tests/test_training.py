@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.core.errors import RecipeError
-from engine.lib.training import Lora, batch_split, check_lora_targets, fit, fit_context, last_checkpoint, mixture, plot_loss, plot_rewards, step_metrics
+from engine.lib.training import Lora, batch_split, check_lora_targets, fit, fit_context, mixture
+from engine.lib.trainer import last_checkpoint, plot_loss, plot_rewards, step_metrics
 
 # --------------------------------------------------------------------------- batch
 
@@ -135,7 +136,7 @@ def ctx_for(tmp_path: Path):
 
 
 def test_lora_targets_must_exist_in_the_model(tmp_path):
-    from engine.models.builtins import load_model
+    from engine.models.weights import load_model
 
     model, _ = load_model("builtin:tiny-chat", cache_root=tmp_path / "cache")
     ctx = ctx_for(tmp_path)

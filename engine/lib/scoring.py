@@ -190,7 +190,7 @@ class _RewardModel:
         return out
 
     def close(self) -> None:
-        from engine.models.builtins import release
+        from engine.models.weights import release
 
         release(self.model)
 

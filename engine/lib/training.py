@@ -19,15 +19,10 @@ torch, transformers, trl and peft are imported inside functions only.
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import re
-import shutil
-import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Callable, Literal
 
 from pydantic import Field
 
@@ -308,177 +303,12 @@ def mixture_line(report: dict) -> list[tuple[str, str]]:
 # --------------------------------------------------------------------------- trainer setup
 
 
-def checkpoint_dir(ctx) -> Path:
-    path = Path(ctx.partial_dir) / "checkpoints"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def last_checkpoint(ckpt_dir: Path, ctx) -> str | None:
-    """The newest complete checkpoint in `ckpt_dir` (logged), or None. The trainer writes a
-    checkpoint's files in place and `trainer_state.json` last, so a process killed while saving
-    leaves a directory without it: such a checkpoint is skipped, and removed by the main process."""
-    found = sorted((int(m.group(1)), p) for p in Path(ckpt_dir).glob("checkpoint-*")
-                   if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
-    complete = [p for _, p in found if (p / "trainer_state.json").is_file()]
-    for _, p in found:
-        if p not in complete:
-            ctx.log.warning("checkpoint %s is incomplete (killed while saving?); ignoring it", p.name)
-            if ctx.is_main:
-                shutil.rmtree(p, ignore_errors=True)
-    if not complete:
-        return None
-    ctx.log.info("resuming from checkpoint %s", complete[-1])
-    return str(complete[-1])
-
-
-def trainer_args(config, ctx, batch: Batch, ckpt_dir: Path, model: Any = None) -> dict:
-    """Keyword arguments every training stage passes to its TRL config the same way. The trainer
-    stays on the device the model was loaded on (a small model is placed on the CPU)."""
-    import torch
-
-    cuda = torch.cuda.is_available() and (model is None or next(model.parameters()).device.type == "cuda")
-    return dict(
-        output_dir=str(ckpt_dir), per_device_train_batch_size=batch.per_device,
-        gradient_accumulation_steps=batch.accumulation, learning_rate=config.lr, num_train_epochs=config.epochs,
-        max_steps=config.max_steps if config.max_steps else -1, lr_scheduler_type=config.scheduler,
-        warmup_steps=float(config.warmup_ratio),  # transformers 5: a value below 1 is a share of the steps
-        weight_decay=config.weight_decay, save_steps=config.save_steps, save_total_limit=2,
-        logging_steps=config.logging_steps, report_to=[], seed=ctx.seed, data_seed=ctx.seed, use_cpu=not cuda,
-        bf16=cuda and torch.cuda.is_bf16_supported(), include_num_input_tokens_seen="non_padding",
-        disable_tqdm=True, dataloader_num_workers=0,
-    )
-
-
-def step_callback(ctx, timing: dict[int, float]):
-    """A TrainerCallback that records input tokens/s of each optimizer step into `timing` (from
-    the trainer's own token count, gathered over processes), advances the run's progress bar and
-    writes each logged step to the stage log (instead of transformers printing dicts)."""
-    from transformers import TrainerCallback
-
-    class Steps(TrainerCallback):
-        t0 = seen0 = task = None
-
-        def on_train_begin(self, args, state, control, **kw):
-            self.task = ctx.progress(state.max_steps, "training", unit="steps")
-            self.task.advance(state.global_step)  # resumed: steps already done
-
-        def on_step_begin(self, args, state, control, **kw):
-            self.t0, self.seen0 = time.perf_counter(), state.num_input_tokens_seen
-
-        def on_step_end(self, args, state, control, **kw):
-            if self.task is not None:
-                self.task.advance(1)
-            if self.t0 is None:
-                return
-            dt, seen = time.perf_counter() - self.t0, state.num_input_tokens_seen - self.seen0
-            if dt > 0 and seen > 0:
-                timing[state.global_step] = round(seen / dt, 1)
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if state.is_world_process_zero and logs and "loss" in logs:
-                shown = {k: v for k, v in logs.items() if k == "loss" or k.startswith("rewards/")}
-                ctx.log.info("step %d/%d: %s", state.global_step, state.max_steps,
-                             ", ".join(f"{k} {v:.4g}" for k, v in shown.items() if isinstance(v, (int, float))))
-
-    return Steps()
-
-
-def quiet(trainer) -> None:
-    """Drop transformers' PrinterCallback (a dict per step on stdout): the stage log has the steps."""
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)
-
-
 # --------------------------------------------------------------------------- saving
-
-
-def save_model(trainer, tok, ctx, model_input, lora: Lora | None, merge: bool) -> Path:
-    """Write `model/`: full weights (loadable with from_pretrained), the merged LoRA weights, or the
-    adapter plus `base.json` (how to load its base again). Only the main process writes.
-
-    The folder is portable: nothing in it names a path of this machine (a runs dir can be moved or
-    shared), and two runs in different runs dirs write the same bytes. So the trainer's pickled
-    `training_args.bin` (it holds the output dir) and PEFT's generated model card are left out, and
-    `adapter_config.json` names its base as base.json does, with its target modules sorted."""
-    out = Path(ctx.out_dir) / "model"
-    if lora is not None and merge:
-        merged = trainer.model.merge_and_unload()
-        if ctx.is_main:
-            merged.save_pretrained(out, safe_serialization=True)
-    else:
-        trainer.save_model(str(out))  # rank-aware
-    if ctx.is_main:
-        tok.save_pretrained(out)
-        for machine_state in ("training_args.bin", "README.md"):
-            (out / machine_state).unlink(missing_ok=True)
-        if lora is not None and not merge:
-            base = ctx.describe_model(model_input)
-            (out / "base.json").write_text(json.dumps(base, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            portable_adapter_config(out / "adapter_config.json", base)
-    return out
-
-
-def portable_adapter_config(path: Path, base: dict) -> None:
-    """PEFT writes the base's absolute path and a set of module names in hash order: name the base
-    as base.json does (`builtin:tiny-chat`, a hub id, `stage:<fingerprint>`) and sort the modules."""
-    if not path.is_file():
-        return
-    config = json.loads(path.read_text(encoding="utf-8"))
-    config["base_model_name_or_path"] = base["spec"]["path"] if "spec" in base else f"stage:{base['stage']}"
-    for key in ("target_modules", "modules_to_save", "exclude_modules"):
-        if isinstance(config.get(key), list):
-            config[key] = sorted(config[key])
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def weights_kind(report: dict) -> str:
-    return "full" if not report.get("lora") else ("LoRA (merged)" if report.get("merged") else "LoRA adapter")
-
-
-def length_line(report: dict) -> tuple[str, str]:
-    """The `recipe show` line for a report's length counts."""
-    return (f"over max_length {report['max_length']}",
-            f"{report['over_length']} (policy {report['length_policy']}: {report['shortened']} shortened, "
-            f"{report['dropped']} dropped)")
 
 
 # --------------------------------------------------------------------------- metrics and plots
 
 
-def step_metrics(log_history: list[dict], keys: tuple[str, ...] = (),
-                 timing: dict[int, float] | None = None) -> list[dict]:
-    """One dict per logged training step: step, loss, lr, the named `keys` (None when absent) and tokens/s."""
-    timing = timing or {}
-    return [{"step": h["step"], "loss": h["loss"], "lr": h.get("learning_rate"), **{k: h.get(k) for k in keys},
-             "tokens_per_s": timing.get(h["step"])}
-            for h in log_history if "loss" in h and "step" in h]
-
-
-def plot_loss(path: Path, steps: list[dict], title: str) -> None:
-    from engine.core.plots import lines
-
-    lines(path, {"loss": ([s["step"] for s in steps], [s["loss"] for s in steps])}, title=title, ylabel="loss")
-
-
 REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 
 
-def plot_rewards(out_dir: Path, steps: list[dict], title: str) -> list[str]:
-    """`rewards.png` (chosen, rejected, margins) and `accuracies.png` (share of pairs whose chosen
-    reward is higher); a file only when the trainer logged its series. Returns the files written."""
-    from engine.core.plots import lines
-
-    xs = [s["step"] for s in steps]
-    written = []
-    series = {k.split("/")[1]: (xs, [s.get(k) for s in steps]) for k in REWARD_KEYS[:3]
-              if any(s.get(k) is not None for s in steps)}
-    if series:
-        lines(Path(out_dir) / "rewards.png", series, title=f"{title}: implicit rewards", ylabel="reward")
-        written.append("rewards.png")
-    if any(s.get(REWARD_KEYS[3]) is not None for s in steps):
-        lines(Path(out_dir) / "accuracies.png", {"accuracy": (xs, [s.get(REWARD_KEYS[3]) for s in steps])},
-              title=f"{title}: reward accuracy", ylabel="share of pairs")
-        written.append("accuracies.png")
-    return written

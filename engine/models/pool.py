@@ -63,8 +63,8 @@ def load_model(model: "Artifact", recipe: "Recipe", cache_root: Path | None, log
 
 
 def _load_dir(path: Path, cache_root: Path | None, log: logging.Logger, merge_adapter: bool, device: str = "auto"):
-    from engine.models.builtins import load_model as load_weights
-    from engine.models.builtins import prepare_tokenizer
+    from engine.models.weights import load_model as load_weights
+    from engine.models.weights import prepare_tokenizer
 
     if not (path / "adapter_config.json").is_file():
         return load_weights(str(path), cache_root=cache_root, device=device)
@@ -97,7 +97,7 @@ def _load_dir(path: Path, cache_root: Path | None, log: logging.Logger, merge_ad
 def _load_spec(name: str, spec, recipe: "Recipe | None", cache_root: Path | None, log: logging.Logger,
                merge_adapter: bool, device: str = "auto"):
     from engine.core.hashing import is_file
-    from engine.models.builtins import load_model as load_weights
+    from engine.models.weights import load_model as load_weights
 
     m, tok = load_weights(spec.path, dtype=spec.dtype, device=device, revision=spec.revision,
                           trust_remote_code=spec.trust_remote_code, cache_root=cache_root)
@@ -121,7 +121,7 @@ def _load_spec(name: str, spec, recipe: "Recipe | None", cache_root: Path | None
 
 def devices(device: str, small: bool = False) -> list[str]:
     """The devices a generation backend replicates over: "auto" is every visible GPU (else the
-    CPU; the CPU too for a `small` model, see engine.models.builtins.is_small); "cuda:0,cuda:1" (or
+    CPU; the CPU too for a `small` model, see engine.models.weights.is_small); "cuda:0,cuda:1" (or
     "cpu,cpu") is a list. Training uses the first one."""
     parts = [d.strip() for d in device.split(",") if d.strip()]
     if parts and parts != ["auto"]:
@@ -155,7 +155,7 @@ def backend(model: "Artifact", recipe: "Recipe", cache_root: Path | None, log: l
                                         gpus=getattr(resources, "gpus", 1) or 1)
     from engine.models.backends.hf import HFBackend
 
-    from engine.models.builtins import is_small
+    from engine.models.weights import is_small
 
     kv_cache = spec.kv_cache if spec else "auto"
     replicas = []
@@ -248,7 +248,7 @@ class ModelPool:
             self._drop(key, None)
 
     def _drop(self, key: tuple, log: logging.Logger | None, why: str = "no later stage uses it") -> None:
-        from engine.models.builtins import release
+        from engine.models.weights import release
 
         entry = self.entries.pop(key)
         if log is not None:

@@ -246,7 +246,7 @@ class HFBackend:
         if self.on_close is not None:
             self.on_close()
         else:
-            from engine.models.builtins import release
+            from engine.models.weights import release
 
             release(self.model)
         self.model = None

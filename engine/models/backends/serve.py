@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"environment variable {args.api_key_env} is not set")
     cache_root = args.cache_root or os.path.join(os.environ.get("RECIPE_RUNS_DIR", "runs"), "cache")
 
-    from engine.models.builtins import load_model
+    from engine.models.weights import load_model
     from engine.models.backends.hf import HFBackend
 
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device, cache_root=cache_root)
