@@ -18,18 +18,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from engine.core.errors import CacheError, RecipeError, StageFailed, Terminated
+from engine.core.console import progress_bars
+from engine.report.console import _count, _styled
+from engine.store.record import find_run
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
-
-STATUS_STYLE = {"cached": "green", "run": "yellow", "partial": "cyan", "failed": "red", "ok": "green",
-                "interrupted": "magenta", "running": "yellow", "pending": "dim", "deleted by gc": "red",
-                "skipped": "dim"}
-
-
-def _styled(status) -> str:
-    style = STATUS_STYLE.get(status, "")
-    return f"[{style}]{status}[/]" if style else escape(str(status))
 
 
 class RecipeGroup(click.Group):
@@ -242,71 +236,7 @@ def _write_report(run_dir: Path, quiet: bool = False) -> list[Path]:
     return paths
 
 
-def progress_bars(console: Console) -> "_RateProgress":
-    """The run's progress bars, made to fit 80 columns: a label cut to 24 characters, a short bar,
-    done/total, the rate of this run's work (rows/s, steps/s) and the ETA."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-    from rich.table import Column
-
-    return _RateProgress(Progress(
-        TextColumn("{task.description}", table_column=Column(no_wrap=True, overflow="ellipsis", max_width=24)),
-        BarColumn(bar_width=10), MofNCompleteColumn(),
-        TextColumn("[progress.data.speed]{task.fields[rate]}", table_column=Column(no_wrap=True)),
-        TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False,
-    ))
-
-
-class _RateProgress:
-    """A rich Progress whose tasks show their rate with a unit (rich's own speed column has none).
-    A task's first advance (the rows of committed shards, when a stage resumes) is not in the
-    rate: rich leaves a task's first sample out of its speed."""
-
-    def __init__(self, progress) -> None:
-        self.live = progress
-
-    def add_task(self, description: str, total=None, unit: str = "rows") -> int:
-        return self.live.add_task(description, total=total, rate="", unit=unit)
-
-    def advance(self, task_id: int, n: int) -> None:
-        self.live.advance(task_id, n)
-        task = next(t for t in self.live.tasks if t.id == task_id)
-        self.live.update(task_id, rate=f"{task.speed:,.1f} {task.fields['unit']}/s" if task.speed else "")
-
-
 # --------------------------------------------------------------------------- runs
-
-
-def _run_dirs(root: Path) -> list[Path]:
-    runs = []
-    if not root.exists():
-        return runs
-    for recipe_dir in sorted(root.iterdir()):
-        if recipe_dir.name == "cache" or not recipe_dir.is_dir():
-            continue
-        for d in sorted(recipe_dir.iterdir()):
-            if d.is_dir() and not d.is_symlink() and (d / "record.json").exists():
-                runs.append(d)
-    return runs
-
-
-def _record(run_dir: Path) -> dict:
-    return json.loads((run_dir / "record.json").read_text())
-
-
-def find_run(root: Path, ref: str) -> Path:
-    """RUN may be a run dir, RECIPE/RUN-ID, RECIPE (its latest run), RUN-ID, or `latest`."""
-    candidates = [Path(ref), root / ref, root / ref / "latest"]
-    for c in candidates:
-        if (c / "record.json").exists():
-            return c.resolve()
-    runs = _run_dirs(root)
-    if ref == "latest" and runs:
-        return max(runs, key=lambda d: _record(d).get("started", "")).resolve()
-    matches = [d for d in runs if d.name == ref]
-    if len(matches) == 1:
-        return matches[0].resolve()
-    known = ", ".join(sorted({f"{d.parent.name}/{d.name}" for d in runs})[-8:]) or "none yet"
-    raise RecipeError.single(f"no run '{ref}' under {root}.", hint=f"Runs: {known}. Try `recipe status`.")
 
 
 @main.command()
@@ -314,47 +244,14 @@ def find_run(root: Path, ref: str) -> Path:
 @_runs_dir_option
 def status(run_ref, runs_dir) -> None:
     """List runs and their stages (all recipes, or one RUN in detail)."""
-    from engine.store.record import shown_status
+    from engine.report.console import print_runs, print_status
+    from engine.store.record import find_run
 
     root = _runs_dir(runs_dir)
     if run_ref:
-        run_dir = find_run(root, run_ref)
-        rec = _record(run_dir)
-        run_status = shown_status(run_dir, rec)
-        table = Table(title=f"{rec['recipe']}/{rec['run']}: {run_status}", title_justify="left")
-        for col, kw in (("stage", {"no_wrap": True}), ("kind", {"no_wrap": True}), ("status", {"no_wrap": True}),
-                        ("rows", {"justify": "right", "no_wrap": True}), ("s", {"justify": "right"}),
-                        ("why", {"overflow": "fold", "ratio": 1})):
-            table.add_column(col, **kw)
-        for name, s in rec["stages"].items():  # record order: the DAG's, rounds of a loop together
-            st = s.get("status")
-            if run_status == "interrupted" and st in ("running", "pending"):
-                st = "interrupted" if st == "running" else st
-            st = _entry_state(run_dir, name, st)
-            rows = "-" if s.get("rows_out") is None and s.get("rows_in") is None else \
-                f"{_count(s.get('rows_in'))}>{_count(s.get('rows_out'))}"
-            table.add_row(name, s.get("kind", ""), _styled(st), rows, f"{s.get('duration_s', 0) or 0:.1f}",
-                          "; ".join(s.get("reasons", [])) or s.get("error", ""))
-        out.print(table)
-        _round_table(rec["stages"])
-        return
-    runs = _run_dirs(root)
-    if not runs:
-        out.print(f"no runs under {root}", markup=False)
-        return
-    table = Table(title=f"runs in {root}", title_justify="left")
-    for col in ("recipe", "run", "status", "started", "stages"):
-        table.add_column(col)
-    for d in runs:
-        rec = _record(d)
-        st = shown_status(d, rec)
-        counts: dict[str, int] = {}
-        for s in rec["stages"].values():
-            state = "interrupted" if st == "interrupted" and s.get("status") == "running" else s.get("status", "?")
-            counts[state] = counts.get(state, 0) + 1
-        table.add_row(rec["recipe"], rec["run"], _styled(st),
-                      rec.get("started", "")[:16].replace("T", " "), ", ".join(f"{v} {k}" for k, v in counts.items()))
-    out.print(table)
+        print_status(out, find_run(root, run_ref))
+    else:
+        print_runs(out, root)
 
 
 @main.command()
@@ -364,117 +261,10 @@ def status(run_ref, runs_dir) -> None:
 @_runs_dir_option
 def show(run_ref: str, stage: str, n_rows: int, runs_dir) -> None:
     """Print the first rows of a stage's output and its report."""
-    from engine.spec import registry
-    from engine.spec.rounds import last_round, round_of
-    from rich.markup import escape
-    from rich.text import Text
+    from engine.report.console import print_stage
+    from engine.store.record import find_run
 
-    from engine.data.rows import count_rows, read_rows
-
-    run_dir = find_run(_runs_dir(runs_dir), run_ref)
-    rec = _record(run_dir)
-    if stage not in rec["stages"] and last_round(rec["stages"], stage):
-        stage = last_round(rec["stages"], stage)  # a loop stage's own name: its last round
-    entry = run_dir / "stages" / stage
-    if stage in rec["stages"] and entry.is_symlink() and not entry.exists():
-        raise RecipeError.single(
-            f"the output of stage '{stage}' in run {rec['recipe']}/{rec['run']} was deleted by gc.",
-            hint="Run the recipe again to rebuild it (`recipe gc` keeps what recent runs and the recipe files use).")
-    if stage not in rec["stages"] or not entry.exists():
-        done = [n for n in rec["stages"] if (run_dir / "stages" / n).exists()]
-        raise RecipeError.single(f"run {rec['recipe']}/{rec['run']} has no output for stage '{stage}'.",
-                                 hint=f"Stages with output: {', '.join(done) or 'none'}.")
-    info = rec["stages"][stage]
-    out.print(f"[bold]{stage}[/] ({info.get('kind')}) fingerprint {info.get('fingerprint')}: {info.get('status')}")
-    rows_file = entry / "rows.parquet"
-    if rows_file.exists():
-        rows = read_rows(rows_file)[:n_rows]
-        table = Table(title=f"first {len(rows)} of {count_rows(rows_file)} rows", title_justify="left", show_lines=True)
-        cols = list(dict.fromkeys(k for row in rows for k in row))
-        for c in cols:
-            table.add_column(c, overflow="fold", max_width=60 if c == "messages" else 30)
-        for row in rows:
-            table.add_row(*[_cell(row.get(c)) for c in cols])
-        out.print(table)
-    report_file = entry / "report.json"
-    if report_file.exists():
-        report = json.loads(report_file.read_text())
-        module = registry.load(info["kind"]) if info.get("kind") in registry.kinds() else None
-        from engine.spec.stage import hook
-
-        if hook(module, "summary_table"):  # one column per model, say
-            headers, rows = hook(module, "summary_table")(report)
-            table = Table(title="report", title_justify="left")
-            for i, h in enumerate(headers):
-                table.add_column(h, justify="left" if i == 0 else "right")
-            for row in rows:
-                table.add_row(*[Text(printable(str(cell))) for cell in row])
-            out.print(table)
-            for line in (hook(module, "summary_notes") or (lambda r: []))(report):
-                out.print(printable(line), markup=False)
-        elif hook(module, "summary"):
-            table = Table(title="report", title_justify="left")
-            table.add_column("")
-            table.add_column("")
-            for k, v in hook(module, "summary")(report):
-                table.add_row(Text(printable(str(k))), Text(printable(str(v))))
-            out.print(table)
-            for rule, examples in report.get("examples", {}).items():
-                for ex in examples:
-                    detail = escape(printable(f"{ex.get('id')}: {ex.get('detail')}"))
-                    out.print(f"  [dim]{escape(rule)}[/] {detail}", markup=True)
-        else:
-            out.print_json(json.dumps(report))
-    if round_of(stage):
-        _round_table(rec["stages"], round_of(stage)[0])
-
-
-def _round_table(stages: dict, base: str | None = None) -> None:
-    """Iterative rounds: each round's output diversity (engine/spec/rounds.py), when the run has any."""
-    from engine.spec.rounds import ROUND_COLUMNS, round_rows
-
-    rows = round_rows(stages, base)
-    if rows:
-        table = Table(title="output diversity per round", title_justify="left")
-        for col in ROUND_COLUMNS:
-            table.add_column(col)
-        for row in rows:
-            table.add_row(*row)
-        out.print(table)
-
-
-def _entry_state(run_dir: Path, stage: str, status: str | None) -> str | None:
-    """A finished stage whose cache entry is gone (removed by `recipe gc`) says so."""
-    link = run_dir / "stages" / stage
-    if status in ("cached", "run") and link.is_symlink() and not link.exists():
-        return "deleted by gc"
-    return status
-
-
-def _count(value) -> str:
-    """A row count for the run tables: '-' where a stage gives no rows (a model) or has none yet."""
-    return "-" if value is None else str(value)
-
-
-def _cell(value) -> "Text":  # noqa: F821
-    """A row value for the terminal: model output is data, not markup, and its control
-    characters (ESC, NUL, ...) are shown escaped, never sent to the terminal."""
-    from rich.text import Text
-
-    if isinstance(value, list) and value and isinstance(value[0], dict) and "role" in value[0]:
-        text = "\n".join(f"{m.get('role')}: {printable(str(m.get('content')))[:120]}" for m in value)
-    else:
-        text = printable(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
-        text = text if len(text) < 300 else text[:297] + "..."
-    return Text(text)
-
-
-def printable(text: str) -> str:
-    """`text` with control characters other than newline and tab written as escapes (\\x1b)."""
-    import unicodedata
-
-    return "".join(c if c in "\n\t\u200d" or unicodedata.category(c) not in ("Cc", "Cf", "Cs", "Co") else
-                   repr(c)[1:-1] for c in text)
+    print_stage(out, find_run(_runs_dir(runs_dir), run_ref), stage, n_rows)
 
 
 @main.command()
@@ -535,58 +325,11 @@ def gc(runs_dir, keep_runs: int, yes: bool) -> None:
     unless --yes). Kept: the entries of each recipe's last N runs, and those that every recipe
     file next to a recipe that ran here (and beside the runs dir) needs as it is written now, so
     experiments with --set never push out the recipe itself."""
-    from engine.store.cache import Store
+    from engine.store.gc import collect
 
     root = _runs_dir(runs_dir)
-    store = Store(root)
-    keep: set[str] = set()
-    by_recipe: dict[str, list[Path]] = {}
-    for d in _run_dirs(root):
-        by_recipe.setdefault(d.parent.name, []).append(d)
-    files: set[Path] = set()
-    for dirs in by_recipe.values():
-        for d in sorted(dirs, key=lambda d: _record(d).get("started", ""))[-keep_runs:]:
-            keep.update(s.get("fingerprint") for s in _record(d)["stages"].values())
-        for d in dirs:
-            recipe_file = Path(_record(d).get("recipe_file") or "")
-            if recipe_file.name and recipe_file.parent.is_dir():
-                files.update(_recipe_files(recipe_file.parent))
-    files.update(_recipe_files(root.resolve().parent))
-    written = _fingerprints_as_written(sorted(files), root)
-    if written:
-        out.print(f"keeping the entries that {len(written)} recipe files need as written "
-                  f"({', '.join(p.name for p in sorted(written)[:5])}{', ...' if len(written) > 5 else ''})",
-                  markup=False)
-    for fps in written.values():
-        keep.update(fps)
-    if yes:  # half-built entries of crashed runs: their builder is gone
-        swept = store.sweep_tmp()
-        if swept:
-            out.print(f"removed {len(swept)} half-built entries left by crashed runs", markup=False)
-    doomed = [store.entry_path(fp) for fp in store.entries() if fp not in keep]
-    if store.partial_root.exists():
-        doomed += [p for p in store.partial_root.iterdir() if p.name not in keep]
-    total = sum(_size(p) for p in doomed)
-    for p in doomed:
-        out.print(f"{'removing' if yes else 'would remove'} {p} ({_human(_size(p))})", markup=False)
-    if yes:
-        for p in doomed:
-            store.remove(p.name)
-        out.print(f"removed {len(doomed)} entries, {_human(total)}", markup=False)
-    else:
-        out.print(f"{len(doomed)} entries, {_human(total)}; run with --yes to delete", markup=False)
-
-
-def _recipe_files(folder: Path) -> list[Path]:
-    """The recipe files directly in `folder`: *.toml with a [recipe] table."""
-    out = []
-    for path in sorted(folder.glob("*.toml")):
-        try:
-            if path.is_file() and "[recipe]" in path.read_text(encoding="utf-8", errors="replace")[:200_000]:
-                out.append(path.resolve())
-        except OSError:
-            continue
-    return out
+    collect(root, keep_runs, yes, lambda files: _fingerprints_as_written(files, root),
+            lambda line: out.print(line, markup=False))
 
 
 def _fingerprints_as_written(files: list[Path], root: Path) -> dict[Path, set[str]]:
@@ -604,18 +347,6 @@ def _fingerprints_as_written(files: list[Path], root: Path) -> dict[Path, set[st
             continue
     memo.save()
     return found
-
-
-def _size(p: Path) -> int:
-    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink())
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
 
 
 @main.command()

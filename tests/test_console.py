@@ -36,7 +36,7 @@ def test_third_party_warnings_and_bars_go_to_the_stage_log(tmp_path):
 def test_progress_bars_fit_80_columns_with_counts_rate_and_eta():
     from rich.console import Console
 
-    from engine.cli import progress_bars
+    from engine.core.console import progress_bars
 
     sink = io.StringIO()
     bars = progress_bars(Console(file=sink, width=80, force_terminal=False, color_system=None))

@@ -12,6 +12,11 @@ warnings and errors stay on screen.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
 import logging
 import os
 import sys
@@ -95,3 +100,34 @@ def stage_output(log: logging.Logger) -> Iterator[None]:
         _local.log = None
         with _lock:
             _active.remove(log)
+
+
+def progress_bars(console: Console) -> "_RateProgress":
+    """The run's progress bars, made to fit 80 columns: a label cut to 24 characters, a short bar,
+    done/total, the rate of this run's work (rows/s, steps/s) and the ETA."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.table import Column
+
+    return _RateProgress(Progress(
+        TextColumn("{task.description}", table_column=Column(no_wrap=True, overflow="ellipsis", max_width=24)),
+        BarColumn(bar_width=10), MofNCompleteColumn(),
+        TextColumn("[progress.data.speed]{task.fields[rate]}", table_column=Column(no_wrap=True)),
+        TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False,
+    ))
+
+
+class _RateProgress:
+    """A rich Progress whose tasks show their rate with a unit (rich's own speed column has none).
+    A task's first advance (the rows of committed shards, when a stage resumes) is not in the
+    rate: rich leaves a task's first sample out of its speed."""
+
+    def __init__(self, progress) -> None:
+        self.live = progress
+
+    def add_task(self, description: str, total=None, unit: str = "rows") -> int:
+        return self.live.add_task(description, total=total, rate="", unit=unit)
+
+    def advance(self, task_id: int, n: int) -> None:
+        self.live.advance(task_id, n)
+        task = next(t for t in self.live.tasks if t.id == task_id)
+        self.live.update(task_id, rate=f"{task.speed:,.1f} {task.fields['unit']}/s" if task.speed else "")

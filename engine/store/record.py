@@ -19,6 +19,7 @@ from engine import __version__
 from engine.core.io import atomic_write_text
 from engine.spec.recipe import Recipe
 from engine.core.toml import dump_toml
+from engine.core.errors import RecipeError
 
 
 def versions() -> dict[str, str]:
@@ -121,3 +122,36 @@ def close_logger(log: logging.Logger) -> None:
     for h in list(log.handlers):
         h.close()
         log.removeHandler(h)
+
+
+def run_dirs(root: Path) -> list[Path]:
+    runs = []
+    if not root.exists():
+        return runs
+    for recipe_dir in sorted(root.iterdir()):
+        if recipe_dir.name == "cache" or not recipe_dir.is_dir():
+            continue
+        for d in sorted(recipe_dir.iterdir()):
+            if d.is_dir() and not d.is_symlink() and (d / "record.json").exists():
+                runs.append(d)
+    return runs
+
+
+def read_record(run_dir: Path) -> dict:
+    return json.loads((run_dir / "record.json").read_text())
+
+
+def find_run(root: Path, ref: str) -> Path:
+    """RUN may be a run dir, RECIPE/RUN-ID, RECIPE (its latest run), RUN-ID, or `latest`."""
+    candidates = [Path(ref), root / ref, root / ref / "latest"]
+    for c in candidates:
+        if (c / "record.json").exists():
+            return c.resolve()
+    runs = run_dirs(root)
+    if ref == "latest" and runs:
+        return max(runs, key=lambda d: read_record(d).get("started", "")).resolve()
+    matches = [d for d in runs if d.name == ref]
+    if len(matches) == 1:
+        return matches[0].resolve()
+    known = ", ".join(sorted({f"{d.parent.name}/{d.name}" for d in runs})[-8:]) or "none yet"
+    raise RecipeError.single(f"no run '{ref}' under {root}.", hint=f"Runs: {known}. Try `recipe status`.")

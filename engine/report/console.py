@@ -1,0 +1,182 @@
+"""What `recipe status` and `recipe show` print: run and stage tables for the terminal, with
+model text escaped (control characters shown, never sent to the terminal)."""
+
+from __future__ import annotations
+import json
+from pathlib import Path
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from engine.core.errors import RecipeError
+from engine.store.record import read_record, run_dirs
+
+
+STATUS_STYLE = {"cached": "green", "run": "yellow", "partial": "cyan", "failed": "red", "ok": "green",
+                "interrupted": "magenta", "running": "yellow", "pending": "dim", "deleted by gc": "red",
+                "skipped": "dim"}
+
+
+def _styled(status) -> str:
+    style = STATUS_STYLE.get(status, "")
+    return f"[{style}]{status}[/]" if style else escape(str(status))
+
+
+def _round_table(out: Console, stages: dict, base: str | None = None) -> None:
+    """Iterative rounds: each round's output diversity (engine/spec/rounds.py), when the run has any."""
+    from engine.spec.rounds import ROUND_COLUMNS, round_rows
+
+    rows = round_rows(stages, base)
+    if rows:
+        table = Table(title="output diversity per round", title_justify="left")
+        for col in ROUND_COLUMNS:
+            table.add_column(col)
+        for row in rows:
+            table.add_row(*row)
+        out.print(table)
+
+
+def _entry_state(run_dir: Path, stage: str, status: str | None) -> str | None:
+    """A finished stage whose cache entry is gone (removed by `recipe gc`) says so."""
+    link = run_dir / "stages" / stage
+    if status in ("cached", "run") and link.is_symlink() and not link.exists():
+        return "deleted by gc"
+    return status
+
+
+def _count(value) -> str:
+    """A row count for the run tables: '-' where a stage gives no rows (a model) or has none yet."""
+    return "-" if value is None else str(value)
+
+
+def _cell(value) -> "Text":  # noqa: F821
+    """A row value for the terminal: model output is data, not markup, and its control
+    characters (ESC, NUL, ...) are shown escaped, never sent to the terminal."""
+    from rich.text import Text
+
+    if isinstance(value, list) and value and isinstance(value[0], dict) and "role" in value[0]:
+        text = "\n".join(f"{m.get('role')}: {printable(str(m.get('content')))[:120]}" for m in value)
+    else:
+        text = printable(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
+        text = text if len(text) < 300 else text[:297] + "..."
+    return Text(text)
+
+
+def printable(text: str) -> str:
+    """`text` with control characters other than newline and tab written as escapes (\\x1b)."""
+    import unicodedata
+
+    return "".join(c if c in "\n\t\u200d" or unicodedata.category(c) not in ("Cc", "Cf", "Cs", "Co") else
+                   repr(c)[1:-1] for c in text)
+
+
+def print_status(out: Console, run_dir: Path) -> None:
+    """`recipe status RUN`: each stage of the run, its status, rows, time and why it ran."""
+    from engine.store.record import shown_status
+
+    rec = read_record(run_dir)
+    run_status = shown_status(run_dir, rec)
+    table = Table(title=f"{rec['recipe']}/{rec['run']}: {run_status}", title_justify="left")
+    for col, kw in (("stage", {"no_wrap": True}), ("kind", {"no_wrap": True}), ("status", {"no_wrap": True}),
+                    ("rows", {"justify": "right", "no_wrap": True}), ("s", {"justify": "right"}),
+                    ("why", {"overflow": "fold", "ratio": 1})):
+        table.add_column(col, **kw)
+    for name, s in rec["stages"].items():  # record order: the DAG's, rounds of a loop together
+        st = s.get("status")
+        if run_status == "interrupted" and st in ("running", "pending"):
+            st = "interrupted" if st == "running" else st
+        st = _entry_state(run_dir, name, st)
+        rows = "-" if s.get("rows_out") is None and s.get("rows_in") is None else \
+            f"{_count(s.get('rows_in'))}>{_count(s.get('rows_out'))}"
+        table.add_row(name, s.get("kind", ""), _styled(st), rows, f"{s.get('duration_s', 0) or 0:.1f}",
+                      "; ".join(s.get("reasons", [])) or s.get("error", ""))
+    out.print(table)
+    _round_table(out, rec["stages"])
+
+
+def print_runs(out: Console, root: Path) -> None:
+    """`recipe status`: every run under the runs dir, a line each."""
+    from engine.store.record import shown_status
+
+    runs = run_dirs(root)
+    if not runs:
+        out.print(f"no runs under {root}", markup=False)
+        return
+    table = Table(title=f"runs in {root}", title_justify="left")
+    for col in ("recipe", "run", "status", "started", "stages"):
+        table.add_column(col)
+    for d in runs:
+        rec = read_record(d)
+        st = shown_status(d, rec)
+        counts: dict[str, int] = {}
+        for s in rec["stages"].values():
+            state = "interrupted" if st == "interrupted" and s.get("status") == "running" else s.get("status", "?")
+            counts[state] = counts.get(state, 0) + 1
+        table.add_row(rec["recipe"], rec["run"], _styled(st),
+                      rec.get("started", "")[:16].replace("T", " "), ", ".join(f"{v} {k}" for k, v in counts.items()))
+    out.print(table)
+
+
+def print_stage(out: Console, run_dir: Path, stage: str, n_rows: int) -> None:
+    """`recipe show RUN STAGE`: the first rows of the stage's output and its report."""
+    from engine.spec import registry
+    from engine.spec.rounds import last_round, round_of
+    from rich.markup import escape
+    from rich.text import Text
+
+    from engine.data.rows import count_rows, read_rows
+
+    rec = read_record(run_dir)
+    if stage not in rec["stages"] and last_round(rec["stages"], stage):
+        stage = last_round(rec["stages"], stage)  # a loop stage's own name: its last round
+    entry = run_dir / "stages" / stage
+    if stage in rec["stages"] and entry.is_symlink() and not entry.exists():
+        raise RecipeError.single(
+            f"the output of stage '{stage}' in run {rec['recipe']}/{rec['run']} was deleted by gc.",
+            hint="Run the recipe again to rebuild it (`recipe gc` keeps what recent runs and the recipe files use).")
+    if stage not in rec["stages"] or not entry.exists():
+        done = [n for n in rec["stages"] if (run_dir / "stages" / n).exists()]
+        raise RecipeError.single(f"run {rec['recipe']}/{rec['run']} has no output for stage '{stage}'.",
+                                 hint=f"Stages with output: {', '.join(done) or 'none'}.")
+    info = rec["stages"][stage]
+    out.print(f"[bold]{stage}[/] ({info.get('kind')}) fingerprint {info.get('fingerprint')}: {info.get('status')}")
+    rows_file = entry / "rows.parquet"
+    if rows_file.exists():
+        rows = read_rows(rows_file)[:n_rows]
+        table = Table(title=f"first {len(rows)} of {count_rows(rows_file)} rows", title_justify="left", show_lines=True)
+        cols = list(dict.fromkeys(k for row in rows for k in row))
+        for c in cols:
+            table.add_column(c, overflow="fold", max_width=60 if c == "messages" else 30)
+        for row in rows:
+            table.add_row(*[_cell(row.get(c)) for c in cols])
+        out.print(table)
+    report_file = entry / "report.json"
+    if report_file.exists():
+        report = json.loads(report_file.read_text())
+        module = registry.load(info["kind"]) if info.get("kind") in registry.kinds() else None
+        from engine.spec.stage import hook
+
+        if hook(module, "summary_table"):  # one column per model, say
+            headers, rows = hook(module, "summary_table")(report)
+            table = Table(title="report", title_justify="left")
+            for i, h in enumerate(headers):
+                table.add_column(h, justify="left" if i == 0 else "right")
+            for row in rows:
+                table.add_row(*[Text(printable(str(cell))) for cell in row])
+            out.print(table)
+            for line in (hook(module, "summary_notes") or (lambda r: []))(report):
+                out.print(printable(line), markup=False)
+        elif hook(module, "summary"):
+            table = Table(title="report", title_justify="left")
+            table.add_column("")
+            table.add_column("")
+            for k, v in hook(module, "summary")(report):
+                table.add_row(Text(printable(str(k))), Text(printable(str(v))))
+            out.print(table)
+            for rule, examples in report.get("examples", {}).items():
+                for ex in examples:
+                    detail = escape(printable(f"{ex.get('id')}: {ex.get('detail')}"))
+                    out.print(f"  [dim]{escape(rule)}[/] {detail}", markup=True)
+        else:
+            out.print_json(json.dumps(report))
+    if round_of(stage):
+        _round_table(out, rec["stages"], round_of(stage)[0])
