@@ -41,6 +41,7 @@ from engine.spec.config import ExecOnly, PathField, Ref, StageConfig
 from engine.core.errors import Problem, RecipeError
 from engine.lib.evals.items import FILES, SHIPPED_DIR, SUITES, SuiteError, load_suite
 from engine.store.shards import Shard, ShardResult
+from engine.spec.backends import BACKENDS
 
 VERSION = 1
 ROW_STAGE = True  # on Ray: workers share its shards (engine.run.rayexec)
@@ -180,7 +181,7 @@ class _Models:
 
 def _is_remote(model) -> bool:
     """Served by a backend that gives no token log-probabilities here (openai, vllm)."""
-    return model.spec is not None and model.spec.backend != "hf"
+    return model.spec is not None and not BACKENDS[model.spec.backend].weights_here
 
 
 def run(config: Config, inputs, ctx) -> None:

@@ -49,6 +49,7 @@ from engine.lib.pairs import best_vs_worst_pairs, context_free_tasks, judged_pai
 from engine.lib.scoring import logprob_judgments, pairwise_label, parse_choice
 from engine.store.shards import Shard, ShardResult
 from engine.core.text import normalize
+from engine.spec.backends import BACKENDS
 
 VERSION = 1
 ROW_STAGE = True  # on Ray: workers share its shards (engine.run.rayexec)
@@ -136,7 +137,7 @@ def check(name: str, config: Config, recipe) -> list[Problem]:
                                         'chain_of_thought and no votes.',
                                         hint='Remove chain_of_thought and votes, or use verdict = "text".', **where))
             spec = recipe.models.get(config.model) if config.model else None
-            if spec is not None and spec.backend != "hf":
+            if spec is not None and not BACKENDS[spec.backend].weights_here:
                 problems.append(Problem(f'verdict = "logprobs" needs the judge\'s token probabilities, which model '
                                         f"'{config.model}' ({spec.backend} backend) does not give.",
                                         hint='Use verdict = "text" with a server judge, or an hf model.', **where))

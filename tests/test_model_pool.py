@@ -212,7 +212,7 @@ def test_vllm_backend_maps_the_contract_onto_vllm(monkeypatch, tmp_path):
 def test_vllm_backend_is_refused_at_validate_when_vllm_is_missing(tmp_path, monkeypatch):
     from engine.core.errors import RecipeError
 
-    monkeypatch.setattr("engine.models.backends.vllm.available", lambda: False)
+    monkeypatch.setattr("engine.spec.backends.BackendInfo.available", lambda self: self.requires is None)
     path = project(tmp_path)
     path.write_text(path.read_text().replace('device = "cpu"', 'backend = "vllm"'))
     with pytest.raises(RecipeError, match="uses the vllm backend, but vllm is not installed"):

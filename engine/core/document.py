@@ -1,4 +1,8 @@
-"""TODO."""
+"""Reports as documents: a list of blocks (headings, paragraphs, bullets, tables, images,
+collapsed details) rendered twice, to Markdown (plots as files under `plots/`) and to a
+self-contained HTML page (plots as `data:` URIs, inline CSS). Every text from a model or a data
+file is escaped in both renderings.
+"""
 
 from __future__ import annotations
 import html

@@ -1,4 +1,8 @@
-"""TODO."""
+"""Running a TRL trainer the engine's way: checkpoints to resume from, TrainingArguments from a
+stage config, a step callback for progress and timings, saving (merged or adapter, with a
+portable base.json), the check that the collator's labels supervise exactly the assistant turns,
+and the loss and reward curves.
+"""
 
 from __future__ import annotations
 import json

@@ -28,6 +28,7 @@ from pydantic import Field
 
 from engine.spec.config import Table
 from engine.core.errors import Problem, RecipeError
+from engine.spec.backends import BACKENDS
 
 Messages = list[dict]
 
@@ -41,7 +42,7 @@ def user_error(ctx, key: str, message: str, hint: str | None = None) -> RecipeEr
 def load_weights(ctx, art, key: str):
     """(model, tokenizer) with local weights to train or to use as a reference: a LoRA adapter
     (a [models] adapter or a stage-made one) is merged into its base. `key` names the config field."""
-    if art.spec is not None and art.spec.backend != "hf":
+    if art.spec is not None and not BACKENDS[art.spec.backend].weights_here:
         raise user_error(ctx, key, f"model '{art.name}' uses the {art.spec.backend} backend; training needs local "
                                    "weights.", hint="Point it at a [models] table with backend = \"hf\".")
     return ctx.load_model(art, merge_adapter=True)

@@ -1,4 +1,6 @@
-"""TODO."""
+"""Layering a recipe: a file merged over what it `extends` (recursively; tables merge, later
+keys win), then `--set KEY=VALUE` overrides, each key keeping where it was set.
+"""
 
 from __future__ import annotations
 import copy

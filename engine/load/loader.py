@@ -1,4 +1,15 @@
-"""TODO."""
+"""TOML recipe -> validated pydantic models, with every error located (file, line, dotted key).
+
+Loading order: read the file (and what it `extends`, recursively; tables merge, later keys
+win), apply `--set` overrides, resolve relative paths against the directory of the file that
+set them, then validate every table. All problems are gathered and raised together as one
+`RecipeError`. The graph checks (references, cycles, artifact types) live in engine/spec/graph.py.
+
+`[loops.NAME]` tables (iterative rounds, engine/spec/rounds.py) unroll after the stages are parsed
+and before the graph checks: `recipe.stages` holds `dpo@1` .. `dpo@N`, while `recipe.raw` keeps
+the user's loop table. Problems in an unrolled stage point at the user's own key and line, with
+the round (`stages.dpo.model (round 2)`).
+"""
 
 from __future__ import annotations
 import difflib
@@ -17,6 +28,7 @@ from engine.spec.locations import _display, locate
 from engine.spec.paths import resolve_path
 from engine.spec.recipe import NAME_PATTERN, Recipe, RecipeMeta, SECTIONS
 from engine.spec.stage import Stage
+from engine.spec.backends import BACKENDS
 
 
 
@@ -112,13 +124,10 @@ def load_recipe(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Rec
 
                 if (why := builtin_problem(path_value)) is not None:
                     problems.append(Problem(why.message, hint=why.hint, **locate(locations, f"models.{name}.path", top)))
-            if section == "models" and spec.backend == "vllm":
-                from engine.models.backends.vllm import INSTALL, available
-
-                if not available():
-                    problems.append(Problem(
-                        f"model '{name}' uses the vllm backend, but vllm is not installed here.",
-                        hint=f"Install it on a GPU machine (`{INSTALL}`), or use backend = \"hf\".",
+            if section == "models" and not (info := BACKENDS[spec.backend]).available():
+                problems.append(Problem(
+                        f"model '{name}' uses the {spec.backend} backend, but {info.requires} is not installed here.",
+                        hint=f"Install it on a machine that can run it (`{info.install}`), or use backend = \"hf\".",
                         **locate(locations, f"models.{name}.backend", top)))
 
     stages: dict[str, Stage] = {}

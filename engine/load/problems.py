@@ -1,4 +1,7 @@
-"""TODO."""
+"""Problems found while validating a recipe's tables, in the user's words: pydantic's errors
+translated (a key, what was expected, what was given, a did-you-mean), and shape checks that run
+before any model (a scalar where a table belongs, nesting deeper than any recipe needs).
+"""
 
 from __future__ import annotations
 from pathlib import Path

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from engine.spec.config import ref_fields
 from engine.core.errors import Problem
+from engine.spec.backends import BACKENDS
 
 if TYPE_CHECKING:
     from engine.spec.recipe import ModelSpec, Recipe
@@ -43,7 +44,7 @@ def model_folder(spec: "ModelSpec") -> Path | None:
     directory, or a hub id whose revision is in the local hub cache."""
     from engine.core.hashing import hub_cache_commit
 
-    if spec.backend != "hf" or spec.path.startswith("builtin:"):
+    if not BACKENDS[spec.backend].weights_here or spec.path.startswith("builtin:"):
         return None
     path = Path(spec.path).expanduser()
     if path.is_absolute():
@@ -58,7 +59,7 @@ def model_folder(spec: "ModelSpec") -> Path | None:
 
 
 def context_length(spec: "ModelSpec") -> int | None:
-    if spec.backend != "hf":
+    if not BACKENDS[spec.backend].weights_here:
         return None
     if spec.path.startswith("builtin:"):
         return BUILTIN_CONTEXT.get(spec.path.split(":", 1)[1])
@@ -83,7 +84,7 @@ def chat_template(spec: "ModelSpec") -> tuple[str, dict[str, str]] | None:
     from engine.models.chatmask import folder_template
     from engine.core.hashing import is_file
 
-    if spec.backend != "hf":
+    if not BACKENDS[spec.backend].weights_here:
         return None
     special: dict[str, str] = {}
     template = None

@@ -136,44 +136,29 @@ def devices(device: str, small: bool = False) -> list[str]:
 def backend(model: "Artifact", recipe: "Recipe", cache_root: Path | None, log: logging.Logger, partial_dir: Path,
             batch_size: int = 64, *, pool: "ModelPool | None" = None, resources: Any = None):
     """A generation backend for a model reference; call `.close()` when done."""
+    from engine.models.backends import BuildRequest
+    from engine.spec.backends import backend_module
+
     spec = model.spec
     kind = spec.backend if spec else "hf"
     log.info("loading model '%s' (%s, backend %s)", model.name, spec.path if spec else model.path, kind)
-    if kind == "openai":
-        from engine.models.backends.openai import OpenAIBackend
 
-        if not spec.base_url:
-            raise RecipeError.single(f"model '{model.name}' uses the openai backend but has no base_url.",
-                                     **recipe.where(f"models.{model.name}.base_url"))
-        return OpenAIBackend(spec.base_url, spec.model_name or spec.path, api_key_env=spec.api_key_env,
-                             max_concurrency=spec.max_concurrency, timeout_s=spec.timeout_s,
-                             cache_dir=Path(partial_dir) / "requests")
-    if kind == "vllm":
-        from engine.models.backends.vllm import VLLMBackend
+    def load(device: str):
+        def weights():
+            return load_model(model, recipe, cache_root, log, device=device)
 
-        return VLLMBackend.for_artifact(model, cache_root, log, batch_size=batch_size,
-                                        gpus=getattr(resources, "gpus", 1) or 1)
-    from engine.models.backends.hf import HFBackend
-
-    from engine.models.weights import is_small
-
-    kv_cache = spec.kv_cache if spec else "auto"
-    replicas = []
-    small = is_small(spec.path if spec else str(Path(model.path) / "model"), cache_root)
-    for device in devices(spec.device if spec else "auto", small):
-        load = lambda device=device: load_model(model, recipe, cache_root, log, device=device)  # noqa: E731
         if pool is None:
-            m, tok = load()
-            replicas.append(HFBackend(m, tok, batch_size=batch_size, kv_cache=kv_cache))
-        else:
-            m, tok, give_back = pool.borrow((model.source, model.name, device), load, log)
-            replicas.append(HFBackend(m, tok, batch_size=batch_size, kv_cache=kv_cache, on_close=give_back))
-    if len(replicas) == 1:
-        return replicas[0]
-    from engine.models.backends.replicas import Replicas
+            return (*weights(), None)
+        return pool.borrow((model.source, model.name, device), weights, log)
 
-    log.info("generating on %d devices: %s", len(replicas), ", ".join(str(r.model.device) for r in replicas))
-    return Replicas(replicas)
+    def replica_devices() -> list[str]:
+        from engine.models.weights import is_small
+
+        small = is_small(spec.path if spec else str(Path(model.path) / "model"), cache_root)
+        return devices(spec.device if spec else "auto", small)
+
+    return backend_module(kind).build(BuildRequest(model, recipe, cache_root, log, Path(partial_dir), batch_size,
+                                                   resources, replica_devices, load))
 
 
 class LazyBackend:

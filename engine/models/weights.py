@@ -1,4 +1,7 @@
-"""TODO."""
+"""Loading weights: a hub id, a local directory or a builtin name -> (model, tokenizer) on a
+device and dtype, with offline errors that say what to do; `release` frees a model's memory.
+torch and transformers are imported inside the functions.
+"""
 
 from __future__ import annotations
 import gc

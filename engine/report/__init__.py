@@ -1,0 +1,1 @@
+"""Layer 8: the run report and what `recipe status` and `show` print."""

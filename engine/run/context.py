@@ -1,4 +1,7 @@
-"""TODO."""
+"""The Context a stage's `run` gets besides its config and inputs: its model loading and
+backends (engine.models.pool), prompt templates, shards and progress, random streams by row id,
+and where it writes its artifact. Stages never touch the cache.
+"""
 
 from __future__ import annotations
 import logging

@@ -1,4 +1,7 @@
-"""TODO."""
+"""The plan: each stage's fingerprint, whether its entry is in the store, and why it would run
+(the components it was last built with, diffed against today's). `select` turns --only/--force
+into the stages to build.
+"""
 
 from __future__ import annotations
 import json

@@ -1,4 +1,7 @@
-"""TODO."""
+"""Where each key of a recipe was written: TOML files read with a (file, line) for every dotted
+key, so every problem can name the file, line and key. `locate` finds the nearest located parent
+of a key; `read_toml` turns syntax errors into a RecipeError with the line.
+"""
 
 from __future__ import annotations
 import re

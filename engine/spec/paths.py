@@ -1,4 +1,7 @@
-"""TODO."""
+"""File paths in recipes: a local path is relative to the recipe file that set it (or the top
+recipe for `--set`), a hub id or `builtin:` name passes through, and a path no file system can
+hold (a NUL byte, over PATH_MAX) is a located error, not an OSError later.
+"""
 
 from __future__ import annotations
 import re

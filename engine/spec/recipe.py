@@ -1,14 +1,6 @@
-"""TOML recipe -> validated pydantic models, with every error located (file, line, dotted key).
-
-Loading order: read the file (and what it `extends`, recursively; tables merge, later keys
-win), apply `--set` overrides, resolve relative paths against the directory of the file that
-set them, then validate every table. All problems are gathered and raised together as one
-`RecipeError`. The graph checks (references, cycles, artifact types) live in `graph.py`.
-
-`[loops.NAME]` tables (iterative rounds, engine/spec/rounds.py) unroll after the stages are parsed
-and before the graph checks: `recipe.stages` holds `dpo@1` .. `dpo@N`, while `recipe.raw` keeps
-the user's loop table. Problems in an unrolled stage point at the user's own key and line, with
-the round (`stages.dpo.model (round 2)`).
+"""The recipe as data: the tables of a recipe file ([recipe], [models.*], [datasets.*],
+[constitutions.*]) as pydantic models, and `Recipe`, the loaded and validated whole that every
+later layer reads. Loading lives in engine.load.loader; stages in engine.spec.stage.
 """
 
 from __future__ import annotations
@@ -18,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from engine.spec.backends import BACKENDS
 from pydantic import Field
 
 from engine.spec.config import Table
@@ -52,9 +45,8 @@ class ModelSpec(Table):
     adapter: str | None = Field(None, description="A PEFT adapter dir or a stage giving one.")
     chat_template: str | None = Field(None, description="Inline Jinja or a template file.")
     trust_remote_code: bool = False
-    backend: Literal["hf", "openai", "vllm"] = Field(
-        "hf", description="hf = transformers in process; openai = a server; vllm = vLLM's engine in process "
-                          "(pip install recipe-engine[vllm], GPUs only).")
+    backend: Literal[tuple(BACKENDS)] = Field(  # type: ignore[valid-type]
+        "hf", description="; ".join(f"{name} = {b.description}" for name, b in BACKENDS.items()) + ".")
     kv_cache: Literal["auto", "static", "dynamic"] = Field(
         "auto", description="hf backend: static = fixed-size KV cache with the decode step compiled (CUDA "
                             "graphs); dynamic = grows per step. auto = static on CUDA, dynamic on the CPU. "

@@ -22,6 +22,7 @@ from engine.spec.config import EXEC_ONLY, PATH, REF, marker
 from engine.spec.graph import Source, edges, order
 from engine.core.hashing import HashMemo, digest, hub_cache_commit, is_file
 from engine.spec.stage import hook
+from engine.spec.backends import BACKENDS
 
 if TYPE_CHECKING:
     from engine.spec.recipe import ModelSpec, Recipe
@@ -64,7 +65,7 @@ def model_identity(spec: "ModelSpec", memo: HashMemo, stage_fps: dict[str, str])
     template = spec.chat_template
     if template and is_file(template):
         template = {"content": memo.file(template)}
-    if spec.backend == "openai":  # the server decides; name what we ask it for (never the key)
+    if BACKENDS[spec.backend].server:  # the server decides; name what we ask it for (never the key)
         source = {"server_model": spec.model_name or spec.path}
     return {
         "model": source,

@@ -1,0 +1,1 @@
+"""The eval suites: item files and schemas, how each suite runs, metrics, statistics, report blocks."""

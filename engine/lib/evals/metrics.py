@@ -1,4 +1,7 @@
-"""TODO."""
+"""Metrics per model from an eval's rows: each suite's rates and scores, the composite
+(geometric mean of helpfulness, safety and non-sycophancy, naming what is missing), and the
+metrics table `recipe show` and the report print.
+"""
 
 from __future__ import annotations
 import math

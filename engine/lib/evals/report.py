@@ -1,4 +1,8 @@
-"""TODO."""
+"""The eval's report blocks: headline rates with 95% intervals and the differences outside the
+noise, per-turn refusal curves, metric bars, the composite, example conversations, and the
+honest notes on what the suites can show. The eval stage writes them as its own report; the run
+report includes them.
+"""
 
 from __future__ import annotations
 from pathlib import Path

@@ -1,4 +1,8 @@
-"""TODO."""
+"""How each eval suite talks to a model: `Gen` (a backend-like object with `generate`) and an
+optional `Judge` play a suite's items (multi-turn safety scripts turn by turn, refusal prompts,
+sycophancy pushback, helpfulness, held-out conversations) into rows with per-turn flags; answer
+parsing (numbers, yes/no verdicts, apologies); perplexity over assistant tokens (torch inside).
+"""
 
 from __future__ import annotations
 import math

@@ -32,18 +32,7 @@ from typing import Any, Sequence
 
 from engine.core.errors import RecipeError
 from engine.core.seeds import sample_seed
-from engine.models.backends import Completion, SamplingParams
-
-
-def prompt_seeds(seed: int | Sequence[int], n: int) -> list[int]:
-    """One seed per prompt: a list as given (engine.core.seeds derives them from row ids), or an int
-    meaning seed, seed + 1, ... (as the openai backend sends them, so a served model agrees)."""
-    if isinstance(seed, int):
-        return [seed + i for i in range(n)]
-    seeds = [int(s) for s in seed]
-    if len(seeds) != n:
-        raise ValueError(f"{len(seeds)} seeds for {n} prompts")
-    return seeds
+from engine.models.backends import BuildRequest, Completion, SamplingParams, prompt_seeds
 
 
 class RowSampler:
@@ -250,3 +239,20 @@ class HFBackend:
 
             release(self.model)
         self.model = None
+
+
+def build(request: BuildRequest):
+    """One HFBackend per device (engine.models.backends.replicas over several): the same completions
+    as one device."""
+    spec = request.model.spec
+    kv_cache = spec.kv_cache if spec else "auto"
+    replicas = []
+    for device in request.devices():
+        m, tok, on_close = request.load(device)
+        replicas.append(HFBackend(m, tok, batch_size=request.batch_size, kv_cache=kv_cache, on_close=on_close))
+    if len(replicas) == 1:
+        return replicas[0]
+    from engine.models.backends.replicas import Replicas
+
+    request.log.info("generating on %d devices: %s", len(replicas), ", ".join(str(r.model.device) for r in replicas))
+    return Replicas(replicas)

@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from engine.core.errors import CacheError
-from engine.models.backends import Completion, SamplingParams
+from engine.core.errors import RecipeError
+from engine.models.backends import BuildRequest, Completion, SamplingParams
 
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 8.0
@@ -121,7 +122,7 @@ class OpenAIBackend:
             return []
         if params.n < 1:
             raise BackendError(f"openai backend: n must be >= 1 (got {params.n}).")
-        from engine.models.backends.hf import prompt_seeds
+        from engine.models.backends import prompt_seeds
 
         seeds = prompt_seeds(seed, len(prompts))
         abort = threading.Event()
@@ -359,3 +360,14 @@ class OpenAIBackend:
 
 
 __all__ = ["BackendError", "OpenAIBackend", "request_key", "canonical_json", "derived_seed"]
+
+
+def build(request: BuildRequest) -> "OpenAIBackend":
+    """The [models] spec's server; its request cache lives in the stage's partial folder (resume)."""
+    spec, name = request.model.spec, request.model.name
+    if not spec.base_url:
+        raise RecipeError.single(f"model '{name}' uses the openai backend but has no base_url.",
+                                 **request.recipe.where(f"models.{name}.base_url"))
+    return OpenAIBackend(spec.base_url, spec.model_name or spec.path, api_key_env=spec.api_key_env,
+                         max_concurrency=spec.max_concurrency, timeout_s=spec.timeout_s,
+                         cache_dir=request.partial_dir / "requests")

@@ -53,7 +53,7 @@ class Replicas:
 
     def generate(self, prompts: list[list[dict]], params: SamplingParams,
                  seed: "int | Sequence[int]") -> list[list[Completion]]:
-        from engine.models.backends.hf import prompt_seeds
+        from engine.models.backends import prompt_seeds
 
         if not prompts:
             return []

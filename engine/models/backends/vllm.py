@@ -32,18 +32,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from engine.core.errors import RecipeError
-from engine.models.backends import Completion, SamplingParams
+from engine.spec.backends import BACKENDS
+from engine.models.backends import BuildRequest, Completion, SamplingParams
 
 if TYPE_CHECKING:
     from engine.spec.artifact import Artifact
 
-INSTALL = "pip install 'recipe-engine[vllm]'"
-
-
-def available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None
+INSTALL = BACKENDS["vllm"].install
 
 
 def _import_vllm():
@@ -161,7 +156,7 @@ class VLLMBackend:
 
     def generate(self, prompts: list[list[dict]], params: SamplingParams,
                  seed: "int | Sequence[int]") -> list[list[Completion]]:
-        from engine.models.backends.hf import prompt_seeds
+        from engine.models.backends import prompt_seeds
 
         if not prompts:
             return []
@@ -200,3 +195,8 @@ class VLLMBackend:
 
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def build(request: BuildRequest) -> "VLLMBackend":
+    return VLLMBackend.for_artifact(request.model, request.cache_root, request.log, batch_size=request.batch_size,
+                                    gpus=getattr(request.resources, "gpus", 1) or 1)
