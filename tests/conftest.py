@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 def serving(backend, name: str = "policy"):
     """A pytest fixture body: `backend` behind the OpenAI-compatible ChatServer as model `name`,
     stopped afterwards (use as `yield from serving(Policy())`)."""
-    from engine.models.backends.serve import ChatServer
+    from chatserver import ChatServer
 
     srv = ChatServer(backend, model_name=name)
     srv.start()
@@ -99,8 +99,18 @@ def cli(runs):
     return invoke
 
 
-def run_cli_subprocess(*args, env_extra: dict | None = None, cwd=None, timeout=120) -> subprocess.CompletedProcess:
-    env = dict(os.environ, **(env_extra or {}))
+FAULTS = ROOT / "tests" / "faults"  # the fault seam: tests/faults/sitecustomize.py
+
+
+def fault_env(**faults: str) -> dict[str, str]:
+    """Environment variables for a subprocess (or Ray worker) with faults armed: the seam's folder
+    first on PYTHONPATH, then the checkout, and the fault variables (tests/faults/sitecustomize.py)."""
+    return {"PYTHONPATH": os.pathsep.join([str(FAULTS), str(ROOT)]), **faults}
+
+
+def run_cli_subprocess(*args, env_extra: dict | None = None, cwd=None, timeout=120,
+                       faults: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, **(env_extra or {}), **(fault_env(**faults) if faults else {}))
     env.setdefault("PYTHONPATH", str(ROOT))
     return subprocess.run([sys.executable, "-m", "engine.cli", *map(str, args)], capture_output=True, text=True,
                           env=env, cwd=cwd, timeout=timeout)

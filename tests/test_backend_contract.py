@@ -65,7 +65,7 @@ def backend(request, cache, reference):
         both.close()
     elif kind == "openai":
         from engine.models.backends.openai import OpenAIBackend
-        from engine.models.backends.serve import ChatServer
+        from chatserver import ChatServer
 
         server = ChatServer(reference, model_name=MODEL).start()
         yield kind, OpenAIBackend(server.url, MODEL, sleep=lambda s: None)

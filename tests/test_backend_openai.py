@@ -1,4 +1,4 @@
-"""The openai backend against a real OpenAI-compatible server (engine.models.backends.serve) on
+"""The openai backend against a real OpenAI-compatible server (chatserver) on
 127.0.0.1 serving the builtin model: equality with hf, n, the request cache, the API key,
 retries, a server that is down, the concurrency bound."""
 
@@ -18,7 +18,7 @@ import pytest
 
 from engine.models.backends import SamplingParams
 from engine.models.backends.openai import BackendError, OpenAIBackend
-from engine.models.backends.serve import ChatServer
+from chatserver import ChatServer
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "builtin:tiny-chat"
@@ -228,7 +228,7 @@ def test_server_http_api(serve):
 
 
 def test_modules_import_without_torch():
-    code = ("import sys, engine.models.backends.openai, engine.models.backends.serve; "
+    code = ("import sys, engine.models.backends.openai, chatserver; "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=ROOT, timeout=60)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import GOOD, ROOT, conv, run_cli_subprocess, write_jsonl
-from engine.store.shards import CRASH_ENV
+
 
 
 def test_third_party_warnings_and_bars_go_to_the_stage_log(tmp_path):
@@ -104,7 +104,7 @@ def test_sigterm_is_handled_like_ctrl_c_and_the_run_resumes(tmp_path):
 
 
 def test_a_run_killed_outright_shows_as_interrupted(project, runs):
-    proc = run_cli_subprocess("run", project / "recipe.toml", "--runs-dir", runs, env_extra={CRASH_ENV: "1"})
+    proc = run_cli_subprocess("run", project / "recipe.toml", "--runs-dir", runs, faults={"RECIPE_CRASH_AFTER_SHARDS": "1"})
     assert proc.returncode == 137  # os._exit: no handler ran, the record still says "running"
     assert json.loads((runs / "basic" / "latest" / "record.json").read_text())["status"] == "running"
     listing = run_cli_subprocess("status", "--runs-dir", runs)

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from conftest import ROOT, conv, run_cli_subprocess, write_jsonl
 from engine.models.backends import Completion
-from engine.models.backends.serve import ChatServer
+from chatserver import ChatServer
 from engine.lib.constitution import load_constitution
 from engine.run.plan import make_plan
 from engine.run.executor import run
@@ -446,7 +446,7 @@ def assert_complete_histories(rows: list[dict], rounds: int) -> None:
 def test_builtin_model_crash_and_resume_equals_an_uninterrupted_run(tmp_path):
     path = builtin_project(tmp_path, "keep")
     runs, fresh = tmp_path / "runs", tmp_path / "fresh"
-    crashed = run_cli_subprocess("run", path, "--runs-dir", runs, env_extra={"RECIPE_CRASH_AFTER_SHARDS": "1"})
+    crashed = run_cli_subprocess("run", path, "--runs-dir", runs, faults={"RECIPE_CRASH_AFTER_SHARDS": "1"})
     assert crashed.returncode == 137 and len(list((runs / "cache" / "partial").glob("*/shard-*"))) == 1
     assert run_cli_subprocess("run", path, "--runs-dir", runs).returncode == 0
     assert "resumed: 1 of 2 shards" in (runs / "crb" / "latest" / "logs" / "rev.log").read_text()

@@ -19,7 +19,7 @@ from engine.lib.evals import items as suite_items
 from engine.lib.evals import metrics as evalmetrics
 from engine.lib.evals import runners
 from engine.models.backends import Completion, SamplingParams
-from engine.models.backends.serve import ChatServer
+from chatserver import ChatServer
 from engine.run.plan import make_plan
 from engine.run.executor import run
 from engine.load.loader import load_recipe
@@ -521,7 +521,7 @@ def test_a_killed_eval_resumes_to_the_rows_of_an_uninterrupted_run(tmp_path):
     (tmp_path / "r.toml").write_text(BUILTIN)
     runs, fresh = tmp_path / "runs", tmp_path / "fresh"
     crashed = run_cli_subprocess("run", tmp_path / "r.toml", "--runs-dir", runs,
-                                 env_extra={"RECIPE_CRASH_AFTER_SHARDS": "1"})
+                                 faults={"RECIPE_CRASH_AFTER_SHARDS": "1"})
     assert crashed.returncode == 137 and len(list((runs / "cache" / "partial").glob("*/shard-*"))) == 1
     assert run_cli_subprocess("run", tmp_path / "r.toml", "--runs-dir", runs).returncode == 0
     assert "resumed: 1 of 3 shards" in (runs / "evres" / "latest" / "logs" / "ev.log").read_text()

@@ -14,7 +14,7 @@ from engine.run.plan import make_plan
 from engine.run.executor import run
 from engine.load.loader import load_recipe
 from engine.data.rows import read_rows
-from engine.store.shards import CRASH_ENV
+
 
 
 def rows_of(runs: Path, recipe: str, stage: str) -> list[dict]:
@@ -49,7 +49,7 @@ def test_plan_explains_and_revert_is_a_cache_hit(project, runs):
 
 def test_crash_between_shard_commits_then_resume_equals_uninterrupted(project, runs, tmp_path):
     # 40 rows, shard_size 10: the process dies (os._exit, like SIGKILL) after the 2nd commit
-    proc = run_cli_subprocess("run", project / "recipe.toml", "--runs-dir", runs, env_extra={CRASH_ENV: "2"})
+    proc = run_cli_subprocess("run", project / "recipe.toml", "--runs-dir", runs, faults={"RECIPE_CRASH_AFTER_SHARDS": "2"})
     assert proc.returncode == 137
     store = Store(runs)
     fp = json.loads((runs / "basic" / "latest" / "record.json").read_text())["stages"]["clean"]["fingerprint"]
@@ -160,7 +160,7 @@ def test_the_run_record_keeps_stages_in_dag_order(project, runs):
 def test_an_edited_shard_with_the_same_row_count_is_redone(project, runs, tmp_path):
     """A committed shard rewritten as valid Parquet, same rows count, one message changed: its
     checksum no longer matches, so resume redoes it and the result equals an uninterrupted run."""
-    proc = run_cli_subprocess("run", project / "recipe.toml", "--runs-dir", runs, env_extra={CRASH_ENV: "2"})
+    proc = run_cli_subprocess("run", project / "recipe.toml", "--runs-dir", runs, faults={"RECIPE_CRASH_AFTER_SHARDS": "2"})
     assert proc.returncode == 137
     [shard] = sorted(runs.glob("cache/partial/*/shard-000000"))
     rows = read_rows(shard / "rows.parquet")

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import GOOD, write_jsonl
 from engine.models.backends import Completion
-from engine.models.backends.serve import ChatServer
+from chatserver import ChatServer
 from engine.run.executor import run
 from engine.load.loader import load_recipe
 from engine.data.rows import read_rows

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from conftest import conv, run_cli_subprocess, write_jsonl
 from engine.models.backends import Completion
-from engine.models.backends.serve import ChatServer
+from chatserver import ChatServer
 from engine.core.errors import RecipeError, StageFailed
 from engine.run.executor import run
 from engine.load.loader import load_recipe

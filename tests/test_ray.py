@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, write_jsonl
+from conftest import ROOT, fault_env, write_jsonl
 from engine.core.errors import RecipeError
 from engine.run.executor import run
 from engine.load.loader import load_recipe
@@ -81,7 +81,7 @@ def start(**env) -> None:
     if ray.is_initialized():
         ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), **env}})
+             runtime_env={"env_vars": fault_env(**env)})  # workers load the fault seam (armed by `env`)
 
 
 @pytest.fixture
@@ -144,7 +144,7 @@ def test_a_killed_driver_resumes_from_committed_shards_on_ray(tmp_path, cluster)
     runs = tmp_path / "runs"
     killed = subprocess.run([sys.executable, "-m", "engine.cli", "run", str(path), "--runs-dir", str(runs),
                              "--only", "gen"], cwd=ROOT, capture_output=True, text=True,
-                            env={**os.environ, "RECIPE_CRASH_AFTER_SHARDS": "2"})
+                            env={**os.environ, **fault_env(RECIPE_CRASH_AFTER_SHARDS="2")})
     assert killed.returncode == 137
     assert len(list((runs / "cache" / "partial").glob("*/shard-*"))) == 2
     resumed = run(load_recipe(path), runs, executor="ray", only=["gen"])

@@ -224,7 +224,7 @@ def test_resumed_run_keeps_the_same_rows_on_the_builtin_model(tmp_path):
     (root / "r.toml").write_text(BUILTIN)
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert run_cli_subprocess("run", root / "r.toml", "--runs-dir", whole).returncode == 0
-    crash = run_cli_subprocess("run", root / "r.toml", "--runs-dir", killed, env_extra={"RECIPE_CRASH_AFTER_SHARDS": "1"})
+    crash = run_cli_subprocess("run", root / "r.toml", "--runs-dir", killed, faults={"RECIPE_CRASH_AFTER_SHARDS": "1"})
     assert crash.returncode != 0
     assert run_cli_subprocess("run", root / "r.toml", "--runs-dir", killed).returncode == 0
     a = read_rows(whole / "rs-builtin" / "latest" / "stages" / "best" / "rows.parquet")

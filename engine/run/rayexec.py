@@ -49,7 +49,6 @@ from engine.core.errors import RecipeError
 
 INSTALL = "pip install 'recipe-engine[ray]'"
 MAX_RETRIES = 3
-PROBE_ENV = "RECIPE_RAY_PROBE_ROOT"  # test hook: a worker that sees another filesystem writes its probe there
 
 
 def _ray():
@@ -81,8 +80,8 @@ def connect(address: str | None) -> Any:
 
 
 def _probe(path: str, token: str) -> str:
-    root = os.environ.get(PROBE_ENV)
-    target = Path(root) / Path(path).name if root else Path(path)
+    """Run on a worker: write `token` at `path` (the driver reads it back)."""
+    target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(token)
     return str(target)

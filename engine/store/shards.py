@@ -30,8 +30,6 @@ from engine.data.rows import read_rows, write_rows
 
 # Test hooks: exit abruptly (as SIGKILL would) after this many shard commits in one process; or,
 # once per marker file, in the middle of a shard (before its commit).
-CRASH_ENV = "RECIPE_CRASH_AFTER_SHARDS"
-CRASH_ONCE_ENV = "RECIPE_CRASH_ONCE_IN_SHARD"
 
 
 class PartDone(Exception):
@@ -117,20 +115,6 @@ class ShardRunner:
             self.log.info("shard %d was committed by another worker; keeping that commit", index)
             return
         self.committed_here += 1
-        limit = os.environ.get(CRASH_ENV)
-        if limit and self.committed_here >= int(limit):
-            os._exit(137)
-
-    @staticmethod
-    def _crash_once() -> None:
-        marker = os.environ.get(CRASH_ONCE_ENV)
-        if marker:
-            try:
-                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                return
-            os.close(fd)
-            os._exit(137)
 
     def _check_layout(self, total: int, shard_size: int) -> None:
         if self.part is None:  # one process per stage (the store's build lock): nothing to agree on
@@ -184,7 +168,6 @@ class ShardRunner:
             chunk = rows[start : start + shard_size]
             if self.part is not None:
                 if index % self.part[1] == self.part[0] and not self._shard_dir(index).is_dir():
-                    self._crash_once()
                     self._commit(index, fn(Shard(index, start, chunk, shard_seed(self.recipe_seed, self.fp, index))))
                 continue
             result = self._load(index)

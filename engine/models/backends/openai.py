@@ -1,5 +1,5 @@
 """The `openai` backend: any OpenAI-compatible chat-completions server (vLLM, TGI, llama.cpp,
-the OpenAI API itself, or `engine.models.backends.serve`).
+the OpenAI API itself, or a local model behind vLLM's or llama.cpp's server).
 
 - One POST {base_url}/chat/completions per prompt with `n` = params.n; a server that returns
   fewer choices gets follow-up requests (for the missing ones, with a derived seed).

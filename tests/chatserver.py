@@ -4,11 +4,12 @@
                                  "max_tokens", "stop", "seed"} -> a standard chat.completion
     GET  /v1/models             the one model served
 
-Stdlib only (`http.server`): it exists so the `openai` backend can be tested end to end
-against a real HTTP server, and so a local model can be served to anything that speaks the
-OpenAI API:
+A test fixture, not part of the product: stdlib only (`http.server`), it exists so the `openai`
+backend can be tested end to end against a real HTTP server with knobs no real server has.
+Serving a local model to OpenAI clients is the job of vLLM's server (`vllm serve`) or
+llama.cpp's (`llama-server`). By hand, from the checkout:
 
-    python -m engine.models.backends.serve --model builtin:tiny-chat --port 8000 [--api-key-env VAR]
+    PYTHONPATH=. python tests/chatserver.py --model builtin:tiny-chat --port 8000 [--api-key-env VAR]
 
 Model calls are serialized with a lock (one model, one global torch RNG); requests are
 accepted concurrently, so `in_flight` / `max_in_flight` show how many a client had open at
@@ -310,7 +311,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.models.backends.serve",
+    parser = argparse.ArgumentParser(prog="tests/chatserver.py",
                                      description="Serve a model over an OpenAI-compatible chat-completions API.")
     parser.add_argument("--model", required=True, help="builtin:NAME, a local model directory, or a hub id")
     parser.add_argument("--host", default="127.0.0.1")
