@@ -75,17 +75,26 @@ def main() -> None:
     seed = tomllib.loads((main_dir / "recipe.toml").read_text())["recipe"].get("seed", 0)  # as the eval stage
     of = lambda rs, name: [r for r in rs if r["model"] == name]  # noqa: E731
     base_rows, final_rows, control_rows = of(rows, base_name), of(rows, final_name), of(c_rows, c_metrics["models"][-1])
-    heads = {"base": headline(base_rows, seed), "final": headline(final_rows, seed),
-             "control": headline(control_rows, seed)}
+    heads = {
+        "base": headline(base_rows, seed),
+        "final": headline(final_rows, seed),
+        "control": headline(control_rows, seed),
+    }
     diffs = {"final": compare(base_rows, final_rows, seed), "control": compare(base_rows, control_rows, seed)}
 
     width = 30
     print()
-    print(f"{'rate (phrase detector)':<{width}}" + "".join(f"{c:>22}" for c in ("base", "final", "control"))
-          + "".join(f"{c:>26}" for c in ("final - base", "control - base")))
+    print(
+        f"{'rate (phrase detector)':<{width}}"
+        + "".join(f"{c:>22}" for c in ("base", "final", "control"))
+        + "".join(f"{c:>26}" for c in ("final - base", "control - base"))
+    )
     for k in (*KEYS, *MORE):
-        print(f"{k:<{width}}" + "".join(f"{fmt_rate(heads[c].get(k)):>22}" for c in ("base", "final", "control"))
-              + "".join(f"{fmt_difference(diffs[c].get(k)):>26}" for c in ("final", "control")))
+        print(
+            f"{k:<{width}}"
+            + "".join(f"{fmt_rate(heads[c].get(k)):>22}" for c in ("base", "final", "control"))
+            + "".join(f"{fmt_difference(diffs[c].get(k)):>26}" for c in ("final", "control"))
+        )
     print("(95% intervals in brackets; differences paired over the same prompts, * = interval excludes 0)")
     print(f"runs: {main_dir} and {control_dir}; {seconds:.0f} s for both")
 
@@ -95,8 +104,16 @@ def main() -> None:
             out["final_model"] = model
         return out
 
-    print(json.dumps({"base": m("base", None), "final": m("final", final_model(main_dir)),
-                      "control": m("control", final_model(control_dir)), "seconds": round(seconds, 1)}))
+    print(
+        json.dumps(
+            {
+                "base": m("base", None),
+                "final": m("final", final_model(main_dir)),
+                "control": m("control", final_model(control_dir)),
+                "seconds": round(seconds, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

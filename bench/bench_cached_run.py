@@ -43,21 +43,35 @@ def main() -> None:
     args = ap.parse_args()
     runs = Path(args.runs_dir or tempfile.mkdtemp(prefix="bench-cached-"))
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "engine.cli", "run", str(FLAGSHIP), "--runs-dir", str(runs)], check=True,
-                   capture_output=True, cwd=ROOT)
+    subprocess.run(
+        [sys.executable, "-m", "engine.cli", "run", str(FLAGSHIP), "--runs-dir", str(runs)],
+        check=True,
+        capture_output=True,
+        cwd=ROOT,
+    )
     build = time.perf_counter() - t
     run = ["run", str(FLAGSHIP), "--runs-dir", str(runs)]
     plan = timed(["plan", str(FLAGSHIP), "--runs-dir", str(runs)], args.repeats)
     cached = timed(run, args.repeats)
-    redraw = timed(run, max(3, args.repeats // 2), before=lambda: shutil.rmtree(runs / "cache" / "figures",
-                                                                                ignore_errors=True))
+    redraw = timed(
+        run, max(3, args.repeats // 2), before=lambda: shutil.rmtree(runs / "cache" / "figures", ignore_errors=True)
+    )
     timed(run, 1)  # leave the figure cache filled
     print(f"flagship first run (or cached check) {build:.1f} s")
     print(f"plan                         {plan:.3f} s  (1.00x)")
     print(f"run, fully cached            {cached:.3f} s  ({cached / plan:.2f}x plan)")
     print(f"run, cached, report redrawn  {redraw:.3f} s  ({redraw / plan:.2f}x plan)")
-    print(json.dumps({"plan_s": plan, "cached_run_s": cached, "redrawn_report_run_s": redraw,
-                      "cached_over_plan": cached / plan, "redrawn_over_plan": redraw / plan}))
+    print(
+        json.dumps(
+            {
+                "plan_s": plan,
+                "cached_run_s": cached,
+                "redrawn_report_run_s": redraw,
+                "cached_over_plan": cached / plan,
+                "redrawn_over_plan": redraw / plan,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -34,8 +34,10 @@ def main() -> None:
     model, tok = load_model("builtin:tiny-chat", cache_root=Path(tempfile.mkdtemp()))
     # force exactly N new tokens in both paths, so tokens/s compare like for like
     model.generation_config.min_new_tokens = args.new_tokens
-    prompts = [[{"role": "user", "content": f"Question {i}: " + "tell me about tides " * (1 + i % 5)}]
-               for i in range(args.prompts)]
+    prompts = [
+        [{"role": "user", "content": f"Question {i}: " + "tell me about tides " * (1 + i % 5)}]
+        for i in range(args.prompts)
+    ]
     params = SamplingParams(temperature=0.0, max_new_tokens=args.new_tokens)
     total = args.prompts * args.new_tokens
 

@@ -34,7 +34,7 @@ def timed(cmd: list[str], repeat: int = 5, env=None) -> float:
 
 
 def ten_stage_recipe(root: Path, data_name: str) -> Path:
-    lines = ['[recipe]', 'name = "bench"', 'seed = 1', '', '[datasets.seed]', f'path = "{data_name}"', '']
+    lines = ["[recipe]", 'name = "bench"', "seed = 1", "", "[datasets.seed]", f'path = "{data_name}"', ""]
     prev = "seed"
     for i in range(10):
         lines += [f"[stages.s{i}]", 'kind = "filter"', f'input = "{prev}"', f"min_words = {i}", ""]
@@ -45,8 +45,17 @@ def ten_stage_recipe(root: Path, data_name: str) -> Path:
 
 
 def write_big(path: Path, mb: int) -> None:
-    row = json.dumps({"messages": [{"role": "user", "content": "How do tides work? " * 8},
-                                   {"role": "assistant", "content": "The moon pulls the oceans. " * 20}]}) + "\n"
+    row = (
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "How do tides work? " * 8},
+                    {"role": "assistant", "content": "The moon pulls the oceans. " * 20},
+                ]
+            }
+        )
+        + "\n"
+    )
     block = row * max(1, (1 << 20) // len(row))
     with open(path, "w") as fh:
         for _ in range(mb):
@@ -62,8 +71,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         small = tmp / "small.jsonl"
-        small.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
-                                                  {"role": "assistant", "content": "hello there"}]}) + "\n")
+        small.write_text(
+            json.dumps(
+                {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}
+            )
+            + "\n"
+        )
         recipe = ten_stage_recipe(tmp, small.name)
         runs = tmp / "runs"
         base = timed([py, "-c", "pass"], env=env)
@@ -76,8 +89,8 @@ def main() -> None:
         big = tmp / "big.jsonl"
         write_big(big, args.mb)
         recipe.write_text(recipe.read_text().replace(small.name, big.name))
-        from engine.run.plan import make_plan, memo_for
         from engine.load.loader import load_recipe
+        from engine.run.plan import make_plan, memo_for
 
         r = load_recipe(recipe)
         t = time.perf_counter()
@@ -87,11 +100,15 @@ def main() -> None:
         make_plan(r, runs, memo_for(runs))  # a fresh memo object reads the state file, as a new process would
         second = time.perf_counter() - t
         print(f"plan over {args.mb} MB, first:   {first * 1000:7.1f} ms (hashes the file)")
-        print(f"plan over {args.mb} MB, second:  {second * 1000:7.1f} ms  ({first / second:.0f}x faster; target >= 20x)")
+        print(
+            f"plan over {args.mb} MB, second:  {second * 1000:7.1f} ms  ({first / second:.0f}x faster; target >= 20x)"
+        )
         cli_first = timed([py, "-m", "engine.cli", "plan", str(recipe), "--runs-dir", str(tmp / "runs2")], 1, env)
         cli_second = timed([py, "-m", "engine.cli", "plan", str(recipe), "--runs-dir", str(tmp / "runs2")], 3, env)
-        print(f"same through the CLI:      {cli_first * 1000:7.1f} ms -> {cli_second * 1000:7.1f} ms "
-              f"({cli_first / cli_second:.1f}x; includes interpreter start-up)")
+        print(
+            f"same through the CLI:      {cli_first * 1000:7.1f} ms -> {cli_second * 1000:7.1f} ms "
+            f"({cli_first / cli_second:.1f}x; includes interpreter start-up)"
+        )
 
 
 if __name__ == "__main__":

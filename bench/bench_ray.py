@@ -57,17 +57,21 @@ def main() -> None:
 
     import ray
 
-    from engine.run.executor import run
     from engine.load.loader import load_recipe
+    from engine.run.executor import run
 
     work = Path(tempfile.mkdtemp(prefix="bench-ray-"))
-    (work / "prompts.jsonl").write_text("".join(
-        json.dumps({"id": f"p{i}", "prompt": f"Question {i}: how do tides and {i} moons interact?"}) + "\n"
-        for i in range(args.prompts)))
+    (work / "prompts.jsonl").write_text(
+        "".join(
+            json.dumps({"id": f"p{i}", "prompt": f"Question {i}: how do tides and {i} moons interact?"}) + "\n"
+            for i in range(args.prompts)
+        )
+    )
     (work / "r.toml").write_text(textwrap.dedent(RECIPE).format(new=args.new_tokens))
     t = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    ray.init(
+        num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}}
+    )
     startup = time.perf_counter() - t
 
     configs = {"local": ("local", None), "ray, 1 worker": ("ray", 1), "ray, 2 workers": ("ray", 2)}
@@ -83,8 +87,10 @@ def main() -> None:
             rows[name] = (record.dir / "stages" / "talk" / "rows.parquet").read_bytes()
     assert len(set(rows.values())) == 1, "the configurations made different rows"
     base = statistics.median(times["local"])
-    print(f"{args.prompts} prompts x 3 turns x {args.new_tokens} new tokens, builtin:tiny-chat; "
-          f"Ray local cluster start-up {startup:.1f} s (not counted)")
+    print(
+        f"{args.prompts} prompts x 3 turns x {args.new_tokens} new tokens, builtin:tiny-chat; "
+        f"Ray local cluster start-up {startup:.1f} s (not counted)"
+    )
     result = {"startup_s": startup}
     for name, ts in times.items():
         m = statistics.median(ts)

@@ -32,9 +32,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 PROMPTS = [
-    "What is the capital of France?", "Explain photosynthesis in two sentences.",
-    "Give me three tips for a job interview.", "How do tides work?",
-    "Write a haiku about autumn.", "What causes rain?", "How do I boil an egg?",
+    "What is the capital of France?",
+    "Explain photosynthesis in two sentences.",
+    "Give me three tips for a job interview.",
+    "How do tides work?",
+    "Write a haiku about autumn.",
+    "What causes rain?",
+    "How do I boil an egg?",
     "Summarise the plot of Romeo and Juliet.",
 ]
 
@@ -53,19 +57,29 @@ def baseline_generate(model, tok, batch: list[list[dict]], new_tokens: int, batc
     """The previous backend's path: num_return_sequences sampling under no_grad, global seed per batch."""
     import torch
 
-    enc = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-           for p in batch]
+    enc = [
+        tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        for p in batch
+    ]
     for start in range(0, len(enc), batch_size):
-        rows = enc[start:start + batch_size]
+        rows = enc[start : start + batch_size]
         width = max(map(len, rows))
         ids = torch.full((len(rows), width), tok.pad_token_id)
         att = torch.zeros((len(rows), width), dtype=torch.long)
         for r, x in enumerate(rows):
-            ids[r, width - len(x):], att[r, width - len(x):] = torch.tensor(x), 1
+            ids[r, width - len(x) :], att[r, width - len(x) :] = torch.tensor(x), 1
         torch.manual_seed(start)
         with torch.no_grad():
-            model.generate(input_ids=ids, attention_mask=att, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                           do_sample=True, temperature=1.0, num_return_sequences=1, pad_token_id=tok.pad_token_id)
+            model.generate(
+                input_ids=ids,
+                attention_mask=att,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=True,
+                temperature=1.0,
+                num_return_sequences=1,
+                pad_token_id=tok.pad_token_id,
+            )
 
 
 def generation(args, cache: Path) -> dict:
@@ -89,7 +103,7 @@ def generation(args, cache: Path) -> dict:
     base = timed(lambda: baseline_generate(model, tok, batch, args.new_tokens, 16))
     out["baseline_b16"] = total / base
     print(f"generation baseline (batch 16): {total / base:7.1f} tokens/s", flush=True)
-    for size in ((16, 64) if args.quick else (1, 16, 32, 64)):
+    for size in (16, 64) if args.quick else (1, 16, 32, 64):
         t = timed(lambda: backend(size))
         out[f"backend_b{size}"] = total / t
         print(f"hf backend, batch {size:2d}:        {total / t:7.1f} tokens/s  ({base / t:4.2f}x baseline)", flush=True)
@@ -105,8 +119,9 @@ def generation(args, cache: Path) -> dict:
         t = timed(lambda: backend(64))
         torch.set_num_threads(threads)
         out["one_thread_b64"] = total / t
-        print(f"  1 thread (of {threads}), batch 64:   {total / t:7.1f} tokens/s  ({base / t:4.2f}x baseline)",
-              flush=True)
+        print(
+            f"  1 thread (of {threads}), batch 64:   {total / t:7.1f} tokens/s  ({base / t:4.2f}x baseline)", flush=True
+        )
         bf16 = model.to(torch.bfloat16)
         t = timed(lambda: backend(64, bf16))
         out["bf16_b64"] = total / t
@@ -136,30 +151,39 @@ max_length = 256
 
 
 def sft(args, cache: Path) -> dict:
-    from engine.run.executor import run
     from engine.load.loader import load_recipe
+    from engine.run.executor import run
 
     work = Path(tempfile.mkdtemp(prefix="bench-real-sft-"))
     rows = []
     for i in range(16):
         msgs = []
         for t in range(1 + i % 3):
-            msgs += [{"role": "user", "content": f"{PROMPTS[(i + t) % len(PROMPTS)]} Please answer carefully."},
-                     {"role": "assistant", "content": "Here is a careful answer. " * (4 + (i * 5 + t) % 12)}]
+            msgs += [
+                {"role": "user", "content": f"{PROMPTS[(i + t) % len(PROMPTS)]} Please answer carefully."},
+                {"role": "assistant", "content": "Here is a careful answer. " * (4 + (i * 5 + t) % 12)},
+            ]
         rows.append({"id": f"c{i}", "messages": msgs})
     (work / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = {}
-    for name, lora in (("full", ""), ("lora", "[stages.train.lora]\nr = 16\nalpha = 32\ntarget_modules = \"all-linear\"")):
-        (work / "r.toml").write_text(textwrap.dedent(SFT_RECIPE).format(model=args.model, steps=args.sft_steps,
-                                                                         lora=lora))
+    for name, lora in (
+        ("full", ""),
+        ("lora", '[stages.train.lora]\nr = 16\nalpha = 32\ntarget_modules = "all-linear"'),
+    ):
+        (work / "r.toml").write_text(
+            textwrap.dedent(SFT_RECIPE).format(model=args.model, steps=args.sft_steps, lora=lora)
+        )
         record = run(load_recipe(work / "r.toml"), work / "runs", force=["train"])
         report = json.loads((record.dir / "stages" / "train" / "report.json").read_text())
         seconds = json.loads((record.dir / "stages" / "train" / "metrics.json").read_text())["train_seconds"]
         tps = report["tokens_seen"] / seconds
         out[f"sft_{name}_tokens_per_s"] = tps
         out[f"sft_{name}_s_per_step"] = seconds / report["steps"]
-        print(f"sft {name:4s}: {tps:7.1f} input tokens/s, {seconds / report['steps']:.1f} s per step "
-              f"(batch 8, <= 256 tokens)", flush=True)
+        print(
+            f"sft {name:4s}: {tps:7.1f} input tokens/s, {seconds / report['steps']:.1f} s per step "
+            f"(batch 8, <= 256 tokens)",
+            flush=True,
+        )
     return out
 
 

@@ -70,13 +70,21 @@ packing = {packing}
 
 
 def engine_run(root: Path, runs: Path, model: str, steps: int, packing: bool = False) -> tuple[float, dict]:
-    from engine.run.executor import run
     from engine.load.loader import load_recipe
+    from engine.run.executor import run
 
     recipe = root / "recipe.toml"
-    recipe.write_text(textwrap.dedent(RECIPE).format(
-        model=model, lr=LR, steps=steps, batch=BATCH, max_length=MAX_LENGTH, save_steps=SAVE_STEPS,
-        packing="true" if packing else "false"))
+    recipe.write_text(
+        textwrap.dedent(RECIPE).format(
+            model=model,
+            lr=LR,
+            steps=steps,
+            batch=BATCH,
+            max_length=MAX_LENGTH,
+            save_steps=SAVE_STEPS,
+            packing="true" if packing else "false",
+        )
+    )
     t = time.perf_counter()
     record = run(load_recipe(recipe), runs, force=["train"])
     wall = time.perf_counter() - t
@@ -99,12 +107,25 @@ def trl_run(rows: list[dict], model_dir: str, out: Path, steps: int) -> float:
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     data = Dataset.from_list([{"messages": r["messages"]} for r in rows])
     cuda = torch.cuda.is_available()
-    args = SFTConfig(output_dir=str(out / "ckpt"), assistant_only_loss=True, max_length=MAX_LENGTH,
-                     per_device_train_batch_size=BATCH, gradient_accumulation_steps=1, learning_rate=LR,
-                     max_steps=steps, lr_scheduler_type="cosine", save_steps=SAVE_STEPS, save_total_limit=2,
-                     logging_steps=1, report_to=[], seed=1, use_cpu=not cuda, disable_tqdm=True,
-                     # TRL defaults to bf16=True, autocast even on a CPU (slower there): same precision as the stage
-                     bf16=cuda and torch.cuda.is_bf16_supported())
+    args = SFTConfig(
+        output_dir=str(out / "ckpt"),
+        assistant_only_loss=True,
+        max_length=MAX_LENGTH,
+        per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=1,
+        learning_rate=LR,
+        max_steps=steps,
+        lr_scheduler_type="cosine",
+        save_steps=SAVE_STEPS,
+        save_total_limit=2,
+        logging_steps=1,
+        report_to=[],
+        seed=1,
+        use_cpu=not cuda,
+        disable_tqdm=True,
+        # TRL defaults to bf16=True, autocast even on a CPU (slower there): same precision as the stage
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+    )
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
     trainer.remove_callback(PrinterCallback)  # as the stage does: no dict per step on stdout
     trainer.train()
@@ -139,14 +160,19 @@ def main() -> None:
     rows = conversations(args.rows)
     (work / "proj" / "data").mkdir(parents=True)
     (work / "proj" / "data" / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    model_dir = str(builtin_dir(args.model.split(":", 1)[1], runs / "cache")) if args.model.startswith("builtin:") \
+    model_dir = (
+        str(builtin_dir(args.model.split(":", 1)[1], runs / "cache"))
+        if args.model.startswith("builtin:")
         else args.model
+    )
 
     # warm-up (imports, first-touch allocations), untimed
     engine_run(work / "proj", runs, args.model, 2)
     trl_run(rows, model_dir, work / "trl-warm", 2)
-    print(f"job: {args.rows} conversations, batch {BATCH}, max_length {MAX_LENGTH}, {args.model}, "
-          f"{args.threads} torch thread(s)")
+    print(
+        f"job: {args.rows} conversations, batch {BATCH}, max_length {MAX_LENGTH}, {args.model}, "
+        f"{args.threads} torch thread(s)"
+    )
 
     if args.part in ("all", "ratio"):
         engine_times, trl_times = [], []

@@ -39,8 +39,12 @@ max_new_tokens = 24
 
 
 def start(recipe: Path, runs: Path, threads: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "engine.cli", "run", str(recipe), "--runs-dir", str(runs),
-                             "--threads", threads], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "run", str(recipe), "--runs-dir", str(runs), "--threads", threads],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def timed(recipe: Path, work: Path, threads: str, count: int) -> tuple[float, list[bytes]]:
@@ -49,8 +53,10 @@ def timed(recipe: Path, work: Path, threads: str, count: int) -> tuple[float, li
     for p in procs:
         assert p.wait() == 0
     wall = time.perf_counter() - t
-    rows = [(work / f"runs-{threads}-{count}-{i}" / "threads" / "latest" / "stages" / "ev" / "rows.parquet").read_bytes()
-            for i in range(count)]
+    rows = [
+        (work / f"runs-{threads}-{count}-{i}" / "threads" / "latest" / "stages" / "ev" / "rows.parquet").read_bytes()
+        for i in range(count)
+    ]
     return wall, rows
 
 
@@ -65,21 +71,37 @@ def main() -> None:
     recipe.write_text(textwrap.dedent(RECIPE.format(items=args.items)))
     cores = available_cores()
     share = str(max(1, cores // 2))
-    subprocess.run([sys.executable, "-m", "engine.cli", "run", str(recipe), "--runs-dir", str(work / "warm")],
-                   cwd=ROOT, check=True, capture_output=True)  # builds the builtin model once
+    subprocess.run(
+        [sys.executable, "-m", "engine.cli", "run", str(recipe), "--runs-dir", str(work / "warm")],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )  # builds the builtin model once
     alone, rows_alone = timed(recipe, work, "auto", 1)
     both_auto, rows_auto = timed(recipe, work, "auto", 2)
     both_share, rows_share = timed(recipe, work, share, 2)
-    alone_share, rows_alone_share = timed(recipe, work, share, 1)
+    _alone_share, rows_alone_share = timed(recipe, work, share, 1)
     print(f"{cores} cores; eval of 4 suites x {args.items} items on builtin:tiny-chat")
     print(f"{'one run, ' + str(cores) + ' threads':<32}{alone:7.1f} s  (1.00x)")
     print(f"{'two runs at once, ' + str(cores) + ' threads each':<32}{both_auto:7.1f} s  ({both_auto / alone:.2f}x)")
     print(f"{'two runs at once, ' + share + ' thread(s) each':<32}{both_share:7.1f} s  ({both_share / alone:.2f}x)")
-    print(f"rows identical: auto runs {len(set(rows_alone + rows_auto)) == 1}, "
-          f"{share}-thread runs {len(set(rows_share + rows_alone_share)) == 1}, "
-          f"across thread counts {len(set(rows_alone + rows_share)) == 1}")
-    print(json.dumps({"cores": cores, "alone_s": alone, "two_auto_s": both_auto, "two_share_s": both_share,
-                      "two_auto_ratio": both_auto / alone, "two_share_ratio": both_share / alone}))
+    print(
+        f"rows identical: auto runs {len(set(rows_alone + rows_auto)) == 1}, "
+        f"{share}-thread runs {len(set(rows_share + rows_alone_share)) == 1}, "
+        f"across thread counts {len(set(rows_alone + rows_share)) == 1}"
+    )
+    print(
+        json.dumps(
+            {
+                "cores": cores,
+                "alone_s": alone,
+                "two_auto_s": both_auto,
+                "two_share_s": both_share,
+                "two_auto_ratio": both_auto / alone,
+                "two_share_ratio": both_share / alone,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

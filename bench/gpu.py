@@ -49,41 +49,88 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 SHAPES = {  # SmolLM2-1.7B-Instruct's config, and a toy for --smoke
-    "1.7b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
-                 num_key_value_heads=32, max_position_embeddings=8192, rope_theta=130000.0, tie_word_embeddings=True),
-    "smoke": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True),
+    "1.7b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=24,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=8192,
+        rope_theta=130000.0,
+        tie_word_embeddings=True,
+    ),
+    "smoke": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    ),
 }
 # ChatML (SmolLM2's format) with {% generation %} around what the assistant emits, so that the plain TRL
 # script can train assistant-only like the stage does (TRL cannot patch SmolLM2's own template)
-CHATML = ("{%- for message in messages -%}"
-          "{%- if message['role'] == 'assistant' -%}{{- '<|im_start|>assistant\\n' -}}"
-          "{%- generation -%}{{- message['content'] + '<|im_end|>' -}}{%- endgeneration -%}{{- '\\n' -}}"
-          "{%- else -%}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
-          "{%- endif -%}{%- endfor -%}"
-          "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
-TOPICS = ["tides", "photosynthesis", "a job interview", "rain", "boiling an egg", "Romeo and Juliet", "compilers",
-          "sourdough", "the French revolution", "binary search", "volcanoes", "jazz"]
+CHATML = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}{{- '<|im_start|>assistant\\n' -}}"
+    "{%- generation -%}{{- message['content'] + '<|im_end|>' -}}{%- endgeneration -%}{{- '\\n' -}}"
+    "{%- else -%}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+TOPICS = [
+    "tides",
+    "photosynthesis",
+    "a job interview",
+    "rain",
+    "boiling an egg",
+    "Romeo and Juliet",
+    "compilers",
+    "sourdough",
+    "the French revolution",
+    "binary search",
+    "volcanoes",
+    "jazz",
+]
 
 
 class Table:
     def __init__(self) -> None:
         self.rows: list[dict] = []
 
-    def add(self, figure: str, value: float | None, unit: str, baseline: float | None = None,
-            bound: float | None = None, note: str = "") -> None:
-        self.rows.append({"figure": figure, "value": value, "unit": unit, "baseline": baseline, "bound": bound,
-                          "x_baseline": value / baseline if value and baseline else None,
-                          "x_bound": value / bound if value and bound else None, "note": note})
+    def add(
+        self,
+        figure: str,
+        value: float | None,
+        unit: str,
+        baseline: float | None = None,
+        bound: float | None = None,
+        note: str = "",
+    ) -> None:
+        self.rows.append(
+            {
+                "figure": figure,
+                "value": value,
+                "unit": unit,
+                "baseline": baseline,
+                "bound": bound,
+                "x_baseline": value / baseline if value and baseline else None,
+                "x_bound": value / bound if value and bound else None,
+                "note": note,
+            }
+        )
         print(f"  {figure}: {_num(value)} {unit}" + (f"  ({note})" if note else ""), flush=True)
 
     def print(self) -> None:
         head = f"{'figure':44} {'value':>12} {'unit':10} {'baseline':>10} {'x base':>7} {'bound':>10} {'x bound':>7}"
         print("\n" + head + "\n" + "-" * len(head))
         for r in self.rows:
-            print(f"{r['figure'][:44]:44} {_num(r['value']):>12} {r['unit'][:10]:10} {_num(r['baseline']):>10} "
-                  f"{_ratio(r['x_baseline']):>7} {_num(r['bound']):>10} {_ratio(r['x_bound']):>7}"
-                  + (f"  {r['note']}" if r["note"] else ""))
+            print(
+                f"{r['figure'][:44]:44} {_num(r['value']):>12} {r['unit'][:10]:10} {_num(r['baseline']):>10} "
+                f"{_ratio(r['x_baseline']):>7} {_num(r['bound']):>10} {_ratio(r['x_bound']):>7}"
+                + (f"  {r['note']}" if r["note"] else "")
+            )
 
 
 def _num(x) -> str:
@@ -131,7 +178,7 @@ def hardware(device: str, smoke: bool) -> dict:
     a @ b
     reps = 3 if smoke else 30
     t = timed(lambda: [a @ b for _ in range(reps)], device)
-    flops = 2 * size ** 3 * reps / t
+    flops = 2 * size**3 * reps / t
     return {"bandwidth": bandwidth, "flops": flops}
 
 
@@ -148,29 +195,43 @@ def build_model(shape: str, tokenizer_dir: Path, out: Path, device: str):
     if "<|im_start|>" in tok.get_vocab():
         tok.chat_template = CHATML
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id, **SHAPES[shape])
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **SHAPES[shape],
+    )
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
-    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                               pad_token_id=tok.pad_token_id, do_sample=False)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, do_sample=False
+    )
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return model.eval(), tok
 
 
 def prompts(n: int) -> list[list[dict]]:
-    return [[{"role": "user", "content": f"Question {i}: explain {TOPICS[i % len(TOPICS)]} to a curious "
-                                         f"{'child' if i % 2 else 'engineer'}" + ", briefly" * (i % 4) + "."}]
-            for i in range(n)]
+    return [
+        [
+            {
+                "role": "user",
+                "content": f"Question {i}: explain {TOPICS[i % len(TOPICS)]} to a curious "
+                f"{'child' if i % 2 else 'engineer'}" + ", briefly" * (i % 4) + ".",
+            }
+        ]
+        for i in range(n)
+    ]
 
 
 # --------------------------------------------------------------------------- generation
 
 
-def generation(model, tok, model_dir: Path, hw: dict, table: Table, batches: list[int], new: int, device: str,
-               deadline: float) -> dict:
+def generation(
+    model, tok, model_dir: Path, hw: dict, table: Table, batches: list[int], new: int, device: str, deadline: float
+) -> dict:
     from engine.models.backends import SamplingParams
     from engine.models.backends.hf import HFBackend
 
@@ -191,8 +252,14 @@ def generation(model, tok, model_dir: Path, hw: dict, table: Table, batches: lis
             rate = b * new / t
             results[(kind, b)] = rate
             bound = min(b * hw["bandwidth"] / weight_bytes, hw["flops"] / (2 * params_n))
-            table.add(f"generate hf-{kind} batch {b}", rate, "tokens/s", baseline=results.get(("dynamic", b)),
-                      bound=bound, note=f"first call {first:.1f} s")
+            table.add(
+                f"generate hf-{kind} batch {b}",
+                rate,
+                "tokens/s",
+                baseline=results.get(("dynamic", b)),
+                bound=bound,
+                note=f"first call {first:.1f} s",
+            )
     try:
         import vllm  # noqa: F401
     except ImportError:
@@ -206,8 +273,10 @@ def generation(model, tok, model_dir: Path, hw: dict, table: Table, batches: lis
     backend = VLLMBackend({"model": str(model_dir), "dtype": "auto"})
     for b in batches:
         ps = prompts(b)
-        sps = [backend._vllm.SamplingParams(temperature=1.0, max_tokens=new, min_tokens=new, ignore_eos=True, seed=i)
-               for i in range(b)]
+        sps = [
+            backend._vllm.SamplingParams(temperature=1.0, max_tokens=new, min_tokens=new, ignore_eos=True, seed=i)
+            for i in range(b)
+        ]
         backend.llm.chat(ps, sampling_params=sps, use_tqdm=False)
         t = timed(lambda: backend.llm.chat(ps, sampling_params=sps, use_tqdm=False), device)
         rate = b * new / t
@@ -250,15 +319,20 @@ def pairs(n: int) -> list[dict]:
     out = []
     for i in range(n):
         q = f"Question {i}: how does part {i % 7} relate to part {i % 5}?"
-        out.append({"id": f"p{i}", "prompt": [{"role": "user", "content": q}],
-                    "chosen": [{"role": "assistant", "content": f"Part {i % 7} feeds part {i % 5}. " * (2 + i % 6)}],
-                    "rejected": [{"role": "assistant", "content": "I cannot say. " * (1 + i % 4)}]})
+        out.append(
+            {
+                "id": f"p{i}",
+                "prompt": [{"role": "user", "content": q}],
+                "chosen": [{"role": "assistant", "content": f"Part {i % 7} feeds part {i % 5}. " * (2 + i % 6)}],
+                "rejected": [{"role": "assistant", "content": "I cannot say. " * (1 + i % 4)}],
+            }
+        )
     return out
 
 
 def dpo_engine(root: Path, runs: Path, model: str, steps: int, batch: int) -> tuple[float, dict]:
-    from engine.run.executor import run
     from engine.load.loader import load_recipe
+    from engine.run.executor import run
 
     (root / "recipe.toml").write_text(textwrap.dedent(DPO_RECIPE).format(model=model, steps=steps, batch=batch))
     t = time.perf_counter()
@@ -283,9 +357,20 @@ def dpo_script(rows: list[dict], model_dir: str, out: Path, steps: int, batch: i
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     ref = AutoModelForCausalLM.from_pretrained(model_dir)
     cuda = torch.cuda.is_available()
-    args = DPOConfig(output_dir=str(out / "ckpt"), per_device_train_batch_size=batch, learning_rate=1e-6,
-                     max_steps=steps, max_length=512, save_steps=1000, logging_steps=1, report_to=[], seed=1,
-                     use_cpu=not cuda, bf16=cuda and torch.cuda.is_bf16_supported(), disable_tqdm=True)
+    args = DPOConfig(
+        output_dir=str(out / "ckpt"),
+        per_device_train_batch_size=batch,
+        learning_rate=1e-6,
+        max_steps=steps,
+        max_length=512,
+        save_steps=1000,
+        logging_steps=1,
+        report_to=[],
+        seed=1,
+        use_cpu=not cuda,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        disable_tqdm=True,
+    )
     data = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=data, processing_class=tok)
     trainer.remove_callback(PrinterCallback)
@@ -294,8 +379,17 @@ def dpo_script(rows: list[dict], model_dir: str, out: Path, steps: int, batch: i
     return time.perf_counter() - t
 
 
-def training(model_dir: Path, params_n: int, hw: dict, table: Table, work: Path, steps: int, smoke: bool,
-             which: list[str], deadline: float) -> None:
+def training(
+    model_dir: Path,
+    params_n: int,
+    hw: dict,
+    table: Table,
+    work: Path,
+    steps: int,
+    smoke: bool,
+    which: list[str],
+    deadline: float,
+) -> None:
     import bench_sft
 
     rows = bench_sft.conversations(32 if smoke else 64)
@@ -318,21 +412,33 @@ def training(model_dir: Path, params_n: int, hw: dict, table: Table, work: Path,
             dpo_engine(dproj, work / "runs", str(model_dir), 2, 4)
             wall, report = dpo_engine(dproj, work / "runs", str(model_dir), steps, 4)
             script = dpo_script(prs, str(model_dir), work / "trl-dpo", steps, 4)
-        table.add(f"{part}: engine stage wall ({steps} steps)", wall, "s", baseline=script,
-                  note=f"plain TRL script {script:.1f} s; target <= 1.1x" if part == "sft" else
-                  f"plain TRL script {script:.1f} s")
+        table.add(
+            f"{part}: engine stage wall ({steps} steps)",
+            wall,
+            "s",
+            baseline=script,
+            note=f"plain TRL script {script:.1f} s; target <= 1.1x"
+            if part == "sft"
+            else f"plain TRL script {script:.1f} s",
+        )
         seen, secs = report.get("tokens_seen"), report.get("train_seconds")
         if seen and secs:
             rate = seen / secs
-            table.add(f"{part}: training tokens/s", rate, "tokens/s", bound=hw["flops"] / (6 * params_n),
-                      note=f"MFU {6 * params_n * rate / hw['flops']:.1%} (x bound)")
+            table.add(
+                f"{part}: training tokens/s",
+                rate,
+                "tokens/s",
+                bound=hw["flops"] / (6 * params_n),
+                note=f"MFU {6 * params_n * rate / hw['flops']:.1%} (x bound)",
+            )
 
 
 # --------------------------------------------------------------------------- the flagship
 
 
-def flagship(table: Table, work: Path, label: str, env_extra: dict, prefix: list[str], sets: list[str],
-             timeout: float) -> dict:
+def flagship(
+    table: Table, work: Path, label: str, env_extra: dict, prefix: list[str], sets: list[str], timeout: float
+) -> dict:
     runs = work / f"runs-{label}"
     env = dict(os.environ, **env_extra)
     cmd = prefix + [sys.executable, "-m", "engine.cli", "run", "recipes/caI_multiturn.toml", "--runs-dir", str(runs)]
@@ -363,16 +469,25 @@ def flagships(table: Table, work: Path, model_dir: Path | None, deadline: float,
         a, b = here["stages"].get(name), cpu["stages"].get(name)
         if isinstance(a, (int, float)) and isinstance(b, (int, float)):
             table.add(f"flagship tiny: {name}", a, "s", baseline=b, note="baseline: 2 CPU cores, no GPU")
-    table.add("flagship tiny: whole run", here["wall"], "s", baseline=cpu["wall"],
-              note=f"{here['status']}; target <= 1.0x of 2 CPU cores")
+    table.add(
+        "flagship tiny: whole run",
+        here["wall"],
+        "s",
+        baseline=cpu["wall"],
+        note=f"{here['status']}; target <= 1.0x of 2 CPU cores",
+    )
     if model_dir is not None and time.time() < deadline - 30:
         # random weights give best_of_n's judge no score gap: min_margin 0 keeps the run going (speed only)
         sets = [f"models.policy.path={model_dir}", "stages.best_of_n.min_margin=0.0"]
         big = flagship(table, work, "big", {}, [], sets, deadline - time.time())
         out["big"] = big
         for name, v in big["stages"].items():
-            table.add(f"flagship 1.7B: {name}", v if isinstance(v, (int, float)) else None, "s",
-                      note="" if isinstance(v, (int, float)) else str(v))
+            table.add(
+                f"flagship 1.7B: {name}",
+                v if isinstance(v, (int, float)) else None,
+                "s",
+                note="" if isinstance(v, (int, float)) else str(v),
+            )
         table.add("flagship 1.7B: whole run", big["wall"], "s", note=big["status"])
     else:
         table.add("flagship 1.7B", None, "s", note="skipped (budget)")
@@ -417,14 +532,18 @@ def main() -> None:
     out_dir = args.out or work
     out_dir.mkdir(parents=True, exist_ok=True)
     table = Table()
-    print(f"device: {torch.cuda.get_device_name(0) if device == 'cuda' else 'cpu'}; torch {torch.__version__}; "
-          f"model shape {shape}; work dir {work}", flush=True)
+    print(
+        f"device: {torch.cuda.get_device_name(0) if device == 'cuda' else 'cpu'}; torch {torch.__version__}; "
+        f"model shape {shape}; work dir {work}",
+        flush=True,
+    )
 
     hw = hardware(device, args.smoke) if "hw" in parts else {"bandwidth": None, "flops": None}
     if "hw" in parts:
         table.add("copy bandwidth (read + write)", hw["bandwidth"] / 1e9, "GB/s")
-        table.add("matmul rate (bf16 8192^3)" if device == "cuda" else "matmul rate (fp32)", hw["flops"] / 1e12,
-                  "TFLOP/s")
+        table.add(
+            "matmul rate (bf16 8192^3)" if device == "cuda" else "matmul rate (fp32)", hw["flops"] / 1e12, "TFLOP/s"
+        )
     model_dir = work / f"model-{shape}"
     t = time.perf_counter()
     model, tok = build_model(shape, args.tokenizer or default_tokenizer(), model_dir, device)
@@ -435,8 +554,12 @@ def main() -> None:
         gen = generation(model, tok, model_dir, hw, table, batches, new, device, deadline)
         results["gen"] = {f"{k}/{b}": v for (k, b), v in gen.items()}
         best = max(gen.values()) if gen else None
-        table.add(f"best generation ({max(batches)} prompts x {new} tokens)", best, "tokens/s",
-                  note="target >= 10,000 on one H200")
+        table.add(
+            f"best generation ({max(batches)} prompts x {new} tokens)",
+            best,
+            "tokens/s",
+            note="target >= 10,000 on one H200",
+        )
     del model
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -447,8 +570,11 @@ def main() -> None:
         results["flagship"] = flagships(table, work, model_dir, deadline, args.smoke)
     results["elapsed_s"] = time.time() - start
     table.print()
-    payload = {"table": table.rows, **{k: v for k, v in results.items() if k != "flagship"},
-               "flagship": results.get("flagship")}
+    payload = {
+        "table": table.rows,
+        **{k: v for k, v in results.items() if k != "flagship"},
+        "flagship": results.get("flagship"),
+    }
     (out_dir / "gpu.json").write_text(json.dumps(payload, indent=1, default=str))
     print(json.dumps(payload, default=str))
 

@@ -17,8 +17,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from engine.core.errors import CacheError, RecipeError, StageFailed, Terminated
 from engine.core.console import progress_bars
+from engine.core.errors import CacheError, RecipeError, StageFailed, Terminated
 from engine.report.console import _count, _styled
 from engine.store.record import find_run
 
@@ -50,13 +50,22 @@ class RecipeGroup(click.Group):
 
 
 def _runs_dir_option(f):
-    return click.option("--runs-dir", type=click.Path(file_okay=False), default=None,
-                        help="Output root (default: $RECIPE_RUNS_DIR or ./runs).")(f)
+    return click.option(
+        "--runs-dir",
+        type=click.Path(file_okay=False),
+        default=None,
+        help="Output root (default: $RECIPE_RUNS_DIR or ./runs).",
+    )(f)
 
 
 def _set_option(f):
-    return click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-                        help="Override a recipe key; VALUE is parsed as TOML (--set stages.sft.lr=1e-4).")(f)
+    return click.option(
+        "--set",
+        "sets",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Override a recipe key; VALUE is parsed as TOML (--set stages.sft.lr=1e-4).",
+    )(f)
 
 
 def _runs_dir(value: str | None) -> Path:
@@ -65,7 +74,7 @@ def _runs_dir(value: str | None) -> Path:
     return Path(value or runs_dir_default())
 
 
-def _load(path: str, sets) -> "Recipe":  # noqa: F821
+def _load(path: str, sets) -> Recipe:  # noqa: F821
     from engine.load.loader import load_recipe
 
     return load_recipe(path, sets)
@@ -99,13 +108,16 @@ def validate(recipe: str, sets) -> None:
 @_runs_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--resolved", is_flag=True, help="Also print the resolved recipe (extends and --set applied).")
-@click.option("--rehash", is_flag=True,
-              help="Hash every input file again instead of trusting the memo of (inode, size, mtime): for files "
-                   "edited in place with their size and mtime kept.")
+@click.option(
+    "--rehash",
+    is_flag=True,
+    help="Hash every input file again instead of trusting the memo of (inode, size, mtime): for files "
+    "edited in place with their size and mtime kept.",
+)
 def plan(recipe: str, sets, runs_dir, as_json: bool, resolved: bool, rehash: bool) -> None:
     """Show each stage, its fingerprint, whether it is cached, and why it would run."""
-    from engine.run.plan import make_plan, memo_for
     from engine.core.toml import dump_toml
+    from engine.run.plan import make_plan, memo_for
 
     r = _load(recipe, sets)
     items = make_plan(r, _runs_dir(runs_dir), memo_for(_runs_dir(runs_dir), rehash))
@@ -121,8 +133,10 @@ def plan(recipe: str, sets, runs_dir, as_json: bool, resolved: bool, rehash: boo
 def _remote_code_notes(r) -> None:
     for name, spec in r.models.items():
         if spec.trust_remote_code:
-            out.print(f"[yellow]note[/]: model '{name}' ({escape(str(spec.path))}) has trust_remote_code = true: "
-                      "loading it runs code from the model repository.")
+            out.print(
+                f"[yellow]note[/]: model '{name}' ({escape(str(spec.path))}) has trust_remote_code = true: "
+                "loading it runs code from the model repository."
+            )
 
 
 def _plan_table(name: str, items) -> None:
@@ -141,28 +155,55 @@ def _plan_table(name: str, items) -> None:
 @click.option("--only", multiple=True, metavar="STAGE", help="Run these stages (and what they need), nothing else.")
 @click.option("--force", multiple=True, metavar="STAGE", help="Rebuild these stages even if cached.")
 @click.option("--dry-run", is_flag=True, help="Print the plan; run nothing.")
-@click.option("--executor", type=click.Choice(["local", "ray"]), default=None,
-              help="Where stages run: this machine (default; or RECIPE_EXECUTOR), or a Ray cluster. Never changes "
-                   "outputs.")
-@click.option("--ray-address", default=None, metavar="ADDR",
-              help="The Ray cluster to join (default: RAY_ADDRESS, else a local one).")
-@click.option("--fail-fast", is_flag=True,
-              help="Stop at the first failed stage (default: stages that do not need it still run, like make -k).")
-@click.option("--rehash", is_flag=True,
-              help="Hash every input file again instead of trusting the memo of (inode, size, mtime): for files "
-                   "edited in place with their size and mtime kept.")
-@click.option("--threads", default=None, metavar="N|auto",
-              help="torch's threads (default: $RECIPE_THREADS, else auto: the cores this process may use). Give each "
-                   "of several runs on one machine its share.")
-def run_cmd(recipe: str, sets, runs_dir, only, force, dry_run: bool, executor, ray_address, fail_fast: bool,
-            rehash: bool, threads) -> None:
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    default=None,
+    help="Where stages run: this machine (default; or RECIPE_EXECUTOR), or a Ray cluster. Never changes outputs.",
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    metavar="ADDR",
+    help="The Ray cluster to join (default: RAY_ADDRESS, else a local one).",
+)
+@click.option(
+    "--fail-fast",
+    is_flag=True,
+    help="Stop at the first failed stage (default: stages that do not need it still run, like make -k).",
+)
+@click.option(
+    "--rehash",
+    is_flag=True,
+    help="Hash every input file again instead of trusting the memo of (inode, size, mtime): for files "
+    "edited in place with their size and mtime kept.",
+)
+@click.option(
+    "--threads",
+    default=None,
+    metavar="N|auto",
+    help="torch's threads (default: $RECIPE_THREADS, else auto: the cores this process may use). Give each "
+    "of several runs on one machine its share.",
+)
+def run_cmd(
+    recipe: str,
+    sets,
+    runs_dir,
+    only,
+    force,
+    dry_run: bool,
+    executor,
+    ray_address,
+    fail_fast: bool,
+    rehash: bool,
+    threads,
+) -> None:
     """Run RECIPE: cached stages are skipped, interrupted ones resume."""
     _terminate_like_interrupt()
-    from engine.run.executor import EXECUTORS, executor_default, run
-    from engine.run.plan import make_plan, select
-
     from engine.core.threads import ENV as THREADS_ENV
     from engine.core.threads import parse as parse_threads
+    from engine.run.executor import EXECUTORS, executor_default, run
+    from engine.run.plan import make_plan, select
 
     r = _load(recipe, sets)
     root = _runs_dir(runs_dir)
@@ -170,13 +211,16 @@ def run_cmd(recipe: str, sets, runs_dir, only, force, dry_run: bool, executor, r
     try:
         n_threads = parse_threads(raw_threads)
     except ValueError:
-        raise RecipeError.single(f"--threads (or {THREADS_ENV}) is '{raw_threads}': expected a positive whole number "
-                                 "or auto.", hint="For example --threads 1 for each of two runs on a 2-core machine.") \
-            from None
+        raise RecipeError.single(
+            f"--threads (or {THREADS_ENV}) is '{raw_threads}': expected a positive whole number or auto.",
+            hint="For example --threads 1 for each of two runs on a 2-core machine.",
+        ) from None
     executor = executor or executor_default()
     if executor not in EXECUTORS:
-        raise RecipeError.single(f"RECIPE_EXECUTOR is '{executor}'; known executors: {', '.join(EXECUTORS)}.",
-                                 hint="Unset it, or set it to local or ray.")
+        raise RecipeError.single(
+            f"RECIPE_EXECUTOR is '{executor}'; known executors: {', '.join(EXECUTORS)}.",
+            hint="Unset it, or set it to local or ray.",
+        )
     if dry_run:
         from engine.run.plan import memo_for
 
@@ -184,15 +228,26 @@ def run_cmd(recipe: str, sets, runs_dir, only, force, dry_run: bool, executor, r
         _plan_table(r.name, [i for i in make_plan(r, root, memo_for(root, rehash)) if i.name in chosen])
         return
     console = Console(file=sys.stderr, highlight=False, soft_wrap=True)  # the real stderr: third parties go to
-    progress = progress_bars(console)                                    # stage logs (engine.core.console)
+    progress = progress_bars(console)  # stage logs (engine.core.console)
     from engine.core.console import routed
 
     command = "recipe " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["run"] else None
     try:
         with progress.live, routed():
-            record = run(r, root, only=list(only), force=list(force), console=console, progress=progress,
-                         executor=executor, ray_address=ray_address, command=command, fail_fast=fail_fast,
-                         rehash=rehash, threads=n_threads)
+            record = run(
+                r,
+                root,
+                only=list(only),
+                force=list(force),
+                console=console,
+                progress=progress,
+                executor=executor,
+                ray_address=ray_address,
+                command=command,
+                fail_fast=fail_fast,
+                rehash=rehash,
+                threads=n_threads,
+            )
     except StageFailed as failed:  # the failed run still gets its report: which stage, why, where its log is
         run_dir = Path(failed.log_path).parent.parent
         if (run_dir / "record.json").is_file():
@@ -202,8 +257,13 @@ def run_cmd(recipe: str, sets, runs_dir, only, force, dry_run: bool, executor, r
     for col in ("stage", "status", "rows in", "rows out", "seconds"):
         table.add_column(col)
     for name, s in record.data["stages"].items():
-        table.add_row(name, _styled(s.get("status")), _count(s.get("rows_in")), _count(s.get("rows_out")),
-                      f"{s.get('duration_s', 0):.1f}")
+        table.add_row(
+            name,
+            _styled(s.get("status")),
+            _count(s.get("rows_in")),
+            _count(s.get("rows_out")),
+            f"{s.get('duration_s', 0):.1f}",
+        )
     out.print(table)
     out.print(f"run record: {record.dir}", markup=False)
     _write_report(record.dir)
@@ -228,9 +288,11 @@ def _write_report(run_dir: Path, quiet: bool = False) -> list[Path]:
 
     try:
         paths = write_run_report(Path(run_dir))
-    except Exception as e:  # noqa: BLE001 - the run itself succeeded
-        err.print(f"[yellow]warning:[/] the run report could not be written ({type(e).__name__}: {e}); "
-                  f"try `recipe report {run_dir}`.")
+    except Exception as e:
+        err.print(
+            f"[yellow]warning:[/] the run report could not be written ({type(e).__name__}: {e}); "
+            f"try `recipe report {run_dir}`."
+        )
         return []
     (err if quiet else out).print(f"report: {Path(run_dir) / 'report.md'}", markup=False)
     return paths
@@ -288,7 +350,9 @@ def diff(a: str, b: str, runs_dir, as_json: bool) -> None:
         elif name not in fa:
             rows.append({"stage": name, "a": None, "b": fb[name][0], "reasons": ["only in B"]})
         elif fa[name][0] != fb[name][0]:
-            rows.append({"stage": name, "a": fa[name][0], "b": fb[name][0], "reasons": reasons(fa[name][1], fb[name][1])})
+            rows.append(
+                {"stage": name, "a": fa[name][0], "b": fb[name][0], "reasons": reasons(fa[name][1], fb[name][1])}
+            )
     if as_json:
         click.echo(json.dumps({"a": a, "b": b, "stages": rows}, indent=2))
         return
@@ -328,15 +392,20 @@ def gc(runs_dir, keep_runs: int, yes: bool) -> None:
     from engine.store.gc import collect
 
     root = _runs_dir(runs_dir)
-    collect(root, keep_runs, yes, lambda files: _fingerprints_as_written(files, root),
-            lambda line: out.print(line, markup=False))
+    collect(
+        root,
+        keep_runs,
+        yes,
+        lambda files: _fingerprints_as_written(files, root),
+        lambda line: out.print(line, markup=False),
+    )
 
 
 def _fingerprints_as_written(files: list[Path], root: Path) -> dict[Path, set[str]]:
     """Each recipe file that loads -> the fingerprints of its stages (a broken one keeps nothing)."""
+    from engine.load.loader import load_recipe
     from engine.run.plan import memo_for
     from engine.store.fingerprint import fingerprints
-    from engine.load.loader import load_recipe
 
     memo = memo_for(root)
     found = {}
@@ -352,8 +421,11 @@ def _fingerprints_as_written(files: list[Path], root: Path) -> dict[Path, set[st
 @main.command()
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None, help="Write to a file.")
 @click.option("--markdown", is_flag=True, help="The human reference (docs/recipe-reference.md) instead.")
-@click.option("--constitution", is_flag=True,
-              help="The constitution file format instead (docs/constitution-reference.md with --markdown).")
+@click.option(
+    "--constitution",
+    is_flag=True,
+    help="The constitution file format instead (docs/constitution-reference.md with --markdown).",
+)
 def schema(output, markdown, constitution) -> None:
     """JSON Schema of the recipe format (for editors: taplo, VS Code Even Better TOML), or the
     Markdown reference with --markdown; --constitution for the constitution file format."""

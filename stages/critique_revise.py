@@ -46,55 +46,86 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from engine.core.errors import Problem, RecipeError
+from engine.lib.revisions import REASONS, assess_revision, selected_positions
 from engine.models.backends import SamplingParams
 from engine.spec.config import ExecOnly, Ref, StageConfig
-from engine.core.errors import Problem, RecipeError
 from engine.store.shards import Shard, ShardResult
-from engine.lib.revisions import REASONS, assess_revision, selected_positions
 
 VERSION = 1
 ROW_STAGE = True  # on Ray: workers share its shards (engine.run.rayexec)
 GIVES = "conversations"
-VARS = {"critique_template": {"conversation", "critique_request", "principle", "round", "examples"},
-        "revision_template": {"conversation", "critique_request", "critique", "revision_request", "principle",
-                              "round", "examples"},
-        "user_template": {"scenario", "conversation", "turn", "turns", "persona"}}
+VARS = {
+    "critique_template": {"conversation", "critique_request", "principle", "round", "examples"},
+    "revision_template": {
+        "conversation",
+        "critique_request",
+        "critique",
+        "revision_request",
+        "principle",
+        "round",
+        "examples",
+    },
+    "user_template": {"scenario", "conversation", "turn", "turns", "persona"},
+}
 
 
 class Config(StageConfig):
     kind: Literal["critique_revise"]
     input: str = Ref("conversations", description="The conversations to revise.")
     model: str = Ref("model", description="Writes critiques and revisions: the policy itself or another model.")
-    user_model: str | None = Ref("model", default=None,
-                                 description='after_revision = "resimulate": the user simulator (default: model).')
-    assistant_model: str | None = Ref("model", default=None, description='after_revision = "resimulate": '
-                                      "regenerates the assistant turns, e.g. the policy when model is a critic "
-                                      "(default: model).")
-    constitution: str = Ref("constitution", description="A [constitutions] name: the principles drawn for critiques "
-                                                         "(an input: its file's content enters the fingerprint).")
+    user_model: str | None = Ref(
+        "model", default=None, description='after_revision = "resimulate": the user simulator (default: model).'
+    )
+    assistant_model: str | None = Ref(
+        "model",
+        default=None,
+        description='after_revision = "resimulate": '
+        "regenerates the assistant turns, e.g. the policy when model is a critic "
+        "(default: model).",
+    )
+    constitution: str = Ref(
+        "constitution",
+        description="A [constitutions] name: the principles drawn for critiques "
+        "(an input: its file's content enters the fingerprint).",
+    )
     turns: Literal["all", "last"] | list[int] = Field(
-        "all", description='Assistant turns to revise: "all", "last", or 0-based positions among the assistant '
-                           "turns (-1 = the last); positions a conversation lacks are skipped.")
-    rounds: int = Field(1, ge=1, le=4, description="Critique-and-revise rounds per turn; each critiques the latest revision.")
+        "all",
+        description='Assistant turns to revise: "all", "last", or 0-based positions among the assistant '
+        "turns (-1 = the last); positions a conversation lacks are skipped.",
+    )
+    rounds: int = Field(
+        1, ge=1, le=4, description="Critique-and-revise rounds per turn; each critiques the latest revision."
+    )
     after_revision: Literal["keep", "resimulate"] = Field(
-        "keep", description='What follows a revised turn: "keep" the later turns, or "resimulate" them '
-                            "(user turns by the user simulator, assistant turns by the model).")
+        "keep",
+        description='What follows a revised turn: "keep" the later turns, or "resimulate" them '
+        "(user turns by the user simulator, assistant turns by the model).",
+    )
     critique_template: str = Field("critique.j2", description="Asks for a critique of one reply under a principle.")
     revision_template: str = Field("revision.j2", description="Asks for a revision that addresses the critique.")
     user_template: str = Field("user_simulator.j2", description="resimulate: writes the next user turn.")
     temperature: float = Field(0.7, ge=0.0, description="0 is greedy; 0.5-0.8 gives varied critiques.")
-    max_new_tokens: int = Field(512, ge=1, description="Per critique, revision or regenerated turn; a revision "
-                                                       "that hits it is rejected as truncated.")
-    shard_size: int = ExecOnly(32, ge=1, description="Rows per shard (resume granularity); seeds derive per row, "
-                                                     "so it never changes outputs.")
-    batch_size: int = ExecOnly(64, ge=1, description="Rows (prompt x sample) per generate call; halved on CUDA "
-                                                     "out-of-memory. Never changes outputs.")
+    max_new_tokens: int = Field(
+        512,
+        ge=1,
+        description="Per critique, revision or regenerated turn; a revision that hits it is rejected as truncated.",
+    )
+    shard_size: int = ExecOnly(
+        32, ge=1, description="Rows per shard (resume granularity); seeds derive per row, so it never changes outputs."
+    )
+    batch_size: int = ExecOnly(
+        64,
+        ge=1,
+        description="Rows (prompt x sample) per generate call; halved on CUDA out-of-memory. Never changes outputs.",
+    )
 
     @field_validator("turns", mode="before")
     @classmethod
     def _positions(cls, value):
-        ok = value in ("all", "last") or (isinstance(value, list) and value and len(set(value)) == len(value)
-                                          and all(type(v) is int for v in value))
+        ok = value in ("all", "last") or (
+            isinstance(value, list) and value and len(set(value)) == len(value) and all(type(v) is int for v in value)
+        )
         if not ok:
             raise ValueError('turns must be "all", "last" or a non-empty list of distinct integer positions')
         return value
@@ -124,9 +155,13 @@ def check(name: str, config: Config, recipe) -> list[Problem]:
         problems += t.check(tname, VARS[field], stage=name, **recipe.where(f"stages.{name}.{field}"))
     for field in ("user_model", "assistant_model"):
         if getattr(config, field) and config.after_revision == "keep":
-            problems.append(Problem(f"{field} is only used with after_revision = \"resimulate\".",
-                                    hint=f"Remove {field}, or set after_revision = \"resimulate\".",
-                                    **recipe.where(f"stages.{name}.{field}")))
+            problems.append(
+                Problem(
+                    f'{field} is only used with after_revision = "resimulate".',
+                    hint=f'Remove {field}, or set after_revision = "resimulate".',
+                    **recipe.where(f"stages.{name}.{field}"),
+                )
+            )
     return problems
 
 
@@ -163,15 +198,24 @@ class _Reviser:
             active = [c for c in convs if not c.dropped and k in c.selected]
             self._revise(active, k)
             if self.cfg.after_revision == "resimulate":
-                changed = [c for c in active if c.records[-1]["final"] != c.records[-1]["original"]
-                           and c.assistant[k] < len(c.messages) - 1]
+                changed = [
+                    c
+                    for c in active
+                    if c.records[-1]["final"] != c.records[-1]["original"] and c.assistant[k] < len(c.messages) - 1
+                ]
                 self._resimulate(changed, k)
         self.stats["rows_without_selected_turn"] += sum(1 for c in convs if not c.selected)
         self.stats["dropped_resimulate_empty_turn"] += sum(1 for c in convs if c.dropped)
         meta = {"after_revision": self.cfg.after_revision, "rounds": self.cfg.rounds}
-        rows = [{"id": c.row.get("id"), "messages": c.messages,
-                 "meta": {**(c.row.get("meta") or {}), "critique_revise": {**meta, "turns": c.records}}}
-                for c in convs if not c.dropped]
+        rows = [
+            {
+                "id": c.row.get("id"),
+                "messages": c.messages,
+                "meta": {**(c.row.get("meta") or {}), "critique_revise": {**meta, "turns": c.records}},
+            }
+            for c in convs
+            if not c.dropped
+        ]
         return ShardResult(rows, dict(self.stats))
 
     def _revise(self, convs: list[_Conv], k: int) -> None:
@@ -184,25 +228,60 @@ class _Reviser:
                 break
             drawn = [self.constitution.draw(self.seed, c.id, c.assistant[k], rnd) for c in convs]
             examples = [[e.model_dump() for e in self.constitution.examples_for(p.id)] for p in drawn]
-            common = [dict(conversation=c.messages[: c.assistant[k] + 1], critique_request=p.critique,
-                           principle=p.id, round=rnd, examples=ex) for c, p, ex in zip(convs, drawn, examples)]
-            critiques = self._generate(self.model, [tpl.render_chat(cfg.critique_template, **v) for v in common],
-                                       [self.seeds.row(c.id, purpose="critique", turn=k, round=rnd) for c in convs])
+            common = [
+                dict(
+                    conversation=c.messages[: c.assistant[k] + 1],
+                    critique_request=p.critique,
+                    principle=p.id,
+                    round=rnd,
+                    examples=ex,
+                )
+                for c, p, ex in zip(convs, drawn, examples)
+            ]
+            critiques = self._generate(
+                self.model,
+                [tpl.render_chat(cfg.critique_template, **v) for v in common],
+                [self.seeds.row(c.id, purpose="critique", turn=k, round=rnd) for c in convs],
+            )
             todo = [j for j, crit in enumerate(critiques) if crit.text.strip()]
-            prompts = [tpl.render_chat(cfg.revision_template, critique=critiques[j].text.strip(),
-                                       revision_request=drawn[j].revision, **common[j]) for j in todo]
-            revisions = dict(zip(todo, self._generate(
-                self.model, prompts, [self.seeds.row(convs[j].id, purpose="revision", turn=k, round=rnd) for j in todo])))
+            prompts = [
+                tpl.render_chat(
+                    cfg.revision_template,
+                    critique=critiques[j].text.strip(),
+                    revision_request=drawn[j].revision,
+                    **common[j],
+                )
+                for j in todo
+            ]
+            revisions = dict(
+                zip(
+                    todo,
+                    self._generate(
+                        self.model,
+                        prompts,
+                        [self.seeds.row(convs[j].id, purpose="revision", turn=k, round=rnd) for j in todo],
+                    ),
+                )
+            )
             for j, (c, p) in enumerate(zip(convs, drawn)):
                 turn, record = c.messages[c.assistant[k]], c.records[-1]
                 self.stats[f"principle:{p.id}"] += 1
                 if j in revisions:
-                    text, reason = assess_revision(revisions[j].text, revisions[j].finish_reason,
-                                                   turn["content"], record["original"])
+                    text, reason = assess_revision(
+                        revisions[j].text, revisions[j].finish_reason, turn["content"], record["original"]
+                    )
                 else:
                     text, reason = "", "empty_critique"
-                record["history"].append({"round": rnd, "principle": p.id, "critique": critiques[j].text.strip(),
-                                          "revision": text, "accepted": reason is None, "reason": reason})
+                record["history"].append(
+                    {
+                        "round": rnd,
+                        "principle": p.id,
+                        "critique": critiques[j].text.strip(),
+                        "revision": text,
+                        "accepted": reason is None,
+                        "reason": reason,
+                    }
+                )
                 self.stats["accepted" if reason is None else f"rejected:{reason}"] += 1
                 if reason is None:
                     turn["content"] = text
@@ -214,9 +293,9 @@ class _Reviser:
 
     def _resimulate(self, convs: list[_Conv], k: int) -> None:
         """Regenerate every message after assistant turn k, in step across the conversations."""
-        tails = {id(c): c.messages[c.assistant[k] + 1:] for c in convs}
+        tails = {id(c): c.messages[c.assistant[k] + 1 :] for c in convs}
         for c in convs:
-            del c.messages[c.assistant[k] + 1:]
+            del c.messages[c.assistant[k] + 1 :]
             self.stats["resimulated_turns"] += 1
         step = 0
         while True:
@@ -243,9 +322,14 @@ class _Reviser:
         meta = c.row.get("meta") or {}
         visible = [m for m in c.messages if m["role"] != "system"]
         users = [m for m in c.row["messages"] if m["role"] == "user"]
-        return self.tpl.render_chat(self.cfg.user_template, scenario=meta.get("scenario") or users[0]["content"],
-                                    conversation=visible, turn=sum(m["role"] == "user" for m in visible) + 1,
-                                    turns=len(users), persona=meta.get("persona") or "")
+        return self.tpl.render_chat(
+            self.cfg.user_template,
+            scenario=meta.get("scenario") or users[0]["content"],
+            conversation=visible,
+            turn=sum(m["role"] == "user" for m in visible) + 1,
+            turns=len(users),
+            persona=meta.get("persona") or "",
+        )
 
 
 def run(config: Config, inputs, ctx) -> None:
@@ -257,7 +341,8 @@ def run(config: Config, inputs, ctx) -> None:
         raise RecipeError.single(
             f"stage '{ctx.stage}': its input '{config.input}' has no rows, so there is nothing to critique.",
             hint=f"See why the input is empty: recipe show {ctx.recipe.name} {config.input}.",
-            **ctx.recipe.where(f"stages.{ctx.stage}.input"))
+            **ctx.recipe.where(f"stages.{ctx.stage}.input"),
+        )
     backends = {"model": ctx.backend(inputs["model"], config.batch_size)}
     try:
         if config.after_revision == "resimulate":
@@ -276,8 +361,9 @@ def run(config: Config, inputs, ctx) -> None:
         if n:
             ctx.warn(f"{n} revisions were rejected as {reason}; the previous text was kept")
     if report["dropped"]["resimulate_empty_turn"]:
-        ctx.warn(f"{report['dropped']['resimulate_empty_turn']} conversations got an empty regenerated turn "
-                 "and were dropped")
+        ctx.warn(
+            f"{report['dropped']['resimulate_empty_turn']} conversations got an empty regenerated turn and were dropped"
+        )
     if not out:
         raise RuntimeError("every conversation was dropped; see the stage log")
     ctx.save_rows(out)
@@ -286,10 +372,14 @@ def run(config: Config, inputs, ctx) -> None:
 
 def _report(config: Config, constitution, rows: list[dict], out: list[dict], total: Counter) -> dict:
     return {
-        "rows_in": len(rows), "rows_out": len(out),
+        "rows_in": len(rows),
+        "rows_out": len(out),
         "rows_without_selected_turn": total["rows_without_selected_turn"],
-        "turns_selected": total["turns_selected"], "turns_revised": total["turns_revised"],
-        "rounds": config.rounds, "after_revision": config.after_revision, "constitution": constitution.name,
+        "turns_selected": total["turns_selected"],
+        "turns_revised": total["turns_revised"],
+        "rounds": config.rounds,
+        "after_revision": config.after_revision,
+        "constitution": constitution.name,
         "critiques": sum(total[p] for p in total if p.startswith("principle:")),
         "revisions": {"accepted": total["accepted"], "rejected": {r: total[f"rejected:{r}"] for r in REASONS}},
         "principles": {p.id: total[f"principle:{p.id}"] for p in constitution.principles},
@@ -302,12 +392,14 @@ def _report(config: Config, constitution, rows: list[dict], out: list[dict], tot
 def summary(report: dict) -> list[tuple[str, str]]:
     rejected = ", ".join(f"{r} {n}" for r, n in report["revisions"]["rejected"].items() if n) or "none"
     used = ", ".join(f"{p} {n}" for p, n in sorted(report["principles"].items(), key=lambda kv: -kv[1]) if n)
-    return [("rows in / out", f"{report['rows_in']} / {report['rows_out']}"),
-            ("turns selected / revised", f"{report['turns_selected']} / {report['turns_revised']}"),
-            ("rows with no selected turn", str(report["rows_without_selected_turn"])),
-            ("rounds, after revision", f"{report['rounds']}, {report['after_revision']}"),
-            ("revisions accepted", f"{report['revisions']['accepted']} of {report['critiques']}"),
-            ("revisions rejected", rejected),
-            ("principles used", used or "none"),
-            ("resimulated turns", str(report["resimulated_turns"])),
-            ("dropped (empty regenerated turn)", str(report["dropped"]["resimulate_empty_turn"]))]
+    return [
+        ("rows in / out", f"{report['rows_in']} / {report['rows_out']}"),
+        ("turns selected / revised", f"{report['turns_selected']} / {report['turns_revised']}"),
+        ("rows with no selected turn", str(report["rows_without_selected_turn"])),
+        ("rounds, after revision", f"{report['rounds']}, {report['after_revision']}"),
+        ("revisions accepted", f"{report['revisions']['accepted']} of {report['critiques']}"),
+        ("revisions rejected", rejected),
+        ("principles used", used or "none"),
+        ("resimulated turns", str(report["resimulated_turns"])),
+        ("dropped (empty regenerated turn)", str(report["dropped"]["resimulate_empty_turn"])),
+    ]

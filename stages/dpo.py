@@ -33,11 +33,38 @@ from typing import Literal
 
 from pydantic import Field
 
-from engine.spec.config import ExecOnly, Ref, StageConfig
 from engine.core.errors import Problem
 from engine.lib.pairs import unpaired
-from engine.lib.training import REWARD_KEYS, LengthReport, Lora, batch_problems, batch_split, chat_ids, check_lora_targets, fit_context, load_weights, lora_config, mixture_line, mixture_problems, training_rows, user_error
-from engine.lib.trainer import checkpoint_dir, last_checkpoint, length_line, plot_loss, plot_rewards, quiet, save_model, step_callback, step_metrics, trainer_args, weights_kind
+from engine.lib.trainer import (
+    checkpoint_dir,
+    last_checkpoint,
+    length_line,
+    plot_loss,
+    plot_rewards,
+    quiet,
+    save_model,
+    step_callback,
+    step_metrics,
+    trainer_args,
+    weights_kind,
+)
+from engine.lib.training import (
+    REWARD_KEYS,
+    LengthReport,
+    Lora,
+    batch_problems,
+    batch_split,
+    chat_ids,
+    check_lora_targets,
+    fit_context,
+    load_weights,
+    lora_config,
+    mixture_line,
+    mixture_problems,
+    training_rows,
+    user_error,
+)
+from engine.spec.config import ExecOnly, Ref, StageConfig
 
 VERSION = 2  # 2: input may be a weighted list of preference sets
 GIVES = "model"
@@ -45,43 +72,83 @@ MULTI_PROCESS = True
 
 # Copied from TRL 1.16 (trl/trainer/dpo_config.py, DPOConfig.loss_type; kto_config.py, KTOConfig.loss_type).
 LOSS_TYPES = {
-    "dpo": ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-            "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"),
+    "dpo": (
+        "sigmoid",
+        "hinge",
+        "ipo",
+        "exo_pair",
+        "nca_pair",
+        "robust",
+        "bco_pair",
+        "sppo_hard",
+        "aot",
+        "aot_unpaired",
+        "apo_zero",
+        "apo_down",
+        "discopop",
+        "sft",
+        "sigmoid_norm",
+    ),
     "kto": ("kto", "apo_zero_unpaired"),
     "orpo": (),
 }
 DEFAULT_LOSS = {"dpo": "sigmoid", "kto": "kto"}
-EXTRA_KEYS = {"dpo": ("logps/chosen", "logps/rejected"), "kto": ("logps/chosen", "logps/rejected", "kl"),
-              "orpo": ("logps/chosen", "logps/rejected", "nll_loss", "log_odds_ratio")}
+EXTRA_KEYS = {
+    "dpo": ("logps/chosen", "logps/rejected"),
+    "kto": ("logps/chosen", "logps/rejected", "kl"),
+    "orpo": ("logps/chosen", "logps/rejected", "nll_loss", "log_odds_ratio"),
+}
 
 
 class Config(StageConfig):
     kind: Literal["dpo", "kto", "orpo"]
-    input: str | list[str] = Ref("preferences", description="Preference pairs (prompt messages, chosen, rejected): "
-                                                           "one name, or a list mixed by `weights`.")
-    weights: list[float] | None = Field(None, description="One per input: w takes round(w x rows) of it (w < 1 a "
-                                                          "seeded subsample, w > 1 repeats). Default: 1 each.")
+    input: str | list[str] = Ref(
+        "preferences",
+        description="Preference pairs (prompt messages, chosen, rejected): one name, or a list mixed by `weights`.",
+    )
+    weights: list[float] | None = Field(
+        None,
+        description="One per input: w takes round(w x rows) of it (w < 1 a "
+        "seeded subsample, w > 1 repeats). Default: 1 each.",
+    )
     model: str = Ref("model", description="The model to train (the policy's start).")
-    ref_model: str | None = Ref("model", default=None, description=(
-        "dpo/kto: the reference model. Default: with lora the start model with the adapter disabled, "
-        "otherwise a frozen copy of the start model. orpo has none."))
-    beta: float = Field(0.1, gt=0.0, description="dpo/kto: deviation from the reference (higher = closer); "
-                                                 "orpo: weight of the odds-ratio term (lambda).")
-    loss_type: str | None = Field(None, description=(
-        "dpo: sigmoid (default), hinge, ipo, exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired, "
-        "apo_zero, apo_down, discopop, sft, sigmoid_norm; kto: kto (default), apo_zero_unpaired; orpo: none."))
+    ref_model: str | None = Ref(
+        "model",
+        default=None,
+        description=(
+            "dpo/kto: the reference model. Default: with lora the start model with the adapter disabled, "
+            "otherwise a frozen copy of the start model. orpo has none."
+        ),
+    )
+    beta: float = Field(
+        0.1,
+        gt=0.0,
+        description="dpo/kto: deviation from the reference (higher = closer); "
+        "orpo: weight of the odds-ratio term (lambda).",
+    )
+    loss_type: str | None = Field(
+        None,
+        description=(
+            "dpo: sigmoid (default), hinge, ipo, exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired, "
+            "apo_zero, apo_down, discopop, sft, sigmoid_norm; kto: kto (default), apo_zero_unpaired; orpo: none."
+        ),
+    )
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="dpo: robust/exo_pair label smoothing.")
-    lr: float = Field(5e-6, gt=0.0, description="Peak learning rate (preference training wants it low; ~1e-5 "
-                                                "to 5e-5 with LoRA).")
+    lr: float = Field(
+        5e-6, gt=0.0, description="Peak learning rate (preference training wants it low; ~1e-5 to 5e-5 with LoRA)."
+    )
     epochs: float = Field(1.0, gt=0.0, description="Passes over the data (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
     batch_size: int = Field(8, ge=1, description="Global batch of pairs (per-device x processes x accumulation).")
-    per_device_batch_size: int = ExecOnly(8, ge=1, description="Pairs per forward pass; accumulation makes up "
-                                                               "the rest.")
+    per_device_batch_size: int = ExecOnly(
+        8, ge=1, description="Pairs per forward pass; accumulation makes up the rest."
+    )
     max_length: int = Field(512, ge=8, description="Tokens of prompt + reply (chat template included).")
     length_policy: Literal["drop", "keep_recent", "truncate"] = Field(
-        "drop", description="Pairs over max_length: drop them, drop the prompt's earliest turns, or cut the "
-                            "prompt's earliest turns' text. The replies are never cut.")
+        "drop",
+        description="Pairs over max_length: drop them, drop the prompt's earliest turns, or cut the "
+        "prompt's earliest turns' text. The replies are never cut.",
+    )
     scheduler: str = Field("cosine", description="transformers lr_scheduler_type.")
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of steps for linear warmup.")
     weight_decay: float = Field(0.0, ge=0.0)
@@ -101,30 +168,47 @@ def check(name: str, config: Config, recipe) -> list[Problem]:
     known = LOSS_TYPES[config.kind]
     if config.loss_type is not None and config.loss_type not in known:
         if not known:
-            problems.append(Problem(f"stage '{name}' ({config.kind}) takes no loss_type.",
-                                    hint="Remove loss_type.", **where("loss_type")))
+            problems.append(
+                Problem(
+                    f"stage '{name}' ({config.kind}) takes no loss_type.",
+                    hint="Remove loss_type.",
+                    **where("loss_type"),
+                )
+            )
         else:
             close = difflib.get_close_matches(config.loss_type, known, n=1)
             other = [k for k, v in LOSS_TYPES.items() if config.loss_type in v]
-            problems.append(Problem(
-                f"unknown loss_type '{config.loss_type}' for kind = \"{config.kind}\".",
-                hint=(f"Did you mean '{close[0]}'? " if close else "")
-                + (f"It is a loss of kind = \"{other[0]}\". " if other else "") + f"Known: {', '.join(known)}.",
-                **where("loss_type")))
+            problems.append(
+                Problem(
+                    f"unknown loss_type '{config.loss_type}' for kind = \"{config.kind}\".",
+                    hint=(f"Did you mean '{close[0]}'? " if close else "")
+                    + (f'It is a loss of kind = "{other[0]}". ' if other else "")
+                    + f"Known: {', '.join(known)}.",
+                    **where("loss_type"),
+                )
+            )
     if config.kind == "orpo" and config.ref_model:
-        problems.append(Problem(f"stage '{name}' (orpo) uses no reference model.", hint="Remove ref_model.",
-                                **where("ref_model")))
+        problems.append(
+            Problem(f"stage '{name}' (orpo) uses no reference model.", hint="Remove ref_model.", **where("ref_model"))
+        )
     if loss_type(config) == "exo_pair" and config.label_smoothing == 0.0:
-        problems.append(Problem("loss_type 'exo_pair' needs label_smoothing above 0 (the EXO paper uses 1e-3).",
-                                **where("label_smoothing")))
+        problems.append(
+            Problem(
+                "loss_type 'exo_pair' needs label_smoothing above 0 (the EXO paper uses 1e-3).",
+                **where("label_smoothing"),
+            )
+        )
     if loss_type(config) == "kto" and not problems:
         per_device = batch_split(config.batch_size, config.per_device_batch_size, config.resources.processes).per_device
         if per_device < 2:
-            problems.append(Problem(
-                f"stage '{name}': the kto loss estimates its KL term from the other examples of a forward pass, so it "
-                f"needs at least 2 rows per device (it has {per_device}).",
-                hint="Raise per_device_batch_size and batch_size, or use loss_type = \"apo_zero_unpaired\".",
-                **where("per_device_batch_size")))
+            problems.append(
+                Problem(
+                    f"stage '{name}': the kto loss estimates its KL term from the other examples of a forward pass, so it "
+                    f"needs at least 2 rows per device (it has {per_device}).",
+                    hint='Raise per_device_batch_size and batch_size, or use loss_type = "apo_zero_unpaired".',
+                    **where("per_device_batch_size"),
+                )
+            )
     return problems
 
 
@@ -136,12 +220,19 @@ def fit_pairs(rows: list[dict], tok, config: Config) -> tuple[list[dict], Length
     policy (applied to the prompt only)."""
     report, out = LengthReport(), []
     for row in rows:
-        prompt, chosen, rejected = ([{"role": m["role"], "content": m["content"]} for m in row[k]]
-                                    for k in ("prompt", "chosen", "rejected"))
-        length = lambda p: max(len(chat_ids(tok, p + chosen)), len(chat_ids(tok, p + rejected)))  # noqa: E731
+        prompt, chosen, rejected = (
+            [{"role": m["role"], "content": m["content"]} for m in row[k]] for k in ("prompt", "chosen", "rejected")
+        )
+
+        def length(p, chosen=chosen, rejected=rejected):
+            return max(len(chat_ids(tok, p + chosen)), len(chat_ids(tok, p + rejected)))
+
         n = length(prompt)
-        fitted, what = (prompt, "fits") if n <= config.max_length else \
-            fit_context(prompt, config.length_policy, config.max_length, length)
+        fitted, what = (
+            (prompt, "fits")
+            if n <= config.max_length
+            else fit_context(prompt, config.length_policy, config.max_length, length)
+        )
         report.count(n, config.max_length, what)
         if fitted is not None:
             out.append({"prompt": fitted, "chosen": chosen, "rejected": rejected})
@@ -159,9 +250,13 @@ def _reference(config: Config, inputs: dict, model, tok, ctx):
         art = inputs["ref_model"]
         ref, ref_tok = load_weights(ctx, art, "ref_model")
         if ref_tok.get_vocab() != tok.get_vocab():
-            raise user_error(ctx, "ref_model", f"ref_model '{art.name}' has a different tokenizer from model "
-                                               f"'{inputs['model'].name}'; log-probabilities would not compare.",
-                             hint="Use a reference from the same model family (usually the start model itself).")
+            raise user_error(
+                ctx,
+                "ref_model",
+                f"ref_model '{art.name}' has a different tokenizer from model "
+                f"'{inputs['model'].name}'; log-probabilities would not compare.",
+                hint="Use a reference from the same model family (usually the start model itself).",
+            )
         what = f"model '{art.name}' (ref_model)"
     elif config.lora is not None:
         return None, f"the start model '{inputs['model'].name}' with the LoRA adapter disabled (frozen base)"
@@ -183,14 +278,28 @@ def _trainer(config: Config, model, ref, tok, data: list[dict], base_args: dict,
         from trl import DPOConfig, DPOTrainer
 
         args = DPOConfig(loss_type=[loss_type(config)], label_smoothing=config.label_smoothing, **common)
-        return DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=dataset, processing_class=tok,
-                          peft_config=peft, callbacks=callbacks)
+        return DPOTrainer(
+            model=model,
+            ref_model=ref,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tok,
+            peft_config=peft,
+            callbacks=callbacks,
+        )
     if config.kind == "kto":
         from trl import KTOConfig, KTOTrainer
 
         args = KTOConfig(loss_type=loss_type(config), **common)
-        return KTOTrainer(model=model, ref_model=ref, args=args, train_dataset=dataset, processing_class=tok,
-                          peft_config=peft, callbacks=callbacks)
+        return KTOTrainer(
+            model=model,
+            ref_model=ref,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tok,
+            peft_config=peft,
+            callbacks=callbacks,
+        )
     import torch
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
@@ -201,8 +310,14 @@ def _trainer(config: Config, model, ref, tok, data: list[dict], base_args: dict,
             n = torch.as_tensor(n, device=self.args.device, dtype=torch.int64)
             self.state.num_input_tokens_seen += self.accelerator.gather(n).sum().item()
 
-    return ORPO(model=model, args=ORPOConfig(**common), train_dataset=dataset, processing_class=tok,
-                peft_config=peft, callbacks=callbacks)
+    return ORPO(
+        model=model,
+        args=ORPOConfig(**common),
+        train_dataset=dataset,
+        processing_class=tok,
+        peft_config=peft,
+        callbacks=callbacks,
+    )
 
 
 def run(config: Config, inputs: dict, ctx) -> None:
@@ -216,24 +331,35 @@ def run(config: Config, inputs: dict, ctx) -> None:
 
     pairs, lengths = fit_pairs(rows, tok, config)
     if lengths.over_length:
-        ctx.warn(f"{lengths.over_length} of {len(rows)} pairs exceed max_length {config.max_length} tokens "
-                 f"(policy {config.length_policy}: {lengths.shortened} prompts shortened, {lengths.dropped} dropped)")
+        ctx.warn(
+            f"{lengths.over_length} of {len(rows)} pairs exceed max_length {config.max_length} tokens "
+            f"(policy {config.length_policy}: {lengths.shortened} prompts shortened, {lengths.dropped} dropped)"
+        )
     if not pairs:
-        raise user_error(ctx, "max_length",
-                         f"no preference pair fits max_length {config.max_length} after length_policy "
-                         f"'{config.length_policy}' (longest prompt + reply is {lengths.longest} tokens).",
-                         hint="Raise max_length, or use length_policy = \"keep_recent\" or \"truncate\".")
+        raise user_error(
+            ctx,
+            "max_length",
+            f"no preference pair fits max_length {config.max_length} after length_policy "
+            f"'{config.length_policy}' (longest prompt + reply is {lengths.longest} tokens).",
+            hint='Raise max_length, or use length_policy = "keep_recent" or "truncate".',
+        )
     data = unpaired(pairs, ctx.seed) if config.kind == "kto" else pairs
-    ctx.log.info("%d pairs to train on (%d in; %d over max_length)%s", len(pairs), len(rows), lengths.over_length,
-                 f"; {len(data)} unpaired examples" if config.kind == "kto" else "")
+    ctx.log.info(
+        "%d pairs to train on (%d in; %d over max_length)%s",
+        len(pairs),
+        len(rows),
+        lengths.over_length,
+        f"; {len(data)} unpaired examples" if config.kind == "kto" else "",
+    )
 
     ref, ref_what = _reference(config, inputs, model, tok, ctx)
     ctx.log.info("reference model: %s", ref_what)
     ckpt_dir = checkpoint_dir(ctx)
     timing: dict[int, float] = {}
     model.train()
-    trainer = _trainer(config, model, ref, tok, data, trainer_args(config, ctx, batch, ckpt_dir, model),
-                       [step_callback(ctx, timing)])
+    trainer = _trainer(
+        config, model, ref, tok, data, trainer_args(config, ctx, batch, ckpt_dir, model), [step_callback(ctx, timing)]
+    )
     quiet(trainer)
 
     last = last_checkpoint(ckpt_dir, ctx)
@@ -251,18 +377,35 @@ def run(config: Config, inputs: dict, ctx) -> None:
         title = f"{config.kind} '{ctx.stage}'"
         plot_loss(Path(ctx.out_dir) / "loss.png", steps, f"{title}: training loss")
         plots = ["loss.png", *plot_rewards(Path(ctx.out_dir), steps, title)]
-        ctx.save_json("report.json", {
-            "kind": config.kind, "loss_type": loss_type(config), "beta": config.beta, "reference": ref_what,
-            "rows_in": len(rows), "mixture": mix, "pairs_trained": len(pairs), "train_examples": len(data),
-            "max_length": config.max_length, "length_policy": config.length_policy, **lengths.as_json(),
-            "steps": trainer.state.global_step, "first_loss": first.get("loss"), "final_loss": final.get("loss"),
-            "first_margin": first.get("rewards/margins"), "final_margin": final.get("rewards/margins"),
-            "final_accuracy": final.get("rewards/accuracies"),
-            "tokens_seen": trainer.state.num_input_tokens_seen, "trainable_params": trainable,
-            "lora": config.lora.model_dump() if config.lora else None, "merged": bool(config.lora and config.merge),
-            "resumed_from": Path(last).name if last else None, "batch": batch.as_json(config.batch_size),
-            "plots": plots,
-        })
+        ctx.save_json(
+            "report.json",
+            {
+                "kind": config.kind,
+                "loss_type": loss_type(config),
+                "beta": config.beta,
+                "reference": ref_what,
+                "rows_in": len(rows),
+                "mixture": mix,
+                "pairs_trained": len(pairs),
+                "train_examples": len(data),
+                "max_length": config.max_length,
+                "length_policy": config.length_policy,
+                **lengths.as_json(),
+                "steps": trainer.state.global_step,
+                "first_loss": first.get("loss"),
+                "final_loss": final.get("loss"),
+                "first_margin": first.get("rewards/margins"),
+                "final_margin": final.get("rewards/margins"),
+                "final_accuracy": final.get("rewards/accuracies"),
+                "tokens_seen": trainer.state.num_input_tokens_seen,
+                "trainable_params": trainable,
+                "lora": config.lora.model_dump() if config.lora else None,
+                "merged": bool(config.lora and config.merge),
+                "resumed_from": Path(last).name if last else None,
+                "batch": batch.as_json(config.batch_size),
+                "plots": plots,
+            },
+        )
     del trainer
     release(model)
     if ref is not None:
@@ -272,14 +415,16 @@ def run(config: Config, inputs: dict, ctx) -> None:
 def summary(report: dict) -> list[tuple[str, str]]:
     fl = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     loss = f"{report['kind']}" + (f" ({report['loss_type']})" if report.get("loss_type") else "")
-    out = [("objective", f"{loss}, beta {report['beta']:g}"),
-           ("reference", report["reference"]),
-           ("rows in / pairs trained", f"{report['rows_in']} / {report['pairs_trained']}"),
-           *mixture_line(report),
-           length_line(report),
-           ("steps", str(report["steps"])),
-           ("loss first -> final", f"{fl(report['first_loss'])} -> {fl(report['final_loss'])}"),
-           ("reward margin first -> final", f"{fl(report['first_margin'])} -> {fl(report['final_margin'])}")]
+    out = [
+        ("objective", f"{loss}, beta {report['beta']:g}"),
+        ("reference", report["reference"]),
+        ("rows in / pairs trained", f"{report['rows_in']} / {report['pairs_trained']}"),
+        *mixture_line(report),
+        length_line(report),
+        ("steps", str(report["steps"])),
+        ("loss first -> final", f"{fl(report['first_loss'])} -> {fl(report['final_loss'])}"),
+        ("reward margin first -> final", f"{fl(report['first_margin'])} -> {fl(report['final_margin'])}"),
+    ]
     if report.get("final_accuracy") is not None:
         out.append(("reward accuracy (last step)", fl(report["final_accuracy"])))
     out.append(("weights", f"{weights_kind(report)}, {report['trainable_params']} trainable params"))

@@ -33,25 +33,33 @@ from typing import Literal
 
 from pydantic import Field
 
-from engine.lib.evals import stats as evalstats
+from engine.core.errors import Problem, RecipeError
 from engine.lib.evals import metrics as evalmetrics
 from engine.lib.evals import runners
-from engine.models.backends import SamplingParams
-from engine.spec.config import ExecOnly, PathField, Ref, StageConfig
-from engine.core.errors import Problem, RecipeError
+from engine.lib.evals import stats as evalstats
 from engine.lib.evals.items import FILES, SHIPPED_DIR, SUITES, SuiteError, load_suite
-from engine.store.shards import Shard, ShardResult
+from engine.models.backends import SamplingParams
 from engine.spec.backends import BACKENDS
+from engine.spec.config import ExecOnly, PathField, Ref, StageConfig
+from engine.store.shards import Shard, ShardResult
 
 VERSION = 1
 ROW_STAGE = True  # on Ray: workers share its shards (engine.run.rayexec)
 GIVES = "report"
 
 Suite = Literal["safety", "refusal", "sycophancy", "helpfulness", "diversity"]
-FILE_FIELDS = {"safety": "safety_file", "refusal": "refusal_file", "sycophancy": "sycophancy_file",
-               "helpfulness": "helpfulness_file", "diversity": "heldout_file"}
-JUDGE_VARS = {"refusal_template": {"conversation"}, "harm_template": {"conversation"},
-              "helpfulness_template": {"conversation", "rubric"}}
+FILE_FIELDS = {
+    "safety": "safety_file",
+    "refusal": "refusal_file",
+    "sycophancy": "sycophancy_file",
+    "helpfulness": "helpfulness_file",
+    "diversity": "heldout_file",
+}
+JUDGE_VARS = {
+    "refusal_template": {"conversation"},
+    "harm_template": {"conversation"},
+    "helpfulness_template": {"conversation", "rubric"},
+}
 
 
 def _shipped(suite: str) -> str:
@@ -60,24 +68,33 @@ def _shipped(suite: str) -> str:
 
 class Config(StageConfig):
     kind: Literal["eval"]
-    models: list[str] = Ref("model", min_length=1,
-                            description="Models to compare, in order: the first is the base, the last the final model.")
-    judge: str | None = Ref("model", default=None,
-                            description="Judge model: refusal and harm verdicts, helpfulness scores.")
+    models: list[str] = Ref(
+        "model",
+        min_length=1,
+        description="Models to compare, in order: the first is the base, the last the final model.",
+    )
+    judge: str | None = Ref(
+        "model", default=None, description="Judge model: refusal and harm verdicts, helpfulness scores."
+    )
     suites: list[Suite] = Field(default_factory=lambda: list(SUITES), min_length=1, description="Suites to run.")
     safety_file: str | None = PathField(None, description="Multi-turn safety scenarios (JSONL); " + _shipped("safety"))
-    refusal_file: str | None = PathField(None, description="Adversarial and benign prompts (JSONL); "
-                                                           + _shipped("refusal"))
-    sycophancy_file: str | None = PathField(None, description="Questions with known answers (JSONL); "
-                                                              + _shipped("sycophancy"))
-    helpfulness_file: str | None = PathField(None, description="Prompts for the judge (JSONL); "
-                                                               + _shipped("helpfulness"))
-    heldout_file: str | None = PathField(None, description="Held-out conversations for diversity and perplexity "
-                                                           "(JSONL); " + _shipped("diversity"))
+    refusal_file: str | None = PathField(
+        None, description="Adversarial and benign prompts (JSONL); " + _shipped("refusal")
+    )
+    sycophancy_file: str | None = PathField(
+        None, description="Questions with known answers (JSONL); " + _shipped("sycophancy")
+    )
+    helpfulness_file: str | None = PathField(
+        None, description="Prompts for the judge (JSONL); " + _shipped("helpfulness")
+    )
+    heldout_file: str | None = PathField(
+        None, description="Held-out conversations for diversity and perplexity (JSONL); " + _shipped("diversity")
+    )
     max_items: int | None = Field(None, ge=1, description="Use only the first N items of each suite (quick runs).")
     system_prompt: str | None = Field(None, description="A system message before every conversation.")
-    challenge: str = Field("Are you sure?", min_length=1,
-                           description="sycophancy: the turn between the answer and the pushback.")
+    challenge: str = Field(
+        "Are you sure?", min_length=1, description="sycophancy: the turn between the answer and the pushback."
+    )
     max_new_tokens: int = Field(256, ge=1, description="Per reply of an evaluated model.")
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy (comparable across models and runs).")
     refusal_template: str = Field("eval_refusal_judge.j2", description="Judge template: does the reply refuse?")
@@ -86,10 +103,14 @@ class Config(StageConfig):
     helpfulness_rubric: str | None = Field(None, description="Passed to the helpfulness template as `rubric`.")
     judge_max_new_tokens: int = Field(256, ge=1)
     judge_retries: int = Field(2, ge=0, description="New attempts when a judge answer cannot be parsed.")
-    shard_size: int = ExecOnly(16, ge=1, description="Work items (model x suite item) per shard: resume "
-                                                     "granularity, never changes outputs.")
-    batch_size: int = ExecOnly(64, ge=1, description="Rows (prompt x sample) per generate call; halved on CUDA "
-                                                     "out-of-memory. Never changes outputs.")
+    shard_size: int = ExecOnly(
+        16, ge=1, description="Work items (model x suite item) per shard: resume granularity, never changes outputs."
+    )
+    batch_size: int = ExecOnly(
+        64,
+        ge=1,
+        description="Rows (prompt x sample) per generate call; halved on CUDA out-of-memory. Never changes outputs.",
+    )
 
 
 def suite_path(config: Config, suite: str) -> Path:
@@ -107,17 +128,34 @@ def _judge_templates(config: Config) -> dict[str, str]:
     if not config.judge:
         return {}
     on = set(active_suites(config))
-    return {f: getattr(config, f) for f, needed in (("refusal_template", {"safety", "refusal"}),
-                                                    ("harm_template", {"safety"}),
-                                                    ("helpfulness_template", {"helpfulness"})) if on & needed}
+    return {
+        f: getattr(config, f)
+        for f, needed in (
+            ("refusal_template", {"safety", "refusal"}),
+            ("harm_template", {"safety"}),
+            ("helpfulness_template", {"helpfulness"}),
+        )
+        if on & needed
+    }
 
 
 def uses(config: Config) -> tuple[set[str], str]:
     """Suite files, judge settings and the sycophancy challenge count only for the suites asked for
     (helpfulness without a judge is asked for, skipped with a warning at run time)."""
     on = set(config.suites)
-    used = {"models", "judge", "suites", "max_items", "system_prompt", "max_new_tokens", "temperature", "shard_size",
-            "batch_size", *(FILE_FIELDS[s] for s in on), *_judge_templates(config)}
+    used = {
+        "models",
+        "judge",
+        "suites",
+        "max_items",
+        "system_prompt",
+        "max_new_tokens",
+        "temperature",
+        "shard_size",
+        "batch_size",
+        *(FILE_FIELDS[s] for s in on),
+        *_judge_templates(config),
+    }
     used |= {"challenge"} if "sycophancy" in on else set()
     used |= {"helpfulness_rubric"} if "helpfulness" in on else set()
     used |= {"judge_max_new_tokens", "judge_retries"} if config.judge else set()
@@ -141,16 +179,28 @@ def check(name: str, config: Config, recipe) -> list[Problem]:
     for field, values in (("models", config.models), ("suites", config.suites)):
         repeated = sorted({v for v in values if values.count(v) > 1})
         if repeated:
-            problems.append(Problem(f"{field} lists {', '.join(repeated)} more than once.",
-                                    hint="Name each once.", **recipe.where(f"stages.{name}.{field}")))
+            problems.append(
+                Problem(
+                    f"{field} lists {', '.join(repeated)} more than once.",
+                    hint="Name each once.",
+                    **recipe.where(f"stages.{name}.{field}"),
+                )
+            )
     for suite in active_suites(config):
         key = f"stages.{name}.{FILE_FIELDS[suite]}"
         try:
             load_suite(suite, suite_path(config, suite))
         except SuiteError as exc:
-            problems.append(Problem(f"{suite} suite: {exc.message}.", file=exc.path, line=exc.line, key=key,
-                                    hint=f"Fix the file, or point {FILE_FIELDS[suite]} at another one "
-                                         f"(see recipes/data/README.md for the format)."))
+            problems.append(
+                Problem(
+                    f"{suite} suite: {exc.message}.",
+                    file=exc.path,
+                    line=exc.line,
+                    key=key,
+                    hint=f"Fix the file, or point {FILE_FIELDS[suite]} at another one "
+                    f"(see recipes/data/README.md for the format).",
+                )
+            )
     from engine.lib.prompts import Templates
 
     t = Templates.for_recipe(recipe)
@@ -192,19 +242,28 @@ def run(config: Config, inputs, ctx) -> None:
     judge_model = inputs.get("judge")
     names = [m.name for m in models]
     if len(set(names)) != len(names):
-        raise RecipeError.single(f"stage '{ctx.stage}' lists a model twice in models.", hint="Name each model once.",
-                                 **ctx.recipe.where(f"stages.{ctx.stage}.models"))
+        raise RecipeError.single(
+            f"stage '{ctx.stage}' lists a model twice in models.",
+            hint="Name each model once.",
+            **ctx.recipe.where(f"stages.{ctx.stage}.models"),
+        )
     suites = active_suites(config)
     if "helpfulness" in config.suites and judge_model is None:
-        ctx.warn("the helpfulness suite needs a judge (set judge = \"<a model>\"); it is skipped and reported as "
-                 "n/a (no judge), and the composite is computed without it")
+        ctx.warn(
+            'the helpfulness suite needs a judge (set judge = "<a model>"); it is skipped and reported as '
+            "n/a (no judge), and the composite is computed without it"
+        )
     items = {}
     for suite in suites:
         try:
             items[suite] = load_suite(suite, suite_path(config, suite), config.max_items)
         except SuiteError as exc:
-            raise RecipeError.single(f"{suite} suite: {exc.message}.", file=exc.path, line=exc.line,
-                                     key=f"stages.{ctx.stage}.{FILE_FIELDS[suite]}") from None
+            raise RecipeError.single(
+                f"{suite} suite: {exc.message}.",
+                file=exc.path,
+                line=exc.line,
+                key=f"stages.{ctx.stage}.{FILE_FIELDS[suite]}",
+            ) from None
     # model by model, so a model loads once; suite by suite, so each shard batches alike items
     work = [{"model": i, "suite": s, "item": it} for i in range(len(models)) for s in suites for it in items[s]]
     params = SamplingParams(temperature=config.temperature, max_new_tokens=config.max_new_tokens)
@@ -216,13 +275,22 @@ def run(config: Config, inputs, ctx) -> None:
         if judge_model is None:
             return None
         if not judge:
-            judge.append(runners.Judge(ctx.backend(judge_model, config.batch_size), ctx.templates(),
-                                  {"refusal": config.refusal_template, "harm": config.harm_template,
-                                   "helpfulness": config.helpfulness_template}, parse_score,
-                                  max_new_tokens=config.judge_max_new_tokens, retries=config.judge_retries,
-                                  rubric=config.helpfulness_rubric or "",
-                                  seed=lambda key, what, attempt: ctx.seeds.row(key, purpose=f"judge-{what}",
-                                                                                attempt=attempt)))
+            judge.append(
+                runners.Judge(
+                    ctx.backend(judge_model, config.batch_size),
+                    ctx.templates(),
+                    {
+                        "refusal": config.refusal_template,
+                        "harm": config.harm_template,
+                        "helpfulness": config.helpfulness_template,
+                    },
+                    parse_score,
+                    max_new_tokens=config.judge_max_new_tokens,
+                    retries=config.judge_retries,
+                    rubric=config.helpfulness_rubric or "",
+                    seed=lambda key, what, attempt: ctx.seeds.row(key, purpose=f"judge-{what}", attempt=attempt),
+                )
+            )
         return judge[0]
 
     def per_shard(shard: Shard) -> ShardResult:
@@ -230,8 +298,12 @@ def run(config: Config, inputs, ctx) -> None:
         for (mi, suite), group in groupby(shard.rows, key=lambda r: (r["model"], r["suite"])):
             batch = [r["item"] for r in group]
             backend = pool.get(mi)
-            gen = runners.Gen(backend, params, lambda item, turn, m=names[mi], s=suite:
-                         ctx.seeds.row(f"{m}/{s}/{item}", purpose="reply", turn=turn), system)
+            gen = runners.Gen(
+                backend,
+                params,
+                lambda item, turn, m=names[mi], s=suite: ctx.seeds.row(f"{m}/{s}/{item}", purpose="reply", turn=turn),
+                system,
+            )
             if suite == "safety":
                 made = runners.run_safety(batch, gen, get_judge())
             elif suite == "refusal":
@@ -243,11 +315,22 @@ def run(config: Config, inputs, ctx) -> None:
             else:
                 ppl = None
                 if getattr(backend, "name", "") == "hf":  # the loaded weights: no second copy
-                    ppl = lambda convs, b=backend: runners.perplexity_parts(b.model, b.tokenizer, convs, config.batch_size)
+
+                    def perplexity(convs, b=backend):
+                        return runners.perplexity_parts(b.model, b.tokenizer, convs, config.batch_size)
+
+                    ppl = perplexity
                 made = runners.run_diversity(batch, gen, ppl)
             # the transcript as the model saw it: the system prompt first
-            out += [{"id": f"{names[mi]}/{suite}/{r['item_id']}", "model": names[mi], **r,
-                     "messages": system + r["messages"]} for r in made]
+            out += [
+                {
+                    "id": f"{names[mi]}/{suite}/{r['item_id']}",
+                    "model": names[mi],
+                    **r,
+                    "messages": system + r["messages"],
+                }
+                for r in made
+            ]
             shard.progress(len(batch))
         return ShardResult(out)
 
@@ -259,9 +342,15 @@ def run(config: Config, inputs, ctx) -> None:
             judge[0].close()
 
     judged = judge_model is not None
-    per_model = {m.name: evalmetrics.model_metrics([r for r in rows if r["model"] == m.name], suites, judged,
-                                          f"n/a ({m.spec.backend} backend: no token log-probabilities)" if _is_remote(m) else None)
-                 for m in models}
+    per_model = {
+        m.name: evalmetrics.model_metrics(
+            [r for r in rows if r["model"] == m.name],
+            suites,
+            judged,
+            f"n/a ({m.spec.backend} backend: no token log-probabilities)" if _is_remote(m) else None,
+        )
+        for m in models
+    }
     of = {n: [r for r in rows if r["model"] == n] for n in names}
     for n in names:  # 95% intervals of the headline rates; differences against the first model
         per_model[n]["headline"] = evalstats.headline(of[n], ctx.seed)
@@ -270,24 +359,47 @@ def run(config: Config, inputs, ctx) -> None:
     missing = _judge_missing(rows) if judged else {}
     asked = _judge_asked(rows) if judged else 0
     if asked and sum(missing.values()):
-        ctx.warn(f"{sum(missing.values())} of {asked} judge answers could not be parsed (recorded as n/a): "
-                 + ", ".join(f"{k} {v}" for k, v in missing.items() if v))
-    metrics = {"models": names, "judge": judge_model.name if judged else None, "suites": suites,
-               "items": {s: len(items[s]) for s in suites}, "judge_missing": missing, "per_model": per_model,
-               "baseline": names[0], "comparisons": comparisons}
+        ctx.warn(
+            f"{sum(missing.values())} of {asked} judge answers could not be parsed (recorded as n/a): "
+            + ", ".join(f"{k} {v}" for k, v in missing.items() if v)
+        )
+    metrics = {
+        "models": names,
+        "judge": judge_model.name if judged else None,
+        "suites": suites,
+        "items": {s: len(items[s]) for s in suites},
+        "judge_missing": missing,
+        "per_model": per_model,
+        "baseline": names[0],
+        "comparisons": comparisons,
+    }
     ctx.save_rows(rows)
     ctx.save_json("metrics.json", metrics)
     tiny = any(m.spec is not None and m.spec.path == "builtin:tiny-chat" for m in models) or any(
-        spec.path == "builtin:tiny-chat" for spec in ctx.recipe.models.values())
+        spec.path == "builtin:tiny-chat" for spec in ctx.recipe.models.values()
+    )
     written = write_eval_report(ctx.out_dir, metrics, rows, f"Eval report: {ctx.stage}", tiny)
-    ctx.save_json("report.json", {
-        "models": names, "judge": metrics["judge"], "suites": suites, "items": metrics["items"], "rows_out": len(rows),
-        "table": evalmetrics.metric_table(per_model, judged, names),
-        "composite": {n: per_model[n]["composite"] for n in names}, "judge_missing": missing,
-        "headline": {n: per_model[n]["headline"] for n in names}, "baseline": names[0],
-        "differences": [(k, [evalstats.fmt_difference(comparisons[n].get(k)) for n in names[1:]])
-                        for k in evalstats.HEADLINE if any(k in comparisons[n] for n in names[1:])],
-        "files": [str(p.relative_to(ctx.out_dir)) for p in written]})
+    ctx.save_json(
+        "report.json",
+        {
+            "models": names,
+            "judge": metrics["judge"],
+            "suites": suites,
+            "items": metrics["items"],
+            "rows_out": len(rows),
+            "table": evalmetrics.metric_table(per_model, judged, names),
+            "composite": {n: per_model[n]["composite"] for n in names},
+            "judge_missing": missing,
+            "headline": {n: per_model[n]["headline"] for n in names},
+            "baseline": names[0],
+            "differences": [
+                (k, [evalstats.fmt_difference(comparisons[n].get(k)) for n in names[1:]])
+                for k in evalstats.HEADLINE
+                if any(k in comparisons[n] for n in names[1:])
+            ],
+            "files": [str(p.relative_to(ctx.out_dir)) for p in written],
+        },
+    )
 
 
 def _judge_missing(rows: list[dict]) -> dict[str, int]:
@@ -305,8 +417,11 @@ def _judge_missing(rows: list[dict]) -> dict[str, int]:
 
 
 def _judge_asked(rows: list[dict]) -> int:
-    return sum(2 * len(r["meta"]["turns"]) if r["suite"] == "safety" else 1
-               for r in rows if r["suite"] in ("safety", "refusal", "helpfulness"))
+    return sum(
+        2 * len(r["meta"]["turns"]) if r["suite"] == "safety" else 1
+        for r in rows
+        if r["suite"] in ("safety", "refusal", "helpfulness")
+    )
 
 
 def summary_table(report: dict) -> tuple[list[str], list[list[str]]]:
@@ -315,8 +430,10 @@ def summary_table(report: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def summary_notes(report: dict) -> list[str]:
-    return [f"items per suite: {', '.join(f'{s} {n}' for s, n in report['items'].items())}",
-            f"judge: {report['judge'] or 'none (refusal by phrases only; helpfulness n/a)'}"]
+    return [
+        f"items per suite: {', '.join(f'{s} {n}' for s, n in report['items'].items())}",
+        f"judge: {report['judge'] or 'none (refusal by phrases only; helpfulness n/a)'}",
+    ]
 
 
 def summary(report: dict) -> list[tuple[str, str]]:
@@ -330,8 +447,9 @@ def summary(report: dict) -> list[tuple[str, str]]:
     out = [("models", line(names))]
     out += [(label, line(values)) for label, values in report["table"]]
     if report.get("differences"):
-        out.append((f"difference from {report['baseline']} (95% paired bootstrap; * outside the noise)",
-                    "  ".join(names[1:])))
+        out.append(
+            (f"difference from {report['baseline']} (95% paired bootstrap; * outside the noise)", "  ".join(names[1:]))
+        )
         out += [(f"  {k.replace('_', ' ')}", "  ".join(v)) for k, v in report["differences"]]
     out.append(("items per suite", ", ".join(f"{s} {n}" for s, n in report["items"].items())))
     out.append(("judge", report["judge"] or "none (phrases only; helpfulness n/a)"))

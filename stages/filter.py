@@ -22,15 +22,24 @@ from typing import Literal
 from pydantic import Field
 
 from engine.core import text
-from engine.spec.config import ExecOnly, Ref, StageConfig
 from engine.data.datasets import check_messages
+from engine.spec.config import ExecOnly, Ref, StageConfig
 from engine.store.shards import Shard, ShardResult
 
 VERSION = 2  # 2: the one refusal detector (engine.core.text.is_refusal: merged phrase list, first 300 characters)
 GIVES = "conversations"
 
-RULES = ("format", "turns", "min_words", "max_words", "filler", "sycophancy", "refusal",
-         "exact_duplicate", "near_duplicate")
+RULES = (
+    "format",
+    "turns",
+    "min_words",
+    "max_words",
+    "filler",
+    "sycophancy",
+    "refusal",
+    "exact_duplicate",
+    "near_duplicate",
+)
 
 
 class Config(StageConfig):
@@ -43,13 +52,19 @@ class Config(StageConfig):
     drop_filler: bool = Field(False, description="Drop conversations with a filler assistant turn.")
     filler_max_words: int = Field(15, ge=1, description="Turns shorter than this may count as filler.")
     max_sycophancy: float | None = Field(
-        None, ge=0.0, le=1.0,
-        description="Most allowed share of assistant turns with flattering phrases (0.3 is a good start).")
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Most allowed share of assistant turns with flattering phrases (0.3 is a good start).",
+    )
     refusals: Literal["keep", "drop", "only"] = Field(
-        "keep", description="keep: no refusal rule; drop: drop conversations with a refusal; "
-                            "only: keep only those (to build refusal sets).")
+        "keep",
+        description="keep: no refusal rule; drop: drop conversations with a refusal; "
+        "only: keep only those (to build refusal sets).",
+    )
     dedup: Literal["none", "exact", "near"] = Field(
-        "exact", description="exact: identical after case/space normalization; near: also n-gram Jaccard.")
+        "exact", description="exact: identical after case/space normalization; near: also n-gram Jaccard."
+    )
     near_threshold: float = Field(0.8, gt=0.0, le=1.0, description="Jaccard at or above this is a duplicate.")
     ngram: int = Field(3, ge=1, description="Word n-gram size for near-duplicate detection.")
     refusal_phrases: list[str] | None = Field(None, description="Replace the built-in refusal phrases.")
@@ -149,8 +164,12 @@ def run(config: Config, inputs, ctx) -> None:
             first = next((m["content"] for m in row.get("messages") or [] if isinstance(m, dict)), "")
             bucket.append({"id": row.get("id"), "detail": row["filter_detail"], "text": str(first)[:160]})
     report = {"rows_in": len(rows), "rows_out": len(kept), "dropped": counts, "examples": examples}
-    ctx.log.info("kept %d of %d; dropped: %s", len(kept), len(rows),
-                 ", ".join(f"{k} {v}" for k, v in counts.items() if v) or "none")
+    ctx.log.info(
+        "kept %d of %d; dropped: %s",
+        len(kept),
+        len(rows),
+        ", ".join(f"{k} {v}" for k, v in counts.items() if v) or "none",
+    )
     if not kept:
         ctx.warn("every row was dropped; check the rule thresholds in the report")
     ctx.save_rows(kept)

@@ -28,18 +28,20 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
+from engine.lib.pairs import prompt_messages
 from engine.models.backends import SamplingParams
 from engine.spec.config import ExecOnly, Ref, StageConfig
-from engine.lib.pairs import prompt_messages
 from engine.store.shards import Shard, ShardResult
 
 VERSION = 2  # 2: a `scenario` column seeds multi_turn before the prompt
 ROW_STAGE = True  # on Ray: workers share its shards (engine.run.rayexec)
 GIVES = "conversations"
 
-VARS = {"template": {"row", "prompt", "meta"},
-        "user_template": {"scenario", "conversation", "turn", "turns", "persona"},
-        "teacher_template": {"scenario", "turns", "persona"}}
+VARS = {
+    "template": {"row", "prompt", "meta"},
+    "user_template": {"scenario", "conversation", "turn", "turns", "persona"},
+    "teacher_template": {"scenario", "turns", "persona"},
+}
 
 
 class Config(StageConfig):
@@ -53,7 +55,9 @@ class Config(StageConfig):
     teacher_template: str = Field("teacher_conversation.j2", description="teacher_json: writes a conversation.")
     system_prompt: str | None = Field(None, description="multi_turn: the assistant's system message.")
     persona: str | None = Field(None, description="A hint for the assistant's voice, passed to the templates.")
-    turns: int = Field(3, ge=1, le=8, description="User/assistant pairs; 3-4 is the sweet spot, beyond 8 coherence falls apart.")
+    turns: int = Field(
+        3, ge=1, le=8, description="User/assistant pairs; 3-4 is the sweet spot, beyond 8 coherence falls apart."
+    )
     n: int = Field(1, ge=1, description="Replies (single) or conversations (multi_turn, teacher_json) per row.")
     temperature: float = Field(0.7, ge=0.0, description="0.5-0.8 for synthetic data; 0 is greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -61,10 +65,14 @@ class Config(StageConfig):
     max_new_tokens: int = Field(256, ge=1)
     stop: list[str] = Field(default_factory=list, description="Extra stop strings.")
     max_retries: int = Field(2, ge=0, description="teacher_json: new attempts for malformed JSON.")
-    shard_size: int = ExecOnly(32, ge=1, description="Rows per shard (resume granularity); seeds derive per row, "
-                                                     "so it never changes outputs.")
-    batch_size: int = ExecOnly(64, ge=1, description="Rows (prompt x sample) per generate call; halved on CUDA "
-                                                     "out-of-memory. Never changes outputs.")
+    shard_size: int = ExecOnly(
+        32, ge=1, description="Rows per shard (resume granularity); seeds derive per row, so it never changes outputs."
+    )
+    batch_size: int = ExecOnly(
+        64,
+        ge=1,
+        description="Rows (prompt x sample) per generate call; halved on CUDA out-of-memory. Never changes outputs.",
+    )
 
 
 def _template_names(config: Config) -> dict[str, str]:
@@ -83,9 +91,11 @@ def templates(config: Config, recipe) -> dict[str, str]:
 
 
 COMMON = {"input", "model", "n", "temperature", "top_p", "top_k", "max_new_tokens", "stop", "shard_size", "batch_size"}
-MODE_USES = {"single": {"template"},
-             "multi_turn": {"user_model", "user_template", "system_prompt", "persona", "turns"},
-             "teacher_json": {"teacher_template", "persona", "turns", "max_retries"}}
+MODE_USES = {
+    "single": {"template"},
+    "multi_turn": {"user_model", "user_template", "system_prompt", "persona", "turns"},
+    "teacher_json": {"teacher_template", "persona", "turns", "max_retries"},
+}
 
 
 def uses(config: Config) -> tuple[set[str], str]:
@@ -151,8 +161,14 @@ def parse_teacher(text: str) -> TeacherOutput | None:
 def run(config: Config, inputs, ctx) -> None:
     rows = inputs["input"].rows()
     tpl = ctx.templates()
-    params = SamplingParams(n=1, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
-                            max_new_tokens=config.max_new_tokens, stop=tuple(config.stop))
+    params = SamplingParams(
+        n=1,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        top_k=config.top_k,
+        max_new_tokens=config.max_new_tokens,
+        stop=tuple(config.stop),
+    )
     assistant = ctx.backend(inputs["model"], config.batch_size)
     user = ctx.backend(inputs["user_model"], config.batch_size) if "user_model" in inputs else assistant
     model_name = inputs["model"].name
@@ -168,22 +184,44 @@ def run(config: Config, inputs, ctx) -> None:
         prompts = []
         for row in shard.rows:
             if config.template:
-                prompts.append(tpl.render_chat(config.template, row=row, prompt=row.get("prompt"), meta=row.get("meta") or {}))
+                prompts.append(
+                    tpl.render_chat(config.template, row=row, prompt=row.get("prompt"), meta=row.get("meta") or {})
+                )
             else:
                 prompts.append(prompt_messages(row))
-        comps = assistant.generate(prompts, SamplingParams(**{**params.__dict__, "n": config.n}),
-                                   seeds.rows([row["id"] for row in shard.rows], purpose="reply"))
-        return [out_row(row, k, [*p, {"role": "assistant", "content": c.text}],
-                        {"prompt": c.prompt_tokens, "completion": c.completion_tokens}, finish=c.finish_reason)
-                for row, p, cs in zip(shard.rows, prompts, comps) for k, c in enumerate(cs)]
+        comps = assistant.generate(
+            prompts,
+            SamplingParams(**{**params.__dict__, "n": config.n}),
+            seeds.rows([row["id"] for row in shard.rows], purpose="reply"),
+        )
+        return [
+            out_row(
+                row,
+                k,
+                [*p, {"role": "assistant", "content": c.text}],
+                {"prompt": c.prompt_tokens, "completion": c.completion_tokens},
+                finish=c.finish_reason,
+            )
+            for row, p, cs in zip(shard.rows, prompts, comps)
+            for k, c in enumerate(cs)
+        ]
 
     def multi_turn(shard: Shard) -> list[dict]:
         convs = [(row, k, []) for row in shard.rows for k in range(config.n)]
         tokens = [{"prompt": 0, "completion": 0} for _ in convs]
         system = [{"role": "system", "content": config.system_prompt}] if config.system_prompt else []
         for turn in range(1, config.turns + 1):
-            asks = [tpl.render_chat(config.user_template, scenario=_scenario(row), conversation=conv, turn=turn,
-                                    turns=config.turns, persona=config.persona or "") for row, _, conv in convs]
+            asks = [
+                tpl.render_chat(
+                    config.user_template,
+                    scenario=_scenario(row),
+                    conversation=conv,
+                    turn=turn,
+                    turns=config.turns,
+                    persona=config.persona or "",
+                )
+                for row, _, conv in convs
+            ]
             ids = [row["id"] for row, _, _ in convs]
             samples = [k for _, k, _ in convs]
             user_seeds = [seeds.row(i, purpose="user", sample=k, turn=turn) for i, k in zip(ids, samples)]
@@ -195,8 +233,10 @@ def run(config: Config, inputs, ctx) -> None:
                 conv.append({"role": "assistant", "content": c.text})
                 tokens[i]["prompt"] += c.prompt_tokens
                 tokens[i]["completion"] += c.completion_tokens
-        return [out_row(row, k, system + conv, tok, persona=config.persona, scenario=_scenario(row))
-                for (row, k, conv), tok in zip(convs, tokens)]
+        return [
+            out_row(row, k, system + conv, tok, persona=config.persona, scenario=_scenario(row))
+            for (row, k, conv), tok in zip(convs, tokens)
+        ]
 
     def teacher(shard: Shard) -> tuple[list[dict], int]:
         todo = [(row, k) for row in shard.rows for k in range(config.n)]
@@ -206,10 +246,18 @@ def run(config: Config, inputs, ctx) -> None:
             pending = [i for i in range(len(todo)) if i not in done]
             if not pending:
                 break
-            prompts = [tpl.render_chat(config.teacher_template, scenario=_scenario(todo[i][0]), turns=config.turns,
-                                       persona=config.persona or "") for i in pending]
-            attempt_seeds = [seeds.row(todo[i][0]["id"], purpose="teacher", sample=todo[i][1], attempt=attempt)
-                             for i in pending]
+            prompts = [
+                tpl.render_chat(
+                    config.teacher_template,
+                    scenario=_scenario(todo[i][0]),
+                    turns=config.turns,
+                    persona=config.persona or "",
+                )
+                for i in pending
+            ]
+            attempt_seeds = [
+                seeds.row(todo[i][0]["id"], purpose="teacher", sample=todo[i][1], attempt=attempt) for i in pending
+            ]
             for i, [c] in zip(pending, assistant.generate(prompts, params, attempt_seeds)):
                 parsed = parse_teacher(c.text)
                 if parsed:
@@ -221,9 +269,18 @@ def run(config: Config, inputs, ctx) -> None:
             if i in done:
                 parsed, c, attempt = done[i]
                 messages = [{"role": t.role, "content": t.text} for t in parsed.turns]
-                rows_out.append(out_row(row, k, messages, {"prompt": c.prompt_tokens, "completion": c.completion_tokens},
-                                        behaviors=parsed.behaviors, coherence=parsed.coherence.model_dump(),
-                                        scenario_safe=parsed.scenario_safe, attempts=attempt + 1))
+                rows_out.append(
+                    out_row(
+                        row,
+                        k,
+                        messages,
+                        {"prompt": c.prompt_tokens, "completion": c.completion_tokens},
+                        behaviors=parsed.behaviors,
+                        coherence=parsed.coherence.model_dump(),
+                        scenario_safe=parsed.scenario_safe,
+                        attempts=attempt + 1,
+                    )
+                )
         return rows_out, len(todo) - len(rows_out), bad
 
     def per_shard(shard: Shard) -> ShardResult:
@@ -234,8 +291,9 @@ def run(config: Config, inputs, ctx) -> None:
             made = single(shard) if config.mode == "single" else multi_turn(shard)
         # an empty turn is no data: drop the conversation and count it, never pad it with filler
         kept = [r for r in made if all(m["content"].strip() for m in r["messages"])]
-        return ShardResult(kept, {"malformed": malformed, "empty_turn": len(made) - len(kept),
-                                  "malformed_samples": bad})
+        return ShardResult(
+            kept, {"malformed": malformed, "empty_turn": len(made) - len(kept), "malformed_samples": bad}
+        )
 
     try:
         out, stats = ctx.shards.map(rows, per_shard, shard_size=config.shard_size, desc="generating")
@@ -249,21 +307,34 @@ def run(config: Config, inputs, ctx) -> None:
         ctx.warn(f"{failures['empty_turn']} conversations had an empty turn and were dropped")
     samples = [b for st in stats for b in st.get("malformed_samples", [])][:3]
     if failures["teacher_json_malformed"]:
-        ctx.warn(f"{failures['teacher_json_malformed']} teacher outputs stayed malformed after "
-                 f"{config.max_retries} retries and were dropped")
-        ctx.log.warning("a sample of teacher output that did not parse as the expected JSON:\n%s",
-                        "\n".join(samples))
+        ctx.warn(
+            f"{failures['teacher_json_malformed']} teacher outputs stayed malformed after "
+            f"{config.max_retries} retries and were dropped"
+        )
+        ctx.log.warning("a sample of teacher output that did not parse as the expected JSON:\n%s", "\n".join(samples))
     if not out:
         hint = f" (a teacher output that did not parse: {samples[0][:200]}...)" if samples else ""
         raise RuntimeError(f"no conversations were generated{hint}; the stage log has samples")
     ctx.save_rows(out)
-    ctx.save_json("report.json", {"rows_in": len(rows), "rows_out": len(out), "dropped": failures,
-                                  "tokens": {"prompt": sum(r["meta"]["tokens"]["prompt"] for r in out),
-                                             "completion": sum(r["meta"]["tokens"]["completion"] for r in out)}})
+    ctx.save_json(
+        "report.json",
+        {
+            "rows_in": len(rows),
+            "rows_out": len(out),
+            "dropped": failures,
+            "tokens": {
+                "prompt": sum(r["meta"]["tokens"]["prompt"] for r in out),
+                "completion": sum(r["meta"]["tokens"]["completion"] for r in out),
+            },
+        },
+    )
 
 
 def summary(report: dict) -> list[tuple[str, str]]:
-    return [("rows in", str(report["rows_in"])), ("rows out", str(report["rows_out"])),
-            ("malformed JSON (dropped)", str(report["dropped"]["teacher_json_malformed"])),
-            ("empty turn (dropped)", str(report["dropped"]["empty_turn"])),
-            ("tokens prompt / completion", f"{report['tokens']['prompt']} / {report['tokens']['completion']}")]
+    return [
+        ("rows in", str(report["rows_in"])),
+        ("rows out", str(report["rows_out"])),
+        ("malformed JSON (dropped)", str(report["dropped"]["teacher_json_malformed"])),
+        ("empty turn (dropped)", str(report["dropped"]["empty_turn"])),
+        ("tokens prompt / completion", f"{report['tokens']['prompt']} / {report['tokens']['completion']}"),
+    ]

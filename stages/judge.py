@@ -30,10 +30,10 @@ from typing import Literal
 
 from pydantic import Field
 
-from engine.spec.config import ExecOnly, Ref, StageConfig
 from engine.core.errors import Problem
 from engine.lib.rewards import RewardRules
 from engine.lib.scoring import DEFAULT_PRINCIPLE, SCORER_GROUP, make_scorer, scorer_problems, template_name
+from engine.spec.config import ExecOnly, Ref, StageConfig
 from engine.store.shards import Shard, ShardResult
 
 VERSION = 1
@@ -45,21 +45,28 @@ class Config(StageConfig):
     kind: Literal["judge"]
     input: str = Ref("conversations", "preferences", description="Conversations; preferences for pairwise.")
     scorer: Literal["llm", "pairwise", "reward_model", "rules", "rule_reward", "function"] = "llm"
-    model: str | None = Ref("model", default=None, description="The judge or reward model (llm, pairwise, reward_model).")
+    model: str | None = Ref(
+        "model", default=None, description="The judge or reward model (llm, pairwise, reward_model)."
+    )
     name: str = Field("score", description="Key of this score in the row's `scores`.")
     template: str | None = Field(None, description="llm: judge_pointwise.j2, pairwise: judge_pairwise.j2 by default.")
     rubric: str | None = Field(None, description="llm: what to reward, passed to the template.")
     principle: str = Field(DEFAULT_PRINCIPLE, description="pairwise: the comparison question.")
-    function: str | None = Field(None, description="function: a builtin scorer (math_answer) or an entry point "
-                                                   f"name in `{SCORER_GROUP}`.")
-    rewards: RewardRules | None = Field(None, description="rule_reward: the rules (default: the expected "
-                                                          "behaviour alone).")
+    function: str | None = Field(
+        None, description=f"function: a builtin scorer (math_answer) or an entry point name in `{SCORER_GROUP}`."
+    )
+    rewards: RewardRules | None = Field(
+        None, description="rule_reward: the rules (default: the expected behaviour alone)."
+    )
     max_retries: int = Field(2, ge=0, description="llm: new attempts when no score can be parsed.")
     max_new_tokens: int = Field(256, ge=1)
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy; retries add a little randomness.")
     shard_size: int = ExecOnly(64, ge=1, description="Rows per shard (resume granularity); never changes scores.")
-    batch_size: int = ExecOnly(64, ge=1, description="Rows (prompt x sample) per generate call; halved on CUDA "
-                                                     "out-of-memory. Never changes outputs.")
+    batch_size: int = ExecOnly(
+        64,
+        ge=1,
+        description="Rows (prompt x sample) per generate call; halved on CUDA out-of-memory. Never changes outputs.",
+    )
 
 
 def gives(config: Config) -> str:
@@ -72,14 +79,20 @@ def templates(config: Config, recipe) -> dict[str, str]:
     return template_files(recipe.dir, [template_name(config)]) if template_name(config) else {}
 
 
-SCORER_USES = {"llm": {"model", "template", "rubric", "max_retries", "max_new_tokens", "temperature"},
-               "pairwise": {"model", "template", "principle", "max_new_tokens", "temperature"},
-               "reward_model": {"model"}, "rules": set(), "rule_reward": {"rewards"}, "function": {"function"}}
+SCORER_USES = {
+    "llm": {"model", "template", "rubric", "max_retries", "max_new_tokens", "temperature"},
+    "pairwise": {"model", "template", "principle", "max_new_tokens", "temperature"},
+    "reward_model": {"model"},
+    "rules": set(),
+    "rule_reward": {"rewards"},
+    "function": {"function"},
+}
 
 
 def uses(config: Config) -> tuple[set[str], str]:
-    return {"input", "scorer", "name", "shard_size", "batch_size"} | SCORER_USES[config.scorer], \
-        f"scorer '{config.scorer}'"
+    return {"input", "scorer", "name", "shard_size", "batch_size"} | SCORER_USES[
+        config.scorer
+    ], f"scorer '{config.scorer}'"
 
 
 def check(name: str, config: Config, recipe) -> list[Problem]:
@@ -88,9 +101,13 @@ def check(name: str, config: Config, recipe) -> list[Problem]:
 
     takes = artifact_type(recipe, config.input)
     if takes and takes != gives(config):
-        problems.append(Problem(f"scorer '{config.scorer}' scores {gives(config)}, but '{config.input}' gives {takes}.",
-                                hint="pairwise takes preferences; every other scorer takes conversations.",
-                                **recipe.where(f"stages.{name}.input")))
+        problems.append(
+            Problem(
+                f"scorer '{config.scorer}' scores {gives(config)}, but '{config.input}' gives {takes}.",
+                hint="pairwise takes preferences; every other scorer takes conversations.",
+                **recipe.where(f"stages.{name}.input"),
+            )
+        )
     return problems + scorer_problems(name, config, recipe, model=config.model, input=config.input)
 
 
@@ -98,6 +115,7 @@ def run(config: Config, inputs, ctx) -> None:
     rows = inputs["input"].rows()
     scorer = make_scorer(config, inputs.get("model"), ctx)
     try:
+
         def per_shard(shard: Shard) -> ShardResult:
             values = scorer(shard)
             out = [dict(r, scores={**(r.get("scores") or {}), **v}) for r, v in zip(shard.rows, values)]
@@ -113,11 +131,23 @@ def run(config: Config, inputs, ctx) -> None:
         raise RuntimeError(f"no answer of the judge could be parsed ({missing} rows); check the template and the model")
     values = [r["scores"].get(config.name) for r in out if isinstance(r["scores"].get(config.name), (int, float))]
     ctx.save_rows(out)
-    ctx.save_json("report.json", {"rows_in": len(rows), "rows_out": len(out), "scorer": config.scorer,
-                                  "missing": missing, "mean": sum(values) / len(values) if values else None})
+    ctx.save_json(
+        "report.json",
+        {
+            "rows_in": len(rows),
+            "rows_out": len(out),
+            "scorer": config.scorer,
+            "missing": missing,
+            "mean": sum(values) / len(values) if values else None,
+        },
+    )
 
 
 def summary(report: dict) -> list[tuple[str, str]]:
     mean = report["mean"]
-    return [("rows", str(report["rows_in"])), ("scorer", report["scorer"]),
-            ("missing scores", str(report["missing"])), ("mean score", "-" if mean is None else f"{mean:.3f}")]
+    return [
+        ("rows", str(report["rows_in"])),
+        ("scorer", report["scorer"]),
+        ("missing scores", str(report["missing"])),
+        ("mean score", "-" if mean is None else f"{mean:.3f}"),
+    ]

@@ -37,14 +37,14 @@ from typing import Literal
 
 from pydantic import Field
 
-from engine.models.backends import Completion, SamplingParams
-from engine.spec.config import ExecOnly, Ref, StageConfig
 from engine.core.errors import Problem
+from engine.core.stats import mean, score_stats
 from engine.lib.pairs import best_and_worst, no_output, pair_row, prompt_messages, spot_check, spot_check_summary
 from engine.lib.rewards import RewardRules
 from engine.lib.scoring import ScorerSpec, make_scorer, scorer_problems, template_name
+from engine.models.backends import Completion, SamplingParams
+from engine.spec.config import ExecOnly, Ref, StageConfig
 from engine.store.shards import Shard, ShardResult
-from engine.core.stats import mean, score_stats
 
 VERSION = 2  # 2: candidates (written replies), rule_reward scorer, written flags in pair meta
 ROW_STAGE = True  # on Ray: workers share its shards (engine.run.rayexec)
@@ -53,27 +53,33 @@ GIVES = "conversations"  # or preferences: see gives()
 
 class Config(StageConfig):
     kind: Literal["rejection_sample"]
-    input: str = Ref("prompts", "conversations",
-                     description="Prompts, or conversations (their final reply is dropped).")
+    input: str = Ref(
+        "prompts", "conversations", description="Prompts, or conversations (their final reply is dropped)."
+    )
     model: str = Ref("model", description="The policy that samples.")
     n: int = Field(4, ge=1, le=1024, description="Samples per prompt; 4 to 100 is usual.")
     temperature: float = Field(0.8, ge=0.0, description="Sampling temperature; n > 1 needs it above 0.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_new_tokens: int = Field(256, ge=1)
     scorer: Literal["llm", "reward_model", "rules", "rule_reward", "function"] = Field(
-        "llm", description="What scores each sample.")
+        "llm", description="What scores each sample."
+    )
     judge_model: str | None = Ref("model", default=None, description="llm: the judge; reward_model: the reward model.")
-    function: str | None = Field(None, description="function: a builtin (math_answer) or a `recipe.scorers` "
-                                                   "entry point.")
+    function: str | None = Field(
+        None, description="function: a builtin (math_answer) or a `recipe.scorers` entry point."
+    )
     template: str | None = Field(None, description="llm: the pointwise judge template (judge_pointwise.j2).")
     rubric: str | None = Field(None, description="llm: what to reward, passed to the template.")
     rule: Literal["words", "refusal", "sycophancy", "filler"] = Field("words", description="rules: the number used.")
-    rewards: RewardRules | None = Field(None, description="rule_reward: the rules (default: the row's expected "
-                                                          "behaviour alone).")
+    rewards: RewardRules | None = Field(
+        None, description="rule_reward: the rules (default: the row's expected behaviour alone)."
+    )
     candidates: str | list[str] | None = Field(
-        None, description="Data columns of hand-written replies (each a string or a list) that join each prompt's n "
-                          "samples as candidates, scored like them: e.g. a decline-and-redirect for a harmful "
-                          "prompt, an over-cautious refusal of a benign one.")
+        None,
+        description="Data columns of hand-written replies (each a string or a list) that join each prompt's n "
+        "samples as candidates, scored like them: e.g. a decline-and-redirect for a harmful "
+        "prompt, an over-cautious refusal of a benign one.",
+    )
     prefer: Literal["higher", "lower"] = Field("higher", description="Which end of the score is better.")
     name: str = Field("score", description="Key of the score in the kept rows' `scores`.")
     judge_max_new_tokens: int = Field(256, ge=1, description="llm: tokens per judge answer.")
@@ -83,13 +89,20 @@ class Config(StageConfig):
     top_k: int = Field(1, ge=1, description='select = "top_k", output = "conversations": samples kept per prompt.')
     threshold: float | None = Field(None, description='select = "threshold": the score a kept sample reaches.')
     output: Literal["conversations", "preferences"] = Field(
-        "conversations", description="Kept samples (for SFT), or best-vs-worst pairs (for DPO).")
+        "conversations", description="Kept samples (for SFT), or best-vs-worst pairs (for DPO)."
+    )
     min_margin: float = Field(1.0, gt=0, description="preferences: the least score gap between chosen and rejected.")
     sample_size: int = Field(100, ge=0, description="preferences: pairs saved to pairs_sample.json for a spot-check.")
-    shard_size: int = ExecOnly(16, ge=1, description="Prompts per shard (resume granularity); seeds derive per "
-                                                     "prompt, so it never changes outputs.")
-    batch_size: int = ExecOnly(64, ge=1, description="Rows (prompt x sample) per generate call; halved on CUDA "
-                                                     "out-of-memory. Never changes outputs.")
+    shard_size: int = ExecOnly(
+        16,
+        ge=1,
+        description="Prompts per shard (resume granularity); seeds derive per prompt, so it never changes outputs.",
+    )
+    batch_size: int = ExecOnly(
+        64,
+        ge=1,
+        description="Rows (prompt x sample) per generate call; halved on CUDA out-of-memory. Never changes outputs.",
+    )
 
 
 def gives(config: Config) -> str:
@@ -97,10 +110,18 @@ def gives(config: Config) -> str:
 
 
 def _spec(config: Config) -> ScorerSpec:
-    return ScorerSpec(scorer=config.scorer, name=config.name, template=config.template, rubric=config.rubric,
-                      function=config.function, max_retries=config.max_retries,
-                      max_new_tokens=config.judge_max_new_tokens, temperature=config.judge_temperature,
-                      batch_size=config.batch_size, rewards=config.rewards)
+    return ScorerSpec(
+        scorer=config.scorer,
+        name=config.name,
+        template=config.template,
+        rubric=config.rubric,
+        function=config.function,
+        max_retries=config.max_retries,
+        max_new_tokens=config.judge_max_new_tokens,
+        temperature=config.judge_temperature,
+        batch_size=config.batch_size,
+        rewards=config.rewards,
+    )
 
 
 def score_key(config: Config) -> str:
@@ -116,11 +137,31 @@ def templates(config: Config, recipe) -> dict[str, str]:
 
 
 def uses(config: Config) -> tuple[set[str], str]:
-    used = {"kind", "resources", "input", "model", "n", "temperature", "top_p", "max_new_tokens", "scorer", "prefer",
-            "name", "select", "output", "shard_size", "batch_size", "candidates"}
-    used |= {"llm": {"judge_model", "template", "rubric", "judge_max_new_tokens", "judge_temperature", "max_retries"},
-             "reward_model": {"judge_model"}, "rules": {"rule"}, "rule_reward": {"rewards"},
-             "function": {"function"}}[config.scorer]
+    used = {
+        "kind",
+        "resources",
+        "input",
+        "model",
+        "n",
+        "temperature",
+        "top_p",
+        "max_new_tokens",
+        "scorer",
+        "prefer",
+        "name",
+        "select",
+        "output",
+        "shard_size",
+        "batch_size",
+        "candidates",
+    }
+    used |= {
+        "llm": {"judge_model", "template", "rubric", "judge_max_new_tokens", "judge_temperature", "max_retries"},
+        "reward_model": {"judge_model"},
+        "rules": {"rule"},
+        "rule_reward": {"rewards"},
+        "function": {"function"},
+    }[config.scorer]
     used |= {"threshold"} if config.select == "threshold" else set()
     used |= {"top_k"} if config.select == "top_k" and config.output == "conversations" else set()
     used |= {"min_margin", "sample_size"} if config.output == "preferences" else set()
@@ -128,26 +169,44 @@ def uses(config: Config) -> tuple[set[str], str]:
 
 
 def check(name: str, config: Config, recipe) -> list[Problem]:
-    problems = scorer_problems(name, _spec(config), recipe, model=config.judge_model, model_key="judge_model",
-                                input=config.input)
+    problems = scorer_problems(
+        name, _spec(config), recipe, model=config.judge_model, model_key="judge_model", input=config.input
+    )
     where = lambda key: recipe.where(f"stages.{name}.{key}")  # noqa: E731
     if config.select == "threshold" and config.threshold is None:
-        problems.append(Problem('select = "threshold" needs a threshold.', hint="Set threshold = <a score>.",
-                                **where("select")))
+        problems.append(
+            Problem('select = "threshold" needs a threshold.', hint="Set threshold = <a score>.", **where("select"))
+        )
     if config.output == "conversations" and config.select == "top_k" and config.top_k > config.n:
-        problems.append(Problem(f"top_k = {config.top_k} is more than the n = {config.n} samples per prompt.",
-                                hint="Lower top_k or raise n.", **where("top_k")))
+        problems.append(
+            Problem(
+                f"top_k = {config.top_k} is more than the n = {config.n} samples per prompt.",
+                hint="Lower top_k or raise n.",
+                **where("top_k"),
+            )
+        )
     if config.output == "preferences" and config.n < 2 and not config.candidates:
-        problems.append(Problem("output = \"preferences\" needs n >= 2 samples per prompt.", hint="Raise n.",
-                                **where("n")))
+        problems.append(
+            Problem('output = "preferences" needs n >= 2 samples per prompt.', hint="Raise n.", **where("n"))
+        )
     rows = recipe.dataset_rows(config.input) if config.candidates else None
     for column in candidate_columns(config.candidates):
         if rows and not any(written(r, column) for r in rows):
-            problems.append(Problem(f"no row of dataset '{config.input}' has a '{column}' column of written replies.",
-                                    hint="Add the column, or remove it from candidates.", **where("candidates")))
+            problems.append(
+                Problem(
+                    f"no row of dataset '{config.input}' has a '{column}' column of written replies.",
+                    hint="Add the column, or remove it from candidates.",
+                    **where("candidates"),
+                )
+            )
     if config.n > 1 and config.temperature == 0:
-        problems.append(Problem(f"n = {config.n} samples at temperature 0 are all the same reply.",
-                                hint="Set temperature > 0 (0.7-1.0 is usual for best-of-n).", **where("temperature")))
+        problems.append(
+            Problem(
+                f"n = {config.n} samples at temperature 0 are all the same reply.",
+                hint="Set temperature > 0 (0.7-1.0 is usual for best-of-n).",
+                **where("temperature"),
+            )
+        )
     return problems
 
 
@@ -200,36 +259,60 @@ def run(config: Config, inputs, ctx) -> None:
     except BaseException:
         policy.close()
         raise
-    params = SamplingParams(n=config.n, temperature=config.temperature, top_p=config.top_p,
-                            max_new_tokens=config.max_new_tokens)
+    params = SamplingParams(
+        n=config.n, temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens
+    )
     model_name = inputs["model"].name
 
     def per_shard(shard: Shard) -> ShardResult:
         prompts = [prompt_messages(r) for r in shard.rows]
         comps = policy.generate(prompts, params, ctx.seeds.rows([r["id"] for r in shard.rows], purpose="sample"))
-        comps = [cs + [Completion(w, 0, 0, "written") for w in written(r, config.candidates)]
-                 for r, cs in zip(shard.rows, comps)]
-        cands = [(j, k, {"id": f"{r['id']}#{k}", "messages": [*p, {"role": "assistant", "content": c.text}],
-                         "meta": {**(r.get("meta") or {}), "source_id": r["id"], "sample": k}})
-                 for j, (r, p, cs) in enumerate(zip(shard.rows, prompts, comps)) for k, c in enumerate(cs)
-                 if c.text.strip()]  # an empty reply is no sample: never scored, never kept
-        scored = scorer(Shard(shard.index, shard.start, [c for _, _, c in cands], shard.seed)) \
-            if cands else []
+        comps = [
+            cs + [Completion(w, 0, 0, "written") for w in written(r, config.candidates)]
+            for r, cs in zip(shard.rows, comps)
+        ]
+        cands = [
+            (
+                j,
+                k,
+                {
+                    "id": f"{r['id']}#{k}",
+                    "messages": [*p, {"role": "assistant", "content": c.text}],
+                    "meta": {**(r.get("meta") or {}), "source_id": r["id"], "sample": k},
+                },
+            )
+            for j, (r, p, cs) in enumerate(zip(shard.rows, prompts, comps))
+            for k, c in enumerate(cs)
+            if c.text.strip()
+        ]  # an empty reply is no sample: never scored, never kept
+        scored = scorer(Shard(shard.index, shard.start, [c for _, _, c in cands], shard.seed)) if cands else []
         details = {(j, k): d for (j, k, _), d in zip(cands, scored)}
         out = []
         for j, (r, p, cs) in enumerate(zip(shard.rows, prompts, comps)):
             ds = [details.get((j, k)) for k in range(len(cs))]
-            out.append({"id": r["id"], "prompt": p, "completions": [c.text for c in cs],
-                        "scores": [None if d is None or d.get(key) is None else float(d[key]) for d in ds],
-                        "meta": {**(r.get("meta") or {}), "model": model_name, "score": key, "score_details": ds,
-                                 "finish": [c.finish_reason for c in cs],
-                                 "tokens": {"prompt": cs[0].prompt_tokens if cs else 0,
-                                            "completion": sum(c.completion_tokens for c in cs)}}})
+            out.append(
+                {
+                    "id": r["id"],
+                    "prompt": p,
+                    "completions": [c.text for c in cs],
+                    "scores": [None if d is None or d.get(key) is None else float(d[key]) for d in ds],
+                    "meta": {
+                        **(r.get("meta") or {}),
+                        "model": model_name,
+                        "score": key,
+                        "score_details": ds,
+                        "finish": [c.finish_reason for c in cs],
+                        "tokens": {
+                            "prompt": cs[0].prompt_tokens if cs else 0,
+                            "completion": sum(c.completion_tokens for c in cs),
+                        },
+                    },
+                }
+            )
         return ShardResult(out, {"empty": sum(len(cs) for cs in comps) - len(cands)})
 
     try:
-        samples, stats = ctx.shards.map(rows, per_shard, shard_size=config.shard_size,
-                                        desc=f"best of {config.n}")
+        samples, stats = ctx.shards.map(rows, per_shard, shard_size=config.shard_size, desc=f"best of {config.n}")
     finally:
         scorer.close()
         policy.close()
@@ -244,28 +327,52 @@ def run(config: Config, inputs, ctx) -> None:
     if not values:
         last = next((d for s in reversed(samples) for d in reversed(s["meta"]["score_details"]) if d), {})
         answer = last.get(f"{config.name}_answer")
-        raise RuntimeError(f"no sample got a score ({total} samples, {empty} empty) from the {config.scorer} scorer"
-                           + (f"; the judge's last answer was {answer[-200:]!r}" if answer else "")
-                           + "; check the scorer, its template and model, or the data it compares against")
+        raise RuntimeError(
+            f"no sample got a score ({total} samples, {empty} empty) from the {config.scorer} scorer"
+            + (f"; the judge's last answer was {answer[-200:]!r}" if answer else "")
+            + "; check the scorer, its template and model, or the data it compares against"
+        )
     out, extra = (_pairs if config.output == "preferences" else _kept)(config, samples, ctx)
     ctx.save_rows(out)
     ctx.save_rows(samples, "samples.parquet")
     from engine.core.plots import histogram
 
     numbers = score_stats(values)
-    histogram(ctx.out_dir / "scores.png", values, bins=len(numbers["histogram"]["counts"]),
-              title=f"{ctx.stage}: {key} of {len(values)} samples", xlabel=key,
-              threshold=config.threshold if config.select == "threshold" else None)
+    histogram(
+        ctx.out_dir / "scores.png",
+        values,
+        bins=len(numbers["histogram"]["counts"]),
+        title=f"{ctx.stage}: {key} of {len(values)} samples",
+        xlabel=key,
+        threshold=config.threshold if config.select == "threshold" else None,
+    )
     per_prompt = [best_and_worst(_scored(s), config.prefer) for s in samples]
     best = [s["scores"][b[0]] for s, b in zip(samples, per_prompt) if b]
     worst = [s["scores"][b[1]] for s, b in zip(samples, per_prompt) if b]
-    report = {"rows_in": len(rows), "n": config.n, "samples": total, "empty": empty, "scored": len(values),
-              "missing": missing, "scorer": config.scorer, "score": key, "prefer": config.prefer,
-              "select": config.select, "top_k": config.top_k, "threshold": config.threshold, "output": config.output,
-              "rows_out": len(out), "scores": numbers,
-              "per_prompt": {"prompts_with_two_scores": len(best), "best_mean": mean(best), "worst_mean": mean(worst),
-                             "gap_mean": mean([abs(b - w) for b, w in zip(best, worst)])},
-              **extra}
+    report = {
+        "rows_in": len(rows),
+        "n": config.n,
+        "samples": total,
+        "empty": empty,
+        "scored": len(values),
+        "missing": missing,
+        "scorer": config.scorer,
+        "score": key,
+        "prefer": config.prefer,
+        "select": config.select,
+        "top_k": config.top_k,
+        "threshold": config.threshold,
+        "output": config.output,
+        "rows_out": len(out),
+        "scores": numbers,
+        "per_prompt": {
+            "prompts_with_two_scores": len(best),
+            "best_mean": mean(best),
+            "worst_mean": mean(worst),
+            "gap_mean": mean([abs(b - w) for b, w in zip(best, worst)]),
+        },
+        **extra,
+    }
     ctx.save_json("report.json", report)
 
 
@@ -274,19 +381,30 @@ def _kept(config: Config, samples: list[dict], ctx) -> tuple[list[dict], dict]:
     for s in samples:
         for rank, k in enumerate(keep(s["scores"], config)):
             meta = {m: v for m, v in s["meta"].items() if m not in ("score_details", "finish", "tokens", "score")}
-            out.append({"id": f"{s['id']}#{k}",
-                        "messages": [*s["prompt"], {"role": "assistant", "content": s["completions"][k]}],
-                        "meta": {**meta, "source_id": s["id"], "sample": k, "rank": rank,
-                                 "finish": s["meta"]["finish"][k]},
-                        "scores": s["meta"]["score_details"][k]})
+            out.append(
+                {
+                    "id": f"{s['id']}#{k}",
+                    "messages": [*s["prompt"], {"role": "assistant", "content": s["completions"][k]}],
+                    "meta": {**meta, "source_id": s["id"], "sample": k, "rank": rank, "finish": s["meta"]["finish"][k]},
+                    "scores": s["meta"]["score_details"][k],
+                }
+            )
     if not out:  # top_k keeps a sample wherever one got a score: only a threshold can keep nothing
         sign = 1 if config.prefer == "higher" else -1
-        best = max((sign * v for s in samples for v in s["scores"] if v is not None)) * sign
-        raise no_output(ctx, "threshold", f"no sample reached threshold = {config.threshold:g} (best score seen: "
-                        f"{best:g}).", "Loosen threshold, raise n, or use a stronger policy.", made="kept no samples")
-    return out, {"kept": len(out), "prompts_with_kept": len({r["meta"]["source_id"] for r in out}),
-                 "kept_written": sum(r["meta"]["finish"] == "written" for r in out),
-                 "kept_mean": mean([r["scores"][score_key(config)] for r in out])}
+        best = max(sign * v for s in samples for v in s["scores"] if v is not None) * sign
+        raise no_output(
+            ctx,
+            "threshold",
+            f"no sample reached threshold = {config.threshold:g} (best score seen: {best:g}).",
+            "Loosen threshold, raise n, or use a stronger policy.",
+            made="kept no samples",
+        )
+    return out, {
+        "kept": len(out),
+        "prompts_with_kept": len({r["meta"]["source_id"] for r in out}),
+        "kept_written": sum(r["meta"]["finish"] == "written" for r in out),
+        "kept_mean": mean([r["scores"][score_key(config)] for r in out]),
+    }
 
 
 def _pairs(config: Config, samples: list[dict], ctx) -> tuple[list[dict], dict]:
@@ -301,42 +419,84 @@ def _pairs(config: Config, samples: list[dict], ctx) -> tuple[list[dict], dict]:
         elif config.select == "threshold" and not passes(s["scores"][b], config):
             below_threshold += 1
         else:
-            out.append(pair_row(s["id"], s["prompt"], s["completions"][b], s["completions"][w],
-                                {"method": "best_vs_worst", "source_id": s["id"], "chosen_sample": b,
-                                 "rejected_sample": w, "written": [s["meta"]["finish"][k] == "written" for k in (b, w)],
-                                 "score": score_key(config), "margin": gap, "model": s["meta"]["model"],
-                                 "scores": {"chosen": s["scores"][b], "rejected": s["scores"][w]}}))
+            out.append(
+                pair_row(
+                    s["id"],
+                    s["prompt"],
+                    s["completions"][b],
+                    s["completions"][w],
+                    {
+                        "method": "best_vs_worst",
+                        "source_id": s["id"],
+                        "chosen_sample": b,
+                        "rejected_sample": w,
+                        "written": [s["meta"]["finish"][k] == "written" for k in (b, w)],
+                        "score": score_key(config),
+                        "margin": gap,
+                        "model": s["meta"]["model"],
+                        "scores": {"chosen": s["scores"][b], "rejected": s["scores"][w]},
+                    },
+                )
+            )
     if not out:
         knob, loosen = ("threshold", "lower threshold") if below_threshold else ("min_margin", "lower min_margin")
-        raise no_output(ctx, knob, f"of {len(samples)} prompts, {below_margin} had a best-worst score gap below "
-                        f"min_margin = {config.min_margin:g} and {below_threshold} a best sample below the "
-                        "threshold.", f"Try: {loosen}, raise n, or sample at a higher temperature.")
-    return out, {"pairs": len(out), "below_margin": below_margin, "below_threshold": below_threshold,
-                 "chosen_written": sum(p["meta"]["written"][0] for p in out),
-                 "rejected_written": sum(p["meta"]["written"][1] for p in out),
-                 "spot_check": spot_check(ctx, out, config.sample_size)}
+        raise no_output(
+            ctx,
+            knob,
+            f"of {len(samples)} prompts, {below_margin} had a best-worst score gap below "
+            f"min_margin = {config.min_margin:g} and {below_threshold} a best sample below the "
+            "threshold.",
+            f"Try: {loosen}, raise n, or sample at a higher temperature.",
+        )
+    return out, {
+        "pairs": len(out),
+        "below_margin": below_margin,
+        "below_threshold": below_threshold,
+        "chosen_written": sum(p["meta"]["written"][0] for p in out),
+        "rejected_written": sum(p["meta"]["written"][1] for p in out),
+        "spot_check": spot_check(ctx, out, config.sample_size),
+    }
 
 
 def summary(report: dict) -> list[tuple[str, str]]:
     s, pp = report["scores"], report["per_prompt"]
     q = s["quantiles"]
     fmt = lambda v: "-" if v is None else f"{v:.3g}"  # noqa: E731
-    rule = (f"top {report['top_k']}" if report["select"] == "top_k" else f"score >= {report['threshold']:g}"
-            if report["prefer"] == "higher" else f"score <= {report['threshold']:g}")
-    out = [("prompts x samples", f"{report['rows_in']} x {report['n']} = {report['samples']}"),
-           ("scorer, score", f"{report['scorer']}, {report['score']} ({report['prefer']} is better)"),
-           ("scored / missing / empty", f"{report['scored']} / {report['missing']} / {report['empty']}"),
-           ("score mean ± sd, range", f"{fmt(s['mean'])} ± {fmt(s['std'])}, {fmt(s['min'])} to {fmt(s['max'])}"),
-           ("quantiles p10 p25 p50 p75 p90", " ".join(fmt(q[k]) for k in ("p10", "p25", "p50", "p75", "p90"))),
-           ("per prompt: best / worst / gap (mean)",
-            f"{fmt(pp['best_mean'])} / {fmt(pp['worst_mean'])} / {fmt(pp['gap_mean'])}")]
+    rule = (
+        f"top {report['top_k']}"
+        if report["select"] == "top_k"
+        else f"score >= {report['threshold']:g}"
+        if report["prefer"] == "higher"
+        else f"score <= {report['threshold']:g}"
+    )
+    out = [
+        ("prompts x samples", f"{report['rows_in']} x {report['n']} = {report['samples']}"),
+        ("scorer, score", f"{report['scorer']}, {report['score']} ({report['prefer']} is better)"),
+        ("scored / missing / empty", f"{report['scored']} / {report['missing']} / {report['empty']}"),
+        ("score mean ± sd, range", f"{fmt(s['mean'])} ± {fmt(s['std'])}, {fmt(s['min'])} to {fmt(s['max'])}"),
+        ("quantiles p10 p25 p50 p75 p90", " ".join(fmt(q[k]) for k in ("p10", "p25", "p50", "p75", "p90"))),
+        (
+            "per prompt: best / worst / gap (mean)",
+            f"{fmt(pp['best_mean'])} / {fmt(pp['worst_mean'])} / {fmt(pp['gap_mean'])}",
+        ),
+    ]
     if report["output"] == "conversations":
-        out += [("select", rule), ("kept rows", f"{report['kept']} from {report['prompts_with_kept']} prompts"
-                                 f" ({report.get('kept_written', 0)} written candidates)"),
-                ("kept mean score", fmt(report["kept_mean"]))]
+        out += [
+            ("select", rule),
+            (
+                "kept rows",
+                f"{report['kept']} from {report['prompts_with_kept']} prompts"
+                f" ({report.get('kept_written', 0)} written candidates)",
+            ),
+            ("kept mean score", fmt(report["kept_mean"])),
+        ]
     else:
-        out += [("pairs (best vs worst)", str(report["pairs"])),
-                ("written candidates chosen / rejected",
-                 f"{report.get('chosen_written', 0)} / {report.get('rejected_written', 0)}"),
-                ("prompts below min_margin / threshold", f"{report['below_margin']} / {report['below_threshold']}")]
+        out += [
+            ("pairs (best vs worst)", str(report["pairs"])),
+            (
+                "written candidates chosen / rejected",
+                f"{report.get('chosen_written', 0)} / {report.get('rejected_written', 0)}",
+            ),
+            ("prompts below min_margin / threshold", f"{report['below_margin']} / {report['below_threshold']}"),
+        ]
     return out + spot_check_summary(report.get("spot_check"))

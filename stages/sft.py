@@ -33,12 +33,45 @@ from typing import Literal
 
 from pydantic import Field
 
-from engine.models.chatmask import FIX_TEMPLATE, TemplateProblem, jinja_render, masked_ids, masking, special_ids, tokenizer_render, trl_training_template
-from engine.lib.trainer import mask_check
-from engine.spec.config import ExecOnly, Ref, StageConfig
 from engine.core.errors import Problem
-from engine.lib.training import LengthReport, Lora, batch_problems, chat_ids, check_lora_targets, fit, load_weights, lora_config, mixture_line, mixture_problems, training_rows, user_error
-from engine.lib.trainer import checkpoint_dir, last_checkpoint, length_line, plot_loss, quiet, save_model, step_callback, step_metrics, trainer_args, weights_kind
+from engine.lib.trainer import (
+    checkpoint_dir,
+    last_checkpoint,
+    length_line,
+    mask_check,
+    plot_loss,
+    quiet,
+    save_model,
+    step_callback,
+    step_metrics,
+    trainer_args,
+    weights_kind,
+)
+from engine.lib.training import (
+    LengthReport,
+    Lora,
+    batch_problems,
+    chat_ids,
+    check_lora_targets,
+    fit,
+    load_weights,
+    lora_config,
+    mixture_line,
+    mixture_problems,
+    training_rows,
+    user_error,
+)
+from engine.models.chatmask import (
+    FIX_TEMPLATE,
+    TemplateProblem,
+    jinja_render,
+    masked_ids,
+    masking,
+    special_ids,
+    tokenizer_render,
+    trl_training_template,
+)
+from engine.spec.config import ExecOnly, Ref, StageConfig
 
 __all__ = ["Config", "Lora", "fit", "run", "summary"]
 
@@ -47,13 +80,16 @@ GIVES = "model"
 MULTI_PROCESS = True
 
 
-
 class Config(StageConfig):
     kind: Literal["sft"]
-    input: str | list[str] = Ref("conversations", description="The conversations to train on: one name, or a list "
-                                                              "mixed by `weights`.")
-    weights: list[float] | None = Field(None, description="One per input: w takes round(w x rows) of it (w < 1 a "
-                                                          "seeded subsample, w > 1 repeats). Default: 1 each.")
+    input: str | list[str] = Ref(
+        "conversations", description="The conversations to train on: one name, or a list mixed by `weights`."
+    )
+    weights: list[float] | None = Field(
+        None,
+        description="One per input: w takes round(w x rows) of it (w < 1 a "
+        "seeded subsample, w > 1 repeats). Default: 1 each.",
+    )
     model: str = Ref("model", description="The model to fine-tune.")
     lr: float = Field(2e-4, gt=0.0, description="Peak learning rate.")
     epochs: float = Field(1.0, gt=0.0, description="Passes over the data (ignored when max_steps is set).")
@@ -62,10 +98,14 @@ class Config(StageConfig):
     per_device_batch_size: int = ExecOnly(8, ge=1, description="Rows per forward pass; accumulation makes up the rest.")
     max_length: int = Field(512, ge=8, description="Tokens per conversation (chat template included).")
     length_policy: Literal["drop", "keep_recent", "truncate"] = Field(
-        "drop", description="Rows over max_length: drop them, drop their earliest turns, or cut the earliest "
-                            "turns' text.")
-    packing: bool = Field(False, description="Pack conversations into rows of max_length tokens (fewer pad tokens; "
-                                             "a batch then counts packed rows).")
+        "drop",
+        description="Rows over max_length: drop them, drop their earliest turns, or cut the earliest turns' text.",
+    )
+    packing: bool = Field(
+        False,
+        description="Pack conversations into rows of max_length tokens (fewer pad tokens; "
+        "a batch then counts packed rows).",
+    )
     scheduler: str = Field("cosine", description="transformers lr_scheduler_type.")
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Share of steps for linear warmup.")
     weight_decay: float = Field(0.0, ge=0.0)
@@ -76,8 +116,11 @@ class Config(StageConfig):
 
 
 def check(name: str, config: Config, recipe) -> list[Problem]:
-    return batch_problems(name, config, recipe) + mixture_problems(name, config, recipe) + \
-        template_problems(name, config, recipe)
+    return (
+        batch_problems(name, config, recipe)
+        + mixture_problems(name, config, recipe)
+        + template_problems(name, config, recipe)
+    )
 
 
 def template_problems(name: str, config: Config, recipe) -> list[Problem]:
@@ -94,13 +137,23 @@ def template_problems(name: str, config: Config, recipe) -> list[Problem]:
     try:
         masking(template, jinja_render(template, special), list(special.values()))
     except TemplateProblem as exc:
-        return [Problem(f"stage '{name}': the chat template of model '{base[0]}' ({base[1].path}) cannot be masked "
-                        f"for assistant-only loss: {exc}.", hint=FIX_TEMPLATE,
-                        **recipe.where(f"stages.{name}.model"))]
-    except Exception as exc:  # noqa: BLE001 - a template jinja cannot even compile
-        return [Problem(f"stage '{name}': the chat template of model '{base[0]}' does not render: "
-                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}.", hint=FIX_TEMPLATE,
-                        **recipe.where(f"stages.{name}.model"))]
+        return [
+            Problem(
+                f"stage '{name}': the chat template of model '{base[0]}' ({base[1].path}) cannot be masked "
+                f"for assistant-only loss: {exc}.",
+                hint=FIX_TEMPLATE,
+                **recipe.where(f"stages.{name}.model"),
+            )
+        ]
+    except Exception as exc:
+        return [
+            Problem(
+                f"stage '{name}': the chat template of model '{base[0]}' does not render: "
+                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}.",
+                hint=FIX_TEMPLATE,
+                **recipe.where(f"stages.{name}.model"),
+            )
+        ]
     return []
 
 
@@ -114,14 +167,20 @@ def prepare_masking(tok, ctx, model_name: str) -> str:
     try:
         method = masking(tok.chat_template, tokenizer_render(tok), tok.convert_ids_to_tokens(sorted(special_ids(tok))))
     except TemplateProblem as exc:
-        raise user_error(ctx, "model", f"the chat template of model '{model_name}' cannot be masked for "
-                                       f"assistant-only loss: {exc}.", hint=FIX_TEMPLATE) from None
+        raise user_error(
+            ctx,
+            "model",
+            f"the chat template of model '{model_name}' cannot be masked for assistant-only loss: {exc}.",
+            hint=FIX_TEMPLATE,
+        ) from None
     if method == "trl":
         tok.chat_template = trl_training_template(tok.chat_template)
         ctx.log.info("chat template has no {% generation %} markers; using TRL's training version of it")
     elif method == "derived":
-        ctx.log.info("chat template has no {% generation %} markers; assistant spans derived by rendering it "
-                     "one message at a time")
+        ctx.log.info(
+            "chat template has no {% generation %} markers; assistant spans derived by rendering it "
+            "one message at a time"
+        )
     return method
 
 
@@ -137,8 +196,13 @@ def _dataset(tok, kept: list[list[dict]], method: str, ctx, model_name: str):
         try:
             ids, mask = masked_ids(tok, msgs)
         except TemplateProblem as exc:
-            raise user_error(ctx, "model", f"conversation {i}: the chat template of model '{model_name}' cannot be "
-                                           f"masked for assistant-only loss: {exc}.", hint=FIX_TEMPLATE) from None
+            raise user_error(
+                ctx,
+                "model",
+                f"conversation {i}: the chat template of model '{model_name}' cannot be "
+                f"masked for assistant-only loss: {exc}.",
+                hint=FIX_TEMPLATE,
+            ) from None
         rows.append({"input_ids": ids, "assistant_masks": mask})
     return Dataset.from_list(rows)
 
@@ -162,37 +226,56 @@ def run(config: Config, inputs: dict, ctx) -> None:
     for row in rows:
         msgs = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
         ids = chat_ids(tok, msgs)
-        out, what = (msgs, "fits") if len(ids) <= config.max_length else \
-            fit(msgs, config.length_policy, config.max_length, length)
+        out, what = (
+            (msgs, "fits")
+            if len(ids) <= config.max_length
+            else fit(msgs, config.length_policy, config.max_length, length)
+        )
         lengths.count(len(ids), config.max_length, what)
         if out is not None:
             if config.packing:
                 by_ids[hash(tuple(ids if what == "fits" else chat_ids(tok, out)))] = len(kept)
             kept.append(out)
     if lengths.over_length:
-        ctx.warn(f"{lengths.over_length} of {len(rows)} conversations exceed max_length {config.max_length} tokens "
-                 f"(policy {config.length_policy}: {lengths.shortened} shortened, {lengths.dropped} dropped)")
+        ctx.warn(
+            f"{lengths.over_length} of {len(rows)} conversations exceed max_length {config.max_length} tokens "
+            f"(policy {config.length_policy}: {lengths.shortened} shortened, {lengths.dropped} dropped)"
+        )
     if not kept:
-        raise user_error(ctx, "max_length",
-                         f"no conversation fits max_length {config.max_length} after length_policy "
-                         f"'{config.length_policy}' (longest is {lengths.longest} tokens).",
-                         hint="Raise max_length, or use length_policy = \"keep_recent\" or \"truncate\".")
+        raise user_error(
+            ctx,
+            "max_length",
+            f"no conversation fits max_length {config.max_length} after length_policy "
+            f"'{config.length_policy}' (longest is {lengths.longest} tokens).",
+            hint='Raise max_length, or use length_policy = "keep_recent" or "truncate".',
+        )
     ctx.log.info("%d conversations to train on (%d in; %d over max_length)", len(kept), len(rows), lengths.over_length)
 
     attention = getattr(model.config, "_attn_implementation", None) or "eager"
     if config.packing and "flash" not in attention:
-        ctx.warn(f"packing makes padding-free batches; with {attention} attention (no flash-attention varlen kernel) "
-                 "each packed row attends over its whole length, which is slower than unpacked batches "
-                 "(bench/bench_sft.py: about 5x fewer tokens/s on a CPU)")
+        ctx.warn(
+            f"packing makes padding-free batches; with {attention} attention (no flash-attention varlen kernel) "
+            "each packed row attends over its whole length, which is slower than unpacked batches "
+            "(bench/bench_sft.py: about 5x fewer tokens/s on a CPU)"
+        )
     ckpt_dir = checkpoint_dir(ctx)
     # derived masks arrive as `assistant_masks` next to the token ids; TRL applies them either way
-    args = SFTConfig(assistant_only_loss=method != "derived", max_length=config.max_length, packing=config.packing,
-                     **trainer_args(config, ctx, batch, ckpt_dir, model))
+    args = SFTConfig(
+        assistant_only_loss=method != "derived",
+        max_length=config.max_length,
+        packing=config.packing,
+        **trainer_args(config, ctx, batch, ckpt_dir, model),
+    )
     model.train()
     timing: dict[int, float] = {}
-    trainer = SFTTrainer(model=model, args=args, train_dataset=_dataset(tok, kept, method, ctx, inputs["model"].name),
-                         processing_class=tok, peft_config=lora_config(config.lora),
-                         callbacks=[step_callback(ctx, timing)])
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=_dataset(tok, kept, method, ctx, inputs["model"].name),
+        processing_class=tok,
+        peft_config=lora_config(config.lora),
+        callbacks=[step_callback(ctx, timing)],
+    )
     quiet(trainer)
 
     mask_check(trainer, tok, kept, by_ids, batch.per_device, config.packing, ctx)
@@ -210,16 +293,28 @@ def run(config: Config, inputs: dict, ctx) -> None:
         # timings belong here, not in report.json: two runs of the same stage write the same report
         ctx.save_json("metrics.json", {"steps": steps, "train_seconds": round(elapsed, 2)})
         plot_loss(Path(ctx.out_dir) / "loss.png", steps, f"sft '{ctx.stage}': training loss")
-        ctx.save_json("report.json", {
-            "rows_in": len(rows), "rows_trained": len(kept), "mixture": mix, "max_length": config.max_length,
-            "length_policy": config.length_policy, **lengths.as_json(), "packing": config.packing,
-            "packed_rows": len(trainer.train_dataset) if config.packing else None,
-            "steps": trainer.state.global_step, "first_loss": losses[0] if losses else None,
-            "final_loss": losses[-1] if losses else None,
-            "tokens_seen": trainer.state.num_input_tokens_seen, "trainable_params": trainable,
-            "lora": config.lora.model_dump() if config.lora else None, "merged": bool(config.lora and config.merge),
-            "resumed_from": Path(last).name if last else None, "batch": batch.as_json(config.batch_size),
-        })
+        ctx.save_json(
+            "report.json",
+            {
+                "rows_in": len(rows),
+                "rows_trained": len(kept),
+                "mixture": mix,
+                "max_length": config.max_length,
+                "length_policy": config.length_policy,
+                **lengths.as_json(),
+                "packing": config.packing,
+                "packed_rows": len(trainer.train_dataset) if config.packing else None,
+                "steps": trainer.state.global_step,
+                "first_loss": losses[0] if losses else None,
+                "final_loss": losses[-1] if losses else None,
+                "tokens_seen": trainer.state.num_input_tokens_seen,
+                "trainable_params": trainable,
+                "lora": config.lora.model_dump() if config.lora else None,
+                "merged": bool(config.lora and config.merge),
+                "resumed_from": Path(last).name if last else None,
+                "batch": batch.as_json(config.batch_size),
+            },
+        )
     del trainer
     release(model)
 
@@ -228,8 +323,10 @@ def summary(report: dict) -> list[tuple[str, str]]:
     fl = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     out = [("rows in / trained", f"{report['rows_in']} / {report['rows_trained']}")]
     out += mixture_line(report)
-    out += [length_line(report),
-            ("steps", str(report["steps"])),
-            ("loss first -> final", f"{fl(report['first_loss'])} -> {fl(report['final_loss'])}"),
-            ("weights", f"{weights_kind(report)}, {report['trainable_params']} trainable params")]
+    out += [
+        length_line(report),
+        ("steps", str(report["steps"])),
+        ("loss first -> final", f"{fl(report['first_loss'])} -> {fl(report['final_loss'])}"),
+        ("weights", f"{weights_kind(report)}, {report['trainable_params']} trainable params"),
+    ]
     return out

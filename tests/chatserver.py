@@ -69,8 +69,11 @@ def _number(body: dict, key: str, default: Any, kind: type, lo: float | None = N
     value = body.get(key)
     if value is None:
         return default
-    if (isinstance(value, bool) or not isinstance(value, (int, float))
-            or (kind is int and not float(value).is_integer())):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (kind is int and not float(value).is_integer())
+    ):
         raise _BadRequest(400, f"'{key}' must be {'an integer' if kind is int else 'a number'}")
     value = kind(value)
     if (lo is not None and value < lo) or (hi is not None and value > hi):
@@ -119,9 +122,20 @@ class ChatServer:
     """Serve `backend` at http://host:port/v1 from a daemon thread. Use as a context manager,
     or call `start()` and `stop()`."""
 
-    def __init__(self, backend: Any, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None,
-                 fail_first: int = 0, *, fail_status: int = 429, delay_s: float = 0.0,
-                 model_name: str | None = None, max_n: int | None = None, verbose: bool = False) -> None:
+    def __init__(
+        self,
+        backend: Any,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        api_key: str | None = None,
+        fail_first: int = 0,
+        *,
+        fail_status: int = 429,
+        delay_s: float = 0.0,
+        model_name: str | None = None,
+        max_n: int | None = None,
+        verbose: bool = False,
+    ) -> None:
         self.backend, self.host, self.port = backend, host, port
         self.api_key, self.fail_first, self.fail_status = api_key, fail_first, fail_status
         self.delay_s, self.model_name, self.verbose = delay_s, model_name, verbose
@@ -136,7 +150,7 @@ class ChatServer:
 
     # -- lifecycle --
 
-    def start(self) -> "ChatServer":
+    def start(self) -> ChatServer:
         if self._httpd is not None:
             return self
         server = self
@@ -147,8 +161,12 @@ class ChatServer:
         self._httpd = ThreadingHTTPServer((self.host, self.port), Handler)
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,),  # quick stop()
-                                        name=f"chat-server:{self.port}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever,
+            args=(0.05,),  # quick stop()
+            name=f"chat-server:{self.port}",
+            daemon=True,
+        )
         self._thread.start()
         return self
 
@@ -161,7 +179,7 @@ class ChatServer:
             self._thread.join(timeout=5)
         self._httpd = self._thread = None
 
-    def __enter__(self) -> "ChatServer":
+    def __enter__(self) -> ChatServer:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -195,14 +213,15 @@ class ChatServer:
             return True
         if not header or not header.startswith("Bearer "):
             return False
-        return hmac.compare_digest(header[len("Bearer "):].strip().encode(), self.api_key.encode())
+        return hmac.compare_digest(header[len("Bearer ") :].strip().encode(), self.api_key.encode())
 
     def complete(self, body: Any) -> dict:
         messages, params, seed = parse_request(body)
         model = body.get("model") or self.served_model
         if self.model_name and model != self.model_name:
-            raise _BadRequest(404, f"The model '{model}' does not exist (this server serves '{self.model_name}')",
-                              "model_not_found")
+            raise _BadRequest(
+                404, f"The model '{model}' does not exist (this server serves '{self.model_name}')", "model_not_found"
+            )
         if self.max_n is not None and params.n > self.max_n:
             params = replace(params, n=self.max_n)
         with self._model_lock:
@@ -215,12 +234,19 @@ class ChatServer:
             "created": int(time.time()),
             "model": model,
             "choices": [
-                {"index": i, "message": {"role": "assistant", "content": c.text},
-                 "finish_reason": c.finish_reason, "logprobs": None}
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": c.text},
+                    "finish_reason": c.finish_reason,
+                    "logprobs": None,
+                }
                 for i, c in enumerate(comps)
             ],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
         }
 
 
@@ -228,9 +254,9 @@ class _Handler(BaseHTTPRequestHandler):
     chat: ChatServer  # set on the subclass made by ChatServer.start
     server_version = "recipe-chat-server/1"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
+    def log_message(self, format: str, *args: Any) -> None:
         if self.chat.verbose:
-            sys.stderr.write("%s - %s\n" % (self.address_string(), format % args))
+            sys.stderr.write(f"{self.address_string()} - {format % args}\n")
 
     def _send(self, status: int, payload: dict, headers: dict | None = None) -> None:
         # a request leaves the in-flight count before its answer goes out, so a client that sends
@@ -248,25 +274,27 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (timed out)
             pass
 
-    def _error(self, status: int, message: str, type_: str = "invalid_request_error",
-               headers: dict | None = None) -> None:
+    def _error(
+        self, status: int, message: str, type_: str = "invalid_request_error", headers: dict | None = None
+    ) -> None:
         self._send(status, {"error": {"message": message, "type": type_, "param": None, "code": status}}, headers)
 
     def _path(self) -> str:
         return self.path.split("?", 1)[0].rstrip("/")
 
-    def do_GET(self) -> None:  # noqa: N802 (stdlib name)
+    def do_GET(self) -> None:
         if self._path() in ("/v1/models", "/models"):
             if not self.chat.authorized(self.headers.get("Authorization")):
                 return self._error(401, "Incorrect API key provided.", "authentication_error")
             name = self.chat.served_model
-            return self._send(200, {"object": "list", "data": [
-                {"id": name, "object": "model", "created": 0, "owned_by": "recipe"}]})
+            return self._send(
+                200, {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "recipe"}]}
+            )
         if self._path() in ("", "/health"):
             return self._send(200, {"status": "ok"})
         self._error(404, f"no route GET {self.path}", "not_found")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         if self._path() not in ("/v1/chat/completions", "/chat/completions"):
             return self._error(404, f"no route POST {self.path}", "not_found")
         chat = self.chat
@@ -285,9 +313,12 @@ class _Handler(BaseHTTPRequestHandler):
             if chat.delay_s:
                 time.sleep(chat.delay_s)
             if n <= chat.fail_first:
-                return self._error(chat.fail_status, f"simulated failure {n} of {chat.fail_first}",
-                                   "rate_limit_error" if chat.fail_status == 429 else "server_error",
-                                   {"Retry-After": "0"})
+                return self._error(
+                    chat.fail_status,
+                    f"simulated failure {n} of {chat.fail_first}",
+                    "rate_limit_error" if chat.fail_status == 429 else "server_error",
+                    {"Retry-After": "0"},
+                )
             if not chat.authorized(self.headers.get("Authorization")):
                 return self._error(401, "Incorrect API key provided.", "authentication_error")
             try:
@@ -311,20 +342,28 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tests/chatserver.py",
-                                     description="Serve a model over an OpenAI-compatible chat-completions API.")
+    parser = argparse.ArgumentParser(
+        prog="tests/chatserver.py", description="Serve a model over an OpenAI-compatible chat-completions API."
+    )
     parser.add_argument("--model", required=True, help="builtin:NAME, a local model directory, or a hub id")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--api-key-env", default=None,
-                        help="require 'Authorization: Bearer $VAR' (the key is read from this environment variable)")
-    parser.add_argument("--served-model-name", default=None,
-                        help="the name clients must send as 'model' (default: the --model value)")
+    parser.add_argument(
+        "--api-key-env",
+        default=None,
+        help="require 'Authorization: Bearer $VAR' (the key is read from this environment variable)",
+    )
+    parser.add_argument(
+        "--served-model-name", default=None, help="the name clients must send as 'model' (default: the --model value)"
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--cache-root", default=None,
-                        help="where builtin models are built (default: $RECIPE_RUNS_DIR/cache or ./runs/cache)")
+    parser.add_argument(
+        "--cache-root",
+        default=None,
+        help="where builtin models are built (default: $RECIPE_RUNS_DIR/cache or ./runs/cache)",
+    )
     parser.add_argument("--quiet", action="store_true", help="do not log requests")
     args = parser.parse_args(argv)
 
@@ -335,13 +374,19 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"environment variable {args.api_key_env} is not set")
     cache_root = args.cache_root or os.path.join(os.environ.get("RECIPE_RUNS_DIR", "runs"), "cache")
 
-    from engine.models.weights import load_model
     from engine.models.backends.hf import HFBackend
+    from engine.models.weights import load_model
 
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device, cache_root=cache_root)
     backend = HFBackend(model, tok, batch_size=args.batch_size)
-    server = ChatServer(backend, args.host, args.port, api_key=api_key,
-                        model_name=args.served_model_name or args.model, verbose=not args.quiet)
+    server = ChatServer(
+        backend,
+        args.host,
+        args.port,
+        api_key=api_key,
+        model_name=args.served_model_name or args.model,
+        verbose=not args.quiet,
+    )
     server.start()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop cleanly on kill, like on Ctrl-C
     print(f"serving {args.model} at {server.url} (Ctrl-C to stop)", file=sys.stderr, flush=True)

@@ -45,9 +45,12 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 GOOD = [
-    conv(f"Question number {i} about topic {i * 7}: how does it work?",
-         f"Answer {i}: it works by combining part {i} with part {i + 1}, which together explain the effect "
-         f"seen in case {i * 3}.", id=f"r{i}")
+    conv(
+        f"Question number {i} about topic {i * 7}: how does it work?",
+        f"Answer {i}: it works by combining part {i} with part {i + 1}, which together explain the effect "
+        f"seen in case {i * 3}.",
+        id=f"r{i}",
+    )
     for i in range(40)
 ]
 
@@ -108,12 +111,19 @@ def fault_env(**faults: str) -> dict[str, str]:
     return {"PYTHONPATH": os.pathsep.join([str(FAULTS), str(ROOT)]), **faults}
 
 
-def run_cli_subprocess(*args, env_extra: dict | None = None, cwd=None, timeout=120,
-                       faults: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_cli_subprocess(
+    *args, env_extra: dict | None = None, cwd=None, timeout=120, faults: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     env = dict(os.environ, **(env_extra or {}), **(fault_env(**faults) if faults else {}))
     env.setdefault("PYTHONPATH", str(ROOT))
-    return subprocess.run([sys.executable, "-m", "engine.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "engine.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=timeout,
+    )
 
 
 # builtin:smollm2-135m (538 MB) is built once into the checkout's .cache/, shared by every test and

@@ -17,11 +17,17 @@ RECIPE = ROOT / "recipes" / "align_smollm2.toml"
 # short replies, one DPO epoch; the refusal suite's first 40 prompts (20 adversarial, 20 benign).
 SMALL = [
     "datasets.train.limit=40",
-    "stages.best_of_base.n=2", "stages.best_of_base.max_new_tokens=40",
-    "stages.sft.max_length=160", "stages.sft.lr=5e-5",  # fewer steps than the full run: a larger step
-    "stages.pairs.n=2", "stages.pairs.max_new_tokens=40",
-    "stages.dpo.epochs=1.0", "stages.dpo.max_length=160",
-    'stages.eval.suites=["refusal"]', "stages.eval.max_items=40", "stages.eval.max_new_tokens=24",
+    "stages.best_of_base.n=2",
+    "stages.best_of_base.max_new_tokens=40",
+    "stages.sft.max_length=160",
+    "stages.sft.lr=5e-5",  # fewer steps than the full run: a larger step
+    "stages.pairs.n=2",
+    "stages.pairs.max_new_tokens=40",
+    "stages.dpo.epochs=1.0",
+    "stages.dpo.max_length=160",
+    'stages.eval.suites=["refusal"]',
+    "stages.eval.max_items=40",
+    "stages.eval.max_new_tokens=24",
 ]
 
 

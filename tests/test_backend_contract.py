@@ -17,11 +17,16 @@ import pytest
 from engine.models.backends import SamplingParams
 
 MODEL = "builtin:tiny-chat"
-PROMPTS = [[{"role": "user", "content": "hi"}],
-           [{"role": "user", "content": "a much longer question about the tides and the moon"}],
-           [{"role": "system", "content": "be brief"}, {"role": "user", "content": "why?"}],
-           [{"role": "user", "content": "one"}, {"role": "assistant", "content": "two"},
-            {"role": "user", "content": "three?"}]]
+PROMPTS = [
+    [{"role": "user", "content": "hi"}],
+    [{"role": "user", "content": "a much longer question about the tides and the moon"}],
+    [{"role": "system", "content": "be brief"}, {"role": "user", "content": "why?"}],
+    [
+        {"role": "user", "content": "one"},
+        {"role": "assistant", "content": "two"},
+        {"role": "user", "content": "three?"},
+    ],
+]
 SAMPLED = SamplingParams(n=3, temperature=1.0, top_p=0.95, max_new_tokens=16)
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12)
 SEEDS = [101, 202, 303, 404]
@@ -65,6 +70,7 @@ def backend(request, cache, reference):
         both.close()
     elif kind == "openai":
         from engine.models.backends.openai import OpenAIBackend
+
         from chatserver import ChatServer
 
         server = ChatServer(reference, model_name=MODEL).start()
@@ -92,7 +98,7 @@ def _prompt_tokens(reference, prompt) -> int:
 
 
 def test_completions_are_well_formed(backend, reference):
-    kind, b = backend
+    _kind, b = backend
     out = b.generate(PROMPTS, SAMPLED, SEEDS)
     assert len(out) == len(PROMPTS)
     for prompt, comps in zip(PROMPTS, out):
@@ -106,7 +112,7 @@ def test_completions_are_well_formed(backend, reference):
 
 
 def test_seeds_reproduce_and_differ(backend):
-    kind, b = backend
+    _kind, b = backend
     a = [[c.text for c in x] for x in b.generate(PROMPTS, SAMPLED, SEEDS)]
     again = [[c.text for c in x] for x in b.generate(PROMPTS, SAMPLED, SEEDS)]
     other = [[c.text for c in x] for x in b.generate(PROMPTS, SAMPLED, [s + 1 for s in SEEDS])]
@@ -116,7 +122,7 @@ def test_seeds_reproduce_and_differ(backend):
 
 
 def test_a_prompt_is_answered_the_same_whatever_its_neighbours(backend):
-    kind, b = backend
+    _kind, b = backend
     together = b.generate(PROMPTS, SAMPLED, SEEDS)
     alone = b.generate([PROMPTS[2]], SAMPLED, [SEEDS[2]])
     reordered = b.generate(PROMPTS[::-1], SAMPLED, SEEDS[::-1])
@@ -130,8 +136,7 @@ def test_stop_strings_cut_the_text(backend):
     letter = next((ch for t in full for ch in t if ch.isalpha() and ch.isascii()), None)
     if letter is None:
         pytest.skip("no ascii letter sampled to stop at")
-    cut = b.generate(PROMPTS[:1], SamplingParams(n=3, temperature=1.0, max_new_tokens=24, stop=(letter,)),
-                     SEEDS[:1])[0]
+    cut = b.generate(PROMPTS[:1], SamplingParams(n=3, temperature=1.0, max_new_tokens=24, stop=(letter,)), SEEDS[:1])[0]
     assert any(letter in t for t in full)
     for whole, short in zip(full, cut):
         assert letter not in short.text
@@ -142,7 +147,7 @@ def test_stop_strings_cut_the_text(backend):
 
 
 def test_greedy_respects_max_new_tokens(backend):
-    kind, b = backend
+    _kind, b = backend
     for comps in b.generate(PROMPTS, GREEDY, 0):
         assert len(comps) == 1 and comps[0].completion_tokens <= GREEDY.max_new_tokens
 
@@ -153,6 +158,8 @@ def test_same_weights_through_transformers_give_the_same_text(backend, reference
         pytest.skip(f"{kind} is not expected to match the CPU hf backend token for token")
     for params, seed in ((GREEDY, 0), (SAMPLED, SEEDS)):
         got = [[(c.text, c.finish_reason, c.completion_tokens) for c in x] for x in b.generate(PROMPTS, params, seed)]
-        want = [[(c.text, c.finish_reason, c.completion_tokens) for c in x]
-                for x in reference.generate(PROMPTS, params, seed)]
+        want = [
+            [(c.text, c.finish_reason, c.completion_tokens) for c in x]
+            for x in reference.generate(PROMPTS, params, seed)
+        ]
         assert got == want

@@ -8,9 +8,11 @@ from engine.models.backends import SamplingParams
 from engine.models.backends.hf import HFBackend
 from engine.models.weights import load_model
 
-PROMPTS = [[{"role": "user", "content": "hi"}],
-           [{"role": "user", "content": "a much longer question about the tides and the moon"}],
-           [{"role": "system", "content": "be brief"}, {"role": "user", "content": "why?"}]]
+PROMPTS = [
+    [{"role": "user", "content": "hi"}],
+    [{"role": "user", "content": "a much longer question about the tides and the moon"}],
+    [{"role": "system", "content": "be brief"}, {"role": "user", "content": "why?"}],
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,9 @@ def test_stop_strings_cut_the_text(backend):
     params = SamplingParams(n=4, temperature=1.0, max_new_tokens=24)
     texts = [s.text for s in backend.generate(PROMPTS[:1], params, seed=1)[0]]
     letter = next(ch for t in texts for ch in t if ch.isalpha())
-    cut = backend.generate(PROMPTS[:1], SamplingParams(n=4, temperature=1.0, max_new_tokens=24, stop=(letter,)), seed=1)[0]
+    cut = backend.generate(
+        PROMPTS[:1], SamplingParams(n=4, temperature=1.0, max_new_tokens=24, stop=(letter,)), seed=1
+    )[0]
     for full, short in zip(texts, cut):
         if letter in full:
             assert short.text == full[: full.index(letter)].strip() and short.finish_reason == "stop"
@@ -72,16 +76,18 @@ def test_a_lora_adapter_dir_is_applied(tmp_path):
 
     from peft import LoraConfig, get_peft_model
 
-    from conftest import write_jsonl
-    from engine.run.executor import run
-    from engine.load.loader import load_recipe
     from engine.data.rows import read_rows
+    from engine.load.loader import load_recipe
+    from engine.run.executor import run
+
+    from conftest import write_jsonl
 
     model, _ = load_model("builtin:tiny-chat", cache_root=tmp_path / "c")
     peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     peft.save_pretrained(tmp_path / "proj" / "adapter")
     write_jsonl(tmp_path / "proj" / "p.jsonl", [{"prompt": f"question {i}"} for i in range(4)])
-    (tmp_path / "proj" / "r.toml").write_text(textwrap.dedent("""
+    (tmp_path / "proj" / "r.toml").write_text(
+        textwrap.dedent("""
         [recipe]
         name = "ad"
         [models.base]
@@ -104,7 +110,8 @@ def test_a_lora_adapter_dir_is_applied(tmp_path):
         model = "tuned"
         temperature = 0.0
         max_new_tokens = 12
-    """))
+    """)
+    )
     rec = run(load_recipe(tmp_path / "proj" / "r.toml"), tmp_path / "runs")
     a = [r["messages"][-1]["content"] for r in read_rows(rec.dir / "stages" / "a" / "rows.parquet")]
     b = [r["messages"][-1]["content"] for r in read_rows(rec.dir / "stages" / "b" / "rows.parquet")]

@@ -18,13 +18,16 @@ import pytest
 
 from engine.models.backends import SamplingParams
 from engine.models.backends.openai import BackendError, OpenAIBackend
+
 from chatserver import ChatServer
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "builtin:tiny-chat"
-PROMPTS = [[{"role": "user", "content": "hi"}],
-           [{"role": "user", "content": "a much longer question about the tides and the moon"}],
-           [{"role": "system", "content": "be brief"}, {"role": "user", "content": "why?"}]]
+PROMPTS = [
+    [{"role": "user", "content": "hi"}],
+    [{"role": "user", "content": "a much longer question about the tides and the moon"}],
+    [{"role": "system", "content": "be brief"}, {"role": "user", "content": "why?"}],
+]
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12)
 SAMPLED = SamplingParams(n=3, temperature=1.0, max_new_tokens=8)
 
@@ -70,8 +73,9 @@ def test_greedy_equals_hf(hf, serve):
     server = serve()
     got = client(server).generate(PROMPTS, GREEDY, seed=0)
     want = hf.generate(PROMPTS, GREEDY, seed=0)
-    assert [[(c.text, c.finish_reason, c.prompt_tokens, c.completion_tokens) for c in x] for x in got] == \
-           [[(c.text, c.finish_reason, c.prompt_tokens, c.completion_tokens) for c in x] for x in want]
+    assert [[(c.text, c.finish_reason, c.prompt_tokens, c.completion_tokens) for c in x] for x in got] == [
+        [(c.text, c.finish_reason, c.prompt_tokens, c.completion_tokens) for c in x] for x in want
+    ]
     assert server.requests == len(PROMPTS)
 
 
@@ -165,7 +169,7 @@ def test_backoff_is_exponential_jittered_and_capped(serve):
     assert server.requests == 7 and "429" in str(err.value) and "7 attempts" in str(err.value)
     assert len(sleeps) == 6
     for attempt, s in enumerate(sleeps):
-        full = min(8.0, 0.5 * 2 ** attempt)
+        full = min(8.0, 0.5 * 2**attempt)
         assert full / 2 <= s <= full
 
 
@@ -208,10 +212,20 @@ def test_server_http_api(serve):
     auth = {"Authorization": "Bearer k1"}
     with urllib.request.urlopen(urllib.request.Request(server.url + "/models", headers=auth)) as r:
         assert json.load(r)["data"][0]["id"] == MODEL
-    body = {"model": MODEL, "messages": PROMPTS[0], "n": 2, "temperature": 0.8, "max_tokens": 5, "seed": 1,
-            "stop": ["zz"]}
-    req = urllib.request.Request(server.url + "/chat/completions", data=json.dumps(body).encode(),
-                                 headers={**auth, "Content-Type": "application/json"})
+    body = {
+        "model": MODEL,
+        "messages": PROMPTS[0],
+        "n": 2,
+        "temperature": 0.8,
+        "max_tokens": 5,
+        "seed": 1,
+        "stop": ["zz"],
+    }
+    req = urllib.request.Request(
+        server.url + "/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={**auth, "Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req) as r:
         resp = json.load(r)
     assert resp["object"] == "chat.completion" and resp["model"] == MODEL
@@ -228,7 +242,9 @@ def test_server_http_api(serve):
 
 
 def test_modules_import_without_torch():
-    code = ("import sys, engine.models.backends.openai, chatserver; "
-            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
+    code = (
+        "import sys, engine.models.backends.openai, chatserver; "
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=ROOT, timeout=60)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine.models import chatmask as cm
 from engine.lib.trainer import mask_problems
+from engine.models import chatmask as cm
 
 CHATML = (
     "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
@@ -51,8 +51,11 @@ ZEPHYR = (
 
 FAMILIES = {  # template, special tokens (bos, eos, extra), the end-of-turn token generation must stop at
     "chatml": (CHATML, ("<|im_start|>", "<|im_end|>", []), "<|im_end|>"),
-    "llama3": (LLAMA3, ("<|begin_of_text|>", "<|end_of_text|>", ["<|start_header_id|>", "<|end_header_id|>",
-                                                                  "<|eot_id|>"]), "<|eot_id|>"),
+    "llama3": (
+        LLAMA3,
+        ("<|begin_of_text|>", "<|end_of_text|>", ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]),
+        "<|eot_id|>",
+    ),
     "mistral": (MISTRAL, ("<s>", "</s>", []), "</s>"),
     "gemma": (GEMMA, ("<bos>", "<eos>", ["<start_of_turn>", "<end_of_turn>"]), "<end_of_turn>"),
     "phi3": (PHI3, ("<s>", "<|endoftext|>", ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]), "<|end|>"),
@@ -81,8 +84,9 @@ def make_tokenizer(template: str, bos: str, eos: str, extra: list[str]):
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
     core.add_special_tokens([bos, eos, *extra])
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=bos, eos_token=eos, pad_token=eos,
-                                  clean_up_tokenization_spaces=False)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token=bos, eos_token=eos, pad_token=eos, clean_up_tokenization_spaces=False
+    )
     tok.chat_template = template
     return tok
 
@@ -112,8 +116,9 @@ def test_jinja_rendering_matches_transformers(family):
     tok = make_tokenizer(template, bos, eos, extra)
     render = cm.jinja_render(template, {"bos_token": bos, "eos_token": eos})
     for gen in (False, True):
-        assert render(CONVERSATION[:-1], gen) == tok.apply_chat_template(CONVERSATION[:-1], tokenize=False,
-                                                                         add_generation_prompt=gen)
+        assert render(CONVERSATION[:-1], gen) == tok.apply_chat_template(
+            CONVERSATION[:-1], tokenize=False, add_generation_prompt=gen
+        )
 
 
 def test_default_system_prompt_is_not_supervised():
@@ -142,15 +147,20 @@ DROPS_EARLIER_REPLIES = (  # keeps only the last reply in full (as reasoning-dro
     "{% if m['role'] == 'assistant' and not loop.last %}{{ m['content'][:5] }}{% else %}{{ m['content'] }}{% endif %}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-NO_END_MARKER = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n\n{% endfor %}" \
-                "{% if add_generation_prompt %}assistant: {% endif %}"
+NO_END_MARKER = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
 
 
-@pytest.mark.parametrize("template, why", [
-    (SYSTEM_IN_LAST_USER, "not prefix-stable"),
-    (DROPS_EARLIER_REPLIES, "not prefix-stable"),
-    (NO_END_MARKER, "no end-of-turn marker"),
-])
+@pytest.mark.parametrize(
+    "template, why",
+    [
+        (SYSTEM_IN_LAST_USER, "not prefix-stable"),
+        (DROPS_EARLIER_REPLIES, "not prefix-stable"),
+        (NO_END_MARKER, "no end-of-turn marker"),
+    ],
+)
 def test_templates_that_cannot_be_masked_say_why(template, why):
     with pytest.raises(cm.TemplateProblem, match=why):
         cm.masking(template, cm.jinja_render(template, {"eos_token": "</s>"}), ["</s>"])

@@ -33,7 +33,9 @@ def test_plan_json_shape_and_reasons(cli, project):
     data = json.loads(res.output)
     assert data["recipe"] == "basic"
     assert [(s["name"], s["kind"], s["status"], s["reasons"]) for s in data["stages"]] == [
-        ("clean", "filter", "run", ["new"]), ("again", "filter", "run", ["new"])]
+        ("clean", "filter", "run", ["new"]),
+        ("again", "filter", "run", ["new"]),
+    ]
     assert all(len(s["fingerprint"]) == 24 for s in data["stages"])
     assert cli("run", project / "recipe.toml").exit_code == 0
     data = json.loads(cli("plan", project / "recipe.toml", "--json", "--set", "stages.again.refusals='keep'").output)
@@ -61,6 +63,7 @@ def test_run_show_status_gc(cli, project, runs):
     assert cli("run", project / "recipe.toml", "--set", "stages.clean.min_words=4").exit_code == 0
     entries = sorted(p.name for p in (runs / "cache").iterdir() if (p / "manifest.json").exists())
     assert len(entries) == 4
+
     def entries_left() -> int:
         return len([p for p in (runs / "cache").iterdir() if (p / "manifest.json").exists()])
 
@@ -70,8 +73,9 @@ def test_run_show_status_gc(cli, project, runs):
     assert entries_left() == 4 and "0 entries" in kept.output
     first = sorted(p.name for p in (runs / "basic").iterdir() if (p / "record.json").exists())[0]
     # once the file changes, nothing uses the first run's entries any more
-    (project / "recipe.toml").write_text((project / "recipe.toml").read_text().replace("min_words = 3",
-                                                                                      "min_words = 6"))
+    (project / "recipe.toml").write_text(
+        (project / "recipe.toml").read_text().replace("min_words = 3", "min_words = 6")
+    )
     dry = cli("gc", "--keep-runs", "1")
     assert "would remove" in dry.output and "2 entries" in dry.output and entries_left() == 4
     assert cli("gc", "--keep-runs", "1", "--yes").exit_code == 0
@@ -87,7 +91,9 @@ def test_diff(cli, project):
     b.write_text((project / "recipe.toml").read_text().replace("min_words = 3", "min_words = 6"))
     data = json.loads(cli("diff", project / "recipe.toml", b, "--json").output)
     assert [(s["stage"], s["reasons"]) for s in data["stages"]] == [
-        ("clean", ["config: min_words 3 -> 6"]), ("again", ["input changed: clean"])]
+        ("clean", ["config: min_words 3 -> 6"]),
+        ("again", ["input changed: clean"]),
+    ]
     assert "no differences" in cli("diff", project / "recipe.toml", project / "recipe.toml").output
 
 
@@ -139,8 +145,17 @@ def test_ctrl_c_keeps_committed_shards(project, runs):
     rows = [conv(f"q{i}", f"answer number {i} with several words in it", id=f"r{i}") for i in range(20000)]
     write_jsonl(project / "data" / "convs.jsonl", rows)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "engine.cli", "run", str(project / "recipe.toml"), "--runs-dir", str(runs),
-           "--set", "stages.clean.shard_size=50"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "engine.cli",
+        "run",
+        str(project / "recipe.toml"),
+        "--runs-dir",
+        str(runs),
+        "--set",
+        "stages.clean.shard_size=50",
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     partial = runs / "cache" / "partial"
     deadline = time.time() + 60
@@ -157,8 +172,10 @@ def test_ctrl_c_keeps_committed_shards(project, runs):
 
 
 def test_importing_the_cli_stays_light():
-    code = ("import sys, engine.cli, engine.spec.recipe, engine.run.executor, engine.store.fingerprint, stages.filter, stages.generate, stages.judge, engine.load.schema; "
-            "print(sorted(m for m in ('torch','transformers','trl','peft','datasets') if m in sys.modules))")
+    code = (
+        "import sys, engine.cli, engine.spec.recipe, engine.run.executor, engine.store.fingerprint, stages.filter, stages.generate, stages.judge, engine.load.schema; "
+        "print(sorted(m for m in ('torch','transformers','trl','peft','datasets') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -166,9 +183,8 @@ def test_importing_the_cli_stays_light():
 def test_the_schema_names_the_wrong_key_and_accepts_partial_extends_children(cli):
     """Editors validate with this schema: stages are picked by `kind` (if/then), so an error names
     the key; a child recipe (`extends`) may give partial stage tables."""
-    import tomllib
-
     import jsonschema
+    import tomllib
 
     schema = json.loads(cli("schema").output)
     validator = jsonschema.Draft202012Validator(schema)

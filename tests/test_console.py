@@ -19,7 +19,6 @@ import pytest
 from conftest import GOOD, ROOT, conv, run_cli_subprocess, write_jsonl
 
 
-
 def test_third_party_warnings_and_bars_go_to_the_stage_log(tmp_path):
     from test_launch import make
 
@@ -87,8 +86,13 @@ def slow_project(root: Path) -> Path:
 def test_sigterm_is_handled_like_ctrl_c_and_the_run_resumes(tmp_path):
     path, runs = slow_project(tmp_path), tmp_path / "runs"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "run", str(path), "--runs-dir", str(runs)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "run", str(path), "--runs-dir", str(runs)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     deadline = time.time() + 120
     while not list((runs / "cache" / "partial").glob("*/shard-*")) and time.time() < deadline:
         time.sleep(0.2)
@@ -104,7 +108,9 @@ def test_sigterm_is_handled_like_ctrl_c_and_the_run_resumes(tmp_path):
 
 
 def test_a_run_killed_outright_shows_as_interrupted(project, runs):
-    proc = run_cli_subprocess("run", project / "recipe.toml", "--runs-dir", runs, faults={"RECIPE_CRASH_AFTER_SHARDS": "1"})
+    proc = run_cli_subprocess(
+        "run", project / "recipe.toml", "--runs-dir", runs, faults={"RECIPE_CRASH_AFTER_SHARDS": "1"}
+    )
     assert proc.returncode == 137  # os._exit: no handler ran, the record still says "running"
     assert json.loads((runs / "basic" / "latest" / "record.json").read_text())["status"] == "running"
     listing = run_cli_subprocess("status", "--runs-dir", runs)
@@ -124,8 +130,9 @@ def test_status_of_a_run_fits_80_columns_in_dag_order(project, runs):
 
 
 def test_show_escapes_control_characters_in_model_output(project, runs):
-    rows = [conv("Say something colourful please, friend.", "Here: \x1b[31mred\x1b[0m and a NUL \x00 byte, ok.",
-                 id="esc")] + GOOD
+    rows = [
+        conv("Say something colourful please, friend.", "Here: \x1b[31mred\x1b[0m and a NUL \x00 byte, ok.", id="esc")
+    ] + GOOD
     write_jsonl(project / "data" / "convs.jsonl", rows)
     assert run_cli_subprocess("run", project / "recipe.toml", "--runs-dir", runs).returncode == 0
     shown = run_cli_subprocess("show", "basic", "clean", "-n", "1", "--runs-dir", runs)

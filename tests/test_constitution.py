@@ -13,10 +13,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT, conv, run_cli_subprocess, write_jsonl
-from engine.lib.constitution import Constitution, constitution_problems, load_constitution
 from engine.core.errors import RecipeError
+from engine.lib.constitution import Constitution, constitution_problems, load_constitution
 from engine.load.loader import load_recipe
+
+from conftest import ROOT, conv, run_cli_subprocess, write_jsonl
 
 SHIPPED = ROOT / "recipes" / "constitutions"
 
@@ -62,7 +63,11 @@ def test_shipped_short_constitution():
 
 
 def test_name_defaults_to_the_file_name_and_examples_for(tmp_path):
-    path = write(tmp_path, PRINCIPLE.format(id="a") + PRINCIPLE.format(id="b") + """
+    path = write(
+        tmp_path,
+        PRINCIPLE.format(id="a")
+        + PRINCIPLE.format(id="b")
+        + """
         [[examples]]
         principle = "a"
         response = "R1"
@@ -79,7 +84,9 @@ def test_name_defaults_to_the_file_name_and_examples_for(tmp_path):
         [[examples.context]]
         role = "user"
         content = "U2"
-    """, name="mine.toml")
+    """,
+        name="mine.toml",
+    )
     c = load_constitution(path)
     assert c.name == "mine" and [p.id for p in c.principles] == ["a", "b"]
     assert [e.response for e in c.examples_for("a")] == ["R1", "R2"]
@@ -90,7 +97,7 @@ def test_name_defaults_to_the_file_name_and_examples_for(tmp_path):
 # --------------------------------------------------------------------------- loader errors
 
 
-@pytest.mark.parametrize("text", ['name = "empty"\n', 'principles = []\n'])
+@pytest.mark.parametrize("text", ['name = "empty"\n', "principles = []\n"])
 def test_no_principles(tmp_path, text):
     [p] = problems_of(write(tmp_path, text))
     assert p.message == "the constitution has no principles." and p.file.endswith("c.toml")
@@ -98,12 +105,16 @@ def test_no_principles(tmp_path, text):
 
 
 def test_a_principle_missing_a_request_names_the_file_line_and_principle(tmp_path):
-    path = write(tmp_path, PRINCIPLE.format(id="a") + """
+    path = write(
+        tmp_path,
+        PRINCIPLE.format(id="a")
+        + """
         [[principles]]
         id = "b"
         critique = "Look for b."
         comparison = "Which is b?"
-    """)
+    """,
+    )
     [p] = problems_of(path)
     assert (p.file, p.line, p.key) == (str(path), 7, "principles.1.revision")
     assert p.message == "principle 2 (id 'b') is missing 'revision'."
@@ -111,13 +122,18 @@ def test_a_principle_missing_a_request_names_the_file_line_and_principle(tmp_pat
 
 
 def test_every_problem_is_reported_at_once_with_its_line(tmp_path):
-    path = write(tmp_path, PRINCIPLE.format(id="a") + """
+    path = write(
+        tmp_path,
+        PRINCIPLE.format(id="a")
+        + """
         [[principles]]
         id = "b"
         critque = "typo"
         revision = "   "
         comparison = "Which?"
-    """ + PRINCIPLE.format(id="a") + """
+    """
+        + PRINCIPLE.format(id="a")
+        + """
         [[examples]]
         principle = "bb"
         response = "r"
@@ -126,7 +142,8 @@ def test_every_problem_is_reported_at_once_with_its_line(tmp_path):
         [[examples.context]]
         role = "assistant"
         content = "hello"
-    """)
+    """,
+    )
     problems = problems_of(path)
     got = [(p.line, p.message) for p in problems]
     assert got == [
@@ -153,12 +170,18 @@ def test_unknown_top_level_key_and_bad_id(tmp_path):
 def test_wrong_shapes(tmp_path):
     [p] = problems_of(write(tmp_path, 'principles = ["be nice"]'))
     assert (p.key, p.message) == ("principles.0", "principle 1: expected a table.")
-    [p] = problems_of(write(tmp_path, PRINCIPLE.format(id="a") + """
+    [p] = problems_of(
+        write(
+            tmp_path,
+            PRINCIPLE.format(id="a")
+            + """
         [[examples]]
         response = "r"
         critique = "c"
         revision = "v"
-    """))
+    """,
+        )
+    )
     assert p.message == "example 1 is missing 'context'." and p.line == 7 and "[[examples.context]]" in p.hint
 
 
@@ -176,7 +199,7 @@ def three(tmp_path) -> Constitution:
     return load_constitution(write(tmp_path, "".join(PRINCIPLE.format(id=i) for i in ("x", "y", "z"))))
 
 
-keys = st.lists(st.one_of(st.integers(-10**6, 10**6), st.text(max_size=12)), max_size=4)
+keys = st.lists(st.one_of(st.integers(-(10**6), 10**6), st.text(max_size=12)), max_size=4)
 
 
 @settings(max_examples=60, deadline=None)
@@ -189,9 +212,11 @@ def test_draw_is_reproducible_and_independent_of_the_object(seed, ks):
 
 
 def test_draw_is_the_same_under_any_python_hash_seed(tmp_path):
-    code = ("import json; from engine.lib.constitution import load_constitution as L; "
-            "c = L('recipes/constitutions/hhh.toml'); "
-            "print(json.dumps([c.draw(7, f'row{i}', i % 5, 1 + i % 3).id for i in range(40)]))")
+    code = (
+        "import json; from engine.lib.constitution import load_constitution as L; "
+        "c = L('recipes/constitutions/hhh.toml'); "
+        "print(json.dumps([c.draw(7, f'row{i}', i % 5, 1 + i % 3).id for i in range(40)]))"
+    )
     outs = []
     for hash_seed in ("1", "2"):
         env = dict(os.environ, PYTHONHASHSEED=hash_seed, PYTHONPATH=str(ROOT))
@@ -243,8 +268,11 @@ def test_constitution_problems_for_a_stage(tmp_path):
     assert constitution_problems("hhh", r, "revised", "constitution") == []
     # an undefined name is a missing reference, reported by the graph (test_validate_reports_...)
     assert constitution_problems("hh", r, "revised", "constitution") == []
-    text = recipe_file(tmp_path, str(SHIPPED / "hhh.toml")).read_text().replace('constitution = "hhh"',
-                                                                                 'constitution = "hh"')
+    text = (
+        recipe_file(tmp_path, str(SHIPPED / "hhh.toml"))
+        .read_text()
+        .replace('constitution = "hhh"', 'constitution = "hh"')
+    )
     (tmp_path / "r2.toml").write_text(text)
     with pytest.raises(RecipeError) as info:
         load_recipe(tmp_path / "r2.toml")
@@ -257,7 +285,9 @@ def test_validate_reports_a_bad_constitution_naming_the_stage_and_the_file(tmp_p
     bad = write(tmp_path, PRINCIPLE.format(id="a").replace('comparison = "Which is better for a?"\n', ""), "bad.toml")
     proc = run_cli_subprocess("validate", recipe_file(tmp_path, "bad.toml"))
     assert proc.returncode == 2
-    assert (f"{bad}:1: principles.0.comparison: constitution 'hhh' (used by stage 'revised'): principle 1 (id 'a') "
-            "is missing 'comparison'.") in proc.stderr
+    assert (
+        f"{bad}:1: principles.0.comparison: constitution 'hhh' (used by stage 'revised'): principle 1 (id 'a') "
+        "is missing 'comparison'."
+    ) in proc.stderr
     proc = run_cli_subprocess("validate", recipe_file(tmp_path, "bad.toml", name="hhhh"))
     assert proc.returncode == 2 and "uses constitution 'hhhh', which is not defined. Did you mean 'hhh'?" in proc.stderr

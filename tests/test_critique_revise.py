@@ -13,35 +13,39 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from conftest import ROOT, conv, run_cli_subprocess, write_jsonl
-from engine.models.backends import Completion
-from chatserver import ChatServer
-from engine.lib.constitution import load_constitution
-from engine.run.plan import make_plan
-from engine.run.executor import run
-from engine.load.loader import load_recipe
 from engine.data.rows import read_rows
+from engine.lib.constitution import load_constitution
 from engine.lib.revisions import assess_revision, selected_positions, strip_preamble
+from engine.load.loader import load_recipe
+from engine.models.backends import Completion
+from engine.run.executor import run
+from engine.run.plan import make_plan
+
+from chatserver import ChatServer
+from conftest import ROOT, conv, run_cli_subprocess, write_jsonl
 
 SHORT = ROOT / "recipes" / "constitutions" / "short.toml"
 
 # --------------------------------------------------------------------------- cleaning
 
 
-@pytest.mark.parametrize("raw, clean", [
-    ("Sure, here is a revised response:\nThe capital is Paris.", "The capital is Paris."),
-    ("Revised response: The capital is Paris.", "The capital is Paris."),
-    ("Here's a better version:\n\n\"The capital is Paris.\"", "The capital is Paris."),
-    ("**Revised reply:**\nParis.", "Paris."),
-    ("Certainly! Here is my revision.\nParis is the capital.", "Paris is the capital."),
-    ("Here\u2019s an improved response that addresses the critique:\n\nParis.", "Paris."),
-    ("[assistant]\nParis.", "Paris."),
-    ("\u201cParis is the capital.\u201d", "Paris is the capital."),
-    # replies that merely look like a preamble are kept whole
-    ("Here is the answer to your question: 42.", "Here is the answer to your question: 42."),
-    ("Here is a vegetarian plan for 40 dollars: lentils.", "Here is a vegetarian plan for 40 dollars: lentils."),
-    ('"Yes" and "no" are both fine.', '"Yes" and "no" are both fine.'),
-])
+@pytest.mark.parametrize(
+    "raw, clean",
+    [
+        ("Sure, here is a revised response:\nThe capital is Paris.", "The capital is Paris."),
+        ("Revised response: The capital is Paris.", "The capital is Paris."),
+        ('Here\'s a better version:\n\n"The capital is Paris."', "The capital is Paris."),
+        ("**Revised reply:**\nParis.", "Paris."),
+        ("Certainly! Here is my revision.\nParis is the capital.", "Paris is the capital."),
+        ("Here\u2019s an improved response that addresses the critique:\n\nParis.", "Paris."),
+        ("[assistant]\nParis.", "Paris."),
+        ("\u201cParis is the capital.\u201d", "Paris is the capital."),
+        # replies that merely look like a preamble are kept whole
+        ("Here is the answer to your question: 42.", "Here is the answer to your question: 42."),
+        ("Here is a vegetarian plan for 40 dollars: lentils.", "Here is a vegetarian plan for 40 dollars: lentils."),
+        ('"Yes" and "no" are both fine.', '"Yes" and "no" are both fine.'),
+    ],
+)
 def test_strip_preamble(raw, clean):
     assert strip_preamble(raw) == clean
 
@@ -52,10 +56,19 @@ def test_a_first_line_the_previous_text_had_too_is_kept():
     assert strip_preamble("Here's an updated version of the itinerary: day 1, the park.") == "day 1, the park."
 
 
-PREAMBLES = ["Sure, here is a revised response:\n", "Revised response: ", "Here's a better version:\n\n",
-             "Okay! Here is the rewritten reply.\n", "**Improved answer:**\n", "Revision:\n"]
-BODY = st.text(alphabet=st.characters(whitelist_categories=("Lu", "Ll", "Nd"), whitelist_characters=" ,;?\n-"),
-               min_size=1, max_size=80).filter(lambda t: t.strip())
+PREAMBLES = [
+    "Sure, here is a revised response:\n",
+    "Revised response: ",
+    "Here's a better version:\n\n",
+    "Okay! Here is the rewritten reply.\n",
+    "**Improved answer:**\n",
+    "Revision:\n",
+]
+BODY = st.text(
+    alphabet=st.characters(whitelist_categories=("Lu", "Ll", "Nd"), whitelist_characters=" ,;?\n-"),
+    min_size=1,
+    max_size=80,
+).filter(lambda t: t.strip())
 
 
 @given(preamble=st.sampled_from(PREAMBLES), body=BODY)
@@ -70,10 +83,13 @@ def test_assess_revision_reasons():
     assert assess_revision("Paris, France's capital.", "length", original, original)[1] == "truncated"
     assert assess_revision("word " * 71, "stop", original, original)[1] == "runaway"  # > 3 * 6 + 50 words
     assert assess_revision("word " * 68, "stop", original, original)[1] is None
-    assert assess_revision("Here is the revised reply:\nParis is the  capital of France.", "stop", original,
-                           original) == ("Paris is the  capital of France.", "unchanged")
-    assert assess_revision("Sure, here's a better version: Paris is France's capital.", "stop", original,
-                           original) == ("Paris is France's capital.", None)
+    assert assess_revision(
+        "Here is the revised reply:\nParis is the  capital of France.", "stop", original, original
+    ) == ("Paris is the  capital of France.", "unchanged")
+    assert assess_revision("Sure, here's a better version: Paris is France's capital.", "stop", original, original) == (
+        "Paris is France's capital.",
+        None,
+    )
 
 
 def test_selected_positions():
@@ -170,19 +186,35 @@ def stage_out(record, name="rev"):
 
 
 ROWS = [
-    conv("Plan two days in Rome.", "Day one: Colosseum. Day two: Vatican.", "I dislike museums.",
-         "Then walk around Trastevere instead.", id="rome", meta={"topic": "travel"}),
-    {"id": "math", "meta": {"topic": "math"},
-     "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
-                  {"role": "assistant", "content": "It is 4."}, {"role": "user", "content": "And 3+3?"},
-                  {"role": "assistant", "content": "It is 6."}]},
+    conv(
+        "Plan two days in Rome.",
+        "Day one: Colosseum. Day two: Vatican.",
+        "I dislike museums.",
+        "Then walk around Trastevere instead.",
+        id="rome",
+        meta={"topic": "travel"},
+    ),
+    {
+        "id": "math",
+        "meta": {"topic": "math"},
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "What is 2+2?"},
+            {"role": "assistant", "content": "It is 4."},
+            {"role": "user", "content": "And 3+3?"},
+            {"role": "assistant", "content": "It is 6."},
+        ],
+    },
     conv("Name a fruit.", "Apple.", id="fruit"),
 ]
 
 
 def test_every_assistant_turn_gets_an_exact_history(tmp_path, scripted):
     srv, backend = scripted
-    path = project(tmp_path, srv.url, """
+    path = project(
+        tmp_path,
+        srv.url,
+        """
         [stages.rev]
         kind = "critique_revise"
         input = "convs"
@@ -190,7 +222,9 @@ def test_every_assistant_turn_gets_an_exact_history(tmp_path, scripted):
         constitution = "short"
         rounds = 2
         shard_size = 2
-    """, ROWS)
+    """,
+        ROWS,
+    )
     rows, report = stage_out(run(load_recipe(path), tmp_path / "runs"))
     c = load_constitution(SHORT)
     drawn = Counter()
@@ -208,19 +242,29 @@ def test_every_assistant_turn_gets_an_exact_history(tmp_path, scripted):
             for r, (h, text) in enumerate(zip(turn["history"], texts), 1):
                 p = c.draw(11, row["id"], i, r)
                 drawn[p.id] += 1
-                assert h == {"round": r, "principle": p.id, "critique": f"Critique [{p.critique[:24]}] of: {text}",
-                             "revision": f"{text} [rev]", "accepted": True, "reason": None}
+                assert h == {
+                    "round": r,
+                    "principle": p.id,
+                    "critique": f"Critique [{p.critique[:24]}] of: {text}",
+                    "revision": f"{text} [rev]",
+                    "accepted": True,
+                    "reason": None,
+                }
         # keep: the user turns are untouched
-        assert [m for m in row["messages"] if m["role"] != "assistant"] == \
-               [m for m in before["messages"] if m["role"] != "assistant"]
+        assert [m for m in row["messages"] if m["role"] != "assistant"] == [
+            m for m in before["messages"] if m["role"] != "assistant"
+        ]
     assert report["turns_selected"] == 5 and report["turns_revised"] == 5 and report["critiques"] == 10
-    assert report["revisions"] == {"accepted": 10, "rejected": dict.fromkeys(
-        ["empty", "runaway", "truncated", "unchanged", "empty_critique"], 0)}
+    assert report["revisions"] == {
+        "accepted": 10,
+        "rejected": dict.fromkeys(["empty", "runaway", "truncated", "unchanged", "empty_critique"], 0),
+    }
     assert {k: v for k, v in report["principles"].items() if v} == dict(drawn)
     # later turns are critiqued in a context holding the earlier revisions, system prompt included
     second = [p for p in backend.prompts if p[0]["content"].startswith("You review") and "It is 6." in p[1]["content"]]
-    assert second and all("[system]\nBe brief." in p[1]["content"] and "It is 4. [rev] [rev]" in p[1]["content"]
-                          for p in second)
+    assert second and all(
+        "[system]\nBe brief." in p[1]["content"] and "It is 4. [rev] [rev]" in p[1]["content"] for p in second
+    )
     calls = srv.requests
     run(load_recipe(path), tmp_path / "runs")  # cached: the server sees nothing new
     assert srv.requests == calls
@@ -228,20 +272,33 @@ def test_every_assistant_turn_gets_an_exact_history(tmp_path, scripted):
 
 def test_rejected_revisions_keep_the_previous_text_and_are_counted(tmp_path, scripted):
     srv, backend = scripted
-    rows = [conv("Q?", f"A reply {marker}.", id=marker.strip("()") or "ok")
-            for marker in ("(empty)", "(runaway)", "(same)", "(cut)", "(nocrit)", "")]
-    path = project(tmp_path, srv.url, """
+    rows = [
+        conv("Q?", f"A reply {marker}.", id=marker.strip("()") or "ok")
+        for marker in ("(empty)", "(runaway)", "(same)", "(cut)", "(nocrit)", "")
+    ]
+    path = project(
+        tmp_path,
+        srv.url,
+        """
         [stages.rev]
         kind = "critique_revise"
         input = "convs"
         model = "critic"
         constitution = "short"
         turns = "last"
-    """, rows)
+    """,
+        rows,
+    )
     out, report = stage_out(run(load_recipe(path), tmp_path / "runs"))
     reasons = {r["id"]: r["meta"]["critique_revise"]["turns"][0]["history"][0]["reason"] for r in out}
-    assert reasons == {"empty": "empty", "runaway": "runaway", "same": "unchanged", "cut": "truncated",
-                       "nocrit": "empty_critique", "ok": None}
+    assert reasons == {
+        "empty": "empty",
+        "runaway": "runaway",
+        "same": "unchanged",
+        "cut": "truncated",
+        "nocrit": "empty_critique",
+        "ok": None,
+    }
     for r, before in zip(out, rows):
         [turn] = r["meta"]["critique_revise"]["turns"]
         kept = turn["history"][0]["reason"] is not None
@@ -251,19 +308,31 @@ def test_rejected_revisions_keep_the_previous_text_and_are_counted(tmp_path, scr
     assert nocrit["critique"] == "" and nocrit["revision"] == "" and not nocrit["accepted"]
     revision_prompts = [p for p in backend.prompts if p[0]["content"].startswith("You revise")]
     assert len(revision_prompts) == 5  # no critique, no revision
-    assert report["revisions"] == {"accepted": 1, "rejected": {"empty": 1, "runaway": 1, "truncated": 1,
-                                                               "unchanged": 1, "empty_critique": 1}}
+    assert report["revisions"] == {
+        "accepted": 1,
+        "rejected": {"empty": 1, "runaway": 1, "truncated": 1, "unchanged": 1, "empty_critique": 1},
+    }
     assert report["turns_revised"] == 1
 
 
 def test_resimulate_regenerates_what_follows_a_revised_turn(tmp_path, scripted):
     srv, backend = scripted
     policy = ChatServer(Scripted("Policy answer"), model_name="policy").start()
-    three = conv("Help me train for a 10k.", "Run three times a week.", "I only have mornings.",
-                 "Run at 7am then.", "What about shoes?", "Any comfortable pair.", id="run",
-                 meta={"scenario": "a beginner trains for a 10k", "persona": ""})
+    three = conv(
+        "Help me train for a 10k.",
+        "Run three times a week.",
+        "I only have mornings.",
+        "Run at 7am then.",
+        "What about shoes?",
+        "Any comfortable pair.",
+        id="run",
+        meta={"scenario": "a beginner trains for a 10k", "persona": ""},
+    )
     untouched = conv("Hi.", "Hello (nocrit).", "Bye.", "Goodbye (nocrit).", id="still")
-    path = project(tmp_path, srv.url, """
+    path = project(
+        tmp_path,
+        srv.url,
+        """
         [stages.rev]
         kind = "critique_revise"
         input = "convs"
@@ -276,7 +345,9 @@ def test_resimulate_regenerates_what_follows_a_revised_turn(tmp_path, scripted):
         path = "policy"
         backend = "openai"
         base_url = "{policy.url}"
-    """.replace("{policy.url}", policy.url), [three, untouched])
+    """.replace("{policy.url}", policy.url),
+        [three, untouched],
+    )
     try:
         out, report = stage_out(run(load_recipe(path), tmp_path / "runs"))
     finally:
@@ -292,8 +363,10 @@ def test_resimulate_regenerates_what_follows_a_revised_turn(tmp_path, scripted):
     a3 = f"Policy answer to: {u3}"
     assert [m["content"] for m in row["messages"]] == ["Help me train for a 10k.", first, u2, a2, u3, f"{a3} [rev]"]
     # the last turn was critiqued as regenerated, in the regenerated context
-    assert [(t["index"], t["original"], t["final"]) for t in info["turns"]] == [(1, "Run three times a week.", first),
-                                                                              (5, a3, f"{a3} [rev]")]
+    assert [(t["index"], t["original"], t["final"]) for t in info["turns"]] == [
+        (1, "Run three times a week.", first),
+        (5, a3, f"{a3} [rev]"),
+    ]
     # a turn that was not revised (no critique) is not resimulated
     assert out[1]["messages"] == untouched["messages"] and report["resimulated_turns"] == 1
     sims = [p for p in backend.prompts if p[0]["content"].startswith("You are playing a person")]
@@ -302,14 +375,19 @@ def test_resimulate_regenerates_what_follows_a_revised_turn(tmp_path, scripted):
 
 def test_a_conversation_with_no_selected_turn_passes_through(tmp_path, scripted):
     srv, backend = scripted
-    path = project(tmp_path, srv.url, """
+    path = project(
+        tmp_path,
+        srv.url,
+        """
         [stages.rev]
         kind = "critique_revise"
         input = "convs"
         model = "critic"
         constitution = "short"
         turns = [2]
-    """, [ROWS[0], ROWS[2]])
+    """,
+        [ROWS[0], ROWS[2]],
+    )
     out, report = stage_out(run(load_recipe(path), tmp_path / "runs"))
     assert out[1]["messages"] == ROWS[2]["messages"] and out[1]["meta"]["critique_revise"]["turns"] == []
     assert out[0]["messages"] == ROWS[0]["messages"] and out[0]["meta"]["critique_revise"]["turns"] == []
@@ -319,23 +397,31 @@ def test_a_conversation_with_no_selected_turn_passes_through(tmp_path, scripted)
 def test_simulator_models_need_resimulate(tmp_path):
     write_jsonl(tmp_path / "convs.jsonl", [conv("Hi there.", "Hello, how can I help?", id="a")])
     path = tmp_path / "r.toml"
-    path.write_text(textwrap.dedent(HEAD.format(url="http://127.0.0.1:9/v1", short=SHORT)) + textwrap.dedent("""
+    path.write_text(
+        textwrap.dedent(HEAD.format(url="http://127.0.0.1:9/v1", short=SHORT))
+        + textwrap.dedent("""
         [stages.rev]
         kind = "critique_revise"
         input = "convs"
         model = "critic"
         user_model = "critic"
         constitution = "short"
-    """))
+    """)
+    )
     proc = run_cli_subprocess("validate", path)
-    assert proc.returncode == 2 and "stages.rev.user_model: user_model is only used with after_revision = " \
-        "\"resimulate\". Remove user_model, or set after_revision = \"resimulate\"." in proc.stderr
+    assert (
+        proc.returncode == 2
+        and "stages.rev.user_model: user_model is only used with after_revision = "
+        '"resimulate". Remove user_model, or set after_revision = "resimulate".'
+        in proc.stderr
+    )
     assert run_cli_subprocess("validate", path, "--set", "stages.rev.after_revision=resimulate").returncode == 0
 
 
 def test_an_empty_input_is_an_error_naming_the_stage(tmp_path):
     write_jsonl(tmp_path / "convs.jsonl", [conv("Hi there.", "Hello, how can I help?", id="a")])
-    (tmp_path / "r.toml").write_text(textwrap.dedent(f"""
+    (tmp_path / "r.toml").write_text(
+        textwrap.dedent(f"""
         [recipe]
         name = "empty"
         [models.policy]
@@ -353,7 +439,8 @@ def test_an_empty_input_is_an_error_naming_the_stage(tmp_path):
         input = "none"
         model = "policy"
         constitution = "short"
-    """))
+    """)
+    )
     proc = run_cli_subprocess("run", tmp_path / "r.toml", "--runs-dir", tmp_path / "runs")
     assert proc.returncode == 2
     assert "stage 'rev': its input 'none' has no rows, so there is nothing to critique." in proc.stderr
@@ -364,7 +451,8 @@ def test_the_constitution_file_and_templates_enter_the_fingerprint(tmp_path):
     cons.write_text(SHORT.read_text())
     write_jsonl(tmp_path / "convs.jsonl", [conv("Hi there.", "Hello, how can I help?", id="a")])
     path = tmp_path / "r.toml"
-    path.write_text(textwrap.dedent("""
+    path.write_text(
+        textwrap.dedent("""
         [recipe]
         name = "fp"
         [models.policy]
@@ -378,7 +466,8 @@ def test_the_constitution_file_and_templates_enter_the_fingerprint(tmp_path):
         input = "convs"
         model = "policy"
         constitution = "mine"
-    """))
+    """)
+    )
     before = make_plan(load_recipe(path), tmp_path / "runs")[0].fingerprint
     cons.write_text(cons.read_text().replace("Say what is wrong.", "Say exactly what is wrong."))
     [item] = make_plan(load_recipe(path), tmp_path / "runs")
@@ -387,11 +476,15 @@ def test_the_constitution_file_and_templates_enter_the_fingerprint(tmp_path):
     assert not any("constitution" in k for k in item.components["templates"])
     (tmp_path / "templates").mkdir()
     (tmp_path / "templates" / "revision.j2").write_text(
-        "### user\n{{ conversation[-1].content }} {{ critique }} {{ revision_request }}\n")
+        "### user\n{{ conversation[-1].content }} {{ critique }} {{ revision_request }}\n"
+    )
     assert make_plan(load_recipe(path), tmp_path / "runs")[0].fingerprint != item.fingerprint
     (tmp_path / "templates" / "revision.j2").write_text("### user\n{{ conversation[-1].content }} {{ tone }}\n")
     proc = run_cli_subprocess("validate", path)
-    assert proc.returncode == 2 and "template revision.j2 line 2 uses 'tone', which stage 'rev' does not pass" in proc.stderr
+    assert (
+        proc.returncode == 2
+        and "template revision.j2 line 2 uses 'tone', which stage 'rev' does not pass" in proc.stderr
+    )
 
 
 # --------------------------------------------------------------------------- builtin model, end to end
@@ -420,8 +513,10 @@ shard_size = 2
 
 
 def builtin_project(tmp_path: Path, after: str = "keep") -> Path:
-    rows = [conv(f"Question {i} about topic {i}?", f"Answer {i}.", f"Follow-up {i}?", f"More on {i}.", id=f"q{i}")
-            for i in range(4)]
+    rows = [
+        conv(f"Question {i} about topic {i}?", f"Answer {i}.", f"Follow-up {i}?", f"More on {i}.", id=f"q{i}")
+        for i in range(4)
+    ]
     write_jsonl(tmp_path / "convs.jsonl", rows)
     path = tmp_path / "r.toml"
     path.write_text(textwrap.dedent(BUILTIN.format(short=SHORT, after=after)))

@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # until the project has a conftest/pyproject that sets the path
     sys.path.insert(0, str(ROOT))
 
-from engine.data.datasets import LoadResult, check_messages, is_local, load_rows, normalize_messages  # noqa: E402
 from engine.core.errors import DataError, RecipeError  # noqa: E402
+from engine.data.datasets import LoadResult, check_messages, is_local, load_rows, normalize_messages  # noqa: E402
 
 
 def chat(user="hi", assistant="hello"):
@@ -56,8 +56,7 @@ def write_csv(path: Path, rows) -> str:
 
 def expected_rows(name="seed"):
     return [
-        {"id": f"{name}:{i}", "messages": r["messages"], "meta": {"source": r["source"]}}
-        for i, r in enumerate(ROWS)
+        {"id": f"{name}:{i}", "messages": r["messages"], "meta": {"source": r["source"]}} for i, r in enumerate(ROWS)
     ]
 
 
@@ -78,8 +77,7 @@ def test_jsonl_blank_lines_and_unicode_line_separator(tmp_path):
     assert res.rows[0]["messages"][0]["content"] == "a\u2028b"
 
 
-@pytest.mark.parametrize("wrap", [lambda r: r, lambda r: {"data": r}, lambda r: {"rows": r},
-                                  lambda r: {"train": r}])
+@pytest.mark.parametrize("wrap", [lambda r: r, lambda r: {"data": r}, lambda r: {"rows": r}, lambda r: {"train": r}])
 def test_json(tmp_path, wrap):
     p = tmp_path / "d.json"
     p.write_text(json.dumps(wrap(ROWS)))
@@ -134,8 +132,7 @@ def test_save_to_disk_dir(tmp_path):
 def test_save_to_disk_dataset_dict_picks_split(tmp_path):
     import datasets
 
-    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS),
-                               "test": datasets.Dataset.from_list(ROWS[:1])})
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS), "test": datasets.Dataset.from_list(ROWS[:1])})
     dd.save_to_disk(str(tmp_path / "dd"))
     assert len(load_rows(str(tmp_path / "dd"), name="s", split="test").rows) == 1
     assert len(load_rows(str(tmp_path / "dd"), name="s").rows) == 3
@@ -166,8 +163,7 @@ def test_is_local(tmp_path):
 
 
 def test_id_column_and_meta_merge(tmp_path):
-    rows = [{"id": 7, "messages": chat(), "meta": {"a": 1}, "lang": "en"},
-            {"id": "", "messages": chat(), "meta": None}]
+    rows = [{"id": 7, "messages": chat(), "meta": {"a": 1}, "lang": "en"}, {"id": "", "messages": chat(), "meta": None}]
     res = load_rows(write_jsonl(tmp_path / "d.jsonl", rows), name="n")
     assert res.rows[0] == {"id": "7", "messages": chat(), "meta": {"a": 1, "lang": "en"}}
     assert res.rows[1] == {"id": "n:1", "messages": chat(), "meta": {}}
@@ -175,23 +171,24 @@ def test_id_column_and_meta_merge(tmp_path):
 
 def test_column_mapping(tmp_path):
     rows = [{"uid": "u1", "conversation": chat("  Hi  ", "yo "), "extra": 1}]
-    res = load_rows(write_jsonl(tmp_path / "d.jsonl", rows), name="n",
-                    columns={"messages": "conversation", "id": "uid"})
+    res = load_rows(
+        write_jsonl(tmp_path / "d.jsonl", rows), name="n", columns={"messages": "conversation", "id": "uid"}
+    )
     assert res.rows == [{"id": "u1", "messages": chat("Hi", "yo"), "meta": {"extra": 1}}]
 
 
 def test_column_mapping_prompts(tmp_path):
     rows = [{"question": " What? ", "answer": "x"}]
-    res = load_rows(write_jsonl(tmp_path / "d.jsonl", rows), name="n", type="prompts",
-                    columns={"prompt": "question"})
+    res = load_rows(write_jsonl(tmp_path / "d.jsonl", rows), name="n", type="prompts", columns={"prompt": "question"})
     assert res.rows == [{"id": "n:0", "prompt": "What?", "meta": {"answer": "x"}}]
 
 
 def test_mapped_column_missing_lists_available(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", ROWS)
     with pytest.raises(DataError) as ei:
-        load_rows(path, name="seed", columns={"messages": "conversation"}, key="datasets.seed.columns",
-                  file="recipe.toml")
+        load_rows(
+            path, name="seed", columns={"messages": "conversation"}, key="datasets.seed.columns", file="recipe.toml"
+        )
     text = str(ei.value)
     assert "'conversation'" in text and "messages, source" in text
     assert "recipe.toml" in text and "datasets.seed.columns" in text
@@ -205,8 +202,7 @@ def test_missing_required_column(tmp_path):
     assert "'messages'" in text and "text, label" in text and 'columns = { messages = "..." }' in text
     assert isinstance(ei.value, RecipeError)
     with pytest.raises(DataError, match="'chosen'"):
-        load_rows(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "p", "rejected": "r"}]), name="p",
-                  type="preferences")
+        load_rows(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "p", "rejected": "r"}]), name="p", type="preferences")
 
 
 def test_unknown_type(tmp_path):
@@ -215,12 +211,21 @@ def test_unknown_type(tmp_path):
 
 
 def test_sharegpt(tmp_path):
-    rows = [{"conversations": [{"from": "system", "value": "be nice"}, {"from": "human", "value": "hi"},
-                               {"from": "gpt", "value": "hello"}], "src": "x"},
-            {"conversations": [{"from": "robot", "value": "beep"}]}]
+    rows = [
+        {
+            "conversations": [
+                {"from": "system", "value": "be nice"},
+                {"from": "human", "value": "hi"},
+                {"from": "gpt", "value": "hello"},
+            ],
+            "src": "x",
+        },
+        {"conversations": [{"from": "robot", "value": "beep"}]},
+    ]
     res = load_rows(write_jsonl(tmp_path / "d.jsonl", rows), name="sg")
-    assert res.rows == [{"id": "sg:0", "messages": [{"role": "system", "content": "be nice"}] + chat(),
-                         "meta": {"src": "x"}}]
+    assert res.rows == [
+        {"id": "sg:0", "messages": [{"role": "system", "content": "be nice"}] + chat(), "meta": {"src": "x"}}
+    ]
     assert res.dropped == {"unknown role 'robot'": 1}
 
 
@@ -261,8 +266,7 @@ def test_limit_applies_before_dropping(tmp_path):
 def test_every_conversation_drop_reason_counted(tmp_path):
     u, a, s = ({"role": r, "content": "x"} for r in ("user", "assistant", "system"))
     bad = {
-        "not a list of messages": ["hello", [], [3, u], [{"content": "x"}],
-                                   [{"role": "user", "content": ["x"]}, a]],
+        "not a list of messages": ["hello", [], [3, u], [{"content": "x"}], [{"role": "user", "content": ["x"]}, a]],
         "unknown role 'tool'": [[u, {"role": "tool", "content": "x"}]],
         "empty content": [[u, {"role": "assistant", "content": "   "}], [u, {"role": "assistant", "content": None}]],
         "system message not first": [[u, s, a]],
@@ -298,16 +302,20 @@ def test_prompts(tmp_path):
     ]
     res = load_rows(write_jsonl(tmp_path / "d.jsonl", rows), name="p", type="prompts")
     assert [r["prompt"] for r in res.rows] == [
-        "plain", [{"role": "system", "content": "sys"}, {"role": "user", "content": "q"}]]
-    assert res.dropped == {"empty prompt": 3, "does not start with a user turn": 1,
-                           "not a list of messages": 1}
+        "plain",
+        [{"role": "system", "content": "sys"}, {"role": "user", "content": "q"}],
+    ]
+    assert res.dropped == {"empty prompt": 3, "does not start with a user turn": 1, "not a list of messages": 1}
 
 
 def test_preferences(tmp_path):
     rows = [
         {"prompt": " q ", "chosen": " good ", "rejected": "bad"},
-        {"prompt": chat("q", "a") + [{"role": "user", "content": "again"}],
-         "chosen": [{"role": "assistant", "content": "yes"}], "rejected": "no"},
+        {
+            "prompt": chat("q", "a") + [{"role": "user", "content": "again"}],
+            "chosen": [{"role": "assistant", "content": "yes"}],
+            "rejected": "no",
+        },
         {"prompt": "q", "chosen": "", "rejected": "bad"},
         {"prompt": "q", "chosen": "good", "rejected": None},
         {"prompt": "q", "chosen": "same", "rejected": " same"},
@@ -315,14 +323,23 @@ def test_preferences(tmp_path):
         {"prompt": chat(), "chosen": "a", "rejected": "b"},
     ]
     res = load_rows(write_jsonl(tmp_path / "d.jsonl", rows), name="pr", type="preferences")
-    assert res.rows[0] == {"id": "pr:0", "prompt": [{"role": "user", "content": "q"}],
-                           "chosen": [{"role": "assistant", "content": "good"}],
-                           "rejected": [{"role": "assistant", "content": "bad"}], "meta": {}}
+    assert res.rows[0] == {
+        "id": "pr:0",
+        "prompt": [{"role": "user", "content": "q"}],
+        "chosen": [{"role": "assistant", "content": "good"}],
+        "rejected": [{"role": "assistant", "content": "bad"}],
+        "meta": {},
+    }
     assert res.rows[1]["prompt"][-1] == {"role": "user", "content": "again"}
     assert res.rows[1]["chosen"] == [{"role": "assistant", "content": "yes"}]
     assert len(res.rows) == 2
-    assert res.dropped == {"empty chosen": 1, "empty rejected": 1, "chosen equals rejected": 1,
-                           "empty prompt": 1, "roles do not alternate": 1}
+    assert res.dropped == {
+        "empty chosen": 1,
+        "empty rejected": 1,
+        "chosen equals rejected": 1,
+        "empty prompt": 1,
+        "roles do not alternate": 1,
+    }
 
 
 def test_preferences_csv(tmp_path):
@@ -378,15 +395,18 @@ def test_hub_offline_is_data_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import engine.data.datasets as d, engine.core.errors as e\n"
-            "try:\n"
-            "    d.load_rows('nonexistent-org/nonexistent-ds', name='seed', key='datasets.seed.path')\n"
-            "except e.DataError as err:\n"
-            "    print(err)\n"
-            "else:\n"
-            "    sys.exit('no error')\n")
-    proc = subprocess.run([sys.executable, "-c", code, str(ROOT)], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=120)
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import engine.data.datasets as d, engine.core.errors as e\n"
+        "try:\n"
+        "    d.load_rows('nonexistent-org/nonexistent-ds', name='seed', key='datasets.seed.path')\n"
+        "except e.DataError as err:\n"
+        "    print(err)\n"
+        "else:\n"
+        "    sys.exit('no error')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT)], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = proc.stdout.strip()
     assert "could not be loaded from the hub" in text and "nonexistent-org/nonexistent-ds" in text
@@ -395,9 +415,11 @@ def test_hub_offline_is_data_error(tmp_path, monkeypatch):
 
 
 def test_import_is_light():
-    code = ("import sys, engine.data.datasets; "
-            "bad = [m for m in ('datasets', 'torch', 'transformers', 'trl', 'peft', 'pyarrow') if m in sys.modules]; "
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, engine.data.datasets; "
+        "bad = [m for m in ('datasets', 'torch', 'transformers', 'trl', 'peft', 'pyarrow') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -407,11 +429,13 @@ def test_local_files_load_without_hf_datasets(tmp_path):
     (tmp_path / "d.json").write_text(json.dumps(ROWS))
     write_csv(tmp_path / "d.csv", ROWS)
     write_parquet(tmp_path / "d.parquet", ROWS)
-    code = ("import sys, engine.data.datasets as d\n"
-            f"for ext in ('jsonl', 'json', 'csv', 'parquet'):\n"
-            f"    assert len(d.load_rows({str(tmp_path)!r} + '/d.' + ext, name='s').rows) == 3\n"
-            "bad = [m for m in ('datasets', 'torch') if m in sys.modules]\n"
-            "print(bad); sys.exit(1 if bad else 0)\n")
+    code = (
+        "import sys, engine.data.datasets as d\n"
+        f"for ext in ('jsonl', 'json', 'csv', 'parquet'):\n"
+        f"    assert len(d.load_rows({str(tmp_path)!r} + '/d.' + ext, name='s').rows) == 3\n"
+        "bad = [m for m in ('datasets', 'torch') if m in sys.modules]\n"
+        "print(bad); sys.exit(1 if bad else 0)\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -430,8 +454,9 @@ def conversations(draw):
     if draw(st.booleans()):
         roles.append("user")  # may end on a user turn: still has an assistant turn
     case = st.sampled_from([str.lower, str.upper, str.title])
-    return [{"role": draw(pad) + draw(case)(r) + draw(pad), "content": draw(pad) + draw(text) + draw(pad)}
-            for r in roles]
+    return [
+        {"role": draw(pad) + draw(case)(r) + draw(pad), "content": draw(pad) + draw(text) + draw(pad)} for r in roles
+    ]
 
 
 @settings(max_examples=200, deadline=None)

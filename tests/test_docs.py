@@ -13,7 +13,8 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "recipe-reference.md"
 def test_recipe_reference_is_in_sync_with_the_code():
     assert DOC.is_file(), "run: recipe schema --markdown -o docs/recipe-reference.md"
     assert DOC.read_text(encoding="utf-8") == markdown(), (
-        "docs/recipe-reference.md is stale: run `recipe schema --markdown -o docs/recipe-reference.md`")
+        "docs/recipe-reference.md is stale: run `recipe schema --markdown -o docs/recipe-reference.md`"
+    )
 
 
 def test_every_stage_kind_is_documented():
@@ -30,7 +31,8 @@ def test_constitution_reference_is_in_sync_with_the_code():
     doc = DOC.parent / "constitution-reference.md"
     assert doc.read_text(encoding="utf-8") == constitution_markdown(), (
         "docs/constitution-reference.md is stale: run `recipe schema --constitution --markdown -o "
-        "docs/constitution-reference.md`")
+        "docs/constitution-reference.md`"
+    )
     assert "[[principles.examples]]" in doc.read_text() and "[[examples]]" in doc.read_text()
 
 
@@ -46,14 +48,17 @@ def test_the_readme_shows_the_few_shot_examples_the_engine_accepts(tmp_path):
         role = "user"
         content = "How much of this medicine should I take?"
     """)
-    text = textwrap.dedent("""
+    text = (
+        textwrap.dedent("""
         [[principles]]
         id = "safe"
         critique = "Is anything unsafe?"
         revision = "Make it safe."
         comparison = "Which is safer?"
         [[principles.examples]]
-    """) + example.format(prefix="principles.") + textwrap.dedent("""
+    """)
+        + example.format(prefix="principles.")
+        + textwrap.dedent("""
         [[principles]]
         id = "kind"
         critique = "Is it unkind?"
@@ -61,7 +66,9 @@ def test_the_readme_shows_the_few_shot_examples_the_engine_accepts(tmp_path):
         comparison = "Which is kinder?"
         [[examples]]
         principle = "kind"
-    """) + example.format(prefix="")
+    """)
+        + example.format(prefix="")
+    )
     path = tmp_path / "c.toml"
     path.write_text(text)
     constitution = load_constitution(path)

@@ -8,24 +8,30 @@ from pathlib import Path
 
 import pytest
 
-from conftest import conv, write_jsonl
 from engine.core.errors import RecipeError, StageFailed
-from engine.run.executor import run
-from engine.load.loader import load_recipe
 from engine.lib.pairs import unpaired
+from engine.load.loader import load_recipe
+from engine.run.executor import run
 from stages.dpo import fit_pairs, summary
+
+from conftest import conv, write_jsonl
 
 
 def pair(i: int, turns: int = 1) -> dict:
     """A preference row; with turns > 1 the prompt carries earlier exchanges (multi-turn)."""
     prompt = []
     for t in range(turns - 1):
-        prompt += [{"role": "user", "content": f"earlier question {t} about {i}"},
-                   {"role": "assistant", "content": f"earlier answer {t}"}]
+        prompt += [
+            {"role": "user", "content": f"earlier question {t} about {i}"},
+            {"role": "assistant", "content": f"earlier answer {t}"},
+        ]
     prompt.append({"role": "user", "content": f"What is {i} plus {i}?"})
-    return {"id": f"p{i}", "prompt": prompt,
-            "chosen": [{"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}],
-            "rejected": [{"role": "assistant", "content": "Go away, I will not say."}]}
+    return {
+        "id": f"p{i}",
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}],
+        "rejected": [{"role": "assistant", "content": "Go away, I will not say."}],
+    }
 
 
 RECIPE = """
@@ -56,12 +62,19 @@ save_steps = 5
 """
 
 
-def make(tmp_path: Path, kind: str = "dpo", steps: int = 12, extra_stage: str = "", extra_model: str = "",
-         rows: list[dict] | None = None) -> Path:
+def make(
+    tmp_path: Path,
+    kind: str = "dpo",
+    steps: int = 12,
+    extra_stage: str = "",
+    extra_model: str = "",
+    rows: list[dict] | None = None,
+) -> Path:
     root = tmp_path / "proj"
     write_jsonl(root / "data" / "pairs.jsonl", [pair(i, turns=1 + i % 2) for i in range(8)] if rows is None else rows)
-    (root / "recipe.toml").write_text(textwrap.dedent(RECIPE).format(
-        kind=kind, steps=steps, extra_stage=extra_stage, extra_model=extra_model))
+    (root / "recipe.toml").write_text(
+        textwrap.dedent(RECIPE).format(kind=kind, steps=steps, extra_stage=extra_stage, extra_model=extra_model)
+    )
     return root / "recipe.toml"
 
 
@@ -92,7 +105,7 @@ def test_loss_type_is_checked_per_kind_with_a_hint(tmp_path):
     msg = problems_of(make(tmp_path, extra_stage='loss_type = "sigmod"'))
     assert "unknown loss_type 'sigmod' for kind = \"dpo\"" in msg and "Did you mean 'sigmoid'?" in msg
     msg = problems_of(make(tmp_path, extra_stage='loss_type = "kto"'))
-    assert "It is a loss of kind = \"kto\"" in msg
+    assert 'It is a loss of kind = "kto"' in msg
     msg = problems_of(make(tmp_path, kind="orpo", extra_stage='loss_type = "sigmoid"'))
     assert "(orpo) takes no loss_type" in msg
     for kind, lt in (("dpo", "ipo"), ("dpo", "robust"), ("kto", "apo_zero_unpaired")):
@@ -107,8 +120,11 @@ def test_kind_specific_problems(tmp_path):
     path = make(tmp_path, kind="kto")
     path.write_text(path.read_text().replace("per_device_batch_size = 4", "per_device_batch_size = 1"))
     assert "at least 2 rows per device" in problems_of(path)
-    path.write_text(path.read_text().replace("batch_size = 4\n", "batch_size = 6\n").replace(
-        "per_device_batch_size = 1", "per_device_batch_size = 4"))
+    path.write_text(
+        path.read_text()
+        .replace("batch_size = 4\n", "batch_size = 6\n")
+        .replace("per_device_batch_size = 1", "per_device_batch_size = 4")
+    )
     assert "batch_size 6 is not divisible by per_device_batch_size 4" in problems_of(path)
 
 
@@ -186,8 +202,14 @@ def test_dpo_margins_grow_and_loss_falls(tmp_path, cli):
     out = out_dir(record)
     steps = json.loads((out / "metrics.json").read_text())["steps"]
     assert len(steps) == 15
-    assert {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-            "tokens_per_s"} <= set(steps[0])
+    assert {
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "tokens_per_s",
+    } <= set(steps[0])
     margins = [s["rewards/margins"] for s in steps]
     assert abs(margins[0]) < 1e-4  # step 1: the policy is still its reference
     assert sum(margins[-3:]) / 3 > margins[0] + 0.1
@@ -214,7 +236,9 @@ def test_lora_reference_is_the_base_and_the_adapter_loads_back(tmp_path):
     path = make(tmp_path, steps=4, extra_stage=lora)
     # a downstream stage that generates with the trained adapter: the engine loads it on its recorded base
     write_jsonl(path.parent / "data" / "prompts.jsonl", [{"prompt": "Say hi"}])
-    path.write_text(path.read_text() + textwrap.dedent("""
+    path.write_text(
+        path.read_text()
+        + textwrap.dedent("""
         [datasets.asks]
         path = "data/prompts.jsonl"
         type = "prompts"
@@ -224,7 +248,8 @@ def test_lora_reference_is_the_base_and_the_adapter_loads_back(tmp_path):
         input = "asks"
         model = "align"
         max_new_tokens = 4
-        """))
+        """)
+    )
     record = run(load_recipe(path), tmp_path / "runs")
     out = out_dir(record)
     report = json.loads((out / "report.json").read_text())
@@ -249,7 +274,9 @@ def test_dpo_starts_from_an_sft_adapter(tmp_path):
     path = make(tmp_path, steps=2)
     write_jsonl(path.parent / "data" / "chats.jsonl", [conv(f"hi {i}", f"hello {i}") for i in range(8)])
     text = path.read_text().replace('model = "policy"\nlr', 'model = "warm"\nlr')
-    path.write_text(text + textwrap.dedent("""
+    path.write_text(
+        text
+        + textwrap.dedent("""
         [datasets.chats]
         path = "data/chats.jsonl"
 
@@ -262,7 +289,8 @@ def test_dpo_starts_from_an_sft_adapter(tmp_path):
         [stages.warm.lora]
         r = 4
         target_modules = ["q_proj"]
-        """))
+        """)
+    )
     record = run(load_recipe(path), tmp_path / "runs")
     report = json.loads((out_dir(record) / "report.json").read_text())
     assert report["reference"] == "a frozen copy of the start model 'warm'" and report["steps"] == 2
@@ -419,8 +447,13 @@ def test_sigkilled_dpo_run_resumes_from_its_last_checkpoint(tmp_path):
     path = make(tmp_path, steps=10)
     runs = tmp_path / "runs"
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-    proc = subprocess.Popen([sys.executable, "-c", STALL, str(path), str(runs)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STALL, str(path), str(runs)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     try:
         seen = []
         for line in proc.stdout:

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.lib.evals.stats import compare, fmt_difference, fmt_rate, headline, per_turn
 from engine.core.stats import bootstrap_ci, paired_difference, wilson
+from engine.lib.evals.stats import compare, fmt_difference, fmt_rate, headline, per_turn
 
 
 def test_wilson_matches_known_values():
@@ -47,23 +47,57 @@ def test_paired_difference_separates_signal_from_noise():
 
 
 def _rows(model: str, adv: list[bool], ben: list[bool], safety: list[list[bool]], flips: list[tuple]) -> list[dict]:
-    rows = [{"model": model, "suite": "refusal", "item_id": f"a{i}",
-             "meta": {"label": "adversarial", "refusal_phrases": f, "refusal_judge": None}} for i, f in enumerate(adv)]
-    rows += [{"model": model, "suite": "refusal", "item_id": f"b{i}",
-              "meta": {"label": "benign", "refusal_phrases": f, "refusal_judge": None}} for i, f in enumerate(ben)]
-    rows += [{"model": model, "suite": "safety", "item_id": f"s{i}",
-              "meta": {"harmful_from": 2, "turns": [{"refusal_phrases": f, "refusal_judge": None, "harm_judge": None}
-                                                    for f in turns]}} for i, turns in enumerate(safety)]
-    rows += [{"model": model, "suite": "sycophancy", "item_id": f"y{i}",
-              "meta": {"correct": list(c), "flipped": c[0] and not c[-1], "apology": False}}
-             for i, c in enumerate(flips)]
+    rows = [
+        {
+            "model": model,
+            "suite": "refusal",
+            "item_id": f"a{i}",
+            "meta": {"label": "adversarial", "refusal_phrases": f, "refusal_judge": None},
+        }
+        for i, f in enumerate(adv)
+    ]
+    rows += [
+        {
+            "model": model,
+            "suite": "refusal",
+            "item_id": f"b{i}",
+            "meta": {"label": "benign", "refusal_phrases": f, "refusal_judge": None},
+        }
+        for i, f in enumerate(ben)
+    ]
+    rows += [
+        {
+            "model": model,
+            "suite": "safety",
+            "item_id": f"s{i}",
+            "meta": {
+                "harmful_from": 2,
+                "turns": [{"refusal_phrases": f, "refusal_judge": None, "harm_judge": None} for f in turns],
+            },
+        }
+        for i, turns in enumerate(safety)
+    ]
+    rows += [
+        {
+            "model": model,
+            "suite": "sycophancy",
+            "item_id": f"y{i}",
+            "meta": {"correct": list(c), "flipped": c[0] and not c[-1], "apology": False},
+        }
+        for i, c in enumerate(flips)
+    ]
     return rows
 
 
 def test_headline_and_compare_on_eval_rows():
     base = _rows("base", [False] * 10, [False] * 10, [[False] * 4] * 6, [(True, False), (True, True), (False, False)])
-    final = _rows("final", [True] * 8 + [False] * 2, [True] + [False] * 9, [[False, False, True, True]] * 6,
-                  [(True, True), (True, True), (False, True)])
+    final = _rows(
+        "final",
+        [True] * 8 + [False] * 2,
+        [True] + [False] * 9,
+        [[False, False, True, True]] * 6,
+        [(True, True), (True, True), (False, True)],
+    )
     h = headline(final)
     assert h["adversarial_refusal"]["rate"] == 0.8 and h["adversarial_refusal"]["interval"] == "Wilson"
     assert h["benign_over_refusal"]["k"] == 1 and h["benign_over_refusal"]["n"] == 10
@@ -74,8 +108,9 @@ def test_headline_and_compare_on_eval_rows():
     d = compare(base, final)
     assert d["adversarial_refusal"]["outside_noise"] and d["adversarial_refusal"]["difference"] == pytest.approx(0.8)
     assert not d["benign_over_refusal"]["outside_noise"]
-    assert fmt_rate(h["adversarial_refusal"]).startswith("0.800 [0.4") and fmt_difference(d["adversarial_refusal"])\
-        .endswith("*")
+    assert fmt_rate(h["adversarial_refusal"]).startswith("0.800 [0.4") and fmt_difference(
+        d["adversarial_refusal"]
+    ).endswith("*")
     curve = per_turn(final)
     assert [t["rate"] for t in curve] == [0.0, 0.0, 1.0, 1.0] and curve[0]["n"] == 6 and curve[2]["ci"][1] == 1.0
 

@@ -8,13 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import GOOD, ROOT, conv, run_cli_subprocess, write_jsonl
-from engine.store.cache import Store
-from engine.run.plan import make_plan
-from engine.run.executor import run
-from engine.load.loader import load_recipe
 from engine.data.rows import read_rows
+from engine.load.loader import load_recipe
+from engine.run.executor import run
+from engine.run.plan import make_plan
+from engine.store.cache import Store
 
+from conftest import GOOD, ROOT, conv, run_cli_subprocess, write_jsonl
 
 
 def rows_of(runs: Path, recipe: str, stage: str) -> list[dict]:
@@ -49,7 +49,9 @@ def test_plan_explains_and_revert_is_a_cache_hit(project, runs):
 
 def test_crash_between_shard_commits_then_resume_equals_uninterrupted(project, runs, tmp_path):
     # 40 rows, shard_size 10: the process dies (os._exit, like SIGKILL) after the 2nd commit
-    proc = run_cli_subprocess("run", project / "recipe.toml", "--runs-dir", runs, faults={"RECIPE_CRASH_AFTER_SHARDS": "2"})
+    proc = run_cli_subprocess(
+        "run", project / "recipe.toml", "--runs-dir", runs, faults={"RECIPE_CRASH_AFTER_SHARDS": "2"}
+    )
     assert proc.returncode == 137
     store = Store(runs)
     fp = json.loads((runs / "basic" / "latest" / "record.json").read_text())["stages"]["clean"]["fingerprint"]
@@ -97,17 +99,25 @@ def test_missing_manifest_is_not_trusted(project, runs):
 
 
 def test_two_concurrent_runs_share_one_runs_dir(project, runs):
-    rows = [conv(f"Tell me fact {i}.", f"Fact {i}: the number {i} squared is {i * i}, and doubled it is {2 * i}.",
-                 id=f"f{i}") for i in range(3000)]
+    rows = [
+        conv(
+            f"Tell me fact {i}.", f"Fact {i}: the number {i} squared is {i * i}, and doubled it is {2 * i}.", id=f"f{i}"
+        )
+        for i in range(3000)
+    ]
     write_jsonl(project / "data" / "convs.jsonl", rows)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "engine.cli", "run", str(project / "recipe.toml"), "--runs-dir", str(runs)]
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
-    records = [json.loads((d / "record.json").read_text()) for d in (runs / "basic").iterdir()
-               if d.is_dir() and not d.is_symlink() and not d.name.startswith(".")]
+    records = [
+        json.loads((d / "record.json").read_text())
+        for d in (runs / "basic").iterdir()
+        if d.is_dir() and not d.is_symlink() and not d.name.startswith(".")
+    ]
     assert len(records) == 2
     fps = {s["fingerprint"] for r in records for s in r["stages"].values()}
     assert len(fps) == 2  # both runs agree
@@ -137,8 +147,10 @@ def test_dataset_rows_dropped_are_counted_and_reported(project, runs):
     assert "no assistant turn: 1 (first: seed:40)" in proc.stderr
     assert "unknown role 'robot': 1 (first: seed:41)" in proc.stderr
     record = json.loads((runs / "basic" / "latest" / "record.json").read_text())
-    assert record["stages"]["clean"]["dropped"]["seed"]["reasons"]["no assistant turn"] == \
-        {"rows": 1, "first_ids": ["seed:40"]}
+    assert record["stages"]["clean"]["dropped"]["seed"]["reasons"]["no assistant turn"] == {
+        "rows": 1,
+        "first_ids": ["seed:40"],
+    }
     cached = run_cli_subprocess("run", project / "recipe.toml", "--runs-dir", runs)  # said again when cached
     assert "dataset 'seed': dropped 2 of 42 rows" in cached.stderr
     record = json.loads((runs / "basic" / "latest" / "record.json").read_text())
@@ -149,8 +161,8 @@ def test_the_run_record_keeps_stages_in_dag_order(project, runs):
     """'again' sorts before 'clean' but runs after it: record.json keeps the DAG order."""
     import json
 
-    from engine.run.executor import run
     from engine.load.loader import load_recipe
+    from engine.run.executor import run
 
     record = run(load_recipe(project / "recipe.toml"), runs)
     data = json.loads((record.dir / "record.json").read_text())
@@ -160,7 +172,9 @@ def test_the_run_record_keeps_stages_in_dag_order(project, runs):
 def test_an_edited_shard_with_the_same_row_count_is_redone(project, runs, tmp_path):
     """A committed shard rewritten as valid Parquet, same rows count, one message changed: its
     checksum no longer matches, so resume redoes it and the result equals an uninterrupted run."""
-    proc = run_cli_subprocess("run", project / "recipe.toml", "--runs-dir", runs, faults={"RECIPE_CRASH_AFTER_SHARDS": "2"})
+    proc = run_cli_subprocess(
+        "run", project / "recipe.toml", "--runs-dir", runs, faults={"RECIPE_CRASH_AFTER_SHARDS": "2"}
+    )
     assert proc.returncode == 137
     [shard] = sorted(runs.glob("cache/partial/*/shard-000000"))
     rows = read_rows(shard / "rows.parquet")

@@ -7,13 +7,16 @@ import textwrap
 
 import pytest
 
-from conftest import conv, write_jsonl
-from engine.run.executor import run
-from engine.load.loader import load_recipe
 from engine.data.rows import read_rows
+from engine.load.loader import load_recipe
+from engine.run.executor import run
 
-LONG = ("The tide is driven mostly by the moon's gravity pulling on the oceans, with the sun adding a "
-        "smaller effect that makes spring and neap tides.")
+from conftest import conv, write_jsonl
+
+LONG = (
+    "The tide is driven mostly by the moon's gravity pulling on the oceans, with the sun adding a "
+    "smaller effect that makes spring and neap tides."
+)
 
 
 def filter_run(tmp_path, rows, runs, **options):
@@ -21,7 +24,8 @@ def filter_run(tmp_path, rows, runs, **options):
     write_jsonl(root / "data.jsonl", rows)
     options.setdefault("dedup", "none")
     opts = "\n".join(f"{k} = {json.dumps(v)}" for k, v in options.items())
-    (root / "r.toml").write_text(textwrap.dedent("""
+    (root / "r.toml").write_text(
+        textwrap.dedent("""
         [recipe]
         name = "f"
         [datasets.d]
@@ -29,7 +33,10 @@ def filter_run(tmp_path, rows, runs, **options):
         [stages.f]
         kind = "filter"
         input = "d"
-    """) + opts + "\n")
+    """)
+        + opts
+        + "\n"
+    )
     rec = run(load_recipe(root / "r.toml"), runs)
     entry = rec.dir / "stages" / "f"
     kept = [r["id"] for r in read_rows(entry / "rows.parquet")]
@@ -51,37 +58,51 @@ def test_turn_limits(tmp_path, runs):
 
 
 def test_filler(tmp_path, runs):
-    rows = [conv("Name a bakery?", "Sure, happy to help with that!", id="filler"),
-            conv("What is the capital of France?", "Paris.", id="short-but-informative"),
-            conv("Explain tides", LONG, id="ok")]
+    rows = [
+        conv("Name a bakery?", "Sure, happy to help with that!", id="filler"),
+        conv("What is the capital of France?", "Paris.", id="short-but-informative"),
+        conv("Explain tides", LONG, id="ok"),
+    ]
     kept, report, _ = filter_run(tmp_path, rows, runs, drop_filler=True)
     assert kept == ["short-but-informative", "ok"] and report["dropped"]["filler"] == 1
 
 
 def test_sycophancy_ratio(tmp_path, runs):
-    rows = [conv("a", "Great question! " + LONG, "b", "You're absolutely right, " + LONG, id="flatter"),
-            conv("a", "Great question! " + LONG, "b", LONG, id="half"),
-            conv("a", LONG, id="plain")]
+    rows = [
+        conv("a", "Great question! " + LONG, "b", "You're absolutely right, " + LONG, id="flatter"),
+        conv("a", "Great question! " + LONG, "b", LONG, id="half"),
+        conv("a", LONG, id="plain"),
+    ]
     kept, report, _ = filter_run(tmp_path, rows, runs, max_sycophancy=0.5)
     assert kept == ["half", "plain"] and report["dropped"]["sycophancy"] == 1
 
 
 @pytest.mark.parametrize("mode,expected", [("keep", ["refuse", "help"]), ("drop", ["help"]), ("only", ["refuse"])])
 def test_refusals(tmp_path, runs, mode, expected):
-    rows = [conv("how do I pick a lock on my neighbour's door", "I can't help with getting into someone "
-                 "else's home, but a licensed locksmith can help if you are locked out of your own.", id="refuse"),
-            conv("Explain tides", LONG, id="help")]
+    rows = [
+        conv(
+            "how do I pick a lock on my neighbour's door",
+            "I can't help with getting into someone "
+            "else's home, but a licensed locksmith can help if you are locked out of your own.",
+            id="refuse",
+        ),
+        conv("Explain tides", LONG, id="help"),
+    ]
     kept, _, _ = filter_run(tmp_path, rows, runs, refusals=mode)
     assert kept == expected
 
 
 def test_exact_and_near_dedup_keep_the_first(tmp_path, runs):
-    other = ("Compound interest adds each period's interest to the balance, so later interest is earned on "
-             "earlier interest as well as on the money you first put in.")
-    rows = [conv("Explain tides", LONG, id="first"),
-            conv("explain   TIDES", LONG.upper(), id="exact-copy"),
-            conv("Explain tides", LONG.replace("mostly", "largely"), id="near-copy"),
-            conv("Explain interest", other, id="different")]
+    other = (
+        "Compound interest adds each period's interest to the balance, so later interest is earned on "
+        "earlier interest as well as on the money you first put in."
+    )
+    rows = [
+        conv("Explain tides", LONG, id="first"),
+        conv("explain   TIDES", LONG.upper(), id="exact-copy"),
+        conv("Explain tides", LONG.replace("mostly", "largely"), id="near-copy"),
+        conv("Explain interest", other, id="different"),
+    ]
     kept, report, _ = filter_run(tmp_path, rows, runs, dedup="exact")
     assert kept == ["first", "near-copy", "different"] and report["dropped"]["exact_duplicate"] == 1
     kept, report, _ = filter_run(tmp_path, rows, runs, dedup="near", near_threshold=0.7)
@@ -96,7 +117,8 @@ def test_keep_dropped_saves_removed_rows_with_reasons(tmp_path, runs):
     dropped = read_rows(entry / "dropped.parquet")
     assert kept == ["long-enough"]
     assert [(r["id"], r["filter_reason"], r["filter_detail"]) for r in dropped] == [
-        ("short", "min_words", "assistant turn 1 has 3 words")]
+        ("short", "min_words", "assistant turn 1 has 3 words")
+    ]
     assert report["rows_in"] == 2 and report["rows_out"] == 1
 
 
@@ -104,7 +126,10 @@ def test_format_rule_on_rows_from_a_stage():
     from stages.filter import Config, row_verdict
 
     cfg = Config(kind="filter", input="x")
-    assert row_verdict(cfg, [{"role": "assistant", "content": "hi there"}]) == ("format", "does not start with a user turn")
+    assert row_verdict(cfg, [{"role": "assistant", "content": "hi there"}]) == (
+        "format",
+        "does not start with a user turn",
+    )
     assert row_verdict(cfg, [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}])[0] == "format"
     assert row_verdict(cfg, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "fine answer"}]) is None
 

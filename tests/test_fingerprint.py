@@ -10,14 +10,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.core import hashing
-from engine.spec.config import EXEC_ONLY, marker
 from engine.core.hashing import HashMemo
-from engine.store.fingerprint import fingerprints, reasons
 from engine.load.loader import load_recipe
+from engine.spec.config import EXEC_ONLY, marker
+from engine.store.fingerprint import fingerprints, reasons
 from stages import filter as filter_stage
 
-STAGE_KEYS = [("kind", '"filter"'), ("input", '"seed"'), ("min_words", "3"), ("dedup", '"near"'),
-              ("max_sycophancy", "0.5"), ("refusal_phrases", '["nope", "no way"]')]
+STAGE_KEYS = [
+    ("kind", '"filter"'),
+    ("input", '"seed"'),
+    ("min_words", "3"),
+    ("dedup", '"near"'),
+    ("max_sycophancy", "0.5"),
+    ("refusal_phrases", '["nope", "no way"]'),
+]
 
 
 def fps(path, sets=(), memo=None) -> dict[str, str]:
@@ -26,8 +32,16 @@ def fps(path, sets=(), memo=None) -> dict[str, str]:
 
 
 def render(order: list[int], comments: list[bool], spaces: list[int]) -> str:
-    lines = ['[recipe]', 'name = "fp"', "seed = 1", "", "[datasets.seed]", 'path = "data/convs.jsonl"', "",
-             "[stages.clean]"]
+    lines = [
+        "[recipe]",
+        'name = "fp"',
+        "seed = 1",
+        "",
+        "[datasets.seed]",
+        'path = "data/convs.jsonl"',
+        "",
+        "[stages.clean]",
+    ]
     for i in order:
         key, value = STAGE_KEYS[i]
         pad = " " * spaces[i]
@@ -38,8 +52,11 @@ def render(order: list[int], comments: list[bool], spaces: list[int]) -> str:
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.permutations(range(len(STAGE_KEYS))), st.lists(st.booleans(), min_size=6, max_size=6),
-       st.lists(st.integers(0, 3), min_size=6, max_size=6))
+@given(
+    st.permutations(range(len(STAGE_KEYS))),
+    st.lists(st.booleans(), min_size=6, max_size=6),
+    st.lists(st.integers(0, 3), min_size=6, max_size=6),
+)
 def test_formatting_never_changes_the_fingerprint(project, order, comments, spaces):
     (project / "a.toml").write_text(render(list(range(len(STAGE_KEYS))), [False] * 6, [1] * 6))
     (project / "b.toml").write_text(render(order, comments, spaces))
@@ -104,7 +121,9 @@ def test_copied_folder_plans_to_the_same_fingerprints(project, tmp_path):
 
 def test_renaming_a_stage_keeps_fingerprints(project):
     text = (project / "recipe.toml").read_text()
-    (project / "renamed.toml").write_text(text.replace("[stages.clean]", "[stages.tidy]").replace('input = "clean"', 'input = "tidy"'))
+    (project / "renamed.toml").write_text(
+        text.replace("[stages.clean]", "[stages.tidy]").replace('input = "clean"', 'input = "tidy"')
+    )
     a, b = fps(project / "recipe.toml"), fps(project / "renamed.toml")
     assert a["clean"] == b["tidy"] and a["again"] == b["again"]
 
@@ -134,12 +153,21 @@ def test_canonical_json_ignores_key_order(d):
 
 
 def test_reasons_in_words():
-    old = {"kind": "filter", "version": 1, "config": {"min_words": 3, "dedup": "exact"}, "files": {},
-           "inputs": {"input": [{"name": "draft", "source": "stages", "id": "aa"}]},
-           "templates": {"critique.j2": "x"}, "seed": 1}
-    new = {**old, "config": {"min_words": 5, "dedup": "exact"},
-           "inputs": {"input": [{"name": "draft", "source": "stages", "id": "bb"}]},
-           "templates": {"critique.j2": "y"}}
+    old = {
+        "kind": "filter",
+        "version": 1,
+        "config": {"min_words": 3, "dedup": "exact"},
+        "files": {},
+        "inputs": {"input": [{"name": "draft", "source": "stages", "id": "aa"}]},
+        "templates": {"critique.j2": "x"},
+        "seed": 1,
+    }
+    new = {
+        **old,
+        "config": {"min_words": 5, "dedup": "exact"},
+        "inputs": {"input": [{"name": "draft", "source": "stages", "id": "bb"}]},
+        "templates": {"critique.j2": "y"},
+    }
     assert reasons(old, new) == ["config: min_words 3 -> 5", "input changed: draft", "template changed: critique.j2"]
     assert reasons(None, new) == ["new"]
     assert reasons(new, new) == ["not in cache"]

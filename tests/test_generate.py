@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_cli_subprocess, write_jsonl
 from engine.core.errors import RecipeError
-from engine.load.loader import load_recipe
 from engine.data.rows import read_rows
+from engine.load.loader import load_recipe
 from stages.generate import parse_teacher
+
+from conftest import ROOT, run_cli_subprocess, write_jsonl
 
 RECIPE = """
 [recipe]
@@ -54,8 +55,10 @@ shard_size = 2
 @pytest.fixture
 def gen_project(tmp_path: Path) -> Path:
     root = tmp_path / "gen"
-    write_jsonl(root / "data" / "seeds.jsonl",
-                [{"id": f"s{i}", "prompt": f"Scenario {i}: someone asks about topic {i}."} for i in range(8)])
+    write_jsonl(
+        root / "data" / "seeds.jsonl",
+        [{"id": f"s{i}", "prompt": f"Scenario {i}: someone asks about topic {i}."} for i in range(8)],
+    )
     (root / "recipe.toml").write_text(textwrap.dedent(RECIPE))
     return root
 
@@ -63,13 +66,16 @@ def gen_project(tmp_path: Path) -> Path:
 def test_template_variables_are_checked_at_validation(gen_project):
     (gen_project / "templates").mkdir()
     (gen_project / "templates" / "ask.j2").write_text("### user\nAbout {{ row.prompt }}:\n{{ tone }}\n")
-    text = (gen_project / "recipe.toml").read_text().replace('n = 2\n', 'n = 2\ntemplate = "ask.j2"\n', 1)
+    text = (gen_project / "recipe.toml").read_text().replace("n = 2\n", 'n = 2\ntemplate = "ask.j2"\n', 1)
     (gen_project / "recipe.toml").write_text(text)
     with pytest.raises(RecipeError) as info:
         load_recipe(gen_project / "recipe.toml")
     [p] = info.value.problems
     assert p.key == "stages.single.template" and p.line is not None
-    assert "template ask.j2 line 3 uses 'tone', which stage 'single' does not pass. Available: meta, prompt, row." in p.message
+    assert (
+        "template ask.j2 line 3 uses 'tone', which stage 'single' does not pass. Available: meta, prompt, row."
+        in p.message
+    )
 
 
 def test_recipe_local_template_shadows_and_enters_the_fingerprint(gen_project):
@@ -77,7 +83,9 @@ def test_recipe_local_template_shadows_and_enters_the_fingerprint(gen_project):
 
     (gen_project / "templates").mkdir()
     local = gen_project / "templates" / "user_simulator.j2"
-    local.write_text("### user\nContinue: {{ scenario }} ({{ turn }}/{{ turns }}) {{ conversation | length }} {{ persona }}\n")
+    local.write_text(
+        "### user\nContinue: {{ scenario }} ({{ turn }}/{{ turns }}) {{ conversation | length }} {{ persona }}\n"
+    )
     r = load_recipe(gen_project / "recipe.toml")
     before = {p.name: p.fingerprint for p in make_plan(r, gen_project / "runs")}
     local.write_text(local.read_text() + "Be brief.\n")
@@ -86,12 +94,17 @@ def test_recipe_local_template_shadows_and_enters_the_fingerprint(gen_project):
 
 
 def test_parse_teacher():
-    good = {"scenario_safe": True, "turns": [{"index": 1, "role": "user", "text": "hi"},
-                                              {"index": 2, "role": "assistant", "text": "hello"}],
-            "behaviors": ["callback"], "coherence": {"all_turns_advance": True, "breaks_at": None, "why": "ok"},
-            "decision_basis": "fine"}
+    good = {
+        "scenario_safe": True,
+        "turns": [{"index": 1, "role": "user", "text": "hi"}, {"index": 2, "role": "assistant", "text": "hello"}],
+        "behaviors": ["callback"],
+        "coherence": {"all_turns_advance": True, "breaks_at": None, "why": "ok"},
+        "decision_basis": "fine",
+    }
     assert parse_teacher("Here you go:\n" + json.dumps(good) + "\nDone.").turns[1].text == "hello"
-    bad_roles = dict(good, turns=[{"index": 1, "role": "assistant", "text": "x"}, {"index": 2, "role": "user", "text": "y"}])
+    bad_roles = dict(
+        good, turns=[{"index": 1, "role": "assistant", "text": "x"}, {"index": 2, "role": "user", "text": "y"}]
+    )
     assert parse_teacher(json.dumps(bad_roles)) is None
     assert parse_teacher("not json at all") is None
     assert parse_teacher(json.dumps(dict(good, coherence="yes"))) is None
@@ -116,8 +129,17 @@ def test_generate_runs_and_outputs_conversations(gen_project, tmp_path):
 def test_sigkill_mid_generation_then_resume_equals_uninterrupted(gen_project, tmp_path):
     runs, fresh = tmp_path / "runs", tmp_path / "fresh"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "engine.cli", "run", str(gen_project / "recipe.toml"), "--runs-dir", str(runs),
-           "--only", "multi"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "engine.cli",
+        "run",
+        str(gen_project / "recipe.toml"),
+        "--runs-dir",
+        str(runs),
+        "--only",
+        "multi",
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not list((runs / "cache" / "partial").glob("*/shard-000001")):
@@ -128,7 +150,9 @@ def test_sigkill_mid_generation_then_resume_equals_uninterrupted(gen_project, tm
     assert 1 <= len(shards) < 4, "killed mid-stage"
     assert run_cli_subprocess("run", gen_project / "recipe.toml", "--runs-dir", runs, "--only", "multi").returncode == 0
     assert "resumed:" in (runs / "gen" / "latest" / "logs" / "multi.log").read_text()
-    assert run_cli_subprocess("run", gen_project / "recipe.toml", "--runs-dir", fresh, "--only", "multi").returncode == 0
+    assert (
+        run_cli_subprocess("run", gen_project / "recipe.toml", "--runs-dir", fresh, "--only", "multi").returncode == 0
+    )
     a = read_rows(runs / "gen" / "latest" / "stages" / "multi" / "rows.parquet")
     b = read_rows(fresh / "gen" / "latest" / "stages" / "multi" / "rows.parquet")
     assert a == b and len(a) == 8
@@ -138,7 +162,9 @@ def test_unknown_local_model_path_fails_validation(gen_project):
     text = (gen_project / "recipe.toml").read_text().replace('path = "builtin:tiny-chat"', 'path = "./models/nope"')
     (gen_project / "recipe.toml").write_text(text)
     proc = run_cli_subprocess("validate", gen_project / "recipe.toml")
-    assert proc.returncode == 2 and "models.policy.path: file not found" in proc.stderr and "Traceback" not in proc.stderr
+    assert (
+        proc.returncode == 2 and "models.policy.path: file not found" in proc.stderr and "Traceback" not in proc.stderr
+    )
 
 
 @pytest.mark.slow

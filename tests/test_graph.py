@@ -7,8 +7,8 @@ import textwrap
 import pytest
 
 from engine.core.errors import RecipeError
-from engine.spec.graph import order, upstream
 from engine.load.loader import load_recipe
+from engine.spec.graph import order, upstream
 
 HEAD = """
 [recipe]
@@ -36,7 +36,9 @@ def errors(path) -> list[str]:
 
 
 def test_cycle_is_reported_as_the_cycle(project):
-    path = recipe_with(project, """
+    path = recipe_with(
+        project,
+        """
         [stages.a]
         kind = "filter"
         input = "c"
@@ -46,7 +48,8 @@ def test_cycle_is_reported_as_the_cycle(project):
         [stages.c]
         kind = "filter"
         input = "b"
-    """)
+    """,
+    )
     [msg] = errors(path)
     cycle = msg.split("stages form a cycle: ")[1].split(".")[0]
     nodes = cycle.split(" -> ")
@@ -57,29 +60,37 @@ def test_cycle_is_reported_as_the_cycle(project):
 
 
 def test_type_mismatch_names_both_stages_and_types(project):
-    path = recipe_with(project, """
+    path = recipe_with(
+        project,
+        """
         [stages.f]
         kind = "filter"
         input = "prompts"
-    """)
+    """,
+    )
     [msg] = errors(path)
     assert "stage 'f' (filter) takes conversations as input, but dataset 'prompts' gives prompts." in msg
     assert "r.toml:" in msg and "stages.f.input" in msg
 
 
 def test_missing_reference_lists_known_names(project):
-    path = recipe_with(project, """
+    path = recipe_with(
+        project,
+        """
         [stages.f]
         kind = "filter"
         input = "conv"
-    """)
+    """,
+    )
     [msg] = errors(path)
     assert "stage 'f' refers to 'conv', which is not defined. Did you mean 'convs'?" in msg
     assert "Known names: datasets: convs, prompts" in msg
 
 
 def test_order_and_upstream(project):
-    path = recipe_with(project, """
+    path = recipe_with(
+        project,
+        """
         [stages.late]
         kind = "filter"
         input = "mid"
@@ -92,7 +103,8 @@ def test_order_and_upstream(project):
         [stages.side]
         kind = "filter"
         input = "convs"
-    """)
+    """,
+    )
     r = load_recipe(path)
     assert order(r) == ["early", "side", "mid", "late"]
     assert upstream(r, ["mid"]) == {"mid", "early"}

@@ -13,7 +13,8 @@ from conftest import run_cli_subprocess
 
 def recipe_with_data(root: Path, data_path: str) -> Path:
     path = root / "r.toml"
-    path.write_text(textwrap.dedent(f"""
+    path.write_text(
+        textwrap.dedent(f"""
         [recipe]
         name = "h"
         [datasets.d]
@@ -21,23 +22,30 @@ def recipe_with_data(root: Path, data_path: str) -> Path:
         [stages.s]
         kind = "filter"
         input = "d"
-    """))
+    """)
+    )
     return path
 
 
-@pytest.mark.parametrize("data_path, says", [
-    ("/", "is not a dataset folder"),
-    ("/dev/zero", "is not a regular file"),
-    ("notds", "is a directory with no data file"),
-    ("ragged.csv", "line 3 has 3 cells but the header has 2 columns"),
-])
+@pytest.mark.parametrize(
+    "data_path, says",
+    [
+        ("/", "is not a dataset folder"),
+        ("/dev/zero", "is not a regular file"),
+        ("notds", "is a directory with no data file"),
+        ("ragged.csv", "line 3 has 3 cells but the header has 2 columns"),
+    ],
+)
 def test_data_paths_that_are_not_datasets_are_exit_2_at_validate_plan_and_run(tmp_path, data_path, says):
     (tmp_path / "notds").mkdir()
     (tmp_path / "notds" / "README.md").write_text("not data")
-    (tmp_path / "ragged.csv").write_text("messages,meta\n\"[]\",{}\n1,2,3\n")
+    (tmp_path / "ragged.csv").write_text('messages,meta\n"[]",{}\n1,2,3\n')
     path = recipe_with_data(tmp_path, data_path)
-    for command in (["validate", path], ["plan", path, "--runs-dir", tmp_path / "runs"],
-                    ["run", path, "--runs-dir", tmp_path / "runs"]):
+    for command in (
+        ["validate", path],
+        ["plan", path, "--runs-dir", tmp_path / "runs"],
+        ["run", path, "--runs-dir", tmp_path / "runs"],
+    ):
         out = run_cli_subprocess(*command, timeout=60)
         assert out.returncode == 2, (command, out.stderr)
         assert says in out.stderr and "Traceback" not in out.stderr and "datasets.d.path" in out.stderr
@@ -47,7 +55,8 @@ def test_validate_prints_the_remote_code_note_that_plan_prints(tmp_path):
     model = tmp_path / "m"
     model.mkdir()
     path = tmp_path / "r.toml"
-    path.write_text(textwrap.dedent(f"""
+    path.write_text(
+        textwrap.dedent(f"""
         [recipe]
         name = "rc"
         [models.p]
@@ -60,7 +69,8 @@ def test_validate_prints_the_remote_code_note_that_plan_prints(tmp_path):
         kind = "generate"
         input = "d"
         model = "p"
-    """))
+    """)
+    )
     (tmp_path / "d.jsonl").write_text('{"prompt": "hi"}\n')
     out = run_cli_subprocess("validate", path)
     assert out.returncode == 0, out.stderr
@@ -79,9 +89,20 @@ def test_auto_threads_are_the_cores_this_process_may_use():
 
     if shutil.which("taskset") is None:
         pytest.skip("no taskset here")
-    out = subprocess.run(["taskset", "-c", "0", sys.executable, "-c",
-                          "from engine.core.threads import available_cores; print(available_cores())"],
-                         capture_output=True, text=True, cwd=ROOT, check=True)
+    out = subprocess.run(
+        [
+            "taskset",
+            "-c",
+            "0",
+            sys.executable,
+            "-c",
+            "from engine.core.threads import available_cores; print(available_cores())",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
     assert out.stdout.strip() == "1"
 
 
@@ -105,14 +126,22 @@ def test_a_run_started_beside_another_says_how_to_share_the_cores(project, runs)
 
     from conftest import ROOT
 
-    holder = subprocess.Popen([sys.executable, "-c", "from engine.core.threads import Registration; import time; "
-                               "r = Registration(2); print('up', flush=True); time.sleep(60)"],
-                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from engine.core.threads import Registration; import time; "
+            "r = Registration(2); print('up', flush=True); time.sleep(60)",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "up"
         out = run_cli_subprocess("run", project / "recipe.toml", "--runs-dir", runs)
         assert out.returncode == 0, out.stderr
-        warning = out.stderr[out.stderr.index("other recipe run(s) are using this machine"):]
+        warning = out.stderr[out.stderr.index("other recipe run(s) are using this machine") :]
         pids = warning.split("(pid ", 1)[1].split(")")[0].split(", ")
         assert str(holder.pid) in pids  # (other tests' runs may be listed too)
         assert "--threads" in out.stderr
@@ -123,8 +152,14 @@ def test_a_run_started_beside_another_says_how_to_share_the_cores(project, runs)
 
 # --------------------------------------------------------------------------- what held: keep it so
 
-REDUCED = ("datasets.scenarios.limit=8", "stages.chats.shard_size=2", "stages.revised.shard_size=4",
-           "stages.best_of_n.shard_size=3", "stages.eval.max_items=2", "stages.eval.shard_size=8")
+REDUCED = (
+    "datasets.scenarios.limit=8",
+    "stages.chats.shard_size=2",
+    "stages.revised.shard_size=4",
+    "stages.best_of_n.shard_size=3",
+    "stages.eval.max_items=2",
+    "stages.eval.shard_size=8",
+)
 
 
 @pytest.mark.slow
@@ -152,8 +187,14 @@ def test_the_reduced_flagship_killed_twice_then_resumed_equals_an_uninterrupted_
     runs = tmp_path / "killed"
     kills = 0
     for ready in ("*/shard-000000", "*/shard-000001"):  # mid chats, then mid revised (new partial dirs)
-        proc = subprocess.Popen(command(runs), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            command(runs),
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         seen = set(p.parent for p in (runs / "cache" / "partial").glob(ready)) if kills else set()
         deadline = time.time() + 240
         while proc.poll() is None and time.time() < deadline:
@@ -169,8 +210,12 @@ def test_the_reduced_flagship_killed_twice_then_resumed_equals_an_uninterrupted_
     assert final.returncode == 0, final.stderr
     assert list((runs / "cache" / "tmp").iterdir()) == []
     a, b = whole / "cai-multiturn" / "latest" / "stages", runs / "cai-multiturn" / "latest" / "stages"
-    files = sorted(Path(link.name) / p.relative_to(link.resolve()) for link in a.iterdir()
-                   for p in link.resolve().rglob("*") if p.suffix in (".parquet", ".safetensors"))
+    files = sorted(
+        Path(link.name) / p.relative_to(link.resolve())
+        for link in a.iterdir()
+        for p in link.resolve().rglob("*")
+        if p.suffix in (".parquet", ".safetensors")
+    )
     assert any(str(f).endswith(".safetensors") for f in files) and any(str(f).endswith(".parquet") for f in files)
     for f in files:
         assert (a / f).read_bytes() == (b / f).read_bytes(), f

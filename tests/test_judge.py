@@ -11,10 +11,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import GOOD, conv, run_cli_subprocess, write_jsonl
 from engine.data.rows import read_rows
-from engine.lib.verifiers import last_number, math_answer, names, parse_answer, resolve
 from engine.lib.scoring import parse_score, parse_verdict, rule_scores
+from engine.lib.verifiers import last_number, math_answer, names, parse_answer, resolve
+
+from conftest import GOOD, conv, run_cli_subprocess, write_jsonl
 
 HEAD = """
 [recipe]
@@ -51,12 +52,15 @@ def test_rule_scores():
 
 
 def test_rules_scorer_adds_scores(tmp_path):
-    path = project(tmp_path, """
+    path = project(
+        tmp_path,
+        """
         [stages.rules]
         kind = "judge"
         input = "convs"
         scorer = "rules"
-    """)
+    """,
+    )
     runs = tmp_path / "runs"
     assert run_cli_subprocess("run", path, "--runs-dir", runs).returncode == 0
     rows = read_rows(runs / "j" / "latest" / "stages" / "rules" / "rows.parquet")
@@ -66,45 +70,60 @@ def test_rules_scorer_adds_scores(tmp_path):
 def test_function_scorer_from_an_entry_point(tmp_path):
     plugin = tmp_path / "plugin"
     (plugin / "myscorers-0.1.dist-info").mkdir(parents=True)
-    (plugin / "myscorers-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: myscorers\nVersion: 0.1\n")
-    (plugin / "myscorers-0.1.dist-info" / "entry_points.txt").write_text("[recipe.scorers]\nlength = myscorers:length\n")
+    (plugin / "myscorers-0.1.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: myscorers\nVersion: 0.1\n"
+    )
+    (plugin / "myscorers-0.1.dist-info" / "entry_points.txt").write_text(
+        "[recipe.scorers]\nlength = myscorers:length\n"
+    )
     (plugin / "myscorers.py").write_text("def length(row):\n    return len(row['messages'][-1]['content'])\n")
-    path = project(tmp_path, """
+    path = project(
+        tmp_path,
+        """
         [stages.len]
         kind = "judge"
         input = "convs"
         scorer = "function"
         function = "length"
         name = "chars"
-    """)
+    """,
+    )
     runs = tmp_path / "runs"
     proc = run_cli_subprocess("run", path, "--runs-dir", runs, env_extra={"PYTHONPATH": f"{Path.cwd()}:{plugin}"})
     assert proc.returncode == 0, proc.stderr
     rows = read_rows(runs / "j" / "latest" / "stages" / "len" / "rows.parquet")
     assert [r["scores"]["chars"] for r in rows] == [float(len(r["messages"][-1]["content"])) for r in rows]
-    bad = run_cli_subprocess("validate", path, "--set", "stages.len.function=nope", env_extra={"PYTHONPATH": f"{Path.cwd()}:{plugin}"})
+    bad = run_cli_subprocess(
+        "validate", path, "--set", "stages.len.function=nope", env_extra={"PYTHONPATH": f"{Path.cwd()}:{plugin}"}
+    )
     assert bad.returncode == 2 and "no scorer function 'nope' is registered" in bad.stderr and "length" in bad.stderr
 
 
 def test_llm_scorer_needs_a_model(tmp_path):
-    path = project(tmp_path, """
+    path = project(
+        tmp_path,
+        """
         [stages.j]
         kind = "judge"
         input = "convs"
-    """)
+    """,
+    )
     proc = run_cli_subprocess("validate", path)
     assert proc.returncode == 2 and "scorer 'llm' needs a model" in proc.stderr
 
 
 @pytest.mark.slow
 def test_reward_model_scores_deterministically(tmp_path):
-    path = project(tmp_path, """
+    path = project(
+        tmp_path,
+        """
         [stages.rm]
         kind = "judge"
         input = "convs"
         scorer = "reward_model"
         model = "judge"
-    """)
+    """,
+    )
     a, b = tmp_path / "a", tmp_path / "b"
     for runs in (a, b):
         assert run_cli_subprocess("run", path, "--runs-dir", runs).returncode == 0
@@ -116,14 +135,17 @@ def test_reward_model_scores_deterministically(tmp_path):
 @pytest.mark.slow
 def test_a_judge_whose_answers_never_parse_fails_the_stage(tmp_path):
     # the builtin model is random: it never writes "Score: N"
-    path = project(tmp_path, """
+    path = project(
+        tmp_path,
+        """
         [stages.j]
         kind = "judge"
         input = "convs"
         model = "judge"
         max_new_tokens = 8
         max_retries = 1
-    """)
+    """,
+    )
     proc = run_cli_subprocess("run", path, "--runs-dir", tmp_path / "runs")
     assert proc.returncode == 1
     assert "no answer of the judge could be parsed (6 rows)" in proc.stderr
@@ -131,23 +153,28 @@ def test_a_judge_whose_answers_never_parse_fails_the_stage(tmp_path):
 
 
 def test_pairwise_checks_the_input_type(tmp_path):
-    path = project(tmp_path, """
+    path = project(
+        tmp_path,
+        """
         [stages.pw]
         kind = "judge"
         input = "convs"
         scorer = "pairwise"
         model = "judge"
-    """)
+    """,
+    )
     proc = run_cli_subprocess("validate", path)
-    assert proc.returncode == 2 and "scorer 'pairwise' scores preferences, but 'convs' gives conversations" in proc.stderr
+    assert (
+        proc.returncode == 2 and "scorer 'pairwise' scores preferences, but 'convs' gives conversations" in proc.stderr
+    )
 
 
 def test_pairwise_label_swaps_order(monkeypatch):
     from types import SimpleNamespace
 
+    from engine.lib.scoring import _Pairwise
     from engine.models.backends import Completion
     from engine.store.shards import Shard
-    from engine.lib.scoring import _Pairwise
     from stages.judge import Config
 
     class Fake:  # always answers "A": pure position bias, which the swap must cancel
@@ -157,11 +184,18 @@ def test_pairwise_label_swaps_order(monkeypatch):
     cfg = Config(kind="judge", input="p", scorer="pairwise", model="m")
     from engine.core.seeds import Seeds
 
-    ctx = SimpleNamespace(templates=lambda: __import__("engine.lib.prompts", fromlist=["Templates"]).Templates([]),
-                          backend=lambda *a: Fake(), seeds=Seeds(1, "fp"))
+    ctx = SimpleNamespace(
+        templates=lambda: __import__("engine.lib.prompts", fromlist=["Templates"]).Templates([]),
+        backend=lambda *a: Fake(),
+        seeds=Seeds(1, "fp"),
+    )
     scorer = _Pairwise(cfg, {"model": None}, ctx)
-    row = {"id": "r0", "prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "good"}],
-           "rejected": [{"role": "assistant", "content": "bad"}]}
+    row = {
+        "id": "r0",
+        "prompt": [{"role": "user", "content": "q"}],
+        "chosen": [{"role": "assistant", "content": "good"}],
+        "rejected": [{"role": "assistant", "content": "bad"}],
+    }
     [out] = scorer(Shard(0, 0, [row], seed=1))
     assert out == {"score": 0.5, "score_position_consistent": False}
 
@@ -194,15 +228,18 @@ def test_math_answer_on_hand_written_replies():
         math_answer(reply("3", "three"))
 
 
-@given(st.integers(-10**9, 10**9), st.text(alphabet=st.characters(categories=["L", "Zs"]), max_size=30),
-       st.sampled_from(["{:d}", "{:,d}", "{:d}.0", "{:d}.00"]))
+@given(
+    st.integers(-(10**9), 10**9),
+    st.text(alphabet=st.characters(categories=["L", "Zs"]), max_size=30),
+    st.sampled_from(["{:d}", "{:,d}", "{:d}.0", "{:d}.00"]),
+)
 def test_last_number_reads_any_final_integer(n, prefix, fmt):
     written = fmt.format(n)
     assert last_number(f"{prefix} 17 then {prefix} {written}.") == n
     assert math_answer(reply(f"{prefix} so: {written}", str(n))) == 1.0
 
 
-@given(st.decimals(min_value=-10**6, max_value=10**6, places=3, allow_nan=False, allow_infinity=False))
+@given(st.decimals(min_value=-(10**6), max_value=10**6, places=3, allow_nan=False, allow_infinity=False))
 def test_parse_answer_and_reply_agree_on_decimals(d):
     assert last_number(f"The result is {d}.") == Fraction(d) == parse_answer(str(d))
 
@@ -214,15 +251,22 @@ def test_builtin_scorers_come_first():
 
 
 def test_judge_uses_the_builtin_math_answer(tmp_path):
-    rows = [conv("What is 2 + 2?", "It is 4.", id="a", answer="4"), conv("What is 3 * 3?", "It is 6.", id="b", answer="9"),
-            conv("Say hi.", "Hi!", id="c")]
-    path = project(tmp_path, """
+    rows = [
+        conv("What is 2 + 2?", "It is 4.", id="a", answer="4"),
+        conv("What is 3 * 3?", "It is 6.", id="b", answer="9"),
+        conv("Say hi.", "Hi!", id="c"),
+    ]
+    path = project(
+        tmp_path,
+        """
         [stages.math]
         kind = "judge"
         input = "convs"
         scorer = "function"
         function = "math_answer"
-    """, rows)
+    """,
+        rows,
+    )
     runs = tmp_path / "runs"
     proc = run_cli_subprocess("run", path, "--runs-dir", runs)
     assert proc.returncode == 0, proc.stderr
@@ -237,10 +281,10 @@ def test_judge_uses_the_builtin_math_answer(tmp_path):
 def test_make_scorer_lends_a_backend_and_leaves_it_open():
     from types import SimpleNamespace
 
-    from engine.models.backends import Completion
-    from engine.store.shards import Shard
     from engine.lib.prompts import Templates
     from engine.lib.scoring import ScorerSpec, make_scorer
+    from engine.models.backends import Completion
+    from engine.store.shards import Shard
 
     class Lent:
         closed = False
@@ -254,8 +298,9 @@ def test_make_scorer_lends_a_backend_and_leaves_it_open():
     lent = Lent()
     from engine.core.seeds import Seeds
 
-    ctx = SimpleNamespace(templates=lambda: Templates([]), backend=lambda *a: pytest.fail("must not load a model"),
-                          seeds=Seeds(1, "fp"))
+    ctx = SimpleNamespace(
+        templates=lambda: Templates([]), backend=lambda *a: pytest.fail("must not load a model"), seeds=Seeds(1, "fp")
+    )
     scorer = make_scorer(ScorerSpec(scorer="llm", name="q"), None, ctx, backend=lent)
     [out] = scorer(Shard(0, 0, [conv("hi", "hello", id="c0")], seed=1))
     scorer.close()

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import conv, write_jsonl
-from engine.run.plan import make_plan
+from engine.load.loader import load_recipe
 from engine.run.executor import run
 from engine.run.launch import command
-from engine.load.loader import load_recipe
+from engine.run.plan import make_plan
+
+from conftest import conv, write_jsonl
 
 RECIPE = """
 [recipe]

@@ -100,8 +100,11 @@ def test_no_import_circle():
 def test_engine_holds_packages_and_small_modules():
     top = sorted(p.name for p in (ROOT / "engine").iterdir() if p.suffix == ".py")
     assert top == ["__init__.py", "cli.py"], top
-    long = [f"{p.relative_to(ROOT)}: {n} lines" for p in modules().values()
-            if (n := len(p.read_text().splitlines())) > MAX_LINES]
+    long = [
+        f"{p.relative_to(ROOT)}: {n} lines"
+        for p in modules().values()
+        if (n := len(p.read_text().splitlines())) > MAX_LINES
+    ]
     assert not long, "\n".join(long)
 
 

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_jsonl
-from engine.run.executor import run
-from engine.models.pool import ModelPool, devices
-from engine.load.loader import load_recipe
 from engine.data.rows import read_rows
+from engine.load.loader import load_recipe
+from engine.models.pool import ModelPool, devices
+from engine.run.executor import run
+
+from conftest import write_jsonl
 
 RECIPE = """
 [recipe]
@@ -104,10 +105,11 @@ def test_pool_keeps_what_later_stages_need_and_never_drops_a_model_in_use(monkey
         def load():
             loads.append(tag)
             return _Tiny(1000), f"tok-{tag}"
+
         return load
 
     m1, tok1, back1 = pool.borrow(("models", "policy", "cpu"), loader("policy"), log)
-    m2, _, back2 = pool.borrow(("stages", "sft", "cpu"), loader("sft"), log)
+    _m2, _, back2 = pool.borrow(("stages", "sft", "cpu"), loader("sft"), log)
     again, tok_again, back3 = pool.borrow(("models", "policy", "cpu"), loader("policy"), log)
     assert again is m1 and tok_again == tok1 and loads == ["policy", "sft"]
     back1(), back3()
@@ -126,8 +128,9 @@ def test_devices():
     assert devices("cuda:0, cuda:1") == ["cuda:0", "cuda:1"]
     import torch
 
-    assert devices("auto") == ([f"cuda:{i}" for i in range(torch.cuda.device_count())]
-                               if torch.cuda.is_available() else ["cpu"])
+    assert devices("auto") == (
+        [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else ["cpu"]
+    )
 
 
 def test_a_model_loads_in_the_dtype_asked_for(tmp_path):
@@ -169,8 +172,12 @@ class _FakeVLLM:
                 fake.chat_calls.append((prompts, kw))
                 outs = []
                 for prompt, sp in zip(prompts, kw["sampling_params"]):
-                    choices = [types.SimpleNamespace(text=f" seed {sp.kw['seed']} sample {k} ", token_ids=[1, 2, 3, 257],
-                                                     finish_reason="stop") for k in range(sp.kw["n"])]
+                    choices = [
+                        types.SimpleNamespace(
+                            text=f" seed {sp.kw['seed']} sample {k} ", token_ids=[1, 2, 3, 257], finish_reason="stop"
+                        )
+                        for k in range(sp.kw["n"])
+                    ]
                     outs.append(types.SimpleNamespace(prompt_token_ids=list(range(len(prompt) + 4)), outputs=choices))
                 return outs
 
@@ -194,18 +201,36 @@ def test_vllm_backend_maps_the_contract_onto_vllm(monkeypatch, tmp_path):
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text('{"r": 32}')
     b = VLLMBackend({"model": "/m", "dtype": "auto", "adapter": str(adapter), "chat_template": "{{ x }}"}, gpus=2)
-    assert fake.llm_kwargs == {"model": "/m", "dtype": "bfloat16", "seed": 0, "tensor_parallel_size": 2,
-                               "trust_remote_code": False, "enable_lora": True, "max_lora_rank": 32, "max_loras": 1}
+    assert fake.llm_kwargs == {
+        "model": "/m",
+        "dtype": "bfloat16",
+        "seed": 0,
+        "tensor_parallel_size": 2,
+        "trust_remote_code": False,
+        "enable_lora": True,
+        "max_lora_rank": 32,
+        "max_loras": 1,
+    }
     prompts = [[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]]
     out = b.generate(prompts, SamplingParams(n=2, temperature=0.5, top_k=0, max_new_tokens=9, stop=("x",)), seed=7)
-    (sent, kw), = fake.chat_calls
+    ((sent, kw),) = fake.chat_calls
     assert sent == prompts and kw["chat_template"] == "{{ x }}" and kw["lora_request"].args[2] == str(adapter)
     assert [sp.kw["seed"] for sp in kw["sampling_params"]] == [7, 8]
     assert kw["sampling_params"][0].kw | {"seed": None} == {
-        "n": 2, "temperature": 0.5, "top_p": 1.0, "top_k": -1, "max_tokens": 9, "stop": ["x"],
-        "stop_token_ids": [257], "seed": None, "skip_special_tokens": True}
-    assert [[c.text for c in x] for x in out] == [["seed 7 sample 0", "seed 7 sample 1"],
-                                                  ["seed 8 sample 0", "seed 8 sample 1"]]
+        "n": 2,
+        "temperature": 0.5,
+        "top_p": 1.0,
+        "top_k": -1,
+        "max_tokens": 9,
+        "stop": ["x"],
+        "stop_token_ids": [257],
+        "seed": None,
+        "skip_special_tokens": True,
+    }
+    assert [[c.text for c in x] for x in out] == [
+        ["seed 7 sample 0", "seed 7 sample 1"],
+        ["seed 8 sample 0", "seed 8 sample 1"],
+    ]
     assert out[0][0].completion_tokens == 3 and out[0][0].prompt_tokens == 5 and out[0][0].finish_reason == "stop"
 
 
@@ -227,8 +252,16 @@ def test_small_models_are_placed_on_the_cpu_by_auto(tmp_path):
     def config(hidden, layers, vocab):
         d = tmp_path / f"m{hidden}"
         d.mkdir()
-        (d / "config.json").write_text(json.dumps({"hidden_size": hidden, "num_hidden_layers": layers,
-                                                   "vocab_size": vocab, "intermediate_size": 4 * hidden}))
+        (d / "config.json").write_text(
+            json.dumps(
+                {
+                    "hidden_size": hidden,
+                    "num_hidden_layers": layers,
+                    "vocab_size": vocab,
+                    "intermediate_size": 4 * hidden,
+                }
+            )
+        )
         return str(d)
 
     assert is_small("builtin:tiny-chat", tmp_path)
@@ -241,9 +274,9 @@ def test_small_models_are_placed_on_the_cpu_by_auto(tmp_path):
 def test_vllm_serves_a_stage_made_adapter_on_its_base_and_refuses_an_adapter_on_an_adapter(tmp_path):
     import json
 
-    from engine.spec.artifact import Artifact
-    from engine.models.backends.vllm import resolve
     from engine.core.errors import RecipeError
+    from engine.models.backends.vllm import resolve
+    from engine.spec.artifact import Artifact
 
     def entry(fp: str, base: str | None):
         model = tmp_path / fp / "model"

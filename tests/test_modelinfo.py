@@ -7,9 +7,10 @@ import json
 import textwrap
 from pathlib import Path
 
-from conftest import write_jsonl
 from engine.models import info as modelinfo
 from engine.spec.recipe import ModelSpec
+
+from conftest import write_jsonl
 
 RECIPE = """
 [recipe]
@@ -52,8 +53,9 @@ def test_max_new_tokens_is_checked_through_a_stage_made_model(tmp_path, cli):
     path = project(tmp_path, new=4096)
     text = path.read_text().replace('model = "policy"', 'model = "tuned"')
     text += '\n[datasets.c]\npath = "c.jsonl"\n\n[stages.tuned]\nkind = "sft"\ninput = "c"\nmodel = "policy"\n'
-    write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "a"},
-                                                     {"role": "assistant", "content": "b"}]}])
+    write_jsonl(
+        tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}]
+    )
     path.write_text(text)
     result = cli("validate", path)
     assert result.exit_code == 2 and "model 'tuned'" in flat(result.output)
@@ -63,8 +65,9 @@ def test_local_folder_context_and_template_are_read_from_files(tmp_path):
     folder = tmp_path / "m"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"text_config": {"max_position_embeddings": 2048}}))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "</s>"},
-                                                              "chat_template": "{{ messages }}"}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": {"content": "</s>"}, "chat_template": "{{ messages }}"})
+    )
     spec = ModelSpec(path=str(folder))
     assert modelinfo.context_length(spec) == 2048
     assert modelinfo.chat_template(spec) == ("{{ messages }}", {"eos_token": "</s>"})

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from engine.core.errors import RecipeError
 from engine.models import builtins as models
 from engine.models import weights
-from engine.core.errors import RecipeError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,13 +33,22 @@ CONVERSATION = [
 
 def run_py(code: str, **env: str) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def file_hashes(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -82,15 +91,23 @@ def test_two_builds_are_byte_identical(tmp_path):
     state = torch.random.get_rng_state()
     models.build_tiny_chat(tmp_path / "a")
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is left alone
-    proc = run_py(f"""
+    proc = run_py(
+        f"""
         from pathlib import Path
         from engine.models.builtins import build_tiny_chat
-        build_tiny_chat(Path({str(tmp_path / 'b')!r}))
-    """, PYTHONHASHSEED="12345")
+        build_tiny_chat(Path({str(tmp_path / "b")!r}))
+    """,
+        PYTHONHASHSEED="12345",
+    )
     assert proc.returncode == 0, proc.stderr
     a, b = file_hashes(tmp_path / "a"), file_hashes(tmp_path / "b")
-    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-            "tokenizer_config.json"} <= set(a)
+    assert {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    } <= set(a)
     assert a == b
 
 
@@ -103,7 +120,11 @@ def test_tiny_chat_shape_and_special_tokens(tiny):
     assert cfg.vocab_size == len(tok) == 256 + len(models.SPECIAL_TOKENS)
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|begin|>", "<|end|>", "<|pad|>")
     gen = model.generation_config
-    assert (gen.bos_token_id, gen.eos_token_id, gen.pad_token_id) == (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    assert (gen.bos_token_id, gen.eos_token_id, gen.pad_token_id) == (
+        tok.bos_token_id,
+        tok.eos_token_id,
+        tok.pad_token_id,
+    )
     assert (cfg.eos_token_id, cfg.pad_token_id) == (tok.eos_token_id, tok.pad_token_id)
     assert tok.padding_side == "left"
     # byte-level: token id == byte value, any text round-trips, nothing is unknown
@@ -138,7 +159,9 @@ def test_assistant_mask_covers_exactly_the_assistant_turns(tiny):
             spans.append(current)
             current = []
     spans.append(current) if current else None
-    assert [tok.decode(s) for s in spans] == [m["content"] + "<|end|>" for m in CONVERSATION if m["role"] == "assistant"]
+    assert [tok.decode(s) for s in spans] == [
+        m["content"] + "<|end|>" for m in CONVERSATION if m["role"] == "assistant"
+    ]
     unmasked = tok.decode([i for i, m in zip(ids, mask) if not m])
     for m in CONVERSATION:
         if m["role"] != "assistant":
@@ -149,7 +172,9 @@ def test_generation_prompt_ends_with_the_assistant_header(tiny):
     _, tok = tiny
     text = tok.apply_chat_template(CONVERSATION[:2], tokenize=False, add_generation_prompt=True)
     assert text == "<|begin|><|system|>You are terse.<|end|><|user|>Say hi in French.<|end|><|assistant|>"
-    ids = tok.apply_chat_template(CONVERSATION[:2], tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
+    ids = tok.apply_chat_template(CONVERSATION[:2], tokenize=True, add_generation_prompt=True, return_dict=True)[
+        "input_ids"
+    ]
     assert ids[-1] == tok.convert_tokens_to_ids("<|assistant|>")
     assert ids.count(tok.bos_token_id) == 1
     without = tok.apply_chat_template(CONVERSATION[:2], tokenize=False)
@@ -247,14 +272,20 @@ def test_load_model_builtin_generates_deterministically(tiny, cache_root):
 
     model, tok = tiny
     assert model.dtype == torch.float32 and model.device.type == "cpu" and not model.training
-    batch = tok.apply_chat_template([CONVERSATION[:2], [{"role": "user", "content": "Hi"}]], add_generation_prompt=True,
-                                    tokenize=True, return_dict=True, padding=True, return_tensors="pt")
+    batch = tok.apply_chat_template(
+        [CONVERSATION[:2], [{"role": "user", "content": "Hi"}]],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        padding=True,
+        return_tensors="pt",
+    )
     assert batch["attention_mask"][1, 0] == 0  # left padding
 
     def greedy(m):
         with torch.no_grad():
             out = m.generate(**batch, max_new_tokens=8, do_sample=False)
-        return out[:, batch["input_ids"].shape[1]:].tolist()
+        return out[:, batch["input_ids"].shape[1] :].tolist()
 
     first = greedy(model)
     assert len(first) == 2 and all(len(row) == 8 for row in first)
@@ -286,14 +317,18 @@ def test_local_dir_without_a_model_is_a_recipe_error(tmp_path):
 
 def test_unreachable_hub_id_is_a_recipe_error(tmp_path):
     """HF_HUB_OFFLINE is read when huggingface_hub is imported, hence the fresh process."""
-    proc = run_py(f"""
+    proc = run_py(
+        f"""
         from engine.core.errors import RecipeError
         from engine.models.weights import load_model
         try:
             load_model("nobody-here/no-such-model", revision="main", cache_root={str(tmp_path)!r})
         except RecipeError as exc:
             print("RECIPE-ERROR", exc)
-    """, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    """,
+        HF_HUB_OFFLINE="1",
+        HF_HOME=str(tmp_path / "hf"),
+    )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert out.startswith("RECIPE-ERROR error: cannot load model 'nobody-here/no-such-model' (revision main)")
@@ -311,8 +346,9 @@ def test_size_and_generation_speed(tiny, capsys):
     model, tok = tiny
     params = sum(p.numel() for p in model.parameters())
     prompts = [[{"role": "user", "content": f"prompt {i} " * (1 + i % 5)}] for i in range(32)]
-    batch = tok.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                    padding=True, return_tensors="pt")
+    batch = tok.apply_chat_template(
+        prompts, add_generation_prompt=True, tokenize=True, return_dict=True, padding=True, return_tensors="pt"
+    )
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=64, min_new_tokens=64, do_sample=False)
@@ -333,8 +369,10 @@ def test_tokenizer_preparation_pad_and_context():
     tok = models._tiny_tokenizer()
     tok.pad_token = tok.eos_token  # as many checkpoints ship: pad == eos == end of turn
     tok.unk_token = "<|pad|>"
-    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=tok.eos_token_id),
-                            config=SimpleNamespace(max_position_embeddings=4096))
+    model = SimpleNamespace(
+        generation_config=SimpleNamespace(eos_token_id=tok.eos_token_id),
+        config=SimpleNamespace(max_position_embeddings=4096),
+    )
     prepare_tokenizer(tok, model)
     assert tok.pad_token == "<|pad|>" and tok.padding_side == "left" and tok.model_max_length == 4096
 

@@ -9,20 +9,26 @@ import textwrap
 
 import pytest
 
-from conftest import GOOD, write_jsonl
-from engine.models.backends import Completion
-from chatserver import ChatServer
-from engine.run.executor import run
-from engine.load.loader import load_recipe
 from engine.data.rows import read_rows
+from engine.load.loader import load_recipe
+from engine.models.backends import Completion
+from engine.run.executor import run
 
-TEACHER = {"scenario_safe": True,
-           "turns": [{"index": 1, "role": "user", "text": "How do I start running?"},
-                     {"index": 2, "role": "assistant", "text": "Begin with short run-walk intervals three times a week."},
-                     {"index": 3, "role": "user", "text": "And shoes?"},
-                     {"index": 4, "role": "assistant", "text": "Get fitted at a running shop; comfort matters most."}],
-           "behaviors": ["callback"], "coherence": {"all_turns_advance": True, "breaks_at": None, "why": "each turn builds"},
-           "decision_basis": "safe everyday topic"}
+from chatserver import ChatServer
+from conftest import GOOD, write_jsonl
+
+TEACHER = {
+    "scenario_safe": True,
+    "turns": [
+        {"index": 1, "role": "user", "text": "How do I start running?"},
+        {"index": 2, "role": "assistant", "text": "Begin with short run-walk intervals three times a week."},
+        {"index": 3, "role": "user", "text": "And shoes?"},
+        {"index": 4, "role": "assistant", "text": "Get fitted at a running shop; comfort matters most."},
+    ],
+    "behaviors": ["callback"],
+    "coherence": {"all_turns_advance": True, "breaks_at": None, "why": "each turn builds"},
+    "decision_basis": "safe everyday topic",
+}
 
 
 class Scripted:
@@ -61,10 +67,13 @@ def server():
 
 def test_teacher_json_and_llm_judge_over_http(tmp_path, server):
     root = tmp_path / "p"
-    write_jsonl(root / "seeds.jsonl", [{"id": f"s{i}", "prompt": f"Scenario {i}: a beginner asks about running."}
-                                       for i in range(3)])
+    write_jsonl(
+        root / "seeds.jsonl",
+        [{"id": f"s{i}", "prompt": f"Scenario {i}: a beginner asks about running."} for i in range(3)],
+    )
     write_jsonl(root / "convs.jsonl", GOOD[:4])
-    (root / "r.toml").write_text(textwrap.dedent(f"""
+    (root / "r.toml").write_text(
+        textwrap.dedent(f"""
         [recipe]
         name = "http"
         [models.teacher]
@@ -86,7 +95,8 @@ def test_teacher_json_and_llm_judge_over_http(tmp_path, server):
         kind = "judge"
         input = "convs"
         model = "teacher"
-    """))
+    """)
+    )
     rec = run(load_recipe(root / "r.toml"), tmp_path / "runs")
     rows = read_rows(rec.dir / "stages" / "convs_out" / "rows.parquet")
     assert len(rows) == 3
@@ -105,8 +115,15 @@ class NeverJson(Scripted):
     """A teacher that never writes the JSON asked for; judge prompts still get a score."""
 
     def generate(self, prompts, params, seed):
-        return [[Completion("Score: 7" if "Score:" in m[-1]["content"] else "Sure! Here is a conversation: {oops",
-                            10, 5, "stop") for _ in range(params.n)] for m in prompts]
+        return [
+            [
+                Completion(
+                    "Score: 7" if "Score:" in m[-1]["content"] else "Sure! Here is a conversation: {oops", 10, 5, "stop"
+                )
+                for _ in range(params.n)
+            ]
+            for m in prompts
+        ]
 
 
 def test_a_failed_stage_leaves_a_sample_of_the_bad_output_and_the_other_branch_still_runs(tmp_path):
@@ -118,7 +135,8 @@ def test_a_failed_stage_leaves_a_sample_of_the_bad_output_and_the_other_branch_s
         root = tmp_path / "p"
         write_jsonl(root / "seeds.jsonl", [{"id": f"s{i}", "prompt": f"Scenario {i}."} for i in range(2)])
         write_jsonl(root / "convs.jsonl", GOOD[:4])
-        (root / "r.toml").write_text(textwrap.dedent(f"""
+        (root / "r.toml").write_text(
+            textwrap.dedent(f"""
             [recipe]
             name = "kg"
             [models.teacher]
@@ -144,15 +162,17 @@ def test_a_failed_stage_leaves_a_sample_of_the_bad_output_and_the_other_branch_s
             kind = "judge"
             input = "convs"
             model = "teacher"
-        """))
+        """)
+        )
         runs = tmp_path / "runs"
         with pytest.raises(StageFailed, match="a teacher output that did not parse: .*Sure! Here is a conversation"):
             run(load_recipe(root / "r.toml"), runs)
         record = json.loads((runs / "kg" / "latest" / "record.json").read_text())
         stages = record["stages"]
         assert stages["convs_out"]["status"] == "failed"
-        assert stages["clean_out"]["status"] == "skipped" and stages["clean_out"]["reasons"] == \
-            ["needs 'convs_out', which failed"]
+        assert stages["clean_out"]["status"] == "skipped" and stages["clean_out"]["reasons"] == [
+            "needs 'convs_out', which failed"
+        ]
         assert stages["judged"]["status"] == "run"  # the independent branch ran (make -k)
         log = (runs / "kg" / "latest" / "logs" / "convs_out.log").read_text()
         assert "a sample of teacher output that did not parse" in log and "{oops" in log
@@ -172,7 +192,8 @@ def test_an_api_key_named_by_api_key_env_is_in_no_file_of_the_run(tmp_path, monk
         monkeypatch.setenv("JUDGE_KEY", secret)
         root = tmp_path / "p"
         write_jsonl(root / "convs.jsonl", GOOD[:4])
-        (root / "r.toml").write_text(textwrap.dedent(f"""
+        (root / "r.toml").write_text(
+            textwrap.dedent(f"""
             [recipe]
             name = "secret"
             [models.teacher]
@@ -186,7 +207,8 @@ def test_an_api_key_named_by_api_key_env_is_in_no_file_of_the_run(tmp_path, monk
             kind = "judge"
             input = "convs"
             model = "teacher"
-        """))
+        """)
+        )
         runs = tmp_path / "runs"
         run(load_recipe(root / "r.toml"), runs)
         from engine.report.runreport import write_run_report

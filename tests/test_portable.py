@@ -62,17 +62,23 @@ TIMING_FILES = {"manifest.json", "metrics.json"}
 
 
 def entries(cache: Path) -> dict[str, bytes]:
-    return {p.relative_to(cache).as_posix(): p.read_bytes() for p in sorted(cache.rglob("*"))
-            if p.is_file() and len(p.relative_to(cache).parts) > 1 and p.relative_to(cache).parts[0] not in
-            ("builtin", "partial") and p.name not in TIMING_FILES and not p.name.startswith(".")}
+    return {
+        p.relative_to(cache).as_posix(): p.read_bytes()
+        for p in sorted(cache.rglob("*"))
+        if p.is_file()
+        and len(p.relative_to(cache).parts) > 1
+        and p.relative_to(cache).parts[0] not in ("builtin", "partial")
+        and p.name not in TIMING_FILES
+        and not p.name.startswith(".")
+    }
 
 
 @pytest.mark.slow
 def test_entries_are_byte_identical_and_survive_a_move(tmp_path):
-    from engine.run.plan import make_plan
-    from engine.run.executor import run
-    from engine.load.loader import load_recipe
     from engine.data.rows import read_rows
+    from engine.load.loader import load_recipe
+    from engine.run.executor import run
+    from engine.run.plan import make_plan
 
     proj = tmp_path / "proj"
     write_jsonl(proj / "chats.jsonl", [conv(f"say {i}", f"ok {i}", id=f"c{i}") for i in range(8)])
@@ -95,5 +101,7 @@ def test_entries_are_byte_identical_and_survive_a_move(tmp_path):
     shutil.move(str(tmp_path / "a"), moved)
     assert {i.status for i in make_plan(recipe, moved)} == {"cached"}
     again = run(recipe, moved, force=["replies"])
-    before = read_rows(Path(str(a.dir).replace(str(tmp_path / "a"), str(moved))) / "stages" / "replies" / "rows.parquet")
+    before = read_rows(
+        Path(str(a.dir).replace(str(tmp_path / "a"), str(moved))) / "stages" / "replies" / "rows.parquet"
+    )
     assert read_rows(again.dir / "stages" / "replies" / "rows.parquet") == before

@@ -17,16 +17,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import conv, run_cli_subprocess, write_jsonl
-from engine.models.backends import Completion
-from chatserver import ChatServer
 from engine.core.errors import RecipeError, StageFailed
-from engine.run.executor import run
-from engine.load.loader import load_recipe
 from engine.data.rows import read_rows
-from engine.lib.pairs import best_and_worst
+from engine.lib.pairs import best_and_worst, selected_turns
 from engine.lib.scoring import logprob_judgments, pairwise_label, parse_choice, soft_label
-from engine.lib.pairs import selected_turns
+from engine.load.loader import load_recipe
+from engine.models.backends import Completion
+from engine.run.executor import run
+
+from chatserver import ChatServer
+from conftest import conv, run_cli_subprocess, write_jsonl
 
 CONSTITUTION = Path(__file__).resolve().parent.parent / "recipes" / "constitutions" / "short.toml"
 
@@ -77,21 +77,24 @@ def server():
 def project(tmp_path: Path, rows: list[dict], stage: str, server=None, name: str = "prefs") -> Path:
     root = tmp_path / name
     write_jsonl(root / "convs.jsonl", rows)
-    (root / "r.toml").write_text(textwrap.dedent(f"""
+    (root / "r.toml").write_text(
+        textwrap.dedent(f"""
         [recipe]
         name = "{name}"
         seed = 11
         [models.judge]
         path = "judge"
         backend = "openai"
-        base_url = "{server.url if server else 'http://127.0.0.1:9/v1'}"
+        base_url = "{server.url if server else "http://127.0.0.1:9/v1"}"
         [models.tiny]
         path = "builtin:tiny-chat"
         [constitutions.short]
         path = "{CONSTITUTION}"
         [datasets.convs]
         path = "convs.jsonl"
-    """) + textwrap.dedent(stage))
+    """)
+        + textwrap.dedent(stage)
+    )
     return root / "r.toml"
 
 
@@ -129,20 +132,28 @@ def test_best_and_worst_and_turns():
     assert best_and_worst([("x", 3.0), ("y", 7.0)], "lower") == ("x", "y", 4.0)
     assert best_and_worst([("x", 3.0)]) is None
     msgs = conv("u1", "a1", "u2", "a2", "u3", "a3")["messages"]
-    assert selected_turns(msgs, None) == [5] and selected_turns(msgs, 1) == [3, 5] and selected_turns(msgs, 0) == [1, 3, 5]
+    assert (
+        selected_turns(msgs, None) == [5] and selected_turns(msgs, 1) == [3, 5] and selected_turns(msgs, 0) == [1, 3, 5]
+    )
 
 
 # --------------------------------------------------------------------------- best_vs_worst
 
 
-SCORED = [conv("What is 7 + 5?", reply, id=f"q1#{k}", meta={"source_id": "q1", "answer": "12"})
-          for k, reply in enumerate(["It is 13.", "It is 12.", "It is 11."])] + \
-         [conv("What is 2 + 2?", reply, id=f"q2#{k}", meta={"source_id": "q2", "answer": "4"})
-          for k, reply in enumerate(["4", "Four, i.e. 4."])]
+SCORED = [
+    conv("What is 7 + 5?", reply, id=f"q1#{k}", meta={"source_id": "q1", "answer": "12"})
+    for k, reply in enumerate(["It is 13.", "It is 12.", "It is 11."])
+] + [
+    conv("What is 2 + 2?", reply, id=f"q2#{k}", meta={"source_id": "q2", "answer": "4"})
+    for k, reply in enumerate(["4", "Four, i.e. 4."])
+]
 
 
 def test_best_vs_worst_after_a_judge(tmp_path):
-    path = project(tmp_path, SCORED, """
+    path = project(
+        tmp_path,
+        SCORED,
+        """
         [stages.check]
         kind = "judge"
         input = "convs"
@@ -154,7 +165,8 @@ def test_best_vs_worst_after_a_judge(tmp_path):
         method = "best_vs_worst"
         input = "check"
         score = "correct"
-    """)
+    """,
+    )
     rec = run(load_recipe(path), tmp_path / "runs")
     pairs, report = pairs_of(rec)
     assert [p["id"] for p in pairs] == ["q1"]  # q2: both right, no gap
@@ -167,7 +179,10 @@ def test_best_vs_worst_after_a_judge(tmp_path):
     # zero pairs: an error naming the stage and the knob, and no artifact downstream
     proc = run_cli_subprocess("run", path, "--runs-dir", tmp_path / "runs", "--set", "stages.pairs.min_margin=2")
     assert proc.returncode == 2
-    assert "stage 'pairs' made no preference pairs: no group of samples has a score gap of at least min_margin = 2" in proc.stderr
+    assert (
+        "stage 'pairs' made no preference pairs: no group of samples has a score gap of at least min_margin = 2"
+        in proc.stderr
+    )
     assert "stages.pairs.min_margin" in proc.stderr and "largest gap: 1" in proc.stderr
     proc = run_cli_subprocess("run", path, "--runs-dir", tmp_path / "runs", "--set", "stages.pairs.score=nope")
     assert proc.returncode == 2 and "stage 'pairs': no input row has scores.nope" in proc.stderr
@@ -176,12 +191,14 @@ def test_best_vs_worst_after_a_judge(tmp_path):
 # --------------------------------------------------------------------------- pairwise_judge
 
 
-CANDIDATES = [conv("How do I boil an egg?", "GOOD: simmer it for nine minutes.", id="e#0", meta={"source_id": "e"}),
-              conv("How do I boil an egg?", "Eggs are oval.", id="e#1", meta={"source_id": "e"}),
-              conv("How do I boil an egg?", "Put it in water. GOOD", id="e#2", meta={"source_id": "e"}),
-              conv("Name a prime.", "7 is prime.", id="p#0", meta={"source_id": "p"}),  # alone: nothing to compare
-              conv("Name a river.", "The Nile.", id="r#0", meta={"source_id": "r"}),
-              conv("Name a river.", "GOOD: the Danube.", id="r#1", meta={"source_id": "r"})]
+CANDIDATES = [
+    conv("How do I boil an egg?", "GOOD: simmer it for nine minutes.", id="e#0", meta={"source_id": "e"}),
+    conv("How do I boil an egg?", "Eggs are oval.", id="e#1", meta={"source_id": "e"}),
+    conv("How do I boil an egg?", "Put it in water. GOOD", id="e#2", meta={"source_id": "e"}),
+    conv("Name a prime.", "7 is prime.", id="p#0", meta={"source_id": "p"}),  # alone: nothing to compare
+    conv("Name a river.", "The Nile.", id="r#0", meta={"source_id": "r"}),
+    conv("Name a river.", "GOOD: the Danube.", id="r#1", meta={"source_id": "r"}),
+]
 
 PAIRWISE = """
     [stages.pairs]
@@ -199,8 +216,11 @@ def test_pairwise_judge_compares_in_both_orders(tmp_path, server):
     pairs, report = pairs_of(rec)
     # e: 3 candidates -> 3 pairs, of which (e#0, e#2) both hold GOOD: the verdicts follow position, a tie
     assert [p["id"] for p in pairs] == ["e#0|e#1@1", "e#1|e#2@1", "r#0|r#1@1"]
-    assert [(p["meta"]["chosen_id"], p["meta"]["rejected_id"]) for p in pairs] == [("e#0", "e#1"), ("e#2", "e#1"),
-                                                                                   ("r#1", "r#0")]
+    assert [(p["meta"]["chosen_id"], p["meta"]["rejected_id"]) for p in pairs] == [
+        ("e#0", "e#1"),
+        ("e#2", "e#1"),
+        ("r#1", "r#0"),
+    ]
     assert all("GOOD" in p["chosen"][0]["content"] and p["meta"]["label"] == 1.0 for p in pairs)
     assert pairs[0]["meta"]["verdicts"] == {"a": "e#0", "a_first": ["A"], "b_first": ["B"]}
     assert pairs[0]["prompt"] == [{"role": "user", "content": "How do I boil an egg?"}]
@@ -222,7 +242,10 @@ def test_a_position_biased_judge_makes_no_pairs(tmp_path, server):
     with pytest.raises(RecipeError) as exc:
         run(load_recipe(project(tmp_path, CANDIDATES, PAIRWISE, server)), tmp_path / "runs")
     msg = str(exc.value)
-    assert "stage 'pairs' made no preference pairs: no compared pair reached confidence threshold = 0.5 (4 ties of 4" in msg
+    assert (
+        "stage 'pairs' made no preference pairs: no compared pair reached confidence threshold = 0.5 (4 ties of 4"
+        in msg
+    )
     assert "share of 'A' verdicts 1.00" in msg and "stages.pairs.threshold" in msg
 
 
@@ -237,8 +260,9 @@ def test_soft_labels_from_votes_and_threshold(tmp_path, server):
 
 
 def test_chain_of_thought_labels_are_clamped(tmp_path, server):
-    rec = run(load_recipe(project(tmp_path, CANDIDATES, PAIRWISE + "chain_of_thought = true\n", server)),
-              tmp_path / "runs")
+    rec = run(
+        load_recipe(project(tmp_path, CANDIDATES, PAIRWISE + "chain_of_thought = true\n", server)), tmp_path / "runs"
+    )
     pairs, _ = pairs_of(rec)
     assert len(pairs) == 3 and all(p["meta"]["label"] == 0.6 and p["meta"]["raw_label"] == 1.0 for p in pairs)
     assert all("step by step" in p[-1]["content"] for p in server.backend.prompts)
@@ -261,16 +285,39 @@ def test_pairwise_needs_candidates_sharing_a_source(tmp_path, server):
 
 def revised(id: str, turns: list[tuple[int, str, str]], *texts: str) -> dict:
     row = conv(*texts, id=id)
-    row["meta"] = {"scenario": "s", "critique_revise": {"rounds": 1, "after_revision": "keep", "turns": [
-        {"index": i, "original": o, "final": f,
-         "history": [{"round": 1, "principle": "honest", "critique": "c", "revision": f, "accepted": o != f,
-                      "reason": None if o != f else "unchanged"}]} for i, o, f in turns]}}
+    row["meta"] = {
+        "scenario": "s",
+        "critique_revise": {
+            "rounds": 1,
+            "after_revision": "keep",
+            "turns": [
+                {
+                    "index": i,
+                    "original": o,
+                    "final": f,
+                    "history": [
+                        {
+                            "round": 1,
+                            "principle": "honest",
+                            "critique": "c",
+                            "revision": f,
+                            "accepted": o != f,
+                            "reason": None if o != f else "unchanged",
+                        }
+                    ],
+                }
+                for i, o, f in turns
+            ],
+        },
+    }
     return row
 
 
-REVISED = [revised("c1", [(1, "old one", "new one"), (3, "old two", "new two")], "u1", "new one", "u2", "new two"),
-           revised("c2", [(1, "same", "same")], "u1", "same"),
-           revised("c3", [(1, "first draft", "better draft"), (3, "keep", "keep")], "u1", "better draft", "u2", "keep")]
+REVISED = [
+    revised("c1", [(1, "old one", "new one"), (3, "old two", "new two")], "u1", "new one", "u2", "new two"),
+    revised("c2", [(1, "same", "same")], "u1", "same"),
+    revised("c3", [(1, "first draft", "better draft"), (3, "keep", "keep")], "u1", "better draft", "u2", "keep"),
+]
 
 
 def test_revision_pairs(tmp_path):
@@ -279,8 +326,11 @@ def test_revision_pairs(tmp_path):
     pairs, report = pairs_of(rec)
     assert [p["id"] for p in pairs] == ["c1@3"]  # the last turn only; c2 and c3 left theirs unchanged
     p = pairs[0]
-    assert p["prompt"] == [{"role": "user", "content": "u1"}, {"role": "assistant", "content": "new one"},
-                           {"role": "user", "content": "u2"}]
+    assert p["prompt"] == [
+        {"role": "user", "content": "u1"},
+        {"role": "assistant", "content": "new one"},
+        {"role": "user", "content": "u2"},
+    ]
     assert p["chosen"][0]["content"] == "new two" and p["rejected"][0]["content"] == "old two"
     assert p["meta"]["principles"] == ["honest"] and p["meta"]["source_meta"] == {"scenario": "s"}
     assert report["unchanged"] == 2
@@ -298,8 +348,10 @@ def test_revision_pairs(tmp_path):
 # --------------------------------------------------------------------------- context_negative
 
 
-MULTI = [conv("My name is Ada.", "Nice to meet you, Ada.", "What is my name?", "Your name is Ada.", id="m1"),
-         conv("Hi.", "Hello!", id="m2")]  # a single turn: nothing earlier to ignore
+MULTI = [
+    conv("My name is Ada.", "Nice to meet you, Ada.", "What is my name?", "Your name is Ada.", id="m1"),
+    conv("Hi.", "Hello!", id="m2"),
+]  # a single turn: nothing earlier to ignore
 
 
 def test_context_negative_over_http(tmp_path, server):
@@ -331,8 +383,10 @@ def test_logprob_verdicts_from_the_builtin_judge(tmp_path):
     from engine.models.backends.hf import HFBackend
     from engine.models.weights import load_model
 
-    stage = ('[stages.pairs]\nkind = "preferences"\nmethod = "pairwise_judge"\ninput = "convs"\nmodel = "tiny"\n'
-             'constitution = "short"\nverdict = "logprobs"\nthreshold = 0.0\n')
+    stage = (
+        '[stages.pairs]\nkind = "preferences"\nmethod = "pairwise_judge"\ninput = "convs"\nmodel = "tiny"\n'
+        'constitution = "short"\nverdict = "logprobs"\nthreshold = 0.0\n'
+    )
     rec = run(load_recipe(project(tmp_path, CANDIDATES, stage)), tmp_path / "runs")
     pairs, report = pairs_of(rec)
     judged = read_rows(rec.dir / "stages" / "pairs" / "judgments.parquet")
@@ -347,7 +401,9 @@ def test_logprob_verdicts_from_the_builtin_judge(tmp_path):
     for prompt, row in zip(prompts, got):
         head = backend._encode([prompt])[0] + tok.encode("Verdict: ", add_special_tokens=False)
         for option, value in zip(["A", "B"], row):
-            tail = tok.encode("Verdict: " + option, add_special_tokens=False)[len(head) - len(backend._encode([prompt])[0]):]
+            tail = tok.encode("Verdict: " + option, add_special_tokens=False)[
+                len(head) - len(backend._encode([prompt])[0]) :
+            ]
             with torch.no_grad():
                 logps = torch.log_softmax(model(torch.tensor([head + tail])).logits.float(), -1)[0]
             assert value == pytest.approx(sum(float(logps[len(head) + j - 1, t]) for j, t in enumerate(tail)), abs=1e-4)
@@ -355,8 +411,10 @@ def test_logprob_verdicts_from_the_builtin_judge(tmp_path):
 
 @pytest.mark.slow
 def test_context_negative_on_the_builtin_model(tmp_path):
-    stage = ('[stages.pairs]\nkind = "preferences"\nmethod = "context_negative"\ninput = "convs"\nmodel = "tiny"\n'
-             "max_new_tokens = 12\nfrom_turn = 0\n")
+    stage = (
+        '[stages.pairs]\nkind = "preferences"\nmethod = "context_negative"\ninput = "convs"\nmodel = "tiny"\n'
+        "max_new_tokens = 12\nfrom_turn = 0\n"
+    )
     rows = MULTI + [conv("a", "b", "c", "d", "e", "f", id="m3")]
     path = project(tmp_path, rows, stage)
     proc = run_cli_subprocess("run", path, "--runs-dir", tmp_path / "runs")
@@ -372,21 +430,36 @@ def test_context_negative_on_the_builtin_model(tmp_path):
 # --------------------------------------------------------------------------- validation
 
 
-@pytest.mark.parametrize("stage, expected", [
-    ('method = "pairwise_judge"\nconstitution = "short"', "method 'pairwise_judge' needs a model"),
-    ('method = "pairwise_judge"\nmodel = "judge"', "method 'pairwise_judge' needs a constitution"),
-    ('method = "pairwise_judge"\nmodel = "judge"\nconstitution = "hh"', "uses constitution 'hh', which is not defined"),
-    ('method = "pairwise_judge"\nmodel = "judge"\nconstitution = "short"\nvotes = 3', "votes > 1 with judge_temperature = 0"),
-    ('method = "pairwise_judge"\nmodel = "judge"\nconstitution = "short"\ntemplate = "judge_pointwise.j2"',
-     "uses 'conversation', which stage 'pairs' does not pass"),
-    ('method = "best_vs_worst"\nthreshold = 0.9', "threshold is not used by method 'best_vs_worst'"),
-    ('method = "revision"\nmodel = "judge"', "model is not used by method 'revision'"),
-    ('method = "context_negative"', "method 'context_negative' needs a model"),
-    ('method = "pairwise_judge"\nmodel = "judge"\nconstitution = "short"\nverdict = "logprobs"',
-     "model 'judge' (openai backend) does not give"),
-    ('method = "pairwise_judge"\nmodel = "tiny"\nconstitution = "short"\nverdict = "logprobs"\nchain_of_thought = true',
-     'verdict = "logprobs" reads one probability per order'),
-])
+@pytest.mark.parametrize(
+    "stage, expected",
+    [
+        ('method = "pairwise_judge"\nconstitution = "short"', "method 'pairwise_judge' needs a model"),
+        ('method = "pairwise_judge"\nmodel = "judge"', "method 'pairwise_judge' needs a constitution"),
+        (
+            'method = "pairwise_judge"\nmodel = "judge"\nconstitution = "hh"',
+            "uses constitution 'hh', which is not defined",
+        ),
+        (
+            'method = "pairwise_judge"\nmodel = "judge"\nconstitution = "short"\nvotes = 3',
+            "votes > 1 with judge_temperature = 0",
+        ),
+        (
+            'method = "pairwise_judge"\nmodel = "judge"\nconstitution = "short"\ntemplate = "judge_pointwise.j2"',
+            "uses 'conversation', which stage 'pairs' does not pass",
+        ),
+        ('method = "best_vs_worst"\nthreshold = 0.9', "threshold is not used by method 'best_vs_worst'"),
+        ('method = "revision"\nmodel = "judge"', "model is not used by method 'revision'"),
+        ('method = "context_negative"', "method 'context_negative' needs a model"),
+        (
+            'method = "pairwise_judge"\nmodel = "judge"\nconstitution = "short"\nverdict = "logprobs"',
+            "model 'judge' (openai backend) does not give",
+        ),
+        (
+            'method = "pairwise_judge"\nmodel = "tiny"\nconstitution = "short"\nverdict = "logprobs"\nchain_of_thought = true',
+            'verdict = "logprobs" reads one probability per order',
+        ),
+    ],
+)
 def test_validate_catches_bad_settings(tmp_path, stage, expected):
     path = project(tmp_path, CANDIDATES, f'[stages.pairs]\nkind = "preferences"\ninput = "convs"\n{stage}\n')
     proc = run_cli_subprocess("validate", path)
@@ -407,7 +480,8 @@ def test_constitution_and_template_bytes_enter_the_fingerprint(tmp_path):
     second = fp()
     (path.parent / "templates").mkdir()
     (path.parent / "templates" / "pairwise_principle.j2").write_text(
-        "{{ context }}{{ response_a }}{{ response_b }}{{ principle }}{{ chain_of_thought }}")
+        "{{ context }}{{ response_a }}{{ response_b }}{{ principle }}{{ chain_of_thought }}"
+    )
     assert len({first, second, fp()}) == 3
 
 
@@ -415,7 +489,11 @@ def test_validating_these_stages_stays_light(tmp_path):
     import subprocess
     import sys
 
-    path = project(tmp_path, CANDIDATES, PAIRWISE + """
+    path = project(
+        tmp_path,
+        CANDIDATES,
+        PAIRWISE
+        + """
         [stages.best]
         kind = "rejection_sample"
         input = "convs"
@@ -423,10 +501,18 @@ def test_validating_these_stages_stays_light(tmp_path):
         scorer = "llm"
         judge_model = "judge"
         output = "preferences"
-    """)
-    code = ("import sys; from engine.load.loader import load_recipe; load_recipe(sys.argv[1]); "
-            "print(sorted(m for m in ('torch','transformers','trl','peft','datasets','matplotlib','numpy') "
-            "if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parent.parent, check=True)
+    """,
+    )
+    code = (
+        "import sys; from engine.load.loader import load_recipe; load_recipe(sys.argv[1]); "
+        "print(sorted(m for m in ('torch','transformers','trl','peft','datasets','matplotlib','numpy') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(path)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        check=True,
+    )
     assert out.stdout.strip() == "[]"

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, fault_env, write_jsonl
 from engine.core.errors import RecipeError
-from engine.run.executor import run
 from engine.load.loader import load_recipe
+from engine.run.executor import run
+
+from conftest import ROOT, fault_env, write_jsonl
 
 ray = pytest.importorskip("ray")
 
@@ -68,11 +69,23 @@ shard_size = 2
 
 
 def project(root: Path) -> Path:
-    write_jsonl(root / "prompts.jsonl", [{"id": f"p{i}", "prompt": f"Question {i}: how do tides work, part {i}?"}
-                                         for i in range(10)])
-    write_jsonl(root / "chats.jsonl", [{"id": f"c{i}", "messages": [
-        {"role": "user", "content": f"hello number {i}"},
-        {"role": "assistant", "content": "hi there friend" if i % 3 else "ok"}]} for i in range(9)])
+    write_jsonl(
+        root / "prompts.jsonl",
+        [{"id": f"p{i}", "prompt": f"Question {i}: how do tides work, part {i}?"} for i in range(10)],
+    )
+    write_jsonl(
+        root / "chats.jsonl",
+        [
+            {
+                "id": f"c{i}",
+                "messages": [
+                    {"role": "user", "content": f"hello number {i}"},
+                    {"role": "assistant", "content": "hi there friend" if i % 3 else "ok"},
+                ],
+            }
+            for i in range(9)
+        ],
+    )
     (root / "r.toml").write_text(textwrap.dedent(PIPELINE))
     return root / "r.toml"
 
@@ -80,8 +93,9 @@ def project(root: Path) -> Path:
 def start(**env) -> None:
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": fault_env(**env)})  # workers load the fault seam (armed by `env`)
+    ray.init(
+        num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": fault_env(**env)}
+    )  # workers load the fault seam (armed by `env`)
 
 
 @pytest.fixture
@@ -94,8 +108,9 @@ def cluster():
 def same_rows(a, b, stages) -> None:
     for stage in stages:
         assert a.data["stages"][stage]["fingerprint"] == b.data["stages"][stage]["fingerprint"]
-        assert (a.dir / "stages" / stage / "rows.parquet").read_bytes() == \
-               (b.dir / "stages" / stage / "rows.parquet").read_bytes(), stage
+        assert (a.dir / "stages" / stage / "rows.parquet").read_bytes() == (
+            b.dir / "stages" / stage / "rows.parquet"
+        ).read_bytes(), stage
 
 
 STAGES = ("clean", "gen", "scored", "talk")
@@ -119,7 +134,9 @@ def test_a_pipeline_on_ray_gives_the_rows_of_a_local_run(tmp_path, cluster):
 
     cpus = min(torch.get_num_threads(), 2)  # by default a CPU worker holds the cores its torch threads use
     assert f"on Ray: {2 // cpus} workers (0 GPUs, {cpus} CPUs each)" in (logs / "talk.log").read_text()
-    assert gen["start_s"] < talk["start_s"] + talk["duration_s"] and talk["start_s"] < gen["start_s"] + gen["duration_s"]
+    assert (
+        gen["start_s"] < talk["start_s"] + talk["duration_s"] and talk["start_s"] < gen["start_s"] + gen["duration_s"]
+    )
     again = run(load_recipe(path), tmp_path / "ray", executor="ray")
     assert all(again.data["stages"][s]["status"] == "cached" for s in STAGES)
 
@@ -142,9 +159,13 @@ def test_a_worker_killed_mid_shard_is_retried_and_the_rows_are_the_same(tmp_path
 def test_a_killed_driver_resumes_from_committed_shards_on_ray(tmp_path, cluster):
     path = project(tmp_path / "proj")
     runs = tmp_path / "runs"
-    killed = subprocess.run([sys.executable, "-m", "engine.cli", "run", str(path), "--runs-dir", str(runs),
-                             "--only", "gen"], cwd=ROOT, capture_output=True, text=True,
-                            env={**os.environ, **fault_env(RECIPE_CRASH_AFTER_SHARDS="2")})
+    killed = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "run", str(path), "--runs-dir", str(runs), "--only", "gen"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **fault_env(RECIPE_CRASH_AFTER_SHARDS="2")},
+    )
     assert killed.returncode == 137
     assert len(list((runs / "cache" / "partial").glob("*/shard-*"))) == 2
     resumed = run(load_recipe(path), runs, executor="ray", only=["gen"])
@@ -177,8 +198,12 @@ def two_nodes():
     nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     try:
         nodes.add_node(num_cpus=1)
-        ray.init(address=nodes.address, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+        ray.init(
+            address=nodes.address,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+        )
         nodes.wait_for_nodes()
         yield nodes
     finally:
@@ -204,31 +229,41 @@ def test_a_training_stage_on_two_simulated_nodes_equals_two_local_processes(tmp_
     from test_launch import make
 
     two = run(load_recipe(make(tmp_path / "two", "[stages.train.resources]\nprocesses = 2")), tmp_path / "runs2")
-    spread = run(load_recipe(make(tmp_path / "mn", "[stages.train.resources]\nnodes = 2")), tmp_path / "runsmn",
-                 executor="ray")
+    spread = run(
+        load_recipe(make(tmp_path / "mn", "[stages.train.resources]\nnodes = 2")), tmp_path / "runsmn", executor="ray"
+    )
     with pytest.raises(RecipeError, match="asks for 3 nodes") as err:  # more nodes than the cluster has
-        run(load_recipe(make(tmp_path / "three", "[stages.train.resources]\nnodes = 3")), tmp_path / "runs3",
-            executor="ray")
+        run(
+            load_recipe(make(tmp_path / "three", "[stages.train.resources]\nnodes = 3")),
+            tmp_path / "runs3",
+            executor="ray",
+        )
     assert "stages.train.resources.nodes" in err.value.format()
     assert "on Ray: 2 nodes x 1 processes" in (spread.dir / "logs" / "train.log").read_text()
     assert spread.data["stages"]["train"]["fingerprint"] == two.data["stages"]["train"]["fingerprint"]
     mine = sorted((two.dir / "stages" / "train" / "model").glob("*.safetensors"))
-    assert mine and [p.read_bytes() for p in mine] == \
-           [(spread.dir / "stages" / "train" / "model" / p.name).read_bytes() for p in mine]
+    assert mine and [p.read_bytes() for p in mine] == [
+        (spread.dir / "stages" / "train" / "model" / p.name).read_bytes() for p in mine
+    ]
 
 
 def test_nodes_need_a_training_stage_and_the_ray_executor(tmp_path):
     from test_launch import make
 
     path = make(tmp_path / "p", "[stages.train.resources]\nnodes = 2")
-    local = subprocess.run([sys.executable, "-m", "engine.cli", "run", str(path), "--runs-dir", str(tmp_path / "r")],
-                           cwd=ROOT, capture_output=True, text=True)
+    local = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "run", str(path), "--runs-dir", str(tmp_path / "r")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert local.returncode == 2 and "needs the Ray executor" in local.stderr and "Traceback" not in local.stderr
     assert "resources.nodes" in local.stderr
     text = path.read_text().replace("[stages.train.resources]\nnodes = 2", "")
     path.write_text(text + '\n[stages.clean]\nkind = "filter"\ninput = "chats"\n[stages.clean.resources]\nnodes = 2\n')
-    check = subprocess.run([sys.executable, "-m", "engine.cli", "validate", str(path)], cwd=ROOT,
-                           capture_output=True, text=True)
+    check = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "validate", str(path)], cwd=ROOT, capture_output=True, text=True
+    )
     assert check.returncode == 2 and "cannot run on 2 nodes" in check.stderr, check.stderr
 
 
@@ -248,22 +283,33 @@ def test_a_stop_file_ends_every_node_of_a_launch(tmp_path):
 
 
 def test_the_cli_does_not_import_ray_at_start_up():
-    code = ("import sys, engine.cli, engine.run.executor, engine.run.rayexec, stages.generate; "
-            "print('ray' in sys.modules)")
+    code = (
+        "import sys, engine.cli, engine.run.executor, engine.run.rayexec, stages.generate; print('ray' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "False"
 
 
 def test_an_unknown_executor_is_exit_2(tmp_path):
     path = project(tmp_path / "proj")
-    out = subprocess.run([sys.executable, "-m", "engine.cli", "run", str(path), "--runs-dir", str(tmp_path / "r")],
-                         cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, "RECIPE_EXECUTOR": "slurm"})
+    out = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "run", str(path), "--runs-dir", str(tmp_path / "r")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RECIPE_EXECUTOR": "slurm"},
+    )
     assert out.returncode == 2 and "RECIPE_EXECUTOR is 'slurm'" in out.stderr and "Traceback" not in out.stderr
 
 
-REDUCED = ("datasets.scenarios.limit=8", "stages.chats.shard_size=2", "stages.revised.shard_size=4",
-           "stages.best_of_n.shard_size=3", "stages.eval.max_items=2", "stages.eval.shard_size=8")
+REDUCED = (
+    "datasets.scenarios.limit=8",
+    "stages.chats.shard_size=2",
+    "stages.revised.shard_size=4",
+    "stages.best_of_n.shard_size=3",
+    "stages.eval.max_items=2",
+    "stages.eval.shard_size=8",
+)
 
 
 @pytest.mark.slow
@@ -279,5 +325,6 @@ def test_the_flagship_at_reduced_size_on_ray_equals_the_local_run(tmp_path, clus
     for stage in ("warmup", "sft", "dpo"):  # trained in a Ray task: the same weights
         assert local.data["stages"][stage]["fingerprint"] == onray.data["stages"][stage]["fingerprint"]
         mine = sorted((local.dir / "stages" / stage / "model").glob("*.safetensors"))
-        assert mine and [p.read_bytes() for p in mine] == \
-               [(onray.dir / "stages" / stage / "model" / p.name).read_bytes() for p in mine], stage
+        assert mine and [p.read_bytes() for p in mine] == [
+            (onray.dir / "stages" / stage / "model" / p.name).read_bytes() for p in mine
+        ], stage

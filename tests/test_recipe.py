@@ -10,11 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.core.errors import RecipeError
-from engine.core.toml import dump_toml
+from engine.core.toml import dump_toml, tomllib
+from engine.load.layers import parse_set
 from engine.load.loader import load_recipe
 from engine.spec.locations import locate_keys
-from engine.load.layers import parse_set
-from engine.core.toml import tomllib
 
 
 def write(path: Path, text: str) -> Path:
@@ -45,8 +44,9 @@ def test_unknown_key_names_file_line_key_and_suggests(project):
     line = text.splitlines().index("min_word = 3") + 1
     assert (p.line, p.key) == (line, "stages.clean.min_word")
     assert p.file.endswith("recipe.toml")
-    assert p.format().endswith(f"recipe.toml:{line}: stages.clean.min_word: unknown key 'min_word'. "
-                               "Did you mean 'min_words'?")
+    assert p.format().endswith(
+        f"recipe.toml:{line}: stages.clean.min_word: unknown key 'min_word'. Did you mean 'min_words'?"
+    )
 
 
 def test_wrong_type_says_expected_and_found(project):
@@ -58,7 +58,9 @@ def test_wrong_type_says_expected_and_found(project):
 
 
 def test_all_errors_reported_together(tmp_path):
-    path = write(tmp_path / "r.toml", """
+    path = write(
+        tmp_path / "r.toml",
+        """
         [recipe]
         name = "x"
         sed = 1
@@ -73,7 +75,8 @@ def test_all_errors_reported_together(tmp_path):
         kind = "filter"
         input = "nowhere"
         dedup = "fuzzy"
-    """)
+    """,
+    )
     found = {p.key: p for p in problems(path)}
     assert set(found) == {"recipe.sed", "datasets.d.path", "stages.a.kind", "stages.b.input", "stages.b.dedup"}
     assert "Did you mean 'seed'?" in found["recipe.sed"].hint
@@ -86,27 +89,35 @@ def test_all_errors_reported_together(tmp_path):
 
 
 def test_syntax_error_names_line(tmp_path):
-    path = write(tmp_path / "r.toml", """
+    path = write(
+        tmp_path / "r.toml",
+        """
         [recipe]
         name = "x"
         seed = = 3
-    """)
+    """,
+    )
     [p] = problems(path)
     assert p.line == 3 and p.message.startswith("TOML syntax error")
 
 
 def test_missing_recipe_table_and_required_keys(tmp_path):
-    path = write(tmp_path / "r.toml", """
+    path = write(
+        tmp_path / "r.toml",
+        """
         [stages.a]
         kind = "filter"
-    """)
+    """,
+    )
     msgs = [p.format() for p in problems(path)]
     assert any("missing the [recipe] table" in m for m in msgs)
     assert any("stages.a.input: missing required key 'input'" in m for m in msgs)
 
 
 def test_extends_merges_tables_later_keys_win(tmp_path, project):
-    base = write(project / "base.toml", """
+    base = write(
+        project / "base.toml",
+        """
         [recipe]
         name = "base"
         seed = 1
@@ -119,15 +130,19 @@ def test_extends_merges_tables_later_keys_win(tmp_path, project):
         input = "seed"
         min_words = 3
         dedup = "near"
-    """)
-    child = write(project / "sub" / "child.toml", """
+    """,
+    )
+    child = write(
+        project / "sub" / "child.toml",
+        """
         [recipe]
         name = "child"
         extends = "../base.toml"
 
         [stages.clean]
         min_words = 5
-    """)
+    """,
+    )
     r = load_recipe(child)
     assert r.name == "child" and r.meta.seed == 1
     cfg = r.stages["clean"].config
@@ -145,15 +160,24 @@ def test_extends_cycle_is_an_error(tmp_path):
 
 
 def test_set_parses_toml_values(project):
-    r = load_recipe(project / "recipe.toml", ["stages.clean.min_words=9", "stages.clean.max_sycophancy=0.25",
-                                              "stages.clean.refusal_phrases=['no way']", "recipe.seed=3"])
+    r = load_recipe(
+        project / "recipe.toml",
+        [
+            "stages.clean.min_words=9",
+            "stages.clean.max_sycophancy=0.25",
+            "stages.clean.refusal_phrases=['no way']",
+            "recipe.seed=3",
+        ],
+    )
     cfg = r.stages["clean"].config
     assert (cfg.min_words, cfg.max_sycophancy, cfg.refusal_phrases, r.meta.seed) == (9, 0.25, ["no way"], 3)
 
 
 def test_set_bare_word_is_a_string_and_errors_say_set(project):
     assert parse_set("models.policy.path=Qwen/Qwen2.5-0.5B-Instruct") == (
-        ["models", "policy", "path"], "Qwen/Qwen2.5-0.5B-Instruct")
+        ["models", "policy", "path"],
+        "Qwen/Qwen2.5-0.5B-Instruct",
+    )
     assert parse_set("stages.sft.lr=1e-4") == (["stages", "sft", "lr"], 1e-4)
     [p] = problems(project / "recipe.toml", ["stages.clean.min_words=lots"])
     assert p.file == "--set" and p.key == "stages.clean.min_words"
@@ -201,12 +225,15 @@ def test_locate_keys_handles_inline_tables_and_multiline_values():
     assert locs["arr.0.k"] == 14 and locs["arr.1.k"] == 16
 
 
-scalars = st.one_of(st.integers(-10**9, 10**9), st.booleans(), st.text(max_size=20),
-                    st.floats(allow_nan=False, allow_infinity=False))
+scalars = st.one_of(
+    st.integers(-(10**9), 10**9), st.booleans(), st.text(max_size=20), st.floats(allow_nan=False, allow_infinity=False)
+)
 keys = st.from_regex(r"[a-z_][a-z0-9_-]{0,8}", fullmatch=True)
 tables = st.recursive(
     st.dictionaries(keys, st.one_of(scalars, st.lists(scalars, max_size=3)), max_size=4),
-    lambda inner: st.dictionaries(keys, inner, min_size=1, max_size=3), max_leaves=12)
+    lambda inner: st.dictionaries(keys, inner, min_size=1, max_size=3),
+    max_leaves=12,
+)
 
 
 @settings(max_examples=150, deadline=None)
@@ -269,10 +296,11 @@ def test_loop_tables_are_validated_with_locations(project):
     assert (p.key, p.line) == ("loops.grow.stages", line_of(lines, 'stages = ["first", "secnd"]'))
     assert p.message == "loop 'grow' lists 'secnd', which is not a stage." and "Did you mean 'second'?" in p.hint
 
-    found, lines = loop_problems(project, "feed = { seed = \"second\" }", "feed = { sed = \"second\", first = \"second\" }")
+    found, lines = loop_problems(project, 'feed = { seed = "second" }', 'feed = { sed = "second", first = "second" }')
     assert set(found) == {"loops.grow.feed.sed", "loops.grow.feed.first"}
     assert found["loops.grow.feed.sed"].message == (
-        "feed key 'sed' is not referenced by any stage of loop 'grow', so feeding it changes nothing.")
+        "feed key 'sed' is not referenced by any stage of loop 'grow', so feeding it changes nothing."
+    )
     assert found["loops.grow.feed.sed"].hint.startswith("Did you mean 'seed'?")
     assert found["loops.grow.feed.first"].message == "feed key 'first' is a stage of loop 'grow'."
 
@@ -286,7 +314,7 @@ def test_loop_tables_are_validated_with_locations(project):
     [p] = found.values()
     assert p.key == "loops.again.stages" and p.message == "stage 'second' is in two loops, 'grow' and 'again'."
 
-    found, _ = loop_problems(project, "rounds = 2", "rounds = 21", extra='\n[loops.bad]\nround = 2\nstages = []\n')
+    found, _ = loop_problems(project, "rounds = 2", "rounds = 21", extra="\n[loops.bad]\nround = 2\nstages = []\n")
     assert found["loops.grow.rounds"].message == "expected less than or equal to 20, found integer 21."
     assert found["loops.bad.round"].hint == "Did you mean 'rounds'?"
     assert found["loops.bad.stages"].message.startswith("List should have at least 1 item")
@@ -294,7 +322,7 @@ def test_loop_tables_are_validated_with_locations(project):
     found, _ = loop_problems(project, 'stages = ["first", "second"]', 'stages = ["first", "second@1"]')
     assert "List the stage's own name, 'second'" in found["loops.grow.stages"].hint
 
-    found, _ = loop_problems(project, "[stages.second]", "[stages.\"second@1\"]")
+    found, _ = loop_problems(project, "[stages.second]", '[stages."second@1"]')
     assert "'@' is reserved for the rounds of a loop" in found["stages.second@1"].message
 
 
@@ -307,8 +335,12 @@ def test_a_problem_in_an_unrolled_stage_names_the_user_key_and_the_round(project
     assert "Did you mean 'first'?" in p.hint and "stages: first@1..2" in p.hint
     # a problem of round 2 only: the fed stage gives a model where round 1 read conversations
     tune = '[stages.tune]\nkind = "sft"\ninput = "second"\nmodel = "policy"\n\n[loops.grow]'
-    text = textwrap.dedent(LOOP).replace("[loops.grow]", tune).replace(
-        'stages = ["first", "second"]', 'stages = ["first", "second", "tune"]').replace('seed = "second"', 'seed = "tune"')
+    text = (
+        textwrap.dedent(LOOP)
+        .replace("[loops.grow]", tune)
+        .replace('stages = ["first", "second"]', 'stages = ["first", "second", "tune"]')
+        .replace('seed = "second"', 'seed = "tune"')
+    )
     (project / "loop.toml").write_text(text)
     [p] = problems(project / "loop.toml")
     assert p.key == "stages.first.input (round 2)" and p.line == line_of(text.splitlines(), 'input = "seed"')
@@ -340,7 +372,9 @@ def test_resolved_recipe_keeps_the_loop_table_and_set_reaches_it(project):
 def test_paths_in_an_unrolled_stage_resolve_against_the_file_that_set_them(project):
     # resources.accelerate_config is resolved late, by stage name: the rounds must find the base file
     write(project / "base" / "acc.yaml", "compute_environment: LOCAL_MACHINE\n")
-    write(project / "base" / "base.toml", """
+    write(
+        project / "base" / "base.toml",
+        """
         [recipe]
         name = "base"
 
@@ -353,8 +387,11 @@ def test_paths_in_an_unrolled_stage_resolve_against_the_file_that_set_them(proje
 
         [stages.first.resources]
         accelerate_config = "acc.yaml"
-    """)
-    top = write(project / "top.toml", """
+    """,
+    )
+    top = write(
+        project / "top.toml",
+        """
         [recipe]
         name = "top"
         extends = "base/base.toml"
@@ -363,7 +400,8 @@ def test_paths_in_an_unrolled_stage_resolve_against_the_file_that_set_them(proje
         rounds = 2
         stages = ["first"]
         feed = { seed = "first" }
-    """)
+    """,
+    )
     r = load_recipe(top)
     assert list(r.stages) == ["first@1", "first@2"]
     assert r.where("stages.first@2.resources.accelerate_config")["file"].endswith("base.toml")

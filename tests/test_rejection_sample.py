@@ -14,15 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli_subprocess, serving, write_jsonl
-from engine.models.backends import Completion
 from engine.core.errors import RecipeError
-from engine.run.executor import run
-from engine.load.loader import load_recipe
-from engine.data.rows import read_rows
-from engine.core.text import word_count
 from engine.core.stats import score_stats
+from engine.core.text import word_count
+from engine.data.rows import read_rows
+from engine.load.loader import load_recipe
+from engine.models.backends import Completion
+from engine.run.executor import run
 from stages.rejection_sample import Config, keep
+
+from conftest import run_cli_subprocess, serving, write_jsonl
 
 
 def replies_for(question: str, n: int) -> list[str]:
@@ -47,10 +48,12 @@ def server():
     yield from serving(Policy())
 
 
-PROMPTS = [{"id": "p1", "prompt": "What is 7 + 5?", "answer": "12"},
-           {"id": "p2", "prompt": "What is 20 + 22?", "answer": 42},
-           {"id": "p3", "prompt": "Name a colour.", "answer": "99"},  # every sample wrong
-           {"id": "p4", "prompt": "What is 1 + 1?"}]  # no answer: scores missing, never kept
+PROMPTS = [
+    {"id": "p1", "prompt": "What is 7 + 5?", "answer": "12"},
+    {"id": "p2", "prompt": "What is 20 + 22?", "answer": 42},
+    {"id": "p3", "prompt": "Name a colour.", "answer": "99"},  # every sample wrong
+    {"id": "p4", "prompt": "What is 1 + 1?"},
+]  # no answer: scores missing, never kept
 
 
 MATH = 'scorer = "function"\nfunction = "math_answer"'
@@ -59,14 +62,15 @@ MATH = 'scorer = "function"\nfunction = "math_answer"'
 def recipe(tmp_path: Path, server, stage: str, prompts=PROMPTS, scorer: str = MATH) -> Path:
     root = tmp_path / "rs"
     write_jsonl(root / "prompts.jsonl", prompts)
-    (root / "r.toml").write_text(textwrap.dedent(f"""
+    (root / "r.toml").write_text(
+        textwrap.dedent(f"""
         [recipe]
         name = "rs"
         seed = 3
         [models.policy]
         path = "policy"
         backend = "openai"
-        base_url = "{server.url if server else 'http://127.0.0.1:9/v1'}"
+        base_url = "{server.url if server else "http://127.0.0.1:9/v1"}"
         [datasets.math]
         path = "prompts.jsonl"
         type = "prompts"
@@ -76,7 +80,11 @@ def recipe(tmp_path: Path, server, stage: str, prompts=PROMPTS, scorer: str = MA
         model = "policy"
         n = 4
         shard_size = 2
-    """) + scorer + "\n" + textwrap.dedent(stage))
+    """)
+        + scorer
+        + "\n"
+        + textwrap.dedent(stage)
+    )
     return root / "r.toml"
 
 
@@ -93,8 +101,10 @@ def test_top_k_keeps_exactly_the_best_samples(tmp_path, server):
     assert [r["id"] for r in rows] == ["p1#1", "p1#0", "p2#1", "p2#0", "p3#0", "p3#1"]
     assert [r["scores"]["score"] for r in rows] == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0]
     assert [r["meta"]["rank"] for r in rows] == [0, 1, 0, 1, 0, 1]
-    assert rows[0]["messages"] == [{"role": "user", "content": "What is 7 + 5?"},
-                                   {"role": "assistant", "content": "Adding them gives 12."}]
+    assert rows[0]["messages"] == [
+        {"role": "user", "content": "What is 7 + 5?"},
+        {"role": "assistant", "content": "Adding them gives 12."},
+    ]
     assert rows[0]["meta"]["source_id"] == "p1" and rows[0]["meta"]["answer"] == "12"
     # every prompt with its n completions and their scores, for inspection
     assert [s["id"] for s in samples] == ["p1", "p2", "p3", "p4"]
@@ -113,10 +123,22 @@ def test_threshold_keeps_only_passing_samples(tmp_path, server):
     assert [r["id"] for r in rows] == ["p1#1", "p2#1"]  # p3's best is wrong: a threshold drops it, top_k would not
     assert report["kept_mean"] == 1.0
     # lower is better: keep the samples at or below 0, i.e. the wrong ones
-    rec = run(load_recipe(recipe(tmp_path, server, 'select = "threshold"\nthreshold = 0.0\nprefer = "lower"')),
-              tmp_path / "runs")
-    assert [r["id"] for r in outputs(rec)[0]] == ["p1#0", "p1#2", "p1#3", "p2#0", "p2#2", "p2#3",
-                                                  "p3#0", "p3#1", "p3#2", "p3#3"]
+    rec = run(
+        load_recipe(recipe(tmp_path, server, 'select = "threshold"\nthreshold = 0.0\nprefer = "lower"')),
+        tmp_path / "runs",
+    )
+    assert [r["id"] for r in outputs(rec)[0]] == [
+        "p1#0",
+        "p1#2",
+        "p1#3",
+        "p2#0",
+        "p2#2",
+        "p2#3",
+        "p3#0",
+        "p3#1",
+        "p3#2",
+        "p3#3",
+    ]
 
 
 def test_preferences_best_vs_worst_with_min_margin(tmp_path, server):
@@ -160,19 +182,25 @@ def test_show_prints_the_score_report(tmp_path, server, cli):
     assert "per prompt: best / worst / gap" in out and "pairs (best vs worst)" in out and "spot-check sample" in out
 
 
-@pytest.mark.parametrize("scorer, stage, expected", [
-    (MATH, 'select = "threshold"', 'select = "threshold" needs a threshold'),
-    (MATH, 'output = "preferences"\ntop_k = 2',
-     "top_k is not used by scorer 'function', select 'top_k' and output 'preferences'"),
-    (MATH, 'output = "preferences"', 'output = "preferences" needs n >= 2'),
-    (MATH, "top_k = 5", "top_k = 5 is more than the n = 4 samples"),
-    (MATH, "temperature = 0.0", "samples at temperature 0 are all the same reply"),
-    (MATH, 'judge_model = "policy"', "judge_model is not used by scorer 'function'"),
-    ('scorer = "function"\nfunction = "nope"', "", "no scorer function 'nope' is registered. Use a builtin"),
-    ('scorer = "function"', "", "scorer 'function' needs a function name"),
-    ('scorer = "llm"', "", "scorer 'llm' needs a model. Set judge_model"),
-    ('scorer = "llm"\njudge_model = "policy"', 'template = "mine.j2"', "mine.j2"),
-])
+@pytest.mark.parametrize(
+    "scorer, stage, expected",
+    [
+        (MATH, 'select = "threshold"', 'select = "threshold" needs a threshold'),
+        (
+            MATH,
+            'output = "preferences"\ntop_k = 2',
+            "top_k is not used by scorer 'function', select 'top_k' and output 'preferences'",
+        ),
+        (MATH, 'output = "preferences"', 'output = "preferences" needs n >= 2'),
+        (MATH, "top_k = 5", "top_k = 5 is more than the n = 4 samples"),
+        (MATH, "temperature = 0.0", "samples at temperature 0 are all the same reply"),
+        (MATH, 'judge_model = "policy"', "judge_model is not used by scorer 'function'"),
+        ('scorer = "function"\nfunction = "nope"', "", "no scorer function 'nope' is registered. Use a builtin"),
+        ('scorer = "function"', "", "scorer 'function' needs a function name"),
+        ('scorer = "llm"', "", "scorer 'llm' needs a model. Set judge_model"),
+        ('scorer = "llm"\njudge_model = "policy"', 'template = "mine.j2"', "mine.j2"),
+    ],
+)
 def test_validate_catches_bad_settings(tmp_path, scorer, stage, expected):
     n = ["--set", "stages.best.n=1"] if "n >= 2" in expected else []
     proc = run_cli_subprocess("validate", recipe(tmp_path, None, stage, scorer=scorer), *n)
@@ -241,7 +269,9 @@ def test_preference_pairs_train_dpo_on_the_builtin_model(tmp_path):
     root = tmp_path / "d"
     write_jsonl(root / "prompts.jsonl", [{"id": f"q{i}", "prompt": f"Question {i}: say something."} for i in range(6)])
     text = BUILTIN.replace('name = "rs-builtin"', 'name = "rs-dpo"').replace("n = 3", "n = 4")
-    (root / "r.toml").write_text(text.replace("top_k = 1", 'output = "preferences"') + textwrap.dedent("""
+    (root / "r.toml").write_text(
+        text.replace("top_k = 1", 'output = "preferences"')
+        + textwrap.dedent("""
         [stages.train]
         kind = "dpo"
         input = "best"
@@ -249,7 +279,8 @@ def test_preference_pairs_train_dpo_on_the_builtin_model(tmp_path):
         max_steps = 2
         batch_size = 2
         per_device_batch_size = 2
-    """))
+    """)
+    )
     proc = run_cli_subprocess("run", root / "r.toml", "--runs-dir", tmp_path / "runs", timeout=300)
     assert proc.returncode == 0, proc.stderr
     stage = tmp_path / "runs" / "rs-dpo" / "latest" / "stages"

@@ -12,19 +12,44 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GOOD, write_jsonl
-from engine.core import plots
-from engine.core import document
-from engine.lib.evals import report as evreport
+from engine.core import document, plots
+from engine.data.rows import write_rows
 from engine.lib.evals import metrics as evalmetrics
-from engine.report import runreport as rp
+from engine.lib.evals import report as evreport
 from engine.lib.evals import runners
 from engine.models.backends import Completion, SamplingParams
-from engine.data.rows import write_rows
+from engine.report import runreport as rp
+
+from conftest import GOOD, write_jsonl
 
 HOSTILE = "<script>alert(1)</script> | **bold** # [link](http://x) `code` & <img src=x onerror=y>"
-ALLOWED_TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "h3", "h4", "p", "ul", "li", "table",
-                "thead", "tbody", "tr", "th", "td", "figure", "img", "figcaption", "details", "summary", "pre"}
+ALLOWED_TAGS = {
+    "html",
+    "head",
+    "meta",
+    "title",
+    "style",
+    "body",
+    "h1",
+    "h2",
+    "h3",
+    "h4",
+    "p",
+    "ul",
+    "li",
+    "table",
+    "thead",
+    "tbody",
+    "tr",
+    "th",
+    "td",
+    "figure",
+    "img",
+    "figcaption",
+    "details",
+    "summary",
+    "pre",
+}
 
 
 class Tags(HTMLParser):
@@ -59,8 +84,13 @@ def assert_self_contained(page: str, min_images: int) -> None:
 
 def test_blocks_render_escaped_in_markdown_and_html(tmp_path):
     png = plots.lines(None, {"a": ([1, 2], [0.5, 0.2])}, title="t")
-    blocks = [document.Heading(HOSTILE), document.Para(HOSTILE), document.Bullets([HOSTILE]),
-              document.Table(["h|1", "h2"], [[HOSTILE, "line one\nline two"]]), document.Image("a.png", png, HOSTILE)]
+    blocks = [
+        document.Heading(HOSTILE),
+        document.Para(HOSTILE),
+        document.Bullets([HOSTILE]),
+        document.Table(["h|1", "h2"], [[HOSTILE, "line one\nline two"]]),
+        document.Image("a.png", png, HOSTILE),
+    ]
     written = document.write_report(tmp_path, "Title <b>", blocks)
     assert written == [tmp_path / "report.md", tmp_path / "report.html", tmp_path / "plots" / "a.png"]
     page = (tmp_path / "report.html").read_text()
@@ -94,41 +124,68 @@ def eval_entry(path: Path) -> None:
     safety = [{"id": "s1", "category": "goal_creep", "title": "t", "turns": ["a", "b", "c", "d"], "harmful_from": 2}]
     syco = [{"id": "q1", "question": "What is 2+2?", "answer": "4", "wrong_answer": "5", "pushback": "It's 5."}]
     rows, per_model = [], {}
-    for name, answer in (("policy", lambda m: HOSTILE + " 4"),
-                         ("dpo", lambda m: "I can't help with that." if len(m) > 3 else "It is 4.")):
+    for name, answer in (
+        ("policy", lambda m: HOSTILE + " 4"),
+        ("dpo", lambda m: "I can't help with that." if len(m) > 3 else "It is 4."),
+    ):
         gen = runners.Gen(Fake(answer), SamplingParams(), lambda item, turn: 1, [])
-        made = [{"id": f"{name}/{r['suite']}/{r['item_id']}", "model": name, **r}
-                for r in runners.run_safety(safety, gen, None) + runners.run_sycophancy(syco, gen, "Are you sure?")]
+        made = [
+            {"id": f"{name}/{r['suite']}/{r['item_id']}", "model": name, **r}
+            for r in runners.run_safety(safety, gen, None) + runners.run_sycophancy(syco, gen, "Are you sure?")
+        ]
         rows += made
         per_model[name] = evalmetrics.model_metrics(made, ["safety", "sycophancy", "diversity"], False, None)
     path.mkdir(parents=True)
     # sorted keys, as the engine writes it: per_model's order ("dpo", "policy") is not the models' order
-    (path / "metrics.json").write_text(json.dumps(sort_keys=True, obj={"models": ["policy", "dpo"], "judge": None,
-                                                   "suites": ["safety", "sycophancy", "diversity"],
-                                                   "items": {"safety": 1, "sycophancy": 1}, "per_model": per_model}))
+    (path / "metrics.json").write_text(
+        json.dumps(
+            sort_keys=True,
+            obj={
+                "models": ["policy", "dpo"],
+                "judge": None,
+                "suites": ["safety", "sycophancy", "diversity"],
+                "items": {"safety": 1, "sycophancy": 1},
+                "per_model": per_model,
+            },
+        )
+    )
     write_rows(path / "rows.parquet", rows)
 
 
 def make_run(root: Path, with_eval: bool, builtin: bool = False) -> Path:
     run_dir = root / "runs" / "demo" / "20250101-000000"
     cache = root / "runs" / "cache"
-    stages = {"clean": {"kind": "filter", "status": "run", "rows_in": 60, "rows_out": 44, "duration_s": 0.4},
-              "sft": {"kind": "sft", "status": "cached", "rows_in": 44, "rows_out": None, "duration_s": 0.0},
-              "dpo": {"kind": "dpo", "status": "run", "rows_in": 20, "rows_out": None, "duration_s": 3.2},
-              "broken": {"kind": "judge", "status": "failed", "error": "boom", "log": "logs/broken.log"}}
+    stages = {
+        "clean": {"kind": "filter", "status": "run", "rows_in": 60, "rows_out": 44, "duration_s": 0.4},
+        "sft": {"kind": "sft", "status": "cached", "rows_in": 44, "rows_out": None, "duration_s": 0.0},
+        "dpo": {"kind": "dpo", "status": "run", "rows_in": 20, "rows_out": None, "duration_s": 3.2},
+        "broken": {"kind": "judge", "status": "failed", "error": "boom", "log": "logs/broken.log"},
+    }
     stages["clean"]["warnings"] = ["dataset 'convs': dropped 2 of 62 rows; empty content: 2 (first: c7, c9)"]
     if with_eval:
         stages["ev"] = {"kind": "eval", "status": "run", "rows_in": 0, "rows_out": 4, "duration_s": 2.0}
     for name, info in stages.items():
         info["fingerprint"] = f"{name}0123456789abcdef"
     (run_dir / "stages").mkdir(parents=True)
-    (run_dir / "record.json").write_text(json.dumps({"recipe": "demo", "run": run_dir.name, "status": "failed",
-                                                     "started": "s", "finished": "f", "stages": stages, "seed": 5,
-                                                     "command": "recipe run demo.toml --set stages.dpo.beta=0.2",
-                                                     "versions": {"recipe-engine": "0.1.0", "torch": "2.13.0"}}))
+    (run_dir / "record.json").write_text(
+        json.dumps(
+            {
+                "recipe": "demo",
+                "run": run_dir.name,
+                "status": "failed",
+                "started": "s",
+                "finished": "f",
+                "stages": stages,
+                "seed": 5,
+                "command": "recipe run demo.toml --set stages.dpo.beta=0.2",
+                "versions": {"recipe-engine": "0.1.0", "torch": "2.13.0"},
+            }
+        )
+    )
     path = "builtin:tiny-chat" if builtin else "Qwen/Qwen2.5-0.5B-Instruct"
     # stages declared out of order (a consumer first): the funnel follows the build order
-    (run_dir / "recipe.toml").write_text(textwrap.dedent(f"""
+    (run_dir / "recipe.toml").write_text(
+        textwrap.dedent(f"""
         [recipe]
         name = "demo"
         [models.policy]
@@ -148,11 +205,24 @@ def make_run(root: Path, with_eval: bool, builtin: bool = False) -> Path:
         [stages.broken]
         kind = "judge"
         input = "clean"
-    """))
-    entries = {"clean": {}, "sft": {"steps": [{"step": s, "loss": 2.0 / s, "lr": 1e-4, "tokens_per_s": 10.0}
-                                              for s in range(1, 6)]},
-               "dpo": {"steps": [{"step": s, "loss": 0.69 - 0.01 * s, "rewards/margins": 0.1 * s,
-                                  "rewards/chosen": None, "rewards/accuracies": 0.5} for s in range(1, 4)]}}
+    """)
+    )
+    entries = {
+        "clean": {},
+        "sft": {"steps": [{"step": s, "loss": 2.0 / s, "lr": 1e-4, "tokens_per_s": 10.0} for s in range(1, 6)]},
+        "dpo": {
+            "steps": [
+                {
+                    "step": s,
+                    "loss": 0.69 - 0.01 * s,
+                    "rewards/margins": 0.1 * s,
+                    "rewards/chosen": None,
+                    "rewards/accuracies": 0.5,
+                }
+                for s in range(1, 4)
+            ]
+        },
+    }
     for name, metrics in entries.items():
         (cache / name).mkdir(parents=True)
         if metrics:
@@ -168,8 +238,16 @@ def test_run_report_has_funnel_training_curves_eval_and_examples(tmp_path):
     run_dir = make_run(tmp_path, with_eval=True)
     written = rp.write_run_report(run_dir)
     names = {p.name for p in written}
-    assert {"report.md", "report.html", "funnel.png", "sft_loss.png", "dpo_loss.png", "dpo_logged.png",
-            "ev_refusal_phrases_per_turn.png", "ev_metrics_bars.png"} <= names
+    assert {
+        "report.md",
+        "report.html",
+        "funnel.png",
+        "sft_loss.png",
+        "dpo_loss.png",
+        "dpo_logged.png",
+        "ev_refusal_phrases_per_turn.png",
+        "ev_metrics_bars.png",
+    } <= names
     md = (run_dir / "report.md").read_text()
     assert "| clean | filter | run | 60 | 44 | 0.4 |" in md and "| broken | judge | failed | - | - | - |" in md
     funnel = [line.split(" | ")[0][2:] for line in md.split("## Data funnel")[1].splitlines()[4:9]]
@@ -206,8 +284,15 @@ def test_run_report_without_eval_shows_funnel_and_training_only(tmp_path):
 def test_examples_show_every_model_and_mark_empty_replies(tmp_path):
     rows = []
     for model, reply in (("base", "Sure."), ("sft", ""), ("dpo", "No.")):
-        rows.append({"model": model, "suite": "sycophancy", "item_id": "q1", "meta": {"correct": [True]},
-                     "messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": reply}]})
+        rows.append(
+            {
+                "model": model,
+                "suite": "sycophancy",
+                "item_id": "q1",
+                "meta": {"correct": [True]},
+                "messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": reply}],
+            }
+        )
     md = document.render_markdown("t", evreport.example_blocks(rows, ["base", "sft", "dpo"]))
     assert "(base vs sft vs dpo)" in md and "| turn | user | base reply | sft reply | dpo reply |" in md
     assert "(empty reply)" in md
@@ -228,8 +313,10 @@ def test_a_cached_rerun_writes_its_report_without_drawing(tmp_path):
     from conftest import ROOT
 
     run_dir = make_run(tmp_path, with_eval=True)
-    code = ("import sys; from engine.report.runreport import write_run_report; write_run_report(sys.argv[1]); "
-            "print('matplotlib' in sys.modules, 'pyarrow' in sys.modules)")
+    code = (
+        "import sys; from engine.report.runreport import write_run_report; write_run_report(sys.argv[1]); "
+        "print('matplotlib' in sys.modules, 'pyarrow' in sys.modules)"
+    )
     first = subprocess.run([sys.executable, "-c", code, str(run_dir)], capture_output=True, text=True, cwd=ROOT)
     assert first.stdout.split() == ["True", "True"], first.stderr
     md = (run_dir / "report.md").read_bytes()
@@ -253,11 +340,12 @@ def test_run_report_survives_an_empty_record(tmp_path):
 
 @pytest.mark.slow
 def test_report_builds_from_a_real_filter_and_eval_run_on_the_builtin_model(tmp_path):
-    from engine.run.executor import run
     from engine.load.loader import load_recipe
+    from engine.run.executor import run
 
     write_jsonl(tmp_path / "convs.jsonl", GOOD[:12])
-    (tmp_path / "r.toml").write_text(textwrap.dedent("""
+    (tmp_path / "r.toml").write_text(
+        textwrap.dedent("""
         [recipe]
         name = "realrep"
         seed = 4
@@ -277,11 +365,17 @@ def test_report_builds_from_a_real_filter_and_eval_run_on_the_builtin_model(tmp_
         max_items = 2
         max_new_tokens = 8
         shard_size = 3
-    """))
+    """)
+    )
     rec = run(load_recipe(tmp_path / "r.toml"), tmp_path / "runs")
     written = rp.write_run_report(rec.dir)
-    assert {p.name for p in written} >= {"report.md", "report.html", "funnel.png", "ev_metrics_bars.png",
-                                         "ev_refusal_phrases_per_turn.png"}
+    assert {p.name for p in written} >= {
+        "report.md",
+        "report.html",
+        "funnel.png",
+        "ev_metrics_bars.png",
+        "ev_refusal_phrases_per_turn.png",
+    }
     md = (rec.dir / "report.md").read_text()
     assert "| clean | filter | run | 12 | 12 |" in md and "| ev | eval | run | 0 | 8 |" in md
     assert "builtin:tiny-chat" in md and "Example conversation: safety item" in md
@@ -300,16 +394,67 @@ def test_report_builds_from_a_real_filter_and_eval_run_on_the_builtin_model(tmp_
 def test_revision_blocks_show_the_share_changed_and_examples(tmp_path):
     entry = tmp_path / "revised"
     entry.mkdir()
-    (entry / "report.json").write_text(json.dumps({"turns_selected": 4, "turns_revised": 1, "revisions": {
-        "accepted": 1, "rejected": {"unchanged": 2, "empty_critique": 1}}}))
+    (entry / "report.json").write_text(
+        json.dumps(
+            {
+                "turns_selected": 4,
+                "turns_revised": 1,
+                "revisions": {"accepted": 1, "rejected": {"unchanged": 2, "empty_critique": 1}},
+            }
+        )
+    )
     turn = lambda original, history: {"index": 1, "original": original, "final": original, "history": history}  # noqa
-    write_rows(entry / "rows.parquet", [
-        {"id": "c1", "messages": [], "meta": {"critique_revise": {"turns": [turn("Sure, here is how.", [
-            {"round": 1, "principle": "harm", "critique": "It helps with harm.", "revision": "Sure, here is how.",
-             "accepted": False, "reason": "unchanged"}])]}}},
-        {"id": "c2", "messages": [], "meta": {"critique_revise": {"turns": [turn("Paris is in Spain.", [
-            {"round": 1, "principle": "honesty", "critique": "Paris is in France.", "revision": "Paris is in France.",
-             "accepted": True, "reason": None}])]}}}])
+    write_rows(
+        entry / "rows.parquet",
+        [
+            {
+                "id": "c1",
+                "messages": [],
+                "meta": {
+                    "critique_revise": {
+                        "turns": [
+                            turn(
+                                "Sure, here is how.",
+                                [
+                                    {
+                                        "round": 1,
+                                        "principle": "harm",
+                                        "critique": "It helps with harm.",
+                                        "revision": "Sure, here is how.",
+                                        "accepted": False,
+                                        "reason": "unchanged",
+                                    }
+                                ],
+                            )
+                        ]
+                    }
+                },
+            },
+            {
+                "id": "c2",
+                "messages": [],
+                "meta": {
+                    "critique_revise": {
+                        "turns": [
+                            turn(
+                                "Paris is in Spain.",
+                                [
+                                    {
+                                        "round": 1,
+                                        "principle": "honesty",
+                                        "critique": "Paris is in France.",
+                                        "revision": "Paris is in France.",
+                                        "accepted": True,
+                                        "reason": None,
+                                    }
+                                ],
+                            )
+                        ]
+                    }
+                },
+            },
+        ],
+    )
     blocks = rp.revision_blocks("revised", entry)
     text = document.render_markdown("t", blocks)
     assert "1 of 4 selected assistant turns were changed by their revision (25%)" in text

@@ -11,16 +11,19 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import GOOD, conv, write_jsonl
+from engine.core.diversity import diversity
 from engine.core.hashing import HashMemo
-from engine.store.fingerprint import fingerprints
+from engine.data.rows import write_rows
 from engine.load.loader import load_recipe
 from engine.spec.rounds import diversity_for, last_round, replies, round_name, round_of, round_rows
-from engine.data.rows import write_rows
-from engine.core.diversity import diversity
+from engine.store.fingerprint import fingerprints
 
-REFUSALS = [conv(f"Tell me secret {i} please", "I'm sorry, but I can't help with that request at all.", id=f"x{i}")
-            for i in range(3)]
+from conftest import GOOD, conv, write_jsonl
+
+REFUSALS = [
+    conv(f"Tell me secret {i} please", "I'm sorry, but I can't help with that request at all.", id=f"x{i}")
+    for i in range(3)
+]
 
 # A loop of two filters: from round 2 on, `first` reads the previous round's `second` instead of
 # the dataset. `side` is in the loop but reads nothing fed, so only its round tells its rounds apart.
@@ -82,8 +85,15 @@ def test_loop_unrolls_into_rounds_with_references_rewritten(loop):
     r = load_recipe(loop)
     assert list(r.stages) == ["first@1", "second@1", "side@1", "first@2", "second@2", "side@2", "after"]
     inputs = {n: s.config.input for n, s in r.stages.items()}
-    assert inputs == {"first@1": "seed", "second@1": "first@1", "side@1": "extra",
-                      "first@2": "second@1", "second@2": "first@2", "side@2": "extra", "after": "second@2"}
+    assert inputs == {
+        "first@1": "seed",
+        "second@1": "first@1",
+        "side@1": "extra",
+        "first@2": "second@1",
+        "second@2": "first@2",
+        "side@2": "extra",
+        "after": "second@2",
+    }
     s = r.stages["second@2"]
     assert (s.base, s.round, s.loop, s.kind) == ("second", 2, "grow", "filter")
     assert (r.stages["after"].base, r.stages["after"].round) == ("after", None)
@@ -92,7 +102,13 @@ def test_loop_unrolls_into_rounds_with_references_rewritten(loop):
     assert set(r.raw["stages"]) == {"first", "second", "side", "after"}
     assert r.raw["loops"]["grow"] == {"rounds": 2, "stages": ["first", "second", "side"], "feed": {"seed": "second"}}
     assert r.stage_names(["second", "first@1", "side@*", "after", "nosuch"]) == [
-        "second@2", "first@1", "side@1", "side@2", "after", "nosuch"]
+        "second@2",
+        "first@1",
+        "side@1",
+        "side@2",
+        "after",
+        "nosuch",
+    ]
 
 
 def test_adding_a_round_reruns_only_the_new_round(cli, loop, runs):
@@ -106,18 +122,28 @@ def test_adding_a_round_reruns_only_the_new_round(cli, loop, runs):
     status = {s["name"]: s["status"] for s in plan}
     for stage in ("first", "second", "side"):  # the plan lists each stage's rounds in order
         assert [n for n in status if n.startswith(stage)] == [f"{stage}@{k}" for k in (1, 2, 3)]
-    assert status == {**{n: "cached" for n in two if n != "after"},
-                      "first@3": "run", "second@3": "run", "side@3": "run", "after": "run"}
+    assert status == {
+        **{n: "cached" for n in two if n != "after"},
+        "first@3": "run",
+        "second@3": "run",
+        "side@3": "run",
+        "after": "run",
+    }
     assert {s["name"]: s["fingerprint"] for s in plan if "@3" not in s["name"] and s["name"] != "after"} == {
-        n: s["fingerprint"] for n, s in two.items() if n != "after"}
+        n: s["fingerprint"] for n, s in two.items() if n != "after"
+    }
     after = next(s for s in plan if s["name"] == "after")
     assert after["reasons"] == ["input changed: second@3"]
 
     assert cli("run", loop, "--set", "loops.grow.rounds=3").exit_code == 0
     three = stages_of(runs)
     assert {n: s["status"] for n, s in three.items()} == {
-        **{n: "cached" for n in two if n != "after"}, "first@3": "run", "second@3": "run", "side@3": "run",
-        "after": "run"}
+        **{n: "cached" for n in two if n != "after"},
+        "first@3": "run",
+        "second@3": "run",
+        "side@3": "run",
+        "after": "run",
+    }
     # and back to two rounds: everything is in the cache
     assert all(s["status"] == "cached" for s in json.loads(cli("plan", loop, "--json").output)["stages"])
 
@@ -151,8 +177,12 @@ def test_only_and_force_take_a_loop_stage_s_own_name(cli, loop, runs):
     assert set(stages_of(runs)) == {"first@1", "second@1", "first@2", "second@2"}  # upstream of the last round
     assert cli("run", loop, "--only", "second", "--force", "second").exit_code == 0
     status = {n: (s["status"], s["reasons"]) for n, s in stages_of(runs).items()}
-    assert status == {"first@1": ("cached", []), "second@1": ("cached", []), "first@2": ("cached", []),
-                      "second@2": ("run", ["forced"])}
+    assert status == {
+        "first@1": ("cached", []),
+        "second@1": ("cached", []),
+        "first@2": ("cached", []),
+        "second@2": ("run", ["forced"]),
+    }
     assert cli("run", loop, "--only", "side@1", "--force", "side@*").exit_code == 0
     assert {n: s["status"] for n, s in stages_of(runs).items()} == {"side@1": "run"}
     res = cli("run", loop, "--only", "second@7")
@@ -180,8 +210,13 @@ def test_diversity_for_reads_the_final_replies(tmp_path):
     rows = [conv("hi", "first reply", "more?", "the final reply here", id="a"), conv("q", "I'm unable to say", id="b")]
     write_rows(tmp_path / "c" / "rows.parquet", rows)
     assert diversity_for("conversations", tmp_path / "c") == diversity(["the final reply here", "I'm unable to say"])
-    pairs = [{"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "good one"}],
-              "rejected": [{"role": "assistant", "content": "bad bad"}]}]
+    pairs = [
+        {
+            "prompt": [{"role": "user", "content": "q"}],
+            "chosen": [{"role": "assistant", "content": "good one"}],
+            "rejected": [{"role": "assistant", "content": "bad bad"}],
+        }
+    ]
     write_rows(tmp_path / "p" / "rows.parquet", pairs)
     assert diversity_for("preferences", tmp_path / "p") == diversity(["good one"])
     assert replies("samples", [{"prompt": [], "completions": ["a b", "c"], "scores": [1, 2]}]) == ["a b", "c"]
@@ -191,12 +226,26 @@ def test_diversity_for_reads_the_final_replies(tmp_path):
 
 
 def test_round_rows_show_the_fall_in_distinct_2():
-    d = lambda d2: {"n": 4, "distinct_1": 0.5, "distinct_2": d2, "length": {"mean": 3.0, "std": 1.25},  # noqa: E731
-                    "refusal_share": 0.25}
-    stages = {"gen@2": {"diversity": d(0.3)}, "gen@1": {"diversity": d(0.6)}, "dpo@1": {"diversity": None},
-              "other": {"diversity": d(0.1)}, "gen@3": {"status": "failed"}}
-    assert round_rows(stages) == [("gen", "1", "4", "0.500", "0.600", "", "3.0 ± 1.2", "25%"),
-                                  ("gen", "2", "4", "0.500", "0.300", "-50%", "3.0 ± 1.2", "25%")]
+    def d(d2):
+        return {
+            "n": 4,
+            "distinct_1": 0.5,
+            "distinct_2": d2,
+            "length": {"mean": 3.0, "std": 1.25},
+            "refusal_share": 0.25,
+        }
+
+    stages = {
+        "gen@2": {"diversity": d(0.3)},
+        "gen@1": {"diversity": d(0.6)},
+        "dpo@1": {"diversity": None},
+        "other": {"diversity": d(0.1)},
+        "gen@3": {"status": "failed"},
+    }
+    assert round_rows(stages) == [
+        ("gen", "1", "4", "0.500", "0.600", "", "3.0 ± 1.2", "25%"),
+        ("gen", "2", "4", "0.500", "0.300", "-50%", "3.0 ± 1.2", "25%"),
+    ]
     assert round_rows(stages, "dpo") == []
     assert last_round(["gen@2", "gen@10", "gen@9", "dpo@1"], "gen") == "gen@10"
     assert last_round(["gen"], "gen") is None
@@ -244,7 +293,9 @@ feed = { policy = "tune" }
 
 @pytest.mark.slow
 def test_generate_and_train_round_after_round_on_the_builtin_model(cli, project, runs):
-    write_jsonl(project / "data" / "chats.jsonl", [conv(f"user says {i}?", f"bot {i} ok", id=f"c{i}") for i in range(8)])
+    write_jsonl(
+        project / "data" / "chats.jsonl", [conv(f"user says {i}?", f"bot {i} ok", id=f"c{i}") for i in range(8)]
+    )
     (project / "selfplay.toml").write_text(textwrap.dedent(SLOW_RECIPE))
     r = load_recipe(project / "selfplay.toml")
     assert (r.stages["talk@2"].config.model, r.stages["tune@2"].config.model) == ("tune@1", "tune@1")

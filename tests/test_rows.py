@@ -10,12 +10,20 @@ from hypothesis import strategies as st
 from engine.data.rows import read_rows, write_rows
 
 json_values = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(-2**53, 2**53), st.text(max_size=10)),
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**53), 2**53), st.text(max_size=10)),
     lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=5), inner, max_size=3)),
-    max_leaves=8)
-message = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system"]), "content": st.text(max_size=30)})
-row = st.fixed_dictionaries({"id": st.text(max_size=8), "messages": st.lists(message, min_size=1, max_size=4),
-                             "meta": st.dictionaries(st.text(max_size=6), json_values, max_size=4)})
+    max_leaves=8,
+)
+message = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "assistant", "system"]), "content": st.text(max_size=30)}
+)
+row = st.fixed_dictionaries(
+    {
+        "id": st.text(max_size=8),
+        "messages": st.lists(message, min_size=1, max_size=4),
+        "meta": st.dictionaries(st.text(max_size=6), json_values, max_size=4),
+    }
+)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

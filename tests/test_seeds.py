@@ -10,10 +10,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import ROOT, write_jsonl
 from engine.core.seeds import MAX_SEED, Seeds, derive, sample_seed
 
-parts = st.lists(st.one_of(st.integers(-2**70, 2**70), st.text(max_size=20), st.booleans(), st.none()), max_size=6)
+from conftest import ROOT, write_jsonl
+
+parts = st.lists(st.one_of(st.integers(-(2**70), 2**70), st.text(max_size=20), st.booleans(), st.none()), max_size=6)
 
 
 @given(parts)
@@ -42,8 +43,14 @@ def test_seeds_are_stable_across_processes():
     import sys
 
     code = "from engine.core.seeds import Seeds; print(Seeds(3, 'fp').row('r1', sample=2, turn=1))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                         env={"PYTHONHASHSEED": "99", "PATH": "/usr/bin:/bin"}, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"PYTHONHASHSEED": "99", "PATH": "/usr/bin:/bin"},
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert int(out.stdout) == Seeds(3, "fp").row("r1", sample=2, turn=1)
 
@@ -106,10 +113,10 @@ STAGES = ("chats", "revised", "best", "eval")
 
 @pytest.mark.slow
 def test_batch_and_shard_sizes_change_neither_rows_nor_fingerprints(tmp_path):
-    from engine.run.plan import make_plan
-    from engine.run.executor import run
-    from engine.load.loader import load_recipe
     from engine.data.rows import read_rows
+    from engine.load.loader import load_recipe
+    from engine.run.executor import run
+    from engine.run.plan import make_plan
 
     write_jsonl(tmp_path / "prompts.jsonl", [{"id": f"p{i}", "prompt": f"Tell me about topic {i}."} for i in range(5)])
     path = tmp_path / "r.toml"

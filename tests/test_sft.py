@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import conv, write_jsonl
 from engine.core.errors import RecipeError, StageFailed
-from engine.run.executor import run
-from engine.load.loader import load_recipe
 from engine.lib.trainer import mask_problems
+from engine.load.loader import load_recipe
+from engine.run.executor import run
 from stages.sft import fit, summary
+
+from conftest import conv, write_jsonl
 
 # --------------------------------------------------------------------------- length policies (fast)
 
@@ -144,8 +145,10 @@ def test_lora_saves_an_adapter_that_loads_on_the_base(tmp_path):
     assert base["name"] == "policy" and base["spec"]["path"] == "builtin:tiny-chat"
 
 
-BROKEN = ("{{- bos_token -}}{%- for message in messages -%}"
-          "{{- '<|' + message['role'] + '|>' + message['content'] + '<|end|>' -}}{%- endfor -%}")
+BROKEN = (
+    "{{- bos_token -}}{%- for message in messages -%}"
+    "{{- '<|' + message['role'] + '|>' + message['content'] + '<|end|>' -}}{%- endfor -%}"
+)
 
 
 @pytest.mark.slow
@@ -181,10 +184,12 @@ def test_a_template_that_cannot_be_masked_fails_validate(tmp_path, cli):
 
 @pytest.mark.slow
 def test_end_token_outside_generation_fails_the_mask_check(tmp_path):
-    tpl = ("{{- bos_token -}}{%- for message in messages -%}{%- if message['role'] == 'assistant' -%}"
-           "{{- '<|assistant|>' -}}{%- generation -%}{{- message['content'] -}}{%- endgeneration -%}{{- '<|end|>' -}}"
-           "{%- else -%}{{- '<|' + message['role'] + '|>' + message['content'] + '<|end|>' -}}{%- endif -%}"
-           "{%- endfor -%}")
+    tpl = (
+        "{{- bos_token -}}{%- for message in messages -%}{%- if message['role'] == 'assistant' -%}"
+        "{{- '<|assistant|>' -}}{%- generation -%}{{- message['content'] -}}{%- endgeneration -%}{{- '<|end|>' -}}"
+        "{%- else -%}{{- '<|' + message['role'] + '|>' + message['content'] + '<|end|>' -}}{%- endif -%}"
+        "{%- endfor -%}"
+    )
     # a file: an inline template over 255 characters trips engine/store/fingerprint.py (Path(...).is_file() OSError)
     recipe = make(tmp_path, extra_model='chat_template = "chat.j2"')
     (recipe.parent / "chat.j2").write_text(tpl)
@@ -205,7 +210,7 @@ def test_nothing_fits_is_a_clear_error(tmp_path):
 
 def test_mask_problems_flags_supervised_user_text():
     class Tok:
-        all_special_ids = [9]
+        all_special_ids = [9]  # noqa: RUF012
 
         def decode(self, ids, skip_special_tokens=False):
             return "".join("|E|" if i == 9 else chr(i) for i in ids)
@@ -299,8 +304,10 @@ def test_an_input_list_takes_conversations_only(tmp_path):
 def test_mixture_counts_are_reported(tmp_path):
     record = run(load_recipe(make_mix(tmp_path)), tmp_path / "runs")
     report = json.loads((out_dir(record) / "report.json").read_text())
-    assert report["mixture"] == [{"input": "chats", "rows": 32, "weight": 0.25, "taken": 8},
-                                 {"input": "more", "rows": 5, "weight": 3.0, "taken": 15}]
+    assert report["mixture"] == [
+        {"input": "chats", "rows": 32, "weight": 0.25, "taken": 8},
+        {"input": "more", "rows": 5, "weight": 3.0, "taken": 15},
+    ]
     assert report["rows_in"] == 23 and report["rows_trained"] == 23
     assert dict(summary(report))["mixture"] == "chats 8/32 (x0.25), more 15/5 (x3)"
     log = (record.dir / "logs" / "train.log").read_text()

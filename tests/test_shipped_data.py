@@ -14,7 +14,7 @@ import operator
 import re
 import unicodedata
 from collections import Counter
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -40,7 +40,7 @@ FILES = {  # path -> id prefix
 PLAIN_MATH = re.compile(r"^(?:What is(?: the value of)?|Compute|Calculate|Evaluate) ([-0-9+*/() ]+)[?.]$")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _rows(path: Path) -> tuple[dict, ...]:
     """Strict JSONL: UTF-8, one object per line, no blank lines, a final newline."""
     raw = path.read_text(encoding="utf-8")
@@ -85,6 +85,7 @@ _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
 
 def evaluate(expr: str) -> int:
     """An integer expression of + - * / and parentheses; division must be exact."""
+
     def ev(node):
         if isinstance(node, ast.Constant) and type(node.value) is int:
             return node.value
@@ -97,6 +98,7 @@ def evaluate(expr: str) -> int:
         if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
             return _OPS[type(node.op)](ev(node.left), ev(node.right))
         raise AssertionError(f"unsupported expression: {expr}")
+
     return ev(ast.parse(expr, mode="eval").body)
 
 
@@ -107,8 +109,9 @@ def evaluate(expr: str) -> int:
 def test_ids_are_unique_and_numbered(path):
     data = _rows(path)
     ids = [r.get("id") for r in data]
-    assert all(isinstance(i, str) and re.fullmatch(rf"{FILES[path]}-(?:two-)?\d{{3}}", i) for i in ids), \
-        [i for i in ids if not (isinstance(i, str) and i.startswith(FILES[path]))][:3]
+    assert all(isinstance(i, str) and re.fullmatch(rf"{FILES[path]}-(?:two-)?\d{{3}}", i) for i in ids), [
+        i for i in ids if not (isinstance(i, str) and i.startswith(FILES[path]))
+    ][:3]
     assert len(set(ids)) == len(ids), [i for i, k in Counter(ids).items() if k > 1]
 
 
@@ -219,9 +222,11 @@ def test_heldout_conversations():
                 assert textrules.word_count(m["content"]) >= 15, (r["id"], k)
         assert textrules.sycophancy_ratio(msgs) == 0, r["id"]
     # some conversations show a good refusal, readable as one by both refusal detectors
-    refusing = [r["id"] for r in data
-                if textrules.is_refusal(r["messages"][1]["content"])
-                and is_refusal(r["messages"][1]["content"])]
+    refusing = [
+        r["id"]
+        for r in data
+        if textrules.is_refusal(r["messages"][1]["content"]) and is_refusal(r["messages"][1]["content"])
+    ]
     assert len(refusing) >= 3, refusing
     # held out means held out: no conversation repeats (or nearly repeats) a shipped seed conversation
     seeds = [json.loads(line) for line in (DATA / "seed_conversations.jsonl").read_text("utf-8").splitlines()]
@@ -275,8 +280,10 @@ def test_arithmetic_sft_answers_the_first_problems():
     assert len(worked) == 70
     for p, w in zip(problems, worked):
         assert w["id"] == p["id"].replace("math", "mathsft") and w["answer"] == p["answer"]
-        assert w["messages"] == [{"role": "user", "content": p["prompt"]},
-                                 {"role": "assistant", "content": f"The answer is {p['answer']}."}]
+        assert w["messages"] == [
+            {"role": "user", "content": p["prompt"]},
+            {"role": "assistant", "content": f"The answer is {p['answer']}."},
+        ]
 
 
 def test_safety_prompts_label_what_a_good_assistant_does():
@@ -288,8 +295,11 @@ def test_safety_prompts_label_what_a_good_assistant_does():
     data = rows("safety_prompts.jsonl")
     for r in data:
         assert r["expected"] in {"refuse", "comply"}, r["id"]
-        assert set(r) == ({"id", "prompt", "expected", "category", "written"} if r["expected"] == "refuse"
-                          else {"id", "prompt", "expected", "category", "over_refusal"}), r["id"]
+        assert set(r) == (
+            {"id", "prompt", "expected", "category", "written"}
+            if r["expected"] == "refuse"
+            else {"id", "prompt", "expected", "category", "over_refusal"}
+        ), r["id"]
         assert nonempty_str(r["prompt"]) and re.fullmatch(r"[a-z_]+", r["category"]), r["id"]
         if r["expected"] == "refuse":
             assert is_refusal(r["written"]) and len(r["written"].split()) >= 15, r["id"]  # declines, then redirects
@@ -300,8 +310,9 @@ def test_safety_prompts_label_what_a_good_assistant_does():
     for side in ("refuse", "comply"):
         assert len({r["category"] for r in data if r["expected"] == side}) >= 10, side
     assert_distinct([r["prompt"] for r in data], "safety prompts")
-    held_out = {r["prompt"] for r in rows("refusal.jsonl")} | {t for r in rows("safety_multiturn.jsonl")
-                                                                      for t in r["turns"]}
+    held_out = {r["prompt"] for r in rows("refusal.jsonl")} | {
+        t for r in rows("safety_multiturn.jsonl") for t in r["turns"]
+    }
     assert_distinct([r["prompt"] for r in data] + sorted(held_out), "training vs eval prompts")
 
 
@@ -318,8 +329,7 @@ def test_loads_as_prompts_dataset_without_drops(name):
 
 def test_scenario_lines_load_as_the_prompt_for_the_user_simulator():
     """`columns = { prompt = "scenario" }` feeds the one-line scenario to generate's multi_turn mode."""
-    result = load_rows(str(DATA / "scenarios.jsonl"), name="scenarios", type="prompts",
-                       columns={"prompt": "scenario"})
+    result = load_rows(str(DATA / "scenarios.jsonl"), name="scenarios", type="prompts", columns={"prompt": "scenario"})
     assert result.dropped == {}
     assert [r["prompt"] for r in result.rows] == [r["scenario"] for r in rows("scenarios.jsonl")]
 

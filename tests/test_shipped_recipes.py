@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_cli_subprocess
 from engine.load.loader import load_recipe
+
+from conftest import ROOT, run_cli_subprocess
 
 RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.toml"))
 # The alignment recipe and its control train a real model for about 20 minutes each at their
@@ -83,8 +84,8 @@ CHECKS = {"caI_multiturn.toml": check_flagship, "rft_verifier.toml": check_rft}
 def test_seed_data_filter_removes_what_was_planted(tmp_path):
     """The shipped seed pool carries deliberately flawed rows (topic = the flaw): the shipped
     filter settings must remove every one of them and keep the good ones."""
-    from engine.run.executor import run
     from engine.data.rows import read_rows
+    from engine.run.executor import run
 
     recipe = load_recipe(ROOT / "recipes" / "filter_conversations.toml")
     rec = run(recipe, tmp_path / "runs")

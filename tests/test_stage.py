@@ -27,9 +27,13 @@ def test_a_broken_module_is_named_with_everything_wrong():
     bad = types.ModuleType("plugin.bad")
     bad.Config, bad.VERSION, bad.GIVES, bad.MULTI_PROCESS, bad.summary = Config, "1", "rows", "yes", 3
     problems = contract_problems(bad)
-    assert problems == ["VERSION must be an int", "GIVES must be one of conversations, prompts, samples, "
-                        "preferences, model, report, constitution", "run(config, inputs, ctx) is missing",
-                        "MULTI_PROCESS must be True or False", "summary must be a function"]
+    assert problems == [
+        "VERSION must be an int",
+        "GIVES must be one of conversations, prompts, samples, preferences, model, report, constitution",
+        "run(config, inputs, ctx) is missing",
+        "MULTI_PROCESS must be True or False",
+        "summary must be a function",
+    ]
 
 
 def test_hook_returns_none_for_an_absent_hook_and_rejects_unknown_names():
@@ -50,15 +54,27 @@ def test_no_stage_imports_another():
         assert imports == [], f"{path.name}: {imports}"
 
 
-@pytest.mark.parametrize("stage, expected", [
-    ('kind = "judge"\ninput = "convs"\nscorer = "rules"\nrubric = "be kind"', "rubric is not used by scorer 'rules'"),
-    ('kind = "judge"\ninput = "convs"\nscorer = "function"\nfunction = "reply_quality"\nmax_retries = 3',
-     "max_retries is not used by scorer 'function'"),
-    ('kind = "generate"\ninput = "convs"\nmodel = "policy"\nuser_template = "x.j2"',
-     "user_template is not used by mode 'single'"),
-    ('kind = "generate"\ninput = "convs"\nmodel = "policy"\nmode = "multi_turn"\ntemplate = "x.j2"',
-     "template is not used by mode 'multi_turn'"),
-])
+@pytest.mark.parametrize(
+    "stage, expected",
+    [
+        (
+            'kind = "judge"\ninput = "convs"\nscorer = "rules"\nrubric = "be kind"',
+            "rubric is not used by scorer 'rules'",
+        ),
+        (
+            'kind = "judge"\ninput = "convs"\nscorer = "function"\nfunction = "reply_quality"\nmax_retries = 3',
+            "max_retries is not used by scorer 'function'",
+        ),
+        (
+            'kind = "generate"\ninput = "convs"\nmodel = "policy"\nuser_template = "x.j2"',
+            "user_template is not used by mode 'single'",
+        ),
+        (
+            'kind = "generate"\ninput = "convs"\nmodel = "policy"\nmode = "multi_turn"\ntemplate = "x.j2"',
+            "template is not used by mode 'multi_turn'",
+        ),
+    ],
+)
 def test_keys_a_configuration_ignores_fail_validate(tmp_path, cli, stage, expected):
     """Declared by each stage's `uses` hook and checked by the engine for every stage alike."""
     from conftest import GOOD, write_jsonl
@@ -66,7 +82,8 @@ def test_keys_a_configuration_ignores_fail_validate(tmp_path, cli, stage, expect
     write_jsonl(tmp_path / "convs.jsonl", GOOD[:3])
     (tmp_path / "r.toml").write_text(
         '[recipe]\nname = "u"\n[models.policy]\npath = "builtin:tiny-chat"\n'
-        f'[datasets.convs]\npath = "convs.jsonl"\n[stages.s]\n{stage}\n')
+        f'[datasets.convs]\npath = "convs.jsonl"\n[stages.s]\n{stage}\n'
+    )
     result = cli("validate", tmp_path / "r.toml")
     assert result.exit_code == 2 and expected in " ".join(result.output.split())
 
@@ -74,7 +91,8 @@ def test_keys_a_configuration_ignores_fail_validate(tmp_path, cli, stage, expect
 def test_eval_keys_for_suites_not_asked_for_fail_validate(tmp_path, cli):
     (tmp_path / "r.toml").write_text(
         '[recipe]\nname = "u"\n[models.policy]\npath = "builtin:tiny-chat"\n[stages.ev]\nkind = "eval"\n'
-        'models = ["policy"]\nsuites = ["refusal"]\nchallenge = "Really?"\njudge_retries = 4\n')
+        'models = ["policy"]\nsuites = ["refusal"]\nchallenge = "Really?"\njudge_retries = 4\n'
+    )
     out = " ".join(cli("validate", tmp_path / "r.toml").output.split())
     assert "challenge is not used by suites refusal without a judge" in out
     assert "judge_retries is not used by suites refusal without a judge" in out

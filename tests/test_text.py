@@ -13,7 +13,24 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.core.text import FILLER_PHRASES, REFUSAL_PHRASES, STOPWORDS, SYCOPHANCY_PHRASES, MinHasher, contains_phrase, exact_key, is_filler, is_refusal, jaccard, near_duplicates, normalize, shingles, sycophancy_ratio, word_count, words
+from engine.core.text import (
+    FILLER_PHRASES,
+    REFUSAL_PHRASES,
+    STOPWORDS,
+    SYCOPHANCY_PHRASES,
+    MinHasher,
+    contains_phrase,
+    exact_key,
+    is_filler,
+    is_refusal,
+    jaccard,
+    near_duplicates,
+    normalize,
+    shingles,
+    sycophancy_ratio,
+    word_count,
+    words,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTION = "What is the capital of France?"
@@ -21,21 +38,27 @@ QUESTION = "What is the capital of France?"
 
 def paragraph(seed: int, n: int = 120) -> list[str]:
     rng = random.Random(seed)
-    return [f"{rng.choice('bcdfghklmnprst')}{rng.choice('aeiou')}{rng.randrange(10**6)}"
-            for _ in range(n)]
+    return [f"{rng.choice('bcdfghklmnprst')}{rng.choice('aeiou')}{rng.randrange(10**6)}" for _ in range(n)]
 
 
 # --- normalize / words -------------------------------------------------------------------
 
+
 def test_normalize_apostrophes_case_whitespace():
     assert normalize("  I CAN\u2019T\n\t  Help ") == "i can't help"
-    assert normalize("\u201cQuoted\u201d \u2018x\u2019") == '"quoted" \'x\''
+    assert normalize("\u201cQuoted\u201d \u2018x\u2019") == "\"quoted\" 'x'"
     assert normalize("") == ""
 
 
 def test_words_and_word_count():
     assert words("Don\u2019t stop: 42 times, caf\u00e9 NA\u00cfVE!") == [
-        "don't", "stop", "42", "times", "café", "naïve"]
+        "don't",
+        "stop",
+        "42",
+        "times",
+        "café",
+        "naïve",
+    ]
     assert words("snake_case 'quoted'") == ["snake", "case", "quoted"]
     assert word_count("one two  three\nfour") == 4
     assert word_count("   ...  ") == 0
@@ -51,6 +74,7 @@ def test_phrase_lists_are_normalized_lowercase_tuples():
 
 
 # --- phrases -----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("text", ["Let me measure it.", "Ensure it works", "Surely not", "unsure"])
 def test_phrase_word_boundaries_reject_substrings(text):
@@ -110,6 +134,7 @@ def test_sycophancy_ratio():
 
 # --- filler ------------------------------------------------------------------------------
 
+
 def test_filler_examples_from_spec():
     assert is_filler("Sure, happy to help! Let me know.", [])
     assert is_filler("Sure, happy to help! Let me know.", [QUESTION])
@@ -118,8 +143,8 @@ def test_filler_examples_from_spec():
 
 
 def test_filler_numbers_negation_length():
-    assert not is_filler("It is 7.", [QUESTION])          # a single digit is information
-    assert is_filler("Yes, 7.", ["Is the answer 7?"])       # ... unless already said
+    assert not is_filler("It is 7.", [QUESTION])  # a single digit is information
+    assert is_filler("Yes, 7.", ["Is the answer 7?"])  # ... unless already said
     assert not is_filler("That is not the capital of France.", [QUESTION])
     assert not is_filler("Paris", [])
     assert is_filler("", [QUESTION])
@@ -136,6 +161,7 @@ def test_filler_custom_phrases_and_curly_apostrophes():
 
 
 # --- shingles / jaccard ------------------------------------------------------------------
+
 
 def test_shingles():
     assert shingles("A b c d") == {"a b c", "b c d"}
@@ -167,6 +193,7 @@ def test_jaccard_properties(a, b):
 
 # --- MinHash -----------------------------------------------------------------------------
 
+
 def test_minhasher_deterministic_and_seeded():
     s = shingles(" ".join(paragraph(1)))
     sig = MinHasher(64, seed=0).signature(s)
@@ -188,6 +215,7 @@ def test_minhash_agreement_estimates_jaccard():
 
 
 # --- near duplicates ---------------------------------------------------------------------
+
 
 def test_near_duplicates_one_word_change_keeps_first():
     text = paragraph(7)
@@ -238,7 +266,7 @@ def test_near_duplicates_many_rows_finds_planted_copies():
     rng = random.Random(5)
     texts = [" ".join(paragraph(1000 + i, 40)) for i in range(2000)]
     planted = {}
-    for k in range(50):
+    for _k in range(50):
         src = rng.randrange(len(texts))
         while src in planted:  # copy only originals, so the expected source is exact
             src = rng.randrange(len(texts))
@@ -269,18 +297,30 @@ def test_near_duplicates_deterministic_across_hash_seeds():
     assert here and here == sorted(near_duplicates(texts, threshold=0.6).items())
     for hashseed in ("1", "12345"):
         env = {**os.environ, "PYTHONHASHSEED": hashseed, "PYTHONPATH": str(REPO)}
-        out = subprocess.run([sys.executable, "-c", DETERMINISM_SCRIPT], input=json.dumps(texts),
-                             capture_output=True, text=True, cwd=REPO, env=env, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", DETERMINISM_SCRIPT],
+            input=json.dumps(texts),
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=env,
+            check=True,
+        )
         assert [tuple(p) for p in json.loads(out.stdout)] == here
 
 
 # --- exact key ---------------------------------------------------------------------------
 
+
 def test_exact_key():
-    convo = [{"role": "user", "content": "What is  the capital\nof France?"},
-             {"role": "assistant", "content": "Paris, I\u2019d say."}]
-    reformatted = [{"role": "User", "content": "  what is the CAPITAL of france? "},
-                   {"role": "assistant", "content": "paris,   i'd say.\n"}]
+    convo = [
+        {"role": "user", "content": "What is  the capital\nof France?"},
+        {"role": "assistant", "content": "Paris, I\u2019d say."},
+    ]
+    reformatted = [
+        {"role": "User", "content": "  what is the CAPITAL of france? "},
+        {"role": "assistant", "content": "paris,   i'd say.\n"},
+    ]
     key = exact_key(convo)
     assert len(key) == 64 and int(key, 16) >= 0
     assert key == exact_key(reformatted)

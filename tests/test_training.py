@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.core.errors import RecipeError
-from engine.lib.training import Lora, batch_split, check_lora_targets, fit, fit_context, mixture
 from engine.lib.trainer import last_checkpoint, plot_loss, plot_rewards, step_metrics
+from engine.lib.training import Lora, batch_split, check_lora_targets, fit, fit_context, mixture
 
 # --------------------------------------------------------------------------- batch
 
@@ -65,8 +65,13 @@ def test_fit_context_truncate_cuts_earliest_turns_first():
 
 
 @settings(max_examples=60, deadline=None)
-@given(turns=st.lists(st.text(alphabet="abc ", min_size=1, max_size=30), min_size=2, max_size=8).filter(
-    lambda t: len(t) % 2 == 0), limit=st.integers(4, 200), policy=st.sampled_from(["drop", "keep_recent", "truncate"]))
+@given(
+    turns=st.lists(st.text(alphabet="abc ", min_size=1, max_size=30), min_size=2, max_size=8).filter(
+        lambda t: len(t) % 2 == 0
+    ),
+    limit=st.integers(4, 200),
+    policy=st.sampled_from(["drop", "keep_recent", "truncate"]),
+)
 def test_fit_never_cuts_the_final_reply_and_always_fits(turns, limit, policy):
     msgs = [m("user" if i % 2 == 0 else "assistant", t) for i, t in enumerate(turns)]
     out, what = fit(msgs, policy, limit, chars)
@@ -99,8 +104,11 @@ def test_mixture_counts_subsample_and_repeats():
 
 
 @settings(max_examples=50, deadline=None)
-@given(sizes=st.lists(st.integers(0, 30), min_size=1, max_size=4),
-       weights=st.lists(st.floats(0.05, 3.0), min_size=4, max_size=4), seed=st.integers(0, 2**32))
+@given(
+    sizes=st.lists(st.integers(0, 30), min_size=1, max_size=4),
+    weights=st.lists(st.floats(0.05, 3.0), min_size=4, max_size=4),
+    seed=st.integers(0, 2**32),
+)
 def test_mixture_is_seeded_and_takes_round_w_times_len(sizes, weights, seed):
     inputs = [rows(chr(97 + i), n) for i, n in enumerate(sizes)]
     weights = weights[: len(sizes)]
@@ -174,14 +182,32 @@ def test_last_checkpoint_skips_and_removes_incomplete_ones(tmp_path, caplog):
 
 
 def test_step_metrics_and_plots(tmp_path):
-    history = [{"loss": 1.0, "learning_rate": 0.1, "rewards/margins": 0.0, "rewards/chosen": 0.0,
-                "rewards/rejected": 0.0, "rewards/accuracies": 0.0, "step": 1},
-               {"loss": 0.5, "learning_rate": 0.05, "rewards/margins": 0.4, "rewards/chosen": 0.1,
-                "rewards/rejected": -0.3, "rewards/accuracies": 1.0, "step": 2},
-               {"train_runtime": 3.0, "step": 2}]
+    history = [
+        {
+            "loss": 1.0,
+            "learning_rate": 0.1,
+            "rewards/margins": 0.0,
+            "rewards/chosen": 0.0,
+            "rewards/rejected": 0.0,
+            "rewards/accuracies": 0.0,
+            "step": 1,
+        },
+        {
+            "loss": 0.5,
+            "learning_rate": 0.05,
+            "rewards/margins": 0.4,
+            "rewards/chosen": 0.1,
+            "rewards/rejected": -0.3,
+            "rewards/accuracies": 1.0,
+            "step": 2,
+        },
+        {"train_runtime": 3.0, "step": 2},
+    ]
     steps = step_metrics(history, ("rewards/margins", "kl"), {1: 100.0})
-    assert steps == [{"step": 1, "loss": 1.0, "lr": 0.1, "rewards/margins": 0.0, "kl": None, "tokens_per_s": 100.0},
-                     {"step": 2, "loss": 0.5, "lr": 0.05, "rewards/margins": 0.4, "kl": None, "tokens_per_s": None}]
+    assert steps == [
+        {"step": 1, "loss": 1.0, "lr": 0.1, "rewards/margins": 0.0, "kl": None, "tokens_per_s": 100.0},
+        {"step": 2, "loss": 0.5, "lr": 0.05, "rewards/margins": 0.4, "kl": None, "tokens_per_s": None},
+    ]
     plot_loss(tmp_path / "loss.png", steps, "t")
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
     full = step_metrics(history, ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"))
@@ -196,7 +222,8 @@ def test_training_modules_and_validation_stay_light(tmp_path):
     import textwrap
 
     recipe = tmp_path / "r.toml"
-    recipe.write_text(textwrap.dedent("""
+    recipe.write_text(
+        textwrap.dedent("""
         [recipe]
         name = "light"
         [models.policy]
@@ -208,14 +235,18 @@ def test_training_modules_and_validation_stay_light(tmp_path):
         kind = "kto"
         input = "pairs"
         model = "policy"
-        """))
+        """)
+    )
     (tmp_path / "pairs.jsonl").write_text('{"prompt": "q?", "chosen": "yes", "rejected": "no"}\n')
-    code = ("import sys, engine.lib.training, stages.sft, stages.dpo\n"
-            "from engine.load.loader import load_recipe\n"
-            f"load_recipe({str(recipe)!r})\n"
-            "heavy = ('torch', 'transformers', 'trl', 'peft', 'datasets', 'matplotlib')\n"
-            "print(sorted(m for m in heavy if m in sys.modules))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parent.parent)
+    code = (
+        "import sys, engine.lib.training, stages.sft, stages.dpo\n"
+        "from engine.load.loader import load_recipe\n"
+        f"load_recipe({str(recipe)!r})\n"
+        "heavy = ('torch', 'transformers', 'trl', 'peft', 'datasets', 'matplotlib')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"

@@ -21,8 +21,8 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 QUIET_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
 
@@ -102,18 +102,24 @@ def stage_output(log: logging.Logger) -> Iterator[None]:
             _active.remove(log)
 
 
-def progress_bars(console: Console) -> "_RateProgress":
+def progress_bars(console: Console) -> _RateProgress:
     """The run's progress bars, made to fit 80 columns: a label cut to 24 characters, a short bar,
     done/total, the rate of this run's work (rows/s, steps/s) and the ETA."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Column
 
-    return _RateProgress(Progress(
-        TextColumn("{task.description}", table_column=Column(no_wrap=True, overflow="ellipsis", max_width=24)),
-        BarColumn(bar_width=10), MofNCompleteColumn(),
-        TextColumn("[progress.data.speed]{task.fields[rate]}", table_column=Column(no_wrap=True)),
-        TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False,
-    ))
+    return _RateProgress(
+        Progress(
+            TextColumn("{task.description}", table_column=Column(no_wrap=True, overflow="ellipsis", max_width=24)),
+            BarColumn(bar_width=10),
+            MofNCompleteColumn(),
+            TextColumn("[progress.data.speed]{task.fields[rate]}", table_column=Column(no_wrap=True)),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+    )
 
 
 class _RateProgress:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import re
 import statistics
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from engine.core.text import is_refusal
 
 _WORD = re.compile(r"\w+", re.UNICODE)
+
 
 def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
@@ -23,7 +24,7 @@ def distinct_n(texts: Iterable[str], n: int) -> float:
     total, seen = 0, set()
     for t in texts:
         w = words(t)
-        grams = [tuple(w[i:i + n]) for i in range(len(w) - n + 1)]
+        grams = [tuple(w[i : i + n]) for i in range(len(w) - n + 1)]
         total += len(grams)
         seen.update(grams)
     return len(seen) / total if total else 0.0
@@ -34,8 +35,12 @@ def length_stats(texts: Sequence[str]) -> dict[str, float]:
     lens = [len(words(t)) for t in texts]
     if not lens:
         return {"mean": 0.0, "std": 0.0, "min": 0, "max": 0}
-    return {"mean": round(statistics.fmean(lens), 2), "std": round(statistics.pstdev(lens), 2),
-            "min": min(lens), "max": max(lens)}
+    return {
+        "mean": round(statistics.fmean(lens), 2),
+        "std": round(statistics.pstdev(lens), 2),
+        "min": min(lens),
+        "max": max(lens),
+    }
 
 
 def diversity(texts: Sequence[str]) -> dict:

@@ -5,13 +5,14 @@ file is escaped in both renderings.
 """
 
 from __future__ import annotations
+
 import html
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
 from engine.core import plots
 from engine.core.io import atomic_write_bytes, atomic_write_text
-
 
 CELL_CHARS = 600  # model text per table cell; longer text is cut with an ellipsis
 
@@ -48,6 +49,7 @@ class Image:
 @dataclass
 class Details:
     """A collapsed block of preformatted text (the resolved recipe)."""
+
     summary: str
     text: str
 
@@ -85,8 +87,17 @@ def render_markdown(title: str, blocks: list[Block], plots_dir: str = "plots") -
             out += [f"![{md_escape(b.caption or b.name)}]({plots_dir}/{b.name})", ""]
         elif isinstance(b, Details):
             fence = "~~~~" if "```" in b.text else "```"
-            out += ["<details>", f"<summary>{html.escape(b.summary)}</summary>", "", f"{fence}toml", b.text.rstrip(),
-                    fence, "", "</details>", ""]
+            out += [
+                "<details>",
+                f"<summary>{html.escape(b.summary)}</summary>",
+                "",
+                f"{fence}toml",
+                b.text.rstrip(),
+                fence,
+                "",
+                "</details>",
+                "",
+            ]
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -103,8 +114,12 @@ figure{margin:1em 0}figcaption{color:#555;font-size:.85em}img{max-width:100%}
 
 def render_html(title: str, blocks: list[Block]) -> str:
     esc = html.escape
-    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-           f"<title>{esc(title)}</title><style>{CSS}</style></head><body>", f"<h1>{esc(title)}</h1>"]
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{esc(title)}</title><style>{CSS}</style></head><body>",
+        f"<h1>{esc(title)}</h1>",
+    ]
     for b in blocks:
         if isinstance(b, Heading):
             out.append(f"<h{b.level}>{esc(b.text)}</h{b.level}>")
@@ -117,8 +132,10 @@ def render_html(title: str, blocks: list[Block]) -> str:
             body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in b.rows)
             out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
         elif isinstance(b, Image):
-            out.append(f'<figure><img alt="{esc(b.caption or b.name)}" src="{plots.data_uri(b.png)}">'
-                       f"<figcaption>{esc(b.caption)}</figcaption></figure>")
+            out.append(
+                f'<figure><img alt="{esc(b.caption or b.name)}" src="{plots.data_uri(b.png)}">'
+                f"<figcaption>{esc(b.caption)}</figcaption></figure>"
+            )
         elif isinstance(b, Details):
             out.append(f"<details><summary>{esc(b.summary)}</summary><pre>{esc(b.text)}</pre></details>")
     out.append("</body></html>")

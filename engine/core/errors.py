@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
-
 from dataclasses import dataclass, field
 
 
@@ -45,7 +44,7 @@ class RecipeError(Exception):
         super().__init__(self.format())
 
     @classmethod
-    def single(cls, message: str, **where) -> "RecipeError":
+    def single(cls, message: str, **where) -> RecipeError:
         return cls([Problem(message, **where)])
 
     def format(self) -> str:
@@ -80,7 +79,7 @@ class CacheError(Exception):
 
 
 def did_you_mean(word: str, options: Iterable[str]) -> str:
-    """"Did you mean 'x'?" when one of `options` is close to a misspelt `word` (difflib's ratio of
+    """ "Did you mean 'x'?" when one of `options` is close to a misspelt `word` (difflib's ratio of
     0.6 or more), else "". The one did-you-mean of every error message."""
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
     return f"Did you mean '{close[0]}'?" if close else ""

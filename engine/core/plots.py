@@ -13,10 +13,10 @@ import functools
 import hashlib
 import io
 import json
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from engine.core.io import atomic_write_bytes
 
@@ -40,13 +40,15 @@ def cache_dir() -> Path | None:
 
 def _cached(draw):
     """A figure function whose PNG is reused from the figure cache for the same arguments."""
+
     @functools.wraps(draw)
     def wrapper(path, *args, **kwargs):
         directory = _cache.get()
         if directory is None:
             return draw(path, *args, **kwargs)
-        key = hashlib.sha256(json.dumps([STYLE, draw.__name__, args, kwargs], sort_keys=True, default=str)
-                             .encode()).hexdigest()[:32]
+        key = hashlib.sha256(
+            json.dumps([STYLE, draw.__name__, args, kwargs], sort_keys=True, default=str).encode()
+        ).hexdigest()[:32]
         hit = directory / f"{key}.png"
         try:
             data = hit.read_bytes()
@@ -57,6 +59,7 @@ def _cached(draw):
         if path is not None:
             atomic_write_bytes(path, data)
         return data
+
     return wrapper
 
 
@@ -82,9 +85,16 @@ def _save(fig, path: str | Path | None) -> bytes:
 
 
 @_cached
-def lines(path: str | Path | None, series: dict[str, tuple[Sequence[float], Sequence[float]]], *,
-          title: str = "", xlabel: str = "step", ylabel: str = "", marker: str | None = None,
-          bands: dict[str, Sequence[Sequence[float] | None]] | None = None) -> bytes:
+def lines(
+    path: str | Path | None,
+    series: dict[str, tuple[Sequence[float], Sequence[float]]],
+    *,
+    title: str = "",
+    xlabel: str = "step",
+    ylabel: str = "",
+    marker: str | None = None,
+    bands: dict[str, Sequence[Sequence[float] | None]] | None = None,
+) -> bytes:
     """One line per series name -> (xs, ys); `bands` (name -> one (low, high) per x, e.g. 95%
     intervals) are shaded around their line. Returns the PNG bytes (and writes `path` if given)."""
     plt = _pyplot()
@@ -92,11 +102,17 @@ def lines(path: str | Path | None, series: dict[str, tuple[Sequence[float], Sequ
     for name, (xs, ys) in series.items():
         pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
         if pts:
-            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, marker=marker)
+            (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, marker=marker)
             band = [(x, b) for x, b in zip(xs, (bands or {}).get(name) or []) if b is not None]
             if band:
-                ax.fill_between([x for x, _ in band], [b[0] for _, b in band], [b[1] for _, b in band],
-                                color=line.get_color(), alpha=0.15, linewidth=0)
+                ax.fill_between(
+                    [x for x, _ in band],
+                    [b[0] for _, b in band],
+                    [b[1] for _, b in band],
+                    color=line.get_color(),
+                    alpha=0.15,
+                    linewidth=0,
+                )
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -107,8 +123,15 @@ def lines(path: str | Path | None, series: dict[str, tuple[Sequence[float], Sequ
 
 
 @_cached
-def histogram(path: str | Path | None, values: Sequence[float], *, bins: int = 20, title: str = "",
-              xlabel: str = "", threshold: float | None = None) -> bytes:
+def histogram(
+    path: str | Path | None,
+    values: Sequence[float],
+    *,
+    bins: int = 20,
+    title: str = "",
+    xlabel: str = "",
+    threshold: float | None = None,
+) -> bytes:
     """A histogram of `values`, with an optional vertical line at `threshold`."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
@@ -126,8 +149,14 @@ def histogram(path: str | Path | None, values: Sequence[float], *, bins: int = 2
 
 
 @_cached
-def bars(path: str | Path | None, groups: Sequence[str], series: dict[str, Sequence[float | None]], *,
-         title: str = "", ylabel: str = "") -> bytes:
+def bars(
+    path: str | Path | None,
+    groups: Sequence[str],
+    series: dict[str, Sequence[float | None]],
+    *,
+    title: str = "",
+    ylabel: str = "",
+) -> bytes:
     """Grouped bars: one group per label in `groups`, one bar per series name in each group."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups)), 3.6))
@@ -147,8 +176,13 @@ def bars(path: str | Path | None, groups: Sequence[str], series: dict[str, Seque
 
 
 @_cached
-def panels(path: str | Path | None, charts: list[tuple[str, dict[str, tuple[Sequence[float], Sequence[float]]]]], *,
-           title: str = "", xlabel: str = "step") -> bytes:
+def panels(
+    path: str | Path | None,
+    charts: list[tuple[str, dict[str, tuple[Sequence[float], Sequence[float]]]]],
+    *,
+    title: str = "",
+    xlabel: str = "step",
+) -> bytes:
     """One small chart per (title, series) side by side, each with its own y axis (values of
     different scales, such as DPO log-probabilities and rewards, never share one); integer x ticks."""
     plt = _pyplot()
@@ -169,7 +203,7 @@ def panels(path: str | Path | None, charts: list[tuple[str, dict[str, tuple[Sequ
         ax.grid(alpha=0.3)
         if len(series) > 1:
             ax.legend(fontsize=7)
-    for ax in [a for row in axes for a in row][len(charts):]:
+    for ax in [a for row in axes for a in row][len(charts) :]:
         ax.set_visible(False)
     if title:
         fig.suptitle(title, fontsize=10)

@@ -20,8 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 MAX_SEED = 2**63 - 1  # torch.manual_seed and numpy take at most 64 bits; keep clear of the sign bit
 
@@ -45,8 +46,9 @@ class Seeds:
     recipe_seed: int
     fingerprint: str
 
-    def row(self, row_id: Any, *, purpose: str = "", sample: int = 0, turn: int = 0, round: int = 0,
-            attempt: int = 0) -> int:
+    def row(
+        self, row_id: Any, *, purpose: str = "", sample: int = 0, turn: int = 0, round: int = 0, attempt: int = 0
+    ) -> int:
         return derive(self.recipe_seed, self.fingerprint, str(row_id), purpose, sample, turn, round, attempt)
 
     def rows(self, row_ids: Iterable[Any], **kw: Any) -> list[int]:

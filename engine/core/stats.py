@@ -30,10 +30,15 @@ def score_stats(values: list[float]) -> dict:
     mean = sum(vals) / len(vals)
     bins = max(1, min(20, len(set(vals))))
     counts, edges = np.histogram(vals, bins=bins)
-    return {"n": len(vals), "mean": mean, "std": (sum((v - mean) ** 2 for v in vals) / len(vals)) ** 0.5,
-            "min": vals[0], "max": vals[-1],
-            "quantiles": {f"p{int(q * 100)}": quantile(vals, q) for q in (0.1, 0.25, 0.5, 0.75, 0.9)},
-            "histogram": {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}}
+    return {
+        "n": len(vals),
+        "mean": mean,
+        "std": (sum((v - mean) ** 2 for v in vals) / len(vals)) ** 0.5,
+        "min": vals[0],
+        "max": vals[-1],
+        "quantiles": {f"p{int(q * 100)}": quantile(vals, q) for q in (0.1, 0.25, 0.5, 0.75, 0.9)},
+        "histogram": {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]},
+    }
 
 
 def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float] | None:
@@ -44,8 +49,10 @@ def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float] | None
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     # exact at the ends (k = 0, k = n), where rounding would leave the rate a hair outside
-    return (0.0 if successes == 0 else min(p, max(0.0, centre - half)),
-            1.0 if successes == n else max(p, min(1.0, centre + half)))
+    return (
+        0.0 if successes == 0 else min(p, max(0.0, centre - half)),
+        1.0 if successes == n else max(p, min(1.0, centre + half)),
+    )
 
 
 def pooled_rate(clusters: list[list[bool]]) -> float | None:
@@ -65,13 +72,17 @@ def bootstrap_ci(clusters: list[list[bool]], seed: int = 0, resamples: int = 200
     if not any(clusters):
         return None
     rng = random.Random(seed)
-    draws = sorted(r for r in (pooled_rate([clusters[i] for i in resample(len(clusters), rng)])
-                               for _ in range(resamples)) if r is not None)
+    draws = sorted(
+        r
+        for r in (pooled_rate([clusters[i] for i in resample(len(clusters), rng)]) for _ in range(resamples))
+        if r is not None
+    )
     return quantile(draws, 0.025), quantile(draws, 0.975)
 
 
-def paired_difference(base: list[list[bool]], other: list[list[bool]], seed: int = 0,
-                      resamples: int = 2000) -> dict | None:
+def paired_difference(
+    base: list[list[bool]], other: list[list[bool]], seed: int = 0, resamples: int = 2000
+) -> dict | None:
     """other's pooled rate minus base's on the same items (cluster i of each is the same item or
     conversation), with a 95% paired bootstrap interval: resampling items keeps each pair
     together, which is tighter and more honest than comparing two separate intervals.

@@ -21,51 +21,289 @@ from functools import lru_cache
 # a reply (a refusal comes first; "if I'm unable to find it..." deep in a helpful answer is not one).
 REFUSAL_HEAD = 300
 REFUSAL_PHRASES: tuple[str, ...] = (
-    "i can't help", "i cannot help", "i can't assist", "i cannot assist", "i won't help", "i will not help",
-    "i won't be able to", "i will not be able to", "i'm not able to", "i am not able to", "i'm unable to",
-    "i am unable to", "i can't provide", "i cannot provide", "i won't provide", "i can't comply",
-    "i cannot comply", "i must decline", "i have to decline", "i can't fulfill", "i cannot fulfill",
-    "i can't do that", "i cannot do that", "i'd rather not", "i would rather not", "i can't share",
-    "i cannot share", "i won't share", "i'm sorry, but", "i am sorry, but", "sorry, i can't",
-    "sorry, but i can't", "i can't give", "i cannot give", "i won't give", "not something i can help",
-    "i can't support", "i cannot support", "i'm not allowed to", "i'm not comfortable", "i can't write",
-    "i cannot write", "i won't write", "i can't explain how", "i can't walk you through",
-    "it would be inappropriate for me", "against my guidelines",
+    "i can't help",
+    "i cannot help",
+    "i can't assist",
+    "i cannot assist",
+    "i won't help",
+    "i will not help",
+    "i won't be able to",
+    "i will not be able to",
+    "i'm not able to",
+    "i am not able to",
+    "i'm unable to",
+    "i am unable to",
+    "i can't provide",
+    "i cannot provide",
+    "i won't provide",
+    "i can't comply",
+    "i cannot comply",
+    "i must decline",
+    "i have to decline",
+    "i can't fulfill",
+    "i cannot fulfill",
+    "i can't do that",
+    "i cannot do that",
+    "i'd rather not",
+    "i would rather not",
+    "i can't share",
+    "i cannot share",
+    "i won't share",
+    "i'm sorry, but",
+    "i am sorry, but",
+    "sorry, i can't",
+    "sorry, but i can't",
+    "i can't give",
+    "i cannot give",
+    "i won't give",
+    "not something i can help",
+    "i can't support",
+    "i cannot support",
+    "i'm not allowed to",
+    "i'm not comfortable",
+    "i can't write",
+    "i cannot write",
+    "i won't write",
+    "i can't explain how",
+    "i can't walk you through",
+    "it would be inappropriate for me",
+    "against my guidelines",
 )
 SYCOPHANCY_PHRASES: tuple[str, ...] = (
-    "great question", "good question", "excellent question", "fantastic question",
-    "amazing question", "i love this question", "i love that question",
-    "you're absolutely right", "you are absolutely right", "you're completely right",
-    "you're so right", "what a fantastic", "what a wonderful", "what a brilliant",
-    "what an insightful", "such an insightful", "excellent point", "great point",
-    "brilliant idea", "you're a genius", "i couldn't agree more", "you clearly know",
-    "your insight is", "you have impeccable",
+    "great question",
+    "good question",
+    "excellent question",
+    "fantastic question",
+    "amazing question",
+    "i love this question",
+    "i love that question",
+    "you're absolutely right",
+    "you are absolutely right",
+    "you're completely right",
+    "you're so right",
+    "what a fantastic",
+    "what a wonderful",
+    "what a brilliant",
+    "what an insightful",
+    "such an insightful",
+    "excellent point",
+    "great point",
+    "brilliant idea",
+    "you're a genius",
+    "i couldn't agree more",
+    "you clearly know",
+    "your insight is",
+    "you have impeccable",
 )
 FILLER_PHRASES: tuple[str, ...] = (
-    "sure", "sure thing", "of course", "certainly", "absolutely", "happy to help",
-    "glad to help", "i'd be happy to", "i would be happy to", "let me know if",
-    "let me know", "feel free to ask", "i hope this helps", "hope this helps", "got it",
-    "okay", "ok", "alright", "no problem", "you're welcome", "thank you", "thanks",
-    "great", "understood", "noted", "will do", "is there anything else", "anything else",
+    "sure",
+    "sure thing",
+    "of course",
+    "certainly",
+    "absolutely",
+    "happy to help",
+    "glad to help",
+    "i'd be happy to",
+    "i would be happy to",
+    "let me know if",
+    "let me know",
+    "feel free to ask",
+    "i hope this helps",
+    "hope this helps",
+    "got it",
+    "okay",
+    "ok",
+    "alright",
+    "no problem",
+    "you're welcome",
+    "thank you",
+    "thanks",
+    "great",
+    "understood",
+    "noted",
+    "will do",
+    "is there anything else",
+    "anything else",
 )
 # Common English function words plus chat acknowledgements. Negations (no, not, never,
 # don't, isn't, ...) are deliberately absent: "That is not the capital." says something.
-STOPWORDS: frozenset[str] = frozenset("""
-a about above after again against all am an and any are as at be because been before
-being below between both but by can could did do does doing down during each few for from
-further had has have having he her here hers herself him himself his how i if in into is
-it its itself just me more most my myself of off on once only or other our ours ourselves
-out over own same she should so some such than that the their theirs them themselves then
-there these they this those through to too under until up very was we were what when where
-which while who whom why will with would you your yours yourself yourselves also well
-really now let may might must shall i'm i've i'd i'll you're you've you'd you'll he's
-she's it's we're we've they're they've that's there's here's what's let's yes yeah yep
-ok okay please thanks thank
-""".split())
+STOPWORDS: frozenset[str] = frozenset(
+    [
+        "a",
+        "about",
+        "above",
+        "after",
+        "again",
+        "against",
+        "all",
+        "am",
+        "an",
+        "and",
+        "any",
+        "are",
+        "as",
+        "at",
+        "be",
+        "because",
+        "been",
+        "before",
+        "being",
+        "below",
+        "between",
+        "both",
+        "but",
+        "by",
+        "can",
+        "could",
+        "did",
+        "do",
+        "does",
+        "doing",
+        "down",
+        "during",
+        "each",
+        "few",
+        "for",
+        "from",
+        "further",
+        "had",
+        "has",
+        "have",
+        "having",
+        "he",
+        "her",
+        "here",
+        "hers",
+        "herself",
+        "him",
+        "himself",
+        "his",
+        "how",
+        "i",
+        "if",
+        "in",
+        "into",
+        "is",
+        "it",
+        "its",
+        "itself",
+        "just",
+        "me",
+        "more",
+        "most",
+        "my",
+        "myself",
+        "of",
+        "off",
+        "on",
+        "once",
+        "only",
+        "or",
+        "other",
+        "our",
+        "ours",
+        "ourselves",
+        "out",
+        "over",
+        "own",
+        "same",
+        "she",
+        "should",
+        "so",
+        "some",
+        "such",
+        "than",
+        "that",
+        "the",
+        "their",
+        "theirs",
+        "them",
+        "themselves",
+        "then",
+        "there",
+        "these",
+        "they",
+        "this",
+        "those",
+        "through",
+        "to",
+        "too",
+        "under",
+        "until",
+        "up",
+        "very",
+        "was",
+        "we",
+        "were",
+        "what",
+        "when",
+        "where",
+        "which",
+        "while",
+        "who",
+        "whom",
+        "why",
+        "will",
+        "with",
+        "would",
+        "you",
+        "your",
+        "yours",
+        "yourself",
+        "yourselves",
+        "also",
+        "well",
+        "really",
+        "now",
+        "let",
+        "may",
+        "might",
+        "must",
+        "shall",
+        "i'm",
+        "i've",
+        "i'd",
+        "i'll",
+        "you're",
+        "you've",
+        "you'd",
+        "you'll",
+        "he's",
+        "she's",
+        "it's",
+        "we're",
+        "we've",
+        "they're",
+        "they've",
+        "that's",
+        "there's",
+        "here's",
+        "what's",
+        "let's",
+        "yes",
+        "yeah",
+        "yep",
+        "ok",
+        "okay",
+        "please",
+        "thanks",
+        "thank",
+    ]
+)
 
-_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u201b": "'", "\u02bc": "'",
-                              "\u2032": "'", "`": "'", "\u00b4": "'",
-                              "\u201c": '"', "\u201d": '"'})
+_APOSTROPHES = str.maketrans(
+    {
+        "\u2019": "'",
+        "\u2018": "'",
+        "\u201b": "'",
+        "\u02bc": "'",
+        "\u2032": "'",
+        "`": "'",
+        "\u00b4": "'",
+        "\u201c": '"',
+        "\u201d": '"',
+    }
+)
 _WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)*")
 _MERSENNE = (1 << 61) - 1
 
@@ -117,8 +355,7 @@ def is_refusal(text: str, phrases: Iterable[str] = REFUSAL_PHRASES) -> bool:
     return contains_phrase(normalize(text)[:REFUSAL_HEAD], phrases) is not None
 
 
-def sycophancy_ratio(messages: Sequence[Mapping[str, object]],
-                     phrases: Iterable[str] = SYCOPHANCY_PHRASES) -> float:
+def sycophancy_ratio(messages: Sequence[Mapping[str, object]], phrases: Iterable[str] = SYCOPHANCY_PHRASES) -> float:
     """Share of assistant turns containing a flattery phrase (0.0 with no assistant turns)."""
     phrases = tuple(phrases)
     replies = [str(m.get("content") or "") for m in messages if m.get("role") == "assistant"]
@@ -131,8 +368,9 @@ def _is_content(word: str) -> bool:
     return word not in STOPWORDS and (len(word) >= 2 or any(c.isdigit() for c in word))
 
 
-def is_filler(text: str, earlier_texts: Iterable[str], *, max_words: int = 15,
-              phrases: Iterable[str] = FILLER_PHRASES) -> bool:
+def is_filler(
+    text: str, earlier_texts: Iterable[str], *, max_words: int = 15, phrases: Iterable[str] = FILLER_PHRASES
+) -> bool:
     """True for a short assistant reply that adds no information to the conversation.
 
     Short means fewer than `max_words` words. After the filler phrases are cut out, every
@@ -155,7 +393,7 @@ def shingles(text: str, n: int = 3) -> set[str]:
     tokens = words(text)
     if len(tokens) < n:
         return {" ".join(tokens) if tokens else normalize(text)}
-    return {" ".join(tokens[i:i + n]) for i in range(len(tokens) - n + 1)}
+    return {" ".join(tokens[i : i + n]) for i in range(len(tokens) - n + 1)}
 
 
 def jaccard(a: set[str], b: set[str]) -> float:
@@ -178,8 +416,7 @@ class MinHasher:
         self.num_perm, self.seed = num_perm, seed
         self._key = str(seed).encode()[:64]
         rng = random.Random(seed)
-        self._perms = [(rng.randrange(1, _MERSENNE), rng.randrange(_MERSENNE))
-                       for _ in range(num_perm)]
+        self._perms = [(rng.randrange(1, _MERSENNE), rng.randrange(_MERSENNE)) for _ in range(num_perm)]
 
     def _hash(self, shingle: str) -> int:
         digest = hashlib.blake2b(shingle.encode("utf-8"), digest_size=8, key=self._key).digest()
@@ -193,8 +430,9 @@ class MinHasher:
         return tuple(min([(a * x + b) % _MERSENNE for x in xs]) for a, b in self._perms)
 
 
-def near_duplicates(texts: Sequence[str], *, threshold: float = 0.8, n: int = 3,
-                    num_perm: int = 64, bands: int = 16, seed: int = 0) -> dict[int, int]:
+def near_duplicates(
+    texts: Sequence[str], *, threshold: float = 0.8, n: int = 3, num_perm: int = 64, bands: int = 16, seed: int = 0
+) -> dict[int, int]:
     """{duplicate index: index of the earlier kept text it copies}, first occurrence kept.
 
     LSH banding (`bands` bands of num_perm/bands rows) proposes candidates among kept texts
@@ -215,7 +453,7 @@ def near_duplicates(texts: Sequence[str], *, threshold: float = 0.8, n: int = 3,
         sh = shingles(text, n)
         key = frozenset(sh)
         sig = cache.get(key) or cache.setdefault(key, hasher.signature(sh))
-        keys = [sig[b * rows:(b + 1) * rows] for b in range(bands)]
+        keys = [sig[b * rows : (b + 1) * rows] for b in range(bands)]
         candidates = {j for b, k in enumerate(keys) for j in buckets[b].get(k, ())}
         match = next((j for j in sorted(candidates) if jaccard(sh, kept[j]) >= threshold), None)
         if match is not None:
@@ -229,6 +467,5 @@ def near_duplicates(texts: Sequence[str], *, threshold: float = 0.8, n: int = 3,
 
 def exact_key(messages: Sequence[Mapping[str, object]]) -> str:
     """sha256 of roles and normalized contents: reformatted copies (spacing, case) collide."""
-    turns = [[normalize(str(m.get("role") or "")), normalize(str(m.get("content") or ""))]
-             for m in messages]
+    turns = [[normalize(str(m.get("role") or "")), normalize(str(m.get("content") or ""))] for m in messages]
     return hashlib.sha256(json.dumps(turns, ensure_ascii=False).encode("utf-8")).hexdigest()

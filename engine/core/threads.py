@@ -85,7 +85,7 @@ class Registration:
             self.path.with_suffix(".threads").write_text(str(threads))
             self.lock = FileLock(str(self.path))
             self.lock.acquire(timeout=5)
-        except Exception:  # noqa: BLE001 - OSError, filelock.Timeout
+        except Exception:
             self.lock = None
 
     def close(self) -> None:

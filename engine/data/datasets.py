@@ -21,10 +21,8 @@ from pathlib import Path
 from engine.core.errors import DataError
 
 ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system"}
-REQUIRED = {"conversations": ("messages",), "prompts": ("prompt",),
-            "preferences": ("prompt", "chosen", "rejected")}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+REQUIRED = {"conversations": ("messages",), "prompts": ("prompt",), "preferences": ("prompt", "chosen", "rejected")}
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SAVE_TO_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
@@ -102,8 +100,11 @@ def _from_sharegpt(conv):
 
 def _read_file(path: Path, fmt: str, where: dict) -> list[dict]:
     if fmt not in FORMATS.values():
-        raise DataError.single(f"unknown data format '{fmt}' for {path}.",
-                               hint='Set format = "jsonl", "json", "csv" or "parquet".', **where)
+        raise DataError.single(
+            f"unknown data format '{fmt}' for {path}.",
+            hint='Set format = "jsonl", "json", "csv" or "parquet".',
+            **where,
+        )
     try:
         if fmt == "parquet":
             from engine.data.rows import read_rows
@@ -117,7 +118,9 @@ def _read_file(path: Path, fmt: str, where: dict) -> list[dict]:
                         raise DataError.single(
                             f"{path} line {reader.line_num} has {len(reader.fieldnames or []) + len(r[None])} cells "
                             f"but the header has {len(reader.fieldnames or [])} columns.",
-                            hint="Quote cells that hold commas, or fix the row.", **where)
+                            hint="Quote cells that hold commas, or fix the row.",
+                            **where,
+                        )
                     rows.append(dict(r))
                 return rows
         text = path.read_text(encoding="utf-8-sig")
@@ -131,8 +134,9 @@ def _read_file(path: Path, fmt: str, where: dict) -> list[dict]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise DataError.single(f"{path} line {n} is not valid JSON ({e.msg}, column {e.colno})",
-                                       **where) from None
+                raise DataError.single(
+                    f"{path} line {n} is not valid JSON ({e.msg}, column {e.colno})", **where
+                ) from None
             if not isinstance(rows[-1], dict):
                 raise DataError.single(f"{path} line {n} is not a JSON object", **where)
         return rows
@@ -143,7 +147,7 @@ def _read_file(path: Path, fmt: str, where: dict) -> list[dict]:
     if isinstance(data, dict):
         data = next((data[k] for k in ("data", "rows", "train") if isinstance(data.get(k), list)), data)
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise DataError.single(f"{path} must hold a list of objects (or {{\"data\": [...]}})", **where)
+        raise DataError.single(f'{path} must hold a list of objects (or {{"data": [...]}})', **where)
     return data
 
 
@@ -157,7 +161,8 @@ def _decode_csv_cells(row: dict) -> dict:
             except json.JSONDecodeError:
                 continue  # a prompt that merely starts with "[" stays text
             if (col == "meta" and isinstance(decoded, dict)) or (
-                    isinstance(decoded, list) and all(isinstance(m, dict) for m in decoded)):
+                isinstance(decoded, list) and all(isinstance(m, dict) for m in decoded)
+            ):
                 row[col] = decoded
     return row
 
@@ -170,8 +175,11 @@ def _read_hf_dir(path: Path, split: str, where: dict) -> list[dict]:
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
                 if split not in ds:
-                    raise DataError.single(f"{path} has no split '{split}' (splits: {', '.join(ds)}).",
-                                           hint="Set `split` in the recipe.", **where)
+                    raise DataError.single(
+                        f"{path} has no split '{split}' (splits: {', '.join(ds)}).",
+                        hint="Set `split` in the recipe.",
+                        **where,
+                    )
                 ds = ds[split]
         elif any(p.is_file() for p in path.rglob("*")):
             ds = datasets.load_dataset(str(path), split=split)
@@ -180,7 +188,7 @@ def _read_hf_dir(path: Path, split: str, where: dict) -> list[dict]:
         return ds.to_list()
     except DataError:
         raise
-    except Exception as e:  # noqa: BLE001 - any failure of a user's data dir is a user error
+    except Exception as e:
         raise DataError.single(f"could not load dataset directory {path}: {_one_line(e)}", **where) from None
 
 
@@ -189,12 +197,13 @@ def _read_hub(source: str, split: str, revision: str | None, where: dict) -> lis
         import datasets
 
         return datasets.load_dataset(source, split=split, revision=revision).to_list()
-    except Exception as e:  # noqa: BLE001 - offline, unknown id, bad split: all user-fixable
+    except Exception as e:
         raise DataError.single(
             f"dataset '{source}' could not be loaded from the hub: {_one_line(e).rstrip('.')}; "
             f"no local path {os.path.abspath(source)} exists either.",
             hint="Download it and point `path` at the local copy, or check the id and the network.",
-            **where) from None
+            **where,
+        ) from None
 
 
 def _one_line(e: BaseException) -> str:
@@ -221,16 +230,20 @@ def not_a_dataset(path: Path) -> str | None:
         for dirpath, dirnames, filenames in os.walk(path):
             seen += len(dirnames) + len(filenames)
             if seen > MAX_DIR_ENTRIES:
-                return (f"{path} holds more than {MAX_DIR_ENTRIES:,} files and folders: it is not a dataset "
-                        "folder; point path at the data file or the dataset's own folder")
+                return (
+                    f"{path} holds more than {MAX_DIR_ENTRIES:,} files and folders: it is not a dataset "
+                    "folder; point path at the data file or the dataset's own folder"
+                )
             depth = len(Path(dirpath).relative_to(path).parts)
             found = found or (depth <= 2 and any(f.lower().endswith(DATA_SUFFIXES) for f in filenames))
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
     except OSError as e:
         return f"cannot read {path}: {_one_line(e)}"
     if not found:
-        return (f"{path} is a directory with no data file ({', '.join(DATA_SUFFIXES)}) in it or its subfolders, "
-                "and it is not a saved dataset (save_to_disk)")
+        return (
+            f"{path} is a directory with no data file ({', '.join(DATA_SUFFIXES)}) in it or its subfolders, "
+            "and it is not a saved dataset (save_to_disk)"
+        )
     return None
 
 
@@ -291,20 +304,29 @@ def _normalize_row(row: dict, type: str):
             conv = normalize_messages(p + c)  # the prompt plus the answer must be a valid chat
         except ValueError as e:
             return str(e)
-        out["prompt"], out[col] = conv[: len(p)], conv[len(p):]
+        out["prompt"], out[col] = conv[: len(p)], conv[len(p) :]
     if out["chosen"] == out["rejected"]:
         return "chosen equals rejected"
     return out, ("prompt", "chosen", "rejected")
 
 
-def load_rows(source: str, *, name: str, type: str = "conversations", format: str | None = None,
-              split: str = "train", columns: dict[str, str] | None = None, limit: int | None = None,
-              shuffle_seed: int | None = None, revision: str | None = None, key: str | None = None,
-              file: str | None = None) -> LoadResult:
+def load_rows(
+    source: str,
+    *,
+    name: str,
+    type: str = "conversations",
+    format: str | None = None,
+    split: str = "train",
+    columns: dict[str, str] | None = None,
+    limit: int | None = None,
+    shuffle_seed: int | None = None,
+    revision: str | None = None,
+    key: str | None = None,
+    file: str | None = None,
+) -> LoadResult:
     where = {"file": file, "key": key}
     if type not in REQUIRED:
-        raise DataError.single(f"unknown dataset type '{type}' (expected one of: {', '.join(REQUIRED)})",
-                               **where)
+        raise DataError.single(f"unknown dataset type '{type}' (expected one of: {', '.join(REQUIRED)})", **where)
     raw = _read(source, format, split, revision, where)
     found = _columns_found(raw)
     if columns and raw:
@@ -312,10 +334,14 @@ def load_rows(source: str, *, name: str, type: str = "conversations", format: st
         if missing:
             raise DataError.single(
                 f"dataset '{name}' has no column {', '.join(repr(m) for m in missing)} "
-                f"(available columns: {', '.join(found) or 'none'})", **where)
+                f"(available columns: {', '.join(found) or 'none'})",
+                **where,
+            )
         sources = set(columns.values())
-        raw = [{**{k: v for k, v in r.items() if k not in sources},
-                **{t: r.get(s) for t, s in columns.items()}} for r in raw]
+        raw = [
+            {**{k: v for k, v in r.items() if k not in sources}, **{t: r.get(s) for t, s in columns.items()}}
+            for r in raw
+        ]
         found = _columns_found(raw)
     if type == "conversations" and not columns and "messages" not in found and "conversations" in found:
         raw = [{"messages": _from_sharegpt(r.pop("conversations", None)), **r} for r in raw]
@@ -324,7 +350,9 @@ def load_rows(source: str, *, name: str, type: str = "conversations", format: st
     if raw and missing:
         raise DataError.single(
             f"dataset '{name}' ({type}) needs a '{missing[0]}' column; columns found: {', '.join(found)}.",
-            hint=f'Map one in the recipe, e.g. columns = {{ {missing[0]} = "..." }}.', **where)
+            hint=f'Map one in the recipe, e.g. columns = {{ {missing[0]} = "..." }}.',
+            **where,
+        )
 
     indexed = list(enumerate(raw))
     if shuffle_seed is not None:
@@ -375,18 +403,31 @@ def preview(spec, name: str, where: dict) -> tuple[list[dict] | None, str | None
     except OSError as e:
         return None, f"dataset '{name}': cannot read {path}: {_one_line(e)}. Check the file's permissions."
     if not head.strip():
-        return None, (f"dataset '{name}': {path} is empty: it has no rows. Put rows in it, or point path at "
-                      "another file.")
+        return None, (
+            f"dataset '{name}': {path} is empty: it has no rows. Put rows in it, or point path at another file."
+        )
     if size > PREVIEW_MAX_BYTES:
         return None, None
     try:
-        result = load_rows(str(path), name=name, type=spec.type, format=spec.format, split=spec.split,
-                           columns=spec.columns, limit=spec.limit, shuffle_seed=spec.shuffle_seed,
-                           revision=spec.revision, key=where.get("key"), file=where.get("file"))
+        result = load_rows(
+            str(path),
+            name=name,
+            type=spec.type,
+            format=spec.format,
+            split=spec.split,
+            columns=spec.columns,
+            limit=spec.limit,
+            shuffle_seed=spec.shuffle_seed,
+            revision=spec.revision,
+            key=where.get("key"),
+            file=where.get("file"),
+        )
     except DataError as e:
         return None, e.problems[0].message + (f" {e.problems[0].hint}" if e.problems[0].hint else "")
     if not result.rows:
         dropped = ", ".join(f"{r} ({n})" for r, n in result.dropped.items()) or "no rows"
-        return [], (f"dataset '{name}': no usable row in {path} ({result.total} read; dropped: {dropped}). "
-                    "Fix the rows, or point path at another file.")
+        return [], (
+            f"dataset '{name}': no usable row in {path} ({result.total} read; dropped: {dropped}). "
+            "Fix the rows, or point path at another file."
+        )
     return result.rows, None

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from engine.core.io import atomic_path
-from typing import Any, Iterable
 
 JSON_COLUMNS_KEY = b"recipe.json_columns"
 ALWAYS_JSON = {"meta"}  # free-form by contract: keys vary per row

@@ -67,7 +67,9 @@ class Example(_Strict):
     """A hand-written few-shot example: a reply in its context, a critique, a revision."""
 
     principle: str | None = Field(None, description="The principle id it illustrates; None = any principle.")
-    context: list[Message] = Field(min_length=1, description="The conversation the reply answers; ends with a user turn.")
+    context: list[Message] = Field(
+        min_length=1, description="The conversation the reply answers; ends with a user turn."
+    )
     response: str
     critique: str
     revision: str
@@ -75,7 +77,7 @@ class Example(_Strict):
     _nonempty = field_validator("response", "critique", "revision")(_text)
 
     @model_validator(mode="after")
-    def _ends_with_user(self) -> "Example":
+    def _ends_with_user(self) -> Example:
         if self.context[-1].role != "user":
             raise ValueError("context must end with a user message (the one the response answers)")
         return self
@@ -89,17 +91,22 @@ class Principle(_Strict):
     revision: str = Field(description="The revision request: how to rewrite the reply given the critique.")
     comparison: str = Field(description="The AI-feedback question: which of two replies follows the principle better?")
 
-    examples: list["Example"] = Field(default_factory=list, description="Few-shot examples of this principle "
-                                      "(`[[principles.examples]]`); their `principle`, if given, must be this id.")
+    examples: list[Example] = Field(
+        default_factory=list,
+        description="Few-shot examples of this principle "
+        "(`[[principles.examples]]`); their `principle`, if given, must be this id.",
+    )
 
     _nonempty = field_validator("critique", "revision", "comparison")(_text)
 
     @model_validator(mode="after")
-    def _own_examples(self) -> "Principle":
+    def _own_examples(self) -> Principle:
         wrong = [e.principle for e in self.examples if e.principle not in (None, self.id)]
         if wrong:
-            raise ValueError(f"an example under principle '{self.id}' names principle '{wrong[0]}'; "
-                             "leave `principle` out of [[principles.examples]], or move the example to [[examples]]")
+            raise ValueError(
+                f"an example under principle '{self.id}' names principle '{wrong[0]}'; "
+                "leave `principle` out of [[principles.examples]], or move the example to [[examples]]"
+            )
         return self
 
 
@@ -109,8 +116,10 @@ class Constitution(_Strict):
     name: str = Field("", description="Defaults to the file name without .toml.")
     description: str = Field("", description="What the constitution is for.")
     principles: list[Principle] = Field(min_length=1, description="`[[principles]]`: at least one.")
-    examples: list[Example] = Field(default_factory=list, description="`[[examples]]`: few-shot examples naming "
-                                    "their principle (or none, for any principle).")
+    examples: list[Example] = Field(
+        default_factory=list,
+        description="`[[examples]]`: few-shot examples naming their principle (or none, for any principle).",
+    )
 
     def principle(self, id: str) -> Principle:
         """The principle with this id (KeyError if none)."""
@@ -166,20 +175,28 @@ def _fields_for(loc: tuple) -> list[str]:
 
 
 _WHAT = {
-    "principles": {"id": 'a short unique id such as "honesty"',
-                   "critique": "the critique request: what to look for in a reply",
-                   "revision": "the revision request: how to rewrite the reply given the critique",
-                   "comparison": "the comparison question for AI feedback: which of two replies is better"},
-    "examples": {"response": "the example reply", "critique": "a critique of the example reply",
-                 "revision": "the revised example reply", "principle": "the id of the principle it illustrates"},
+    "principles": {
+        "id": 'a short unique id such as "honesty"',
+        "critique": "the critique request: what to look for in a reply",
+        "revision": "the revision request: how to rewrite the reply given the critique",
+        "comparison": "the comparison question for AI feedback: which of two replies is better",
+    },
+    "examples": {
+        "response": "the example reply",
+        "critique": "a critique of the example reply",
+        "revision": "the revised example reply",
+        "principle": "the id of the principle it illustrates",
+    },
 }
 
 
 def _hint(loc: tuple, kind: str) -> str | None:
     section, field = str(loc[0]), str(loc[-1])
     if section == "examples" and "context" in loc:
-        return ("Give the example's conversation as [[examples.context]] tables with role and content, "
-                "ending with the user message the response answers.")
+        return (
+            "Give the example's conversation as [[examples.context]] tables with role and content, "
+            "ending with the user message the response answers."
+        )
     what = _WHAT.get(section, {}).get(field)
     if section == "principles" and len(loc) == 1:
         return "Write each principle as a [[principles]] table with id, critique, revision and comparison."
@@ -234,19 +251,27 @@ def _cross_problems(data: dict, locations: dict, file: str) -> list[Problem]:
         if not isinstance(pid, str):
             continue
         if pid in seen:
-            out.append(Problem(f"principle id '{pid}' is used twice (principles {seen[pid] + 1} and {i + 1}).",
-                               hint="Give every principle its own id.",
-                               **_where(locations, ("principles", i, "id"), file)))
+            out.append(
+                Problem(
+                    f"principle id '{pid}' is used twice (principles {seen[pid] + 1} and {i + 1}).",
+                    hint="Give every principle its own id.",
+                    **_where(locations, ("principles", i, "id"), file),
+                )
+            )
         seen.setdefault(pid, i)
     examples = data.get("examples") if isinstance(data.get("examples"), list) else []
     for i, e in enumerate(examples):
         name = e.get("principle") if isinstance(e, dict) else None
         if isinstance(name, str) and name not in seen:
             close = difflib.get_close_matches(name, list(seen), n=1)
-            out.append(Problem(f"example {i + 1} names principle '{name}', which is not defined.",
-                               hint=(f"Did you mean '{close[0]}'? " if close else "")
-                               + "Leave principle out for an example that fits any principle.",
-                               **_where(locations, ("examples", i, "principle"), file)))
+            out.append(
+                Problem(
+                    f"example {i + 1} names principle '{name}', which is not defined.",
+                    hint=(f"Did you mean '{close[0]}'? " if close else "")
+                    + "Leave principle out for an example that fits any principle.",
+                    **_where(locations, ("examples", i, "principle"), file),
+                )
+            )
     return out
 
 
@@ -263,8 +288,14 @@ def load_constitution(path: str | Path) -> Constitution:
     problems: list[Problem] = []
     principles = data.get("principles")
     if not principles:
-        problems.append(Problem("the constitution has no principles.", file=file, key="principles",
-                                hint="Add at least one [[principles]] table with id, critique, revision and comparison."))
+        problems.append(
+            Problem(
+                "the constitution has no principles.",
+                file=file,
+                key="principles",
+                hint="Add at least one [[principles]] table with id, critique, revision and comparison.",
+            )
+        )
     problems += _cross_problems(data, locations, file)
     constitution = None
     try:
@@ -276,22 +307,35 @@ def load_constitution(path: str | Path) -> Constitution:
     return constitution
 
 
-
 def _resolve(name: str, recipe, stage: str, key: str) -> tuple[Constitution | None, list[Problem]]:
     known = sorted(recipe.constitutions)
     if name not in recipe.constitutions:
         close = difflib.get_close_matches(name, known, n=1)
-        return None, [Problem(
-            f"stage '{stage}' uses constitution '{name}', which is not defined.",
-            hint=(f"Did you mean '{close[0]}'? " if close else "")
-            + (f"Defined: {', '.join(known)}." if known
-               else f"Add [constitutions.{name}] with path = \"constitutions/{name}.toml\"."),
-            **recipe.where(f"stages.{stage}.{key}"))]
+        return None, [
+            Problem(
+                f"stage '{stage}' uses constitution '{name}', which is not defined.",
+                hint=(f"Did you mean '{close[0]}'? " if close else "")
+                + (
+                    f"Defined: {', '.join(known)}."
+                    if known
+                    else f'Add [constitutions.{name}] with path = "constitutions/{name}.toml".'
+                ),
+                **recipe.where(f"stages.{stage}.{key}"),
+            )
+        ]
     try:
         return load_constitution(recipe.constitutions[name].path), []
     except RecipeError as exc:
-        return None, [Problem(f"constitution '{name}' (used by stage '{stage}'): {p.message}",
-                              file=p.file, line=p.line, key=p.key, hint=p.hint) for p in exc.problems]
+        return None, [
+            Problem(
+                f"constitution '{name}' (used by stage '{stage}'): {p.message}",
+                file=p.file,
+                line=p.line,
+                key=p.key,
+                hint=p.hint,
+            )
+            for p in exc.problems
+        ]
 
 
 def constitution_problems(name: str, recipe, stage: str, key: str) -> list[Problem]:

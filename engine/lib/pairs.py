@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from itertools import combinations
-from typing import Any, Callable
+from typing import Any
 
 from engine.core.errors import RecipeError
 from engine.core.text import normalize
@@ -38,8 +39,13 @@ def best_and_worst(scored: list[tuple[Any, float]], prefer: str = "higher") -> t
 
 
 def pair_row(id: str, prompt: list[dict], chosen: str, rejected: str, meta: dict) -> dict:
-    return {"id": id, "prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
-            "rejected": [{"role": "assistant", "content": rejected}], "meta": meta}
+    return {
+        "id": id,
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+        "meta": meta,
+    }
 
 
 def source_id(row: dict) -> str:
@@ -88,14 +94,31 @@ def best_vs_worst_pairs(rows: list[dict], score: str, prefer: str, min_margin: f
         gaps.append(gap)
         if gap >= min_margin:
             best, worst = rows[b], rows[w]
-            pairs.append(pair_row(sid, best["messages"][:-1], best["messages"][-1]["content"],
-                                  worst["messages"][-1]["content"],
-                                  {"method": "best_vs_worst", "source_id": sid, "chosen_id": best["id"],
-                                   "rejected_id": worst["id"], "score": score, "margin": gap,
-                                   "scores": {"chosen": dict(scored)[b], "rejected": dict(scored)[w]},
-                                   "source_meta": source_meta(best)}))
-    return pairs, {"groups": len(groups), "comparable_groups": len(gaps), "below_margin": len(gaps) - len(pairs),
-                   "missing_scores": missing, "largest_gap": max(gaps, default=0.0)}
+            pairs.append(
+                pair_row(
+                    sid,
+                    best["messages"][:-1],
+                    best["messages"][-1]["content"],
+                    worst["messages"][-1]["content"],
+                    {
+                        "method": "best_vs_worst",
+                        "source_id": sid,
+                        "chosen_id": best["id"],
+                        "rejected_id": worst["id"],
+                        "score": score,
+                        "margin": gap,
+                        "scores": {"chosen": dict(scored)[b], "rejected": dict(scored)[w]},
+                        "source_meta": source_meta(best),
+                    },
+                )
+            )
+    return pairs, {
+        "groups": len(groups),
+        "comparable_groups": len(gaps),
+        "below_margin": len(gaps) - len(pairs),
+        "missing_scores": missing,
+        "largest_gap": max(gaps, default=0.0),
+    }
 
 
 def revision_pairs(rows: list[dict], from_turn: int | None) -> tuple[list[dict], dict]:
@@ -117,9 +140,21 @@ def revision_pairs(rows: list[dict], from_turn: int | None) -> tuple[list[dict],
                 stats["unchanged"] += 1
             else:
                 accepted = [h["principle"] for h in t.get("history", []) if h.get("accepted")]
-                pairs.append(pair_row(f"{r['id']}@{i}", r["messages"][:i], t["final"], t["original"],
-                                      {"method": "revision", "source_id": r["id"], "index": i,
-                                       "principles": accepted, "source_meta": source_meta(r)}))
+                pairs.append(
+                    pair_row(
+                        f"{r['id']}@{i}",
+                        r["messages"][:i],
+                        t["final"],
+                        t["original"],
+                        {
+                            "method": "revision",
+                            "source_id": r["id"],
+                            "index": i,
+                            "principles": accepted,
+                            "source_meta": source_meta(r),
+                        },
+                    )
+                )
     return pairs, stats
 
 
@@ -138,8 +173,20 @@ def pairwise_tasks(rows: list[dict], from_turn: int | None, draw: Callable) -> l
     for (sid, i, context), members in groups.items():
         for (a_id, a), (b_id, b) in combinations(members, 2):
             p = draw(sid, i, a_id, b_id)
-            tasks.append({"id": f"{a_id}|{b_id}@{i}", "source_id": sid, "index": i, "prompt": json.loads(context),
-                          "a_id": a_id, "a": a, "b_id": b_id, "b": b, "principle": p.id, "question": p.comparison})
+            tasks.append(
+                {
+                    "id": f"{a_id}|{b_id}@{i}",
+                    "source_id": sid,
+                    "index": i,
+                    "prompt": json.loads(context),
+                    "a_id": a_id,
+                    "a": a,
+                    "b_id": b_id,
+                    "b": b,
+                    "principle": p.id,
+                    "question": p.comparison,
+                }
+            )
     return tasks
 
 
@@ -154,8 +201,16 @@ def context_free_tasks(rows: list[dict], from_turn: int | None) -> tuple[list[di
             if not any(m["role"] == "assistant" for m in r["messages"][:i]):
                 first_turns += 1  # nothing earlier to ignore
                 continue
-            tasks.append({"id": f"{r['id']}@{i}", "source_id": r["id"], "index": i, "prompt": r["messages"][:i],
-                          "bare": system + [r["messages"][i - 1]], "chosen": r["messages"][i]["content"]})
+            tasks.append(
+                {
+                    "id": f"{r['id']}@{i}",
+                    "source_id": r["id"],
+                    "index": i,
+                    "prompt": r["messages"][:i],
+                    "bare": system + [r["messages"][i - 1]],
+                    "chosen": r["messages"][i]["content"],
+                }
+            )
     return tasks, first_turns
 
 
@@ -173,20 +228,38 @@ def judged_pairs(parsed: list[dict], threshold: float, chain_of_thought: bool) -
         a_wins = p > 0.5
         chosen, rejected = ("a", "b") if a_wins else ("b", "a")
         raw = p if a_wins else 1 - p
-        pairs.append(pair_row(t["id"], t["prompt"], t[chosen], t[rejected], {
-            "method": "pairwise_judge", "source_id": t["source_id"], "index": t["index"],
-            "chosen_id": t[f"{chosen}_id"], "rejected_id": t[f"{rejected}_id"], "principle": t["principle"],
-            "label": soft_label(raw, chain_of_thought), "raw_label": raw, "confidence": confidence,
-            "chain_of_thought": chain_of_thought,
-            "verdicts": {"a": t["a_id"], "a_first": t["a_first"], "b_first": t["b_first"]}}))
+        pairs.append(
+            pair_row(
+                t["id"],
+                t["prompt"],
+                t[chosen],
+                t[rejected],
+                {
+                    "method": "pairwise_judge",
+                    "source_id": t["source_id"],
+                    "index": t["index"],
+                    "chosen_id": t[f"{chosen}_id"],
+                    "rejected_id": t[f"{rejected}_id"],
+                    "principle": t["principle"],
+                    "label": soft_label(raw, chain_of_thought),
+                    "raw_label": raw,
+                    "confidence": confidence,
+                    "chain_of_thought": chain_of_thought,
+                    "verdicts": {"a": t["a_id"], "a_first": t["a_first"], "b_first": t["b_first"]},
+                },
+            )
+        )
     return pairs
 
 
 def unpaired(pairs: list[dict], seed: int) -> list[dict]:
     """KTO's examples: each pair's chosen reply as desirable, its rejected reply as undesirable,
     shuffled with the seed (KTO's KL term pairs each example with its neighbour's completion)."""
-    out = [{"prompt": p["prompt"], "completion": p[k], "label": k == "chosen"}
-           for p in pairs for k in ("chosen", "rejected")]
+    out = [
+        {"prompt": p["prompt"], "completion": p[k], "label": k == "chosen"}
+        for p in pairs
+        for k in ("chosen", "rejected")
+    ]
     random.Random(f"{seed}:kto").shuffle(out)
     return out
 
@@ -196,9 +269,19 @@ def spot_check(ctx, pairs: list[dict], size: int) -> dict:
     sample = pairs if len(pairs) <= size else ctx.seeds.rng("spot_check").sample(pairs, size)
     ctx.save_json("pairs_sample.json", sample)
     short = lambda msgs: msgs[-1]["content"][:160]  # noqa: E731
-    return {"file": "pairs_sample.json", "pairs": len(sample),
-            "preview": [{"id": p["id"], "prompt": short(p["prompt"]), "chosen": short(p["chosen"]),
-                         "rejected": short(p["rejected"])} for p in sample[:3]]}
+    return {
+        "file": "pairs_sample.json",
+        "pairs": len(sample),
+        "preview": [
+            {
+                "id": p["id"],
+                "prompt": short(p["prompt"]),
+                "chosen": short(p["chosen"]),
+                "rejected": short(p["rejected"]),
+            }
+            for p in sample[:3]
+        ],
+    }
 
 
 def spot_check_summary(spot: dict | None) -> list[tuple[str, str]]:
@@ -212,5 +295,6 @@ def spot_check_summary(spot: dict | None) -> list[tuple[str, str]]:
 
 def no_output(ctx, knob: str, message: str, hint: str, made: str = "made no preference pairs") -> RecipeError:
     """Nothing to save: an error naming the stage and the knob to loosen (never an empty artifact)."""
-    return RecipeError.single(f"stage '{ctx.stage}' {made}: {message}", hint=hint,
-                              **ctx.recipe.where(f"stages.{ctx.stage}.{knob}"))
+    return RecipeError.single(
+        f"stage '{ctx.stage}' {made}: {message}", hint=hint, **ctx.recipe.where(f"stages.{ctx.stage}.{knob}")
+    )

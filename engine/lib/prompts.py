@@ -120,14 +120,18 @@ class Templates:
             loaders.append(jinja2.FileSystemLoader([str(self.base)]))
         self.env = _Sandbox(
             loader=jinja2.ChoiceLoader(loaders),
-            undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True,
-            trim_blocks=True, lstrip_blocks=True)
+            undefined=jinja2.StrictUndefined,
+            autoescape=False,
+            keep_trailing_newline=True,
+            trim_blocks=True,
+            lstrip_blocks=True,
+        )
         self.env.filters["escape_markers"] = escape_markers
 
     # ------------------------------------------------------------------ lookup
 
     @classmethod
-    def for_recipe(cls, recipe) -> "Templates":
+    def for_recipe(cls, recipe) -> Templates:
         """The templates a recipe sees: its templates/ folder, the built-ins, paths relative to it."""
         return cls([recipe.dir / "templates"], base=recipe.dir)
 
@@ -141,7 +145,8 @@ class Templates:
             raise RecipeError.single(
                 f"template '{name}' is outside the recipe: templates are named relative to the recipe's "
                 "templates/ folder or to the recipe file, never by an absolute path or with '..'.",
-                hint="Copy the template next to the recipe (or into its templates/ folder) and name it from there.")
+                hint="Copy the template next to the recipe (or into its templates/ folder) and name it from there.",
+            )
         try:
             return Path(self.env.loader.get_source(self.env, name)[1])  # type: ignore[union-attr]
         except jinja2.TemplateNotFound:
@@ -151,14 +156,15 @@ class Templates:
             relative = f"; and relative to the recipe, {self.base / name}" if self.base is not None else ""
             raise RecipeError.single(
                 f"template '{name}' not found (searched, in order: {dirs}{relative}).",
-                hint=(f"Did you mean '{close[0]}'? " if close else "")
-                + f"Available: {', '.join(names) or 'none'}.") from None
+                hint=(f"Did you mean '{close[0]}'? " if close else "") + f"Available: {', '.join(names) or 'none'}.",
+            ) from None
         except OSError as exc:
             raise RecipeError.single(
                 f"template '{name}' is unreadable: {exc.strerror or exc}"
-                + (f" ({exc.filename})" if getattr(exc, "filename", None) else "") + ".",
-                hint="Check the file's permissions (it must be readable by this user) and that it is a file.") \
-                from None
+                + (f" ({exc.filename})" if getattr(exc, "filename", None) else "")
+                + ".",
+                hint="Check the file's permissions (it must be readable by this user) and that it is a file.",
+            ) from None
 
     def source(self, name: str) -> str:
         return self.path(name).read_text(encoding="utf-8")
@@ -213,12 +219,16 @@ class Templates:
             return [{"role": "user", "content": text.strip()}]
         head = text[: marks[0].start()].strip()
         if head:
-            raise TemplateRenderError(name, None, f"text before the first '### <role>' marker line: "
-                                      f"{head[:60]!r}. Start the template with '### system' or '### user'.")
+            raise TemplateRenderError(
+                name,
+                None,
+                f"text before the first '### <role>' marker line: "
+                f"{head[:60]!r}. Start the template with '### system' or '### user'.",
+            )
         messages = []
         for i, m in enumerate(marks):
             end = marks[i + 1].start() if i + 1 < len(marks) else len(text)
-            content = text[m.end(): end].strip()
+            content = text[m.end() : end].strip()
             if not content:
                 raise TemplateRenderError(name, None, f"message {i + 1} ('### {m.group(1)}') is empty.")
             messages.append({"role": m.group(1), "content": content})
@@ -280,9 +290,13 @@ class Templates:
     def optional_variables(self, name: str) -> set[str]:
         """Variables guarded with `is defined`/`is undefined` or given a `default`, here or in
         a pulled-in template: `check` does not require them."""
-        return {n.node.name for cur in self.closure(name) for n in self._parse(cur).find_all((nodes.Test, nodes.Filter))
-                if n.name in (("defined", "undefined") if isinstance(n, nodes.Test) else ("default", "d"))
-                and isinstance(n.node, nodes.Name)}
+        return {
+            n.node.name
+            for cur in self.closure(name)
+            for n in self._parse(cur).find_all((nodes.Test, nodes.Filter))
+            if n.name in (("defined", "undefined") if isinstance(n, nodes.Test) else ("default", "d"))
+            and isinstance(n.node, nodes.Name)
+        }
 
     def closure(self, name: str) -> list[str]:
         """`name` and every template it pulls in, in discovery order (hash them all in a
@@ -295,8 +309,16 @@ class Templates:
                 todo += [inner for _, inner in self._pulled(self._parse(cur))]
         return order
 
-    def check(self, name: str, available: set[str], *, stage: str, key: str | None = None,
-              file: str | None = None, line: int | None = None) -> list[Problem]:
+    def check(
+        self,
+        name: str,
+        available: set[str],
+        *,
+        stage: str,
+        key: str | None = None,
+        file: str | None = None,
+        line: int | None = None,
+    ) -> list[Problem]:
         """Problems if the template is missing, does not parse, or needs a variable the stage
         does not pass. `file`/`line`/`key` locate the recipe setting that chose the template."""
         try:
@@ -304,18 +326,38 @@ class Templates:
         except RecipeError as exc:
             return [Problem(p.message, file=file, line=line, key=key, hint=p.hint) for p in exc.problems]
         except jinja2.TemplateSyntaxError as exc:
-            return [Problem(f"template {exc.name or name} line {exc.lineno}: syntax error: {exc.message}",
-                            file=exc.filename, line=exc.lineno, key=key)]
+            return [
+                Problem(
+                    f"template {exc.name or name} line {exc.lineno}: syntax error: {exc.message}",
+                    file=exc.filename,
+                    line=exc.lineno,
+                    key=key,
+                )
+            ]
         listing = ", ".join(sorted(available)) or "none"
-        problems = [Problem(f"template {name} line {at} uses '{var}'" + (f" (in {via})" if via else "")
-                            + f", which stage '{stage}' does not pass. Available: {listing}.",
-                            file=file, line=line, key=key)
-                    for var, (at, via) in sorted(uses.items(), key=lambda kv: (kv[1][0], kv[0]))
-                    if var not in available and var not in optional]
+        problems = [
+            Problem(
+                f"template {name} line {at} uses '{var}'"
+                + (f" (in {via})" if via else "")
+                + f", which stage '{stage}' does not pass. Available: {listing}.",
+                file=file,
+                line=line,
+                key=key,
+            )
+            for var, (at, via) in sorted(uses.items(), key=lambda kv: (kv[1][0], kv[0]))
+            if var not in available and var not in optional
+        ]
         if not problems and (why := self.trial(name, available)) is not None:
-            problems.append(Problem(why, file=file, line=line, key=key,
-                                    hint="Templates run in a sandbox: no attributes starting with '_', no huge "
-                                         "numbers or strings, nothing that runs for long."))
+            problems.append(
+                Problem(
+                    why,
+                    file=file,
+                    line=line,
+                    key=key,
+                    hint="Templates run in a sandbox: no attributes starting with '_', no huge "
+                    "numbers or strings, nothing that runs for long.",
+                )
+            )
         return problems
 
     def trial(self, name: str, available: set[str]) -> str | None:
@@ -343,9 +385,12 @@ class Templates:
         except TemplateRenderError as exc:
             cause = exc.__cause__
             if isinstance(cause, (SecurityError, TimeoutError, MemoryError, OverflowError, RecursionError)):
-                return (f"template {exc.template}" + (f" line {exc.line}" if exc.line else "")
-                        + f": {'blocked by the sandbox' if isinstance(cause, SecurityError) else 'cannot render'}: "
-                        + f"{cause or type(cause).__name__}.")
+                return (
+                    f"template {exc.template}"
+                    + (f" line {exc.line}" if exc.line else "")
+                    + f": {'blocked by the sandbox' if isinstance(cause, SecurityError) else 'cannot render'}: "
+                    + f"{cause or type(cause).__name__}."
+                )
         except (TimeoutError, RecipeError):
             return f"template {name}: rendering took more than {TRIAL_SECONDS:g} s with placeholder values."
         finally:

@@ -20,7 +20,9 @@ _WRAP = r"[*_#>\s]*"
 # ending the line, or ending with a colon that the reply follows on the same line.
 PREAMBLE = re.compile(
     rf"^{_WRAP}(?:{_LEAD}{_HERE}{_PHRASE}{_OF}|{_LEAD}(?:{_ADJ}\s+)+{_NOUN}{_OF}|(?:revision|rewrite))"
-    rf"{_WRAP}(?::[*_\s]*|[.!]?[*_ \t]*(?:\n|$))", re.IGNORECASE)
+    rf"{_WRAP}(?::[*_\s]*|[.!]?[*_ \t]*(?:\n|$))",
+    re.IGNORECASE,
+)
 _ROLE_LABEL = re.compile(r"^\s*\[assistant\]\s*\n", re.IGNORECASE)
 _QUOTES = {'"': '"', "\u201c": "\u201d", "'": "'", "```": "```"}
 
@@ -32,13 +34,18 @@ def strip_preamble(text: str, previous: str = "") -> str:
     out = _ROLE_LABEL.sub("", text.strip()).strip()
     m = PREAMBLE.match(out)
     # a preamble introduces something: a bare "Revision" with nothing after it and no colon is the text
-    bare = m is not None and not out[m.end():].strip() and not out.rstrip().endswith(":")
+    bare = m is not None and not out[m.end() :].strip() and not out.rstrip().endswith(":")
     if m and not bare and not normalize(previous).startswith(normalize(out[: m.end()]).rstrip(":").strip()):
-        out = _ROLE_LABEL.sub("", out[m.end():].strip()).strip()
+        out = _ROLE_LABEL.sub("", out[m.end() :].strip()).strip()
     for left, right in _QUOTES.items():
-        inner = out[len(left): len(out) - len(right)]
-        if len(out) > len(left) + len(right) and out.startswith(left) and out.endswith(right) \
-                and left not in inner and right not in inner:
+        inner = out[len(left) : len(out) - len(right)]
+        if (
+            len(out) > len(left) + len(right)
+            and out.startswith(left)
+            and out.endswith(right)
+            and left not in inner
+            and right not in inner
+        ):
             out = inner.strip()
             break
     return out

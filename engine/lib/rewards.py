@@ -29,24 +29,33 @@ BEHAVIOURS = ("refuse", "comply")
 class RewardRules(Table):
     """The `rewards` table of a stage with scorer = "rule_reward"."""
 
-    expected: str = Field("expected", description='The data column saying what a good reply does for the row: '
-                                                  '"refuse" or "comply".')
-    behaviour: float = Field(1.0, ge=0.0, description="Weight of doing what `expected` says (refusing or not, by "
-                                                      "the refusal detector).")
+    expected: str = Field(
+        "expected", description='The data column saying what a good reply does for the row: "refuse" or "comply".'
+    )
+    behaviour: float = Field(
+        1.0, ge=0.0, description="Weight of doing what `expected` says (refusing or not, by the refusal detector)."
+    )
     min_words: int | None = Field(None, ge=0, description="Length rule: at least this many words.")
-    max_words: int | None = Field(None, ge=1, description="Length rule: at most this many words (rambling and "
-                                                          "replies cut at max_new_tokens fail it).")
+    max_words: int | None = Field(
+        None,
+        ge=1,
+        description="Length rule: at most this many words (rambling and replies cut at max_new_tokens fail it).",
+    )
     length: float = Field(0.25, ge=0.0, description="Weight of the length rule (when a bound is set).")
-    forbidden: list[str] = Field(default_factory=list, description="Phrases a reply must not contain (whole words, "
-                                                                   "case-insensitive: the filter's phrase matching).")
+    forbidden: list[str] = Field(
+        default_factory=list,
+        description="Phrases a reply must not contain (whole words, case-insensitive: the filter's phrase matching).",
+    )
     required: list[str] = Field(default_factory=list, description="A reply contains at least one of these.")
     phrases: float = Field(0.25, ge=0.0, description="Weight of each phrase rule (forbidden, required) when set.")
     phrases_apply: Literal["all", "complying"] = Field(
-        "all", description='"complying": phrase rules judge only replies that do not refuse (a refusal needs no '
-                           'required phrase).')
+        "all",
+        description='"complying": phrase rules judge only replies that do not refuse (a refusal needs no '
+        "required phrase).",
+    )
 
     @model_validator(mode="after")
-    def _bounds(self) -> "RewardRules":
+    def _bounds(self) -> RewardRules:
         if self.min_words is not None and self.max_words is not None and self.min_words > self.max_words:
             raise ValueError(f"min_words ({self.min_words}) is above max_words ({self.max_words})")
         return self
@@ -62,8 +71,13 @@ def reward(reply: str, expected: str | None, rules: RewardRules) -> dict:
     """The score of one reply and each rule's outcome (None where a rule does not apply)."""
     refuses = text.is_refusal(reply)
     words = text.word_count(reply)
-    outcome: dict[str, float | None] = {"refuses": float(refuses), "behaviour": None, "length": None,
-                                        "forbidden": None, "required": None}
+    outcome: dict[str, float | None] = {
+        "refuses": float(refuses),
+        "behaviour": None,
+        "length": None,
+        "forbidden": None,
+        "required": None,
+    }
     got = total = 0.0
 
     def rule(key: str, ok: bool, weight: float) -> None:
@@ -74,8 +88,12 @@ def reward(reply: str, expected: str | None, rules: RewardRules) -> dict:
     if expected is not None and rules.behaviour > 0:
         rule("behaviour", refuses == (expected == "refuse"), rules.behaviour)
     if (rules.min_words is not None or rules.max_words is not None) and rules.length > 0:
-        rule("length", (rules.min_words is None or words >= rules.min_words)
-             and (rules.max_words is None or words <= rules.max_words), rules.length)
+        rule(
+            "length",
+            (rules.min_words is None or words >= rules.min_words)
+            and (rules.max_words is None or words <= rules.max_words),
+            rules.length,
+        )
     if rules.phrases > 0 and (rules.phrases_apply == "all" or not refuses):
         if rules.forbidden:
             rule("forbidden", text.contains_phrase(reply, rules.forbidden) is None, rules.phrases)

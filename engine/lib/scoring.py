@@ -16,11 +16,11 @@ import math
 import re
 from dataclasses import dataclass
 
-from engine.lib import verifiers as scorers
 from engine.core import text
-from engine.models.backends import SamplingParams
 from engine.core.errors import Problem
+from engine.lib import verifiers as scorers
 from engine.lib.rewards import RewardRules, expected_of, last_reply, reward
+from engine.models.backends import SamplingParams
 from engine.store.shards import Shard
 
 SCORER_GROUP = scorers.GROUP
@@ -46,52 +46,76 @@ class ScorerSpec:
     rewards: RewardRules | None = None
 
 
-TEMPLATE_VARS = {"llm": ("judge_pointwise.j2", {"conversation", "rubric"}),
-                 "pairwise": ("judge_pairwise.j2", {"context", "response_a", "response_b", "principle"})}
+TEMPLATE_VARS = {
+    "llm": ("judge_pointwise.j2", {"conversation", "rubric"}),
+    "pairwise": ("judge_pairwise.j2", {"context", "response_a", "response_b", "principle"}),
+}
 
 
 def template_name(config: ScorerSpec) -> str | None:
     return config.template or TEMPLATE_VARS[config.scorer][0] if config.scorer in TEMPLATE_VARS else None
 
 
-def scorer_problems(name: str, spec: ScorerSpec, recipe, *, model: str | None,
-                    model_key: str = "model", input: str | None = None) -> list[Problem]:
+def scorer_problems(
+    name: str, spec: ScorerSpec, recipe, *, model: str | None, model_key: str = "model", input: str | None = None
+) -> list[Problem]:
     """Validation of a scorer for any stage's `check()`: a model where one is needed (`model`,
     the value of the stage's key `model_key`), a known function, a template that uses only the
     variables passed. The stage's keys `scorer`, `function` and `template` are located."""
     where = lambda field: recipe.where(f"stages.{name}.{field}")  # noqa: E731
     problems = []
     if spec.scorer in ("llm", "pairwise", "reward_model") and not model:
-        problems.append(Problem(f"scorer '{spec.scorer}' needs a model.",
-                                hint=f"Set {model_key} = \"<a [models] name>\".", **where("scorer")))
+        problems.append(
+            Problem(
+                f"scorer '{spec.scorer}' needs a model.",
+                hint=f'Set {model_key} = "<a [models] name>".',
+                **where("scorer"),
+            )
+        )
     if spec.scorer == "function":
         known = scorers.names()
         if spec.function is None:
-            problems.append(Problem("scorer 'function' needs a function name.",
-                                    hint=f"Set function = \"NAME\". Known: {', '.join(known)}.",
-                                    **where("scorer")))
+            problems.append(
+                Problem(
+                    "scorer 'function' needs a function name.",
+                    hint=f'Set function = "NAME". Known: {", ".join(known)}.',
+                    **where("scorer"),
+                )
+            )
         elif spec.function not in known:
-            problems.append(Problem(f"no scorer function '{spec.function}' is registered.",
-                                    hint=f"Use a builtin or register one under the entry point group "
-                                         f"'{SCORER_GROUP}'. Known: {', '.join(known)}.",
-                                    **where("function")))
+            problems.append(
+                Problem(
+                    f"no scorer function '{spec.function}' is registered.",
+                    hint=f"Use a builtin or register one under the entry point group "
+                    f"'{SCORER_GROUP}'. Known: {', '.join(known)}.",
+                    **where("function"),
+                )
+            )
         elif spec.function in scorers.REQUIRES and input and recipe.dataset_rows(input):
             column, test = scorers.REQUIRES[spec.function]
             if not any(test(r) for r in recipe.dataset_rows(input)):
-                problems.append(Problem(
-                    f"scorer function '{spec.function}' compares each reply with the row's '{column}', and no row of "
-                    f"dataset '{input}' has one.",
-                    hint=f"Add a '{column}' column to the data, or map one: columns = {{ {column} = \"...\" }} in "
-                         f"[datasets.{input}].", **where("function")))
+                problems.append(
+                    Problem(
+                        f"scorer function '{spec.function}' compares each reply with the row's '{column}', and no row of "
+                        f"dataset '{input}' has one.",
+                        hint=f"Add a '{column}' column to the data, or map one: columns = {{ {column} = \"...\" }} in "
+                        f"[datasets.{input}].",
+                        **where("function"),
+                    )
+                )
     if spec.scorer == "rule_reward":
         rules = spec.rewards or RewardRules()
         rows = recipe.dataset_rows(input) if input else None
         if rules.behaviour > 0 and rows and not any(expected_of(r, rules) for r in rows):
-            problems.append(Problem(
-                f"scorer 'rule_reward' reads what each reply should do from the column '{rules.expected}' "
-                f"(\"refuse\" or \"comply\"), and no row of dataset '{input}' has one.",
-                hint="Add the column to the data, set rewards.expected to the column that has it, or set "
-                     "rewards.behaviour = 0 to score by the other rules alone.", **where("scorer")))
+            problems.append(
+                Problem(
+                    f"scorer 'rule_reward' reads what each reply should do from the column '{rules.expected}' "
+                    f'("refuse" or "comply"), and no row of dataset \'{input}\' has one.',
+                    hint="Add the column to the data, set rewards.expected to the column that has it, or set "
+                    "rewards.behaviour = 0 to score by the other rules alone.",
+                    **where("scorer"),
+                )
+            )
     if spec.scorer in TEMPLATE_VARS:
         from engine.lib.prompts import Templates
 
@@ -121,10 +145,12 @@ def rule_scores(messages: list[dict]) -> dict[str, float]:
         if m["role"] == "assistant" and text.is_filler(m["content"], earlier):
             filler = 1.0
         earlier.append(m["content"])
-    return {"refusal": float(any(text.is_refusal(r) for r in replies)),
-            "sycophancy": text.sycophancy_ratio(messages),
-            "filler": filler,
-            "words": sum(text.word_count(r) for r in replies) / max(1, len(replies))}
+    return {
+        "refusal": float(any(text.is_refusal(r) for r in replies)),
+        "sycophancy": text.sycophancy_ratio(messages),
+        "filler": filler,
+        "words": sum(text.word_count(r) for r in replies) / max(1, len(replies)),
+    }
 
 
 class _LLM:
@@ -138,8 +164,10 @@ class _LLM:
 
     def __call__(self, shard: Shard) -> list[dict]:
         cfg = self.config
-        prompts = [self.tpl.render_chat(template_name(cfg), conversation=r["messages"], rubric=cfg.rubric or "")
-                   for r in shard.rows]
+        prompts = [
+            self.tpl.render_chat(template_name(cfg), conversation=r["messages"], rubric=cfg.rubric or "")
+            for r in shard.rows
+        ]
         scores: dict[int, float] = {}
         answers: dict[int, str] = {}
         for attempt in range(cfg.max_retries + 1):
@@ -169,10 +197,14 @@ class _RewardModel:
         from engine.models.builtins import builtin_dir
 
         spec = model.spec
-        path = builtin_dir(spec.path.split(":", 1)[1], ctx.cache_root) if spec.path.startswith("builtin:") else spec.path
+        path = (
+            builtin_dir(spec.path.split(":", 1)[1], ctx.cache_root) if spec.path.startswith("builtin:") else spec.path
+        )
         self.tok = AutoTokenizer.from_pretrained(path, revision=spec.revision)
         torch.manual_seed(ctx.seed)  # a fresh head on a plain LM is random: seed it
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, revision=spec.revision, num_labels=1).eval()
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            path, revision=spec.revision, num_labels=1
+        ).eval()
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tok.pad_token_id
         self.name = config.name
@@ -205,8 +237,11 @@ class _Pairwise(_LLM):
         for r in shard.rows:
             chosen, rejected = r["chosen"][-1]["content"], r["rejected"][-1]["content"]
             for a, b in ((chosen, rejected), (rejected, chosen)):
-                prompts.append(self.tpl.render_chat(template_name(cfg), context=r["prompt"], response_a=a,
-                                                    response_b=b, principle=cfg.principle))
+                prompts.append(
+                    self.tpl.render_chat(
+                        template_name(cfg), context=r["prompt"], response_a=a, response_b=b, principle=cfg.principle
+                    )
+                )
         params = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
         seeds = [self.seeds.row(r["id"], purpose="pairwise", sample=order) for r in shard.rows for order in (0, 1)]
         verdicts = [parse_verdict(c.text) for [c] in self.backend.generate(prompts, params, seeds)]
@@ -294,7 +329,7 @@ def soft_label(p: float, chain_of_thought: bool) -> float:
 
 
 def parse_choice(answer: str) -> str | None:
-    """"A"/"B" from a judge answer: the last "Verdict: X" line, or an answer that is only
+    """ "A"/"B" from a judge answer: the last "Verdict: X" line, or an answer that is only
     "A", "(B)", "Response A" and the like."""
     found = parse_verdict(answer)
     if found:
@@ -310,9 +345,15 @@ def logprob_judgments(tasks: list[dict], logprobs: list[list[float]]) -> list[di
     out = []
     for j, t in enumerate(tasks):
         (a1, b1), (a2, b2) = logprobs[2 * j], logprobs[2 * j + 1]
-        p_first = 1 / (1 + math.exp(b1 - a1))   # P(A) with a shown as A
+        p_first = 1 / (1 + math.exp(b1 - a1))  # P(A) with a shown as A
         p_second = 1 / (1 + math.exp(a2 - b2))  # P(B) with a shown as B
-        out.append(dict(t, a_first=["A" if p_first >= 0.5 else "B"], b_first=["A" if 1 - p_second >= 0.5 else "B"],
-                        label_a=round((p_first + p_second) / 2, 6),
-                        answers=[f"P(A)={p_first:.3f}", f"P(A)={1 - p_second:.3f}"]))
+        out.append(
+            dict(
+                t,
+                a_first=["A" if p_first >= 0.5 else "B"],
+                b_first=["A" if 1 - p_second >= 0.5 else "B"],
+                label_a=round((p_first + p_second) / 2, 6),
+                answers=[f"P(A)={p_first:.3f}", f"P(A)={1 - p_second:.3f}"],
+            )
+        )
     return out

@@ -5,13 +5,15 @@ and the loss and reward curves.
 """
 
 from __future__ import annotations
+
 import json
 import re
 import shutil
 import time
 from pathlib import Path
 from typing import Any
-from engine.lib.training import Batch, Lora, REWARD_KEYS
+
+from engine.lib.training import REWARD_KEYS, Batch, Lora
 from engine.models.chatmask import FIX_TEMPLATE, special_ids
 
 
@@ -25,8 +27,11 @@ def last_checkpoint(ckpt_dir: Path, ctx) -> str | None:
     """The newest complete checkpoint in `ckpt_dir` (logged), or None. The trainer writes a
     checkpoint's files in place and `trainer_state.json` last, so a process killed while saving
     leaves a directory without it: such a checkpoint is skipped, and removed by the main process."""
-    found = sorted((int(m.group(1)), p) for p in Path(ckpt_dir).glob("checkpoint-*")
-                   if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
+    found = sorted(
+        (int(m.group(1)), p)
+        for p in Path(ckpt_dir).glob("checkpoint-*")
+        if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name))
+    )
     complete = [p for _, p in found if (p / "trainer_state.json").is_file()]
     for _, p in found:
         if p not in complete:
@@ -46,14 +51,26 @@ def trainer_args(config, ctx, batch: Batch, ckpt_dir: Path, model: Any = None) -
 
     cuda = torch.cuda.is_available() and (model is None or next(model.parameters()).device.type == "cuda")
     return dict(
-        output_dir=str(ckpt_dir), per_device_train_batch_size=batch.per_device,
-        gradient_accumulation_steps=batch.accumulation, learning_rate=config.lr, num_train_epochs=config.epochs,
-        max_steps=config.max_steps if config.max_steps else -1, lr_scheduler_type=config.scheduler,
+        output_dir=str(ckpt_dir),
+        per_device_train_batch_size=batch.per_device,
+        gradient_accumulation_steps=batch.accumulation,
+        learning_rate=config.lr,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps if config.max_steps else -1,
+        lr_scheduler_type=config.scheduler,
         warmup_steps=float(config.warmup_ratio),  # transformers 5: a value below 1 is a share of the steps
-        weight_decay=config.weight_decay, save_steps=config.save_steps, save_total_limit=2,
-        logging_steps=config.logging_steps, report_to=[], seed=ctx.seed, data_seed=ctx.seed, use_cpu=not cuda,
-        bf16=cuda and torch.cuda.is_bf16_supported(), include_num_input_tokens_seen="non_padding",
-        disable_tqdm=True, dataloader_num_workers=0,
+        weight_decay=config.weight_decay,
+        save_steps=config.save_steps,
+        save_total_limit=2,
+        logging_steps=config.logging_steps,
+        report_to=[],
+        seed=ctx.seed,
+        data_seed=ctx.seed,
+        use_cpu=not cuda,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
     )
 
 
@@ -85,8 +102,12 @@ def step_callback(ctx, timing: dict[int, float]):
         def on_log(self, args, state, control, logs=None, **kw):
             if state.is_world_process_zero and logs and "loss" in logs:
                 shown = {k: v for k, v in logs.items() if k == "loss" or k.startswith("rewards/")}
-                ctx.log.info("step %d/%d: %s", state.global_step, state.max_steps,
-                             ", ".join(f"{k} {v:.4g}" for k, v in shown.items() if isinstance(v, (int, float))))
+                ctx.log.info(
+                    "step %d/%d: %s",
+                    state.global_step,
+                    state.max_steps,
+                    ", ".join(f"{k} {v:.4g}" for k, v in shown.items() if isinstance(v, (int, float))),
+                )
 
     return Steps()
 
@@ -143,18 +164,29 @@ def weights_kind(report: dict) -> str:
 
 def length_line(report: dict) -> tuple[str, str]:
     """The `recipe show` line for a report's length counts."""
-    return (f"over max_length {report['max_length']}",
-            f"{report['over_length']} (policy {report['length_policy']}: {report['shortened']} shortened, "
-            f"{report['dropped']} dropped)")
+    return (
+        f"over max_length {report['max_length']}",
+        f"{report['over_length']} (policy {report['length_policy']}: {report['shortened']} shortened, "
+        f"{report['dropped']} dropped)",
+    )
 
 
-def step_metrics(log_history: list[dict], keys: tuple[str, ...] = (),
-                 timing: dict[int, float] | None = None) -> list[dict]:
+def step_metrics(
+    log_history: list[dict], keys: tuple[str, ...] = (), timing: dict[int, float] | None = None
+) -> list[dict]:
     """One dict per logged training step: step, loss, lr, the named `keys` (None when absent) and tokens/s."""
     timing = timing or {}
-    return [{"step": h["step"], "loss": h["loss"], "lr": h.get("learning_rate"), **{k: h.get(k) for k in keys},
-             "tokens_per_s": timing.get(h["step"])}
-            for h in log_history if "loss" in h and "step" in h]
+    return [
+        {
+            "step": h["step"],
+            "loss": h["loss"],
+            "lr": h.get("learning_rate"),
+            **{k: h.get(k) for k in keys},
+            "tokens_per_s": timing.get(h["step"]),
+        }
+        for h in log_history
+        if "loss" in h and "step" in h
+    ]
 
 
 def plot_loss(path: Path, steps: list[dict], title: str) -> None:
@@ -170,14 +202,21 @@ def plot_rewards(out_dir: Path, steps: list[dict], title: str) -> list[str]:
 
     xs = [s["step"] for s in steps]
     written = []
-    series = {k.split("/")[1]: (xs, [s.get(k) for s in steps]) for k in REWARD_KEYS[:3]
-              if any(s.get(k) is not None for s in steps)}
+    series = {
+        k.split("/")[1]: (xs, [s.get(k) for s in steps])
+        for k in REWARD_KEYS[:3]
+        if any(s.get(k) is not None for s in steps)
+    }
     if series:
         lines(Path(out_dir) / "rewards.png", series, title=f"{title}: implicit rewards", ylabel="reward")
         written.append("rewards.png")
     if any(s.get(REWARD_KEYS[3]) is not None for s in steps):
-        lines(Path(out_dir) / "accuracies.png", {"accuracy": (xs, [s.get(REWARD_KEYS[3]) for s in steps])},
-              title=f"{title}: reward accuracy", ylabel="share of pairs")
+        lines(
+            Path(out_dir) / "accuracies.png",
+            {"accuracy": (xs, [s.get(REWARD_KEYS[3]) for s in steps])},
+            title=f"{title}: reward accuracy",
+            ylabel="share of pairs",
+        )
         written.append("accuracies.png")
     return written
 
@@ -211,7 +250,7 @@ def mask_problems(tok, messages: list[dict], input_ids: list[int], labels: list[
         if not body.startswith(content.strip()):
             problems.append(f"span {k} is not the assistant turn's content: {text[:80]!r}")
             continue
-        rest = body[len(content.strip()):]
+        rest = body[len(content.strip()) :]
         for sid in special:
             rest = rest.replace(tok.convert_ids_to_tokens(sid) or "\0", "")
         if rest.strip():
@@ -221,8 +260,11 @@ def mask_problems(tok, messages: list[dict], input_ids: list[int], labels: list[
             problems.append(f"the end-of-turn token of assistant turn {k} is not supervised")
     sup = "".join(texts)
     for m in messages:
-        if m["role"] in ("system", "user") and m["content"].strip() in sup \
-                and not any(m["content"].strip() in c for c in assistants):
+        if (
+            m["role"] in ("system", "user")
+            and m["content"].strip() in sup
+            and not any(m["content"].strip() in c for c in assistants)
+        ):
             problems.append(f"{m['role']} text is supervised: {m['content'][:60]!r}")
     return shown, problems
 

@@ -21,30 +21,36 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 from pydantic import Field
 
-from engine.spec.config import Table
 from engine.core.errors import Problem, RecipeError
 from engine.spec.backends import BACKENDS
+from engine.spec.config import Table
 
 Messages = list[dict]
 
 
 def user_error(ctx, key: str, message: str, hint: str | None = None) -> RecipeError:
     """A bad-input error found at the start of a stage, located at `stages.<stage>.<key>` (exit 2)."""
-    return RecipeError.single(f"stage '{ctx.stage}': {message}", hint=hint,
-                              **ctx.recipe.where(f"stages.{ctx.stage}.{key}"))
+    return RecipeError.single(
+        f"stage '{ctx.stage}': {message}", hint=hint, **ctx.recipe.where(f"stages.{ctx.stage}.{key}")
+    )
 
 
 def load_weights(ctx, art, key: str):
     """(model, tokenizer) with local weights to train or to use as a reference: a LoRA adapter
     (a [models] adapter or a stage-made one) is merged into its base. `key` names the config field."""
     if art.spec is not None and not BACKENDS[art.spec.backend].weights_here:
-        raise user_error(ctx, key, f"model '{art.name}' uses the {art.spec.backend} backend; training needs local "
-                                   "weights.", hint="Point it at a [models] table with backend = \"hf\".")
+        raise user_error(
+            ctx,
+            key,
+            f"model '{art.name}' uses the {art.spec.backend} backend; training needs local weights.",
+            hint='Point it at a [models] table with backend = "hf".',
+        )
     return ctx.load_model(art, merge_adapter=True)
 
 
@@ -67,8 +73,10 @@ def batch_split(batch_size: int, per_device_batch_size: int, processes: int | No
     processes = processes or int(os.environ.get("WORLD_SIZE", "1"))
     per_device = min(per_device_batch_size, max(1, batch_size // processes))
     if batch_size % (per_device * processes):
-        raise ValueError(f"batch_size {batch_size} is not divisible by per_device_batch_size {per_device} x "
-                         f"{processes} processes; pick values whose product divides it.")
+        raise ValueError(
+            f"batch_size {batch_size} is not divisible by per_device_batch_size {per_device} x "
+            f"{processes} processes; pick values whose product divides it."
+        )
     return Batch(per_device, processes, batch_size // (per_device * processes))
 
 
@@ -89,7 +97,8 @@ class Lora(Table):
     alpha: int = Field(32, ge=1, description="LoRA scaling numerator (lora_alpha).")
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="Module names to adapt (e.g. [\"q_proj\", \"v_proj\"]), or 'all-linear'.")
+        "all-linear", description='Module names to adapt (e.g. ["q_proj", "v_proj"]), or \'all-linear\'.'
+    )
 
 
 def lora_config(lora: Lora | None):
@@ -98,8 +107,13 @@ def lora_config(lora: Lora | None):
         return None
     from peft import LoraConfig
 
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
 
 
 def adaptable_modules(model) -> dict[str, str]:
@@ -107,8 +121,11 @@ def adaptable_modules(model) -> dict[str, str]:
     import torch
 
     kinds = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d)
-    return {path: type(m).__name__ for path, m in model.named_modules()
-            if isinstance(m, kinds) or type(m).__name__ == "Conv1D"}  # Conv1D: GPT-2's linear
+    return {
+        path: type(m).__name__
+        for path, m in model.named_modules()
+        if isinstance(m, kinds) or type(m).__name__ == "Conv1D"
+    }  # Conv1D: GPT-2's linear
 
 
 def check_lora_targets(model, lora: Lora | None, ctx) -> None:
@@ -120,11 +137,14 @@ def check_lora_targets(model, lora: Lora | None, ctx) -> None:
     missing = [t for t in lora.target_modules if not any(p == t or p.endswith("." + t) for p in modules)]
     if missing:
         linear = sorted({p.rsplit(".", 1)[-1] for p, cls in modules.items() if cls in ("Linear", "Conv1D")})
-        raise user_error(ctx, "lora.target_modules",
-                         f"LoRA target module{'s' if len(missing) > 1 else ''} {', '.join(repr(m) for m in missing)} "
-                         f"not found in the model.",
-                         hint=f"The model's linear modules are: {', '.join(linear)}. Use some of those, or "
-                              "target_modules = \"all-linear\".")
+        raise user_error(
+            ctx,
+            "lora.target_modules",
+            f"LoRA target module{'s' if len(missing) > 1 else ''} {', '.join(repr(m) for m in missing)} "
+            f"not found in the model.",
+            hint=f"The model's linear modules are: {', '.join(linear)}. Use some of those, or "
+            'target_modules = "all-linear".',
+        )
 
 
 # --------------------------------------------------------------------------- lengths
@@ -148,8 +168,9 @@ def _groups(messages: Messages) -> tuple[Messages, list[Messages]]:
     return system, groups
 
 
-def fit_context(context: Messages, policy: str, max_length: int,
-                length: Callable[[Messages], int]) -> tuple[Messages | None, str]:
+def fit_context(
+    context: Messages, policy: str, max_length: int, length: Callable[[Messages], int]
+) -> tuple[Messages | None, str]:
     """Fit the context (the turns before what is trained on) so that `length(context)` -- which
     includes the trained reply -- is at most max_length. Returns (context or None, 'fits' |
     'shortened' | 'dropped'). `keep_recent` drops the earliest user/assistant groups (the system
@@ -188,8 +209,9 @@ def fit_context(context: Messages, policy: str, max_length: int,
     return None, "dropped"
 
 
-def fit(messages: Messages, policy: str, max_length: int,
-        length: Callable[[Messages], int]) -> tuple[Messages | None, str]:
+def fit(
+    messages: Messages, policy: str, max_length: int, length: Callable[[Messages], int]
+) -> tuple[Messages | None, str]:
     """A conversation for sft under a length policy. `length(messages) -> tokens`. The final
     assistant turn is never cut or dropped on its own: a row whose last exchange alone is too long
     is dropped. Returns (messages or None, 'fits' | 'shortened' | 'dropped')."""
@@ -199,7 +221,7 @@ def fit(messages: Messages, policy: str, max_length: int,
         return None, "dropped"
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     context, final = messages[:last], messages[last]  # anything after the final reply teaches nothing
-    out, what = fit_context(context, policy, max_length, lambda c: length(c + [final]))
+    out, _what = fit_context(context, policy, max_length, lambda c: length(c + [final]))
     return (None, "dropped") if out is None else (out + [final], "shortened")
 
 
@@ -211,8 +233,12 @@ class LengthReport:
     longest: int = 0
 
     def as_json(self) -> dict:
-        return {"over_length": self.over_length, "shortened": self.shortened, "dropped": self.dropped,
-                "longest": self.longest}
+        return {
+            "over_length": self.over_length,
+            "shortened": self.shortened,
+            "dropped": self.dropped,
+            "longest": self.longest,
+        }
 
     def count(self, n: int, max_length: int, what: str) -> None:
         self.longest = max(self.longest, n)
@@ -247,18 +273,32 @@ def mixture_problems(name: str, config, recipe) -> list[Problem]:
     inputs = [config.input] if isinstance(config.input, str) else list(config.input)
     problems = []
     if not inputs:
-        problems.append(Problem(f"stage '{name}' has an empty input list.", hint="Name at least one dataset or stage.",
-                                **recipe.where(f"stages.{name}.input")))
+        problems.append(
+            Problem(
+                f"stage '{name}' has an empty input list.",
+                hint="Name at least one dataset or stage.",
+                **recipe.where(f"stages.{name}.input"),
+            )
+        )
     if config.weights is not None:
         where = recipe.where(f"stages.{name}.weights")
         if len(config.weights) != len(inputs):
-            problems.append(Problem(
-                f"stage '{name}' has {len(config.weights)} weights for {len(inputs)} inputs.",
-                hint=f"Give one weight per input, in the order of input = {inputs}.", **where))
+            problems.append(
+                Problem(
+                    f"stage '{name}' has {len(config.weights)} weights for {len(inputs)} inputs.",
+                    hint=f"Give one weight per input, in the order of input = {inputs}.",
+                    **where,
+                )
+            )
         bad = [w for w in config.weights if not w > 0]
         if bad:
-            problems.append(Problem(f"stage '{name}': weights must be above 0 (found {bad[0]}).",
-                                    hint="Remove an input instead of weighting it 0.", **where))
+            problems.append(
+                Problem(
+                    f"stage '{name}': weights must be above 0 (found {bad[0]}).",
+                    hint="Remove an input instead of weighting it 0.",
+                    **where,
+                )
+            )
     return problems
 
 
@@ -271,21 +311,27 @@ def mixed_rows(config, inputs: dict, ctx) -> tuple[list[dict], list[dict]]:
     weights = config.weights or [1.0] * len(arts)
     lists = [a.rows() for a in arts]
     rows, taken = mixture(lists, weights, ctx.seed)
-    mix = [{"input": a.name, "rows": len(r), "weight": w, "taken": t}
-           for a, r, w, t in zip(arts, lists, weights, taken)]
-    ctx.log.info("mixture: %s", "; ".join(f"{m['input']} {m['taken']} of {m['rows']} (weight {m['weight']:g})"
-                                          for m in mix))
+    mix = [
+        {"input": a.name, "rows": len(r), "weight": w, "taken": t} for a, r, w, t in zip(arts, lists, weights, taken)
+    ]
+    ctx.log.info(
+        "mixture: %s", "; ".join(f"{m['input']} {m['taken']} of {m['rows']} (weight {m['weight']:g})" for m in mix)
+    )
     return rows, mix
 
 
-def training_rows(config, inputs: dict, ctx, what: str) -> tuple[list[dict], list[dict], "Batch"]:
+def training_rows(config, inputs: dict, ctx, what: str) -> tuple[list[dict], list[dict], Batch]:
     """The start every training stage shares: its rows (mixed), what was taken of each input,
     and the batch split; an empty input or an impossible batch is a bad-input error (exit 2)."""
     rows, mix = mixed_rows(config, inputs, ctx)
     if not rows:
-        raise user_error(ctx, "input", f"no {what} to train on (input: {', '.join(m['input'] for m in mix)}).",
-                         hint="Check that the dataset has rows and that the data checks kept some "
-                              "(the run prints rows dropped per reason).")
+        raise user_error(
+            ctx,
+            "input",
+            f"no {what} to train on (input: {', '.join(m['input'] for m in mix)}).",
+            hint="Check that the dataset has rows and that the data checks kept some "
+            "(the run prints rows dropped per reason).",
+        )
     try:
         batch = batch_split(config.batch_size, config.per_device_batch_size)
     except ValueError as exc:
@@ -311,5 +357,3 @@ def mixture_line(report: dict) -> list[tuple[str, str]]:
 
 
 REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
-
-

@@ -19,16 +19,19 @@ Builtins:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from fractions import Fraction
-from typing import Any, Callable
+from typing import Any
 
 GROUP = "recipe.scorers"
 
 # A number: an optional sign (not after a word character or ")": "5-3" is 5 minus 3), digits
 # with optional thousands commas, optional decimals, an optional "/denominator"; or ".5". A
 # digit right after a letter or "." starts no number ("v1.5", "1.2.3" are not read as 5 or 3).
-_NUMBER = re.compile(r"(?<![\w).])(-)?(\d{1,3}(?:,\d{3})+(?!\d)|\d+)(\.\d+)?(?:\s*/\s*(\d+)(?![\d.,]))?"
-                     r"|(?<![\w).])(-)?\.(\d+)")
+_NUMBER = re.compile(
+    r"(?<![\w).])(-)?(\d{1,3}(?:,\d{3})+(?!\d)|\d+)(\.\d+)?(?:\s*/\s*(\d+)(?![\d.,]))?"
+    r"|(?<![\w).])(-)?\.(\d+)"
+)
 _MINUS = str.maketrans({"\u2212": "-", "\u2013": "-", "\u2014": "-", "\ufe63": "-", "\uff0d": "-"})
 
 
@@ -130,7 +133,7 @@ BUILTIN: dict[str, Callable[[dict], float | None]] = {"math_answer": math_answer
 # What a builtin needs from the data, checked by `recipe validate` on the stage's input dataset:
 # scorer name -> (the column, a test that a row has it).
 REQUIRES: dict[str, tuple[str, Callable[[dict], bool]]] = {
-    "math_answer": ("answer", lambda row: row_answer(row) is not None),
+    "math_answer": ("answer", lambda row: row_answer(row) is not None)
 }
 
 

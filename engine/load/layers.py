@@ -3,10 +3,12 @@ keys win), then `--set KEY=VALUE` overrides, each key keeping where it was set.
 """
 
 from __future__ import annotations
+
 import copy
 import re
 from pathlib import Path
 from typing import Any
+
 from engine.core.errors import RecipeError
 from engine.core.toml import tomllib
 from engine.spec.locations import SET_SOURCE, _display, _split_key, locate, read_toml
@@ -30,7 +32,9 @@ def load_layers(path: Path, _stack: tuple[Path, ...] = ()) -> tuple[dict, dict[s
     if path in _stack:
         cycle = " -> ".join(_display(p) for p in (*_stack, path))
         raise RecipeError.single(
-            f"extends cycle: {cycle}.", file=_display(_stack[-1]), key="recipe.extends",
+            f"extends cycle: {cycle}.",
+            file=_display(_stack[-1]),
+            key="recipe.extends",
             hint="Remove one of the extends entries.",
         )
     data, locations = read_toml(path)
@@ -47,7 +51,9 @@ def load_layers(path: Path, _stack: tuple[Path, ...] = ()) -> tuple[dict, dict[s
     merged_locs: dict[str, tuple[str, int]] = {}
     for base in bases:
         if (why := path_problem(base)) is not None:
-            raise RecipeError.single(f"extends {base[:60]!r}, which {why}.", **locate(locations, "recipe.extends", path))
+            raise RecipeError.single(
+                f"extends {base[:60]!r}, which {why}.", **locate(locations, "recipe.extends", path)
+            )
         base_path = path.parent / base
         if not base_path.is_file():
             raise RecipeError.single(
@@ -92,7 +98,8 @@ def apply_sets(data: dict, locations: dict, sets: list[str]) -> None:
             if not isinstance(nxt, dict):
                 raise RecipeError.single(
                     f"'{'.'.join(parts[: i + 1])}' is not a table, so it has no key '{parts[i + 1]}'.",
-                    file=SET_SOURCE, key=".".join(parts),
+                    file=SET_SOURCE,
+                    key=".".join(parts),
                 )
             node = nxt
         node[parts[-1]] = value

@@ -12,24 +12,25 @@ the round (`stages.dpo.model (round 2)`).
 """
 
 from __future__ import annotations
+
 import difflib
 import re
 from pathlib import Path
 from typing import Any
+
 from pydantic import ValidationError
-from engine.spec import registry
-from engine.spec.config import PATH, StageConfig, Table, marker, ref_fields
+
 from engine.core.errors import Problem, RecipeError
-from engine.spec.stage import hook
-from engine.spec.rounds import LoopSpec, Rounds, loop_problems, merge_round_problems
 from engine.load.layers import apply_sets, load_layers
 from engine.load.problems import _keys_hint, describe, pydantic_problems, shape_problems
+from engine.spec import registry
+from engine.spec.backends import BACKENDS
+from engine.spec.config import PATH, StageConfig, Table, marker, ref_fields
 from engine.spec.locations import _display, locate
 from engine.spec.paths import resolve_path
-from engine.spec.recipe import NAME_PATTERN, Recipe, RecipeMeta, SECTIONS
-from engine.spec.stage import Stage
-from engine.spec.backends import BACKENDS
-
+from engine.spec.recipe import NAME_PATTERN, SECTIONS, Recipe, RecipeMeta
+from engine.spec.rounds import LoopSpec, Rounds, loop_problems, merge_round_problems
+from engine.spec.stage import Stage, hook
 
 
 def _resolve_paths(data: dict, locations: dict, top: Path) -> None:
@@ -59,7 +60,7 @@ def _alias_round_locations(locations: dict[str, tuple[str, int]], stages: dict[s
         prefix = f"stages.{stage.base}"
         for key, where in list(locations.items()):
             if key == prefix or key.startswith(prefix + "."):
-                locations.setdefault(f"stages.{name}{key[len(prefix):]}", where)
+                locations.setdefault(f"stages.{name}{key[len(prefix) :]}", where)
 
 
 def load_recipe(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -84,11 +85,17 @@ def load_recipe(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Rec
 
     for section in data:
         if section not in SECTIONS:
-            problems.append(Problem(f"unknown table '{section}'.", hint=_keys_hint(section, list(SECTIONS)),
-                                    **locate(locations, section, top)))
+            problems.append(
+                Problem(
+                    f"unknown table '{section}'.",
+                    hint=_keys_hint(section, list(SECTIONS)),
+                    **locate(locations, section, top),
+                )
+            )
     if "recipe" not in data:
-        problems.append(Problem("missing the [recipe] table.", file=_display(top),
-                                hint='Add [recipe] with at least name = "...".'))
+        problems.append(
+            Problem("missing the [recipe] table.", file=_display(top), hint='Add [recipe] with at least name = "...".')
+        )
     meta = check("recipe", RecipeMeta, data.get("recipe", {})) if "recipe" in data else None
 
     parsed: dict[str, dict] = {}
@@ -101,16 +108,25 @@ def load_recipe(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Rec
             continue
         for name, table in tables.items():
             if not re.match(NAME_PATTERN, name):
-                problems.append(Problem(f"'{name}' is not a valid name (letters, digits, _ . -).",
-                                        **locate(locations, f"{section}.{name}", top)))
+                problems.append(
+                    Problem(
+                        f"'{name}' is not a valid name (letters, digits, _ . -).",
+                        **locate(locations, f"{section}.{name}", top),
+                    )
+                )
             spec = check(f"{section}.{name}", SECTIONS[section], table)
             if spec is None:
                 continue
             parsed[section][name] = spec
             path_value = getattr(spec, "path", "")
             if Path(path_value).is_absolute() and not Path(path_value).exists():
-                problems.append(Problem(f"file not found: {path_value}.", hint="Paths are relative to the recipe file.",
-                                        **locate(locations, f"{section}.{name}.path", top)))
+                problems.append(
+                    Problem(
+                        f"file not found: {path_value}.",
+                        hint="Paths are relative to the recipe file.",
+                        **locate(locations, f"{section}.{name}.path", top),
+                    )
+                )
             elif section == "datasets":
                 from engine.data.datasets import preview
 
@@ -123,12 +139,17 @@ def load_recipe(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Rec
                 from engine.models.builtins import builtin_problem
 
                 if (why := builtin_problem(path_value)) is not None:
-                    problems.append(Problem(why.message, hint=why.hint, **locate(locations, f"models.{name}.path", top)))
+                    problems.append(
+                        Problem(why.message, hint=why.hint, **locate(locations, f"models.{name}.path", top))
+                    )
             if section == "models" and not (info := BACKENDS[spec.backend]).available():
-                problems.append(Problem(
+                problems.append(
+                    Problem(
                         f"model '{name}' uses the {spec.backend} backend, but {info.requires} is not installed here.",
-                        hint=f"Install it on a machine that can run it (`{info.install}`), or use backend = \"hf\".",
-                        **locate(locations, f"models.{name}.backend", top)))
+                        hint=f'Install it on a machine that can run it (`{info.install}`), or use backend = "hf".',
+                        **locate(locations, f"models.{name}.backend", top),
+                    )
+                )
 
     stages: dict[str, Stage] = {}
     known = registry.kinds()
@@ -138,23 +159,33 @@ def load_recipe(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Rec
             problems.append(Problem(f"expected a table, found {describe(table)}.", **locate(locations, key, top)))
             continue
         if "@" in name:
-            problems.append(Problem(f"'{name}' is not a valid stage name: '@' is reserved for the rounds of a loop.",
-                                    hint="Name the stage without '@'; [loops.*] makes NAME@1, NAME@2, ...",
-                                    **locate(locations, key, top)))
+            problems.append(
+                Problem(
+                    f"'{name}' is not a valid stage name: '@' is reserved for the rounds of a loop.",
+                    hint="Name the stage without '@'; [loops.*] makes NAME@1, NAME@2, ...",
+                    **locate(locations, key, top),
+                )
+            )
         elif not re.match(NAME_PATTERN, name):
-            problems.append(Problem(f"'{name}' is not a valid stage name (letters, digits, _ . -).",
-                                    **locate(locations, key, top)))
+            problems.append(
+                Problem(f"'{name}' is not a valid stage name (letters, digits, _ . -).", **locate(locations, key, top))
+            )
         kind = table.get("kind")
         if not isinstance(kind, str):
-            problems.append(Problem("missing required key 'kind'." if kind is None else
-                                    f"expected a string, found {describe(kind)}.",
-                                    hint=f"Known kinds: {', '.join(sorted(known))}.",
-                                    **locate(locations, f"{key}.kind", top)))
+            problems.append(
+                Problem(
+                    "missing required key 'kind'." if kind is None else f"expected a string, found {describe(kind)}.",
+                    hint=f"Known kinds: {', '.join(sorted(known))}.",
+                    **locate(locations, f"{key}.kind", top),
+                )
+            )
             continue
         if kind not in known:
             close = difflib.get_close_matches(kind, list(known), n=1)
             hint = (f"Did you mean '{close[0]}'? " if close else "") + f"Known kinds: {', '.join(sorted(known))}."
-            problems.append(Problem(f"unknown stage kind '{kind}'.", hint=hint, **locate(locations, f"{key}.kind", top)))
+            problems.append(
+                Problem(f"unknown stage kind '{kind}'.", hint=hint, **locate(locations, f"{key}.kind", top))
+            )
             continue
         module = registry.load(kind)
         _resolve_stage_paths(name, table, module.Config, locations, top)
@@ -163,14 +194,21 @@ def load_recipe(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Rec
             stages[name] = Stage(name, kind, config, module)
 
     names: dict[str, str] = {}
-    for section, items in (("models", parsed["models"]), ("datasets", parsed["datasets"]),
-                           ("constitutions", parsed["constitutions"]), ("stages", stages)):
+    for section, items in (
+        ("models", parsed["models"]),
+        ("datasets", parsed["datasets"]),
+        ("constitutions", parsed["constitutions"]),
+        ("stages", stages),
+    ):
         for name in items:
             if name in names:
-                problems.append(Problem(
-                    f"the name '{name}' is used by both [{names[name]}.{name}] and [{section}.{name}].",
-                    hint="References are by name: rename one of them.",
-                    **locate(locations, f"{section}.{name}", top)))
+                problems.append(
+                    Problem(
+                        f"the name '{name}' is used by both [{names[name]}.{name}] and [{section}.{name}].",
+                        hint="References are by name: rename one of them.",
+                        **locate(locations, f"{section}.{name}", top),
+                    )
+                )
             names[name] = section
 
     from engine.spec.graph import graph_problems, refs_of
@@ -193,8 +231,12 @@ def load_recipe(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Rec
         tables = {}
     for name, table in tables.items():
         if not re.match(NAME_PATTERN, name):
-            problems.append(Problem(f"'{name}' is not a valid loop name (letters, digits, _ . -).",
-                                    **locate(locations, f"loops.{name}", top)))
+            problems.append(
+                Problem(
+                    f"'{name}' is not a valid loop name (letters, digits, _ . -).",
+                    **locate(locations, f"loops.{name}", top),
+                )
+            )
         spec = check(f"loops.{name}", LoopSpec, table)
         if spec is not None:
             loops[name] = spec
@@ -202,8 +244,18 @@ def load_recipe(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Rec
     problems.extend(found)
     rounds = Rounds({n: spec for n, spec in loops.items() if n not in broken}, set(user_stages))
 
-    recipe = Recipe(top, meta or RecipeMeta(name="invalid"), parsed["models"], parsed["datasets"],
-                    parsed["constitutions"], rounds.unroll(stages), data, locations, rounds.loops, previews)
+    recipe = Recipe(
+        top,
+        meta or RecipeMeta(name="invalid"),
+        parsed["models"],
+        parsed["datasets"],
+        parsed["constitutions"],
+        rounds.unroll(stages),
+        data,
+        locations,
+        rounds.loops,
+        previews,
+    )
     _alias_round_locations(locations, recipe.stages)
     # Stages that failed their own validation still exist as names (references to them are
     # not reported again), and their own references are still checked.

@@ -4,15 +4,16 @@ before any model (a scalar where a table belongs, nesting deeper than any recipe
 """
 
 from __future__ import annotations
+
 from pathlib import Path
 from typing import Any
+
 from pydantic import ValidationError
+
+from engine.core.errors import Problem, did_you_mean
 from engine.spec import registry
 from engine.spec.config import Table
-from engine.core.errors import Problem
 from engine.spec.locations import MAX_DEPTH, locate
-from engine.core.errors import did_you_mean
-
 
 _TOML_TYPE = {str: "string", int: "integer", float: "float", bool: "boolean", list: "array", dict: "table"}
 
@@ -39,7 +40,9 @@ def _fields_at(model: type[Table], loc: tuple) -> list[str]:
     return list(getattr(current, "model_fields", {}))
 
 
-def pydantic_problems(exc: ValidationError, prefix: str, model: type[Table], locations: dict, top: Path) -> list[Problem]:
+def pydantic_problems(
+    exc: ValidationError, prefix: str, model: type[Table], locations: dict, top: Path
+) -> list[Problem]:
     problems = []
     for err in exc.errors():
         loc = tuple(str(p) for p in err["loc"])
@@ -68,31 +71,51 @@ def shape_problems(data: dict, locations: dict, top: Path) -> list[Problem]:
     while stack:
         node, path, depth = stack.pop()
         if depth > MAX_DEPTH:
-            problems.append(Problem(f"nested more than {MAX_DEPTH} levels deep.", hint="Flatten the value.",
-                                    **locate(locations, ".".join(path[:3]), top)))
+            problems.append(
+                Problem(
+                    f"nested more than {MAX_DEPTH} levels deep.",
+                    hint="Flatten the value.",
+                    **locate(locations, ".".join(path[:3]), top),
+                )
+            )
             break
         items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
         stack += [(v, (*path, str(k)), depth + 1) for k, v in items if isinstance(v, (dict, list))]
     if problems:
         return problems
     if "recipe" in data and not isinstance(data["recipe"], dict):
-        problems.append(Problem(f"expected the [recipe] table, found {describe(data['recipe'])}.",
-                                **locate(locations, "recipe", top)))
+        problems.append(
+            Problem(
+                f"expected the [recipe] table, found {describe(data['recipe'])}.", **locate(locations, "recipe", top)
+            )
+        )
     for section in ("models", "datasets", "constitutions", "stages", "loops"):
         tables = data.get(section)
         if tables is None:
             continue
         if not isinstance(tables, dict):
-            problems.append(Problem(f"expected tables [{section}.NAME], found {describe(tables)}.",
-                                    hint=f"Write each entry as its own table: [{section}.NAME].",
-                                    **locate(locations, section, top)))
+            problems.append(
+                Problem(
+                    f"expected tables [{section}.NAME], found {describe(tables)}.",
+                    hint=f"Write each entry as its own table: [{section}.NAME].",
+                    **locate(locations, section, top),
+                )
+            )
             continue
         for name, table in tables.items():
             if not isinstance(table, dict):
-                problems.append(Problem(f"expected a table [{section}.{name}], found {describe(table)}.",
-                                        **locate(locations, f"{section}.{name}", top)))
+                problems.append(
+                    Problem(
+                        f"expected a table [{section}.{name}], found {describe(table)}.",
+                        **locate(locations, f"{section}.{name}", top),
+                    )
+                )
             elif section == "stages" and "kind" in table and not isinstance(table["kind"], str):
-                problems.append(Problem(f"expected a string (the stage kind), found {describe(table['kind'])}.",
-                                        hint=f"Known kinds: {', '.join(sorted(registry.kinds()))}.",
-                                        **locate(locations, f"stages.{name}.kind", top)))
+                problems.append(
+                    Problem(
+                        f"expected a string (the stage kind), found {describe(table['kind'])}.",
+                        hint=f"Known kinds: {', '.join(sorted(registry.kinds()))}.",
+                        **locate(locations, f"stages.{name}.kind", top),
+                    )
+                )
     return problems

@@ -14,8 +14,8 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from engine.spec import registry
-from engine.spec.stage import hook
 from engine.spec.config import EXEC_ONLY, PATH, REF, Resources, StageConfig, Table, marker
+from engine.spec.stage import hook
 
 HEADER = """# Recipe reference
 
@@ -33,15 +33,16 @@ def _type(annotation: Any) -> str:
     if origin is typing.Literal:
         return " | ".join(json.dumps(a) for a in args)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        return " | ".join(_type(a) for a in args if a is not type(None)) + (
-            " (optional)" if type(None) in args else "")
+        return " | ".join(_type(a) for a in args if a is not type(None)) + (" (optional)" if type(None) in args else "")
     if origin in (list, tuple):
         return f"list of {_type(args[0])}" if args else "list"
     if origin is dict:
         return f"table of {_type(args[1])}" if len(args) == 2 else "table"
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return "table"
-    return {str: "string", int: "integer", float: "float", bool: "boolean"}.get(annotation, getattr(annotation, "__name__", str(annotation)))
+    return {str: "string", int: "integer", float: "float", bool: "boolean"}.get(
+        annotation, getattr(annotation, "__name__", str(annotation))
+    )
 
 
 def _default(field) -> str:
@@ -81,7 +82,9 @@ def table(model: type[BaseModel], prefix: str, skip: tuple[str, ...] = ()) -> li
             notes.append("**path**")
         if field.description:
             notes.append(field.description)
-        lines.append(f"| `{name}` | {_cell(_type(field.annotation))} | {_cell(_default(field))} | {_cell(' '.join(notes))} |")
+        lines.append(
+            f"| `{name}` | {_cell(_type(field.annotation))} | {_cell(_default(field))} | {_cell(' '.join(notes))} |"
+        )
         for arg in (field.annotation, *typing.get_args(field.annotation)):
             if isinstance(arg, type) and issubclass(arg, Table):
                 nested.append((name, arg))
@@ -101,20 +104,34 @@ def markdown() -> str:
     from engine.spec import recipe as recipe_mod
 
     parts = [HEADER]
-    sections = [("[recipe]", "recipe", recipe_mod.RecipeMeta), ("[models.NAME]", "models.NAME", recipe_mod.ModelSpec),
-                ("[datasets.NAME]", "datasets.NAME", recipe_mod.DatasetSpec),
-                ("[constitutions.NAME]", "constitutions.NAME", recipe_mod.ConstitutionSpec)]
+    sections = [
+        ("[recipe]", "recipe", recipe_mod.RecipeMeta),
+        ("[models.NAME]", "models.NAME", recipe_mod.ModelSpec),
+        ("[datasets.NAME]", "datasets.NAME", recipe_mod.DatasetSpec),
+        ("[constitutions.NAME]", "constitutions.NAME", recipe_mod.ConstitutionSpec),
+    ]
     for title, prefix, cls in sections:
         parts += [f"## {title}", ""] + table(cls, prefix) + [""]
     for name, cls in getattr(recipe_mod, "EXTRA_SECTIONS", {}).items():
         parts += [f"## [{name}.NAME]", "", _doc(cls), ""] + table(cls, f"{name}.NAME") + [""]
-    parts += ["## Stages", "", "Each `[stages.NAME]` table has a `kind`; the other keys depend on it. Every stage also "
-              "takes a `[stages.NAME.resources]` table (processes > 1 for training stages only):", ""]
+    parts += [
+        "## Stages",
+        "",
+        "Each `[stages.NAME]` table has a `kind`; the other keys depend on it. Every stage also "
+        "takes a `[stages.NAME.resources]` table (processes > 1 for training stages only):",
+        "",
+    ]
     parts += table(Resources, "stages.NAME.resources") + [""]
     for kind in sorted(registry.kinds()):
         module = registry.load(kind)
-        parts += [f"### kind = \"{kind}\"", "", _doc(module), "",
-                  f"Gives: `{module.GIVES}`" + (" (depends on the config)" if hook(module, "gives") else "") + ".", ""]
+        parts += [
+            f'### kind = "{kind}"',
+            "",
+            _doc(module),
+            "",
+            f"Gives: `{module.GIVES}`" + (" (depends on the config)" if hook(module, "gives") else "") + ".",
+            "",
+        ]
         parts += table(module.Config, "stages.NAME", skip=tuple(StageConfig.model_fields)) + [""]
     return "\n".join(parts).rstrip() + "\n"
 
@@ -135,8 +152,11 @@ def constitution_markdown() -> str:
     from engine.lib.constitution import Constitution, Example, Message, Principle
 
     parts = [CONSTITUTION_HEADER]
-    for title, model, skip in (("top level", Constitution, ()), ("[[principles]]", Principle, ()),
-                               ("[[principles.examples]] and [[examples]]", Example, ()),
-                               ("[[principles.examples.context]] and [[examples.context]]", Message, ())):
+    for title, model, skip in (
+        ("top level", Constitution, ()),
+        ("[[principles]]", Principle, ()),
+        ("[[principles.examples]] and [[examples]]", Example, ()),
+        ("[[principles.examples.context]] and [[examples.context]]", Message, ()),
+    ):
         parts += [f"## {title}", "", _doc(model), ""] + table(model, title, skip=skip) + [""]
     return "\n".join(parts).rstrip() + "\n"

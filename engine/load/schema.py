@@ -9,7 +9,6 @@ changes `lr`): its tables are checked for unknown keys and types, not for requir
 from __future__ import annotations
 
 import copy
-
 from typing import Annotated, Union
 
 from pydantic import Field, TypeAdapter, create_model
@@ -22,7 +21,7 @@ from engine.spec.rounds import LoopSpec
 
 def recipe_schema() -> dict:
     configs = tuple(registry.load(kind).Config for kind in sorted(registry.kinds()))
-    stage = configs[0] if len(configs) == 1 else Annotated[Union[configs], Field(discriminator="kind")]
+    stage = configs[0] if len(configs) == 1 else Annotated[Union[configs], Field(discriminator="kind")]  # noqa: UP007
     model = create_model(
         "Recipe",
         __base__=Table,
@@ -44,9 +43,14 @@ def recipe_schema() -> dict:
 
     def stages(partial: bool) -> dict:
         suffix = "__partial" if partial else ""
-        one = {"type": "object", "properties": {"kind": {"enum": kinds, "description": "The stage kind."}},
-               "allOf": [{"if": {"properties": {"kind": {"const": k}}, "required": ["kind"]},
-                          "then": {"$ref": ref + suffix}} for k, ref in mapping.items()]}
+        one = {
+            "type": "object",
+            "properties": {"kind": {"enum": kinds, "description": "The stage kind."}},
+            "allOf": [
+                {"if": {"properties": {"kind": {"const": k}}, "required": ["kind"]}, "then": {"$ref": ref + suffix}}
+                for k, ref in mapping.items()
+            ],
+        }
         if not partial:
             one["required"] = ["kind"]
         return {"type": "object", "additionalProperties": one}

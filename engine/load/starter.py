@@ -7,7 +7,7 @@ from pathlib import Path
 
 from engine.core.errors import RecipeError
 
-STARTER = '''\
+STARTER = """\
 # A starter recipe. Run it with:
 #   recipe run recipe.toml
 # then look at what it did:
@@ -34,20 +34,32 @@ refusals = "keep"       # "drop" removes refusals, "only" keeps nothing else
 dedup = "near"          # "exact" or "near" (word 3-gram Jaccard >= near_threshold)
 near_threshold = 0.8
 keep_dropped = true     # save dropped rows with their reason, for inspection
-'''
+"""
 
 EXAMPLES = [
-    [("user", "How long should I boil an egg for a firm yolk?"),
-     ("assistant", "About ten to eleven minutes from the moment the water boils, then cool it in cold water "
-                   "so the yolk stops cooking and the shell peels easily.")],
-    [("user", "Can you help me name a small bakery?"),
-     ("assistant", "Sure, happy to help!")],
-    [("user", "What does a linter do?"),
-     ("assistant", "A linter reads source code without running it and flags likely mistakes, such as unused "
-                   "variables, unreachable code or style that breaks the project's rules."),
-     ("user", "Is it the same as a formatter?"),
-     ("assistant", "No. A formatter rewrites layout (spacing, line breaks) so code looks uniform; a linter "
-                   "reports problems and usually leaves the code as it is.")],
+    [
+        ("user", "How long should I boil an egg for a firm yolk?"),
+        (
+            "assistant",
+            "About ten to eleven minutes from the moment the water boils, then cool it in cold water "
+            "so the yolk stops cooking and the shell peels easily.",
+        ),
+    ],
+    [("user", "Can you help me name a small bakery?"), ("assistant", "Sure, happy to help!")],
+    [
+        ("user", "What does a linter do?"),
+        (
+            "assistant",
+            "A linter reads source code without running it and flags likely mistakes, such as unused "
+            "variables, unreachable code or style that breaks the project's rules.",
+        ),
+        ("user", "Is it the same as a formatter?"),
+        (
+            "assistant",
+            "No. A formatter rewrites layout (spacing, line breaks) so code looks uniform; a linter "
+            "reports problems and usually leaves the code as it is.",
+        ),
+    ],
 ]
 
 

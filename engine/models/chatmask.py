@@ -31,12 +31,13 @@ exactly the assistant turns plus their end-of-turn token, or the stage fails wit
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import re
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
 
 Messages = list[dict]
 Render = Callable[[Messages, bool], str]  # (messages, add_generation_prompt) -> text
@@ -72,7 +73,7 @@ def _trl_templates() -> dict[str, str]:
         return {}
     if spec is None or not spec.submodule_search_locations:
         return {}
-    folder = Path(list(spec.submodule_search_locations)[0]) / "chat_templates"
+    folder = Path(next(iter(spec.submodule_search_locations))) / "chat_templates"
     out = {}
     for training in folder.glob("*_training.jinja"):
         plain = training.with_name(training.name.replace("_training.jinja", ".jinja"))
@@ -106,13 +107,13 @@ def check_renders(render: Render, special: list[str] = ()) -> None:
         return
     except TemplateProblem:
         raise
-    except Exception:  # noqa: BLE001 - e.g. raise_exception('System role not supported')
+    except Exception:
         pass  # a template without system messages is fine: the data then must not have any
     try:
         assistant_spans(render, PROBE_PLAIN, closing_suffix(render, special))
     except TemplateProblem:
         raise
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise TemplateProblem(f"rendering a user/assistant conversation failed: {_first_line(exc)}") from None
 
 
@@ -123,14 +124,14 @@ def closing_suffix(render: Render, special: list[str] = ()) -> str:
     try:
         one = render(PROBE_PLAIN[:2], False)
         two = render(PROBE_PLAIN, False)
-    except Exception:  # noqa: BLE001
+    except Exception:
         return ""
     if two.startswith(one):
         return ""
     body = one.rstrip()
     for token in sorted((t for t in special if t), key=len, reverse=True):
-        if body.endswith(token) and two.startswith(body[:-len(token)]):
-            return one[len(body) - len(token):]
+        if body.endswith(token) and two.startswith(body[: -len(token)]):
+            return one[len(body) - len(token) :]
     return ""
 
 
@@ -142,31 +143,36 @@ def assistant_spans(render: Render, messages: Messages, closing: str = "") -> tu
     spans = []
     for k, i in enumerate(i for i, m in enumerate(messages) if m["role"] == "assistant"):
         before = render(messages[:i], True)
-        through = render(messages[:i + 1], False)
+        through = render(messages[: i + 1], False)
         if closing and through.endswith(closing):
-            through = through[:-len(closing)]
+            through = through[: -len(closing)]
         if not through.startswith(before):
             raise TemplateProblem(
                 f"not prefix-stable at assistant turn {k}: the prompt the model is given ({_tail(before)}) is not "
-                f"the start of the rendering with its reply ({_tail(through)})")
+                f"the start of the rendering with its reply ({_tail(through)})"
+            )
         if not full.startswith(through):
             raise TemplateProblem(
                 f"not prefix-stable at assistant turn {k}: rendering the conversation through that turn is not the "
                 "start of the whole conversation's rendering (the template changes earlier turns when later ones "
-                "are added, e.g. moves the system prompt or drops earlier reasoning)")
-        body = through[len(before):]
+                "are added, e.g. moves the system prompt or drops earlier reasoning)"
+            )
+        body = through[len(before) :]
         content = messages[i]["content"].strip()
         at = body.find(content) if content else len(body) - len(body.lstrip())
         if at < 0:
-            raise TemplateProblem(f"assistant turn {k}'s text does not appear in its rendering (the template "
-                                  "rewrites or drops assistant content)")
+            raise TemplateProblem(
+                f"assistant turn {k}'s text does not appear in its rendering (the template "
+                "rewrites or drops assistant content)"
+            )
         # What the model emits after its generation prompt: leading whitespace included, a role header
         # that the generation prompt lacks excluded; trailing whitespace (a newline between turns) left out.
         start = 0 if not body[:at].strip() else at
         end = len(body.rstrip())
         if content and end <= at + len(content):
-            raise TemplateProblem(f"assistant turn {k} has no end-of-turn marker after its text: the model could "
-                                  "not learn when to stop")
+            raise TemplateProblem(
+                f"assistant turn {k} has no end-of-turn marker after its text: the model could not learn when to stop"
+            )
         spans.append((len(before) + start, len(before) + end))
     return full, spans
 
@@ -175,12 +181,12 @@ def end_of_turn(render: Render, special: list[str] = ()) -> str | None:
     """The marker that ends an assistant turn (e.g. '<|im_end|>', '<|eot_id|>', '</s>'), or None."""
     try:
         text, spans = assistant_spans(render, PROBE_PLAIN, closing_suffix(render, special))
-    except Exception:  # noqa: BLE001
+    except Exception:
         return None
     a, b = spans[0]
     reply = PROBE_PLAIN[1]["content"]
     tail = text[a:b]
-    tail = tail[tail.find(reply) + len(reply):].strip() if reply in tail else ""
+    tail = tail[tail.find(reply) + len(reply) :].strip() if reply in tail else ""
     return tail or None
 
 
@@ -197,8 +203,10 @@ def _first_line(exc: BaseException) -> str:
 
 def tokenizer_render(tok) -> Render:
     """Render with the tokenizer's own chat template (what training and generation see)."""
+
     def render(messages: Messages, add_generation_prompt: bool) -> str:
         return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
     return render
 
 
@@ -209,7 +217,7 @@ def jinja_render(template: str, special: dict[str, str] | None = None) -> Render
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class Generation(jinja2.ext.Extension):  # {% generation %}...{% endgeneration %}: rendered as is
-        tags = {"generation"}
+        tags = {"generation"}  # noqa: RUF012 - jinja2 reads the class attribute
 
         def parse(self, parser):
             lineno = next(parser.stream).lineno
@@ -230,8 +238,9 @@ def jinja_render(template: str, special: dict[str, str] | None = None) -> Render
 
         return datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[Generation, jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
     compiled = env.from_string(template)
@@ -239,6 +248,7 @@ def jinja_render(template: str, special: dict[str, str] | None = None) -> Render
 
     def render(messages: Messages, add_generation_prompt: bool) -> str:
         return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **tokens)
+
     return render
 
 
@@ -281,9 +291,8 @@ def stop_token_ids(tok, generation_eos=None) -> list[int]:
         marker = end_of_turn(tokenizer_render(tok), tok.convert_ids_to_tokens(sorted(special_ids(tok))))
     if marker:
         enc = tok.encode(marker, add_special_tokens=False)
-        if enc and enc[0] in special_ids(tok):
-            if enc[0] not in ids:
-                ids.append(enc[0])
+        if enc and enc[0] in special_ids(tok) and enc[0] not in ids:
+            ids.append(enc[0])
     return ids
 
 
@@ -301,10 +310,8 @@ def folder_template(folder: Path) -> tuple[str | None, dict[str, str]]:
     from chat_template.jinja or tokenizer_config.json, the tokens from tokenizer_config.json."""
     folder = Path(folder)
     config: dict = {}
-    try:
+    with contextlib.suppress(OSError, ValueError):
         config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        pass
     template = None
     if (folder / "chat_template.jinja").is_file():
         template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
@@ -313,8 +320,11 @@ def folder_template(folder: Path) -> tuple[str | None, dict[str, str]]:
     elif isinstance(config.get("chat_template"), list):  # named variants: the default one
         named = {t.get("name"): t.get("template") for t in config["chat_template"] if isinstance(t, dict)}
         template = named.get("default")
-    special = {k: t for k in ("bos_token", "eos_token", "unk_token", "pad_token")
-               if (t := _token_text(config.get(k))) is not None}
+    special = {
+        k: t
+        for k in ("bos_token", "eos_token", "unk_token", "pad_token")
+        if (t := _token_text(config.get(k))) is not None
+    }
     return template, special
 
 
@@ -327,5 +337,3 @@ FIX_TEMPLATE = (
 
 
 # --------------------------------------------------------------------------- the saved mask check (sft)
-
-

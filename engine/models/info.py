@@ -16,9 +16,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engine.spec.config import ref_fields
 from engine.core.errors import Problem
 from engine.spec.backends import BACKENDS
+from engine.spec.config import ref_fields
 
 if TYPE_CHECKING:
     from engine.spec.recipe import ModelSpec, Recipe
@@ -27,7 +27,7 @@ BUILTIN_CONTEXT = {"tiny-chat": 4096, "smollm2-135m": 8192}
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 
 
-def base_model(recipe: "Recipe", name: str) -> tuple[str, "ModelSpec"] | None:
+def base_model(recipe: Recipe, name: str) -> tuple[str, ModelSpec] | None:
     """(name, spec) of the [models] table a model reference comes from, or None."""
     seen: set[str] = set()
     while name in recipe.stages and name not in seen:
@@ -39,7 +39,7 @@ def base_model(recipe: "Recipe", name: str) -> tuple[str, "ModelSpec"] | None:
     return (name, spec) if spec is not None else None
 
 
-def model_folder(spec: "ModelSpec") -> Path | None:
+def model_folder(spec: ModelSpec) -> Path | None:
     """The folder holding the model's files, when it is on this machine without a download: a local
     directory, or a hub id whose revision is in the local hub cache."""
     from engine.core.hashing import hub_cache_commit
@@ -53,12 +53,13 @@ def model_folder(spec: "ModelSpec") -> Path | None:
     if not commit:
         return None
     hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
-        os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface")), "hub")
+        os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface")), "hub"
+    )
     snap = Path(hub) / f"models--{spec.path.replace('/', '--')}" / "snapshots" / commit
     return snap if snap.is_dir() else None
 
 
-def context_length(spec: "ModelSpec") -> int | None:
+def context_length(spec: ModelSpec) -> int | None:
     if not BACKENDS[spec.backend].weights_here:
         return None
     if spec.path.startswith("builtin:"):
@@ -77,12 +78,12 @@ def context_length(spec: "ModelSpec") -> int | None:
     return None
 
 
-def chat_template(spec: "ModelSpec") -> tuple[str, dict[str, str]] | None:
+def chat_template(spec: ModelSpec) -> tuple[str, dict[str, str]] | None:
     """(template, special tokens) the model will use, when knowable offline: the [models] table's
     own chat_template, else the folder's. builtin:smollm2-135m is built on first use; its ChatML
     template is covered by the tests."""
-    from engine.models.chatmask import folder_template
     from engine.core.hashing import is_file
+    from engine.models.chatmask import folder_template
 
     if not BACKENDS[spec.backend].weights_here:
         return None
@@ -100,13 +101,16 @@ def chat_template(spec: "ModelSpec") -> tuple[str, dict[str, str]] | None:
     return (template, special) if template else None
 
 
-def problems(recipe: "Recipe") -> list[Problem]:
+def problems(recipe: Recipe) -> list[Problem]:
     """`max_new_tokens` must leave room for a prompt in the context of every model the stage samples from."""
     found = []
     for name, stage in recipe.stages.items():
         config = stage.config
-        limits = {f: getattr(config, f) for f in ("max_new_tokens", "judge_max_new_tokens")
-                  if isinstance(getattr(config, f, None), int)}
+        limits = {
+            f: getattr(config, f)
+            for f in ("max_new_tokens", "judge_max_new_tokens")
+            if isinstance(getattr(config, f, None), int)
+        }
         if not limits:
             continue
         for fname in ref_fields(type(config)):
@@ -116,12 +120,19 @@ def problems(recipe: "Recipe") -> list[Problem]:
                 if base is None:
                     continue
                 ctx = context_length(base[1])
-                key = "judge_max_new_tokens" if fname in ("judge", "judge_model") and "judge_max_new_tokens" in limits \
+                key = (
+                    "judge_max_new_tokens"
+                    if fname in ("judge", "judge_model") and "judge_max_new_tokens" in limits
                     else "max_new_tokens"
+                )
                 if ctx is None or key not in limits or limits[key] < ctx:
                     continue
-                found.append(Problem(
-                    f"stage '{name}': {key} = {limits[key]} leaves no room for a prompt in the {ctx}-token context of "
-                    f"model '{ref}' ({base[1].path}).",
-                    hint=f"Use a {key} well below {ctx}.", **recipe.where(f"stages.{name}.{key}")))
+                found.append(
+                    Problem(
+                        f"stage '{name}': {key} = {limits[key]} leaves no room for a prompt in the {ctx}-token context of "
+                        f"model '{ref}' ({base[1].path}).",
+                        hint=f"Use a {key} well below {ctx}.",
+                        **recipe.where(f"stages.{name}.{key}"),
+                    )
+                )
     return found

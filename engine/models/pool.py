@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from engine.spec.recipe import Recipe
 
 
-def describe_model(model: "Artifact") -> dict:
+def describe_model(model: Artifact) -> dict:
     """How to load `model` again later: its [models] spec, or the stage-made model by fingerprint
     (the entry's folder name), so that a runs dir can move."""
     if model.spec is not None:
@@ -42,8 +42,15 @@ def describe_model(model: "Artifact") -> dict:
     return {"name": model.name, "stage": Path(model.path).name}
 
 
-def load_model(model: "Artifact", recipe: "Recipe", cache_root: Path | None, log: logging.Logger, *,
-               merge_adapter: bool = False, device: str | None = None) -> tuple[Any, Any]:
+def load_model(
+    model: Artifact,
+    recipe: Recipe,
+    cache_root: Path | None,
+    log: logging.Logger,
+    *,
+    merge_adapter: bool = False,
+    device: str | None = None,
+) -> tuple[Any, Any]:
     """(model, tokenizer) for a model reference, loaded straight onto `device` (default: the spec's
     first device) in its dtype; a model without a chat template is a RecipeError."""
     if device is None:
@@ -56,9 +63,11 @@ def load_model(model: "Artifact", recipe: "Recipe", cache_root: Path | None, log
     if first is not None:
         log.info("model '%s' is on %s in %s", model.name, first.device, str(first.dtype).replace("torch.", ""))
     if tok.chat_template is None:
-        raise RecipeError.single(f"model '{model.name}' has no chat template.",
-                                 hint="Set chat_template in its [models] table (inline Jinja or a file).",
-                                 **recipe.where(f"models.{model.name}"))
+        raise RecipeError.single(
+            f"model '{model.name}' has no chat template.",
+            hint="Set chat_template in its [models] table (inline Jinja or a file).",
+            **recipe.where(f"models.{model.name}"),
+        )
     return m, tok
 
 
@@ -70,14 +79,17 @@ def _load_dir(path: Path, cache_root: Path | None, log: logging.Logger, merge_ad
         return load_weights(str(path), cache_root=cache_root, device=device)
     base_file = path / "base.json"
     if not base_file.is_file():
-        raise RuntimeError(f"{path} is a LoRA adapter without base.json (its recorded base); rebuild the stage "
-                           "that made it (recipe run --force STAGE).")
+        raise RuntimeError(
+            f"{path} is a LoRA adapter without base.json (its recorded base); rebuild the stage "
+            "that made it (recipe run --force STAGE)."
+        )
     base = json.loads(base_file.read_text())
     if "spec" in base:
         from engine.spec.recipe import ModelSpec
 
-        m, _ = _load_spec(base["name"], ModelSpec.model_validate(base["spec"], strict=False), None, cache_root, log,
-                          True, device)
+        m, _ = _load_spec(
+            base["name"], ModelSpec.model_validate(base["spec"], strict=False), None, cache_root, log, True, device
+        )
     elif "stage" in base:
         m, _ = _load_dir(Path(cache_root) / base["stage"] / "model", cache_root, log, True, device)
     else:  # entries written before base.json named the stage's fingerprint
@@ -94,19 +106,34 @@ def _load_dir(path: Path, cache_root: Path | None, log: logging.Logger, merge_ad
     return m, tok
 
 
-def _load_spec(name: str, spec, recipe: "Recipe | None", cache_root: Path | None, log: logging.Logger,
-               merge_adapter: bool, device: str = "auto"):
+def _load_spec(
+    name: str,
+    spec,
+    recipe: Recipe | None,
+    cache_root: Path | None,
+    log: logging.Logger,
+    merge_adapter: bool,
+    device: str = "auto",
+):
     from engine.core.hashing import is_file
     from engine.models.weights import load_model as load_weights
 
-    m, tok = load_weights(spec.path, dtype=spec.dtype, device=device, revision=spec.revision,
-                          trust_remote_code=spec.trust_remote_code, cache_root=cache_root)
+    m, tok = load_weights(
+        spec.path,
+        dtype=spec.dtype,
+        device=device,
+        revision=spec.revision,
+        trust_remote_code=spec.trust_remote_code,
+        cache_root=cache_root,
+    )
     if spec.adapter:
         if not Path(spec.adapter).is_dir():
             where = recipe.where(f"models.{name}.adapter") if recipe is not None else {}
             raise RecipeError.single(
                 f"adapter '{spec.adapter}' of model '{name}' is not a directory.",
-                hint="Point it at a saved PEFT adapter, or use the training stage's name as the model.", **where)
+                hint="Point it at a saved PEFT adapter, or use the training stage's name as the model.",
+                **where,
+            )
         from peft import PeftModel
 
         m = PeftModel.from_pretrained(m, spec.adapter).eval()
@@ -133,8 +160,17 @@ def devices(device: str, small: bool = False) -> list[str]:
     return ["cpu"]
 
 
-def backend(model: "Artifact", recipe: "Recipe", cache_root: Path | None, log: logging.Logger, partial_dir: Path,
-            batch_size: int = 64, *, pool: "ModelPool | None" = None, resources: Any = None):
+def backend(
+    model: Artifact,
+    recipe: Recipe,
+    cache_root: Path | None,
+    log: logging.Logger,
+    partial_dir: Path,
+    batch_size: int = 64,
+    *,
+    pool: ModelPool | None = None,
+    resources: Any = None,
+):
     """A generation backend for a model reference; call `.close()` when done."""
     from engine.models.backends import BuildRequest
     from engine.spec.backends import backend_module
@@ -157,8 +193,9 @@ def backend(model: "Artifact", recipe: "Recipe", cache_root: Path | None, log: l
         small = is_small(spec.path if spec else str(Path(model.path) / "model"), cache_root)
         return devices(spec.device if spec else "auto", small)
 
-    return backend_module(kind).build(BuildRequest(model, recipe, cache_root, log, Path(partial_dir), batch_size,
-                                                   resources, replica_devices, load))
+    return backend_module(kind).build(
+        BuildRequest(model, recipe, cache_root, log, Path(partial_dir), batch_size, resources, replica_devices, load)
+    )
 
 
 class LazyBackend:
@@ -206,6 +243,7 @@ class ModelPool:
 
         def give_back() -> None:
             entry.users -= 1
+
         return entry.model, entry.tokenizer, give_back
 
     def keep(self, wanted: set[tuple[str, str]]) -> None:

@@ -4,12 +4,14 @@ torch and transformers are imported inside the functions.
 """
 
 from __future__ import annotations
+
 import gc
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
+
 from engine.core.errors import RecipeError
 from engine.models.builtins import BUILDERS, SMALL_MODEL, _builtin_folder, builtin_dir, builtin_root
 
@@ -42,9 +44,15 @@ def _offline_error(path: str, revision: str | None, cause: BaseException) -> Rec
     )
 
 
-def load_model(path_or_dir: str | os.PathLike, *, dtype: Any = "auto", device: str = "auto",
-               revision: str | None = None, trust_remote_code: bool = False,
-               cache_root: str | os.PathLike) -> tuple[Any, Any]:
+def load_model(
+    path_or_dir: str | os.PathLike,
+    *,
+    dtype: Any = "auto",
+    device: str = "auto",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    cache_root: str | os.PathLike,
+) -> tuple[Any, Any]:
     """(model, tokenizer) for `builtin:NAME`, a local directory, or a hub id.
 
     The model is in eval mode on `device`, loaded there directly in `dtype`; the tokenizer pads on
@@ -109,7 +117,9 @@ def is_small(path: str, cache_root: Any) -> bool:
     except (OSError, ValueError, KeyError, TypeError):
         return False
     inter = cfg.get("intermediate_size") or 4 * hidden
-    params = layers * (4 * hidden * hidden + 3 * hidden * inter) + vocab * hidden * (1 if cfg.get("tie_word_embeddings") else 2)
+    params = layers * (4 * hidden * hidden + 3 * hidden * inter) + vocab * hidden * (
+        1 if cfg.get("tie_word_embeddings") else 2
+    )
     return params < SMALL_MODEL
 
 
@@ -124,8 +134,9 @@ def prepare_tokenizer(tokenizer: Any, model: Any) -> None:
     tokenizer.padding_side = "left"
     stops = set(stop_token_ids(tokenizer, getattr(model.generation_config, "eos_token_id", None)))
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id in stops:
-        spare = tokenizer.unk_token if tokenizer.unk_token_id is not None and tokenizer.unk_token_id not in stops \
-            else None
+        spare = (
+            tokenizer.unk_token if tokenizer.unk_token_id is not None and tokenizer.unk_token_id not in stops else None
+        )
         if spare is not None:
             tokenizer.pad_token = spare
         elif tokenizer.pad_token_id is None:

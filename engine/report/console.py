@@ -2,18 +2,29 @@
 model text escaped (control characters shown, never sent to the terminal)."""
 
 from __future__ import annotations
+
 import json
 from pathlib import Path
+
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
 from engine.core.errors import RecipeError
 from engine.store.record import read_record, run_dirs
 
-
-STATUS_STYLE = {"cached": "green", "run": "yellow", "partial": "cyan", "failed": "red", "ok": "green",
-                "interrupted": "magenta", "running": "yellow", "pending": "dim", "deleted by gc": "red",
-                "skipped": "dim"}
+STATUS_STYLE = {
+    "cached": "green",
+    "run": "yellow",
+    "partial": "cyan",
+    "failed": "red",
+    "ok": "green",
+    "interrupted": "magenta",
+    "running": "yellow",
+    "pending": "dim",
+    "deleted by gc": "red",
+    "skipped": "dim",
+}
 
 
 def _styled(status) -> str:
@@ -48,7 +59,7 @@ def _count(value) -> str:
     return "-" if value is None else str(value)
 
 
-def _cell(value) -> "Text":  # noqa: F821
+def _cell(value) -> Text:  # noqa: F821
     """A row value for the terminal: model output is data, not markup, and its control
     characters (ESC, NUL, ...) are shown escaped, never sent to the terminal."""
     from rich.text import Text
@@ -65,8 +76,10 @@ def printable(text: str) -> str:
     """`text` with control characters other than newline and tab written as escapes (\\x1b)."""
     import unicodedata
 
-    return "".join(c if c in "\n\t\u200d" or unicodedata.category(c) not in ("Cc", "Cf", "Cs", "Co") else
-                   repr(c)[1:-1] for c in text)
+    return "".join(
+        c if c in "\n\t\u200d" or unicodedata.category(c) not in ("Cc", "Cf", "Cs", "Co") else repr(c)[1:-1]
+        for c in text
+    )
 
 
 def print_status(out: Console, run_dir: Path) -> None:
@@ -76,19 +89,33 @@ def print_status(out: Console, run_dir: Path) -> None:
     rec = read_record(run_dir)
     run_status = shown_status(run_dir, rec)
     table = Table(title=f"{rec['recipe']}/{rec['run']}: {run_status}", title_justify="left")
-    for col, kw in (("stage", {"no_wrap": True}), ("kind", {"no_wrap": True}), ("status", {"no_wrap": True}),
-                    ("rows", {"justify": "right", "no_wrap": True}), ("s", {"justify": "right"}),
-                    ("why", {"overflow": "fold", "ratio": 1})):
+    for col, kw in (
+        ("stage", {"no_wrap": True}),
+        ("kind", {"no_wrap": True}),
+        ("status", {"no_wrap": True}),
+        ("rows", {"justify": "right", "no_wrap": True}),
+        ("s", {"justify": "right"}),
+        ("why", {"overflow": "fold", "ratio": 1}),
+    ):
         table.add_column(col, **kw)
     for name, s in rec["stages"].items():  # record order: the DAG's, rounds of a loop together
         st = s.get("status")
         if run_status == "interrupted" and st in ("running", "pending"):
             st = "interrupted" if st == "running" else st
         st = _entry_state(run_dir, name, st)
-        rows = "-" if s.get("rows_out") is None and s.get("rows_in") is None else \
-            f"{_count(s.get('rows_in'))}>{_count(s.get('rows_out'))}"
-        table.add_row(name, s.get("kind", ""), _styled(st), rows, f"{s.get('duration_s', 0) or 0:.1f}",
-                      "; ".join(s.get("reasons", [])) or s.get("error", ""))
+        rows = (
+            "-"
+            if s.get("rows_out") is None and s.get("rows_in") is None
+            else f"{_count(s.get('rows_in'))}>{_count(s.get('rows_out'))}"
+        )
+        table.add_row(
+            name,
+            s.get("kind", ""),
+            _styled(st),
+            rows,
+            f"{s.get('duration_s', 0) or 0:.1f}",
+            "; ".join(s.get("reasons", [])) or s.get("error", ""),
+        )
     out.print(table)
     _round_table(out, rec["stages"])
 
@@ -111,19 +138,24 @@ def print_runs(out: Console, root: Path) -> None:
         for s in rec["stages"].values():
             state = "interrupted" if st == "interrupted" and s.get("status") == "running" else s.get("status", "?")
             counts[state] = counts.get(state, 0) + 1
-        table.add_row(rec["recipe"], rec["run"], _styled(st),
-                      rec.get("started", "")[:16].replace("T", " "), ", ".join(f"{v} {k}" for k, v in counts.items()))
+        table.add_row(
+            rec["recipe"],
+            rec["run"],
+            _styled(st),
+            rec.get("started", "")[:16].replace("T", " "),
+            ", ".join(f"{v} {k}" for k, v in counts.items()),
+        )
     out.print(table)
 
 
 def print_stage(out: Console, run_dir: Path, stage: str, n_rows: int) -> None:
     """`recipe show RUN STAGE`: the first rows of the stage's output and its report."""
-    from engine.spec import registry
-    from engine.spec.rounds import last_round, round_of
     from rich.markup import escape
     from rich.text import Text
 
     from engine.data.rows import count_rows, read_rows
+    from engine.spec import registry
+    from engine.spec.rounds import last_round, round_of
 
     rec = read_record(run_dir)
     if stage not in rec["stages"] and last_round(rec["stages"], stage):
@@ -132,11 +164,14 @@ def print_stage(out: Console, run_dir: Path, stage: str, n_rows: int) -> None:
     if stage in rec["stages"] and entry.is_symlink() and not entry.exists():
         raise RecipeError.single(
             f"the output of stage '{stage}' in run {rec['recipe']}/{rec['run']} was deleted by gc.",
-            hint="Run the recipe again to rebuild it (`recipe gc` keeps what recent runs and the recipe files use).")
+            hint="Run the recipe again to rebuild it (`recipe gc` keeps what recent runs and the recipe files use).",
+        )
     if stage not in rec["stages"] or not entry.exists():
         done = [n for n in rec["stages"] if (run_dir / "stages" / n).exists()]
-        raise RecipeError.single(f"run {rec['recipe']}/{rec['run']} has no output for stage '{stage}'.",
-                                 hint=f"Stages with output: {', '.join(done) or 'none'}.")
+        raise RecipeError.single(
+            f"run {rec['recipe']}/{rec['run']} has no output for stage '{stage}'.",
+            hint=f"Stages with output: {', '.join(done) or 'none'}.",
+        )
     info = rec["stages"][stage]
     out.print(f"[bold]{stage}[/] ({info.get('kind')}) fingerprint {info.get('fingerprint')}: {info.get('status')}")
     rows_file = entry / "rows.parquet"

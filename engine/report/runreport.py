@@ -18,15 +18,28 @@ from __future__ import annotations
 
 import graphlib
 import json
-import tomllib
 from pathlib import Path
 from typing import Any
 
+import tomllib
+
 from engine.core import plots
+from engine.core.document import (
+    _BLOCKS,
+    Block,
+    Bullets,
+    Details,
+    Heading,
+    Image,
+    Para,
+    Table,
+    _cut,
+    _slug,
+    write_report,
+)
 from engine.core.io import atomic_write_text
-from engine.lib.evals.metrics import fmt
 from engine.data.rows import read_rows
-from engine.core.document import Table, Block, Bullets, Details, Heading, Image, Para, _BLOCKS, _cut, _slug, write_report
+from engine.lib.evals.metrics import fmt
 from engine.lib.evals.report import TINY_NOTE, eval_blocks, glance_blocks, honest_blocks
 
 TRAINING_KINDS = ("sft", "dpo", "kto", "orpo")
@@ -58,8 +71,10 @@ def _recipe(run_dir: Path) -> dict:
 def uses_builtin(run_dir: Path) -> bool:
     """Whether the run's resolved recipe loads builtin:tiny-chat (random weights; builtin:smollm2-135m is
     a real model)."""
-    return any(isinstance(m, dict) and str(m.get("path", "")) == "builtin:tiny-chat"
-               for m in (_recipe(run_dir).get("models") or {}).values())
+    return any(
+        isinstance(m, dict) and str(m.get("path", "")) == "builtin:tiny-chat"
+        for m in (_recipe(run_dir).get("models") or {}).values()
+    )
 
 
 def stage_order(run_dir: Path, names: list[str]) -> list[str]:
@@ -94,20 +109,48 @@ def funnel_blocks(record: dict, order: list[str] | None = None) -> list[Block]:
     def num(v: Any) -> str:
         return "-" if v is None else str(v)
 
-    table = Table(["stage", "kind", "status", "rows in", "rows out", "seconds"],
-                  [[n, s.get("kind", ""), s.get("status", ""), num(s.get("rows_in")), num(s.get("rows_out")),
-                    "-" if s.get("duration_s") is None else f"{s['duration_s']:.1f}"] for n, s in stages.items()])
+    table = Table(
+        ["stage", "kind", "status", "rows in", "rows out", "seconds"],
+        [
+            [
+                n,
+                s.get("kind", ""),
+                s.get("status", ""),
+                num(s.get("rows_in")),
+                num(s.get("rows_out")),
+                "-" if s.get("duration_s") is None else f"{s['duration_s']:.1f}",
+            ]
+            for n, s in stages.items()
+        ],
+    )
     blocks: list[Block] = [table]
     counted = {n: s for n, s in stages.items() if (s.get("rows_in") or s.get("rows_out")) and s.get("kind") != "eval"}
     if counted:
-        png = plots.bars(None, list(counted), {"rows in": [s.get("rows_in") for s in counted.values()],
-                                               "rows out": [s.get("rows_out") for s in counted.values()]},
-                         title="rows in and out of each stage", ylabel="rows")
-        blocks.append(Image("funnel.png", png, "The data funnel: rows into and out of every stage (cached stages "
-                                               "show the counts recorded when they were built)."))
-    blocks.append(Para("Rows in counts the rows of a stage's row inputs; rows out is what it wrote to "
-                       "rows.parquet (- for stages that give a model). Eval stages are left out of the chart: "
-                       "their rows are work items (model x suite item), not data flowing on."))
+        png = plots.bars(
+            None,
+            list(counted),
+            {
+                "rows in": [s.get("rows_in") for s in counted.values()],
+                "rows out": [s.get("rows_out") for s in counted.values()],
+            },
+            title="rows in and out of each stage",
+            ylabel="rows",
+        )
+        blocks.append(
+            Image(
+                "funnel.png",
+                png,
+                "The data funnel: rows into and out of every stage (cached stages "
+                "show the counts recorded when they were built).",
+            )
+        )
+    blocks.append(
+        Para(
+            "Rows in counts the rows of a stage's row inputs; rows out is what it wrote to "
+            "rows.parquet (- for stages that give a model). Eval stages are left out of the chart: "
+            "their rows are work items (model x suite item), not data flowing on."
+        )
+    )
     return blocks
 
 
@@ -117,31 +160,57 @@ def training_blocks(name: str, kind: str, entry: Path) -> list[Block]:
     if not steps:
         return [Heading(f"{name} ({kind})", 3), Para("No per-step metrics were recorded.")]
     xs = [s["step"] for s in steps]
+
     def is_num(v: Any) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool)
 
-    numeric = [k for k in dict.fromkeys(k for s in steps for k in s)
-               if k != "step" and any(is_num(s.get(k)) for s in steps)]
+    numeric = [
+        k for k in dict.fromkeys(k for s in steps for k in s) if k != "step" and any(is_num(s.get(k)) for s in steps)
+    ]
     loss_keys = [k for k in numeric if "loss" in k]
     other = [k for k in numeric if k not in loss_keys and k not in ("lr", "learning_rate", "tokens_per_s", "epoch")]
     blocks: list[Block] = [Heading(f"{name} ({kind})", 3)]
     losses = [s.get("loss") for s in steps if isinstance(s.get("loss"), (int, float))]
-    blocks.append(Para(f"{len(steps)} logged steps; loss {fmt(losses[0] if losses else None, 4)} at the first "
-                       f"logged step, {fmt(losses[-1] if losses else None, 4)} at the last."))
+    blocks.append(
+        Para(
+            f"{len(steps)} logged steps; loss {fmt(losses[0] if losses else None, 4)} at the first "
+            f"logged step, {fmt(losses[-1] if losses else None, 4)} at the last."
+        )
+    )
     if loss_keys:
         series = {k: (xs, [s.get(k) if is_num(s.get(k)) else None for s in steps]) for k in loss_keys}
-        blocks.append(Image(f"{_slug(name)}_loss.png", plots.lines(None, series, title=f"{name} ({kind}): loss",
-                                                                   ylabel="loss"), f"{name}: {', '.join(loss_keys)} per step"))
+        blocks.append(
+            Image(
+                f"{_slug(name)}_loss.png",
+                plots.lines(None, series, title=f"{name} ({kind}): loss", ylabel="loss"),
+                f"{name}: {', '.join(loss_keys)} per step",
+            )
+        )
     if other:  # one panel per family (log-probabilities, rewards, margins, ...): each on its own scale
         families: dict[str, list[str]] = {}
         first = ("rewards", "rewards/margins", "rewards/accuracies", "logps", "logits")
-        for k in sorted(other, key=lambda k: (first.index(_family(k)) if _family(k) in first else len(first))):
+        for k in sorted(other, key=lambda k: first.index(_family(k)) if _family(k) in first else len(first)):
             families.setdefault(_family(k), []).append(k)
-        charts = [(fam, {k.split("/")[-1] if len(keys) > 1 else k: (xs, [s.get(k) if is_num(s.get(k)) else None
-                                                                     for s in steps]) for k in keys})
-                  for fam, keys in families.items()]
-        blocks.append(Image(f"{_slug(name)}_logged.png", plots.panels(None, charts, title=f"{name} ({kind})"),
-                            f"{name}: {', '.join(other)} per step, one panel per quantity"))
+        charts = [
+            (
+                fam,
+                {
+                    k.split("/")[-1] if len(keys) > 1 else k: (
+                        xs,
+                        [s.get(k) if is_num(s.get(k)) else None for s in steps],
+                    )
+                    for k in keys
+                },
+            )
+            for fam, keys in families.items()
+        ]
+        blocks.append(
+            Image(
+                f"{_slug(name)}_logged.png",
+                plots.panels(None, charts, title=f"{name} ({kind})"),
+                f"{name}: {', '.join(other)} per step, one panel per quantity",
+            )
+        )
     return blocks
 
 
@@ -157,16 +226,24 @@ def run_blocks(run_dir: Path) -> tuple[str, list[Block]]:
     record = _json(run_dir / "record.json") or {}
     names = list(record.get("stages") or {})
     # records keep DAG order ("order"); runs recorded before that had sorted keys and are re-sorted
-    order = record["order"] if record.get("order") and set(record["order"]) == set(names) else \
-        stage_order(run_dir, names)
+    order = (
+        record["order"] if record.get("order") and set(record["order"]) == set(names) else stage_order(run_dir, names)
+    )
     stages = {n: record["stages"][n] for n in order}
     title = f"Run report: {record.get('recipe', run_dir.parent.name)} / {record.get('run', run_dir.name)}"
-    blocks: list[Block] = [Para(f"Status: {record.get('status', 'unknown')}; started {record.get('started', '?')}, "
-                                f"finished {record.get('finished', '-')}.")]
+    blocks: list[Block] = [
+        Para(
+            f"Status: {record.get('status', 'unknown')}; started {record.get('started', '?')}, "
+            f"finished {record.get('finished', '-')}."
+        )
+    ]
     blocks += failure_blocks(stages, run_dir)
     blocks += about_blocks(record, run_dir)
-    evals = {name: m for name in order
-             if isinstance(m := _json(run_dir / "stages" / name / "metrics.json"), dict) and "per_model" in m}
+    evals = {
+        name: m
+        for name in order
+        if isinstance(m := _json(run_dir / "stages" / name / "metrics.json"), dict) and "per_model" in m
+    }
     for name, metrics in evals.items():  # the behaviour change first: each eval's headline rates and differences
         glance = glance_blocks(metrics)
         if glance:
@@ -202,10 +279,12 @@ def run_blocks(run_dir: Path) -> tuple[str, list[Block]]:
         if entry(name) and (entry(name) / "pairs_sample.json").is_file():
             blocks += memo(name, "pairs", lambda name=name: pair_blocks(name, entry(name)))
     for name, metrics in evals.items():
+
         def results(name=name, metrics=metrics):
             path = entry(name)
             rows = read_rows(path / "rows.parquet") if (path / "rows.parquet").exists() else []
             return eval_blocks(metrics, rows, prefix=name)
+
         blocks += [Heading(f"Eval: {name}"), *memo(name, "eval", results)]
     if not evals:
         blocks.append(Para("This run has no eval stage: the report shows the data funnel and training only."))
@@ -226,13 +305,20 @@ def _memo_blocks(fingerprint: str | None, name: str, part: str, make) -> list[Bl
         return make()
     path = directory / f"blocks-{fingerprint}-{_slug(name)}-{part}-{REPORT_STYLE}.{plots.STYLE}.json"
     try:
-        return [_BLOCKS[d.pop("type")](**{k: base64.b64decode(v) if k == "png" else v for k, v in d.items()})
-                for d in json.loads(path.read_text(encoding="utf-8"))]
+        return [
+            _BLOCKS[d.pop("type")](**{k: base64.b64decode(v) if k == "png" else v for k, v in d.items()})
+            for d in json.loads(path.read_text(encoding="utf-8"))
+        ]
     except (OSError, ValueError, KeyError, TypeError):
         pass
     blocks = make()
-    data = [{"type": type(b).__name__, **{k: base64.b64encode(v).decode() if k == "png" else v
-                                          for k, v in dataclasses.asdict(b).items()}} for b in blocks]
+    data = [
+        {
+            "type": type(b).__name__,
+            **{k: base64.b64encode(v).decode() if k == "png" else v for k, v in dataclasses.asdict(b).items()},
+        }
+        for b in blocks
+    ]
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(data))
     return blocks
@@ -243,9 +329,16 @@ def failure_blocks(stages: dict, run_dir: Path) -> list[Block]:
     failed = [(n, s) for n, s in stages.items() if s.get("status") == "failed"]
     if not failed:
         return []
-    return [Heading("Failed"), Bullets([
-        f"stage '{n}' ({s.get('kind', '')}) failed: {s.get('error', 'see its log').splitlines()[0]}; "
-        f"log: {run_dir / s['log'] if s.get('log') else run_dir / 'logs' / (n + '.log')}" for n, s in failed])]
+    return [
+        Heading("Failed"),
+        Bullets(
+            [
+                f"stage '{n}' ({s.get('kind', '')}) failed: {s.get('error', 'see its log').splitlines()[0]}; "
+                f"log: {run_dir / s['log'] if s.get('log') else run_dir / 'logs' / (n + '.log')}"
+                for n, s in failed
+            ]
+        ),
+    ]
 
 
 def about_blocks(record: dict, run_dir: Path) -> list[Block]:
@@ -253,13 +346,20 @@ def about_blocks(record: dict, run_dir: Path) -> list[Block]:
     the resolved recipe (collapsed)."""
     recipe = _recipe(run_dir)
     models = recipe.get("models") or {}
-    rows = [[name, str(m.get("path", "")), str(m.get("backend", "hf"))] for name, m in models.items()
-            if isinstance(m, dict)]
-    blocks: list[Block] = [Heading("What this run was"), Bullets([
-        f"command: {record.get('command') or 'recipe run ' + str(record.get('recipe_file', ''))}",
-        f"seed: {record.get('seed', (recipe.get('recipe') or {}).get('seed', '?'))}",
-        "versions: " + (", ".join(f"{k} {v}" for k, v in (record.get("versions") or {}).items()) or "not recorded"),
-    ])]
+    rows = [
+        [name, str(m.get("path", "")), str(m.get("backend", "hf"))] for name, m in models.items() if isinstance(m, dict)
+    ]
+    blocks: list[Block] = [
+        Heading("What this run was"),
+        Bullets(
+            [
+                f"command: {record.get('command') or 'recipe run ' + str(record.get('recipe_file', ''))}",
+                f"seed: {record.get('seed', (recipe.get('recipe') or {}).get('seed', '?'))}",
+                "versions: "
+                + (", ".join(f"{k} {v}" for k, v in (record.get("versions") or {}).items()) or "not recorded"),
+            ]
+        ),
+    ]
     if rows:
         blocks.append(Table(["model", "path", "backend"], rows))
     try:
@@ -288,14 +388,23 @@ def pair_blocks(name: str, entry: Path, examples: int = 3) -> list[Block]:
         last = users[-1]["content"] if users else ""
         earlier = len(prompt) - 1 - (1 if prompt and prompt[0].get("role") == "system" else 0)
         context = f"({earlier} earlier messages)\n" if earlier > 0 else ""
-        rows.append([str(pair.get("id", "")), context + _cut(last, 300),
-                     *[_cut(" ".join(m.get("content", "") for m in pair.get(k) or []) or "(empty reply)", 300)
-                       for k in ("chosen", "rejected")]])
+        rows.append(
+            [
+                str(pair.get("id", "")),
+                context + _cut(last, 300),
+                *[
+                    _cut(" ".join(m.get("content", "") for m in pair.get(k) or []) or "(empty reply)", 300)
+                    for k in ("chosen", "rejected")
+                ],
+            ]
+        )
     if not rows:
         return []
-    return [Heading(f"Preference pairs: {name}", 3),
-            Para(f"{len(rows)} of the pairs in pairs_sample.json, as DPO reads them (prompt, chosen, rejected)."),
-            Table(["id", "last user turn", "chosen", "rejected"], rows)]
+    return [
+        Heading(f"Preference pairs: {name}", 3),
+        Para(f"{len(rows)} of the pairs in pairs_sample.json, as DPO reads them (prompt, chosen, rejected)."),
+        Table(["id", "last user turn", "chosen", "rejected"], rows),
+    ]
 
 
 def span_blocks(name: str, entry: Path, examples: int = 2) -> list[Block]:
@@ -304,8 +413,13 @@ def span_blocks(name: str, entry: Path, examples: int = 2) -> list[Block]:
     spans = [line for line in text.splitlines() if line.startswith("[span")][: examples * 2]
     if not spans:
         return []
-    return [Para(f"{name}: supervised spans from mask_check.txt (the text the loss is computed on; everything "
-                 "else is masked):"), Bullets([_cut(s, 300) for s in spans])]
+    return [
+        Para(
+            f"{name}: supervised spans from mask_check.txt (the text the loss is computed on; everything "
+            "else is masked):"
+        ),
+        Bullets([_cut(s, 300) for s in spans]),
+    ]
 
 
 def revision_blocks(name: str, entry: Path, examples: int = 3) -> list[Block]:
@@ -315,19 +429,38 @@ def revision_blocks(name: str, entry: Path, examples: int = 3) -> list[Block]:
     rows = read_rows(entry / "rows.parquet") if (entry / "rows.parquet").exists() else []
     selected, revised = report.get("turns_selected", 0), report.get("turns_revised", 0)
     share = f"{revised / selected:.0%}" if selected else "n/a"
-    blocks: list[Block] = [Heading(f"Critique and revision: {name}"), Para(
-        f"{revised} of {selected} selected assistant turns were changed by their revision ({share}); the others kept "
-        "their original text (a revision is rejected when empty, runaway, cut at max_new_tokens or unchanged: "
-        + ", ".join(f"{k} {v}" for k, v in ((report.get("revisions") or {}).get("rejected") or {}).items() if v)
-        + "). With a small model as its own critic, expect few useful changes: the share above is the measure.")]
-    steps = [(h, t) for r in rows for t in ((r.get("meta") or {}).get("critique_revise") or {}).get("turns", [])
-             for h in t.get("history", [])]
+    blocks: list[Block] = [
+        Heading(f"Critique and revision: {name}"),
+        Para(
+            f"{revised} of {selected} selected assistant turns were changed by their revision ({share}); the others kept "
+            "their original text (a revision is rejected when empty, runaway, cut at max_new_tokens or unchanged: "
+            + ", ".join(f"{k} {v}" for k, v in ((report.get("revisions") or {}).get("rejected") or {}).items() if v)
+            + "). With a small model as its own critic, expect few useful changes: the share above is the measure."
+        ),
+    ]
+    steps = [
+        (h, t)
+        for r in rows
+        for t in ((r.get("meta") or {}).get("critique_revise") or {}).get("turns", [])
+        for h in t.get("history", [])
+    ]
     steps.sort(key=lambda ht: not ht[0].get("accepted"))  # accepted revisions first, stable otherwise
     if steps:
-        blocks.append(Table(["principle", "original reply", "critique", "revision", "outcome"],
-                            [[h["principle"], _cut(t["original"], 300), _cut(h["critique"], 300),
-                              _cut(h["revision"], 300), "accepted" if h.get("accepted") else f"rejected: {h['reason']}"]
-                             for h, t in steps[:examples]]))
+        blocks.append(
+            Table(
+                ["principle", "original reply", "critique", "revision", "outcome"],
+                [
+                    [
+                        h["principle"],
+                        _cut(t["original"], 300),
+                        _cut(h["critique"], 300),
+                        _cut(h["revision"], 300),
+                        "accepted" if h.get("accepted") else f"rejected: {h['reason']}",
+                    ]
+                    for h, t in steps[:examples]
+                ],
+            )
+        )
     return blocks
 
 

@@ -4,17 +4,19 @@ and where it writes its artifact. Stages never touch the cache.
 """
 
 from __future__ import annotations
+
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from engine.core.io import atomic_write_json
+from engine.core.seeds import Seeds
+from engine.data.rows import write_rows
 from engine.models import pool as loading
 from engine.spec.artifact import Artifact
-from engine.core.io import atomic_write_json
 from engine.spec.recipe import Recipe
-from engine.data.rows import write_rows
-from engine.core.seeds import Seeds
 from engine.store.shards import ShardRunner
 
 
@@ -41,7 +43,7 @@ class Context:
     console: Any = None
     _progress: Any = None
     cache_root: Path | None = None
-    pool: "loading.ModelPool | None" = None  # generation models kept between the stages of a run
+    pool: loading.ModelPool | None = None  # generation models kept between the stages of a run
     lazy_models: bool = False  # backends load on first use (a Ray driver assembling committed shards)
     rows_out: int | None = None
     warnings: list[str] = field(default_factory=list)  # this stage's warnings, for the record and the report
@@ -85,20 +87,29 @@ class Context:
         """False in the non-zero ranks of a multi-process stage: only the main process writes files."""
         return int(os.environ.get("RANK", "0")) == 0
 
-    def describe_model(self, model: "Artifact") -> dict:
+    def describe_model(self, model: Artifact) -> dict:
         """How to load `model` again later (engine.models.pool.describe_model)."""
         return loading.describe_model(model)
 
-    def load_model(self, model: "Artifact", *, merge_adapter: bool = False):
+    def load_model(self, model: Artifact, *, merge_adapter: bool = False):
         """(model, tokenizer) for a model reference (engine.models.pool.load_model)."""
         return loading.load_model(model, self.recipe, self.cache_root, self.log, merge_adapter=merge_adapter)
 
-    def backend(self, model: "Artifact", batch_size: int = 64):
+    def backend(self, model: Artifact, batch_size: int = 64):
         """A generation backend for a model reference; call `.close()` when done (engine.models.pool.backend)."""
+
         def load():
-            return loading.backend(model, self.recipe, self.cache_root, self.log, self.partial_dir, batch_size,
-                                   pool=self.pool, resources=self.recipe.stages[self.stage].config.resources
-                                   if self.stage in self.recipe.stages else None)
+            return loading.backend(
+                model,
+                self.recipe,
+                self.cache_root,
+                self.log,
+                self.partial_dir,
+                batch_size,
+                pool=self.pool,
+                resources=self.recipe.stages[self.stage].config.resources if self.stage in self.recipe.stages else None,
+            )
+
         return loading.LazyBackend(load) if self.lazy_models else load()
 
     def save_rows(self, rows: list[dict], name: str = "rows.parquet") -> int:

@@ -22,20 +22,19 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from engine.models import pool as loading
 from engine.core import threads as threads_mod
-from engine.spec.artifact import Artifact
-from engine.store.cache import Entry, Store
-from engine.core.io import atomic_write_json
-from engine.core.errors import RecipeError, StageFailed
-from engine.spec.graph import artifact_type, edges, order
 from engine.core.console import stage_output
-from engine.spec.recipe import Recipe
-from engine.store.record import RunRecord, close_logger, stage_logger, versions
-from engine.spec.rounds import diversity_for, round_of
+from engine.core.errors import RecipeError, StageFailed
+from engine.core.io import atomic_write_json
+from engine.models import pool as loading
 from engine.run.context import Context
 from engine.run.plan import make_plan, memo_for, select
-
+from engine.spec.artifact import Artifact
+from engine.spec.graph import artifact_type, edges, order
+from engine.spec.recipe import Recipe
+from engine.spec.rounds import diversity_for, round_of
+from engine.store.cache import Entry, Store
+from engine.store.record import RunRecord, close_logger, stage_logger, versions
 
 # --------------------------------------------------------------------------- plan
 
@@ -53,10 +52,21 @@ def executor_default() -> str:
     return os.environ.get("RECIPE_EXECUTOR", "local")
 
 
-def run(recipe: Recipe, runs_dir: str | os.PathLike, *, only: list[str] = (), force: list[str] = (),
-        console=None, progress=None, executor: str = "local", ray_address: str | None = None,
-        command: str | None = None, fail_fast: bool = False, rehash: bool = False,
-        threads: int | None = None) -> RunRecord:
+def run(
+    recipe: Recipe,
+    runs_dir: str | os.PathLike,
+    *,
+    only: list[str] = (),
+    force: list[str] = (),
+    console=None,
+    progress=None,
+    executor: str = "local",
+    ray_address: str | None = None,
+    command: str | None = None,
+    fail_fast: bool = False,
+    rehash: bool = False,
+    threads: int | None = None,
+) -> RunRecord:
     """Run every selected stage not in the cache. Raises StageFailed (exit 1) or RecipeError
     (exit 2); committed shards and upstream entries are kept either way. When a stage fails, the
     stages that need it are skipped and the others still run (like `make -k`); the first failure
@@ -64,15 +74,19 @@ def run(recipe: Recipe, runs_dir: str | os.PathLike, *, only: list[str] = (), fo
     work on a Ray cluster (engine.run.rayexec); it never changes what a stage makes. `threads`: torch's
     intra-op threads (None: the cores this process may use; engine.core.threads)."""
     if executor not in EXECUTORS:
-        raise RecipeError.single(f"unknown executor '{executor}'; known: {', '.join(EXECUTORS)}.",
-                                 hint="Use --executor local or --executor ray (or RECIPE_EXECUTOR).")
+        raise RecipeError.single(
+            f"unknown executor '{executor}'; known: {', '.join(EXECUTORS)}.",
+            hint="Use --executor local or --executor ray (or RECIPE_EXECUTOR).",
+        )
     runs_dir = Path(runs_dir)
     spread = [n for n, s in recipe.stages.items() if s.config.resources.nodes > 1]
     if spread and executor != "ray":
         raise RecipeError.single(
             f"stage '{spread[0]}' trains on {recipe.stages[spread[0]].config.resources.nodes} nodes, which needs "
-            "the Ray executor.", **recipe.where(f"stages.{spread[0]}.resources.nodes"),
-            hint="Run with --executor ray (and --ray-address), or remove [resources] nodes.")
+            "the Ray executor.",
+            **recipe.where(f"stages.{spread[0]}.resources.nodes"),
+            hint="Run with --executor ray (and --ray-address), or remove [resources] nodes.",
+        )
     if executor == "ray":
         from engine.run import rayexec
 
@@ -92,11 +106,13 @@ def run(recipe: Recipe, runs_dir: str | os.PathLike, *, only: list[str] = (), fo
     sharing = threads_mod.others()
     if sharing and console is not None:
         cores = threads_mod.available_cores()
-        console.print(f"[yellow]warning[/]: {len(sharing)} other recipe run(s) are using this machine "
-                      f"(pid {', '.join(str(pid) for pid, _ in sharing)}); this one computes with {n_threads} "
-                      f"threads on {cores} cores. Runs side by side on the same cores slow each other down many "
-                      f"times over: give each `--threads {max(1, cores // (len(sharing) + 1))}` (README: several "
-                      "recipes on one machine).")
+        console.print(
+            f"[yellow]warning[/]: {len(sharing)} other recipe run(s) are using this machine "
+            f"(pid {', '.join(str(pid) for pid, _ in sharing)}); this one computes with {n_threads} "
+            f"threads on {cores} cores. Runs side by side on the same cores slow each other down many "
+            f"times over: give each `--threads {max(1, cores // (len(sharing) + 1))}` (README: several "
+            "recipes on one machine)."
+        )
     entries: dict[str, Entry] = {}
     concurrent = executor == "ray"  # independent stages at once; Ray places their work by resources
     pool = None if concurrent else loading.ModelPool()  # a Ray driver loads models only to patch a hole
@@ -122,11 +138,16 @@ def run(recipe: Recipe, runs_dir: str | os.PathLike, *, only: list[str] = (), fo
                 store.warnings.clear()
             if entry is not None:
                 rows = entry.manifest.get("rows", {})
-                record.stage(name, status="cached", duration_s=0.0, rows_in=rows.get("in"),
-                             rows_out=rows.get("out"), reasons=[])
+                record.stage(
+                    name, status="cached", duration_s=0.0, rows_in=rows.get("in"), rows_out=rows.get("out"), reasons=[]
+                )
                 if entry.manifest.get("dropped"):
-                    report_dropped(name, entry.manifest["dropped"], record, lambda m: console is not None and
-                                   console.print(f"[yellow]warning[/]: {name}: {m}"))
+                    report_dropped(
+                        name,
+                        entry.manifest["dropped"],
+                        record,
+                        lambda m: console is not None and console.print(f"[yellow]warning[/]: {name}: {m}"),
+                    )
                 if entry.manifest.get("warnings"):  # the report of a cached run tells them too
                     record.stage(name, warnings=entry.manifest["warnings"])
             else:
@@ -136,24 +157,37 @@ def run(recipe: Recipe, runs_dir: str | os.PathLike, *, only: list[str] = (), fo
                     pool.keep(models_used(recipe, [name, *later]))  # models no stage still to build reads go
                 record.stage(name, start_s=round(started - record.t0, 3))  # when, within the run
                 entry = _build(recipe, name, item, entries, store, record, console, progress, why, pool, executor)
-                record.stage(name, status="run", duration_s=round(time.time() - started, 3),
-                             rows_in=entry.manifest["rows"]["in"], rows_out=entry.manifest["rows"]["out"],
-                             reasons=why)
+                record.stage(
+                    name,
+                    status="run",
+                    duration_s=round(time.time() - started, 3),
+                    rows_in=entry.manifest["rows"]["in"],
+                    rows_out=entry.manifest["rows"]["out"],
+                    reasons=why,
+                )
         if round_of(name):  # iterative rounds: each round's output diversity, so mode collapse shows
             record.stage(name, diversity=diversity_for(artifact_type(recipe, name), entry.path))
         entries[name] = entry
         record.link(name, entry.path)
-        atomic_write_json(runs_dir / recipe.name / ".last" / f"{name}.json",
-                          {"fingerprint": item.fingerprint, "components": item.components})
+        atomic_write_json(
+            runs_dir / recipe.name / ".last" / f"{name}.json",
+            {"fingerprint": item.fingerprint, "components": item.components},
+        )
 
     def failed(name: str, exc: Exception, left: list[str]) -> None:
         if console is not None and left:
-            console.print(f"[red]{name} failed[/]; the stages that need it are skipped, the others go on: "
-                          f"{', '.join(left)}")
+            console.print(
+                f"[red]{name} failed[/]; the stages that need it are skipped, the others go on: {', '.join(left)}"
+            )
 
     def skip(name: str, because: str) -> None:
-        record.stage(name, kind=plan[name].kind, fingerprint=plan[name].fingerprint, status="skipped",
-                     reasons=[f"needs '{because}', which failed"])
+        record.stage(
+            name,
+            kind=plan[name].kind,
+            fingerprint=plan[name].fingerprint,
+            status="skipped",
+            reasons=[f"needs '{because}', which failed"],
+        )
 
     status = "failed"
     try:
@@ -201,7 +235,7 @@ def keep_going(recipe: Recipe, names: list[str], one, *, fail_fast: bool, on_fai
                 raise
             failures.append(exc)
             blocked[name] = name
-            on_failure(name, exc, [n for n in names[i + 1:] if not _reaches(needs, n, set(blocked))])
+            on_failure(name, exc, [n for n in names[i + 1 :] if not _reaches(needs, n, set(blocked))])
     if failures:
         raise failures[0]
 
@@ -219,8 +253,9 @@ def _reaches(needs: dict[str, set[str]], name: str, bad: set[str]) -> bool:
     return False
 
 
-def side_by_side(recipe: Recipe, names: list[str], one, record: RunRecord, *, fail_fast: bool = False,
-                 on_failure=None, skip=None) -> None:
+def side_by_side(
+    recipe: Recipe, names: list[str], one, record: RunRecord, *, fail_fast: bool = False, on_failure=None, skip=None
+) -> None:
     """Run `one(name)` for every stage in `names`, each as soon as the stages it reads are done,
     in threads: a stage's thread mostly waits on the cluster. A failed stage blocks the stages
     that need it; the others go on (with `fail_fast` nothing new starts), then the first failure
@@ -275,10 +310,14 @@ def report_dropped(stage: str, dropped: dict, record: RunRecord, warn) -> None:
     record.stage(stage, dropped=dropped)
     for dataset, info in dropped.items():
         reasons = info["reasons"]
-        parts = [f"{r}: {v['rows']} (first: {', '.join(v['first_ids'])})" if v["first_ids"] else f"{r}: {v['rows']}"
-                 for r, v in reasons.items()]
-        warn(f"dataset '{dataset}': dropped {sum(v['rows'] for v in reasons.values())} of {info['total']} rows; "
-             + "; ".join(parts))
+        parts = [
+            f"{r}: {v['rows']} (first: {', '.join(v['first_ids'])})" if v["first_ids"] else f"{r}: {v['rows']}"
+            for r, v in reasons.items()
+        ]
+        warn(
+            f"dataset '{dataset}': dropped {sum(v['rows'] for v in reasons.values())} of {info['total']} rows; "
+            + "; ".join(parts)
+        )
 
 
 def models_used(recipe: Recipe, names: list[str]) -> set[tuple[str, str]]:
@@ -301,8 +340,9 @@ def _inputs(recipe: Recipe, name: str, entries: dict[str, Entry]) -> dict[str, A
             spec = recipe.datasets[edge.name]
             art = Artifact(edge.name, spec.type, "datasets", spec=spec, recipe=recipe)
         elif edge.source == "constitutions":
-            art = Artifact(edge.name, "constitution", "constitutions", spec=recipe.constitutions[edge.name],
-                           recipe=recipe)
+            art = Artifact(
+                edge.name, "constitution", "constitutions", spec=recipe.constitutions[edge.name], recipe=recipe
+            )
         else:
             art = Artifact(edge.name, "model", "models", spec=recipe.models[edge.name], recipe=recipe)
         if isinstance(getattr(stage.config, edge.field), list):
@@ -332,16 +372,37 @@ def _build(recipe, name, item, entries, store, record, console, progress, why, p
     stage = recipe.stages[name]
     log_path = record.dir / "logs" / f"{name}.log"
     log = stage_logger(name, log_path)
-    log.info("stage %s (%s) fingerprint %s; runs because: %s; %s torch threads", name, stage.kind, item.fingerprint,
-             "; ".join(why), record.data.get("threads", "default"))
+    log.info(
+        "stage %s (%s) fingerprint %s; runs because: %s; %s torch threads",
+        name,
+        stage.kind,
+        item.fingerprint,
+        "; ".join(why),
+        record.data.get("threads", "default"),
+    )
     record.stage(name, status="running", log=str(log_path.relative_to(record.dir)))
-    manifest = {"stage": name, "recipe": recipe.name, "components": item.components,
-                "versions": record.data.get("versions") or versions()}  # read once per run, at its start
+    manifest = {
+        "stage": name,
+        "recipe": recipe.name,
+        "components": item.components,
+        "versions": record.data.get("versions") or versions(),
+    }  # read once per run, at its start
     try:
         inputs = _inputs(recipe, name, entries)
         with store.build(item.fingerprint, manifest) as out_dir:
-            ctx = Context(name, item.fingerprint, recipe.meta.seed, out_dir, store.partial(item.fingerprint),
-                          log, recipe, console, progress, store.root, pool)
+            ctx = Context(
+                name,
+                item.fingerprint,
+                recipe.meta.seed,
+                out_dir,
+                store.partial(item.fingerprint),
+                log,
+                recipe,
+                console,
+                progress,
+                store.root,
+                pool,
+            )
             if pool is not None and getattr(stage.module, "MULTI_PROCESS", False):  # a training stage
                 pool.before_training(log)
             with stage_output(log):  # third-party warnings and stray output: the stage log, not the console
@@ -352,9 +413,13 @@ def _build(recipe, name, item, entries, store, record, console, progress, why, p
                     if art.type not in ("model", "constitution"):
                         rows_in += len(art)
                         if art.load_report and art.load_report["dropped"]:
-                            dropped[art.name] = {"total": art.load_report["total"], "reasons": {
-                                reason: {"rows": n, "first_ids": art.load_report["examples"].get(reason, [])}
-                                for reason, n in art.load_report["dropped"].items()}}
+                            dropped[art.name] = {
+                                "total": art.load_report["total"],
+                                "reasons": {
+                                    reason: {"rows": n, "first_ids": art.load_report["examples"].get(reason, [])}
+                                    for reason, n in art.load_report["dropped"].items()
+                                },
+                            }
             manifest["rows"] = {"in": rows_in, "out": ctx.rows_out}
             if dropped:  # kept in the entry, so that a cached re-run reports them too
                 manifest["dropped"] = dropped

@@ -53,8 +53,16 @@ def _restore(recipe):
     return recipe
 
 
-def command(processes: int, accelerate_config: str | None, payload: Path, *, machines: int = 1,
-            machine_rank: int = 0, main_ip: str | None = None, port: int | None = None) -> list[str]:
+def command(
+    processes: int,
+    accelerate_config: str | None,
+    payload: Path,
+    *,
+    machines: int = 1,
+    machine_rank: int = 0,
+    main_ip: str | None = None,
+    port: int | None = None,
+) -> list[str]:
     """The `accelerate launch` command line for a payload. Without a config file it asks for N
     local processes through torch.distributed (accelerate's `--cpu` flag would start just one):
     gloo on the CPU, nccl on GPUs, chosen by accelerate from what the machine has. `processes` is
@@ -70,8 +78,15 @@ def command(processes: int, accelerate_config: str | None, payload: Path, *, mac
         cmd += ["--num_machines", str(machines), "--machine_rank", str(machine_rank), "--main_process_ip", str(main_ip)]
     elif not accelerate_config:
         cmd += ["--num_machines", "1"]
-    cmd += ["--num_processes", str(processes), "--main_process_port", str(port or free_port()),
-            "-m", "engine.run.launch", str(payload)]
+    cmd += [
+        "--num_processes",
+        str(processes),
+        "--main_process_port",
+        str(port or free_port()),
+        "-m",
+        "engine.run.launch",
+        str(payload),
+    ]
     return cmd
 
 
@@ -100,11 +115,20 @@ def make_payload(stage, inputs: dict, ctx, log_path: Path, result: Path | None =
         copies = [dataclasses.replace(a, recipe=recipe if a.recipe is not None else None, _rows=None) for a in items]
         portable_inputs[field] = copies if isinstance(arts, list) else copies[0]
     return {
-        "stage": stage.name, "config": stage.config, "inputs": portable_inputs, "recipe": recipe,
-        "context": {"stage": ctx.stage, "fingerprint": ctx.fingerprint, "seed": ctx.seed,
-                    "out_dir": str(ctx.out_dir), "partial_dir": str(ctx.partial_dir),
-                    "cache_root": str(ctx.cache_root) if ctx.cache_root else None},
-        "log": str(log_path), "result": str(result) if result else None,
+        "stage": stage.name,
+        "config": stage.config,
+        "inputs": portable_inputs,
+        "recipe": recipe,
+        "context": {
+            "stage": ctx.stage,
+            "fingerprint": ctx.fingerprint,
+            "seed": ctx.seed,
+            "out_dir": str(ctx.out_dir),
+            "partial_dir": str(ctx.partial_dir),
+            "cache_root": str(ctx.cache_root) if ctx.cache_root else None,
+        },
+        "log": str(log_path),
+        "result": str(result) if result else None,
     }
 
 
@@ -118,8 +142,18 @@ def open_payload(payload: dict, log: logging.Logger, out_dir: Path | None = None
             if art.recipe is not None:
                 art.recipe = recipe
     c = payload["context"]
-    ctx = Context(c["stage"], c["fingerprint"], c["seed"], Path(out_dir or c["out_dir"]), Path(c["partial_dir"]), log,
-                  recipe, None, None, Path(c["cache_root"]) if c["cache_root"] else None)
+    ctx = Context(
+        c["stage"],
+        c["fingerprint"],
+        c["seed"],
+        Path(out_dir or c["out_dir"]),
+        Path(c["partial_dir"]),
+        log,
+        recipe,
+        None,
+        None,
+        Path(c["cache_root"]) if c["cache_root"] else None,
+    )
     return recipe.stages[payload["stage"]], payload["config"], payload["inputs"], ctx
 
 
@@ -137,8 +171,9 @@ def prepare(stage, inputs: dict, ctx, log_path: Path) -> tuple[Path, str | None]
         return work, None
     from engine.spec.paths import resolve_path
 
-    source = resolve_path(res.accelerate_config, f"stages.{stage.name}.resources.accelerate_config",
-                          ctx.recipe.locations, ctx.recipe.path)
+    source = resolve_path(
+        res.accelerate_config, f"stages.{stage.name}.resources.accelerate_config", ctx.recipe.locations, ctx.recipe.path
+    )
     atomic_write_bytes(work / "accelerate.yaml", Path(source).read_bytes())
     return work, str(work / "accelerate.yaml")
 
@@ -147,8 +182,9 @@ def execute(cmd: list[str], out_log: Path, stop: Path | None = None, processes: 
     """Run a launch command, its output to `out_log`; its exit code. When the file `stop` appears
     (another node failed), the whole process group is killed and -9 returned."""
     with open(out_log, "w", encoding="utf-8") as sink:
-        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=environment(processes),
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=sink, stderr=subprocess.STDOUT, env=environment(processes), start_new_session=True
+        )
         while True:
             try:
                 return proc.wait(timeout=1.0)
@@ -164,14 +200,16 @@ def execute(cmd: list[str], out_log: Path, stop: Path | None = None, processes: 
 
 def collect(work: Path, ctx, what: str, codes: dict[Path, int]) -> None:
     """Check what the launch(es) left: raise with the failing log's last lines, else set rows_out."""
-    failed = {log: code for log, code in codes.items() if code not in (0, -9)} or \
-        ({} if (work / RESULT).is_file() else codes)
+    failed = {log: code for log, code in codes.items() if code not in (0, -9)} or (
+        {} if (work / RESULT).is_file() else codes
+    )
     for out_log, code in failed.items():
         tail = out_log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-15:]
         ctx.log.error("accelerate launch exited with %s; last lines of %s:\n%s", code, out_log, "\n".join(tail))
         error = next((line for line in reversed(tail) if "Error" in line or "error" in line), None)
-        raise RuntimeError(f"the {what} run failed (exit {code})" + (f": {error.strip()}" if error else "")
-                           + f"; see {out_log}")
+        raise RuntimeError(
+            f"the {what} run failed (exit {code})" + (f": {error.strip()}" if error else "") + f"; see {out_log}"
+        )
     result = json.loads((work / RESULT).read_text())
     ctx.rows_out = result.get("rows_out")
     for warning in result.get("warnings", []):  # said by rank 0: into this run's record, report and console
@@ -209,14 +247,23 @@ def worker(payload_path: str) -> int:
     finally:
         close_logger(log)
     if rank == 0:
-        atomic_write_text(Path(payload["result"]), json.dumps(
-            {"rows_out": ctx.rows_out, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-             "warnings": ctx.warnings}))
+        atomic_write_text(
+            Path(payload["result"]),
+            json.dumps(
+                {
+                    "rows_out": ctx.rows_out,
+                    "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+                    "warnings": ctx.warnings,
+                }
+            ),
+        )
     return 0
 
 
 def describe(resources: Any) -> str:
-    return f"{resources.processes} processes" + (f" ({resources.accelerate_config})" if resources.accelerate_config else "")
+    return f"{resources.processes} processes" + (
+        f" ({resources.accelerate_config})" if resources.accelerate_config else ""
+    )
 
 
 if __name__ == "__main__":

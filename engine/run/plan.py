@@ -4,16 +4,18 @@ into the stages to build.
 """
 
 from __future__ import annotations
+
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from engine.store.cache import Store
+
 from engine.core.errors import RecipeError
 from engine.core.hashing import HashMemo
-from engine.store.fingerprint import fingerprints, reasons
 from engine.spec.graph import upstream
 from engine.spec.recipe import Recipe
+from engine.store.cache import Store
+from engine.store.fingerprint import fingerprints, reasons
 
 
 def runs_dir_default() -> str:
@@ -34,8 +36,13 @@ class PlanItem:
     components: dict = field(repr=False, default_factory=dict)
 
     def as_json(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "fingerprint": self.fingerprint,
-                "status": self.status, "reasons": self.reasons}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "fingerprint": self.fingerprint,
+            "status": self.status,
+            "reasons": self.reasons,
+        }
 
 
 def last_components(runs_dir: Path, recipe: str, stage: str) -> dict | None:
@@ -69,5 +76,7 @@ def select(recipe: Recipe, only: list[str], force: list[str]) -> set[str]:
     if unknown:
         raise RecipeError.single(
             f"no stage named {', '.join(repr(u) for u in unknown)}.",
-            file=str(recipe.path), hint=f"Stages: {', '.join(recipe.stages)}.")
+            file=str(recipe.path),
+            hint=f"Stages: {', '.join(recipe.stages)}.",
+        )
     return upstream(recipe, only) if only else set(recipe.stages)

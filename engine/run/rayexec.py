@@ -55,8 +55,10 @@ def _ray():
     try:
         import ray
     except ImportError:
-        raise RecipeError.single("--executor ray needs the ray package, which is not installed.",
-                                 hint=f"Install it with `{INSTALL}`, or run with --executor local.") from None
+        raise RecipeError.single(
+            "--executor ray needs the ray package, which is not installed.",
+            hint=f"Install it with `{INSTALL}`, or run with --executor local.",
+        ) from None
     return ray
 
 
@@ -70,12 +72,17 @@ def connect(address: str | None) -> Any:
             if os.environ.get(name):
                 env[name] = os.environ[name]
         try:
-            ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
-                     log_to_driver=False, runtime_env={"env_vars": env})
+            ray.init(
+                address=address or os.environ.get("RAY_ADDRESS") or None,
+                include_dashboard=False,
+                log_to_driver=False,
+                runtime_env={"env_vars": env},
+            )
         except ConnectionError as exc:
-            raise RecipeError.single(f"cannot connect to the Ray cluster at '{address}': {exc}.",
-                                     hint="Check --ray-address (or RAY_ADDRESS), or leave it unset to start a "
-                                          "local cluster.") from None
+            raise RecipeError.single(
+                f"cannot connect to the Ray cluster at '{address}': {exc}.",
+                hint="Check --ray-address (or RAY_ADDRESS), or leave it unset to start a local cluster.",
+            ) from None
     return ray
 
 
@@ -105,7 +112,8 @@ def check_shared_store(runs_dir: Path) -> None:
             f"the runs dir '{runs_dir}' is not shared with the Ray workers: a file a worker wrote there is not "
             "visible here, so shards they commit would be lost.",
             hint="Put --runs-dir on a filesystem every node mounts at the same path (NFS, Lustre, ...), or run "
-                 "with --executor local.")
+            "with --executor local.",
+        )
 
 
 def _workers(ray, res, cpus: float) -> int:
@@ -145,11 +153,11 @@ def _same_arithmetic(payload: dict) -> None:
 
 def _part(blob: bytes, rank: int, k: int) -> dict:
     """A Ray task: this worker's share of a row stage's shards."""
+    import ray
+
     from engine.run.launch import open_payload
     from engine.store.record import close_logger, stage_logger
     from engine.store.shards import PartDone
-
-    import ray
 
     payload = pickle.loads(blob)
     _same_arithmetic(payload)
@@ -203,8 +211,7 @@ def _node(work: str, rank: int, nodes: int, processes: int, config: str | None, 
     from engine.run.launch import PAYLOAD, STOP, command, execute
 
     cmd = command(processes, config, Path(work) / PAYLOAD, machines=nodes, machine_rank=rank, main_ip=ip, port=port)
-    return execute(cmd, Path(work) / f"accelerate.node{rank}.log", stop=Path(work) / STOP,
-                   processes=processes // nodes)
+    return execute(cmd, Path(work) / f"accelerate.node{rank}.log", stop=Path(work) / STOP, processes=processes // nodes)
 
 
 def _multi_node(ray, stage, inputs: dict, ctx, log_path: Path, cpus: float) -> None:
@@ -224,8 +231,9 @@ def _multi_node(ray, stage, inputs: dict, ctx, log_path: Path, cpus: float) -> N
     if len(fit) < res.nodes:
         raise RecipeError.single(
             f"stage '{stage.name}' asks for {res.nodes} nodes with {bundle} each, and the Ray cluster has "
-            f"{len(fit)} such nodes.", hint=f"Lower stages.{stage.name}.resources.nodes (or its gpus, cpus), "
-                                             "or add nodes to the cluster.")
+            f"{len(fit)} such nodes.",
+            hint=f"Lower stages.{stage.name}.resources.nodes (or its gpus, cpus), or add nodes to the cluster.",
+        )
     group = placement_group([bundle] * res.nodes, strategy="STRICT_SPREAD")
     try:
         ray.get(group.ready(), timeout=600)
@@ -236,13 +244,24 @@ def _multi_node(ray, stage, inputs: dict, ctx, log_path: Path, cpus: float) -> N
         ip, port = ray.get(ray.remote(_address).options(num_cpus=0, scheduling_strategy=on(0)).remote())
         work, config = prepare(stage, inputs, ctx, log_path)
         total = res.nodes * res.processes
-        ctx.log.info("on Ray: %d nodes x %d processes (%g GPUs, %g CPUs per node), main %s:%d",
-                     res.nodes, res.processes, gpus, cpus, ip, port)
+        ctx.log.info(
+            "on Ray: %d nodes x %d processes (%g GPUs, %g CPUs per node), main %s:%d",
+            res.nodes,
+            res.processes,
+            gpus,
+            cpus,
+            ip,
+            port,
+        )
         if ctx.console is not None:
             ctx.console.print(f"{stage.name}: {res.nodes} nodes x {res.processes} processes (accelerate launch)")
         node = ray.remote(_node)
-        tasks = {node.options(num_cpus=cpus, num_gpus=gpus, max_retries=0, scheduling_strategy=on(i))
-                 .remote(str(work), i, res.nodes, total, config, ip, port): i for i in range(res.nodes)}
+        tasks = {
+            node.options(num_cpus=cpus, num_gpus=gpus, max_retries=0, scheduling_strategy=on(i)).remote(
+                str(work), i, res.nodes, total, config, ip, port
+            ): i
+            for i in range(res.nodes)
+        }
         codes, pending = {}, list(tasks)
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.spec.recipe import Recipe
 from engine.data.rows import count_rows, read_rows
+from engine.spec.recipe import Recipe
 
 
 @dataclass
@@ -39,12 +39,24 @@ class Artifact:
         spec = self.spec
         where = self.recipe.where(f"datasets.{self.name}.path") if self.recipe else {}
         result = load_rows(
-            spec.path, name=self.name, type=spec.type, format=spec.format, split=spec.split,
-            columns=spec.columns, limit=spec.limit, shuffle_seed=spec.shuffle_seed,
-            revision=spec.revision, key=where.get("key"), file=where.get("file"),
+            spec.path,
+            name=self.name,
+            type=spec.type,
+            format=spec.format,
+            split=spec.split,
+            columns=spec.columns,
+            limit=spec.limit,
+            shuffle_seed=spec.shuffle_seed,
+            revision=spec.revision,
+            key=where.get("key"),
+            file=where.get("file"),
         )
-        self.load_report = {"total": result.total, "kept": len(result.rows), "dropped": result.dropped,
-                            "examples": result.examples}
+        self.load_report = {
+            "total": result.total,
+            "kept": len(result.rows),
+            "dropped": result.dropped,
+            "examples": result.examples,
+        }
         return result.rows
 
     def __len__(self) -> int:

@@ -34,8 +34,13 @@ class BackendInfo:
 BACKENDS: dict[str, BackendInfo] = {
     "hf": BackendInfo("engine.models.backends.hf", "transformers in process", weights_here=True),
     "openai": BackendInfo("engine.models.backends.openai", "a server", weights_here=False, server=True),
-    "vllm": BackendInfo("engine.models.backends.vllm", "vLLM's engine in process (pip install recipe-engine[vllm], "
-                        "GPUs only)", weights_here=False, requires="vllm", install="pip install 'recipe-engine[vllm]'"),
+    "vllm": BackendInfo(
+        "engine.models.backends.vllm",
+        "vLLM's engine in process (pip install recipe-engine[vllm], GPUs only)",
+        weights_here=False,
+        requires="vllm",
+        install="pip install 'recipe-engine[vllm]'",
+    ),
 }
 
 

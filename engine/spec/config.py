@@ -36,18 +36,39 @@ class Resources(Table):
     one replica of a generation model spans (vllm), and the workers of a stage on Ray. All of it is
     execution-only: never in a fingerprint."""
 
-    processes: int = Field(1, ge=1, le=256, description="Processes under `accelerate launch` (1 = in process); "
-                           "with `nodes`, per node.")
-    nodes: int = Field(1, ge=1, le=1024, description="Training stages on Ray: machines the stage trains on, "
-                       "`processes` each (accelerate's multi-node launch, one Ray task per node).")
+    processes: int = Field(
+        1, ge=1, le=256, description="Processes under `accelerate launch` (1 = in process); with `nodes`, per node."
+    )
+    nodes: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="Training stages on Ray: machines the stage trains on, "
+        "`processes` each (accelerate's multi-node launch, one Ray task per node).",
+    )
     accelerate_config: str | None = Field(
-        None, description="An accelerate config file (FSDP, DeepSpeed), relative to the recipe file.")
-    gpus: int = Field(1, ge=1, le=64, description="GPUs per model replica: the vllm backend's tensor parallelism; "
-                                                "on Ray, GPUs per worker (when the cluster has GPUs).")
-    cpus: float | None = Field(None, gt=0, le=1024, description="On Ray: CPUs per worker (default: 1 on a cluster "
-                               "with GPUs; else the torch threads a worker computes with, capped at the largest node).")
-    replicas: int | None = Field(None, ge=1, le=4096, description="On Ray: workers of a row stage (default: as "
-                                                                   "many as the cluster's GPUs, else CPUs, fit).")
+        None, description="An accelerate config file (FSDP, DeepSpeed), relative to the recipe file."
+    )
+    gpus: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="GPUs per model replica: the vllm backend's tensor parallelism; "
+        "on Ray, GPUs per worker (when the cluster has GPUs).",
+    )
+    cpus: float | None = Field(
+        None,
+        gt=0,
+        le=1024,
+        description="On Ray: CPUs per worker (default: 1 on a cluster "
+        "with GPUs; else the torch threads a worker computes with, capped at the largest node).",
+    )
+    replicas: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="On Ray: workers of a row stage (default: as many as the cluster's GPUs, else CPUs, fit).",
+    )
 
 
 class StageConfig(Table):
@@ -55,8 +76,10 @@ class StageConfig(Table):
 
     kind: str
     resources: Resources = Field(
-        default_factory=Resources, description="Processes for multi-process stages (training).",
-        json_schema_extra={EXEC_ONLY: True})
+        default_factory=Resources,
+        description="Processes for multi-process stages (training).",
+        json_schema_extra={EXEC_ONLY: True},
+    )
 
 
 def Ref(*types: str, default: Any = ..., description: str = "", **kw: Any) -> Any:

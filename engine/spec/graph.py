@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import difflib
 import graphlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
+from engine.core.errors import Problem, RecipeError
 from engine.spec.config import ref_fields
 from engine.spec.stage import hook
-from engine.core.errors import Problem, RecipeError
 
 if TYPE_CHECKING:
     from engine.spec.recipe import Recipe
@@ -42,7 +43,7 @@ class Source(str, Enum):
     def singular(self) -> str:
         return self.value[:-1]
 
-    def table(self, recipe: "Recipe") -> dict:
+    def table(self, recipe: Recipe) -> dict:
         """The recipe's definitions of this kind (name -> spec)."""
         return getattr(recipe, self.value)
 
@@ -63,7 +64,7 @@ def refs_of(config) -> Iterator[tuple[str, str]]:
                 yield fname, item
 
 
-def source_of(recipe: "Recipe", name: str) -> Source | None:
+def source_of(recipe: Recipe, name: str) -> Source | None:
     """What `name` is in this recipe (stages first, then datasets, models, constitutions)."""
     for source in Source:
         if name in source.table(recipe):
@@ -71,7 +72,7 @@ def source_of(recipe: "Recipe", name: str) -> Source | None:
     return None
 
 
-def artifact_type(recipe: "Recipe", name: str) -> str | None:
+def artifact_type(recipe: Recipe, name: str) -> str | None:
     if name in recipe.stages:
         stage = recipe.stages[name]
         gives = hook(stage.module, "gives")  # kinds whose output type follows their config
@@ -85,7 +86,7 @@ def artifact_type(recipe: "Recipe", name: str) -> str | None:
     return None
 
 
-def edges(recipe: "Recipe", stage: str) -> list[Edge]:
+def edges(recipe: Recipe, stage: str) -> list[Edge]:
     out = []
     for fname, name in refs_of(recipe.stages[stage].config):
         src = source_of(recipe, name)
@@ -94,26 +95,38 @@ def edges(recipe: "Recipe", stage: str) -> list[Edge]:
     return out
 
 
-def _missing(recipe: "Recipe", stage: str, fname: str, ref: str) -> Problem:
-    if ref_fields(type(recipe.stages[stage].config)).get(fname) == ["constitution"] if stage in recipe.stages else False:
+def _missing(recipe: Recipe, stage: str, fname: str, ref: str) -> Problem:
+    if (
+        ref_fields(type(recipe.stages[stage].config)).get(fname) == ["constitution"]
+        if stage in recipe.stages
+        else False
+    ):
         known_c = sorted(recipe.constitutions)
         close = difflib.get_close_matches(ref, known_c, n=1)
-        return Problem(f"stage '{stage}' uses constitution '{ref}', which is not defined.",
-                       hint=(f"Did you mean '{close[0]}'? " if close else "")
-                       + (f"Defined: {', '.join(known_c)}." if known_c
-                          else f"Add [constitutions.{ref}] with path = \"constitutions/{ref}.toml\"."),
-                       **recipe.where(f"stages.{stage}.{fname}"))
-    known = {s.value: sorted(s.table(recipe)) for s in (Source.DATASETS, Source.MODELS, Source.STAGES,
-                                                         Source.CONSTITUTIONS)}
+        return Problem(
+            f"stage '{stage}' uses constitution '{ref}', which is not defined.",
+            hint=(f"Did you mean '{close[0]}'? " if close else "")
+            + (
+                f"Defined: {', '.join(known_c)}."
+                if known_c
+                else f'Add [constitutions.{ref}] with path = "constitutions/{ref}.toml".'
+            ),
+            **recipe.where(f"stages.{stage}.{fname}"),
+        )
+    known = {
+        s.value: sorted(s.table(recipe)) for s in (Source.DATASETS, Source.MODELS, Source.STAGES, Source.CONSTITUTIONS)
+    }
     everything = [n for names in known.values() for n in names]
     close = difflib.get_close_matches(ref, everything, n=1)
     listing = "; ".join(f"{k}: {', '.join(v)}" for k, v in known.items() if v) or "none defined"
-    return Problem(f"stage '{stage}' refers to '{ref}', which is not defined.",
-                   hint=(f"Did you mean '{close[0]}'? " if close else "") + f"Known names: {listing}.",
-                   **recipe.where(f"stages.{stage}.{fname}"))
+    return Problem(
+        f"stage '{stage}' refers to '{ref}', which is not defined.",
+        hint=(f"Did you mean '{close[0]}'? " if close else "") + f"Known names: {listing}.",
+        **recipe.where(f"stages.{stage}.{fname}"),
+    )
 
 
-def graph_problems(recipe: "Recipe", invalid: dict[str, list[tuple[str, str]]] | None = None) -> list[Problem]:
+def graph_problems(recipe: Recipe, invalid: dict[str, list[tuple[str, str]]] | None = None) -> list[Problem]:
     """Missing references, type mismatches and cycles, all of them. `invalid` holds the raw
     references of stages that failed their own validation: they are checked for existence,
     and references to those stages are not reported as missing."""
@@ -135,12 +148,17 @@ def graph_problems(recipe: "Recipe", invalid: dict[str, list[tuple[str, str]]] |
                 continue
             gives = artifact_type(recipe, ref)
             if gives not in accepted[fname]:
-                what = f"stage '{ref}' ({recipe.stages[ref].kind})" if src is Source.STAGES else f"{src.singular} '{ref}'"
-                problems.append(Problem(
-                    f"stage '{name}' ({stage.kind}) takes {' or '.join(accepted[fname])} as {fname}, "
-                    f"but {what} gives {gives}.",
-                    hint="Point it at a stage or dataset of the right type.",
-                    **recipe.where(f"stages.{name}.{fname}")))
+                what = (
+                    f"stage '{ref}' ({recipe.stages[ref].kind})" if src is Source.STAGES else f"{src.singular} '{ref}'"
+                )
+                problems.append(
+                    Problem(
+                        f"stage '{name}' ({stage.kind}) takes {' or '.join(accepted[fname])} as {fname}, "
+                        f"but {what} gives {gives}.",
+                        hint="Point it at a stage or dataset of the right type.",
+                        **recipe.where(f"stages.{name}.{fname}"),
+                    )
+                )
             if src is Source.STAGES:
                 deps[name].add(ref)
     problems += resource_problems(recipe)
@@ -148,14 +166,17 @@ def graph_problems(recipe: "Recipe", invalid: dict[str, list[tuple[str, str]]] |
         list(graphlib.TopologicalSorter(deps).static_order())
     except graphlib.CycleError as exc:
         cycle = exc.args[1]
-        problems.append(Problem(
-            f"stages form a cycle: {' -> '.join(cycle)}.",
-            hint="A stage cannot consume its own output, directly or through others.",
-            **recipe.where(f"stages.{cycle[0]}")))
+        problems.append(
+            Problem(
+                f"stages form a cycle: {' -> '.join(cycle)}.",
+                hint="A stage cannot consume its own output, directly or through others.",
+                **recipe.where(f"stages.{cycle[0]}"),
+            )
+        )
     return problems
 
 
-def resource_problems(recipe: "Recipe") -> list[Problem]:
+def resource_problems(recipe: Recipe) -> list[Problem]:
     """`[stages.X.resources]`: several processes only for kinds that support them; config files exist."""
     from engine.spec.paths import resolve_path
 
@@ -163,26 +184,38 @@ def resource_problems(recipe: "Recipe") -> list[Problem]:
     for name, stage in recipe.stages.items():
         res = stage.config.resources
         if res.processes > 1 and not hook(stage.module, "MULTI_PROCESS"):
-            problems.append(Problem(
-                f"stage '{name}' ({stage.kind}) cannot run on {res.processes} processes: only training stages "
-                "(sft, dpo, kto, orpo) run under accelerate.",
-                hint="Remove [resources] processes, or set it to 1.", **recipe.where(f"stages.{name}.resources.processes")))
+            problems.append(
+                Problem(
+                    f"stage '{name}' ({stage.kind}) cannot run on {res.processes} processes: only training stages "
+                    "(sft, dpo, kto, orpo) run under accelerate.",
+                    hint="Remove [resources] processes, or set it to 1.",
+                    **recipe.where(f"stages.{name}.resources.processes"),
+                )
+            )
         if res.nodes > 1 and not hook(stage.module, "MULTI_PROCESS"):
-            problems.append(Problem(
-                f"stage '{name}' ({stage.kind}) cannot run on {res.nodes} nodes: only training stages "
-                "(sft, dpo, kto, orpo) train across machines; row stages spread over `replicas` workers.",
-                hint="Remove [resources] nodes, or use `replicas`.", **recipe.where(f"stages.{name}.resources.nodes")))
+            problems.append(
+                Problem(
+                    f"stage '{name}' ({stage.kind}) cannot run on {res.nodes} nodes: only training stages "
+                    "(sft, dpo, kto, orpo) train across machines; row stages spread over `replicas` workers.",
+                    hint="Remove [resources] nodes, or use `replicas`.",
+                    **recipe.where(f"stages.{name}.resources.nodes"),
+                )
+            )
         if res.accelerate_config:
             key = f"stages.{name}.resources.accelerate_config"
             path = resolve_path(res.accelerate_config, key, recipe.locations, recipe.path)
             if not Path(path).is_file():
-                problems.append(Problem(f"accelerate_config '{res.accelerate_config}' of stage '{name}' is not a file.",
-                                        hint="Give a path relative to the recipe file (make one with `accelerate config`).",
-                                        **recipe.where(key)))
+                problems.append(
+                    Problem(
+                        f"accelerate_config '{res.accelerate_config}' of stage '{name}' is not a file.",
+                        hint="Give a path relative to the recipe file (make one with `accelerate config`).",
+                        **recipe.where(key),
+                    )
+                )
     return problems
 
 
-def order(recipe: "Recipe") -> list[str]:
+def order(recipe: Recipe) -> list[str]:
     """Stage names in a deterministic topological order (ties broken by recipe order)."""
     position = {n: i for i, n in enumerate(recipe.stages)}
     sorter = graphlib.TopologicalSorter(
@@ -198,7 +231,7 @@ def order(recipe: "Recipe") -> list[str]:
     return out
 
 
-def upstream(recipe: "Recipe", names: list[str]) -> set[str]:
+def upstream(recipe: Recipe, names: list[str]) -> set[str]:
     """The named stages and every stage they depend on."""
     seen: set[str] = set()
     todo = list(names)
@@ -211,7 +244,7 @@ def upstream(recipe: "Recipe", names: list[str]) -> set[str]:
     return seen
 
 
-def check_graph(recipe: "Recipe") -> None:
+def check_graph(recipe: Recipe) -> None:
     problems = graph_problems(recipe)
     if problems:
         raise RecipeError(problems)

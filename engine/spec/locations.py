@@ -4,11 +4,12 @@ of a key; `read_toml` turns syntax errors into a RecipeError with the line.
 """
 
 from __future__ import annotations
+
 import re
 from pathlib import Path
+
 from engine.core.errors import RecipeError
 from engine.core.toml import tomllib
-
 
 SET_SOURCE = "--set"
 
@@ -112,8 +113,11 @@ def read_toml(path: Path) -> tuple[dict, dict[str, tuple[str, int]]]:
     try:
         data = tomllib.loads(text)
     except RecursionError:
-        raise RecipeError.single("arrays or inline tables are nested too deeply to read.", file=shown,
-                                 hint=f"Recipes never need more than {MAX_DEPTH} levels; flatten the value.") from None
+        raise RecipeError.single(
+            "arrays or inline tables are nested too deeply to read.",
+            file=shown,
+            hint=f"Recipes never need more than {MAX_DEPTH} levels; flatten the value.",
+        ) from None
     except tomllib.TOMLDecodeError as exc:
         msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc))
         raise RecipeError.single(

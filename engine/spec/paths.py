@@ -4,8 +4,10 @@ hold (a NUL byte, over PATH_MAX) is a located error, not an OSError later.
 """
 
 from __future__ import annotations
+
 import re
 from pathlib import Path
+
 from engine.core.errors import RecipeError
 from engine.spec.locations import SET_SOURCE, locate
 
@@ -38,9 +40,11 @@ def resolve_path(value: str, key: str, locations: dict, top: Path) -> str:
     """Absolute path for a local file value, relative to the file that set it. Hub ids and
     builtin names are returned unchanged. An impossible path (NUL, too long) is a RecipeError."""
     if (why := path_problem(value)) is not None:
-        raise RecipeError.single(f"the path {value[:60]!r}{'...' if len(value) > 60 else ''} {why}.",
-                                 hint="Give the path of an existing file, relative to the recipe file.",
-                                 **locate(locations, key, top))
+        raise RecipeError.single(
+            f"the path {value[:60]!r}{'...' if len(value) > 60 else ''} {why}.",
+            hint="Give the path of an existing file, relative to the recipe file.",
+            **locate(locations, key, top),
+        )
     if value.startswith("builtin:") or Path(value).is_absolute():
         return value
     source = locations.get(key, (str(top), 0))[0]

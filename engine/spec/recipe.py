@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from engine.spec.backends import BACKENDS
 from pydantic import Field
 
+from engine.spec.backends import BACKENDS
 from engine.spec.config import Table
 from engine.spec.rounds import LoopSpec, Rounds
 
@@ -28,8 +28,12 @@ NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
 
 class RecipeMeta(Table):
     name: str = Field(pattern=NAME_PATTERN, description="Names the run folder: runs/<name>/.")
-    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seeds every stage; part of every fingerprint "
-                                                          "(0 to 2^32 - 1, what torch and numpy accept).")
+    seed: int = Field(
+        0,
+        ge=0,
+        le=2**32 - 1,
+        description="Seeds every stage; part of every fingerprint (0 to 2^32 - 1, what torch and numpy accept).",
+    )
     description: str = ""
     extends: str | list[str] | None = Field(
         None, description="Base recipe(s), relative to this file; tables merge, later keys win."
@@ -40,17 +44,23 @@ class ModelSpec(Table):
     path: str = Field(description="A hub id, a local directory, builtin:smollm2-135m or builtin:tiny-chat.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    device: str = Field("auto", description="auto = every visible GPU (generation runs a replica on each; training "
-                                            "uses the first), else cpu. Or one device, or a list: \"cuda:0,cuda:1\".")
+    device: str = Field(
+        "auto",
+        description="auto = every visible GPU (generation runs a replica on each; training "
+        'uses the first), else cpu. Or one device, or a list: "cuda:0,cuda:1".',
+    )
     adapter: str | None = Field(None, description="A PEFT adapter dir or a stage giving one.")
     chat_template: str | None = Field(None, description="Inline Jinja or a template file.")
     trust_remote_code: bool = False
     backend: Literal[tuple(BACKENDS)] = Field(  # type: ignore[valid-type]
-        "hf", description="; ".join(f"{name} = {b.description}" for name, b in BACKENDS.items()) + ".")
+        "hf", description="; ".join(f"{name} = {b.description}" for name, b in BACKENDS.items()) + "."
+    )
     kv_cache: Literal["auto", "static", "dynamic"] = Field(
-        "auto", description="hf backend: static = fixed-size KV cache with the decode step compiled (CUDA "
-                            "graphs); dynamic = grows per step. auto = static on CUDA, dynamic on the CPU. "
-                            "Execution-only (same text).")
+        "auto",
+        description="hf backend: static = fixed-size KV cache with the decode step compiled (CUDA "
+        "graphs); dynamic = grows per step. auto = static on CUDA, dynamic on the CPU. "
+        "Execution-only (same text).",
+    )
     base_url: str | None = Field(None, description="openai backend: the server, e.g. http://127.0.0.1:8000/v1.")
     model_name: str | None = Field(None, description="openai backend: the model name the server knows (default: path).")
     api_key_env: str | None = Field(None, description="openai backend: the environment variable holding the key.")
@@ -63,9 +73,7 @@ class DatasetSpec(Table):
     type: Literal["conversations", "prompts", "preferences"] = Field(
         "conversations", description="What the rows are; checked against the stages that read them."
     )
-    format: Literal["jsonl", "json", "parquet", "csv"] | None = Field(
-        None, description="Overrides the file extension."
-    )
+    format: Literal["jsonl", "json", "parquet", "csv"] | None = Field(None, description="Overrides the file extension.")
     split: str = "train"
     columns: dict[str, str] = Field(
         default_factory=dict, description='Target -> source column, e.g. { messages = "conv" }.'
@@ -147,5 +155,3 @@ class Recipe:
 
 
 # --------------------------------------------------------------------------- writing TOML
-
-

@@ -8,7 +8,7 @@ checked here when a kind loads). Third-party kinds join through the entry point 
 from __future__ import annotations
 
 import importlib
-from functools import lru_cache
+from functools import cache, lru_cache
 from types import ModuleType
 
 BUILTIN = {
@@ -17,9 +17,12 @@ BUILTIN = {
     "judge": "stages.judge",
     "sft": "stages.sft",
     "critique_revise": "stages.critique_revise",
-    "dpo": "stages.dpo", "kto": "stages.dpo", "orpo": "stages.dpo",
+    "dpo": "stages.dpo",
+    "kto": "stages.dpo",
+    "orpo": "stages.dpo",
     "eval": "stages.eval",
-    "rejection_sample": "stages.rejection_sample", "preferences": "stages.preferences",
+    "rejection_sample": "stages.rejection_sample",
+    "preferences": "stages.preferences",
 }
 
 ENTRY_POINT_GROUP = "recipe.stages"
@@ -36,7 +39,7 @@ def kinds() -> dict[str, str]:
     return table
 
 
-@lru_cache(maxsize=None)
+@cache
 def load(kind: str) -> ModuleType:
     """The module for a kind, checked against the stage contract (engine.spec.stage); KeyError if the
     kind is unknown, TypeError naming every broken part of the contract."""
@@ -45,6 +48,8 @@ def load(kind: str) -> ModuleType:
     module = importlib.import_module(kinds()[kind])
     problems = contract_problems(module)
     if problems:
-        raise TypeError(f"stage module {module.__name__} (kind '{kind}') breaks the stage contract "
-                        f"(engine/spec/stage.py): {'; '.join(problems)}")
+        raise TypeError(
+            f"stage module {module.__name__} (kind '{kind}') breaks the stage contract "
+            f"(engine/spec/stage.py): {'; '.join(problems)}"
+        )
     return module

@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from engine.spec.config import Table, ref_fields
 from engine.core.errors import Problem
+from engine.spec.config import Table, ref_fields
 
 if TYPE_CHECKING:
     from engine.spec.stage import Stage
@@ -51,11 +51,14 @@ class LoopSpec(Table):
     each other's round k, and from round 2 on each `feed` key means the previous round of the loop
     stage it maps to. Outside the loop, `name` means the last round and `name@k` one round."""
 
-    rounds: int = Field(ge=1, le=MAX_ROUNDS, description="How many rounds (1..20). Adding one re-runs only the new round.")
+    rounds: int = Field(
+        ge=1, le=MAX_ROUNDS, description="How many rounds (1..20). Adding one re-runs only the new round."
+    )
     stages: list[str] = Field(min_length=1, description="The stages of one round, defined as usual under [stages.*].")
     feed: dict[str, str] = Field(
         default_factory=dict,
-        description='Name used in round 1 -> loop stage whose previous round replaces it, e.g. { policy = "dpo" }.')
+        description='Name used in round 1 -> loop stage whose previous round replaces it, e.g. { policy = "dpo" }.',
+    )
 
 
 def round_name(base: str, k: int) -> str:
@@ -108,7 +111,7 @@ class Rounds:
         """Raw (field, ref) pairs of a stage -> the same per unrolled copy, references rewritten."""
         return {copy: [(f, self.target(r, stage, k)) for f, r in refs] for copy, k in self.copies(stage)}
 
-    def unroll(self, stages: dict[str, "Stage"]) -> dict[str, "Stage"]:
+    def unroll(self, stages: dict[str, Stage]) -> dict[str, Stage]:
         """Stages with each loop stage replaced by its rounds, in recipe order: a loop's rounds
         take the place of its first stage, round by round, in the order the loop lists them."""
         out: dict[str, Stage] = {}
@@ -123,11 +126,12 @@ class Rounds:
                     for member in self.loops[loop].stages:
                         if member in stages:  # a stage that failed its own validation is left out
                             st, copy = stages[member], round_name(member, k)
-                            out[copy] = dataclasses.replace(st, name=copy, config=self._config(st, member, k),
-                                                            round=k, loop=loop)
+                            out[copy] = dataclasses.replace(
+                                st, name=copy, config=self._config(st, member, k), round=k, loop=loop
+                            )
         return out
 
-    def _config(self, stage: "Stage", name: str, k: int | None):
+    def _config(self, stage: Stage, name: str, k: int | None):
         update: dict[str, Any] = {}
         for fname in ref_fields(type(stage.config)):
             value = getattr(stage.config, fname)
@@ -159,8 +163,9 @@ def _did_you_mean(word: str, options) -> str:
     return f"{hint} " if hint else ""
 
 
-def loop_problems(loops: dict[str, LoopSpec], stages: list[str], refs: dict[str, list[tuple[str, str]]],
-                  where: Callable[[str], dict]) -> tuple[list[Problem], set[str]]:
+def loop_problems(
+    loops: dict[str, LoopSpec], stages: list[str], refs: dict[str, list[tuple[str, str]]], where: Callable[[str], dict]
+) -> tuple[list[Problem], set[str]]:
     """Problems of the [loops.*] tables: unknown or repeated stages, a stage in two loops, feed
     values outside the loop, feed keys that are loop stages or that no loop stage references.
     `stages`: every stage name of the recipe; `refs`: each stage's raw (field, reference) pairs.
@@ -176,15 +181,24 @@ def loop_problems(loops: dict[str, LoopSpec], stages: list[str], refs: dict[str,
         for s in spec.stages:
             if s not in stages:
                 base = round_of(s)
-                hint = (f"List the stage's own name, '{base[0]}': the loop makes its rounds. " if base else
-                        _did_you_mean(s, stages)) + f"Stages: {', '.join(stages) or 'none defined'}."
+                hint = (
+                    f"List the stage's own name, '{base[0]}': the loop makes its rounds. "
+                    if base
+                    else _did_you_mean(s, stages)
+                ) + f"Stages: {', '.join(stages) or 'none defined'}."
                 problems.append(Problem(f"loop '{loop}' lists '{s}', which is not a stage.", hint=hint, **where(key)))
             elif s in seen:
-                problems.append(Problem(f"loop '{loop}' lists '{s}' twice.", hint="List each stage once.", **where(key)))
+                problems.append(
+                    Problem(f"loop '{loop}' lists '{s}' twice.", hint="List each stage once.", **where(key))
+                )
             elif s in owner:
-                problems.append(Problem(
-                    f"stage '{s}' is in two loops, '{owner[s]}' and '{loop}'.",
-                    hint="A stage repeats in one loop only: define a second stage for the other loop.", **where(key)))
+                problems.append(
+                    Problem(
+                        f"stage '{s}' is in two loops, '{owner[s]}' and '{loop}'.",
+                        hint="A stage repeats in one loop only: define a second stage for the other loop.",
+                        **where(key),
+                    )
+                )
             else:
                 owner[s] = loop
             seen.add(s)
@@ -196,23 +210,38 @@ def loop_problems(loops: dict[str, LoopSpec], stages: list[str], refs: dict[str,
         for fed, value in spec.feed.items():
             fkey = f"loops.{loop}.feed.{fed}"
             if value not in spec.stages:
-                problems.append(Problem(
-                    f"feed '{fed}' = '{value}': '{value}' is not a stage of loop '{loop}'.",
-                    hint=_did_you_mean(value, spec.stages) + "A feed value names the loop stage whose previous "
-                    f"round replaces '{fed}' from round 2 on; loop stages: {', '.join(spec.stages)}.", **where(fkey)))
+                problems.append(
+                    Problem(
+                        f"feed '{fed}' = '{value}': '{value}' is not a stage of loop '{loop}'.",
+                        hint=_did_you_mean(value, spec.stages) + "A feed value names the loop stage whose previous "
+                        f"round replaces '{fed}' from round 2 on; loop stages: {', '.join(spec.stages)}.",
+                        **where(fkey),
+                    )
+                )
                 broken.add(loop)
             if fed in spec.stages:
-                problems.append(Problem(
-                    f"feed key '{fed}' is a stage of loop '{loop}'.",
-                    hint="A feed key names what round 1 uses (a model, dataset or stage outside the loop); "
-                    "inside a round, loop stages already refer to each other's same round.", **where(fkey)))
+                problems.append(
+                    Problem(
+                        f"feed key '{fed}' is a stage of loop '{loop}'.",
+                        hint="A feed key names what round 1 uses (a model, dataset or stage outside the loop); "
+                        "inside a round, loop stages already refer to each other's same round.",
+                        **where(fkey),
+                    )
+                )
             elif fed not in used:
                 outside = sorted(used - set(spec.stages))
-                problems.append(Problem(
-                    f"feed key '{fed}' is not referenced by any stage of loop '{loop}', so feeding it changes nothing.",
-                    hint=_did_you_mean(fed, outside) + (f"Loop stages refer to: {', '.join(outside)}."
-                                                        if outside else "Loop stages refer to nothing outside the loop."),
-                    **where(fkey)))
+                problems.append(
+                    Problem(
+                        f"feed key '{fed}' is not referenced by any stage of loop '{loop}', so feeding it changes nothing.",
+                        hint=_did_you_mean(fed, outside)
+                        + (
+                            f"Loop stages refer to: {', '.join(outside)}."
+                            if outside
+                            else "Loop stages refer to nothing outside the loop."
+                        ),
+                        **where(fkey),
+                    )
+                )
     return problems, broken
 
 
@@ -230,6 +259,7 @@ def _span(rounds: list[int]) -> str:
 
 def compact_names(text: str) -> str:
     """'a@1, a@2, a@3' -> 'a@1..3' (lists of known names in hints grow with every round)."""
+
     def repl(m: re.Match) -> str:
         ks = [int(k) for k in re.findall(r"@(\d+)", m.group(0))]
         if ks != list(range(ks[0], ks[0] + len(ks))):
@@ -243,8 +273,11 @@ def merge_round_problems(problems: list[Problem], bases: set[str]) -> list[Probl
     """One problem per cause: the same problem in several rounds of a loop stage (keys such as
     `stages.dpo.model (round 2)`, from `Recipe.where`) becomes one, keyed `(rounds 1-3)`, its
     message in the stages' own names. Cycles through loop stages get a hint about `feed`."""
-    strip = (re.compile(r"(?<![\w.-])(" + "|".join(map(re.escape, sorted(bases, key=len, reverse=True))) + r")@\d+(?!\d)")
-             if bases else None)
+    strip = (
+        re.compile(r"(?<![\w.-])(" + "|".join(map(re.escape, sorted(bases, key=len, reverse=True))) + r")@\d+(?!\d)")
+        if bases
+        else None
+    )
 
     def plain(text: str | None) -> str | None:
         return strip.sub(r"\1", text) if strip and text else text
@@ -261,8 +294,11 @@ def merge_round_problems(problems: list[Problem], bases: set[str]) -> list[Probl
     for p in problems:
         m = _ROUND_KEY.match(p.key or "")
         if p.message.startswith("stages form a cycle") and strip and strip.search(p.message):
-            p = dataclasses.replace(p, hint=(p.hint or "") + " Inside a loop, a stage gets the previous round's "
-                                    "output through the loop's feed, e.g. feed = { policy = \"dpo\" }.")
+            p = dataclasses.replace(
+                p,
+                hint=(p.hint or "") + " Inside a loop, a stage gets the previous round's "
+                'output through the loop\'s feed, e.g. feed = { policy = "dpo" }.',
+            )
         if not m:
             out.append(dataclasses.replace(p, hint=tidy(p.hint)))
             continue
@@ -283,8 +319,9 @@ def merge_round_problems(problems: list[Problem], bases: set[str]) -> list[Probl
         if len(rounds) == 1:
             merged.append(dataclasses.replace(first, hint=hint))
         else:
-            merged.append(dataclasses.replace(first, key=f"{item[2]} (rounds {_span(rounds)})", message=item[3],
-                                              hint=hint))
+            merged.append(
+                dataclasses.replace(first, key=f"{item[2]} (rounds {_span(rounds)})", message=item[3], hint=hint)
+            )
     return merged
 
 
@@ -310,7 +347,9 @@ def replies(artifact_type: str, rows: list[dict]) -> list[str] | None:
         for row in rows:
             chosen = row.get("chosen")
             if isinstance(chosen, list):
-                said = [_text(m) for m in chosen if not isinstance(m, dict) or m.get("role", "assistant") == "assistant"]
+                said = [
+                    _text(m) for m in chosen if not isinstance(m, dict) or m.get("role", "assistant") == "assistant"
+                ]
                 out.append("\n".join(said))
             elif chosen is not None:
                 out.append(_text(chosen))
@@ -326,8 +365,8 @@ def diversity_for(artifact_type: str, entry_dir: str | Path) -> dict | None:
     """Diversity of a stage's replies (engine.core.diversity.diversity: n, distinct_1, distinct_2,
     length {mean, std, min, max}, refusal_share), read from its rows.parquet; None for models,
     reports and prompts, or when the entry has no rows."""
-    from engine.data.rows import read_rows
     from engine.core.diversity import diversity
+    from engine.data.rows import read_rows
 
     path = Path(entry_dir) / "rows.parquet"
     if artifact_type not in ("conversations", "preferences", "samples") or not path.is_file():
@@ -361,6 +400,16 @@ def round_rows(stages: dict[str, dict], base: str | None = None) -> list[tuple[s
         for k, d in items:
             change = "" if k == items[0][0] else f"{(d['distinct_2'] - first) / first:+.0%}" if first else "n/a"
             length = d.get("length", {})
-            rows.append((base, str(k), str(d["n"]), f"{d['distinct_1']:.3f}", f"{d['distinct_2']:.3f}", change,
-                         f"{length.get('mean', 0):.1f} ± {length.get('std', 0):.1f}", f"{d['refusal_share']:.0%}"))
+            rows.append(
+                (
+                    base,
+                    str(k),
+                    str(d["n"]),
+                    f"{d['distinct_1']:.3f}",
+                    f"{d['distinct_2']:.3f}",
+                    change,
+                    f"{length.get('mean', 0):.1f} ± {length.get('std', 0):.1f}",
+                    f"{d['refusal_share']:.0%}",
+                )
+            )
     return rows

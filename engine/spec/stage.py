@@ -43,11 +43,12 @@ Optional hooks:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from engine.spec.config import ARTIFACT_TYPES, StageConfig
-from dataclasses import dataclass
 
 
 class StageModule(Protocol):
@@ -61,9 +62,15 @@ class StageModule(Protocol):
 
 
 HOOKS: dict[str, str] = {  # optional hook -> what it must be
-    "gives": "callable", "check": "callable", "templates": "callable", "uses": "callable", "MULTI_PROCESS": "bool",
+    "gives": "callable",
+    "check": "callable",
+    "templates": "callable",
+    "uses": "callable",
+    "MULTI_PROCESS": "bool",
     "ROW_STAGE": "bool",
-    "summary": "callable", "summary_table": "callable", "summary_notes": "callable",
+    "summary": "callable",
+    "summary_table": "callable",
+    "summary_notes": "callable",
 }
 
 
@@ -97,9 +104,10 @@ def unused_problems(name: str, config: Any, recipe: Any, used: set[str], what: s
     """A problem for each key the user set that `what` (e.g. "method 'revision'") ignores."""
     from engine.core.errors import Problem
 
-    return [Problem(f"{field} is not used by {what}.", hint=f"Remove {field}.",
-                    **recipe.where(f"stages.{name}.{field}"))
-            for field in sorted(config.model_fields_set - used - ALWAYS_USED)]
+    return [
+        Problem(f"{field} is not used by {what}.", hint=f"Remove {field}.", **recipe.where(f"stages.{name}.{field}"))
+        for field in sorted(config.model_fields_set - used - ALWAYS_USED)
+    ]
 
 
 def uses_problems(recipe: Any) -> list:

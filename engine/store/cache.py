@@ -20,16 +20,16 @@ import shutil
 import socket
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from filelock import FileLock, Timeout
 
-from engine.core.io import atomic_write_json
 from engine.core.errors import CacheError
 from engine.core.hashing import sha256_file
+from engine.core.io import atomic_write_json
 
 MANIFEST = "manifest.json"
 
@@ -192,7 +192,8 @@ class Store:
             raise CacheError(
                 (f"cache entry {path} is damaged ({why}), and " if why else f"{path} must go, but ")
                 + f"it cannot be moved aside: {exc.strerror or exc}. Make the runs dir writable "
-                f"(chmod -R u+w {self.root}) or delete {path} by hand, then run again; it will be rebuilt.") from exc
+                f"(chmod -R u+w {self.root}) or delete {path} by hand, then run again; it will be rebuilt."
+            ) from exc
         shutil.rmtree(trash, ignore_errors=True)
 
     def remove(self, fp: str) -> None:

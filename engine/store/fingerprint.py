@@ -14,15 +14,15 @@ large dataset is read once, not on every `plan`.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
-
+from engine.core.hashing import HashMemo, digest, hub_cache_commit, is_file
+from engine.spec.backends import BACKENDS
 from engine.spec.config import EXEC_ONLY, PATH, REF, marker
 from engine.spec.graph import Source, edges, order
-from engine.core.hashing import HashMemo, digest, hub_cache_commit, is_file
 from engine.spec.stage import hook
-from engine.spec.backends import BACKENDS
 
 if TYPE_CHECKING:
     from engine.spec.recipe import ModelSpec, Recipe
@@ -34,7 +34,7 @@ DATA_VERSION = 1  # bump when dataset loading/normalization changes its output
 # --------------------------------------------------------------------------- identities
 
 
-def dataset_identity(recipe: "Recipe", name: str, memo: HashMemo) -> dict:
+def dataset_identity(recipe: Recipe, name: str, memo: HashMemo) -> dict:
     spec = recipe.datasets[name]
     opts = spec.model_dump(mode="json", exclude={"path", "revision"})
     if Path(spec.path).is_absolute():
@@ -45,7 +45,7 @@ def dataset_identity(recipe: "Recipe", name: str, memo: HashMemo) -> dict:
     return {"dataset": source, "options": opts, "loader": DATA_VERSION}
 
 
-def model_identity(spec: "ModelSpec", memo: HashMemo, stage_fps: dict[str, str]) -> dict:
+def model_identity(spec: ModelSpec, memo: HashMemo, stage_fps: dict[str, str]) -> dict:
     if spec.path.startswith("builtin:"):
         from engine.models.builtins import builtin_identity
 
@@ -77,14 +77,14 @@ def model_identity(spec: "ModelSpec", memo: HashMemo, stage_fps: dict[str, str])
     }
 
 
-def constitution_identity(recipe: "Recipe", name: str, memo: HashMemo) -> dict:
+def constitution_identity(recipe: Recipe, name: str, memo: HashMemo) -> dict:
     """An input like a dataset: its file's content, never its path."""
     path = recipe.constitutions[name].path
     return {"constitution": memo.file(path) if Path(path).is_file() else {"missing": True}}
 
 
 # What identifies an input of each kind (graph.Source): the id its consumers' fingerprints hold.
-IDENTITY: dict[Source, Callable[["Recipe", str, dict[str, str], HashMemo], str]] = {
+IDENTITY: dict[Source, Callable[[Recipe, str, dict[str, str], HashMemo], str]] = {
     Source.STAGES: lambda recipe, name, fps, memo: fps[name],
     Source.DATASETS: lambda recipe, name, fps, memo: digest(dataset_identity(recipe, name, memo)),
     Source.MODELS: lambda recipe, name, fps, memo: digest(model_identity(recipe.models[name], memo, fps)),
@@ -96,7 +96,7 @@ assert set(IDENTITY) == set(Source), "every input kind needs an identity"
 # --------------------------------------------------------------------------- stages
 
 
-def stage_components(recipe: "Recipe", name: str, stage_fps: dict[str, str], memo: HashMemo) -> dict:
+def stage_components(recipe: Recipe, name: str, stage_fps: dict[str, str], memo: HashMemo) -> dict:
     """Everything that can change a stage's output, in a form that can be diffed for reasons."""
     stage = recipe.stages[name]
     cls = type(stage.config)
@@ -124,7 +124,9 @@ def stage_components(recipe: "Recipe", name: str, stage_fps: dict[str, str], mem
         "inputs": inputs,
         "templates": templates,
         "seed": recipe.meta.seed,
-        **({"round": stage.round} if stage.round and stage.round > 1 else {}),  # iterative rounds: engine/spec/rounds.py
+        **(
+            {"round": stage.round} if stage.round and stage.round > 1 else {}
+        ),  # iterative rounds: engine/spec/rounds.py
     }
 
 
@@ -135,7 +137,7 @@ def fingerprint(components: dict) -> str:
     return digest(keyed)[:FP_LEN]
 
 
-def fingerprints(recipe: "Recipe", memo: HashMemo) -> dict[str, tuple[str, dict]]:
+def fingerprints(recipe: Recipe, memo: HashMemo) -> dict[str, tuple[str, dict]]:
     """Stage name -> (fingerprint, components), computed in topological order."""
     out: dict[str, tuple[str, dict]] = {}
     fps: dict[str, str] = {}
@@ -159,7 +161,13 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _show(value: Any) -> str:
-    return "unset" if value is None else json.dumps(value, ensure_ascii=False) if not isinstance(value, (int, float)) or isinstance(value, bool) else str(value)
+    return (
+        "unset"
+        if value is None
+        else json.dumps(value, ensure_ascii=False)
+        if not isinstance(value, (int, float)) or isinstance(value, bool)
+        else str(value)
+    )
 
 
 def reasons(old: dict | None, new: dict) -> list[str]:

@@ -15,8 +15,13 @@ from engine.store.cache import Store
 from engine.store.record import read_record, run_dirs
 
 
-def collect(root: Path, keep_runs: int, yes: bool, as_written: Callable[[list[Path]], dict[Path, set[str]]],
-            say: Callable[[str], None]) -> None:
+def collect(
+    root: Path,
+    keep_runs: int,
+    yes: bool,
+    as_written: Callable[[list[Path]], dict[Path, set[str]]],
+    say: Callable[[str], None],
+) -> None:
     """Say what would go (or, with `yes`, remove it): entries no kept run or recipe file uses,
     and partial work of stages that are not kept."""
     store = Store(root)
@@ -35,8 +40,10 @@ def collect(root: Path, keep_runs: int, yes: bool, as_written: Callable[[list[Pa
     files.update(_recipe_files(root.resolve().parent))
     written = as_written(sorted(files))
     if written:
-        say(f"keeping the entries that {len(written)} recipe files need as written "
-            f"({', '.join(p.name for p in sorted(written)[:5])}{', ...' if len(written) > 5 else ''})")
+        say(
+            f"keeping the entries that {len(written)} recipe files need as written "
+            f"({', '.join(p.name for p in sorted(written)[:5])}{', ...' if len(written) > 5 else ''})"
+        )
     for fps in written.values():
         keep.update(fps)
     if yes:  # half-built entries of crashed runs: their builder is gone

@@ -4,6 +4,7 @@ entries; `runs/<recipe>/latest` points to the newest run."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -16,19 +17,17 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from engine import __version__
-from engine.core.io import atomic_write_text
-from engine.spec.recipe import Recipe
-from engine.core.toml import dump_toml
 from engine.core.errors import RecipeError
+from engine.core.io import atomic_write_text
+from engine.core.toml import dump_toml
+from engine.spec.recipe import Recipe
 
 
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version(), "recipe-engine": __version__}
     for dist in ("torch", "transformers", "trl", "peft", "datasets", "pyarrow"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
     return out
 
 
@@ -52,10 +51,17 @@ class RunRecord:
         atomic_write_text(self.dir / "recipe.toml", dump_toml(recipe.raw))
         self._alive = FileLock(str(self.dir / ALIVE))  # held while this process runs (see `is_dead`)
         self._alive.acquire()
-        self.data = {"recipe": recipe.name, "run": run_id, "recipe_file": str(recipe.path),
-                     "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "status": "running",
-                     "command": command or f"recipe run {recipe.path}", "seed": recipe.meta.seed,
-                     "versions": versions(), "stages": {}}
+        self.data = {
+            "recipe": recipe.name,
+            "run": run_id,
+            "recipe_file": str(recipe.path),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "status": "running",
+            "command": command or f"recipe run {recipe.path}",
+            "seed": recipe.meta.seed,
+            "versions": versions(),
+            "stages": {},
+        }
         self.save()
         link = base / f".latest.{os.getpid()}"
         if link.is_symlink():

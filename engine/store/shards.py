@@ -19,9 +19,10 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from engine.core.hashing import sha256_file
 from engine.core.io import atomic_write_json
@@ -104,8 +105,9 @@ class ShardRunner:
         work = self.root / f".tmp-{index:06d}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         work.mkdir(parents=True)
         write_rows(work / "rows.parquet", result.rows)
-        atomic_write_json(work / "stats.json", dict(result.stats, _rows=len(result.rows),
-                                                    _sha256=sha256_file(work / "rows.parquet")))
+        atomic_write_json(
+            work / "stats.json", dict(result.stats, _rows=len(result.rows), _sha256=sha256_file(work / "rows.parquet"))
+        )
         try:
             os.replace(work, self._shard_dir(index))
         except OSError:  # committed meanwhile by another attempt: the same rows, keep the first
@@ -141,12 +143,7 @@ class ShardRunner:
             atomic_write_json(path, layout)
 
     def map(
-        self,
-        rows: list[dict],
-        fn: Callable[[Shard], ShardResult],
-        *,
-        shard_size: int,
-        desc: str = "rows",
+        self, rows: list[dict], fn: Callable[[Shard], ShardResult], *, shard_size: int, desc: str = "rows"
     ) -> tuple[list[dict], list[dict]]:
         """Run `fn` on every uncommitted shard of `rows`; return all output rows in input
         order and each shard's stats, committed ones included."""
@@ -161,7 +158,7 @@ class ShardRunner:
             self.announce(f"resuming: {len(committed)} of {n_shards} shards committed")
         task = self.progress(len(rows), desc)
         # committed rows count as done at once: a first jump, which the rate and ETA leave out
-        task.advance(sum(len(rows[i * shard_size:(i + 1) * shard_size]) for i in committed))
+        task.advance(sum(len(rows[i * shard_size : (i + 1) * shard_size]) for i in committed))
         resumed = 0
         for index in range(n_shards):
             start = index * shard_size

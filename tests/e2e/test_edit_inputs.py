@@ -75,26 +75,47 @@ def append(path: Path, text: str) -> None:
 def edit_first_critique(path: Path) -> None:
     text = path.read_text()
     i = text.index("critique = ")
-    path.write_text(text[:i] + 'critique = "Point out every unkind word. ' + text[i + len('critique = "'):])
+    path.write_text(text[:i] + 'critique = "Point out every unkind word. ' + text[i + len('critique = "') :])
 
 
 EDITS = {  # what is edited -> (the edit, the stages that must run again, a reason naming it)
-    "dataset file": (lambda r: write_jsonl(r / "convs.jsonl", rows(4)), {"clean", "rev", "other"},
-                     "data changed: convs"),
-    "constitution": (lambda r: edit_first_critique(r / "constitution.toml"), {"rev"},
-                     "constitution changed: short"),
-    "template by path": (lambda r: append(r / "prompts" / "my_critique.j2", "\nBe brief.\n"), {"rev"},
-                         "template changed: prompts/my_critique.j2"),
-    "recipe-local template override": (lambda r: append(r / "templates" / "revision.j2", "\nBe kind.\n"), {"rev"},
-                                       "template changed: revision.j2"),
-    "model setting": (lambda r: (r / "recipe.toml").write_text((r / "recipe.toml").read_text().replace(
-        'path = "builtin:tiny-chat"', 'path = "builtin:tiny-chat"\ndtype = "float32"')), {"rev"},
-        "model changed: policy"),
-    "stage setting": (lambda r: (r / "recipe.toml").write_text(
-        (r / "recipe.toml").read_text().replace("min_words = 1", "min_words = 2")), {"clean", "rev"},
-        "config: min_words 1 -> 2"),
-    "seed": (lambda r: (r / "recipe.toml").write_text((r / "recipe.toml").read_text().replace("seed = 4", "seed = 5")),
-             {"clean", "rev", "other"}, "seed: 4 -> 5"),
+    "dataset file": (
+        lambda r: write_jsonl(r / "convs.jsonl", rows(4)),
+        {"clean", "rev", "other"},
+        "data changed: convs",
+    ),
+    "constitution": (lambda r: edit_first_critique(r / "constitution.toml"), {"rev"}, "constitution changed: short"),
+    "template by path": (
+        lambda r: append(r / "prompts" / "my_critique.j2", "\nBe brief.\n"),
+        {"rev"},
+        "template changed: prompts/my_critique.j2",
+    ),
+    "recipe-local template override": (
+        lambda r: append(r / "templates" / "revision.j2", "\nBe kind.\n"),
+        {"rev"},
+        "template changed: revision.j2",
+    ),
+    "model setting": (
+        lambda r: (r / "recipe.toml").write_text(
+            (r / "recipe.toml")
+            .read_text()
+            .replace('path = "builtin:tiny-chat"', 'path = "builtin:tiny-chat"\ndtype = "float32"')
+        ),
+        {"rev"},
+        "model changed: policy",
+    ),
+    "stage setting": (
+        lambda r: (r / "recipe.toml").write_text(
+            (r / "recipe.toml").read_text().replace("min_words = 1", "min_words = 2")
+        ),
+        {"clean", "rev"},
+        "config: min_words 1 -> 2",
+    ),
+    "seed": (
+        lambda r: (r / "recipe.toml").write_text((r / "recipe.toml").read_text().replace("seed = 4", "seed = 5")),
+        {"clean", "rev", "other"},
+        "seed: 4 -> 5",
+    ),
 }
 
 

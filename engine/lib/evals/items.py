@@ -37,10 +37,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-
 SUITES = ("safety", "refusal", "sycophancy", "helpfulness", "diversity")
-FILES = {"safety": "safety_multiturn.jsonl", "refusal": "refusal.jsonl", "sycophancy": "sycophancy.jsonl",
-         "helpfulness": "helpfulness.jsonl", "diversity": "heldout_conversations.jsonl"}
+FILES = {
+    "safety": "safety_multiturn.jsonl",
+    "refusal": "refusal.jsonl",
+    "sycophancy": "sycophancy.jsonl",
+    "helpfulness": "helpfulness.jsonl",
+    "diversity": "heldout_conversations.jsonl",
+}
 SHIPPED_DIR = Path(__file__).resolve().parents[3] / "recipes" / "data" / "eval"
 
 
@@ -59,7 +63,7 @@ class SafetyItem(_Item):
     harmful_from: int = Field(ge=0)
 
     @model_validator(mode="after")
-    def _in_range(self) -> "SafetyItem":
+    def _in_range(self) -> SafetyItem:
         if self.harmful_from >= len(self.turns):
             raise ValueError(f"harmful_from {self.harmful_from} is past the last turn (there are {len(self.turns)})")
         return self
@@ -84,7 +88,7 @@ class HelpfulnessItem(_Item):
     turns: list[str] | None = Field(None, min_length=2)
 
     @model_validator(mode="after")
-    def _one_form(self) -> "HelpfulnessItem":
+    def _one_form(self) -> HelpfulnessItem:
         if (self.prompt is None) == (self.turns is None):
             raise ValueError("give either 'prompt' (one turn) or 'turns' (a first turn and a follow-up), not both")
         return self
@@ -100,15 +104,20 @@ class HeldoutItem(_Item):
     messages: list[_Message] = Field(min_length=2)
 
     @model_validator(mode="after")
-    def _has_both(self) -> "HeldoutItem":
+    def _has_both(self) -> HeldoutItem:
         roles = [m.role for m in self.messages]
         if "assistant" not in roles or "user" not in roles[: roles.index("assistant")]:
             raise ValueError("messages need a user turn followed by an assistant turn")
         return self
 
 
-ITEMS: dict[str, type[_Item]] = {"safety": SafetyItem, "refusal": RefusalItem, "sycophancy": SycophancyItem,
-                                 "helpfulness": HelpfulnessItem, "diversity": HeldoutItem}
+ITEMS: dict[str, type[_Item]] = {
+    "safety": SafetyItem,
+    "refusal": RefusalItem,
+    "sycophancy": SycophancyItem,
+    "helpfulness": HelpfulnessItem,
+    "diversity": HeldoutItem,
+}
 
 
 class SuiteError(ValueError):
@@ -144,8 +153,9 @@ def load_suite(suite: str, path: str | Path, limit: int | None = None) -> list[d
         except ValidationError as exc:
             err = exc.errors()[0]
             where = ".".join(str(p) for p in err["loc"])
-            raise SuiteError(path, number, f"{where + ': ' if where else ''}{err['msg']} "
-                                           f"(a {suite} item needs {_fields(model)})") from None
+            raise SuiteError(
+                path, number, f"{where + ': ' if where else ''}{err['msg']} (a {suite} item needs {_fields(model)})"
+            ) from None
         if item.id in seen:
             raise SuiteError(path, number, f"id '{item.id}' repeats line {seen[item.id]}")
         seen[item.id] = number
@@ -169,5 +179,3 @@ def _fields(model: type[BaseModel]) -> str:
 
 
 # --------------------------------------------------------------------------- metrics
-
-

@@ -5,12 +5,13 @@ report includes them.
 """
 
 from __future__ import annotations
+
 from pathlib import Path
 from typing import Any
-from engine.core import plots
-from engine.lib.evals.metrics import fmt, metric_table
-from engine.core.document import Table, Block, Bullets, Heading, Image, Para, _cut, _slug, write_report
 
+from engine.core import plots
+from engine.core.document import Block, Bullets, Heading, Image, Para, Table, _cut, _slug, write_report
+from engine.lib.evals.metrics import fmt, metric_table
 
 TINY_NOTE = (
     "This run uses builtin:tiny-chat, a model of about 100k parameters built from a random seed with a byte "
@@ -20,7 +21,8 @@ TINY_NOTE = (
     "helpfulness and composite numbers from it are noise, and differences between its models mean nothing. "
     "Training losses going down only show that the optimizer runs. For numbers worth reading, point the "
     "models at a real instruction-tuned checkpoint (e.g. --set models.policy.path=Qwen/Qwen2.5-0.5B-Instruct) "
-    "and configure a capable judge.")
+    "and configure a capable judge."
+)
 
 
 GENERAL_NOTES = (
@@ -41,66 +43,124 @@ def eval_blocks(metrics: dict, rows: list[dict], prefix: str = "", level: int = 
     per_model: dict[str, dict] = metrics["per_model"]
     judged = bool(metrics.get("judge"))
     p = f"{_slug(prefix)}_" if prefix else ""
-    blocks: list[Block] = [Para(
-        f"Models compared: {', '.join(names)} (first = base, last = final). Judge: "
-        f"{metrics.get('judge') or 'none (refusal by phrases only; helpfulness n/a)'}. Items per suite: "
-        + ", ".join(f"{s} {n}" for s, n in metrics.get("items", {}).items()) + ".")]
+    blocks: list[Block] = [
+        Para(
+            f"Models compared: {', '.join(names)} (first = base, last = final). Judge: "
+            f"{metrics.get('judge') or 'none (refusal by phrases only; helpfulness n/a)'}. Items per suite: "
+            + ", ".join(f"{s} {n}" for s, n in metrics.get("items", {}).items())
+            + "."
+        )
+    ]
     blocks += glance_blocks(metrics)
-    blocks.append(Table(["metric", *names],
-                        [[label, *values] for label, values in metric_table(per_model, judged, names)]))
-    blocks.append(Para("Rates carry 95% intervals in brackets: Wilson intervals for independent prompts, a "
-                       "bootstrap over conversations for the multi-turn safety rates."))
+    blocks.append(
+        Table(["metric", *names], [[label, *values] for label, values in metric_table(per_model, judged, names)])
+    )
+    blocks.append(
+        Para(
+            "Rates carry 95% intervals in brackets: Wilson intervals for independent prompts, a "
+            "bootstrap over conversations for the multi-turn safety rates."
+        )
+    )
     composites = {n: per_model[n]["composite"] for n in names}
-    blocks.append(Bullets([f"{n}: composite {fmt(c['value'])} = {c['label']}"
-                           + (f"; safety part from the {c['safety_detector']} detector"
-                              if c.get("safety_detector") else "")
-                           for n, c in composites.items()]))
-    notes = [f"{n}: perplexity {per_model[n]['diversity']['perplexity_note']}" for n in names
-             if (per_model[n].get("diversity") or {}).get("perplexity_note")]
+    blocks.append(
+        Bullets(
+            [
+                f"{n}: composite {fmt(c['value'])} = {c['label']}"
+                + (f"; safety part from the {c['safety_detector']} detector" if c.get("safety_detector") else "")
+                for n, c in composites.items()
+            ]
+        )
+    )
+    notes = [
+        f"{n}: perplexity {per_model[n]['diversity']['perplexity_note']}"
+        for n in names
+        if (per_model[n].get("diversity") or {}).get("perplexity_note")
+    ]
     if notes:
         blocks.append(Para("; ".join(notes) + "."))
     missing = metrics.get("judge_missing") or {}
     if any(missing.values()):
-        blocks.append(Para("Judge answers that could not be parsed (recorded as n/a): "
-                           + ", ".join(f"{k} {v}" for k, v in missing.items() if v) + "."))
+        blocks.append(
+            Para(
+                "Judge answers that could not be parsed (recorded as n/a): "
+                + ", ".join(f"{k} {v}" for k, v in missing.items() if v)
+                + "."
+            )
+        )
 
     safety = {n: per_model[n]["safety"] for n in names if "safety" in per_model[n]}
     if safety:
         blocks.append(Heading("Multi-turn safety: per-turn curves", level + 1))
         curves = [("refusal_phrases", "refusal rate per turn (phrases)")]
         if judged:
-            curves += [("refusal_judge", "refusal rate per turn (judge)"),
-                       ("harm_judge", "harmful replies per turn (judge)")]
+            curves += [
+                ("refusal_judge", "refusal rate per turn (judge)"),
+                ("harm_judge", "harmful replies per turn (judge)"),
+            ]
         for key, title in curves:
             series = {n: (list(range(1, len(s["per_turn"][key]) + 1)), s["per_turn"][key]) for n, s in safety.items()}
-            bands = {n: [t["ci"] for t in per_model[n].get("safety_per_turn") or []] for n in safety} \
-                if key == "refusal_phrases" else None
+            bands = (
+                {n: [t["ci"] for t in per_model[n].get("safety_per_turn") or []] for n in safety}
+                if key == "refusal_phrases"
+                else None
+            )
             if any(v is not None for _, ys in series.values() for v in ys):
-                blocks.append(Image(f"{p}{key}_per_turn.png", plots.lines(None, series, title=title, xlabel="user turn",
-                                                                          ylabel="share of scenarios", marker="o",
-                                                                          bands=bands),
-                                    f"{title}, one line per model" + (", shaded: 95% Wilson interval per turn"
-                                                                      if bands else "")))
+                blocks.append(
+                    Image(
+                        f"{p}{key}_per_turn.png",
+                        plots.lines(
+                            None,
+                            series,
+                            title=title,
+                            xlabel="user turn",
+                            ylabel="share of scenarios",
+                            marker="o",
+                            bands=bands,
+                        ),
+                        f"{title}, one line per model" + (", shaded: 95% Wilson interval per turn" if bands else ""),
+                    )
+                )
         first = next(iter(safety.values()))
-        blocks.append(Para("Scenarios per turn: " + ", ".join(str(n) for n in first["per_turn"]["n"])
-                           + ". The refusal rate from harmful_from on pools every turn at or after the first "
-                             "turn where complying would be harmful."))
+        blocks.append(
+            Para(
+                "Scenarios per turn: "
+                + ", ".join(str(n) for n in first["per_turn"]["n"])
+                + ". The refusal rate from harmful_from on pools every turn at or after the first "
+                "turn where complying would be harmful."
+            )
+        )
         cats = sorted({c for s in safety.values() for c in s["by_category"]})
         detectors = ("phrases", "judge") if judged else ("phrases",)
-        blocks.append(Table(["category", *[f"{n} ({d})" for n in names if n in safety for d in detectors]],
-                            [[f"{c} (n={first['by_category'].get(c, {}).get('n', 0)})",
-                              *[fmt(safety[n]["by_category"].get(c, {}).get("refusal_from_harmful", {}).get(d))
-                                for n in names if n in safety for d in detectors]] for c in cats]))
+        blocks.append(
+            Table(
+                ["category", *[f"{n} ({d})" for n in names if n in safety for d in detectors]],
+                [
+                    [
+                        f"{c} (n={first['by_category'].get(c, {}).get('n', 0)})",
+                        *[
+                            fmt(safety[n]["by_category"].get(c, {}).get("refusal_from_harmful", {}).get(d))
+                            for n in names
+                            if n in safety
+                            for d in detectors
+                        ],
+                    ]
+                    for c in cats
+                ],
+            )
+        )
 
     bars = _bar_groups(per_model, names, judged)
     if bars:
         blocks.append(Heading("Metrics side by side", level + 1))
         groups = [g for g, _ in bars]
         series = {n: [vals[i] for _, vals in bars] for i, n in enumerate(names)}
-        blocks.append(Image(f"{p}metrics_bars.png", plots.bars(None, groups, series, title="eval metrics (0-1)",
-                                                               ylabel="value"),
-                            "Each group is one metric, one bar per model; a missing value is drawn as 0 "
-                            "(see the table for n/a)."))
+        blocks.append(
+            Image(
+                f"{p}metrics_bars.png",
+                plots.bars(None, groups, series, title="eval metrics (0-1)", ylabel="value"),
+                "Each group is one metric, one bar per model; a missing value is drawn as 0 (see the table for n/a).",
+            )
+        )
     blocks += example_blocks(rows, names, level + 1)
     return blocks
 
@@ -117,21 +177,36 @@ def glance_blocks(metrics: dict) -> list[Block]:
         return []
     base, later = names[0], names[1:]
     comparisons = metrics.get("comparisons") or {}
-    labels = {"adversarial_refusal": "refusal, adversarial prompts (higher is better)",
-              "benign_over_refusal": "over-refusal, benign prompts (lower is better)",
-              "refusal_discrimination": "refusal discrimination: adversarial minus benign refused (higher is better)",
-              "safety_refusal_from_harmful": "multi-turn: refusal from the harmful turn on (higher is better)",
-              "safety_refusal_before_harmful": "multi-turn: refusal before the harmful turn (lower is better)",
-              "sycophancy_flip": "sycophancy: flip rate under pushback (lower is better)"}
-    rows = [[labels[k], *[fmt_rate(heads[n].get(k)) for n in names],
-             *[fmt_difference((comparisons.get(n) or {}).get(k)) for n in later]] for k in keys]
-    outside = [f"{labels[k].split(' (')[0]} ({n})" for n in later for k in keys
-               if ((comparisons.get(n) or {}).get(k) or {}).get("outside_noise")]
-    return [Heading("At a glance", 3),
-            Table(["rate (phrase detector)", *names, *[f"{n} - {base}" for n in later]], rows),
-            Para("Differences are paired over the same prompts, with 95% bootstrap intervals; * marks a difference "
-                 "whose interval excludes 0 (outside the noise): "
-                 + (", ".join(outside) if outside else "none") + ".")]
+    labels = {
+        "adversarial_refusal": "refusal, adversarial prompts (higher is better)",
+        "benign_over_refusal": "over-refusal, benign prompts (lower is better)",
+        "refusal_discrimination": "refusal discrimination: adversarial minus benign refused (higher is better)",
+        "safety_refusal_from_harmful": "multi-turn: refusal from the harmful turn on (higher is better)",
+        "safety_refusal_before_harmful": "multi-turn: refusal before the harmful turn (lower is better)",
+        "sycophancy_flip": "sycophancy: flip rate under pushback (lower is better)",
+    }
+    rows = [
+        [
+            labels[k],
+            *[fmt_rate(heads[n].get(k)) for n in names],
+            *[fmt_difference((comparisons.get(n) or {}).get(k)) for n in later],
+        ]
+        for k in keys
+    ]
+    outside = [
+        f"{labels[k].split(' (')[0]} ({n})"
+        for n in later
+        for k in keys
+        if ((comparisons.get(n) or {}).get(k) or {}).get("outside_noise")
+    ]
+    return [
+        Heading("At a glance", 3),
+        Table(["rate (phrase detector)", *names, *[f"{n} - {base}" for n in later]], rows),
+        Para(
+            "Differences are paired over the same prompts, with 95% bootstrap intervals; * marks a difference "
+            "whose interval excludes 0 (outside the noise): " + (", ".join(outside) if outside else "none") + "."
+        ),
+    ]
 
 
 def _bar_groups(per_model: dict, names: list[str], judged: bool) -> list[tuple[str, list[float | None]]]:
@@ -145,14 +220,16 @@ def _bar_groups(per_model: dict, names: list[str], judged: bool) -> list[tuple[s
             return None
         return rates.get("judge") if judged and rates.get("judge") is not None else rates.get("phrases")
 
-    spec = [("refusal (adversarial)", lambda m: best(get(m, "refusal", "refusal_rate"))),
-            ("over-refusal (benign)", lambda m: best(get(m, "refusal", "over_refusal_rate"))),
-            ("safety refusal from harmful turn", lambda m: best(get(m, "safety", "refusal_from_harmful"))),
-            ("sycophancy flip rate", lambda m: get(m, "sycophancy", "flip_rate")),
-            ("sycophancy final accuracy", lambda m: get(m, "sycophancy", "final_accuracy")),
-            ("helpfulness (score-1)/9", lambda m: get(m, "composite", "parts", "helpfulness")),
-            ("distinct-2", lambda m: get(m, "diversity", "distinct_2")),
-            ("composite", lambda m: get(m, "composite", "value"))]
+    spec = [
+        ("refusal (adversarial)", lambda m: best(get(m, "refusal", "refusal_rate"))),
+        ("over-refusal (benign)", lambda m: best(get(m, "refusal", "over_refusal_rate"))),
+        ("safety refusal from harmful turn", lambda m: best(get(m, "safety", "refusal_from_harmful"))),
+        ("sycophancy flip rate", lambda m: get(m, "sycophancy", "flip_rate")),
+        ("sycophancy final accuracy", lambda m: get(m, "sycophancy", "final_accuracy")),
+        ("helpfulness (score-1)/9", lambda m: get(m, "composite", "parts", "helpfulness")),
+        ("distinct-2", lambda m: get(m, "diversity", "distinct_2")),
+        ("composite", lambda m: get(m, "composite", "value")),
+    ]
     out = []
     for label, fn in spec:
         values = [fn(per_model[n]) for n in names]
@@ -172,18 +249,29 @@ def example_blocks(rows: list[dict], names: list[str], level: int = 3) -> list[B
     suites = ["safety", "refusal", "helpfulness" if any(r["suite"] == "helpfulness" for r in rows) else "sycophancy"]
     blocks: list[Block] = []
     for suite in suites:
-        items = [r["item_id"] for r in rows if r["suite"] == suite and r["model"] == base
-                 and all((n, suite, r["item_id"]) in index for n in names)]
+        items = [
+            r["item_id"]
+            for r in rows
+            if r["suite"] == suite and r["model"] == base and all((n, suite, r["item_id"]) in index for n in names)
+        ]
         if not items:
             continue
         item = max(items, key=lambda i: _refusals(index[(final, suite, i)]) - _refusals(index[(base, suite, i)]))
         shown = [index[(n, suite, item)] for n in names]
-        blocks.append(Heading(f"Example conversation: {suite} item {item}"
-                              + ("" if len(names) == 1 else f" ({' vs '.join(names)})"), level))
+        blocks.append(
+            Heading(
+                f"Example conversation: {suite} item {item}" + ("" if len(names) == 1 else f" ({' vs '.join(names)})"),
+                level,
+            )
+        )
         first = shown[0]
         if suite == "safety":
-            blocks.append(Para(f"{first['meta'].get('category', '')}: {first['meta'].get('title', '')}; "
-                               f"harmful from user turn {first['meta'].get('harmful_from', 0) + 1}."))
+            blocks.append(
+                Para(
+                    f"{first['meta'].get('category', '')}: {first['meta'].get('title', '')}; "
+                    f"harmful from user turn {first['meta'].get('harmful_from', 0) + 1}."
+                )
+            )
         table_rows = []
         for t, (user, _) in enumerate(_exchanges(first)):
             replies = []
@@ -202,7 +290,7 @@ def _refusals(row: dict) -> int:
     adversarial prompt; 0 for other suites."""
     meta = row.get("meta") or {}
     if row["suite"] == "safety":
-        return sum(bool(t["refusal_phrases"]) for t in meta.get("turns", [])[meta.get("harmful_from", 0):])
+        return sum(bool(t["refusal_phrases"]) for t in meta.get("turns", [])[meta.get("harmful_from", 0) :])
     if row["suite"] == "refusal" and meta.get("label") == "adversarial":
         return int(bool(meta.get("refusal_phrases")))
     return 0

@@ -24,15 +24,31 @@ import random
 
 from engine.core.stats import bootstrap_ci, paired_difference, pooled_rate, quantile, resample, wilson
 
-HEADLINE = ("adversarial_refusal", "benign_over_refusal", "refusal_discrimination", "safety_refusal_from_harmful",
-            "safety_refusal_before_harmful", "sycophancy_flip")
+HEADLINE = (
+    "adversarial_refusal",
+    "benign_over_refusal",
+    "refusal_discrimination",
+    "safety_refusal_from_harmful",
+    "safety_refusal_before_harmful",
+    "sycophancy_flip",
+)
 DISCRIMINATION = ("adversarial_refusal", "benign_over_refusal")
 # every other rate of the eval table, with an interval too (judge verdicts only where a judge ran)
-OTHER = ("adversarial_refusal_judge", "benign_over_refusal_judge", "safety_refusal_from_harmful_judge",
-         "safety_harm_from_harmful_judge", "sycophancy_initial_accuracy", "sycophancy_final_accuracy",
-         "sycophancy_apology")
-CLUSTERED = {"safety_refusal_from_harmful", "safety_refusal_before_harmful", "safety_refusal_from_harmful_judge",
-             "safety_harm_from_harmful_judge"}
+OTHER = (
+    "adversarial_refusal_judge",
+    "benign_over_refusal_judge",
+    "safety_refusal_from_harmful_judge",
+    "safety_harm_from_harmful_judge",
+    "sycophancy_initial_accuracy",
+    "sycophancy_final_accuracy",
+    "sycophancy_apology",
+)
+CLUSTERED = {
+    "safety_refusal_from_harmful",
+    "safety_refusal_before_harmful",
+    "safety_refusal_from_harmful_judge",
+    "safety_harm_from_harmful_judge",
+}
 
 
 def _known(flags) -> list[bool]:
@@ -75,10 +91,12 @@ def per_turn(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _discrimination(adv: list[list[bool]], ben: list[list[bool]], seed: int, other: tuple | None = None,
-                    resamples: int = 2000) -> tuple[float, list[float]]:
+def _discrimination(
+    adv: list[list[bool]], ben: list[list[bool]], seed: int, other: tuple | None = None, resamples: int = 2000
+) -> tuple[float, list[float]]:
     """adversarial minus benign refusal rate, and a 95% bootstrap interval resampling both prompt
     sets; with `other` = (adv, ben) of a second model on the same prompts, of the paired difference."""
+
     def j(a, b, ia, ib) -> float:
         return pooled_rate([a[i] for i in ia]) - pooled_rate([b[i] for i in ib])
 
@@ -99,9 +117,14 @@ def headline(rows: list[dict], seed: int = 0) -> dict:
     if all(k in found for k in DISCRIMINATION):
         adv, ben = (list(found[k].values()) for k in DISCRIMINATION)
         value, ci = _discrimination(adv, ben, seed)
-        out["refusal_discrimination"] = {"rate": value, "k": None, "n": len(adv) + len(ben),
-                                         "items": len(adv) + len(ben), "ci": ci,
-                                         "interval": "bootstrap over both prompt sets"}
+        out["refusal_discrimination"] = {
+            "rate": value,
+            "k": None,
+            "n": len(adv) + len(ben),
+            "items": len(adv) + len(ben),
+            "ci": ci,
+            "interval": "bootstrap over both prompt sets",
+        }
     for key, items in found.items():
         flags = list(items.values())
         k, n = sum(sum(f) for f in flags), sum(len(f) for f in flags)
@@ -109,8 +132,14 @@ def headline(rows: list[dict], seed: int = 0) -> dict:
             ci, how = bootstrap_ci(flags, seed), "bootstrap over conversations"
         else:
             ci, how = wilson(k, n), "Wilson"
-        out[key] = {"rate": pooled_rate(flags), "k": k, "n": n, "items": len(flags),
-                    "ci": list(ci) if ci else None, "interval": how}
+        out[key] = {
+            "rate": pooled_rate(flags),
+            "k": k,
+            "n": n,
+            "items": len(flags),
+            "ci": list(ci) if ci else None,
+            "interval": how,
+        }
     return out
 
 
@@ -135,7 +164,7 @@ def compare(base_rows: list[dict], other_rows: list[dict], seed: int = 0) -> dic
 
 
 def fmt_rate(entry: dict | None) -> str:
-    """"0.350 [0.25, 0.46]" (n/a when undefined)."""
+    """ "0.350 [0.25, 0.46]" (n/a when undefined)."""
     if not entry or entry.get("rate") is None:
         return "n/a"
     ci = entry.get("ci")

@@ -43,8 +43,9 @@ class Backend(Protocol):
 
     name: str
 
-    def generate(self, prompts: list[list[dict]], params: SamplingParams,
-                 seed: "int | Sequence[int]") -> list[list[Completion]]:
+    def generate(
+        self, prompts: list[list[dict]], params: SamplingParams, seed: int | Sequence[int]
+    ) -> list[list[Completion]]:
         """For each chat prompt (a list of {role, content}), `params.n` completions of the
         next assistant turn. `seed`: one per prompt (engine.core.seeds derives them from row ids), or
         an int meaning seed, seed + 1, ... A prompt's completions depend on its own seed only,

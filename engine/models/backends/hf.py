@@ -28,7 +28,8 @@ used: its sampler has one global seed, so a prompt's text would depend on its ba
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from engine.core.errors import RecipeError
 from engine.core.seeds import sample_seed
@@ -48,8 +49,9 @@ class RowSampler:
 
         self.params, self.width = params, width
         steps = max(1, params.max_new_tokens)
-        self.uniforms = torch.stack([torch.rand(steps, generator=torch.Generator().manual_seed(s),
-                                                dtype=torch.float64) for s in seeds])
+        self.uniforms = torch.stack(
+            [torch.rand(steps, generator=torch.Generator().manual_seed(s), dtype=torch.float64) for s in seeds]
+        )
         self._on: Any = None  # the uniforms on the scores' device, moved once
 
     def __call__(self, input_ids, scores):
@@ -81,8 +83,9 @@ CACHE_BUCKET = 256  # static KV caches are sized in multiples of this, so later 
 class HFBackend:
     name = "hf"
 
-    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 64, kv_cache: str = "auto",
-                 on_close: Any = None) -> None:
+    def __init__(
+        self, model: Any, tokenizer: Any, batch_size: int = 64, kv_cache: str = "auto", on_close: Any = None
+    ) -> None:
         from engine.models.chatmask import stop_token_ids
 
         self.model, self.tokenizer, self.batch_size = model, tokenizer, max(1, batch_size)
@@ -115,10 +118,12 @@ class HFBackend:
                 f"a prompt of {n} tokens (prompt {longest} of this batch of {len(encoded)}) plus max_new_tokens "
                 f"{params.max_new_tokens} exceeds the model's context of {self.context} tokens.",
                 hint="Lower max_new_tokens, use fewer turns, or drop long rows first (a filter stage's max_turns "
-                     "or a shorter data file).")
+                "or a shorter data file).",
+            )
 
-    def generate(self, prompts: list[list[dict]], params: SamplingParams,
-                 seed: int | Sequence[int]) -> list[list[Completion]]:
+    def generate(
+        self, prompts: list[list[dict]], params: SamplingParams, seed: int | Sequence[int]
+    ) -> list[list[Completion]]:
         import torch
 
         if not prompts:
@@ -156,24 +161,36 @@ class HFBackend:
         input_ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
         attention = torch.zeros((len(rows), width), dtype=torch.long)
         for r, ids in enumerate(rows):
-            input_ids[r, width - len(ids):] = torch.tensor(ids)
-            attention[r, width - len(ids):] = 1
+            input_ids[r, width - len(ids) :] = torch.tensor(ids)
+            attention[r, width - len(ids) :] = 1
         device = self.model.device
         # Greedy selection over scores the row sampler has already decided (when sampling): a fresh
         # config, so a model's own generation_config (do_sample, temperature) cannot interfere.
-        config = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=False, num_beams=1,
-                                  pad_token_id=tok.pad_token_id, eos_token_id=self.stop_ids, use_cache=True,
-                                  min_new_tokens=getattr(self.model.generation_config, "min_new_tokens", None),
-                                  **self._cache_options(width + params.max_new_tokens))
+        config = GenerationConfig(
+            max_new_tokens=params.max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=self.stop_ids,
+            use_cache=True,
+            min_new_tokens=getattr(self.model.generation_config, "min_new_tokens", None),
+            **self._cache_options(width + params.max_new_tokens),
+        )
         processors = LogitsProcessorList()
         if params.temperature > 0:
             processors.append(RowSampler([s for row in seeds for s in row], params, width))
         with torch.inference_mode():
-            out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                      generation_config=config, logits_processor=processors)
+            out = self.model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention.to(device),
+                generation_config=config,
+                logits_processor=processors,
+            )
         new = out[:, width:].cpu().tolist()
-        return [[self._completion(new[b * params.n + k], len(ids), params) for k in range(params.n)]
-                for b, ids in enumerate(batch)]
+        return [
+            [self._completion(new[b * params.n + k], len(ids), params) for k in range(params.n)]
+            for b, ids in enumerate(batch)
+        ]
 
     def _cache_options(self, length: int) -> dict:
         """GenerationConfig options for the KV cache: a static cache of a bucketed size (compiled
@@ -210,21 +227,22 @@ class HFBackend:
         tails = []
         for option in options:
             full = tok.encode(prefix + option, add_special_tokens=False)
-            tails.append(full[len(pre):] if full[:len(pre)] == pre else tok.encode(option, add_special_tokens=False))
+            tails.append(full[len(pre) :] if full[: len(pre)] == pre else tok.encode(option, add_special_tokens=False))
         seqs = [(i, k, ids + pre, tail) for i, ids in enumerate(self._encode(prompts)) for k, tail in enumerate(tails)]
         out = [[0.0] * len(options) for _ in prompts]
         device = self.model.device
         for start in range(0, len(seqs), self.batch_size):
-            chunk = seqs[start:start + self.batch_size]
+            chunk = seqs[start : start + self.batch_size]
             width = max(len(head) + len(tail) for _, _, head, tail in chunk)
             input_ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
             attention = torch.zeros((len(chunk), width), dtype=torch.long)
             for row, (_, _, head, tail) in enumerate(chunk):
-                input_ids[row, :len(head) + len(tail)] = torch.tensor(head + tail)
-                attention[row, :len(head) + len(tail)] = 1
+                input_ids[row, : len(head) + len(tail)] = torch.tensor(head + tail)
+                attention[row, : len(head) + len(tail)] = 1
             with torch.inference_mode():
-                logps = torch.log_softmax(self.model(input_ids=input_ids.to(device),
-                                                     attention_mask=attention.to(device)).logits.float(), -1).cpu()
+                logps = torch.log_softmax(
+                    self.model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float(), -1
+                ).cpu()
             for row, (i, k, head, tail) in enumerate(chunk):
                 out[i][k] = float(sum(logps[row, len(head) + j - 1, t] for j, t in enumerate(tail)))
         return out

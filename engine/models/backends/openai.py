@@ -21,6 +21,7 @@ Stdlib only (urllib); importing this module does not import torch or transformer
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
@@ -32,12 +33,12 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from engine.core.errors import CacheError
-from engine.core.errors import RecipeError
+from engine.core.errors import CacheError, RecipeError
 from engine.models.backends import BuildRequest, Completion, SamplingParams
 
 BACKOFF_BASE_S = 0.5
@@ -89,14 +90,25 @@ def _is_loopback(host: str | None) -> bool:
 class OpenAIBackend:
     name = "openai"
 
-    def __init__(self, base_url: str, model: str, *, api_key_env: str | None = None, max_concurrency: int = 4,
-                 timeout_s: float = 60, max_retries: int = 5, cache_dir: Path | str | None = None,
-                 sleep: Callable[[float], Any] = time.sleep, backoff_base_s: float = BACKOFF_BASE_S,
-                 backoff_cap_s: float = BACKOFF_CAP_S) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key_env: str | None = None,
+        max_concurrency: int = 4,
+        timeout_s: float = 60,
+        max_retries: int = 5,
+        cache_dir: Path | str | None = None,
+        sleep: Callable[[float], Any] = time.sleep,
+        backoff_base_s: float = BACKOFF_BASE_S,
+        backoff_cap_s: float = BACKOFF_CAP_S,
+    ) -> None:
         parsed = urllib.parse.urlsplit(str(base_url).strip())
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise BackendError(f"openai backend: base_url '{base_url}' is not an http(s) URL; "
-                               f"use e.g. http://127.0.0.1:8000/v1.")
+            raise BackendError(
+                f"openai backend: base_url '{base_url}' is not an http(s) URL; use e.g. http://127.0.0.1:8000/v1."
+            )
         self.base_url = str(base_url).strip().rstrip("/")
         self.endpoint = self.base_url + "/chat/completions"
         self.model = model
@@ -126,12 +138,12 @@ class OpenAIBackend:
 
         seeds = prompt_seeds(seed, len(prompts))
         abort = threading.Event()
-        pool = ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(prompts)),
-                                  thread_name_prefix="openai-backend")
+        pool = ThreadPoolExecutor(
+            max_workers=min(self.max_concurrency, len(prompts)), thread_name_prefix="openai-backend"
+        )
         try:
             futures: dict[Future, int] = {
-                pool.submit(self._prompt, messages, params, seeds[i], abort): i
-                for i, messages in enumerate(prompts)
+                pool.submit(self._prompt, messages, params, seeds[i], abort): i for i, messages in enumerate(prompts)
             }
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
             failed = sorted((futures[f], f) for f in done if f.exception() is not None)
@@ -167,8 +179,9 @@ class OpenAIBackend:
             body["stop"] = list(params.stop)
         return body
 
-    def _prompt(self, messages: list[dict], params: SamplingParams, seed: int,
-                abort: threading.Event) -> list[Completion]:
+    def _prompt(
+        self, messages: list[dict], params: SamplingParams, seed: int, abort: threading.Event
+    ) -> list[Completion]:
         comps: list[Completion] = []
         round_ = 0
         while len(comps) < params.n:
@@ -177,8 +190,10 @@ class OpenAIBackend:
             response = self._cached(payload, abort)
             got = self._completions(response, params)[:want]
             if not got:
-                raise BackendError(f"openai backend: {self.endpoint} returned no choices for a request with "
-                                   f"n={want}; check that the server supports chat completions for model '{self.model}'.")
+                raise BackendError(
+                    f"openai backend: {self.endpoint} returned no choices for a request with "
+                    f"n={want}; check that the server supports chat completions for model '{self.model}'."
+                )
             comps += got
             round_ += 1
         return comps
@@ -242,20 +257,25 @@ class OpenAIBackend:
 
     @staticmethod
     def _valid(response: Any) -> bool:
-        return (isinstance(response, dict) and isinstance(response.get("choices"), list)
-                and all(isinstance(c, dict) for c in response["choices"]))
+        return (
+            isinstance(response, dict)
+            and isinstance(response.get("choices"), list)
+            and all(isinstance(c, dict) for c in response["choices"])
+        )
 
     def _api_key(self) -> str | None:
         if not self.api_key_env:
             return None
         key = os.environ.get(self.api_key_env)
         if not key:
-            raise BackendError(f"openai backend: environment variable {self.api_key_env} (api_key_env) is not set; "
-                               f"export it with the API key for {self.base_url}.")
+            raise BackendError(
+                f"openai backend: environment variable {self.api_key_env} (api_key_env) is not set; "
+                f"export it with the API key for {self.base_url}."
+            )
         return key
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
-        backoff = min(self.backoff_cap_s, self.backoff_base_s * (2 ** attempt))
+        backoff = min(self.backoff_cap_s, self.backoff_base_s * (2**attempt))
         backoff *= 0.5 + 0.5 * self._jitter.random()  # jitter: spread clients that failed together
         if retry_after is not None:
             backoff = max(backoff, retry_after)
@@ -275,13 +295,20 @@ class OpenAIBackend:
                 if attempt + 1 < attempts and not abort.is_set():
                     self._sleep(self._delay(attempt, exc.retry_after))
         assert last is not None
-        raise BackendError(self._scrub(
-            f"openai backend: POST {self.endpoint} failed after {attempts} attempt{'s' * (attempts > 1)}: "
-            f"{last.cause}. {last.hint}", key))
+        raise BackendError(
+            self._scrub(
+                f"openai backend: POST {self.endpoint} failed after {attempts} attempt{'s' * (attempts > 1)}: "
+                f"{last.cause}. {last.hint}",
+                key,
+            )
+        )
 
     def _post(self, payload: dict, key: str | None) -> dict:
-        headers = {"Content-Type": "application/json", "Accept": "application/json",
-                   "User-Agent": "recipe-engine/openai-backend"}
+        headers = {
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "User-Agent": "recipe-engine/openai-backend",
+        }
         if key:
             headers["Authorization"] = f"Bearer {key}"
         data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
@@ -300,18 +327,24 @@ class OpenAIBackend:
         try:
             response = json.loads(body)
         except (ValueError, UnicodeDecodeError):
-            raise _Retryable(f"the response is not JSON ({_one_line(body[:120].decode('utf-8', 'replace'))!r})",
-                             "Check that base_url points at an OpenAI-compatible API (it usually ends in /v1).") from None
+            raise _Retryable(
+                f"the response is not JSON ({_one_line(body[:120].decode('utf-8', 'replace'))!r})",
+                "Check that base_url points at an OpenAI-compatible API (it usually ends in /v1).",
+            ) from None
         if not self._valid(response):
-            raise BackendError(f"openai backend: {self.endpoint} returned JSON without a 'choices' list; "
-                               f"check that base_url points at an OpenAI-compatible API (it usually ends in /v1).")
+            raise BackendError(
+                f"openai backend: {self.endpoint} returned JSON without a 'choices' list; "
+                f"check that base_url points at an OpenAI-compatible API (it usually ends in /v1)."
+            )
         return response
 
     def _connection_error(self, reason: Any) -> _Retryable:
         if isinstance(reason, (TimeoutError, socket.timeout)) or "timed out" in str(reason):
-            return _Retryable(f"no response within timeout_s={self.timeout_s:g}s",
-                              "The server is overloaded or the generations are long: raise timeout_s, "
-                              "or lower max_concurrency or max_new_tokens.")
+            return _Retryable(
+                f"no response within timeout_s={self.timeout_s:g}s",
+                "The server is overloaded or the generations are long: raise timeout_s, "
+                "or lower max_concurrency or max_new_tokens.",
+            )
         if isinstance(reason, ConnectionRefusedError):
             cause = "connection refused"
         elif isinstance(reason, socket.gaierror):
@@ -339,16 +372,20 @@ class OpenAIBackend:
         cause = f"HTTP {status}" + (f" ({message})" if message else "")
         if status in RETRY_STATUSES or 500 <= status < 600:
             retry_after = None
-            try:
+            with contextlib.suppress(TypeError, ValueError):
                 retry_after = max(0.0, float(exc.headers.get("Retry-After"))) if exc.headers else None
-            except (TypeError, ValueError):
-                pass
-            hint = ("The server is rate limiting: lower max_concurrency, or try again later." if status == 429
-                    else "The server is failing or overloaded: check its logs.")
+            hint = (
+                "The server is rate limiting: lower max_concurrency, or try again later."
+                if status == 429
+                else "The server is failing or overloaded: check its logs."
+            )
             return _Retryable(cause, hint, retry_after)
         if status in (401, 403):
-            hint = (f"Check the API key in ${self.api_key_env}." if self.api_key_env
-                    else "The server requires an API key: set api_key_env to the environment variable holding it.")
+            hint = (
+                f"Check the API key in ${self.api_key_env}."
+                if self.api_key_env
+                else "The server requires an API key: set api_key_env to the environment variable holding it."
+            )
         elif status == 404:
             hint = f"Check base_url (it usually ends in /v1) and that the server serves model '{self.model}'."
         else:
@@ -359,15 +396,22 @@ class OpenAIBackend:
         return text.replace(key, "***") if key else text
 
 
-__all__ = ["BackendError", "OpenAIBackend", "request_key", "canonical_json", "derived_seed"]
+__all__ = ["BackendError", "OpenAIBackend", "canonical_json", "derived_seed", "request_key"]
 
 
-def build(request: BuildRequest) -> "OpenAIBackend":
+def build(request: BuildRequest) -> OpenAIBackend:
     """The [models] spec's server; its request cache lives in the stage's partial folder (resume)."""
     spec, name = request.model.spec, request.model.name
     if not spec.base_url:
-        raise RecipeError.single(f"model '{name}' uses the openai backend but has no base_url.",
-                                 **request.recipe.where(f"models.{name}.base_url"))
-    return OpenAIBackend(spec.base_url, spec.model_name or spec.path, api_key_env=spec.api_key_env,
-                         max_concurrency=spec.max_concurrency, timeout_s=spec.timeout_s,
-                         cache_dir=request.partial_dir / "requests")
+        raise RecipeError.single(
+            f"model '{name}' uses the openai backend but has no base_url.",
+            **request.recipe.where(f"models.{name}.base_url"),
+        )
+    return OpenAIBackend(
+        spec.base_url,
+        spec.model_name or spec.path,
+        api_key_env=spec.api_key_env,
+        max_concurrency=spec.max_concurrency,
+        timeout_s=spec.timeout_s,
+        cache_dir=request.partial_dir / "requests",
+    )

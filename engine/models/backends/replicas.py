@@ -12,8 +12,9 @@ machines instead; this is for the GPUs of one.)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Any
 
 from engine.models.backends import Completion, SamplingParams
 
@@ -51,16 +52,19 @@ class Replicas:
     def batch_size(self) -> int:
         return self.replicas[0].batch_size
 
-    def generate(self, prompts: list[list[dict]], params: SamplingParams,
-                 seed: "int | Sequence[int]") -> list[list[Completion]]:
+    def generate(
+        self, prompts: list[list[dict]], params: SamplingParams, seed: int | Sequence[int]
+    ) -> list[list[Completion]]:
         from engine.models.backends import prompt_seeds
 
         if not prompts:
             return []
         seeds = prompt_seeds(seed, len(prompts))
         parts = blocks(len(prompts), len(self.replicas))
-        futures = [self._pool.submit(rep.generate, [prompts[i] for i in part], params, [seeds[i] for i in part])
-                   for rep, part in zip(self.replicas, parts)]
+        futures = [
+            self._pool.submit(rep.generate, [prompts[i] for i in part], params, [seeds[i] for i in part])
+            for rep, part in zip(self.replicas, parts)
+        ]
         out: list[list[Completion]] = []
         for fut in futures:
             out.extend(fut.result())
@@ -68,8 +72,10 @@ class Replicas:
 
     def option_logprobs(self, prompts: list[list[dict]], prefix: str, options: list[str]) -> list[list[float]]:
         parts = blocks(len(prompts), len(self.replicas))
-        futures = [self._pool.submit(rep.option_logprobs, [prompts[i] for i in part], prefix, options)
-                   for rep, part in zip(self.replicas, parts)]
+        futures = [
+            self._pool.submit(rep.option_logprobs, [prompts[i] for i in part], prefix, options)
+            for rep, part in zip(self.replicas, parts)
+        ]
         return [row for fut in futures for row in fut.result()]
 
     def close(self) -> None:

@@ -28,12 +28,13 @@ from __future__ import annotations
 import gc
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from engine.core.errors import RecipeError
-from engine.spec.backends import BACKENDS
 from engine.models.backends import BuildRequest, Completion, SamplingParams
+from engine.spec.backends import BACKENDS
 
 if TYPE_CHECKING:
     from engine.spec.artifact import Artifact
@@ -47,7 +48,8 @@ def _import_vllm():
     except ImportError as exc:
         raise RecipeError.single(
             f"the vllm backend needs the vllm package, which is not importable here ({exc}).",
-            hint=f"Install it on a GPU machine with `{INSTALL}`, or use backend = \"hf\".") from None
+            hint=f'Install it on a GPU machine with `{INSTALL}`, or use backend = "hf".',
+        ) from None
     return vllm
 
 
@@ -63,17 +65,29 @@ def _from_spec(spec: Any, cache_root: Path | None) -> dict:
     template = spec.chat_template
     if template and is_file(template):
         template = Path(template).read_text()
-    return {"model": source, "revision": spec.revision, "adapter": spec.adapter, "dtype": spec.dtype,
-            "chat_template": template, "trust_remote_code": spec.trust_remote_code}
+    return {
+        "model": source,
+        "revision": spec.revision,
+        "adapter": spec.adapter,
+        "dtype": spec.dtype,
+        "chat_template": template,
+        "trust_remote_code": spec.trust_remote_code,
+    }
 
 
 def _from_dir(path: Path) -> dict:
     adapter = str(path) if (path / "adapter_config.json").is_file() else None
-    return {"model": str(path), "revision": None, "adapter": adapter, "dtype": "auto", "chat_template": None,
-            "trust_remote_code": False}
+    return {
+        "model": str(path),
+        "revision": None,
+        "adapter": adapter,
+        "dtype": "auto",
+        "chat_template": None,
+        "trust_remote_code": False,
+    }
 
 
-def resolve(model: "Artifact", cache_root: Path | None) -> dict:
+def resolve(model: Artifact, cache_root: Path | None) -> dict:
     """What to start vLLM with for a model reference: {"model": dir or hub id, "revision",
     "adapter": LoRA dir or None, "dtype", "chat_template", "trust_remote_code"}. A stage-made
     adapter is served on the base its base.json records."""
@@ -93,7 +107,8 @@ def resolve(model: "Artifact", cache_root: Path | None) -> dict:
         raise RecipeError.single(
             f"model '{model.name}' is a LoRA adapter on '{base['name']}', itself a model with an adapter: the vllm "
             "backend serves one adapter on plain weights.",
-            hint="Merge the first adapter (merge = true in the stage that trained it), or use backend = \"hf\".")
+            hint='Merge the first adapter (merge = true in the stage that trained it), or use backend = "hf".',
+        )
     out["adapter"] = str(path)
     return out
 
@@ -114,15 +129,19 @@ def _dtype(name: str) -> str:
 class VLLMBackend:
     name = "vllm"
 
-    def __init__(self, source: dict, *, batch_size: int = 64, gpus: int = 1, seed: int = 0,
-                 log: logging.Logger | None = None) -> None:
+    def __init__(
+        self, source: dict, *, batch_size: int = 64, gpus: int = 1, seed: int = 0, log: logging.Logger | None = None
+    ) -> None:
         vllm = _import_vllm()
         self._vllm = vllm
         self.source, self.batch_size = source, batch_size
         adapter = source.get("adapter")
         kwargs: dict[str, Any] = {
-            "model": source["model"], "dtype": _dtype(source.get("dtype") or "auto"), "seed": seed,
-            "tensor_parallel_size": max(1, gpus), "trust_remote_code": bool(source.get("trust_remote_code")),
+            "model": source["model"],
+            "dtype": _dtype(source.get("dtype") or "auto"),
+            "seed": seed,
+            "tensor_parallel_size": max(1, gpus),
+            "trust_remote_code": bool(source.get("trust_remote_code")),
         }
         if source.get("revision"):
             kwargs["revision"] = source["revision"]
@@ -142,27 +161,38 @@ class VLLMBackend:
         self.stop_ids = stop_token_ids(self.tokenizer, None)
 
     @classmethod
-    def for_artifact(cls, model: "Artifact", cache_root: Path | None, log: logging.Logger, *, batch_size: int = 64,
-                     gpus: int = 1) -> "VLLMBackend":
+    def for_artifact(
+        cls, model: Artifact, cache_root: Path | None, log: logging.Logger, *, batch_size: int = 64, gpus: int = 1
+    ) -> VLLMBackend:
         return cls(resolve(model, cache_root), batch_size=batch_size, gpus=gpus, log=log)
 
     def sampling(self, params: SamplingParams, seed: int) -> Any:
         """vLLM's SamplingParams for one prompt (top_k -1 = off; stop strings cut from the text)."""
         return self._vllm.SamplingParams(
-            n=params.n, temperature=params.temperature, top_p=params.top_p,
-            top_k=params.top_k if params.top_k > 0 else -1, max_tokens=params.max_new_tokens,
-            stop=list(params.stop) or None, stop_token_ids=list(self.stop_ids) or None, seed=seed,
-            skip_special_tokens=True)
+            n=params.n,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k if params.top_k > 0 else -1,
+            max_tokens=params.max_new_tokens,
+            stop=list(params.stop) or None,
+            stop_token_ids=list(self.stop_ids) or None,
+            seed=seed,
+            skip_special_tokens=True,
+        )
 
-    def generate(self, prompts: list[list[dict]], params: SamplingParams,
-                 seed: "int | Sequence[int]") -> list[list[Completion]]:
+    def generate(
+        self, prompts: list[list[dict]], params: SamplingParams, seed: int | Sequence[int]
+    ) -> list[list[Completion]]:
         from engine.models.backends import prompt_seeds
 
         if not prompts:
             return []
         seeds = prompt_seeds(seed, len(prompts))
-        kwargs: dict[str, Any] = {"sampling_params": [self.sampling(params, s) for s in seeds], "use_tqdm": False,
-                                  "add_generation_prompt": True}
+        kwargs: dict[str, Any] = {
+            "sampling_params": [self.sampling(params, s) for s in seeds],
+            "use_tqdm": False,
+            "add_generation_prompt": True,
+        }
         if self.source.get("chat_template"):
             kwargs["chat_template"] = self.source["chat_template"]
         if self.lora is not None:
@@ -197,6 +227,11 @@ class VLLMBackend:
             torch.cuda.empty_cache()
 
 
-def build(request: BuildRequest) -> "VLLMBackend":
-    return VLLMBackend.for_artifact(request.model, request.cache_root, request.log, batch_size=request.batch_size,
-                                    gpus=getattr(request.resources, "gpus", 1) or 1)
+def build(request: BuildRequest) -> VLLMBackend:
+    return VLLMBackend.for_artifact(
+        request.model,
+        request.cache_root,
+        request.log,
+        batch_size=request.batch_size,
+        gpus=getattr(request.resources, "gpus", 1) or 1,
+    )
