@@ -14,12 +14,10 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
-from engine.core.console import progress_bars
+from engine.core.console import progress_bars, terminate_like_interrupt
 from engine.core.errors import CacheError, RecipeError, StageFailed, Terminated
-from engine.report.console import _count, _styled
+from engine.report.console import plan_table, print_run_summary, remote_code_notes
 from engine.store.record import find_run
 
 out = Console(highlight=False, soft_wrap=True)
@@ -99,7 +97,7 @@ def validate(recipe: str, sets) -> None:
     r = _load(recipe, sets)
     kinds = ", ".join(f"{n} ({s.kind})" for n, s in r.stages.items())
     out.print(f"ok: {r.name}: {len(r.stages)} stages: {kinds}", markup=False)
-    _remote_code_notes(r)
+    remote_code_notes(out, r)
 
 
 @main.command()
@@ -117,6 +115,7 @@ def validate(recipe: str, sets) -> None:
 def plan(recipe: str, sets, runs_dir, as_json: bool, resolved: bool, rehash: bool) -> None:
     """Show each stage, its fingerprint, whether it is cached, and why it would run."""
     from engine.core.toml import dump_toml
+    from engine.report.console import print_plan
     from engine.run.plan import make_plan, memo_for
 
     r = _load(recipe, sets)
@@ -126,26 +125,7 @@ def plan(recipe: str, sets, runs_dir, as_json: bool, resolved: bool, rehash: boo
         return
     if resolved:
         out.print(dump_toml(r.raw), markup=False)
-    _plan_table(r.name, items)
-    _remote_code_notes(r)
-
-
-def _remote_code_notes(r) -> None:
-    for name, spec in r.models.items():
-        if spec.trust_remote_code:
-            out.print(
-                f"[yellow]note[/]: model '{name}' ({escape(str(spec.path))}) has trust_remote_code = true: "
-                "loading it runs code from the model repository."
-            )
-
-
-def _plan_table(name: str, items) -> None:
-    table = Table(title=f"plan: {name}", title_justify="left")
-    for col in ("stage", "kind", "fingerprint", "status", "why"):
-        table.add_column(col)
-    for i in items:
-        table.add_row(i.name, i.kind, i.fingerprint[:12], _styled(i.status), "; ".join(i.reasons))
-    out.print(table)
+    print_plan(out, r, items)
 
 
 @main.command(name="run")
@@ -199,7 +179,7 @@ def run_cmd(
     threads,
 ) -> None:
     """Run RECIPE: cached stages are skipped, interrupted ones resume."""
-    _terminate_like_interrupt()
+    terminate_like_interrupt()
     from engine.core.threads import ENV as THREADS_ENV
     from engine.core.threads import parse as parse_threads
     from engine.run.executor import EXECUTORS, executor_default, run
@@ -225,7 +205,7 @@ def run_cmd(
         from engine.run.plan import memo_for
 
         chosen = select(r, list(only), list(force))
-        _plan_table(r.name, [i for i in make_plan(r, root, memo_for(root, rehash)) if i.name in chosen])
+        plan_table(out, r.name, [i for i in make_plan(r, root, memo_for(root, rehash)) if i.name in chosen])
         return
     console = Console(file=sys.stderr, highlight=False, soft_wrap=True)  # the real stderr: third parties go to
     progress = progress_bars(console)  # stage logs (engine.core.console)
@@ -253,32 +233,9 @@ def run_cmd(
         if (run_dir / "record.json").is_file():
             _write_report(run_dir, quiet=True)
         raise
-    table = Table(title=f"run {r.name}/{record.run_id}", title_justify="left")
-    for col in ("stage", "status", "rows in", "rows out", "seconds"):
-        table.add_column(col)
-    for name, s in record.data["stages"].items():
-        table.add_row(
-            name,
-            _styled(s.get("status")),
-            _count(s.get("rows_in")),
-            _count(s.get("rows_out")),
-            f"{s.get('duration_s', 0):.1f}",
-        )
-    out.print(table)
+    print_run_summary(out, r.name, record)
     out.print(f"run record: {record.dir}", markup=False)
     _write_report(record.dir)
-
-
-def _terminate_like_interrupt() -> None:
-    """SIGTERM raises Terminated (a KeyboardInterrupt) in the main thread: the same path as Ctrl-C."""
-    import signal
-    import threading
-
-    def handler(signum, frame):
-        raise Terminated()
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
 
 
 def _write_report(run_dir: Path, quiet: bool = False) -> list[Path]:
@@ -336,35 +293,17 @@ def show(run_ref: str, stage: str, n_rows: int, runs_dir) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def diff(a: str, b: str, runs_dir, as_json: bool) -> None:
     """Stages whose fingerprints differ between recipes A and B, and why."""
+    from engine.report.console import print_diff
     from engine.run.plan import memo_for
-    from engine.store.fingerprint import fingerprints, reasons
+    from engine.store.fingerprint import differences, fingerprints
 
     memo = memo_for(_runs_dir(runs_dir))
-    ra, rb = _load(a, ()), _load(b, ())
-    fa, fb = fingerprints(ra, memo), fingerprints(rb, memo)
+    rows = differences(fingerprints(_load(a, ()), memo), fingerprints(_load(b, ()), memo))
     memo.save()
-    rows = []
-    for name in list(dict.fromkeys([*fa, *fb])):
-        if name not in fb:
-            rows.append({"stage": name, "a": fa[name][0], "b": None, "reasons": ["only in A"]})
-        elif name not in fa:
-            rows.append({"stage": name, "a": None, "b": fb[name][0], "reasons": ["only in B"]})
-        elif fa[name][0] != fb[name][0]:
-            rows.append(
-                {"stage": name, "a": fa[name][0], "b": fb[name][0], "reasons": reasons(fa[name][1], fb[name][1])}
-            )
     if as_json:
         click.echo(json.dumps({"a": a, "b": b, "stages": rows}, indent=2))
-        return
-    if not rows:
-        out.print("no differences: every stage has the same fingerprint")
-        return
-    table = Table(title=f"{a} -> {b}", title_justify="left")
-    for col in ("stage", "A", "B", "why"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r["stage"], (r["a"] or "-")[:12], (r["b"] or "-")[:12], "; ".join(r["reasons"]))
-    out.print(table)
+    else:
+        print_diff(out, a, b, rows)
 
 
 @main.command()
@@ -429,22 +368,9 @@ def _fingerprints_as_written(files: list[Path], root: Path) -> dict[Path, set[st
 def schema(output, markdown, constitution) -> None:
     """JSON Schema of the recipe format (for editors: taplo, VS Code Even Better TOML), or the
     Markdown reference with --markdown; --constitution for the constitution file format."""
-    if constitution and markdown:
-        from engine.load.reference import constitution_markdown
+    from engine.load.reference import schema_text
 
-        text = constitution_markdown().rstrip("\n")
-    elif constitution:
-        from engine.lib.constitution import Constitution
-
-        text = json.dumps(Constitution.model_json_schema(), indent=2)
-    elif markdown:
-        from engine.load.reference import markdown as render
-
-        text = render().rstrip("\n")
-    else:
-        from engine.load.schema import recipe_schema
-
-        text = json.dumps(recipe_schema(), indent=2)
+    text = schema_text(markdown, constitution)
     if output:
         Path(output).write_text(text + "\n")
     else:

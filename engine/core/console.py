@@ -137,3 +137,17 @@ class _RateProgress:
         self.live.advance(task_id, n)
         task = next(t for t in self.live.tasks if t.id == task_id)
         self.live.update(task_id, rate=f"{task.speed:,.1f} {task.fields['unit']}/s" if task.speed else "")
+
+
+def terminate_like_interrupt() -> None:
+    """SIGTERM raises Terminated (a KeyboardInterrupt) in the main thread: the same path as Ctrl-C."""
+    import signal
+    import threading
+
+    def handler(signum, frame):
+        from engine.core.errors import Terminated
+
+        raise Terminated()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)

@@ -160,3 +160,25 @@ def constitution_markdown() -> str:
     ):
         parts += [f"## {title}", "", _doc(model), ""] + table(model, title, skip=skip) + [""]
     return "\n".join(parts).rstrip() + "\n"
+
+
+def schema_text(markdown: bool, constitution: bool) -> str:
+    """What `recipe schema` prints: the recipe's JSON Schema, or the Markdown reference with
+    `markdown`; the constitution file format's with `constitution`."""
+    if constitution and markdown:
+        from engine.load.reference import constitution_markdown
+
+        text = constitution_markdown().rstrip("\n")
+    elif constitution:
+        from engine.lib.constitution import Constitution
+
+        text = json.dumps(Constitution.model_json_schema(), indent=2)
+    elif markdown:
+        from engine.load.reference import markdown as render
+
+        text = render().rstrip("\n")
+    else:
+        from engine.load.schema import recipe_schema
+
+        text = json.dumps(recipe_schema(), indent=2)
+    return text

@@ -215,3 +215,56 @@ def print_stage(out: Console, run_dir: Path, stage: str, n_rows: int) -> None:
             out.print_json(json.dumps(report))
     if round_of(stage):
         _round_table(out, rec["stages"], round_of(stage)[0])
+
+
+def print_plan(out: Console, recipe, items) -> None:
+    """`recipe plan`: each stage, its fingerprint, cached or to run, and why; notes on remote code."""
+    plan_table(out, recipe.name, items)
+    remote_code_notes(out, recipe)
+
+
+def remote_code_notes(out: Console, r) -> None:
+    for name, spec in r.models.items():
+        if spec.trust_remote_code:
+            out.print(
+                f"[yellow]note[/]: model '{name}' ({escape(str(spec.path))}) has trust_remote_code = true: "
+                "loading it runs code from the model repository."
+            )
+
+
+def plan_table(out: Console, name: str, items) -> None:
+    table = Table(title=f"plan: {name}", title_justify="left")
+    for col in ("stage", "kind", "fingerprint", "status", "why"):
+        table.add_column(col)
+    for i in items:
+        table.add_row(i.name, i.kind, i.fingerprint[:12], _styled(i.status), "; ".join(i.reasons))
+    out.print(table)
+
+
+def print_diff(out: Console, a: str, b: str, rows: list[dict]) -> None:
+    """`recipe diff A B`: the stages whose fingerprints differ, and why."""
+    if not rows:
+        out.print("no differences: every stage has the same fingerprint")
+        return
+    table = Table(title=f"{a} -> {b}", title_justify="left")
+    for col in ("stage", "A", "B", "why"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["stage"], (r["a"] or "-")[:12], (r["b"] or "-")[:12], "; ".join(r["reasons"]))
+    out.print(table)
+
+
+def print_run_summary(out: Console, name: str, record) -> None:
+    """The table `recipe run` ends with: each stage, its status, rows in and out, seconds."""
+    table = Table(title=f"run {name}/{record.run_id}", title_justify="left")
+    for col in ("stage", "status", "rows in", "rows out", "seconds"):
+        table.add_column(col)
+    for name, s in record.data["stages"].items():
+        table.add_row(
+            name,
+            _styled(s.get("status")),
+            _count(s.get("rows_in")),
+            _count(s.get("rows_out")),
+            f"{s.get('duration_s', 0):.1f}",
+        )
+    out.print(table)

@@ -201,3 +201,18 @@ def reasons(old: dict | None, new: dict) -> list[str]:
     if old.get("seed") != new["seed"]:
         out.append(f"seed: {old.get('seed')} -> {new['seed']}")
     return out or ["not in cache"]
+
+
+def differences(fa: dict[str, tuple[str, dict]], fb: dict[str, tuple[str, dict]]) -> list[dict]:
+    """Stages whose fingerprints differ between two recipes' `fingerprints`, with the reasons."""
+    rows = []
+    for name in list(dict.fromkeys([*fa, *fb])):
+        if name not in fb:
+            rows.append({"stage": name, "a": fa[name][0], "b": None, "reasons": ["only in A"]})
+        elif name not in fa:
+            rows.append({"stage": name, "a": None, "b": fb[name][0], "reasons": ["only in B"]})
+        elif fa[name][0] != fb[name][0]:
+            rows.append(
+                {"stage": name, "a": fa[name][0], "b": fb[name][0], "reasons": reasons(fa[name][1], fb[name][1])}
+            )
+    return rows
