@@ -21,7 +21,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from engine.core import text
+from engine.core import dedup, text
 from engine.data.datasets import check_messages
 from engine.spec.config import ExecOnly, Ref, StageConfig
 from engine.store.shards import Shard, ShardResult
@@ -120,7 +120,7 @@ def duplicates(config: Config, rows: list[dict]) -> dict[int, tuple[str, str]]:
         return out
     seen: dict[str, int] = {}
     for i, row in enumerate(rows):
-        key = text.exact_key(row["messages"])
+        key = dedup.exact_key(row["messages"])
         if key in seen:
             out[i] = ("exact_duplicate", f"same as {rows[seen[key]].get('id')}")
         else:
@@ -128,7 +128,7 @@ def duplicates(config: Config, rows: list[dict]) -> dict[int, tuple[str, str]]:
     if config.dedup == "near":
         kept = [i for i in range(len(rows)) if i not in out]
         joined = ["\n".join(m["content"] for m in rows[i]["messages"]) for i in kept]
-        near = text.near_duplicates(joined, threshold=config.near_threshold, n=config.ngram)
+        near = dedup.near_duplicates(joined, threshold=config.near_threshold, n=config.ngram)
         for j, k in near.items():
             out[kept[j]] = ("near_duplicate", f"near copy of {rows[kept[k]].get('id')}")
     return out

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from engine.models.backends import SamplingParams
-from engine.models.backends.openai import BackendError, OpenAIBackend
+from engine.models.backends.openai import OpenAIBackend
+from engine.models.backends.requests import BackendError
 
 from chatserver import ChatServer
 

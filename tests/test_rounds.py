@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 from engine.core.diversity import diversity
 from engine.core.hashing import HashMemo
 from engine.data.rows import write_rows
+from engine.lib.roundstats import diversity_for, last_round, replies, round_rows
 from engine.load.loader import load_recipe
-from engine.spec.rounds import diversity_for, last_round, replies, round_name, round_of, round_rows
+from engine.spec.rounds import round_name, round_of
 from engine.store.fingerprint import fingerprints
 
 from conftest import GOOD, conv, write_jsonl

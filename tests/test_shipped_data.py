@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.core import dedup
 from engine.core import text as textrules
 from engine.core.text import is_refusal
 from engine.data.datasets import check_messages, load_rows
@@ -72,7 +73,7 @@ def assert_distinct(texts: list[str], what: str, near: bool = True) -> None:
     dup = [t for t, k in Counter(norm(t) for t in texts).items() if k > 1]
     assert not dup, f"{what}: duplicate texts {dup[:3]}"
     if near:  # the filter stage's own near-duplicate rule (word 3-gram Jaccard >= 0.8)
-        pairs = textrules.near_duplicates(texts)
+        pairs = dedup.near_duplicates(texts)
         assert not pairs, f"{what}: near copies {[(texts[j][:60], texts[i][:60]) for i, j in pairs.items()][:3]}"
 
 
@@ -233,7 +234,7 @@ def test_heldout_conversations():
     flat = lambda r: " ".join(m["content"] for m in r["messages"])  # noqa: E731
     assert_distinct([flat(r) for r in data], "heldout conversations")
     ours = [flat(r) for r in data]
-    pairs = textrules.near_duplicates([flat(s) for s in seeds] + ours, threshold=0.5)
+    pairs = dedup.near_duplicates([flat(s) for s in seeds] + ours, threshold=0.5)
     assert not [i for i in pairs if i >= len(seeds)], "a held-out conversation copies a seed conversation"
     seed_openers = {norm(s["messages"][0]["content"]) for s in seeds}
     assert not [r["id"] for r in data if norm(r["messages"][0]["content"]) in seed_openers]

@@ -13,20 +13,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engine.core.dedup import MinHasher, exact_key, jaccard, near_duplicates, shingles
 from engine.core.text import (
     FILLER_PHRASES,
     REFUSAL_PHRASES,
     STOPWORDS,
     SYCOPHANCY_PHRASES,
-    MinHasher,
     contains_phrase,
-    exact_key,
     is_filler,
     is_refusal,
-    jaccard,
-    near_duplicates,
     normalize,
-    shingles,
     sycophancy_ratio,
     word_count,
     words,
@@ -279,7 +275,7 @@ def test_near_duplicates_many_rows_finds_planted_copies():
 
 DETERMINISM_SCRIPT = """
 import json, sys
-from engine.core.text import near_duplicates
+from engine.core.dedup import near_duplicates
 texts = json.loads(sys.stdin.read())
 print(json.dumps(sorted(near_duplicates(texts, threshold=0.6).items())))
 """

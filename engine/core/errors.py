@@ -83,3 +83,10 @@ def did_you_mean(word: str, options: Iterable[str]) -> str:
     0.6 or more), else "". The one did-you-mean of every error message."""
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
     return f"Did you mean '{close[0]}'?" if close else ""
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type's name when the message is empty), cut
+    to `limit` characters: the cause an error message quotes."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."

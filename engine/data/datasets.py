@@ -18,14 +18,14 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.core.errors import DataError
+from engine.core.errors import DataError, first_line
+from engine.data.files import SAVE_TO_DISK_MARKERS, not_a_dataset
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 REQUIRED = {"conversations": ("messages",), "prompts": ("prompt",), "preferences": ("prompt", "chosen", "rejected")}
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-SAVE_TO_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
 @dataclass
@@ -125,7 +125,7 @@ def _read_file(path: Path, fmt: str, where: dict) -> list[dict]:
                 return rows
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError, ValueError, csv.Error) as e:  # pyarrow errors: ValueError
-        raise DataError.single(f"could not read {path}: {_one_line(e)}", **where) from None
+        raise DataError.single(f"could not read {path}: {first_line(e)}", **where) from None
     if fmt == "jsonl":
         rows = []
         for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may be in a string
@@ -189,7 +189,7 @@ def _read_hf_dir(path: Path, split: str, where: dict) -> list[dict]:
     except DataError:
         raise
     except Exception as e:
-        raise DataError.single(f"could not load dataset directory {path}: {_one_line(e)}", **where) from None
+        raise DataError.single(f"could not load dataset directory {path}: {first_line(e)}", **where) from None
 
 
 def _read_hub(source: str, split: str, revision: str | None, where: dict) -> list[dict]:
@@ -199,52 +199,11 @@ def _read_hub(source: str, split: str, revision: str | None, where: dict) -> lis
         return datasets.load_dataset(source, split=split, revision=revision).to_list()
     except Exception as e:
         raise DataError.single(
-            f"dataset '{source}' could not be loaded from the hub: {_one_line(e).rstrip('.')}; "
+            f"dataset '{source}' could not be loaded from the hub: {first_line(e).rstrip('.')}; "
             f"no local path {os.path.abspath(source)} exists either.",
             hint="Download it and point `path` at the local copy, or check the id and the network.",
             **where,
         ) from None
-
-
-def _one_line(e: BaseException) -> str:
-    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
-DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow", ".tsv", ".txt")
-MAX_DIR_ENTRIES = 100_000
-
-
-def not_a_dataset(path: Path) -> str | None:
-    """Why `path` cannot be read as a dataset, or None: a device, FIFO or socket (reading
-    /dev/zero never ends), or a directory that is not one (no save_to_disk marker and no data
-    file in it or its subfolders, or more entries than any dataset folder has: `/`)."""
-    try:
-        if not path.exists() or path.is_file():
-            return None
-        if not path.is_dir():
-            return f"{path} is not a regular file (a device, pipe or socket); point path at a data file"
-        if any((path / m).exists() for m in SAVE_TO_DISK_MARKERS):
-            return None
-        seen, found = 0, False
-        for dirpath, dirnames, filenames in os.walk(path):
-            seen += len(dirnames) + len(filenames)
-            if seen > MAX_DIR_ENTRIES:
-                return (
-                    f"{path} holds more than {MAX_DIR_ENTRIES:,} files and folders: it is not a dataset "
-                    "folder; point path at the data file or the dataset's own folder"
-                )
-            depth = len(Path(dirpath).relative_to(path).parts)
-            found = found or (depth <= 2 and any(f.lower().endswith(DATA_SUFFIXES) for f in filenames))
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-    except OSError as e:
-        return f"cannot read {path}: {_one_line(e)}"
-    if not found:
-        return (
-            f"{path} is a directory with no data file ({', '.join(DATA_SUFFIXES)}) in it or its subfolders, "
-            "and it is not a saved dataset (save_to_disk)"
-        )
-    return None
 
 
 def _read(source, fmt, split, revision, where) -> list[dict]:
@@ -382,52 +341,3 @@ def load_rows(
 
 
 # ---------------------------------------------------------------- validate-time checks
-
-PREVIEW_MAX_BYTES = 20 << 20  # files up to this size are loaded in full at validate; bigger ones only opened
-
-
-def preview(spec, name: str, where: dict) -> tuple[list[dict] | None, str | None]:
-    """(rows, problem) of a local dataset file, as `recipe validate` sees it: a file that cannot be
-    read, that holds no rows, or that the loader rejects is a problem (run would fail on it later);
-    rows are returned when the file was small enough to load in full (else None). Directories and hub
-    ids are left to the run."""
-    path = Path(spec.path).expanduser()
-    if path.is_absolute() and (why := not_a_dataset(path)) is not None:
-        return None, f"dataset '{name}': {why}."
-    if not path.is_absolute() or not path.is_file():
-        return None, None
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(4096)
-        size = path.stat().st_size
-    except OSError as e:
-        return None, f"dataset '{name}': cannot read {path}: {_one_line(e)}. Check the file's permissions."
-    if not head.strip():
-        return None, (
-            f"dataset '{name}': {path} is empty: it has no rows. Put rows in it, or point path at another file."
-        )
-    if size > PREVIEW_MAX_BYTES:
-        return None, None
-    try:
-        result = load_rows(
-            str(path),
-            name=name,
-            type=spec.type,
-            format=spec.format,
-            split=spec.split,
-            columns=spec.columns,
-            limit=spec.limit,
-            shuffle_seed=spec.shuffle_seed,
-            revision=spec.revision,
-            key=where.get("key"),
-            file=where.get("file"),
-        )
-    except DataError as e:
-        return None, e.problems[0].message + (f" {e.problems[0].hint}" if e.problems[0].hint else "")
-    if not result.rows:
-        dropped = ", ".join(f"{r} ({n})" for r, n in result.dropped.items()) or "no rows"
-        return [], (
-            f"dataset '{name}': no usable row in {path} ({result.total} read; dropped: {dropped}). "
-            "Fix the rows, or point path at another file."
-        )
-    return result.rows, None

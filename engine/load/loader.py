@@ -128,7 +128,7 @@ def load_recipe(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Rec
                     )
                 )
             elif section == "datasets":
-                from engine.data.datasets import preview
+                from engine.data.preview import preview
 
                 where = locate(locations, f"datasets.{name}.path", top)
                 rows, why = preview(spec, name, where)

@@ -39,6 +39,8 @@ from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
+from engine.core.errors import first_line
+
 Messages = list[dict]
 Render = Callable[[Messages, bool], str]  # (messages, add_generation_prompt) -> text
 
@@ -114,7 +116,7 @@ def check_renders(render: Render, special: list[str] = ()) -> None:
     except TemplateProblem:
         raise
     except Exception as exc:
-        raise TemplateProblem(f"rendering a user/assistant conversation failed: {_first_line(exc)}") from None
+        raise TemplateProblem(f"rendering a user/assistant conversation failed: {first_line(exc)}") from None
 
 
 def closing_suffix(render: Render, special: list[str] = ()) -> str:
@@ -192,10 +194,6 @@ def end_of_turn(render: Render, special: list[str] = ()) -> str | None:
 
 def _tail(text: str, n: int = 60) -> str:
     return repr(text[-n:])
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 # --------------------------------------------------------------------------- rendering

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from engine.core.errors import RecipeError
+from engine.core.errors import RecipeError, first_line
 from engine.models.builtins import BUILDERS, SMALL_MODEL, _builtin_folder, builtin_dir, builtin_root
 
 
@@ -29,12 +29,8 @@ def _resolve_dtype(dtype: Any, device: str) -> Any:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
-
-
 def _offline_error(path: str, revision: str | None, cause: BaseException) -> RecipeError:
-    first = _first_line(cause)
+    first = first_line(cause).rstrip(".")
     rev = f" (revision {revision})" if revision else ""
     return RecipeError.single(
         f"cannot load model '{path}'{rev}: it is not a local directory, and it could not be "
@@ -89,7 +85,7 @@ def load_model(
     except OSError as exc:  # transformers reports missing files and network failures as OSError
         if hub:
             raise _offline_error(path, revision, exc) from None
-        raise RecipeError.single(f"cannot load the model in '{source}': {_first_line(exc)}.") from None
+        raise RecipeError.single(f"cannot load the model in '{source}': {first_line(exc)}.") from None
     prepare_tokenizer(tokenizer, model)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id

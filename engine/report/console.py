@@ -34,7 +34,7 @@ def _styled(status) -> str:
 
 def _round_table(out: Console, stages: dict, base: str | None = None) -> None:
     """Iterative rounds: each round's output diversity (engine/spec/rounds.py), when the run has any."""
-    from engine.spec.rounds import ROUND_COLUMNS, round_rows
+    from engine.lib.roundstats import ROUND_COLUMNS, round_rows
 
     rows = round_rows(stages, base)
     if rows:
@@ -154,8 +154,9 @@ def print_stage(out: Console, run_dir: Path, stage: str, n_rows: int) -> None:
     from rich.text import Text
 
     from engine.data.rows import count_rows, read_rows
+    from engine.lib.roundstats import last_round
     from engine.spec import registry
-    from engine.spec.rounds import last_round, round_of
+    from engine.spec.rounds import round_of
 
     rec = read_record(run_dir)
     if stage not in rec["stages"] and last_round(rec["stages"], stage):

@@ -26,7 +26,7 @@ hardware (tested on the flagship, trained weights included). Across different ha
 CPU, a GPU) generated text stays the same only as far as the arithmetic does: seeds are per row,
 never per worker.
 
-Independent stages run side by side (engine.run.executor.side_by_side): each stage starts as soon as
+Independent stages run side by side (engine.run.schedule.side_by_side): each stage starts as soon as
 the stages it reads are committed, and Ray queues their tasks until resources allow (the
 flagship's `revision_pairs` next to `clean_revised` -> `sft` -> `best_of_n`). The store must be one filesystem
 seen by every node: at start a worker writes a probe file under the runs dir and the driver must

@@ -22,7 +22,6 @@ Stdlib only (urllib); importing this module does not import torch or transformer
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import http.client
 import json
 import os
@@ -40,51 +39,18 @@ from typing import Any
 
 from engine.core.errors import CacheError, RecipeError
 from engine.models.backends import BuildRequest, Completion, SamplingParams
-
-BACKOFF_BASE_S = 0.5
-BACKOFF_CAP_S = 8.0
-RETRY_STATUSES = frozenset({408, 429})  # and every 5xx
-
-
-class BackendError(Exception):
-    """A generation backend could not produce completions (server down, rejected request,
-    retries exhausted). The message is one line: the URL, the cause and what to do."""
-
-
-class _Retryable(Exception):
-    def __init__(self, cause: str, hint: str, retry_after: float | None = None) -> None:
-        super().__init__(cause)
-        self.cause, self.hint, self.retry_after = cause, hint, retry_after
-
-
-def canonical_json(obj: Any) -> str:
-    """The engine's one canonical JSON (engine.core.io.canonical): request cache keys and files."""
-    from engine.core.io import canonical
-
-    return canonical(obj)
-
-
-def request_key(payload: dict) -> str:
-    """The cache key of a request: sha256 of its canonical JSON."""
-    return hashlib.sha256(canonical_json(payload).encode("utf-8")).hexdigest()
-
-
-def derived_seed(seed: int, round_: int) -> int:
-    """The seed of the round-th follow-up request of one prompt (round 0 uses `seed`)."""
-    if round_ == 0:
-        return seed
-    from engine.core.seeds import derive
-
-    return derive(seed, "follow-up", round_) & 0x7FFFFFFF
-
-
-def _one_line(text: str, limit: int = 200) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _is_loopback(host: str | None) -> bool:
-    return bool(host) and (host == "localhost" or host == "::1" or host.startswith("127."))
+from engine.models.backends.requests import (
+    BACKOFF_BASE_S,
+    BACKOFF_CAP_S,
+    RETRY_STATUSES,
+    BackendError,
+    _is_loopback,
+    _Retryable,
+    canonical_json,
+    derived_seed,
+    one_line,
+    request_key,
+)
 
 
 class OpenAIBackend:
@@ -328,7 +294,7 @@ class OpenAIBackend:
             response = json.loads(body)
         except (ValueError, UnicodeDecodeError):
             raise _Retryable(
-                f"the response is not JSON ({_one_line(body[:120].decode('utf-8', 'replace'))!r})",
+                f"the response is not JSON ({one_line(body[:120].decode('utf-8', 'replace'))!r})",
                 "Check that base_url points at an OpenAI-compatible API (it usually ends in /v1).",
             ) from None
         if not self._valid(response):
@@ -350,7 +316,7 @@ class OpenAIBackend:
         elif isinstance(reason, socket.gaierror):
             cause = f"cannot resolve the host ({reason})"
         else:
-            cause = _one_line(f"{type(reason).__name__}: {reason}" if isinstance(reason, BaseException) else reason)
+            cause = one_line(f"{type(reason).__name__}: {reason}" if isinstance(reason, BaseException) else reason)
         return _Retryable(cause, f"Is the server running? Check base_url ({self.base_url}).")
 
     def _http_error(self, exc: urllib.error.HTTPError, key: str | None) -> Exception:
@@ -368,7 +334,7 @@ class OpenAIBackend:
             message = err.get("message", "") if isinstance(err, dict) else str(err or "")
         except (ValueError, AttributeError, UnicodeDecodeError):
             message = raw[:200].decode("utf-8", "replace")
-        message = self._scrub(_one_line(message), key)
+        message = self._scrub(one_line(message), key)
         cause = f"HTTP {status}" + (f" ({message})" if message else "")
         if status in RETRY_STATUSES or 500 <= status < 600:
             retry_after = None
