@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup run test fast bench clean
+.PHONY: setup run test check fast bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,9 +21,15 @@ setup: $(VENV)/.installed
 run: setup
 	$(BIN)/recipe run recipes/caI_multiturn.toml
 
-# Every test, the slow end-to-end ones included (this is what CI runs).
-test: setup
+# Lint, format and type checks, then every test, the slow end-to-end ones included (this is what CI runs).
+test: setup check
 	$(BIN)/pytest -m "slow or not slow" -n 2 -q
+
+# ruff (lint and format) and mypy, configured in pyproject.toml.
+check: setup
+	$(BIN)/ruff check engine stages tests bench
+	$(BIN)/ruff format --check engine stages tests bench
+	$(BIN)/mypy
 
 # The fast, offline subset (the default for a plain `pytest`).
 fast: setup

@@ -11,6 +11,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
@@ -19,6 +20,9 @@ from engine.core.console import progress_bars, terminate_like_interrupt
 from engine.core.errors import CacheError, RecipeError, StageFailed, Terminated
 from engine.report.console import plan_table, print_run_summary, remote_code_notes
 from engine.store.record import find_run
+
+if TYPE_CHECKING:
+    from engine.spec.recipe import Recipe
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -72,7 +76,7 @@ def _runs_dir(value: str | None) -> Path:
     return Path(value or runs_dir_default())
 
 
-def _load(path: str, sets) -> Recipe:  # noqa: F821
+def _load(path: str, sets) -> Recipe:
     from engine.load.loader import load_recipe
 
     return load_recipe(path, sets)

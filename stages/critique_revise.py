@@ -353,7 +353,7 @@ def run(config: Config, inputs, ctx) -> None:
     finally:
         for backend in {id(b): b for b in backends.values()}.values():
             backend.close()
-    total = Counter()
+    total: Counter[str] = Counter()
     for s in stats:
         total.update(s)
     report = _report(config, constitution, rows, out, total)

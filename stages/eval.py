@@ -76,7 +76,7 @@ class Config(StageConfig):
     judge: str | None = Ref(
         "model", default=None, description="Judge model: refusal and harm verdicts, helpfulness scores."
     )
-    suites: list[Suite] = Field(default_factory=lambda: list(SUITES), min_length=1, description="Suites to run.")
+    suites: list[Suite] = Field(default_factory=lambda: list(SUITES), min_length=1, description="Suites to run.")  # type: ignore[arg-type]
     safety_file: str | None = PathField(None, description="Multi-turn safety scenarios (JSONL); " + _shipped("safety"))
     refusal_file: str | None = PathField(
         None, description="Adversarial and benign prompts (JSONL); " + _shipped("refusal")
@@ -177,7 +177,7 @@ def templates(config: Config, recipe) -> dict[str, str]:
 def check(name: str, config: Config, recipe) -> list[Problem]:
     problems = []
     for field, values in (("models", config.models), ("suites", config.suites)):
-        repeated = sorted({v for v in values if values.count(v) > 1})
+        repeated = sorted({v for v in values if values.count(v) > 1})  # type: ignore[arg-type]
         if repeated:
             problems.append(
                 Problem(
@@ -301,7 +301,7 @@ def run(config: Config, inputs, ctx) -> None:
             gen = runners.Gen(
                 backend,
                 params,
-                lambda item, turn, m=names[mi], s=suite: ctx.seeds.row(f"{m}/{s}/{item}", purpose="reply", turn=turn),
+                lambda item, turn, m=names[mi], s=suite: ctx.seeds.row(f"{m}/{s}/{item}", purpose="reply", turn=turn),  # type: ignore[misc]
                 system,
             )
             if suite == "safety":

@@ -207,7 +207,7 @@ def run(config: Config, inputs, ctx) -> None:
         ]
 
     def multi_turn(shard: Shard) -> list[dict]:
-        convs = [(row, k, []) for row in shard.rows for k in range(config.n)]
+        convs: list[tuple[dict, int, list]] = [(row, k, []) for row in shard.rows for k in range(config.n)]
         tokens = [{"prompt": 0, "completion": 0} for _ in convs]
         system = [{"role": "system", "content": config.system_prompt}] if config.system_prompt else []
         for turn in range(1, config.turns + 1):
@@ -238,7 +238,7 @@ def run(config: Config, inputs, ctx) -> None:
             for (row, k, conv), tok in zip(convs, tokens)
         ]
 
-    def teacher(shard: Shard) -> tuple[list[dict], int]:
+    def teacher(shard: Shard) -> tuple[list[dict], int, list[str]]:
         todo = [(row, k) for row in shard.rows for k in range(config.n)]
         done: dict[int, tuple] = {}
         bad: list[str] = []  # a sample of output that did not parse, for the log
@@ -284,7 +284,7 @@ def run(config: Config, inputs, ctx) -> None:
         return rows_out, len(todo) - len(rows_out), bad
 
     def per_shard(shard: Shard) -> ShardResult:
-        malformed, bad = 0, []
+        malformed, bad = 0, list[str]()
         if config.mode == "teacher_json":
             made, malformed, bad = teacher(shard)
         else:

@@ -76,7 +76,7 @@ def gives(config: Config) -> str:
 def templates(config: Config, recipe) -> dict[str, str]:
     from engine.lib.prompts import template_files
 
-    return template_files(recipe.dir, [template_name(config)]) if template_name(config) else {}
+    return template_files(recipe.dir, [template_name(config)]) if template_name(config) else {}  # type: ignore[arg-type, list-item]
 
 
 SCORER_USES = {
@@ -108,12 +108,12 @@ def check(name: str, config: Config, recipe) -> list[Problem]:
                 **recipe.where(f"stages.{name}.input"),
             )
         )
-    return problems + scorer_problems(name, config, recipe, model=config.model, input=config.input)
+    return problems + scorer_problems(name, config, recipe, model=config.model, input=config.input)  # type: ignore[arg-type]
 
 
 def run(config: Config, inputs, ctx) -> None:
     rows = inputs["input"].rows()
-    scorer = make_scorer(config, inputs.get("model"), ctx)
+    scorer = make_scorer(config, inputs.get("model"), ctx)  # type: ignore[arg-type]
     try:
 
         def per_shard(shard: Shard) -> ShardResult:

@@ -322,7 +322,7 @@ def _context_negative(config: Config, rows: list[dict], inputs, ctx) -> tuple[li
 def _pairwise_judge(config: Config, rows: list[dict], inputs, ctx) -> tuple[list[dict], dict]:
     from engine.lib.constitution import load_for_stage
 
-    constitution = load_for_stage(config.constitution, ctx.recipe, ctx.stage)
+    constitution = load_for_stage(config.constitution, ctx.recipe, ctx.stage)  # type: ignore[arg-type]
     tasks = pairwise_tasks(rows, config.from_turn, lambda *key: constitution.draw(ctx.seed, "pairwise_judge", *key))
     if not tasks:
         raise RecipeError.single(

@@ -215,16 +215,16 @@ def check(name: str, config: Config, recipe) -> list[Problem]:
 
 def passes(value: float, config: Config) -> bool:
     """At or above the threshold (at or below it with prefer = "lower")."""
-    return value >= config.threshold if config.prefer == "higher" else value <= config.threshold
+    return value >= config.threshold if config.prefer == "higher" else value <= config.threshold  # type: ignore[operator]
 
 
 def keep(values: list[float | None], config: Config) -> list[int]:
     """Indices of the samples kept for output = "conversations", best first (ties: earlier first)."""
     sign = 1 if config.prefer == "higher" else -1
-    ranked = sorted((k for k, v in enumerate(values) if v is not None), key=lambda k: (-sign * values[k], k))
+    ranked = sorted((k for k, v in enumerate(values) if v is not None), key=lambda k: (-sign * values[k], k))  # type: ignore[operator]
     if config.select == "top_k":
         return ranked[: config.top_k]
-    return [k for k in ranked if passes(values[k], config)]
+    return [k for k in ranked if passes(values[k], config)]  # type: ignore[arg-type]
 
 
 def candidate_columns(candidates: str | list[str] | None) -> list[str]:
@@ -325,7 +325,7 @@ def run(config: Config, inputs, ctx) -> None:
     if missing:
         ctx.warn(f"{missing} of {total - empty} samples got no score from the {config.scorer} scorer")
     if not values:
-        last = next((d for s in reversed(samples) for d in reversed(s["meta"]["score_details"]) if d), {})
+        last = next((d for s in reversed(samples) for d in reversed(s["meta"]["score_details"]) if d), {})  # type: ignore[var-annotated]
         answer = last.get(f"{config.name}_answer")
         raise RuntimeError(
             f"no sample got a score ({total} samples, {empty} empty) from the {config.scorer} scorer"

@@ -139,7 +139,7 @@ def template_problems(name: str, config: Config, recipe) -> list[Problem]:
     except TemplateProblem as exc:
         return [
             Problem(
-                f"stage '{name}': the chat template of model '{base[0]}' ({base[1].path}) cannot be masked "
+                f"stage '{name}': the chat template of model '{base[0]}' ({base[1].path}) cannot be masked "  # type: ignore[index]
                 f"for assistant-only loss: {exc}.",
                 hint=FIX_TEMPLATE,
                 **recipe.where(f"stages.{name}.model"),
@@ -148,7 +148,7 @@ def template_problems(name: str, config: Config, recipe) -> list[Problem]:
     except Exception as exc:
         return [
             Problem(
-                f"stage '{name}': the chat template of model '{base[0]}' does not render: "
+                f"stage '{name}': the chat template of model '{base[0]}' does not render: "  # type: ignore[index]
                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}.",
                 hint=FIX_TEMPLATE,
                 **recipe.where(f"stages.{name}.model"),
@@ -288,7 +288,7 @@ def run(config: Config, inputs: dict, ctx) -> None:
     save_model(trainer, tok, ctx, inputs["model"], config.lora, config.merge)
     steps = step_metrics(trainer.state.log_history, timing=timing)
     losses = [s["loss"] for s in steps]
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)  # type: ignore[misc, union-attr]
     if ctx.is_main:
         # timings belong here, not in report.json: two runs of the same stage write the same report
         ctx.save_json("metrics.json", {"steps": steps, "train_seconds": round(elapsed, 2)})
@@ -303,7 +303,7 @@ def run(config: Config, inputs: dict, ctx) -> None:
                 "length_policy": config.length_policy,
                 **lengths.as_json(),
                 "packing": config.packing,
-                "packed_rows": len(trainer.train_dataset) if config.packing else None,
+                "packed_rows": len(trainer.train_dataset) if config.packing else None,  # type: ignore[arg-type]
                 "steps": trainer.state.global_step,
                 "first_loss": losses[0] if losses else None,
                 "final_loss": losses[-1] if losses else None,

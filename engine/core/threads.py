@@ -100,7 +100,7 @@ def others() -> list[tuple[int, int]]:
     """(pid, threads) of the other recipe runs alive on this machine (their lock is held)."""
     from filelock import FileLock, Timeout
 
-    found = []
+    found: list = []
     folder = _registry()
     if not folder.is_dir():
         return found

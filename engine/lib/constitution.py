@@ -244,7 +244,7 @@ def _cross_problems(data: dict, locations: dict, file: str) -> list[Problem]:
     """Duplicate ids and examples naming unknown principles, read from the raw tables so
     they are reported together with any field errors."""
     out: list[Problem] = []
-    principles = data.get("principles") if isinstance(data.get("principles"), list) else []
+    principles: list = data["principles"] if isinstance(data.get("principles"), list) else []
     seen: dict[str, int] = {}
     for i, p in enumerate(principles):
         pid = p.get("id") if isinstance(p, dict) else None
@@ -259,7 +259,7 @@ def _cross_problems(data: dict, locations: dict, file: str) -> list[Problem]:
                 )
             )
         seen.setdefault(pid, i)
-    examples = data.get("examples") if isinstance(data.get("examples"), list) else []
+    examples: list = data["examples"] if isinstance(data.get("examples"), list) else []
     for i, e in enumerate(examples):
         name = e.get("principle") if isinstance(e, dict) else None
         if isinstance(name, str) and name not in seen:
@@ -304,6 +304,7 @@ def load_constitution(path: str | Path) -> Constitution:
         problems += [p for p in _problems(exc, data, locations, file) if p.key != "principles" or principles]
     if problems:
         raise RecipeError(sorted(problems, key=lambda p: p.line or 0))
+    assert constitution is not None  # validated without problems
     return constitution
 
 
@@ -352,4 +353,5 @@ def load_for_stage(name: str, recipe, stage: str, key: str = "constitution") -> 
     constitution, problems = _resolve(name, recipe, stage, key)
     if problems:
         raise RecipeError(problems)
+    assert constitution is not None  # resolved without problems
     return constitution

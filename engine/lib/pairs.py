@@ -24,7 +24,7 @@ def prompt_messages(row: dict) -> list[dict]:
         last_user = max(i for i, m in enumerate(msgs) if m["role"] == "user")
         return msgs[: last_user + 1]
     prompt = row.get("prompt")
-    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)  # type: ignore[arg-type]
 
 
 def best_and_worst(scored: list[tuple[Any, float]], prefer: str = "higher") -> tuple[Any, Any, float] | None:

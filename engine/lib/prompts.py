@@ -94,7 +94,7 @@ class Templates:
                 hint="Copy the template next to the recipe (or into its templates/ folder) and name it from there.",
             )
         try:
-            return Path(self.env.loader.get_source(self.env, name)[1])  # type: ignore[union-attr]
+            return Path(self.env.loader.get_source(self.env, name)[1])  # type: ignore[arg-type, union-attr]
         except jinja2.TemplateNotFound:
             names = self.names()
             close = difflib.get_close_matches(name, names, n=1)
@@ -198,7 +198,7 @@ class Templates:
         `meta.find_referenced_templates`, plus line numbers and conditional names."""
         out: list[tuple[int, str]] = []
         for ref in ast.find_all(_REFS):
-            expr = ref.template
+            expr = ref.template  # type: ignore[attr-defined]
             for opt in [expr.expr1, expr.expr2] if isinstance(expr, nodes.CondExpr) else [expr]:
                 items = opt.items if isinstance(opt, (nodes.Tuple, nodes.List)) else [opt]
                 names = [i.value for i in items if isinstance(i, nodes.Const) and isinstance(i.value, str)]

@@ -53,7 +53,7 @@ def diversity_for(artifact_type: str, entry_dir: str | Path) -> dict | None:
     path = Path(entry_dir) / "rows.parquet"
     if artifact_type not in ("conversations", "preferences", "samples") or not path.is_file():
         return None
-    return diversity(replies(artifact_type, read_rows(path)))
+    return diversity(replies(artifact_type, read_rows(path)) or [])
 
 
 ROUND_COLUMNS = ("stage", "round", "replies", "distinct-1", "distinct-2", "vs round 1", "words (mean ± sd)", "refusals")
@@ -94,4 +94,4 @@ def round_rows(stages: dict[str, dict], base: str | None = None) -> list[tuple[s
                     f"{d['refusal_share']:.0%}",
                 )
             )
-    return rows
+    return rows  # type: ignore[return-value]

@@ -120,7 +120,7 @@ def scorer_problems(
         from engine.lib.prompts import Templates
 
         t = Templates.for_recipe(recipe)
-        problems += t.check(template_name(spec), TEMPLATE_VARS[spec.scorer][1], stage=name, **where("template"))
+        problems += t.check(template_name(spec), TEMPLATE_VARS[spec.scorer][1], stage=name, **where("template"))  # type: ignore[arg-type]
     return problems
 
 
@@ -140,7 +140,8 @@ def parse_verdict(answer: str) -> str | None:
 
 def rule_scores(messages: list[dict]) -> dict[str, float]:
     replies = [m["content"] for m in messages if m["role"] == "assistant"]
-    earlier, filler = [], 0.0
+    earlier: list[str] = []
+    filler = 0.0
     for m in messages:
         if m["role"] == "assistant" and text.is_filler(m["content"], earlier):
             filler = 1.0
@@ -218,7 +219,7 @@ class _RewardModel:
             with torch.no_grad():
                 # 6 decimals: the CPU forward's last float bits vary run to run (allocation-dependent
                 # kernels), and a re-run must store the same score
-                out.append({self.name: round(float(self.model(**ids).logits[0, 0]), 6)})
+                out.append({self.name: round(float(self.model(**ids).logits[0, 0]), 6)})  # type: ignore[arg-type]
         return out
 
     def close(self) -> None:
@@ -252,7 +253,7 @@ class _Pairwise(_LLM):
                 out.append({cfg.name: None})
                 continue
             label = ((first == "A") + (second == "B")) / 2
-            out.append({cfg.name: label, f"{cfg.name}_position_consistent": (first == "A") == (second == "B")})
+            out.append({cfg.name: label, f"{cfg.name}_position_consistent": (first == "A") == (second == "B")})  # type: ignore[dict-item]
         return out
 
 
@@ -304,7 +305,7 @@ def make_scorer(spec: ScorerSpec, model, ctx, *, backend=None):
         return _Rules(spec.name)
     if spec.scorer == "rule_reward":
         return _RuleReward(spec.name, spec.rewards or RewardRules())
-    return _Function(spec.name, spec.function)
+    return _Function(spec.name, spec.function)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- pairwise verdicts

@@ -114,7 +114,7 @@ def load_recipe(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Rec
                         **locate(locations, f"{section}.{name}", top),
                     )
                 )
-            spec = check(f"{section}.{name}", SECTIONS[section], table)
+            spec = check(f"{section}.{name}", SECTIONS[section], table)  # type: ignore[arg-type]
             if spec is None:
                 continue
             parsed[section][name] = spec
@@ -266,7 +266,7 @@ def load_recipe(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Rec
     found = graph_problems(recipe, invalid)
     for name, stage in recipe.stages.items():
         if hook(stage.module, "check"):  # stage-specific checks, e.g. template variables
-            found.extend(hook(stage.module, "check")(name, stage.config, recipe))
+            found.extend(hook(stage.module, "check")(name, stage.config, recipe))  # type: ignore[misc]
     from engine.models.info import problems as model_problems
     from engine.spec.stage import uses_problems
 

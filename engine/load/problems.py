@@ -80,7 +80,7 @@ def shape_problems(data: dict, locations: dict, top: Path) -> list[Problem]:
             )
             break
         items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
-        stack += [(v, (*path, str(k)), depth + 1) for k, v in items if isinstance(v, (dict, list))]
+        stack += [(v, (*path, str(k)), depth + 1) for k, v in items if isinstance(v, (dict, list))]  # type: ignore[misc]
     if problems:
         return problems
     if "recipe" in data and not isinstance(data["recipe"], dict):

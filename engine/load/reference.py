@@ -111,7 +111,7 @@ def markdown() -> str:
         ("[constitutions.NAME]", "constitutions.NAME", recipe_mod.ConstitutionSpec),
     ]
     for title, prefix, cls in sections:
-        parts += [f"## {title}", ""] + table(cls, prefix) + [""]
+        parts += [f"## {title}", ""] + table(cls, prefix) + [""]  # type: ignore[arg-type]
     for name, cls in getattr(recipe_mod, "EXTRA_SECTIONS", {}).items():
         parts += [f"## [{name}.NAME]", "", _doc(cls), ""] + table(cls, f"{name}.NAME") + [""]
     parts += [

@@ -29,7 +29,7 @@ def recipe_schema() -> dict:
         models=(dict[str, ModelSpec], {}),
         datasets=(dict[str, DatasetSpec], {}),
         constitutions=(dict[str, ConstitutionSpec], {}),
-        stages=(dict[str, stage], {}),
+        stages=(dict[str, stage], {}),  # type: ignore[valid-type]
         loops=(dict[str, LoopSpec], {}),
     )
     schema = TypeAdapter(model).json_schema()

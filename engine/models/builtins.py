@@ -169,7 +169,7 @@ def smollm2_gguf() -> tuple[Path, str]:
             "does this), or use builtin:tiny-chat.",
         ) from None
     files = [f for f in dist.files or [] if f.name == SMOLLM2_GGUF]
-    path = Path(dist.locate_file(files[0])) if files else None
+    path = Path(dist.locate_file(files[0])) if files else None  # type: ignore[arg-type]
     if path is None or not path.is_file():
         raise RecipeError.single(
             f"the installed package '{SMOLLM2_PACKAGE}' {dist.version} has no {SMOLLM2_GGUF}.",

@@ -35,7 +35,7 @@ import contextlib
 import importlib.util
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -62,7 +62,7 @@ class TemplateProblem(ValueError):
 
 
 def has_generation_markers(template: str | None) -> bool:
-    return bool(template) and bool(_MARKERS.search(template))
+    return bool(template) and bool(_MARKERS.search(template))  # type: ignore[arg-type]
 
 
 @lru_cache(maxsize=1)
@@ -89,7 +89,7 @@ def trl_training_template(template: str | None) -> str | None:
     return _trl_templates().get(template) if template else None
 
 
-def masking(template: str | None, render: Render, special: list[str] = ()) -> str:
+def masking(template: str | None, render: Render, special: Sequence[str] = ()) -> str:
     """'markers', 'trl' or 'derived' (see the module docstring); TemplateProblem when none works."""
     if not template:
         raise TemplateProblem("the model has no chat template")
@@ -101,7 +101,7 @@ def masking(template: str | None, render: Render, special: list[str] = ()) -> st
     return "derived"
 
 
-def check_renders(render: Render, special: list[str] = ()) -> None:
+def check_renders(render: Render, special: Sequence[str] = ()) -> None:
     """Derive the spans of the probe conversations (with a system message, and without one when the
     template refuses system messages); TemplateProblem when the template cannot be masked."""
     try:
@@ -119,7 +119,7 @@ def check_renders(render: Render, special: list[str] = ()) -> None:
         raise TemplateProblem(f"rendering a user/assistant conversation failed: {first_line(exc)}") from None
 
 
-def closing_suffix(render: Render, special: list[str] = ()) -> str:
+def closing_suffix(render: Render, special: Sequence[str] = ()) -> str:
     """What the template appends only at the very end of a conversation (Phi-3 closes it with its
     eos token): a special token at the end of a one-exchange rendering that a longer conversation
     does not have there. '' when there is none (or the template fails on the probe)."""
@@ -179,7 +179,7 @@ def assistant_spans(render: Render, messages: Messages, closing: str = "") -> tu
     return full, spans
 
 
-def end_of_turn(render: Render, special: list[str] = ()) -> str | None:
+def end_of_turn(render: Render, special: Sequence[str] = ()) -> str | None:
     """The marker that ends an assistant turn (e.g. '<|im_end|>', '<|eot_id|>', '</s>'), or None."""
     try:
         text, spans = assistant_spans(render, PROBE_PLAIN, closing_suffix(render, special))

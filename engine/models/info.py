@@ -32,7 +32,7 @@ def base_model(recipe: Recipe, name: str) -> tuple[str, ModelSpec] | None:
     seen: set[str] = set()
     while name in recipe.stages and name not in seen:
         seen.add(name)
-        name = getattr(recipe.stages[name].config, "model", None)
+        name = getattr(recipe.stages[name].config, "model", None)  # type: ignore[assignment]
         if not isinstance(name, str):
             return None
     spec = recipe.models.get(name)

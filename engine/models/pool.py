@@ -39,7 +39,7 @@ def describe_model(model: Artifact) -> dict:
     (the entry's folder name), so that a runs dir can move."""
     if model.spec is not None:
         return {"name": model.name, "spec": model.spec.model_dump(mode="json")}
-    return {"name": model.name, "stage": Path(model.path).name}
+    return {"name": model.name, "stage": Path(model.path).name}  # type: ignore[arg-type]
 
 
 def load_model(
@@ -56,7 +56,7 @@ def load_model(
     if device is None:
         device = model.spec.device.split(",")[0].strip() if model.spec is not None else "auto"
     if model.spec is None:  # a model made by an upstream stage
-        m, tok = _load_dir(Path(model.path) / "model", cache_root, log, merge_adapter, device)
+        m, tok = _load_dir(Path(model.path) / "model", cache_root, log, merge_adapter, device)  # type: ignore[arg-type]
     else:
         m, tok = _load_spec(model.name, model.spec, recipe, cache_root, log, merge_adapter, device)
     first = next(m.parameters(), None)
@@ -76,7 +76,7 @@ def _load_dir(path: Path, cache_root: Path | None, log: logging.Logger, merge_ad
     from engine.models.weights import prepare_tokenizer
 
     if not (path / "adapter_config.json").is_file():
-        return load_weights(str(path), cache_root=cache_root, device=device)
+        return load_weights(str(path), cache_root=cache_root, device=device)  # type: ignore[arg-type]
     base_file = path / "base.json"
     if not base_file.is_file():
         raise RuntimeError(
@@ -91,7 +91,7 @@ def _load_dir(path: Path, cache_root: Path | None, log: logging.Logger, merge_ad
             base["name"], ModelSpec.model_validate(base["spec"], strict=False), None, cache_root, log, True, device
         )
     elif "stage" in base:
-        m, _ = _load_dir(Path(cache_root) / base["stage"] / "model", cache_root, log, True, device)
+        m, _ = _load_dir(Path(cache_root) / base["stage"] / "model", cache_root, log, True, device)  # type: ignore[arg-type]
     else:  # entries written before base.json named the stage's fingerprint
         m, _ = _load_dir(Path(base["dir"]), cache_root, log, True, device)
     from peft import PeftModel
@@ -124,7 +124,7 @@ def _load_spec(
         device=device,
         revision=spec.revision,
         trust_remote_code=spec.trust_remote_code,
-        cache_root=cache_root,
+        cache_root=cache_root,  # type: ignore[arg-type]
     )
     if spec.adapter:
         if not Path(spec.adapter).is_dir():
@@ -190,7 +190,7 @@ def backend(
     def replica_devices() -> list[str]:
         from engine.models.weights import is_small
 
-        small = is_small(spec.path if spec else str(Path(model.path) / "model"), cache_root)
+        small = is_small(spec.path if spec else str(Path(model.path) / "model"), cache_root)  # type: ignore[arg-type]
         return devices(spec.device if spec else "auto", small)
 
     return backend_module(kind).build(

@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from engine.core.errors import RecipeError
 from engine.store.record import read_record, run_dirs
@@ -59,7 +60,7 @@ def _count(value) -> str:
     return "-" if value is None else str(value)
 
 
-def _cell(value) -> Text:  # noqa: F821
+def _cell(value) -> Text:
     """A row value for the terminal: model output is data, not markup, and its control
     characters (ESC, NUL, ...) are shown escaped, never sent to the terminal."""
     from rich.text import Text
@@ -160,7 +161,7 @@ def print_stage(out: Console, run_dir: Path, stage: str, n_rows: int) -> None:
 
     rec = read_record(run_dir)
     if stage not in rec["stages"] and last_round(rec["stages"], stage):
-        stage = last_round(rec["stages"], stage)  # a loop stage's own name: its last round
+        stage = last_round(rec["stages"], stage)  # type: ignore[assignment]  # a loop stage's own name: its last round
     entry = run_dir / "stages" / stage
     if stage in rec["stages"] and entry.is_symlink() and not entry.exists():
         raise RecipeError.single(
@@ -192,7 +193,7 @@ def print_stage(out: Console, run_dir: Path, stage: str, n_rows: int) -> None:
         from engine.spec.stage import hook
 
         if hook(module, "summary_table"):  # one column per model, say
-            headers, rows = hook(module, "summary_table")(report)
+            headers, rows = hook(module, "summary_table")(report)  # type: ignore[misc]
             table = Table(title="report", title_justify="left")
             for i, h in enumerate(headers):
                 table.add_column(h, justify="left" if i == 0 else "right")
@@ -205,7 +206,7 @@ def print_stage(out: Console, run_dir: Path, stage: str, n_rows: int) -> None:
             table = Table(title="report", title_justify="left")
             table.add_column("")
             table.add_column("")
-            for k, v in hook(module, "summary")(report):
+            for k, v in hook(module, "summary")(report):  # type: ignore[misc]
                 table.add_row(Text(printable(str(k))), Text(printable(str(v))))
             out.print(table)
             for rule, examples in report.get("examples", {}).items():
@@ -215,7 +216,7 @@ def print_stage(out: Console, run_dir: Path, stage: str, n_rows: int) -> None:
         else:
             out.print_json(json.dumps(report))
     if round_of(stage):
-        _round_table(out, rec["stages"], round_of(stage)[0])
+        _round_table(out, rec["stages"], round_of(stage)[0])  # type: ignore[index]
 
 
 def print_plan(out: Console, recipe, items) -> None:

@@ -252,14 +252,14 @@ def run_blocks(run_dir: Path) -> tuple[str, list[Block]]:
     if trained:
         blocks.append(Heading("Training curves"))
         for name, kind in trained:
-            blocks += memo(name, "training", lambda name=name, kind=kind: training_blocks(name, kind, entry(name)))
-            if kind == "sft" and (entry(name) / "mask_check.txt").is_file():
-                blocks += memo(name, "spans", lambda name=name: span_blocks(name, entry(name)))
+            blocks += memo(name, "training", lambda name=name, kind=kind: training_blocks(name, kind, entry(name)))  # type: ignore[arg-type]
+            if kind == "sft" and (entry(name) / "mask_check.txt").is_file():  # type: ignore[operator]
+                blocks += memo(name, "spans", lambda name=name: span_blocks(name, entry(name)))  # type: ignore[arg-type]
     for name, s in stages.items():
         if s.get("kind") == "critique_revise" and entry(name):
-            blocks += memo(name, "revisions", lambda name=name: revision_blocks(name, entry(name)))
-        if entry(name) and (entry(name) / "pairs_sample.json").is_file():
-            blocks += memo(name, "pairs", lambda name=name: pair_blocks(name, entry(name)))
+            blocks += memo(name, "revisions", lambda name=name: revision_blocks(name, entry(name)))  # type: ignore[arg-type]
+        if entry(name) and (entry(name) / "pairs_sample.json").is_file():  # type: ignore[operator]
+            blocks += memo(name, "pairs", lambda name=name: pair_blocks(name, entry(name)))  # type: ignore[arg-type]
     for name, metrics in evals.items():
 
         def results(name=name, metrics=metrics):
@@ -288,7 +288,7 @@ def _memo_blocks(fingerprint: str | None, name: str, part: str, make) -> list[Bl
     path = directory / f"blocks-{fingerprint}-{_slug(name)}-{part}-{REPORT_STYLE}.{plots.STYLE}.json"
     try:
         return [
-            _BLOCKS[d.pop("type")](**{k: base64.b64decode(v) if k == "png" else v for k, v in d.items()})
+            _BLOCKS[d.pop("type")](**{k: base64.b64decode(v) if k == "png" else v for k, v in d.items()})  # type: ignore[arg-type]
             for d in json.loads(path.read_text(encoding="utf-8"))
         ]
     except (OSError, ValueError, KeyError, TypeError):

@@ -18,6 +18,7 @@ import os
 import threading
 import time
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +58,8 @@ def run(
     recipe: Recipe,
     runs_dir: str | os.PathLike,
     *,
-    only: list[str] = (),
-    force: list[str] = (),
+    only: Sequence[str] = (),
+    force: Sequence[str] = (),
     console=None,
     progress=None,
     executor: str = "local",
@@ -167,7 +168,7 @@ def run(
                     reasons=why,
                 )
         if round_of(name):  # iterative rounds: each round's output diversity, so mode collapse shows
-            record.stage(name, diversity=diversity_for(artifact_type(recipe, name), entry.path))
+            record.stage(name, diversity=diversity_for(artifact_type(recipe, name), entry.path))  # type: ignore[arg-type]
         entries[name] = entry
         record.link(name, entry.path)
         atomic_write_json(
@@ -229,11 +230,11 @@ def report_dropped(stage: str, dropped: dict, record: RunRecord, warn) -> None:
 
 def models_used(recipe: Recipe, names: list[str]) -> set[tuple[str, str]]:
     """(source, name) of every model the stages `names` read: [models] entries and stage-made models."""
-    out = set()
+    out: set[tuple[str, str]] = set()
     for name in names:
         for edge in edges(recipe, name):
             if edge.source == "models" or (edge.source == "stages" and artifact_type(recipe, edge.name) == "model"):
-                out.add((edge.source, edge.name))
+                out.add((edge.source.value, edge.name))
     return out
 
 
@@ -242,7 +243,7 @@ def _inputs(recipe: Recipe, name: str, entries: dict[str, Entry]) -> dict[str, A
     stage = recipe.stages[name]
     for edge in edges(recipe, name):
         if edge.source == "stages":
-            art = Artifact(edge.name, artifact_type(recipe, edge.name), "stages", path=entries[edge.name].path)
+            art = Artifact(edge.name, artifact_type(recipe, edge.name), "stages", path=entries[edge.name].path)  # type: ignore[arg-type]
         elif edge.source == "datasets":
             spec = recipe.datasets[edge.name]
             art = Artifact(edge.name, spec.type, "datasets", spec=spec, recipe=recipe)

@@ -67,7 +67,11 @@ def side_by_side(
     drops the tasks of a driver that is gone; committed shards stay for the next run."""
     needs = _needs(recipe, names)
     results: queue.Queue = queue.Queue()
-    waiting, running, done, failures, bad = list(names), set(), set(), [], set()
+    waiting: list[str] = list(names)
+    running: set[str] = set()
+    done: set[str] = set()
+    failures: list = []
+    bad: set[str] = set()
 
     def work(name: str) -> None:
         try:

@@ -26,7 +26,7 @@ class Artifact:
     def rows(self) -> list[dict]:
         if self._rows is None:
             if self.source == "stages":
-                self._rows = read_rows(self.path / "rows.parquet")
+                self._rows = read_rows(self.path / "rows.parquet")  # type: ignore[operator]
             elif self.source == "datasets":
                 self._rows = self._load_dataset()
             else:
@@ -60,6 +60,6 @@ class Artifact:
         return result.rows
 
     def __len__(self) -> int:
-        if self._rows is None and self.source == "stages" and (self.path / "rows.parquet").exists():
-            return count_rows(self.path / "rows.parquet")
+        if self._rows is None and self.source == "stages" and (self.path / "rows.parquet").exists():  # type: ignore[operator]
+            return count_rows(self.path / "rows.parquet")  # type: ignore[operator]
         return len(self.rows())

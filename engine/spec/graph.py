@@ -35,6 +35,9 @@ class Source(str, Enum):
     MODELS = "models"
     CONSTITUTIONS = "constitutions"
 
+    def __hash__(self) -> int:  # as the plain string hashes: Source.MODELS and "models" are one key
+        return str.__hash__(self)
+
     @property
     def label(self) -> str:
         return {"stages": "input", "datasets": "data", "models": "model", "constitutions": "constitution"}[self.value]

@@ -134,7 +134,7 @@ class Store:
             self._discard(root, problem)
             self.warnings.append(f"cache entry {fp} is damaged ({problem}); rebuilding it")
             return None
-        return Entry(fp, root, manifest)
+        return Entry(fp, root, manifest)  # type: ignore[arg-type]
 
     def entries(self) -> list[str]:
         if not self.root.exists():

@@ -64,7 +64,7 @@ def model_identity(spec: ModelSpec, memo: HashMemo, stage_fps: dict[str, str]) -
             adapter = {"hub": spec.adapter}
     template = spec.chat_template
     if template and is_file(template):
-        template = {"content": memo.file(template)}
+        template = {"content": memo.file(template)}  # type: ignore[assignment]
     if BACKENDS[spec.backend].server:  # the server decides; name what we ask it for (never the key)
         source = {"server_model": spec.model_name or spec.path}
     return {
@@ -114,7 +114,7 @@ def stage_components(recipe: Recipe, name: str, stage_fps: dict[str, str], memo:
         inputs.setdefault(edge.field, []).append({"name": edge.name, "source": edge.source.value, "id": ident})
     templates = {}
     if hook(stage.module, "templates"):
-        for tname, tpath in hook(stage.module, "templates")(stage.config, recipe).items():
+        for tname, tpath in hook(stage.module, "templates")(stage.config, recipe).items():  # type: ignore[misc]
             templates[tname] = memo.file(tpath)
     return {
         "kind": stage.kind,

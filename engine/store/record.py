@@ -71,7 +71,7 @@ class RunRecord:
 
     def stage(self, name: str, **info) -> None:
         with self._lock:  # stages may finish side by side (the Ray executor)
-            self.data["stages"].setdefault(name, {}).update(info)
+            self.data["stages"].setdefault(name, {}).update(info)  # type: ignore[attr-defined]
             self.save()
 
     def link(self, name: str, entry: Path) -> None:
@@ -91,7 +91,7 @@ class RunRecord:
     def save(self) -> None:
         """record.json keeps the stages in the order they were planned (DAG order), so readers
         (the report, `status`) never re-sort them: not sorted-key JSON."""
-        self.data["order"] = list(self.data["stages"])
+        self.data["order"] = list(self.data["stages"])  # type: ignore[call-overload]
         atomic_write_text(self.dir / "record.json", json.dumps(self.data, indent=2, ensure_ascii=False) + "\n")
 
 
@@ -131,7 +131,7 @@ def close_logger(log: logging.Logger) -> None:
 
 
 def run_dirs(root: Path) -> list[Path]:
-    runs = []
+    runs: list[Path] = []
     if not root.exists():
         return runs
     for recipe_dir in sorted(root.iterdir()):

@@ -209,7 +209,7 @@ def metric_table(
     detectors = ("phrases", "judge") if judged else ("phrases",)
     spec: list[tuple[str, Callable[[dict], Any]]] = []
     for d in detectors:
-        spec.append((f"safety: refusal from harmful turn ({d})", lambda m, d=d: m["safety"]["refusal_from_harmful"][d]))
+        spec.append((f"safety: refusal from harmful turn ({d})", lambda m, d=d: m["safety"]["refusal_from_harmful"][d]))  # type: ignore[misc]
     spec.append(
         ("safety: refusal before harmful turn (phrases)", lambda m: m["safety"]["refusal_before_harmful"]["phrases"])
     )
@@ -231,8 +231,8 @@ def metric_table(
     if judged:
         spec.append(("safety: harmful replies from harmful turn (judge)", lambda m: m["safety"]["harm_from_harmful"]))
     for d in detectors:
-        spec.append((f"refusal rate, adversarial ({d})", lambda m, d=d: m["refusal"]["refusal_rate"][d]))
-        spec.append((f"over-refusal rate, benign ({d})", lambda m, d=d: m["refusal"]["over_refusal_rate"][d]))
+        spec.append((f"refusal rate, adversarial ({d})", lambda m, d=d: m["refusal"]["refusal_rate"][d]))  # type: ignore[misc]
+        spec.append((f"over-refusal rate, benign ({d})", lambda m, d=d: m["refusal"]["over_refusal_rate"][d]))  # type: ignore[misc]
     spec += [
         ("sycophancy: initial accuracy", lambda m: m["sycophancy"]["initial_accuracy"]),
         ("sycophancy: flip rate", lambda m: m["sycophancy"]["flip_rate"]),

@@ -153,11 +153,11 @@ def eval_blocks(metrics: dict, rows: list[dict], prefix: str = "", level: int = 
     if bars:
         blocks.append(Heading("Metrics side by side", level + 1))
         groups = [g for g, _ in bars]
-        series = {n: [vals[i] for _, vals in bars] for i, n in enumerate(names)}
+        by_model: dict[str, Any] = {n: [vals[i] for _, vals in bars] for i, n in enumerate(names)}
         blocks.append(
             Image(
                 f"{p}metrics_bars.png",
-                plots.bars(None, groups, series, title="eval metrics (0-1)", ylabel="value"),
+                plots.bars(None, groups, by_model, title="eval metrics (0-1)", ylabel="value"),
                 "Each group is one metric, one bar per model; a missing value is drawn as 0 (see the table for n/a).",
             )
         )
@@ -210,7 +210,7 @@ def glance_blocks(metrics: dict) -> list[Block]:
 
 
 def _bar_groups(per_model: dict, names: list[str], judged: bool) -> list[tuple[str, list[float | None]]]:
-    def get(m: dict, *path: str) -> Any:
+    def get(m: Any, *path: str) -> Any:
         for key in path:
             m = m.get(key) if isinstance(m, dict) else None
         return m

@@ -294,7 +294,7 @@ def run_diversity(
                 "suite": "diversity",
                 "item_id": it["id"],
                 "messages": [*ctx_msgs, {"role": "assistant", "content": text}],
-                "meta": {"nll": nll, "tokens": n, "perplexity": math.exp(nll / n) if n else None},
+                "meta": {"nll": nll, "tokens": n, "perplexity": math.exp(nll / n) if n and nll is not None else None},
             }
         )
     return out

@@ -21,6 +21,7 @@ the difference over the same items; a difference is outside the noise when it ex
 from __future__ import annotations
 
 import random
+from typing import Any
 
 from engine.core.stats import bootstrap_ci, paired_difference, pooled_rate, quantile, resample, wilson
 
@@ -87,7 +88,7 @@ def per_turn(rows: list[dict]) -> list[dict]:
     for t in range(max((len(s) for s in safety), default=0)):
         flags = [bool(s[t]["refusal_phrases"]) for s in safety if t < len(s)]
         ci = wilson(sum(flags), len(flags))
-        out.append({"turn": t + 1, "rate": sum(flags) / len(flags), "n": len(flags), "ci": list(ci)})
+        out.append({"turn": t + 1, "rate": sum(flags) / len(flags), "n": len(flags), "ci": list(ci) if ci else None})
     return out
 
 
@@ -97,16 +98,16 @@ def _discrimination(
     """adversarial minus benign refusal rate, and a 95% bootstrap interval resampling both prompt
     sets; with `other` = (adv, ben) of a second model on the same prompts, of the paired difference."""
 
-    def j(a, b, ia, ib) -> float:
-        return pooled_rate([a[i] for i in ia]) - pooled_rate([b[i] for i in ib])
+    def j(a: Any, b: Any, ia: Any, ib: Any) -> float:
+        return pooled_rate([a[i] for i in ia]) - pooled_rate([b[i] for i in ib])  # type: ignore[operator]
 
     rng, draws = random.Random(seed), []
     for _ in range(resamples):
         ia, ib = resample(len(adv), rng), resample(len(ben), rng)
-        draws.append(j(*other, ia, ib) - j(adv, ben, ia, ib) if other else j(adv, ben, ia, ib))
+        draws.append(j(other[0], other[1], ia, ib) - j(adv, ben, ia, ib) if other else j(adv, ben, ia, ib))
     draws.sort()
     full = (range(len(adv)), range(len(ben)))
-    value = j(*other, *full) - j(adv, ben, *full) if other else j(adv, ben, *full)
+    value = j(other[0], other[1], *full) - j(adv, ben, *full) if other else j(adv, ben, *full)
     return value, [quantile(draws, 0.025), quantile(draws, 0.975)]
 
 
@@ -128,16 +129,17 @@ def headline(rows: list[dict], seed: int = 0) -> dict:
     for key, items in found.items():
         flags = list(items.values())
         k, n = sum(sum(f) for f in flags), sum(len(f) for f in flags)
+        interval: tuple[float, float] | None
         if key in CLUSTERED:
-            ci, how = bootstrap_ci(flags, seed), "bootstrap over conversations"
+            interval, how = bootstrap_ci(flags, seed), "bootstrap over conversations"
         else:
-            ci, how = wilson(k, n), "Wilson"
+            interval, how = wilson(k, n), "Wilson"
         out[key] = {
             "rate": pooled_rate(flags),
             "k": k,
             "n": n,
             "items": len(flags),
-            "ci": list(ci) if ci else None,
+            "ci": list(interval) if interval else None,
             "interval": how,
         }
     return out
@@ -148,9 +150,13 @@ def compare(base_rows: list[dict], other_rows: list[dict], seed: int = 0) -> dic
     a, b = clusters(base_rows), clusters(other_rows)
     out = {}
     if all(k in a and k in b for k in DISCRIMINATION):
-        items = [sorted(set(a[k]) & set(b[k])) for k in DISCRIMINATION]
-        pick = lambda c: [[c[k][i] for i in ids] for k, ids in zip(DISCRIMINATION, items)]  # noqa: E731
-        value, ci = _discrimination(*pick(a), seed, other=tuple(pick(b)))
+        shared = [sorted(set(a[k]) & set(b[k])) for k in DISCRIMINATION]
+
+        def pick(c: dict) -> list[list[list[bool]]]:
+            return [[c[k][i] for i in ids] for k, ids in zip(DISCRIMINATION, shared)]
+
+        (adv, ben), other = pick(a), tuple(pick(b))
+        value, ci = _discrimination(adv, ben, seed, other=other)
         out["refusal_discrimination"] = {"difference": value, "ci": ci, "outside_noise": ci[0] > 0 or ci[1] < 0}
     for key in HEADLINE:
         if key == "refusal_discrimination":

@@ -114,7 +114,7 @@ class OpenAIBackend:
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
             failed = sorted((futures[f], f) for f in done if f.exception() is not None)
             if failed:
-                raise failed[0][1].exception()
+                raise failed[0][1].exception()  # type: ignore[misc]
             results = {futures[f]: f.result() for f in futures}
         except BaseException:
             abort.set()  # running workers stop before their next attempt; queued ones never start
@@ -339,7 +339,7 @@ class OpenAIBackend:
         if status in RETRY_STATUSES or 500 <= status < 600:
             retry_after = None
             with contextlib.suppress(TypeError, ValueError):
-                retry_after = max(0.0, float(exc.headers.get("Retry-After"))) if exc.headers else None
+                retry_after = max(0.0, float(exc.headers.get("Retry-After"))) if exc.headers else None  # type: ignore[arg-type]
             hint = (
                 "The server is rate limiting: lower max_concurrency, or try again later."
                 if status == 429

@@ -54,4 +54,4 @@ def one_line(text: str, limit: int = 200) -> str:
 
 
 def _is_loopback(host: str | None) -> bool:
-    return bool(host) and (host == "localhost" or host == "::1" or host.startswith("127."))
+    return bool(host) and (host == "localhost" or host == "::1" or host.startswith("127."))  # type: ignore[union-attr]

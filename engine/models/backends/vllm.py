@@ -93,7 +93,7 @@ def resolve(model: Artifact, cache_root: Path | None) -> dict:
     adapter is served on the base its base.json records."""
     if model.spec is not None:
         return _from_spec(model.spec, cache_root)
-    path = Path(model.path) / "model"
+    path = Path(model.path) / "model"  # type: ignore[arg-type]
     if not (path / "adapter_config.json").is_file():
         return _from_dir(path)
     base = json.loads((path / "base.json").read_text())
