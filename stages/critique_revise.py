@@ -124,7 +124,7 @@ class Config(StageConfig):
     @classmethod
     def _positions(cls, value):
         ok = value in ("all", "last") or (
-            isinstance(value, list) and value and len(set(value)) == len(value) and all(type(v) is int for v in value)
+            isinstance(value, list) and value and all(type(v) is int for v in value) and len(set(value)) == len(value)
         )
         if not ok:
             raise ValueError('turns must be "all", "last" or a non-empty list of distinct integer positions')

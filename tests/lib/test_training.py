@@ -246,7 +246,7 @@ def test_training_modules_and_validation_stay_light(tmp_path):
         "print(sorted(m for m in heavy if m in sys.modules))"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2]
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"

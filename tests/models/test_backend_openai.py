@@ -22,7 +22,7 @@ from engine.models.backends.requests import BackendError
 
 from chatserver import ChatServer
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MODEL = "builtin:tiny-chat"
 PROMPTS = [
     [{"role": "user", "content": "hi"}],

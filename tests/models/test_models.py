@@ -18,7 +18,7 @@ from engine.core.errors import RecipeError
 from engine.models import builtins as models
 from engine.models import weights
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 CONVERSATION = [
     {"role": "system", "content": "You are terse."},

@@ -28,7 +28,7 @@ from engine.core.text import (
     words,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 QUESTION = "What is the capital of France?"
 
 

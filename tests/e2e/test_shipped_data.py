@@ -24,7 +24,7 @@ from engine.core import text as textrules
 from engine.core.text import is_refusal
 from engine.data.datasets import check_messages, load_rows
 
-DATA = Path(__file__).resolve().parent.parent / "recipes" / "data"
+DATA = Path(__file__).resolve().parents[2] / "recipes" / "data"
 EVAL = DATA / "eval"
 
 FILES = {  # path -> id prefix

@@ -28,7 +28,7 @@ from engine.run.executor import run
 from chatserver import ChatServer
 from conftest import conv, run_cli_subprocess, write_jsonl
 
-CONSTITUTION = Path(__file__).resolve().parent.parent / "recipes" / "constitutions" / "short.toml"
+CONSTITUTION = Path(__file__).resolve().parents[2] / "recipes" / "constitutions" / "short.toml"
 
 
 class Scripted:
@@ -512,7 +512,7 @@ def test_validating_these_stages_stays_light(tmp_path):
         [sys.executable, "-c", code, str(path)],
         capture_output=True,
         text=True,
-        cwd=Path(__file__).resolve().parent.parent,
+        cwd=Path(__file__).resolve().parents[2],
         check=True,
     )
     assert out.stdout.strip() == "[]"

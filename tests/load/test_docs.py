@@ -7,7 +7,7 @@ from pathlib import Path
 
 from engine.load.reference import markdown
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "recipe-reference.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "recipe-reference.md"
 
 
 def test_recipe_reference_is_in_sync_with_the_code():

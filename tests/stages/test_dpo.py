@@ -446,7 +446,7 @@ def test_sigkilled_dpo_run_resumes_from_its_last_checkpoint(tmp_path):
 
     path = make(tmp_path, steps=10)
     runs = tmp_path / "runs"
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     proc = subprocess.Popen(
         [sys.executable, "-c", STALL, str(path), str(runs)],
         stdout=subprocess.PIPE,
