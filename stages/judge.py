@@ -9,8 +9,9 @@ Scorers:
   then recorded as missing (None) and counted.
 - pairwise: the pairwise template (`context`, `response_a`, `response_b`, `principle`) is
   asked in both orders to cancel position bias; the label is the share of the two verdicts
-  that prefer `chosen` (1.0, 0.5 when the orders disagree, 0.0). Our backends return no
-  token probabilities yet, so labels come from the parsed verdicts.
+  that prefer `chosen` (1.0, 0.5 when the orders disagree, 0.0), from the parsed verdicts.
+  (Token-probability verdicts, from backends that have the weights, are the preferences
+  stage's `verdict = "logprobs"`.)
 - reward_model: a sequence-classification head over the conversation; logit 0 is the score.
 - rules: the filter stage's rules as numbers (refusal, sycophancy ratio, filler, words).
 - rule_reward: rule-based rewards (engine/lib/rewards.py), the `rewards` table: whether the reply

@@ -36,10 +36,6 @@ class LoadResult:
     examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> up to 3 row ids
 
 
-def is_local(path: str) -> bool:
-    return os.path.exists(os.path.expanduser(path))
-
-
 def _looks_like_hub_id(source: str) -> bool:
     return bool(HUB_ID.match(source)) and Path(source).suffix.lower() not in FORMATS
 

@@ -22,12 +22,12 @@ torch, transformers and peft are imported inside functions only.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.core.errors import RecipeError
+from engine.models.adapters import adapter_base
 
 if TYPE_CHECKING:
     from engine.spec.artifact import Artifact
@@ -77,30 +77,18 @@ def _load_dir(path: Path, cache_root: Path | None, log: logging.Logger, merge_ad
 
     if not (path / "adapter_config.json").is_file():
         return load_weights(str(path), cache_root=cache_root, device=device)  # type: ignore[arg-type]
-    base_file = path / "base.json"
-    if not base_file.is_file():
-        raise RuntimeError(
-            f"{path} is a LoRA adapter without base.json (its recorded base); rebuild the stage "
-            "that made it (recipe run --force STAGE)."
-        )
-    base = json.loads(base_file.read_text())
-    if "spec" in base:
-        from engine.spec.recipe import ModelSpec
-
-        m, _ = _load_spec(
-            base["name"], ModelSpec.model_validate(base["spec"], strict=False), None, cache_root, log, True, device
-        )
-    elif "stage" in base:
-        m, _ = _load_dir(Path(cache_root) / base["stage"] / "model", cache_root, log, True, device)  # type: ignore[arg-type]
-    else:  # entries written before base.json named the stage's fingerprint
-        m, _ = _load_dir(Path(base["dir"]), cache_root, log, True, device)
+    base = adapter_base(path, cache_root)
+    if base.spec is not None:
+        m, _ = _load_spec(base.name, base.spec, None, cache_root, log, True, device)
+    else:
+        m, _ = _load_dir(base.folder, cache_root, log, True, device)  # type: ignore[arg-type]
     from peft import PeftModel
     from transformers import AutoTokenizer
 
     m = PeftModel.from_pretrained(m, str(path)).eval()
     if merge_adapter:
         m = m.merge_and_unload()
-    log.info("%s the adapter %s on its base '%s'", "merged" if merge_adapter else "applied", path, base["name"])
+    log.info("%s the adapter %s on its base '%s'", "merged" if merge_adapter else "applied", path, base.name)
     tok = AutoTokenizer.from_pretrained(str(path))
     prepare_tokenizer(tok, m)
     return m, tok

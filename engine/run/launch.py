@@ -25,7 +25,6 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 from engine.core.io import atomic_write_bytes, atomic_write_text
 
@@ -258,12 +257,6 @@ def worker(payload_path: str) -> int:
             ),
         )
     return 0
-
-
-def describe(resources: Any) -> str:
-    return f"{resources.processes} processes" + (
-        f" ({resources.accelerate_config})" if resources.accelerate_config else ""
-    )
 
 
 if __name__ == "__main__":

@@ -77,7 +77,8 @@ class StageConfig(Table):
     kind: str
     resources: Resources = Field(
         default_factory=Resources,
-        description="Processes for multi-process stages (training).",
+        description="How the stage runs: processes and nodes (training), GPUs per replica, Ray workers. "
+        "Execution-only: never in a fingerprint.",
         json_schema_extra={EXEC_ONLY: True},
     )
 

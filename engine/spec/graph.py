@@ -15,7 +15,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engine.core.errors import Problem, RecipeError
+from engine.core.errors import Problem
 from engine.spec.config import ref_fields
 from engine.spec.stage import hook
 
@@ -245,9 +245,3 @@ def upstream(recipe: Recipe, names: list[str]) -> set[str]:
         seen.add(n)
         todo.extend(e.name for e in edges(recipe, n) if e.source is Source.STAGES)
     return seen
-
-
-def check_graph(recipe: Recipe) -> None:
-    problems = graph_problems(recipe)
-    if problems:
-        raise RecipeError(problems)

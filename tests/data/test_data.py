@@ -17,7 +17,7 @@ if str(ROOT) not in sys.path:  # until the project has a conftest/pyproject that
     sys.path.insert(0, str(ROOT))
 
 from engine.core.errors import DataError, RecipeError  # noqa: E402
-from engine.data.datasets import LoadResult, check_messages, is_local, load_rows, normalize_messages  # noqa: E402
+from engine.data.datasets import LoadResult, check_messages, load_rows, normalize_messages  # noqa: E402
 
 
 def chat(user="hi", assistant="hello"):
@@ -151,12 +151,6 @@ def test_empty_dir(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="is a directory with no data file"):
         load_rows(str(tmp_path / "empty"), name="seed")
-
-
-def test_is_local(tmp_path):
-    assert is_local(str(tmp_path))
-    assert not is_local(str(tmp_path / "nope.jsonl"))
-    assert not is_local("org/name")
 
 
 # ---------------------------------------------------------------- ids, meta, mapping

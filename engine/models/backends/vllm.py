@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.core.errors import RecipeError
+from engine.models.adapters import adapter_base
 from engine.models.backends import BuildRequest, Completion, SamplingParams
 from engine.spec.backends import BACKENDS
 
@@ -96,16 +97,11 @@ def resolve(model: Artifact, cache_root: Path | None) -> dict:
     path = Path(model.path) / "model"  # type: ignore[arg-type]
     if not (path / "adapter_config.json").is_file():
         return _from_dir(path)
-    base = json.loads((path / "base.json").read_text())
-    if "spec" in base:
-        from engine.spec.recipe import ModelSpec
-
-        out = _from_spec(ModelSpec.model_validate(base["spec"], strict=False), cache_root)
-    else:
-        out = _from_dir(Path(cache_root or ".") / base["stage"] / "model" if "stage" in base else Path(base["dir"]))
+    base = adapter_base(path, cache_root)
+    out = _from_spec(base.spec, cache_root) if base.spec is not None else _from_dir(base.folder)  # type: ignore[arg-type]
     if out["adapter"]:
         raise RecipeError.single(
-            f"model '{model.name}' is a LoRA adapter on '{base['name']}', itself a model with an adapter: the vllm "
+            f"model '{model.name}' is a LoRA adapter on '{base.name}', itself a model with an adapter: the vllm "
             "backend serves one adapter on plain weights.",
             hint='Merge the first adapter (merge = true in the stage that trained it), or use backend = "hf".',
         )
