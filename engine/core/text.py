@@ -382,3 +382,12 @@ def is_filler(
         return True
     seen = {w for t in earlier_texts for w in words(t)}
     return all(w in seen for w in rest)
+
+
+def last_reply(messages: Sequence[Mapping[str, object]]) -> str | None:
+    """The text of a conversation's last assistant turn ("" when it is empty), None when it has none:
+    what verifiers, rewards and scorers judge."""
+    for m in reversed(messages):
+        if m.get("role") == "assistant":
+            return str(m.get("content") or "")
+    return None

@@ -21,6 +21,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from engine.core import text
+from engine.core.text import last_reply
 from engine.spec.config import Table
 
 BEHAVIOURS = ("refuse", "comply")
@@ -102,5 +103,6 @@ def reward(reply: str, expected: str | None, rules: RewardRules) -> dict:
     return {"score": got / total if total else None, **outcome}
 
 
-def last_reply(row: dict) -> str:
-    return next((m["content"] for m in reversed(row["messages"]) if m["role"] == "assistant"), "")
+def reply_of(row: dict) -> str:
+    """The reply a rule reward scores: the row's last assistant turn ("" when it has none)."""
+    return last_reply(row["messages"]) or ""

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from engine.core import text
 from engine.core.errors import Problem
 from engine.lib import verifiers as scorers
-from engine.lib.rewards import RewardRules, expected_of, last_reply, reward
+from engine.lib.rewards import RewardRules, expected_of, reply_of, reward
 from engine.models.backends import SamplingParams
 from engine.store.shards import Shard
 
@@ -277,7 +277,7 @@ class _RuleReward(_Rules):
     def __call__(self, shard: Shard) -> list[dict]:
         out = []
         for r in shard.rows:
-            found = reward(last_reply(r), expected_of(r, self.rules), self.rules)
+            found = reward(reply_of(r), expected_of(r, self.rules), self.rules)
             out.append({self.name: found.pop("score"), **{f"{self.name}.{k}": v for k, v in found.items()}})
         return out
 

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
 
+from engine.core.text import last_reply
+
 GROUP = "recipe.scorers"
 
 # A number: an optional sign (not after a word character or ")": "5-3" is 5 minus 3), digits
@@ -85,8 +87,7 @@ def row_answer(row: dict) -> Any:
 
 
 def final_reply(row: dict) -> str | None:
-    replies = [m.get("content") or "" for m in row.get("messages") or [] if m.get("role") == "assistant"]
-    return replies[-1] if replies else None
+    return last_reply(row.get("messages") or [])
 
 
 def math_answer(row: dict) -> float | None:

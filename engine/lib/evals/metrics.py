@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from engine.core import diversity as textstats
+from engine.core.stats import mean
 
 
 def rate(flags: list[Any]) -> float | None:
@@ -19,8 +20,9 @@ def rate(flags: list[Any]) -> float | None:
 
 
 def _mean(values: list[Any]) -> float | None:
-    known = [float(v) for v in values if v is not None]
-    return round(sum(known) / len(known), 4) if known else None
+    """The mean of the known values, to 4 decimals (None when none is known)."""
+    found = mean([float(v) for v in values if v is not None])
+    return round(found, 4) if found is not None else None
 
 
 def safety_metrics(rows: list[dict]) -> dict:
