@@ -122,7 +122,7 @@ def run(
     to_build = [n for n in steps if n in chosen and (n in force or plan[n].status != "cached")]
     shared = threading.Lock()  # the store's warnings list, when stages run side by side
 
-    def one(name: str) -> None:
+    def build_stage(name: str) -> None:
         item = plan[name]
         record.stage(name, kind=item.kind, fingerprint=item.fingerprint, status="pending")
         started = time.time()
@@ -158,7 +158,7 @@ def run(
                     later = [n for n in to_build if steps.index(n) > steps.index(name)]
                     pool.keep(models_used(recipe, [name, *later]))  # models no stage still to build reads go
                 record.stage(name, start_s=round(started - record.t0, 3))  # when, within the run
-                entry = _build(recipe, name, item, entries, store, record, console, progress, why, pool, executor)
+                entry = _build_entry(recipe, name, item, entries, store, record, console, progress, why, pool, executor)
                 record.stage(
                     name,
                     status="run",
@@ -176,13 +176,13 @@ def run(
             {"fingerprint": item.fingerprint, "components": item.components},
         )
 
-    def failed(name: str, exc: Exception, left: list[str]) -> None:
+    def on_failure(name: str, exc: Exception, left: list[str]) -> None:
         if console is not None and left:
             console.print(
                 f"[red]{name} failed[/]; the stages that need it are skipped, the others go on: {', '.join(left)}"
             )
 
-    def skip(name: str, because: str) -> None:
+    def mark_skipped(name: str, because: str) -> None:
         record.stage(
             name,
             kind=plan[name].kind,
@@ -197,9 +197,11 @@ def run(
         if concurrent:
             for name in names:  # the record lists stages in DAG order, whichever finishes first
                 record.stage(name, kind=plan[name].kind, fingerprint=plan[name].fingerprint, status="pending")
-            side_by_side(recipe, names, one, record, fail_fast=fail_fast, on_failure=failed, skip=skip)
+            side_by_side(
+                recipe, names, build_stage, record, fail_fast=fail_fast, on_failure=on_failure, skip=mark_skipped
+            )
         else:
-            keep_going(recipe, names, one, fail_fast=fail_fast, on_failure=failed, skip=skip)
+            keep_going(recipe, names, build_stage, fail_fast=fail_fast, on_failure=on_failure, skip=mark_skipped)
         status = "ok"
     except KeyboardInterrupt:
         status = "interrupted"
@@ -260,7 +262,7 @@ def _inputs(recipe: Recipe, name: str, entries: dict[str, Entry]) -> dict[str, A
     return out
 
 
-def _execute(stage, inputs, ctx, log_path: Path, executor: str) -> None:
+def _dispatch(stage, inputs, ctx, log_path: Path, executor: str) -> None:
     """Where a stage's work happens: on a Ray cluster (row and training kinds), under `accelerate
     launch` (processes > 1), or in this process."""
     if executor == "ray":
@@ -276,7 +278,9 @@ def _execute(stage, inputs, ctx, log_path: Path, executor: str) -> None:
         stage.module.run(stage.config, inputs, ctx)
 
 
-def _build(recipe, name, item, entries, store, record, console, progress, why, pool=None, executor="local") -> Entry:
+def _build_entry(
+    recipe, name, item, entries, store, record, console, progress, why, pool=None, executor="local"
+) -> Entry:
     stage = recipe.stages[name]
     log_path = record.dir / "logs" / f"{name}.log"
     log = stage_logger(name, log_path)
@@ -314,7 +318,7 @@ def _build(recipe, name, item, entries, store, record, console, progress, why, p
             if pool is not None and getattr(stage.module, "MULTI_PROCESS", False):  # a training stage
                 pool.before_training(log)
             with stage_output(log):  # third-party warnings and stray output: the stage log, not the console
-                _execute(stage, inputs, ctx, log_path, executor)
+                _dispatch(stage, inputs, ctx, log_path, executor)
             rows_in, dropped = 0, {}
             for arts in inputs.values():
                 for art in arts if isinstance(arts, list) else [arts]:

@@ -19,8 +19,8 @@ def _needs(recipe: Recipe, names: list[str]) -> dict[str, set[str]]:
     return {n: {e.name for e in edges(recipe, n) if e.source == "stages" and e.name in wanted} for n in names}
 
 
-def keep_going(recipe: Recipe, names: list[str], one, *, fail_fast: bool, on_failure, skip) -> None:
-    """`one(name)` for each stage in order. A stage that fails (StageFailed, RecipeError) blocks
+def keep_going(recipe: Recipe, names: list[str], build_stage, *, fail_fast: bool, on_failure, skip) -> None:
+    """`build_stage(name)` for each stage in order. A stage that fails (StageFailed, RecipeError) blocks
     the stages that need it, directly or not (`skip(name, failed_one)`); the others still run.
     The first failure is raised at the end, or at once with `fail_fast`."""
     needs = _needs(recipe, names)
@@ -33,7 +33,7 @@ def keep_going(recipe: Recipe, names: list[str], one, *, fail_fast: bool, on_fai
             skip(name, cause)
             continue
         try:
-            one(name)
+            build_stage(name)
         except (StageFailed, RecipeError) as exc:
             if fail_fast:
                 raise
@@ -58,9 +58,16 @@ def _reaches(needs: dict[str, set[str]], name: str, bad: set[str]) -> bool:
 
 
 def side_by_side(
-    recipe: Recipe, names: list[str], one, record: RunRecord, *, fail_fast: bool = False, on_failure=None, skip=None
+    recipe: Recipe,
+    names: list[str],
+    build_stage,
+    record: RunRecord,
+    *,
+    fail_fast: bool = False,
+    on_failure=None,
+    skip=None,
 ) -> None:
-    """Run `one(name)` for every stage in `names`, each as soon as the stages it reads are done,
+    """Run `build_stage(name)` for every stage in `names`, each as soon as the stages it reads are done,
     in threads: a stage's thread mostly waits on the cluster. A failed stage blocks the stages
     that need it; the others go on (with `fail_fast` nothing new starts), then the first failure
     is raised. The threads are daemons: on Ctrl-C the main thread leaves at once and the cluster
@@ -75,7 +82,7 @@ def side_by_side(
 
     def work(name: str) -> None:
         try:
-            one(name)
+            build_stage(name)
             results.put((name, None))
         except BaseException as exc:  # handed to the main thread, which raises it
             results.put((name, exc))
