@@ -33,7 +33,7 @@ from pydantic import Field
 
 from engine.core.errors import Problem
 from engine.lib.rewards import RewardRules
-from engine.lib.scoring import DEFAULT_PRINCIPLE, SCORER_GROUP, make_scorer, scorer_problems, template_name
+from engine.lib.scoring import DEFAULT_PRINCIPLE, SCORER_GROUP, SCORERS, make_scorer, scorer_problems, template_name
 from engine.spec.config import ExecOnly, Ref, StageConfig
 from engine.store.shards import Shard, ShardResult
 
@@ -45,7 +45,7 @@ GIVES = "conversations"  # preferences in, preferences out: see gives()
 class Config(StageConfig):
     kind: Literal["judge"]
     input: str = Ref("conversations", "preferences", description="Conversations; preferences for pairwise.")
-    scorer: Literal["llm", "pairwise", "reward_model", "rules", "rule_reward", "function"] = "llm"
+    scorer: Literal[tuple(SCORERS)] = "llm"  # type: ignore[valid-type]
     model: str | None = Ref(
         "model", default=None, description="The judge or reward model (llm, pairwise, reward_model)."
     )
@@ -71,7 +71,7 @@ class Config(StageConfig):
 
 
 def gives(config: Config) -> str:
-    return "preferences" if config.scorer == "pairwise" else "conversations"
+    return SCORERS[config.scorer].takes
 
 
 def templates(config: Config, recipe) -> dict[str, str]:

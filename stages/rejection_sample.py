@@ -41,7 +41,7 @@ from engine.core.errors import Problem
 from engine.core.stats import mean, score_stats
 from engine.lib.pairs import best_and_worst, no_output, pair_row, prompt_messages, spot_check, spot_check_summary
 from engine.lib.rewards import RewardRules
-from engine.lib.scoring import ScorerSpec, make_scorer, scorer_problems, template_name
+from engine.lib.scoring import CONVERSATION_SCORERS, ScorerSpec, make_scorer, scorer_problems, template_name
 from engine.models.backends import Completion, SamplingParams
 from engine.spec.config import ExecOnly, Ref, StageConfig
 from engine.store.shards import Shard, ShardResult
@@ -61,7 +61,7 @@ class Config(StageConfig):
     temperature: float = Field(0.8, ge=0.0, description="Sampling temperature; n > 1 needs it above 0.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_new_tokens: int = Field(256, ge=1)
-    scorer: Literal["llm", "reward_model", "rules", "rule_reward", "function"] = Field(
+    scorer: Literal[CONVERSATION_SCORERS] = Field(  # type: ignore[valid-type]
         "llm", description="What scores each sample."
     )
     judge_model: str | None = Ref("model", default=None, description="llm: the judge; reward_model: the reward model.")

@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from engine.core import text
 from engine.core.errors import Problem
-from engine.lib import verifiers as scorers
+from engine.lib import verifiers
 from engine.lib.rewards import RewardRules, expected_of, reply_of, reward
 from engine.models.backends import SamplingParams
 from engine.store.shards import Shard
 
-SCORER_GROUP = scorers.GROUP
+SCORER_GROUP = verifiers.GROUP
 DEFAULT_PRINCIPLE = "Which response is more helpful, honest and harmless?"
 SCORE_LINE = re.compile(r"^\s*\**score\**\s*[:=]\s*\**\s*(\d+(?:\.\d+)?)", re.IGNORECASE | re.MULTILINE)
 VERDICT_LINE = re.compile(r"^\s*\**verdict\**\s*[:=]\s*\**\s*([AB])\b", re.IGNORECASE | re.MULTILINE)
@@ -46,12 +48,6 @@ class ScorerSpec:
     rewards: RewardRules | None = None
 
 
-TEMPLATE_VARS = {
-    "llm": ("judge_pointwise.j2", {"conversation", "rubric"}),
-    "pairwise": ("judge_pairwise.j2", {"context", "response_a", "response_b", "principle"}),
-}
-
-
 def template_name(config: ScorerSpec) -> str | None:
     return config.template or TEMPLATE_VARS[config.scorer][0] if config.scorer in TEMPLATE_VARS else None
 
@@ -64,7 +60,7 @@ def scorer_problems(
     variables passed. The stage's keys `scorer`, `function` and `template` are located."""
     where = lambda field: recipe.where(f"stages.{name}.{field}")  # noqa: E731
     problems = []
-    if spec.scorer in ("llm", "pairwise", "reward_model") and not model:
+    if SCORERS[spec.scorer].needs_model and not model:
         problems.append(
             Problem(
                 f"scorer '{spec.scorer}' needs a model.",
@@ -72,50 +68,9 @@ def scorer_problems(
                 **where("scorer"),
             )
         )
-    if spec.scorer == "function":
-        known = scorers.names()
-        if spec.function is None:
-            problems.append(
-                Problem(
-                    "scorer 'function' needs a function name.",
-                    hint=f'Set function = "NAME". Known: {", ".join(known)}.',
-                    **where("scorer"),
-                )
-            )
-        elif spec.function not in known:
-            problems.append(
-                Problem(
-                    f"no scorer function '{spec.function}' is registered.",
-                    hint=f"Use a builtin or register one under the entry point group "
-                    f"'{SCORER_GROUP}'. Known: {', '.join(known)}.",
-                    **where("function"),
-                )
-            )
-        elif spec.function in scorers.REQUIRES and input and recipe.dataset_rows(input):
-            column, test = scorers.REQUIRES[spec.function]
-            if not any(test(r) for r in recipe.dataset_rows(input)):
-                problems.append(
-                    Problem(
-                        f"scorer function '{spec.function}' compares each reply with the row's '{column}', and no row of "
-                        f"dataset '{input}' has one.",
-                        hint=f"Add a '{column}' column to the data, or map one: columns = {{ {column} = \"...\" }} in "
-                        f"[datasets.{input}].",
-                        **where("function"),
-                    )
-                )
-    if spec.scorer == "rule_reward":
-        rules = spec.rewards or RewardRules()
-        rows = recipe.dataset_rows(input) if input else None
-        if rules.behaviour > 0 and rows and not any(expected_of(r, rules) for r in rows):
-            problems.append(
-                Problem(
-                    f"scorer 'rule_reward' reads what each reply should do from the column '{rules.expected}' "
-                    f'("refuse" or "comply"), and no row of dataset \'{input}\' has one.',
-                    hint="Add the column to the data, set rewards.expected to the column that has it, or set "
-                    "rewards.behaviour = 0 to score by the other rules alone.",
-                    **where("scorer"),
-                )
-            )
+    kind = SCORERS.get(spec.scorer)
+    if kind is not None and kind.check is not None:
+        problems += kind.check(spec, recipe, input, where)
     if spec.scorer in TEMPLATE_VARS:
         from engine.lib.prompts import Templates
 
@@ -284,10 +239,64 @@ class _RuleReward(_Rules):
 
 class _Function(_Rules):
     def __init__(self, name: str, function: str) -> None:
-        self.name, self.fn = name, scorers.resolve(function)
+        self.name, self.fn = name, verifiers.resolve(function)
 
     def __call__(self, shard: Shard) -> list[dict]:
         return [{self.name: (None if (v := self.fn(r)) is None else float(v))} for r in shard.rows]
+
+
+def _function_problems(spec: ScorerSpec, recipe, input: str | None, where) -> list[Problem]:
+    """scorer 'function': a registered function, and the column it compares with in the data."""
+    problems: list[Problem] = []
+    known = verifiers.names()
+    if spec.function is None:
+        problems.append(
+            Problem(
+                "scorer 'function' needs a function name.",
+                hint=f'Set function = "NAME". Known: {", ".join(known)}.',
+                **where("scorer"),
+            )
+        )
+    elif spec.function not in known:
+        problems.append(
+            Problem(
+                f"no scorer function '{spec.function}' is registered.",
+                hint=f"Use a builtin or register one under the entry point group "
+                f"'{SCORER_GROUP}'. Known: {', '.join(known)}.",
+                **where("function"),
+            )
+        )
+    elif spec.function in verifiers.REQUIRES and input and recipe.dataset_rows(input):
+        column, test = verifiers.REQUIRES[spec.function]
+        if not any(test(r) for r in recipe.dataset_rows(input)):
+            problems.append(
+                Problem(
+                    f"scorer function '{spec.function}' compares each reply with the row's '{column}', and no row of "
+                    f"dataset '{input}' has one.",
+                    hint=f"Add a '{column}' column to the data, or map one: columns = {{ {column} = \"...\" }} in "
+                    f"[datasets.{input}].",
+                    **where("function"),
+                )
+            )
+    return problems
+
+
+def _rule_reward_problems(spec: ScorerSpec, recipe, input: str | None, where) -> list[Problem]:
+    """scorer 'rule_reward': the column saying what each reply should do, when the rules read it."""
+    problems: list[Problem] = []
+    rules = spec.rewards or RewardRules()
+    rows = recipe.dataset_rows(input) if input else None
+    if rules.behaviour > 0 and rows and not any(expected_of(r, rules) for r in rows):
+        problems.append(
+            Problem(
+                f"scorer 'rule_reward' reads what each reply should do from the column '{rules.expected}' "
+                f'("refuse" or "comply"), and no row of dataset \'{input}\' has one.',
+                hint="Add the column to the data, set rewards.expected to the column that has it, or set "
+                "rewards.behaviour = 0 to score by the other rules alone.",
+                **where("scorer"),
+            )
+        )
+    return problems
 
 
 def make_scorer(spec: ScorerSpec, model, ctx, *, backend=None):
@@ -295,17 +304,47 @@ def make_scorer(spec: ScorerSpec, model, ctx, *, backend=None):
     (conversations; preferences for pairwise), get one dict of scores per row; close() it when
     done. `model` is the model artifact (llm, pairwise, reward_model); `backend` lends an open
     generation backend for that model instead of loading it again (the caller closes it)."""
-    if spec.scorer == "llm":
-        return _LLM(spec, model, ctx, backend)
-    if spec.scorer == "pairwise":
-        return _Pairwise(spec, model, ctx, backend)
-    if spec.scorer == "reward_model":
-        return _RewardModel(spec, model, ctx)
-    if spec.scorer == "rules":
-        return _Rules(spec.name)
-    if spec.scorer == "rule_reward":
-        return _RuleReward(spec.name, spec.rewards or RewardRules())
-    return _Function(spec.name, spec.function)  # type: ignore[arg-type]
+    return SCORERS[spec.scorer].make(spec, model, ctx, backend)
+
+
+@dataclass(frozen=True)
+class ScorerKind:
+    """One scorer kind: how to make it, what rows it scores, whether it needs a model, its default
+    template and the variables the template gets, and its own validation."""
+
+    make: Callable[..., Any]  # (spec, model, ctx, backend) -> a scorer: call it with a Shard, close() it
+    takes: str = "conversations"  # or "preferences"
+    needs_model: bool = False
+    template: tuple[str, set[str]] | None = None
+    check: Callable[..., list[Problem]] | None = None  # (spec, recipe, input, where) -> problems
+
+
+# The one table of scorer kinds: `scorer = "..."` in judge and rejection_sample. Adding a kind is a
+# class above and one line here.
+SCORERS: dict[str, ScorerKind] = {
+    "llm": ScorerKind(
+        lambda spec, model, ctx, backend: _LLM(spec, model, ctx, backend),
+        needs_model=True,
+        template=("judge_pointwise.j2", {"conversation", "rubric"}),
+    ),
+    "pairwise": ScorerKind(
+        lambda spec, model, ctx, backend: _Pairwise(spec, model, ctx, backend),
+        takes="preferences",
+        needs_model=True,
+        template=("judge_pairwise.j2", {"context", "response_a", "response_b", "principle"}),
+    ),
+    "reward_model": ScorerKind(lambda spec, model, ctx, backend: _RewardModel(spec, model, ctx), needs_model=True),
+    "rules": ScorerKind(lambda spec, model, ctx, backend: _Rules(spec.name)),
+    "rule_reward": ScorerKind(
+        lambda spec, model, ctx, backend: _RuleReward(spec.name, spec.rewards or RewardRules()),
+        check=_rule_reward_problems,
+    ),
+    "function": ScorerKind(
+        lambda spec, model, ctx, backend: _Function(spec.name, spec.function), check=_function_problems
+    ),
+}
+TEMPLATE_VARS = {name: kind.template for name, kind in SCORERS.items() if kind.template is not None}
+CONVERSATION_SCORERS = tuple(name for name, kind in SCORERS.items() if kind.takes == "conversations")
 
 
 # --------------------------------------------------------------------------- pairwise verdicts
