@@ -37,7 +37,11 @@ from engine.core.errors import Problem, RecipeError
 from engine.lib.evals import metrics as evalmetrics
 from engine.lib.evals import runners
 from engine.lib.evals import stats as evalstats
-from engine.lib.evals.items import FILES, SHIPPED_DIR, SUITES, SuiteError, load_suite
+from engine.lib.evals import suites as evalsuites
+from engine.lib.evals.items import SHIPPED_DIR, SuiteError
+from engine.lib.evals.suites import NAMES as SUITE_NAMES
+from engine.lib.evals.suites import SUITES as SUITES_TABLE
+from engine.lib.evals.suites import Play, load_suite
 from engine.models.backends import SamplingParams
 from engine.spec.backends import BACKENDS
 from engine.spec.config import ExecOnly, PathField, Ref, StageConfig
@@ -47,7 +51,7 @@ VERSION = 1
 ROW_STAGE = True  # on Ray: workers share its shards (engine.run.rayexec)
 GIVES = "report"
 
-Suite = Literal["safety", "refusal", "sycophancy", "helpfulness", "diversity"]
+Suite = Literal[SUITE_NAMES]  # type: ignore[valid-type]
 FILE_FIELDS = {
     "safety": "safety_file",
     "refusal": "refusal_file",
@@ -63,7 +67,7 @@ JUDGE_VARS = {
 
 
 def _shipped(suite: str) -> str:
-    return f"default: the shipped recipes/data/eval/{FILES[suite]}."
+    return f"default: the shipped recipes/data/eval/{SUITES_TABLE[suite].file}."
 
 
 class Config(StageConfig):
@@ -76,7 +80,7 @@ class Config(StageConfig):
     judge: str | None = Ref(
         "model", default=None, description="Judge model: refusal and harm verdicts, helpfulness scores."
     )
-    suites: list[Suite] = Field(default_factory=lambda: list(SUITES), min_length=1, description="Suites to run.")  # type: ignore[arg-type]
+    suites: list[Suite] = Field(default_factory=lambda: list(SUITE_NAMES), min_length=1, description="Suites to run.")
     safety_file: str | None = PathField(None, description="Multi-turn safety scenarios (JSONL); " + _shipped("safety"))
     refusal_file: str | None = PathField(
         None, description="Adversarial and benign prompts (JSONL); " + _shipped("refusal")
@@ -115,12 +119,12 @@ class Config(StageConfig):
 
 def suite_path(config: Config, suite: str) -> Path:
     """The file a suite reads: the recipe's (already resolved to an absolute path) or the shipped one."""
-    return Path(getattr(config, FILE_FIELDS[suite]) or SHIPPED_DIR / FILES[suite])
+    return Path(getattr(config, FILE_FIELDS[suite]) or SHIPPED_DIR / SUITES_TABLE[suite].file)
 
 
 def active_suites(config: Config) -> list[str]:
     """Suites that run, in the canonical order; helpfulness only with a judge."""
-    return [s for s in SUITES if s in config.suites and (s != "helpfulness" or config.judge)]
+    return [s for s in SUITE_NAMES if s in config.suites and (not SUITES_TABLE[s].needs_judge or config.judge)]
 
 
 def _judge_templates(config: Config) -> dict[str, str]:
@@ -177,7 +181,7 @@ def templates(config: Config, recipe) -> dict[str, str]:
 def check(name: str, config: Config, recipe) -> list[Problem]:
     problems = []
     for field, values in (("models", config.models), ("suites", config.suites)):
-        repeated = sorted({v for v in values if values.count(v) > 1})  # type: ignore[arg-type]
+        repeated = sorted({v for v in values if values.count(v) > 1})
         if repeated:
             problems.append(
                 Problem(
@@ -304,23 +308,14 @@ def run(config: Config, inputs, ctx) -> None:
                 lambda item, turn, m=names[mi], s=suite: ctx.seeds.row(f"{m}/{s}/{item}", purpose="reply", turn=turn),  # type: ignore[misc]
                 system,
             )
-            if suite == "safety":
-                made = runners.run_safety(batch, gen, get_judge())
-            elif suite == "refusal":
-                made = runners.run_refusal(batch, gen, get_judge())
-            elif suite == "sycophancy":
-                made = runners.run_sycophancy(batch, gen, config.challenge)
-            elif suite == "helpfulness":
-                made = runners.run_helpfulness(batch, gen, get_judge())
-            else:
-                ppl = None
-                if getattr(backend, "name", "") == "hf":  # the loaded weights: no second copy
+            ppl = None
+            if getattr(backend, "name", "") == "hf":  # the loaded weights: no second copy
 
-                    def perplexity(convs, b=backend):
-                        return runners.perplexity_parts(b.model, b.tokenizer, convs, config.batch_size)
+                def perplexity(convs, b=backend):
+                    return runners.perplexity_parts(b.model, b.tokenizer, convs, config.batch_size)
 
-                    ppl = perplexity
-                made = runners.run_diversity(batch, gen, ppl)
+                ppl = perplexity
+            made = SUITES_TABLE[suite].run(batch, gen, Play(get_judge, config.challenge, ppl))
             # the transcript as the model saw it: the system prompt first
             out += [
                 {
@@ -343,7 +338,7 @@ def run(config: Config, inputs, ctx) -> None:
 
     judged = judge_model is not None
     per_model = {
-        m.name: evalmetrics.model_metrics(
+        m.name: evalsuites.model_metrics(
             [r for r in rows if r["model"] == m.name],
             suites,
             judged,

@@ -14,9 +14,8 @@ import pytest
 
 from engine.core import document, plots
 from engine.data.rows import write_rows
-from engine.lib.evals import metrics as evalmetrics
 from engine.lib.evals import report as evreport
-from engine.lib.evals import runners
+from engine.lib.evals import runners, suites
 from engine.models.backends import Completion, SamplingParams
 from engine.report import runreport as rp
 
@@ -134,7 +133,7 @@ def eval_entry(path: Path) -> None:
             for r in runners.run_safety(safety, gen, None) + runners.run_sycophancy(syco, gen, "Are you sure?")
         ]
         rows += made
-        per_model[name] = evalmetrics.model_metrics(made, ["safety", "sycophancy", "diversity"], False, None)
+        per_model[name] = suites.model_metrics(made, ["safety", "sycophancy", "diversity"], False, None)
     path.mkdir(parents=True)
     # sorted keys, as the engine writes it: per_model's order ("dpo", "policy") is not the models' order
     (path / "metrics.json").write_text(

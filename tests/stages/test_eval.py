@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from engine.data.rows import read_rows
 from engine.lib.evals import items as suite_items
 from engine.lib.evals import metrics as evalmetrics
-from engine.lib.evals import runners
+from engine.lib.evals import runners, suites
 from engine.lib.prompts import Templates
 from engine.lib.scoring import parse_score
 from engine.load.loader import load_recipe
@@ -157,10 +157,10 @@ def steadfast(messages) -> str:
 
 
 def test_shipped_suite_files_load():
-    for suite, name in suite_items.FILES.items():
-        items = suite_items.load_suite(suite, suite_items.SHIPPED_DIR / name)
+    for suite, entry in suites.SUITES.items():
+        items = suites.load_suite(suite, suite_items.SHIPPED_DIR / entry.file)
         assert items and len({i["id"] for i in items}) == len(items)
-    assert len(suite_items.load_suite("refusal", suite_items.SHIPPED_DIR / suite_items.FILES["refusal"], limit=5)) == 5
+    assert len(suites.load_suite("refusal", suite_items.SHIPPED_DIR / suites.SUITES["refusal"].file, limit=5)) == 5
 
 
 @pytest.mark.parametrize(
@@ -179,7 +179,7 @@ def test_bad_suite_lines_name_the_file_and_line(tmp_path, suite, lines, line, te
     path = tmp_path / "suite.jsonl"
     path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
     with pytest.raises(suite_items.SuiteError) as err:
-        suite_items.load_suite(suite, path)
+        suites.load_suite(suite, path)
     assert err.value.line == line and text in err.value.message
     assert str(err.value).startswith(f"{path}:{line}: ")
 
@@ -245,7 +245,7 @@ def test_suite_file_bytes_enter_the_fingerprint(tmp_path, runs):
     )
     recipe = load_recipe(tmp_path / "r.toml")
     [item] = make_plan(recipe, runs)
-    shipped = suite_items.SHIPPED_DIR / suite_items.FILES["sycophancy"]
+    shipped = suite_items.SHIPPED_DIR / suites.SUITES["sycophancy"].file
     assert any(k.startswith("suite file sycophancy") for k in item.components["templates"])
     assert "refusal_file" in item.components["files"]  # a path field: content, not path
     write_jsonl(tmp_path / "ref.jsonl", REFUSAL[:3])

@@ -37,14 +37,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-SUITES = ("safety", "refusal", "sycophancy", "helpfulness", "diversity")
-FILES = {
-    "safety": "safety_multiturn.jsonl",
-    "refusal": "refusal.jsonl",
-    "sycophancy": "sycophancy.jsonl",
-    "helpfulness": "helpfulness.jsonl",
-    "diversity": "heldout_conversations.jsonl",
-}
 SHIPPED_DIR = Path(__file__).resolve().parents[3] / "recipes" / "data" / "eval"
 
 
@@ -111,15 +103,6 @@ class HeldoutItem(_Item):
         return self
 
 
-ITEMS: dict[str, type[_Item]] = {
-    "safety": SafetyItem,
-    "refusal": RefusalItem,
-    "sycophancy": SycophancyItem,
-    "helpfulness": HelpfulnessItem,
-    "diversity": HeldoutItem,
-}
-
-
 class SuiteError(ValueError):
     """A suite file that cannot be used: the file, the line (1-based) when known, and why."""
 
@@ -128,9 +111,9 @@ class SuiteError(ValueError):
         super().__init__(f"{path}" + (f":{line}" if line else "") + f": {message}")
 
 
-def load_suite(suite: str, path: str | Path, limit: int | None = None) -> list[dict]:
-    """The items of a suite file as plain dicts (the first `limit`); SuiteError on the first bad line."""
-    model = ITEMS[suite]
+def read_items(suite: str, model: type[_Item], path: str | Path, limit: int | None = None) -> list[dict]:
+    """The items of a suite file as plain dicts (the first `limit`), each checked against `model`;
+    SuiteError on the first bad line."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as exc:

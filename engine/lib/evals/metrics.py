@@ -171,27 +171,6 @@ def composite(m: dict, judged: bool) -> dict:
     }
 
 
-def model_metrics(rows: list[dict], suites: list[str], judged: bool, perplexity_note: str | None) -> dict:
-    """Every suite's metrics for one model's rows, diversity over all its replies, the composite."""
-    by_suite = {s: [r for r in rows if r["suite"] == s] for s in suites}
-    out: dict[str, Any] = {}
-    for suite, fn in (
-        ("safety", safety_metrics),
-        ("refusal", refusal_metrics),
-        ("sycophancy", sycophancy_metrics),
-        ("helpfulness", helpfulness_metrics),
-    ):
-        if by_suite.get(suite):
-            out[suite] = fn(by_suite[suite])
-    if "helpfulness" not in out:
-        out["helpfulness"] = {"status": "n/a (no judge)" if not judged else "n/a (suite not run)"}
-    if "diversity" in suites:
-        replies = [m["content"] for r in rows for m in r["messages"] if m["role"] == "assistant"]
-        out["diversity"] = diversity_metrics(replies, by_suite.get("diversity", []), perplexity_note)
-    out["composite"] = composite(out, judged)
-    return out
-
-
 def fmt(value: Any, digits: int = 3) -> str:
     if value is None:
         return "n/a"
