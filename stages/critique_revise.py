@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -403,3 +404,10 @@ def summary(report: dict) -> list[tuple[str, str]]:
         ("resimulated turns", str(report["resimulated_turns"])),
         ("dropped (empty regenerated turn)", str(report["dropped"]["resimulate_empty_turn"])),
     ]
+
+
+def report(name: str, entry: Path) -> list:
+    """The run report's section: critique -> revision examples and the share of revisions that changed anything."""
+    from engine.lib.entryblocks import revision_blocks
+
+    return revision_blocks(name, entry)

@@ -38,6 +38,7 @@ Template variables (template): context, response_a, response_b, principle, chain
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -432,3 +433,10 @@ def summary(report: dict) -> list[tuple[str, str]]:
     if report.get("principles"):
         out.append(("principles drawn", ", ".join(f"{p} {n}" for p, n in report["principles"].items())))
     return out + spot_check_summary(report.get("spot_check"))
+
+
+def report(name: str, entry: Path) -> list:
+    """The run report's section: a few of the pairs (chosen and rejected side by side)."""
+    from engine.lib.entryblocks import pair_blocks
+
+    return pair_blocks(name, entry) if (entry / "pairs_sample.json").is_file() else []

@@ -33,6 +33,7 @@ Template variables (template, llm scorer): conversation, rubric.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -500,3 +501,10 @@ def summary(report: dict) -> list[tuple[str, str]]:
             ("prompts below min_margin / threshold", f"{report['below_margin']} / {report['below_threshold']}"),
         ]
     return out + spot_check_summary(report.get("spot_check"))
+
+
+def report(name: str, entry: Path) -> list:
+    """The run report's section: a few of the pairs, when the output is preferences."""
+    from engine.lib.entryblocks import pair_blocks
+
+    return pair_blocks(name, entry) if (entry / "pairs_sample.json").is_file() else []

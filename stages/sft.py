@@ -330,3 +330,10 @@ def summary(report: dict) -> list[tuple[str, str]]:
         ("weights", f"{weights_kind(report)}, {report['trainable_params']} trainable params"),
     ]
     return out
+
+
+def report(name: str, entry: Path) -> list:
+    """The run report's section: which tokens of a few training rows were supervised."""
+    from engine.lib.entryblocks import span_blocks
+
+    return span_blocks(name, entry) if (entry / "mask_check.txt").is_file() else []

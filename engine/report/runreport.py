@@ -27,9 +27,11 @@ from engine.core import plots
 from engine.core.document import _BLOCKS, Block, Bullets, Details, Heading, Image, Para, Table, _slug, write_report
 from engine.core.io import atomic_write_text
 from engine.data.rows import read_rows
+from engine.lib.entryblocks import _json
 from engine.lib.evals.metrics import fmt
 from engine.lib.evals.report import TINY_NOTE, eval_blocks, glance_blocks, honest_blocks
-from engine.report.blocks import _json, pair_blocks, revision_blocks, span_blocks
+from engine.spec import registry
+from engine.spec.stage import hook
 
 TRAINING_KINDS = ("sft", "dpo", "kto", "orpo")
 
@@ -253,13 +255,10 @@ def run_blocks(run_dir: Path) -> tuple[str, list[Block]]:
         blocks.append(Heading("Training curves"))
         for name, kind in trained:
             blocks += memo(name, "training", lambda name=name, kind=kind: training_blocks(name, kind, entry(name)))  # type: ignore[arg-type]
-            if kind == "sft" and (entry(name) / "mask_check.txt").is_file():  # type: ignore[operator]
-                blocks += memo(name, "spans", lambda name=name: span_blocks(name, entry(name)))  # type: ignore[arg-type]
-    for name, s in stages.items():
-        if s.get("kind") == "critique_revise" and entry(name):
-            blocks += memo(name, "revisions", lambda name=name: revision_blocks(name, entry(name)))  # type: ignore[arg-type]
-        if entry(name) and (entry(name) / "pairs_sample.json").is_file():  # type: ignore[operator]
-            blocks += memo(name, "pairs", lambda name=name: pair_blocks(name, entry(name)))  # type: ignore[arg-type]
+    for name, s in stages.items():  # each stage kind's own blocks (its `report` hook, engine/spec/stage.py)
+        report = hook(_module(s.get("kind")), "report")
+        if report is not None and entry(name):
+            blocks += memo(name, "stage", lambda name=name, report=report: report(name, entry(name)))
     for name, metrics in evals.items():
 
         def results(name=name, metrics=metrics):
@@ -273,7 +272,7 @@ def run_blocks(run_dir: Path) -> tuple[str, list[Block]]:
     return title, blocks
 
 
-REPORT_STYLE = 2  # bump when a stage's report blocks change: memoized blocks of older styles are not reused
+REPORT_STYLE = 3  # bump when a stage's report blocks change: memoized blocks of older styles are not reused
 
 
 def _memo_blocks(fingerprint: str | None, name: str, part: str, make) -> list[Block]:
@@ -369,3 +368,8 @@ def write_run_report(run_dir: Path) -> list[Path]:
     with plots.figure_cache(cache):
         title, blocks = run_blocks(run_dir)
     return write_report(run_dir, title, blocks)
+
+
+def _module(kind: str | None):
+    """The stage module of `kind` (None for a kind not installed here: its blocks are left out)."""
+    return registry.load(kind) if kind in registry.kinds() else None

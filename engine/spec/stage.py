@@ -37,6 +37,9 @@ Optional hooks:
 - `ROW_STAGE: bool`: the stage's work is `ctx.shards.map` over rows, and everything before the map
   is cheap and deterministic: on Ray, workers run it with a share of the shards each
   (engine.run.rayexec), then the driver runs it again to assemble the committed shards.
+- `report(name, entry) -> list[Block]`: the stage's section of the run report, drawn from its
+  cache entry (`entry`, a folder) with the blocks of engine.core.document: examples, drop reasons,
+  pairs, revisions. Memoized by the entry's fingerprint, so a cached re-run does not redraw it.
 - `summary(report) -> list[(label, value)]`, `summary_table(report) -> (headers, rows)`,
   `summary_notes(report) -> list[str]`: what `recipe show` prints from the stage's report.json.
 """
@@ -71,6 +74,7 @@ HOOKS: dict[str, str] = {  # optional hook -> what it must be
     "summary": "callable",
     "summary_table": "callable",
     "summary_notes": "callable",
+    "report": "callable",
 }
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from engine.core import document, plots
 from engine.data.rows import write_rows
+from engine.lib import entryblocks
 from engine.lib.evals import report as evreport
 from engine.lib.evals import runners, suites
 from engine.models.backends import Completion, SamplingParams
@@ -454,7 +455,7 @@ def test_revision_blocks_show_the_share_changed_and_examples(tmp_path):
             },
         ],
     )
-    blocks = rp.revision_blocks("revised", entry)
+    blocks = entryblocks.revision_blocks("revised", entry)
     text = document.render_markdown("t", blocks)
     assert "1 of 4 selected assistant turns were changed by their revision (25%)" in text
     assert "unchanged 2, empty\\_critique 1" in text
