@@ -126,9 +126,19 @@ def run_cli_subprocess(
     )
 
 
-# builtin:smollm2-135m (538 MB) is built once into the checkout's .cache/, shared by every test and
-# xdist worker (builtin_dir builds under a lock), instead of once per tmp runs dir.
+# The builtin models are built once into the checkout's .cache/, shared by every test, subprocess and
+# xdist worker (builtin_dir builds under a lock), instead of once per tmp runs dir (tiny-chat takes
+# seconds, builtin:smollm2-135m half a minute). Tests about building, checksums and where builtins
+# land are marked `own_builtin` and build into their own runs dir.
 SHARED_BUILTIN = ROOT / ".cache" / "builtin"
+
+
+@pytest.fixture(autouse=True)
+def shared_builtin(request, monkeypatch):
+    if request.node.get_closest_marker("own_builtin") is None:
+        monkeypatch.setenv("RECIPE_BUILTIN_DIR", str(SHARED_BUILTIN))
+    else:
+        monkeypatch.delenv("RECIPE_BUILTIN_DIR", raising=False)
 
 
 @pytest.fixture(scope="session")

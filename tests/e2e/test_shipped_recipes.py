@@ -99,6 +99,7 @@ def test_seed_data_filter_removes_what_was_planted(tmp_path):
     assert refusals and all(r["meta"].get("topic") not in flaws for r in refusals)
 
 
+@pytest.mark.own_builtin  # where a build would land: this runs dir, which must stay without one
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_recipe_validates_and_plans_on_the_real_builtin_model(path: Path, tmp_path):
     """Every shipped recipe takes builtin:smollm2-135m for its policy (the GGUF is hashed, not built)."""

@@ -18,6 +18,8 @@ from engine.core.errors import RecipeError
 from engine.models import builtins as models
 from engine.models import weights
 
+pytestmark = pytest.mark.own_builtin  # builds, checksums and locations of builtins, in their own dirs
+
 ROOT = Path(__file__).resolve().parents[2]
 
 CONVERSATION = [
