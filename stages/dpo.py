@@ -51,7 +51,7 @@ from engine.lib.trainer import (
 from engine.lib.training import (
     REWARD_KEYS,
     LengthReport,
-    Lora,
+    TrainingConfig,
     batch_problems,
     batch_split,
     chat_ids,
@@ -64,7 +64,7 @@ from engine.lib.training import (
     training_rows,
     user_error,
 )
-from engine.spec.config import ExecOnly, Ref, StageConfig
+from engine.spec.config import ExecOnly, Ref
 
 VERSION = 2  # 2: input may be a weighted list of preference sets
 GIVES = "model"
@@ -100,16 +100,11 @@ EXTRA_KEYS = {
 }
 
 
-class Config(StageConfig):
+class Config(TrainingConfig):
     kind: Literal["dpo", "kto", "orpo"]
     input: str | list[str] = Ref(
         "preferences",
         description="Preference pairs (prompt messages, chosen, rejected): one name, or a list mixed by `weights`.",
-    )
-    weights: list[float] | None = Field(
-        None,
-        description="One per input: w takes round(w x rows) of it (w < 1 a "
-        "seeded subsample, w > 1 repeats). Default: 1 each.",
     )
     model: str = Ref("model", description="The model to train (the policy's start).")
     ref_model: str | None = Ref(
@@ -137,8 +132,6 @@ class Config(StageConfig):
     lr: float = Field(
         5e-6, gt=0.0, description="Peak learning rate (preference training wants it low; ~1e-5 to 5e-5 with LoRA)."
     )
-    epochs: float = Field(1.0, gt=0.0, description="Passes over the data (ignored when max_steps is set).")
-    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
     batch_size: int = Field(8, ge=1, description="Global batch of pairs (per-device x processes x accumulation).")
     per_device_batch_size: int = ExecOnly(
         8, ge=1, description="Pairs per forward pass; accumulation makes up the rest."
@@ -149,13 +142,7 @@ class Config(StageConfig):
         description="Pairs over max_length: drop them, drop the prompt's earliest turns, or cut the "
         "prompt's earliest turns' text. The replies are never cut.",
     )
-    scheduler: str = Field("cosine", description="transformers lr_scheduler_type.")
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of steps for linear warmup.")
-    weight_decay: float = Field(0.0, ge=0.0)
-    save_steps: int = ExecOnly(50, ge=1, description="Checkpoint every N steps (for resume).")
-    logging_steps: int = ExecOnly(1, ge=1)
-    lora: Lora | None = Field(None, description="LoRA settings; absent = full fine-tune.")
-    merge: bool = Field(False, description="LoRA: merge the adapter and save full weights.")
 
 
 def loss_type(config: Config) -> str | None:

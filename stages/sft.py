@@ -50,6 +50,7 @@ from engine.lib.trainer import (
 from engine.lib.training import (
     LengthReport,
     Lora,
+    TrainingConfig,
     batch_problems,
     chat_ids,
     check_lora_targets,
@@ -71,7 +72,7 @@ from engine.models.chatmask import (
     tokenizer_render,
     trl_training_template,
 )
-from engine.spec.config import ExecOnly, Ref, StageConfig
+from engine.spec.config import ExecOnly, Ref
 
 __all__ = ["Config", "Lora", "fit", "run", "summary"]
 
@@ -80,20 +81,13 @@ GIVES = "model"
 MULTI_PROCESS = True
 
 
-class Config(StageConfig):
+class Config(TrainingConfig):
     kind: Literal["sft"]
     input: str | list[str] = Ref(
         "conversations", description="The conversations to train on: one name, or a list mixed by `weights`."
     )
-    weights: list[float] | None = Field(
-        None,
-        description="One per input: w takes round(w x rows) of it (w < 1 a "
-        "seeded subsample, w > 1 repeats). Default: 1 each.",
-    )
     model: str = Ref("model", description="The model to fine-tune.")
     lr: float = Field(2e-4, gt=0.0, description="Peak learning rate.")
-    epochs: float = Field(1.0, gt=0.0, description="Passes over the data (ignored when max_steps is set).")
-    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
     batch_size: int = Field(8, ge=1, description="Global batch (per-device x processes x accumulation).")
     per_device_batch_size: int = ExecOnly(8, ge=1, description="Rows per forward pass; accumulation makes up the rest.")
     max_length: int = Field(512, ge=8, description="Tokens per conversation (chat template included).")
@@ -106,13 +100,7 @@ class Config(StageConfig):
         description="Pack conversations into rows of max_length tokens (fewer pad tokens; "
         "a batch then counts packed rows).",
     )
-    scheduler: str = Field("cosine", description="transformers lr_scheduler_type.")
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Share of steps for linear warmup.")
-    weight_decay: float = Field(0.0, ge=0.0)
-    save_steps: int = ExecOnly(50, ge=1, description="Checkpoint every N steps (for resume).")
-    logging_steps: int = ExecOnly(1, ge=1)
-    lora: Lora | None = Field(None, description="LoRA settings; absent = full fine-tune.")
-    merge: bool = Field(False, description="LoRA: merge the adapter and save full weights.")
 
 
 def check(name: str, config: Config, recipe) -> list[Problem]:

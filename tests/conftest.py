@@ -155,3 +155,37 @@ def smollm2_dir() -> Path:
             del os.environ["RECIPE_BUILTIN_DIR"]
         else:
             os.environ["RECIPE_BUILTIN_DIR"] = old
+
+
+TRAINING_RECIPE = """
+[recipe]
+name = "launch"
+seed = 11
+
+[models.policy]
+path = "builtin:tiny-chat"
+
+[datasets.chats]
+path = "data/chats.jsonl"
+
+[stages.train]
+kind = "sft"
+input = "chats"
+model = "policy"
+lr = 5e-3
+max_steps = 8
+batch_size = 4
+per_device_batch_size = 2
+max_length = 256
+save_steps = 100
+{resources}
+"""
+
+
+def make_training_project(root: Path, resources: str = "") -> Path:
+    """A recipe folder with one small sft stage (`resources`: a [stages.train.resources] table)."""
+    rows = [conv(f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}.", id=f"c{i}") for i in range(16)]
+    write_jsonl(root / "data" / "chats.jsonl", rows)
+    path = root / "recipe.toml"
+    path.write_text(textwrap.dedent(TRAINING_RECIPE.format(resources=resources)))
+    return path

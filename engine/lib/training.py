@@ -29,7 +29,7 @@ from pydantic import Field
 
 from engine.core.errors import Problem, RecipeError
 from engine.spec.backends import BACKENDS
-from engine.spec.config import Table
+from engine.spec.config import ExecOnly, StageConfig, Table
 
 Messages = list[dict]
 
@@ -357,3 +357,22 @@ def mixture_line(report: dict) -> list[tuple[str, str]]:
 
 
 REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+
+
+class TrainingConfig(StageConfig):
+    """What every training stage (sft, dpo, kto, orpo) takes besides its data, model and loss:
+    input mixing, how long, the schedule, checkpoints and LoRA. Each stage's Config adds its own."""
+
+    weights: list[float] | None = Field(
+        None,
+        description="One per input: w takes round(w x rows) of it (w < 1 a "
+        "seeded subsample, w > 1 repeats). Default: 1 each.",
+    )
+    epochs: float = Field(1.0, gt=0.0, description="Passes over the data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
+    scheduler: str = Field("cosine", description="transformers lr_scheduler_type.")
+    weight_decay: float = Field(0.0, ge=0.0)
+    save_steps: int = ExecOnly(50, ge=1, description="Checkpoint every N steps (for resume).")
+    logging_steps: int = ExecOnly(1, ge=1)
+    lora: Lora | None = Field(None, description="LoRA settings; absent = full fine-tune.")
+    merge: bool = Field(False, description="LoRA: merge the adapter and save full weights.")

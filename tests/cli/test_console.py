@@ -20,7 +20,7 @@ from conftest import GOOD, ROOT, conv, run_cli_subprocess, write_jsonl
 
 
 def test_third_party_warnings_and_bars_go_to_the_stage_log(tmp_path):
-    from test_launch import make
+    from conftest import make_training_project as make
 
     path = make(tmp_path / "p")
     proc = run_cli_subprocess("run", path, "--runs-dir", tmp_path / "runs", timeout=300)

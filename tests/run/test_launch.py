@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -13,39 +12,7 @@ from engine.run.executor import run
 from engine.run.launch import command
 from engine.run.plan import make_plan
 
-from conftest import conv, write_jsonl
-
-RECIPE = """
-[recipe]
-name = "launch"
-seed = 11
-
-[models.policy]
-path = "builtin:tiny-chat"
-
-[datasets.chats]
-path = "data/chats.jsonl"
-
-[stages.train]
-kind = "sft"
-input = "chats"
-model = "policy"
-lr = 5e-3
-max_steps = 8
-batch_size = 4
-per_device_batch_size = 2
-max_length = 256
-save_steps = 100
-{resources}
-"""
-
-
-def make(root: Path, resources: str = "") -> Path:
-    rows = [conv(f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}.", id=f"c{i}") for i in range(16)]
-    write_jsonl(root / "data" / "chats.jsonl", rows)
-    path = root / "recipe.toml"
-    path.write_text(textwrap.dedent(RECIPE.format(resources=resources)))
-    return path
+from conftest import make_training_project as make
 
 
 def test_processes_do_not_change_the_fingerprint(tmp_path):

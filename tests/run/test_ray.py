@@ -226,7 +226,7 @@ def test_a_simulated_two_node_cluster_gives_the_rows_of_a_local_run(tmp_path, tw
 def test_a_training_stage_on_two_simulated_nodes_equals_two_local_processes(tmp_path, two_nodes):
     """`nodes = 2`: accelerate's multi-node launch, one Ray task per node of a placement group;
     the weights are those of the same two processes on one machine."""
-    from test_launch import make
+    from conftest import make_training_project as make
 
     two = run(load_recipe(make(tmp_path / "two", "[stages.train.resources]\nprocesses = 2")), tmp_path / "runs2")
     spread = run(
@@ -248,7 +248,7 @@ def test_a_training_stage_on_two_simulated_nodes_equals_two_local_processes(tmp_
 
 
 def test_nodes_need_a_training_stage_and_the_ray_executor(tmp_path):
-    from test_launch import make
+    from conftest import make_training_project as make
 
     path = make(tmp_path / "p", "[stages.train.resources]\nnodes = 2")
     local = subprocess.run(
