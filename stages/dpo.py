@@ -68,7 +68,7 @@ from engine.spec.config import ExecOnly, Ref
 
 VERSION = 2  # 2: input may be a weighted list of preference sets
 GIVES = "model"
-MULTI_PROCESS = True
+TRAINS = True
 
 # Copied from TRL 1.16 (trl/trainer/dpo_config.py, DPOConfig.loss_type; kto_config.py, KTOConfig.loss_type).
 LOSS_TYPES = {

@@ -78,7 +78,7 @@ __all__ = ["Config", "Lora", "fit", "run", "summary"]
 
 VERSION = 2  # 2: input mixtures, packing, loss.png, base.json next to an unmerged adapter
 GIVES = "model"
-MULTI_PROCESS = True
+TRAINS = True
 
 
 class Config(TrainingConfig):

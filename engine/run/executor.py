@@ -35,6 +35,7 @@ from engine.spec.artifact import Artifact
 from engine.spec.graph import artifact_type, edges, order
 from engine.spec.recipe import Recipe
 from engine.spec.rounds import round_of
+from engine.spec.stage import hook
 from engine.store.cache import Entry, Store
 from engine.store.record import RunRecord, close_logger, stage_logger, versions
 
@@ -315,7 +316,7 @@ def _build_entry(
                 store.root,
                 pool,
             )
-            if pool is not None and getattr(stage.module, "MULTI_PROCESS", False):  # a training stage
+            if pool is not None and hook(stage.module, "TRAINS"):  # a training stage
                 pool.before_training(log)
             with stage_output(log):  # third-party warnings and stray output: the stage log, not the console
                 _dispatch(stage, inputs, ctx, log_path, executor)

@@ -9,7 +9,7 @@ trainer inside finds its rank from the environment that accelerate set. Only ran
 artifact (`ctx.is_main`). The parent then collects what rank 0 wrote: the artifact files are
 already in the build directory, and `result.json` carries the row count.
 
-Only kinds whose module says `MULTI_PROCESS = True` (the training stages) accept processes > 1.
+Only kinds whose module says `TRAINS = True` (the training stages) accept processes > 1.
 """
 
 from __future__ import annotations

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.core.errors import RecipeError
+from engine.spec.stage import hook
 
 INSTALL = "pip install 'recipe-engine[ray]'"
 MAX_RETRIES = 3
@@ -284,7 +285,7 @@ def run_stage(stage, inputs: dict, ctx, log_path: Path) -> bool:
     """Run `stage` on the cluster; False when it is a kind that runs on the driver."""
     from engine.run.launch import make_payload
 
-    training, rows = getattr(stage.module, "MULTI_PROCESS", False), getattr(stage.module, "ROW_STAGE", False)
+    training, rows = hook(stage.module, "TRAINS"), hook(stage.module, "ROW_STAGE")
     if not (training or rows):
         return False
     ray = _ray()

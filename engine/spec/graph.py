@@ -186,7 +186,7 @@ def resource_problems(recipe: Recipe) -> list[Problem]:
     problems = []
     for name, stage in recipe.stages.items():
         res = stage.config.resources
-        if res.processes > 1 and not hook(stage.module, "MULTI_PROCESS"):
+        if res.processes > 1 and not hook(stage.module, "TRAINS"):
             problems.append(
                 Problem(
                     f"stage '{name}' ({stage.kind}) cannot run on {res.processes} processes: only training stages "
@@ -195,7 +195,7 @@ def resource_problems(recipe: Recipe) -> list[Problem]:
                     **recipe.where(f"stages.{name}.resources.processes"),
                 )
             )
-        if res.nodes > 1 and not hook(stage.module, "MULTI_PROCESS"):
+        if res.nodes > 1 and not hook(stage.module, "TRAINS"):
             problems.append(
                 Problem(
                     f"stage '{name}' ({stage.kind}) cannot run on {res.nodes} nodes: only training stages "

@@ -32,8 +32,9 @@ Optional hooks:
 - `uses(config) -> (fields, what)`: the config fields this configuration reads (by mode, scorer,
   method, ...) and how to name it ("scorer 'rules'"). A key the user set that is not among them is
   reported by `recipe validate` ("rubric is not used by scorer 'rules'"), never silently ignored.
-- `MULTI_PROCESS: bool`: the stage can run under `accelerate launch` (`[stages.X.resources]`); on
-  Ray it runs as one task holding its GPUs.
+- `TRAINS: bool`: a training stage: it changes weights, loads its own copy of a model (never a
+  pooled one), and can run under `accelerate launch` on several processes and nodes
+  (`[stages.X.resources]`); on Ray it runs as one task holding its GPUs.
 - `ROW_STAGE: bool`: the stage's work is `ctx.shards.map` over rows, and everything before the map
   is cheap and deterministic: on Ray, workers run it with a share of the shards each
   (engine.run.rayexec), then the driver runs it again to assemble the committed shards.
@@ -69,7 +70,7 @@ HOOKS: dict[str, str] = {  # optional hook -> what it must be
     "check": "callable",
     "templates": "callable",
     "uses": "callable",
-    "MULTI_PROCESS": "bool",
+    "TRAINS": "bool",
     "ROW_STAGE": "bool",
     "summary": "callable",
     "summary_table": "callable",

@@ -25,13 +25,13 @@ def test_a_broken_module_is_named_with_everything_wrong():
         kind: str = "x"
 
     bad = types.ModuleType("plugin.bad")
-    bad.Config, bad.VERSION, bad.GIVES, bad.MULTI_PROCESS, bad.summary = Config, "1", "rows", "yes", 3
+    bad.Config, bad.VERSION, bad.GIVES, bad.TRAINS, bad.summary = Config, "1", "rows", "yes", 3
     problems = contract_problems(bad)
     assert problems == [
         "VERSION must be an int",
         "GIVES must be one of conversations, prompts, samples, preferences, model, report, constitution",
         "run(config, inputs, ctx) is missing",
-        "MULTI_PROCESS must be True or False",
+        "TRAINS must be True or False",
         "summary must be a function",
     ]
 
