@@ -34,7 +34,9 @@ class Bullets:
 
 
 @dataclass
-class Table:
+class Grid:
+    """A table of text cells (model text is escaped when rendered)."""
+
     header: list[str]
     rows: list[list[str]]
 
@@ -54,7 +56,7 @@ class Details:
     text: str
 
 
-Block = Heading | Para | Bullets | Table | Image | Details
+Block = Heading | Para | Bullets | Grid | Image | Details
 
 
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|#~!&])")
@@ -78,7 +80,7 @@ def render_markdown(title: str, blocks: list[Block], plots_dir: str = "plots") -
             out += [md_escape(b.text), ""]
         elif isinstance(b, Bullets):
             out += [f"- {md_escape(i)}" for i in b.items] + [""]
-        elif isinstance(b, Table):
+        elif isinstance(b, Grid):
             out.append("| " + " | ".join(_md_cell(h) for h in b.header) + " |")
             out.append("|" + " --- |" * len(b.header))
             out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in b.rows]
@@ -127,7 +129,7 @@ def render_html(title: str, blocks: list[Block]) -> str:
             out.append(f"<p>{esc(b.text)}</p>")
         elif isinstance(b, Bullets):
             out.append('<ul class="note">' + "".join(f"<li>{esc(i)}</li>" for i in b.items) + "</ul>")
-        elif isinstance(b, Table):
+        elif isinstance(b, Grid):
             head = "".join(f"<th>{esc(h)}</th>" for h in b.header)
             body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in b.rows)
             out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
@@ -167,4 +169,4 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "x"
 
 
-_BLOCKS = {cls.__name__: cls for cls in (Heading, Para, Bullets, Table, Image, Details)}
+_BLOCKS = {cls.__name__: cls for cls in (Heading, Para, Bullets, Grid, Image, Details)}

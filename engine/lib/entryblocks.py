@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from engine.core.document import Block, Bullets, Heading, Para, Table, _cut
+from engine.core.document import Block, Bullets, Grid, Heading, Para, _cut
 from engine.data.rows import read_rows
 
 
@@ -38,7 +38,7 @@ def pair_blocks(name: str, entry: Path, examples: int = 3) -> list[Block]:
     return [
         Heading(f"Preference pairs: {name}", 3),
         Para(f"{len(rows)} of the pairs in pairs_sample.json, as DPO reads them (prompt, chosen, rejected)."),
-        Table(["id", "last user turn", "chosen", "rejected"], rows),
+        Grid(["id", "last user turn", "chosen", "rejected"], rows),
     ]
 
 
@@ -82,7 +82,7 @@ def revision_blocks(name: str, entry: Path, examples: int = 3) -> list[Block]:
     steps.sort(key=lambda ht: not ht[0].get("accepted"))  # accepted revisions first, stable otherwise
     if steps:
         blocks.append(
-            Table(
+            Grid(
                 ["principle", "original reply", "critique", "revision", "outcome"],
                 [
                     [

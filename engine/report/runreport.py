@@ -24,7 +24,7 @@ from typing import Any
 import tomllib
 
 from engine.core import plots
-from engine.core.document import _BLOCKS, Block, Bullets, Details, Heading, Image, Para, Table, _slug, write_report
+from engine.core.document import _BLOCKS, Block, Bullets, Details, Grid, Heading, Image, Para, _slug, write_report
 from engine.core.io import atomic_write_text
 from engine.data.rows import read_rows
 from engine.lib.entryblocks import _json
@@ -93,7 +93,7 @@ def funnel_blocks(record: dict, order: list[str] | None = None) -> list[Block]:
     def num(v: Any) -> str:
         return "-" if v is None else str(v)
 
-    table = Table(
+    table = Grid(
         ["stage", "kind", "status", "rows in", "rows out", "seconds"],
         [
             [
@@ -342,7 +342,7 @@ def about_blocks(record: dict, run_dir: Path) -> list[Block]:
         ),
     ]
     if rows:
-        blocks.append(Table(["model", "path", "backend"], rows))
+        blocks.append(Grid(["model", "path", "backend"], rows))
     try:
         text = (run_dir / "recipe.toml").read_text(encoding="utf-8")
     except OSError:

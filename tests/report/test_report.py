@@ -88,7 +88,7 @@ def test_blocks_render_escaped_in_markdown_and_html(tmp_path):
         document.Heading(HOSTILE),
         document.Para(HOSTILE),
         document.Bullets([HOSTILE]),
-        document.Table(["h|1", "h2"], [[HOSTILE, "line one\nline two"]]),
+        document.Grid(["h|1", "h2"], [[HOSTILE, "line one\nline two"]]),
         document.Image("a.png", png, HOSTILE),
     ]
     written = document.write_report(tmp_path, "Title <b>", blocks)
@@ -459,6 +459,6 @@ def test_revision_blocks_show_the_share_changed_and_examples(tmp_path):
     text = document.render_markdown("t", blocks)
     assert "1 of 4 selected assistant turns were changed by their revision (25%)" in text
     assert "unchanged 2, empty\\_critique 1" in text
-    table = next(b for b in blocks if isinstance(b, document.Table))
+    table = next(b for b in blocks if isinstance(b, document.Grid))
     assert [r[0] for r in table.rows] == ["honesty", "harm"]  # the accepted revision first
     assert table.rows[1][4] == "rejected: unchanged"

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.core import plots
-from engine.core.document import Block, Bullets, Heading, Image, Para, Table, _cut, _slug, write_report
+from engine.core.document import Block, Bullets, Grid, Heading, Image, Para, _cut, _slug, write_report
 from engine.lib.evals.metrics import fmt, metric_table
 
 TINY_NOTE = (
@@ -53,7 +53,7 @@ def eval_blocks(metrics: dict, rows: list[dict], prefix: str = "", level: int = 
     ]
     blocks += glance_blocks(metrics)
     blocks.append(
-        Table(["metric", *names], [[label, *values] for label, values in metric_table(per_model, judged, names)])
+        Grid(["metric", *names], [[label, *values] for label, values in metric_table(per_model, judged, names)])
     )
     blocks.append(
         Para(
@@ -132,7 +132,7 @@ def eval_blocks(metrics: dict, rows: list[dict], prefix: str = "", level: int = 
         cats = sorted({c for s in safety.values() for c in s["by_category"]})
         detectors = ("phrases", "judge") if judged else ("phrases",)
         blocks.append(
-            Table(
+            Grid(
                 ["category", *[f"{n} ({d})" for n in names if n in safety for d in detectors]],
                 [
                     [
@@ -201,7 +201,7 @@ def glance_blocks(metrics: dict) -> list[Block]:
     ]
     return [
         Heading("At a glance", 3),
-        Table(["rate (phrase detector)", *names, *[f"{n} - {base}" for n in later]], rows),
+        Grid(["rate (phrase detector)", *names, *[f"{n} - {base}" for n in later]], rows),
         Para(
             "Differences are paired over the same prompts, with 95% bootstrap intervals; * marks a difference "
             "whose interval excludes 0 (outside the noise): " + (", ".join(outside) if outside else "none") + "."
@@ -281,7 +281,7 @@ def example_blocks(rows: list[dict], names: list[str], level: int = 3) -> list[B
                 flags = _flags(r, t)
                 replies.append((_cut(text) if text.strip() else "(empty reply)") + (f"\n[{flags}]" if flags else ""))
             table_rows.append([str(t + 1), _cut(user), *replies])
-        blocks.append(Table(["turn", "user", *[f"{n} reply" for n in names]], table_rows))
+        blocks.append(Grid(["turn", "user", *[f"{n} reply" for n in names]], table_rows))
     return blocks
 
 
