@@ -19,7 +19,7 @@ done
 "$PY" - <<'PY'
 from pathlib import Path
 from transformers import AutoTokenizer
-from engine.models import builtin_dir
+from engine.models.builtins import builtin_dir
 AutoTokenizer.from_pretrained(str(builtin_dir("smollm2-135m", Path(".cache")))).save_pretrained(".gpu/tokenizer")
 PY
 du -sh .whl .gpu
