@@ -39,9 +39,6 @@ from engine.lib.evals import runners
 from engine.lib.evals import stats as evalstats
 from engine.lib.evals import suites as evalsuites
 from engine.lib.evals.items import SHIPPED_DIR, SuiteError
-from engine.lib.evals.suites import NAMES as SUITE_NAMES
-from engine.lib.evals.suites import SUITES as SUITES_TABLE
-from engine.lib.evals.suites import Play, load_suite
 from engine.models.backends import SamplingParams
 from engine.spec.backends import BACKENDS
 from engine.spec.config import ExecOnly, PathField, Ref, StageConfig
@@ -51,7 +48,7 @@ VERSION = 1
 ROW_STAGE = True  # on Ray: workers share its shards (engine.run.rayexec)
 GIVES = "report"
 
-Suite = Literal[SUITE_NAMES]  # type: ignore[valid-type]
+Suite = Literal[evalsuites.NAMES]  # type: ignore[valid-type]
 FILE_FIELDS = {
     "safety": "safety_file",
     "refusal": "refusal_file",
@@ -67,7 +64,7 @@ JUDGE_VARS = {
 
 
 def _shipped(suite: str) -> str:
-    return f"default: the shipped recipes/data/eval/{SUITES_TABLE[suite].file}."
+    return f"default: the shipped recipes/data/eval/{evalsuites.SUITES[suite].file}."
 
 
 class Config(StageConfig):
@@ -80,7 +77,9 @@ class Config(StageConfig):
     judge: str | None = Ref(
         "model", default=None, description="Judge model: refusal and harm verdicts, helpfulness scores."
     )
-    suites: list[Suite] = Field(default_factory=lambda: list(SUITE_NAMES), min_length=1, description="Suites to run.")
+    suites: list[Suite] = Field(
+        default_factory=lambda: list(evalsuites.NAMES), min_length=1, description="Suites to run."
+    )
     safety_file: str | None = PathField(None, description="Multi-turn safety scenarios (JSONL); " + _shipped("safety"))
     refusal_file: str | None = PathField(
         None, description="Adversarial and benign prompts (JSONL); " + _shipped("refusal")
@@ -119,12 +118,14 @@ class Config(StageConfig):
 
 def suite_path(config: Config, suite: str) -> Path:
     """The file a suite reads: the recipe's (already resolved to an absolute path) or the shipped one."""
-    return Path(getattr(config, FILE_FIELDS[suite]) or SHIPPED_DIR / SUITES_TABLE[suite].file)
+    return Path(getattr(config, FILE_FIELDS[suite]) or SHIPPED_DIR / evalsuites.SUITES[suite].file)
 
 
 def active_suites(config: Config) -> list[str]:
     """Suites that run, in the canonical order; helpfulness only with a judge."""
-    return [s for s in SUITE_NAMES if s in config.suites and (not SUITES_TABLE[s].needs_judge or config.judge)]
+    return [
+        s for s in evalsuites.NAMES if s in config.suites and (not evalsuites.SUITES[s].needs_judge or config.judge)
+    ]
 
 
 def _judge_templates(config: Config) -> dict[str, str]:
@@ -193,7 +194,7 @@ def check(name: str, config: Config, recipe) -> list[Problem]:
     for suite in active_suites(config):
         key = f"stages.{name}.{FILE_FIELDS[suite]}"
         try:
-            load_suite(suite, suite_path(config, suite))
+            evalsuites.load_suite(suite, suite_path(config, suite))
         except SuiteError as exc:
             problems.append(
                 Problem(
@@ -260,7 +261,7 @@ def run(config: Config, inputs, ctx) -> None:
     items = {}
     for suite in suites:
         try:
-            items[suite] = load_suite(suite, suite_path(config, suite), config.max_items)
+            items[suite] = evalsuites.load_suite(suite, suite_path(config, suite), config.max_items)
         except SuiteError as exc:
             raise RecipeError.single(
                 f"{suite} suite: {exc.message}.",
@@ -315,7 +316,7 @@ def run(config: Config, inputs, ctx) -> None:
                     return runners.perplexity_parts(b.model, b.tokenizer, convs, config.batch_size)
 
                 ppl = perplexity
-            made = SUITES_TABLE[suite].run(batch, gen, Play(get_judge, config.challenge, ppl))
+            made = evalsuites.SUITES[suite].run(batch, gen, evalsuites.Play(get_judge, config.challenge, ppl))
             # the transcript as the model saw it: the system prompt first
             out += [
                 {

@@ -68,9 +68,8 @@ def scorer_problems(
                 **where("scorer"),
             )
         )
-    kind = SCORERS.get(spec.scorer)
-    if kind is not None and kind.check is not None:
-        problems += kind.check(spec, recipe, input, where)
+    if SCORERS[spec.scorer].check is not None:
+        problems += SCORERS[spec.scorer].check(spec, recipe, input, where)  # type: ignore[misc]
     if spec.scorer in TEMPLATE_VARS:
         from engine.lib.prompts import Templates
 
