@@ -22,8 +22,9 @@ run: setup
 	$(BIN)/recipe run recipes/caI_multiturn.toml
 
 # Lint, format and type checks, then every test, the slow end-to-end ones included (this is what CI runs).
+# Two workers, each computing with one core (tests/conftest.py), handed the longest tests first.
 test: setup check
-	$(BIN)/pytest -m "slow or not slow" -n 2 -q
+	$(BIN)/pytest -m "slow or not slow" -n 2 --maxschedchunk 1 -q
 
 # ruff (lint and format) and mypy, configured in pyproject.toml.
 check: setup

@@ -16,6 +16,44 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+def pytest_configure(config):
+    """Each test process, and every run or subprocess it starts, computes with its share of the
+    cores (RECIPE_THREADS, read by the CLI and by `run()`): two xdist workers that each use every
+    core slow each other down many times over (engine.core.threads; a Ray run beside another
+    worker's run took ten times as long). An explicit RECIPE_THREADS wins. Under xdist the
+    controller only schedules: its workers set their own share."""
+    from engine.core.threads import ENV, available_cores
+
+    if ENV in os.environ or getattr(config.option, "numprocesses", None):
+        return
+    workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
+    share = str(max(1, available_cores() // workers))
+    for var in (ENV, "OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # MKL/OMP: torch used directly by a test
+        os.environ[var] = share
+
+
+def _cost(item: pytest.Item) -> int:
+    """A rough rank of a test's run time: real-model runs, then Ray, then other slow ones."""
+    if item.get_closest_marker("real_model"):
+        return 0
+    if item.get_closest_marker("slow"):
+        return 1 if "ray" in item.nodeid.split("::")[0] else 2
+    return 3
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest tests first, each followed by a quick one (a stable sort keeps each file's
+    order). With `make test`'s `-n 2 --maxschedchunk 1`, xdist gives each worker two tests to
+    start with and then one more each time it finishes one: the worker that is free takes the
+    next long test, so the long ones run side by side from the start instead of one of them
+    ending the run alone."""
+    ranked = sorted(items, key=_cost)
+    slow = [item for item in ranked if _cost(item) < 3]
+    fast = [item for item in ranked if _cost(item) == 3]
+    paired = [test for pair in zip(slow, fast) for test in pair]
+    items[:] = paired + slow[len(fast) :] + fast[len(slow) :]
+
+
 def serving(backend, name: str = "policy"):
     """A pytest fixture body: `backend` behind the OpenAI-compatible ChatServer as model `name`,
     stopped afterwards (use as `yield from serving(Policy())`)."""
@@ -189,3 +227,39 @@ def make_training_project(root: Path, resources: str = "") -> Path:
     path = root / "recipe.toml"
     path.write_text(textwrap.dedent(TRAINING_RECIPE.format(resources=resources)))
     return path
+
+
+# The flagship at reduced size: the uninterrupted local run that the resume and Ray tests compare
+# their runs against, made once per test session (xdist workers share it under a lock).
+FLAGSHIP = ROOT / "recipes" / "caI_multiturn.toml"
+REDUCED_FLAGSHIP = (
+    "datasets.scenarios.limit=8",
+    "stages.chats.shard_size=2",
+    "stages.revised.shard_size=4",
+    "stages.best_of_n.shard_size=3",
+    "stages.eval.max_items=2",
+    "stages.eval.shard_size=8",
+)
+
+
+def session_dir(tmp_path_factory, name: str) -> Path:
+    """A folder shared by this session's xdist workers (their base temp dirs' parent), or the
+    session's own base temp dir without xdist."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+
+
+@pytest.fixture(scope="session")
+def reduced_flagship(tmp_path_factory) -> Path:
+    """The run dir of the reduced flagship, run once by the CLI; read it, never write to its runs dir."""
+    from filelock import FileLock
+
+    runs = session_dir(tmp_path_factory, "reduced-flagship")
+    with FileLock(str(runs) + ".lock"):
+        if not (runs / "done").is_file():
+            sets = [a for s in REDUCED_FLAGSHIP for a in ("--set", s)]
+            env = {"RECIPE_BUILTIN_DIR": str(SHARED_BUILTIN)}
+            result = run_cli_subprocess("run", FLAGSHIP, *sets, "--runs-dir", runs, env_extra=env, timeout=900)
+            assert result.returncode == 0, result.stderr[-3000:]
+            (runs / "done").write_text("")
+    return (runs / "cai-multiturn" / "latest").resolve()

@@ -50,7 +50,20 @@ def parse(value: str | int | None) -> int | None:
 
 
 def choose(setting: int | None) -> int:
-    return setting if setting is not None else available_cores()
+    """The threads a run computes with: `setting`, else $RECIPE_THREADS, else the available cores
+    (the CLI's --threads default, and the library's `run(threads=None)`)."""
+    if setting is not None:
+        return setting
+    try:
+        from_env = parse(os.environ.get(ENV))
+    except ValueError:
+        from engine.core.errors import RecipeError
+
+        raise RecipeError.single(
+            f"{ENV} is '{os.environ.get(ENV)}': expected a positive whole number or auto.",
+            hint="For example RECIPE_THREADS=1 for each of two runs on a 2-core machine.",
+        ) from None
+    return from_env if from_env is not None else available_cores()
 
 
 def apply(n: int) -> None:

@@ -152,18 +152,9 @@ def test_a_run_started_beside_another_says_how_to_share_the_cores(project, runs)
 
 # --------------------------------------------------------------------------- what held: keep it so
 
-REDUCED = (
-    "datasets.scenarios.limit=8",
-    "stages.chats.shard_size=2",
-    "stages.revised.shard_size=4",
-    "stages.best_of_n.shard_size=3",
-    "stages.eval.max_items=2",
-    "stages.eval.shard_size=8",
-)
-
 
 @pytest.mark.slow
-def test_the_reduced_flagship_killed_twice_then_resumed_equals_an_uninterrupted_run(tmp_path):
+def test_the_reduced_flagship_killed_twice_then_resumed_equals_an_uninterrupted_run(tmp_path, reduced_flagship):
     """SIGKILL of the whole process group in the middle of generation and of critique-and-revise,
     then `recipe run` again: every rows file and every weights file equals an uninterrupted run's,
     and the killed runs left nothing half-built behind."""
@@ -173,17 +164,14 @@ def test_the_reduced_flagship_killed_twice_then_resumed_equals_an_uninterrupted_
     import sys
     import time
 
-    from conftest import ROOT
+    from conftest import FLAGSHIP, REDUCED_FLAGSHIP, ROOT
 
-    flagship = ROOT / "recipes" / "caI_multiturn.toml"
-    sets = [a for s in REDUCED for a in ("--set", s)]
+    sets = [a for s in REDUCED_FLAGSHIP for a in ("--set", s)]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
 
     def command(runs):
-        return [sys.executable, "-m", "engine.cli", "run", str(flagship), "--runs-dir", str(runs), *sets]
+        return [sys.executable, "-m", "engine.cli", "run", str(FLAGSHIP), "--runs-dir", str(runs), *sets]
 
-    whole = tmp_path / "whole"
-    assert subprocess.run(command(whole), env=env, capture_output=True, cwd=ROOT).returncode == 0
     runs = tmp_path / "killed"
     kills = 0
     for ready in ("*/shard-000000", "*/shard-000001"):  # mid chats, then mid revised (new partial dirs)
@@ -209,7 +197,7 @@ def test_the_reduced_flagship_killed_twice_then_resumed_equals_an_uninterrupted_
     final = subprocess.run(command(runs), env=env, capture_output=True, text=True, cwd=ROOT)
     assert final.returncode == 0, final.stderr
     assert list((runs / "cache" / "tmp").iterdir()) == []
-    a, b = whole / "cai-multiturn" / "latest" / "stages", runs / "cai-multiturn" / "latest" / "stages"
+    a, b = reduced_flagship / "stages", runs / "cai-multiturn" / "latest" / "stages"
     files = sorted(
         Path(link.name) / p.relative_to(link.resolve())
         for link in a.iterdir()

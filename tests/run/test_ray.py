@@ -10,12 +10,14 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from engine.core.errors import RecipeError
 from engine.load.loader import load_recipe
 from engine.run.executor import run
+from engine.store.record import read_record
 
 from conftest import ROOT, fault_env, write_jsonl
 
@@ -302,23 +304,12 @@ def test_an_unknown_executor_is_exit_2(tmp_path):
     assert out.returncode == 2 and "RECIPE_EXECUTOR is 'slurm'" in out.stderr and "Traceback" not in out.stderr
 
 
-REDUCED = (
-    "datasets.scenarios.limit=8",
-    "stages.chats.shard_size=2",
-    "stages.revised.shard_size=4",
-    "stages.best_of_n.shard_size=3",
-    "stages.eval.max_items=2",
-    "stages.eval.shard_size=8",
-)
-
-
 @pytest.mark.slow
-def test_the_flagship_at_reduced_size_on_ray_equals_the_local_run(tmp_path, cluster):
-    def recipe():
-        return load_recipe(ROOT / "recipes" / "caI_multiturn.toml", sets=list(REDUCED))
+def test_the_flagship_at_reduced_size_on_ray_equals_the_local_run(tmp_path, cluster, reduced_flagship):
+    from conftest import FLAGSHIP, REDUCED_FLAGSHIP
 
-    local = run(recipe(), tmp_path / "local")
-    onray = run(recipe(), tmp_path / "ray", executor="ray")
+    onray = run(load_recipe(FLAGSHIP, sets=list(REDUCED_FLAGSHIP)), tmp_path / "ray", executor="ray")
+    local = SimpleNamespace(dir=reduced_flagship, data=read_record(reduced_flagship))  # a run() result's shape
     rows = [s for s in local.data["stages"] if (local.dir / "stages" / s / "rows.parquet").is_file()]
     assert {"chats", "revised", "best_of_n", "eval"} <= set(rows)
     same_rows(local, onray, rows)
