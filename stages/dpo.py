@@ -264,7 +264,7 @@ def _trainer(config: Config, model, ref, tok, data: list[dict], base_args: dict,
     if config.kind == "dpo":
         from trl import DPOConfig, DPOTrainer
 
-        args = DPOConfig(loss_type=[loss_type(config)], label_smoothing=config.label_smoothing, **common)  # type: ignore[list-item]
+        args = DPOConfig(loss_type=[loss_type(config)], label_smoothing=config.label_smoothing, **common)
         return DPOTrainer(
             model=model,
             ref_model=ref,
@@ -277,11 +277,11 @@ def _trainer(config: Config, model, ref, tok, data: list[dict], base_args: dict,
     if config.kind == "kto":
         from trl import KTOConfig, KTOTrainer
 
-        args = KTOConfig(loss_type=loss_type(config), **common)  # type: ignore[arg-type, assignment]
+        args = KTOConfig(loss_type=loss_type(config), **common)
         return KTOTrainer(
             model=model,
             ref_model=ref,
-            args=args,  # type: ignore[arg-type]
+            args=args,
             train_dataset=dataset,
             processing_class=tok,
             peft_config=peft,

@@ -276,7 +276,7 @@ def run(config: Config, inputs: dict, ctx) -> None:
     save_model(trainer, tok, ctx, inputs["model"], config.lora, config.merge)
     steps = step_metrics(trainer.state.log_history, timing=timing)
     losses = [s["loss"] for s in steps]
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)  # type: ignore[misc, union-attr]
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     if ctx.is_main:
         # timings belong here, not in report.json: two runs of the same stage write the same report
         ctx.save_json("metrics.json", {"steps": steps, "train_seconds": round(elapsed, 2)})
@@ -291,7 +291,7 @@ def run(config: Config, inputs: dict, ctx) -> None:
                 "length_policy": config.length_policy,
                 **lengths.as_json(),
                 "packing": config.packing,
-                "packed_rows": len(trainer.train_dataset) if config.packing else None,  # type: ignore[arg-type]
+                "packed_rows": len(trainer.train_dataset) if config.packing else None,
                 "steps": trainer.state.global_step,
                 "first_loss": losses[0] if losses else None,
                 "final_loss": losses[-1] if losses else None,

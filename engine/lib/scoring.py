@@ -173,7 +173,7 @@ class _RewardModel:
             with torch.no_grad():
                 # 6 decimals: the CPU forward's last float bits vary run to run (allocation-dependent
                 # kernels), and a re-run must store the same score
-                out.append({self.name: round(float(self.model(**ids).logits[0, 0]), 6)})  # type: ignore[arg-type]
+                out.append({self.name: round(float(self.model(**ids).logits[0, 0]), 6)})
         return out
 
     def close(self) -> None:

@@ -89,7 +89,7 @@ def load_model(
     prepare_tokenizer(tokenizer, model)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.to(device).eval()  # type: ignore[arg-type]
+    model.to(device).eval()
     return model, tokenizer
 
 

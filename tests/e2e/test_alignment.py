@@ -13,10 +13,11 @@ from conftest import ROOT, SHARED_BUILTIN, run_cli_subprocess
 
 RECIPE = ROOT / "recipes" / "align_smollm2.toml"
 
-# 40 of the 135 training prompts (harmful, benign, benign, ...: 14 harmful), two samples each,
-# short replies, one DPO epoch; the refusal suite's first 40 prompts (20 adversarial, 20 benign).
+# 20 of the 135 training prompts (harmful, benign, benign, ...: 7 harmful), two samples each,
+# short replies, one DPO epoch; the base and the final model on the refusal suite's first 40
+# prompts (20 adversarial, 20 benign).
 SMALL = [
-    "datasets.train.limit=40",
+    "datasets.train.limit=20",
     "stages.best_of_base.n=2",
     "stages.best_of_base.max_new_tokens=40",
     "stages.sft.max_length=160",
@@ -26,12 +27,14 @@ SMALL = [
     "stages.dpo.epochs=1.0",
     "stages.dpo.max_length=160",
     'stages.eval.suites=["refusal"]',
+    'stages.eval.models=["policy", "dpo"]',
     "stages.eval.max_items=40",
     "stages.eval.max_new_tokens=24",
 ]
 
 
 @pytest.mark.slow
+@pytest.mark.real_model
 def test_alignment_recipe_raises_adversarial_refusal_on_smollm2(tmp_path, smollm2_dir):
     runs = tmp_path / "runs"
     sets = [a for s in SMALL for a in ("--set", s)]
@@ -40,7 +43,7 @@ def test_alignment_recipe_raises_adversarial_refusal_on_smollm2(tmp_path, smollm
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run_dir = (runs / "align-smollm2" / "latest").resolve()
     metrics = json.loads((run_dir / "stages" / "eval" / "metrics.json").read_text())
-    assert metrics["models"] == ["policy", "sft", "dpo"]
+    assert metrics["models"] == ["policy", "dpo"]
     heads = {m: metrics["per_model"][m]["headline"] for m in metrics["models"]}
     base, final = heads["policy"]["adversarial_refusal"], heads["dpo"]["adversarial_refusal"]
     assert base["n"] == final["n"] == 20
@@ -50,6 +53,6 @@ def test_alignment_recipe_raises_adversarial_refusal_on_smollm2(tmp_path, smollm
     assert change["difference"] == pytest.approx(final["rate"] - base["rate"])
     # the written refusals were a real choice under the reward, not copied in
     report = json.loads((run_dir / "stages" / "best_of_base" / "report.json").read_text())
-    assert 0 < report["kept_written"] <= 14
+    assert 0 < report["kept_written"] <= 7
     page = (run_dir / "report.html").read_text()
     assert "At a glance" in page and "adversarial prompts" in page

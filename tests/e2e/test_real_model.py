@@ -14,7 +14,7 @@ from conftest import ROOT, SHARED_BUILTIN, run_cli_subprocess
 FLAGSHIP = ROOT / "recipes" / "caI_multiturn.toml"
 
 # A few items per stage: 2 scenarios, 8 seed conversations, one optimizer step per training stage,
-# two items per eval suite, short replies. The recipe and its stages are the shipped ones.
+# one item of two eval suites, short replies. The recipe and its stages are the shipped ones.
 SMALL = [
     "models.policy.path=builtin:smollm2-135m",
     "datasets.seeds.limit=8",
@@ -40,12 +40,14 @@ SMALL = [
     "stages.dpo.per_device_batch_size=2",
     "stages.dpo.lr=5e-6",
     "stages.dpo.max_length=384",
-    "stages.eval.max_items=2",
+    'stages.eval.suites=["safety", "refusal"]',  # multi-turn and single-turn
+    "stages.eval.max_items=1",
     "stages.eval.max_new_tokens=24",
 ]
 
 
 @pytest.mark.slow
+@pytest.mark.real_model
 def test_flagship_runs_on_smollm2_with_the_real_template(tmp_path, smollm2_dir):
     runs = tmp_path / "runs"
     sets = [a for s in SMALL for a in ("--set", s)]
