@@ -7,7 +7,6 @@ Exit codes: 0 ok, 1 a stage failed (see its log), 2 bad input (recipe, data, usa
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -184,19 +183,18 @@ def run_cmd(
 ) -> None:
     """Run RECIPE: cached stages are skipped, interrupted ones resume."""
     terminate_like_interrupt()
-    from engine.core.threads import ENV as THREADS_ENV
+    from engine.core.threads import choose as choose_threads
     from engine.core.threads import parse as parse_threads
     from engine.run.executor import EXECUTORS, executor_default, run
     from engine.run.plan import make_plan, select
 
     r = _load(recipe, sets)
     root = _runs_dir(runs_dir)
-    raw_threads = threads if threads is not None else os.environ.get(THREADS_ENV)
     try:
-        n_threads = parse_threads(raw_threads)
+        n_threads = choose_threads(parse_threads(threads))  # else $RECIPE_THREADS, else the cores
     except ValueError:
         raise RecipeError.single(
-            f"--threads (or {THREADS_ENV}) is '{raw_threads}': expected a positive whole number or auto.",
+            f"--threads is '{threads}': expected a positive whole number or auto.",
             hint="For example --threads 1 for each of two runs on a 2-core machine.",
         ) from None
     executor = executor or executor_default()

@@ -242,6 +242,11 @@ REDUCED_FLAGSHIP = (
 )
 
 
+def set_args(sets) -> list[str]:
+    """`--set` options for the CLI: ("a=1", "b=2") -> ["--set", "a=1", "--set", "b=2"]."""
+    return [arg for s in sets for arg in ("--set", s)]
+
+
 def session_dir(tmp_path_factory, name: str) -> Path:
     """A folder shared by this session's xdist workers (their base temp dirs' parent), or the
     session's own base temp dir without xdist."""
@@ -255,11 +260,12 @@ def reduced_flagship(tmp_path_factory) -> Path:
     from filelock import FileLock
 
     runs = session_dir(tmp_path_factory, "reduced-flagship")
+    done = runs.with_name(runs.name + ".done")  # beside the runs dir, not in it
     with FileLock(str(runs) + ".lock"):
-        if not (runs / "done").is_file():
-            sets = [a for s in REDUCED_FLAGSHIP for a in ("--set", s)]
+        if not done.is_file():
             env = {"RECIPE_BUILTIN_DIR": str(SHARED_BUILTIN)}
-            result = run_cli_subprocess("run", FLAGSHIP, *sets, "--runs-dir", runs, env_extra=env, timeout=900)
+            args = set_args(REDUCED_FLAGSHIP)
+            result = run_cli_subprocess("run", FLAGSHIP, *args, "--runs-dir", runs, env_extra=env, timeout=900)
             assert result.returncode == 0, result.stderr[-3000:]
-            (runs / "done").write_text("")
+            done.write_text("")
     return (runs / "cai-multiturn" / "latest").resolve()

@@ -164,9 +164,9 @@ def test_the_reduced_flagship_killed_twice_then_resumed_equals_an_uninterrupted_
     import sys
     import time
 
-    from conftest import FLAGSHIP, REDUCED_FLAGSHIP, ROOT
+    from conftest import FLAGSHIP, REDUCED_FLAGSHIP, ROOT, set_args
 
-    sets = [a for s in REDUCED_FLAGSHIP for a in ("--set", s)]
+    sets = set_args(REDUCED_FLAGSHIP)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
 
     def command(runs):

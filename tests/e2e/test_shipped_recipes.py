@@ -46,11 +46,12 @@ def test_recipe_runs_end_to_end_and_then_is_cached(path: Path, tmp_path):
 
 @pytest.mark.slow
 def test_the_flagship_at_reduced_size_runs_end_to_end_and_then_is_cached(reduced_flagship):
-    from conftest import FLAGSHIP, REDUCED_FLAGSHIP
+    from conftest import FLAGSHIP, REDUCED_FLAGSHIP, set_args
 
     runs = reduced_flagship.parent.parent
-    sets = [a for s in REDUCED_FLAGSHIP for a in ("--set", s)]
-    plan = json.loads(run_cli_subprocess("plan", FLAGSHIP, *sets, "--runs-dir", runs, "--json").stdout)
+    plan = json.loads(
+        run_cli_subprocess("plan", FLAGSHIP, *set_args(REDUCED_FLAGSHIP), "--runs-dir", runs, "--json").stdout
+    )
     assert {s["status"] for s in plan["stages"]} == {"cached"}
     assert (reduced_flagship / "report.md").is_file() and (reduced_flagship / "report.html").is_file()
     check_flagship(reduced_flagship, runs, "cai-multiturn")
