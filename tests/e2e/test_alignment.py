@@ -14,8 +14,8 @@ from conftest import ROOT, SHARED_BUILTIN, run_cli_subprocess
 RECIPE = ROOT / "recipes" / "align_smollm2.toml"
 
 # 20 of the 135 training prompts (harmful, benign, benign, ...: 7 harmful), two samples each,
-# short replies, one DPO epoch; the base and the final model on the refusal suite's first 40
-# prompts (20 adversarial, 20 benign).
+# short replies, one DPO epoch; the base and the final model on the refusal suite's first 30
+# prompts (15 adversarial, 15 benign).
 SMALL = [
     "datasets.train.limit=20",
     "stages.best_of_base.n=2",
@@ -28,7 +28,7 @@ SMALL = [
     "stages.dpo.max_length=160",
     'stages.eval.suites=["refusal"]',
     'stages.eval.models=["policy", "dpo"]',
-    "stages.eval.max_items=40",
+    "stages.eval.max_items=30",
     "stages.eval.max_new_tokens=24",
 ]
 
@@ -46,7 +46,7 @@ def test_alignment_recipe_raises_adversarial_refusal_on_smollm2(tmp_path, smollm
     assert metrics["models"] == ["policy", "dpo"]
     heads = {m: metrics["per_model"][m]["headline"] for m in metrics["models"]}
     base, final = heads["policy"]["adversarial_refusal"], heads["dpo"]["adversarial_refusal"]
-    assert base["n"] == final["n"] == 20
+    assert base["n"] == final["n"] == 15
     assert final["rate"] > base["rate"], (base, final)
     assert final["ci"][0] <= final["rate"] <= final["ci"][1]
     change = metrics["comparisons"]["dpo"]["adversarial_refusal"]

@@ -14,7 +14,8 @@ from conftest import ROOT, SHARED_BUILTIN, run_cli_subprocess
 FLAGSHIP = ROOT / "recipes" / "caI_multiturn.toml"
 
 # A few items per stage: 2 scenarios, 8 seed conversations, one optimizer step per training stage,
-# one item of two eval suites, short replies. The recipe and its stages are the shipped ones.
+# one item of two eval suites for the two trained models, short replies. The recipe and its
+# stages are the shipped ones.
 SMALL = [
     "models.policy.path=builtin:smollm2-135m",
     "datasets.seeds.limit=8",
@@ -41,8 +42,9 @@ SMALL = [
     "stages.dpo.lr=5e-6",
     "stages.dpo.max_length=384",
     'stages.eval.suites=["safety", "refusal"]',  # multi-turn and single-turn
+    'stages.eval.models=["sft", "dpo"]',  # the base model is evaluated in test_alignment.py
     "stages.eval.max_items=1",
-    "stages.eval.max_new_tokens=24",
+    "stages.eval.max_new_tokens=16",
 ]
 
 
@@ -69,7 +71,7 @@ def test_flagship_runs_on_smollm2_with_the_real_template(tmp_path, smollm2_dir):
 
     rows = read_rows(run_dir / "stages" / "eval" / "rows.parquet")
     metrics = json.loads((run_dir / "stages" / "eval" / "metrics.json").read_text())
-    assert metrics["models"] == ["policy", "sft", "dpo"]
+    assert metrics["models"] == ["sft", "dpo"]
     for model in metrics["models"]:
         replies = [m["content"] for r in rows if r["model"] == model for m in r["messages"] if m["role"] == "assistant"]
         assert replies and all(isinstance(t, str) for t in replies)
