@@ -343,16 +343,16 @@ def gc(runs_dir, keep_runs: int, yes: bool) -> None:
 
 
 def _fingerprints_as_written(files: list[Path], root: Path) -> dict[Path, set[str]]:
-    """Each recipe file that loads -> the fingerprints of its stages (a broken one keeps nothing)."""
+    """Each recipe file that loads -> the keys of its stages that the store can resolve (a key after
+    a stage not in the store is not known, and nothing can be kept for it; a broken file keeps nothing)."""
     from engine.load.loader import load_recipe
-    from engine.run.plan import memo_for
-    from engine.store.fingerprint import fingerprints
+    from engine.run.plan import make_plan, memo_for
 
     memo = memo_for(root)
     found = {}
     for path in files:
         try:
-            found[path] = {fp for fp, _ in fingerprints(load_recipe(path), memo).values()}
+            found[path] = {i.fingerprint for i in make_plan(load_recipe(path), root, memo) if i.fingerprint}
         except RecipeError:
             continue
     memo.save()

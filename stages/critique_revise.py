@@ -51,7 +51,7 @@ from engine.core.errors import Problem, RecipeError
 from engine.lib.revisions import REASONS, assess_revision, selected_positions
 from engine.models.backends import SamplingParams
 from engine.spec.config import ExecOnly, Ref, StageConfig
-from engine.store.shards import Shard, ShardResult
+from engine.store.shards import Shard
 
 VERSION = 1
 ROW_STAGE = True  # on Ray: workers share its shards (engine.run.rayexec)
@@ -177,6 +177,7 @@ class _Conv:
         self.selected = set(selected_positions(len(self.assistant), turns))
         self.records: list[dict] = []
         self.dropped = False
+        self.stats: Counter = Counter()  # this conversation's counts (its row's stats)
 
 
 class _Reviser:
@@ -184,16 +185,16 @@ class _Reviser:
         self.cfg, self.constitution, self.tpl, self.seed, self.seeds = config, constitution, tpl, seed, seeds
         self.model, self.user, self.assistant = backends["model"], backends.get("user"), backends.get("assistant")
         self.params = SamplingParams(temperature=config.temperature, max_new_tokens=config.max_new_tokens)
-        self.stats: Counter = Counter()
 
-    def _generate(self, backend, prompts: list[list[dict]], seeds: list[int]) -> list:
+    def _generate(self, backend, prompts: list[list[dict]], seeds: list[int], owners: list[_Conv]) -> list:
         out = [c for [c] in backend.generate(prompts, self.params, seeds)] if prompts else []
-        self.stats["tokens_prompt"] += sum(c.prompt_tokens for c in out)
-        self.stats["tokens_completion"] += sum(c.completion_tokens for c in out)
+        for conv, c in zip(owners, out):
+            conv.stats["tokens_prompt"] += c.prompt_tokens
+            conv.stats["tokens_completion"] += c.completion_tokens
         return out
 
-    def shard(self, shard: Shard) -> ShardResult:
-        self.stats = Counter()  # each shard commits its own counts
+    def shard(self, shard: Shard) -> list[tuple[list[dict], dict]]:
+        """Each row's revised conversation (none when dropped) and its counts."""
         convs = [_Conv(row, self.cfg.turns) for row in shard.rows]
         for k in range(max(len(c.assistant) for c in convs)):
             active = [c for c in convs if not c.dropped and k in c.selected]
@@ -205,19 +206,18 @@ class _Reviser:
                     if c.records[-1]["final"] != c.records[-1]["original"] and c.assistant[k] < len(c.messages) - 1
                 ]
                 self._resimulate(changed, k)
-        self.stats["rows_without_selected_turn"] += sum(1 for c in convs if not c.selected)
-        self.stats["dropped_resimulate_empty_turn"] += sum(1 for c in convs if c.dropped)
         meta = {"after_revision": self.cfg.after_revision, "rounds": self.cfg.rounds}
-        rows = [
-            {
+        out = []
+        for c in convs:
+            c.stats["rows_without_selected_turn"] += not c.selected
+            c.stats["dropped_resimulate_empty_turn"] += c.dropped
+            row = {
                 "id": c.row.get("id"),
                 "messages": c.messages,
                 "meta": {**(c.row.get("meta") or {}), "critique_revise": {**meta, "turns": c.records}},
             }
-            for c in convs
-            if not c.dropped
-        ]
-        return ShardResult(rows, dict(self.stats))
+            out.append(([] if c.dropped else [row], dict(c.stats)))
+        return out
 
     def _revise(self, convs: list[_Conv], k: int) -> None:
         cfg, tpl = self.cfg, self.tpl
@@ -243,6 +243,7 @@ class _Reviser:
                 self.model,
                 [tpl.render_chat(cfg.critique_template, **v) for v in common],
                 [self.seeds.row(c.id, purpose="critique", turn=k, round=rnd) for c in convs],
+                convs,
             )
             todo = [j for j, crit in enumerate(critiques) if crit.text.strip()]
             prompts = [
@@ -261,12 +262,13 @@ class _Reviser:
                         self.model,
                         prompts,
                         [self.seeds.row(convs[j].id, purpose="revision", turn=k, round=rnd) for j in todo],
+                        [convs[j] for j in todo],
                     ),
                 )
             )
             for j, (c, p) in enumerate(zip(convs, drawn)):
                 turn, record = c.messages[c.assistant[k]], c.records[-1]
-                self.stats[f"principle:{p.id}"] += 1
+                c.stats[f"principle:{p.id}"] += 1
                 if j in revisions:
                     text, reason = assess_revision(
                         revisions[j].text, revisions[j].finish_reason, turn["content"], record["original"]
@@ -283,21 +285,21 @@ class _Reviser:
                         "reason": reason,
                     }
                 )
-                self.stats["accepted" if reason is None else f"rejected:{reason}"] += 1
+                c.stats["accepted" if reason is None else f"rejected:{reason}"] += 1
                 if reason is None:
                     turn["content"] = text
         for c in convs:
             record = c.records[-1]
             record["final"] = c.messages[c.assistant[k]]["content"]
-            self.stats["turns_selected"] += 1
-            self.stats["turns_revised"] += record["final"] != record["original"]
+            c.stats["turns_selected"] += 1
+            c.stats["turns_revised"] += record["final"] != record["original"]
 
     def _resimulate(self, convs: list[_Conv], k: int) -> None:
         """Regenerate every message after assistant turn k, in step across the conversations."""
         tails = {id(c): c.messages[c.assistant[k] + 1 :] for c in convs}
         for c in convs:
             del c.messages[c.assistant[k] + 1 :]
-            self.stats["resimulated_turns"] += 1
+            c.stats["resimulated_turns"] += 1
         step = 0
         while True:
             live = [c for c in convs if not c.dropped and len(tails[id(c)]) > step]
@@ -307,9 +309,9 @@ class _Reviser:
                 group = [c for c in live if tails[id(c)][step]["role"] == role]
                 seeds = [self.seeds.row(c.id, purpose=f"resimulate-{role}", turn=k, attempt=step) for c in group]
                 if role == "user":
-                    outs = self._generate(self.user, [self._user_prompt(c) for c in group], seeds)
+                    outs = self._generate(self.user, [self._user_prompt(c) for c in group], seeds, group)
                 else:
-                    outs = self._generate(self.assistant, [c.messages for c in group], seeds)
+                    outs = self._generate(self.assistant, [c.messages for c in group], seeds, group)
                 for c, out in zip(group, outs):
                     if not out.text.strip():
                         c.dropped = True  # an empty turn is no data: drop the conversation, count it
@@ -350,7 +352,7 @@ def run(config: Config, inputs, ctx) -> None:
             for role, field in (("user", "user_model"), ("assistant", "assistant_model")):
                 backends[role] = ctx.backend(inputs[field], config.batch_size) if field in inputs else backends["model"]
         reviser = _Reviser(config, constitution, ctx.templates(), backends, ctx.seed, ctx.seeds)
-        out, stats = ctx.shards.map(rows, reviser.shard, shard_size=config.shard_size, desc="revising")
+        out, stats = ctx.shards.map_rows(rows, reviser.shard, shard_size=config.shard_size, desc="revising")
     finally:
         for backend in {id(b): b for b in backends.values()}.values():
             backend.close()

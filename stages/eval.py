@@ -17,9 +17,10 @@ the parts that could be measured, labelled with what is missing.
 
 Suite files default to the shipped ones in recipes/data/eval/; their bytes enter the
 fingerprint. Work items (model, suite, item) are ordered model by model and processed in
-shards, so a killed eval resumes; a model is loaded when a shard first needs it and released
-before the next one is loaded, so each model loads once per process. The judge, when set,
-stays loaded alongside.
+shards, so a killed eval resumes. Each is memoized by its model's identity and its item, so a
+new tuned model evaluates only itself, and the table is recomputed from reused and new rows. A
+model is loaded when a shard first needs it and released before the next one is loaded, so
+each model loads once per process. The judge, when set, stays loaded alongside.
 
 Template variables: refusal_template and harm_template get `conversation` (up to and
 including the reply to classify); helpfulness_template gets `conversation` and `rubric`.
@@ -42,7 +43,7 @@ from engine.lib.evals.items import SHIPPED_DIR, SuiteError
 from engine.models.backends import SamplingParams
 from engine.spec.backends import BACKENDS
 from engine.spec.config import ExecOnly, PathField, Ref, StageConfig
-from engine.store.shards import Shard, ShardResult
+from engine.store.shards import Shard
 
 VERSION = 1
 ROW_STAGE = True  # on Ray: workers share its shards (engine.run.rayexec)
@@ -113,6 +114,20 @@ class Config(StageConfig):
         64,
         ge=1,
         description="Rows (prompt x sample) per generate call; halved on CUDA out-of-memory. Never changes outputs.",
+    )
+
+
+def definition(components: dict) -> dict:
+    """What one work item's result depends on besides its model and its item (engine.store.
+    fingerprint.definition): not the list of models, the suites asked for, max_items or the suite
+    files, so a new tuned model, another suite or more items evaluate only what is new."""
+    per_item = {"suites", "max_items", *FILE_FIELDS.values()}
+    return dict(
+        components,
+        inputs={f: v for f, v in components["inputs"].items() if f != "models"},
+        config={k: v for k, v in components["config"].items() if k not in per_item},
+        files={k: v for k, v in components["files"].items() if k not in per_item},
+        templates={k: v for k, v in components["templates"].items() if not k.startswith("suite file")},
     )
 
 
@@ -269,8 +284,14 @@ def run(config: Config, inputs, ctx) -> None:
                 line=exc.line,
                 key=f"stages.{ctx.stage}.{FILE_FIELDS[suite]}",
             ) from None
-    # model by model, so a model loads once; suite by suite, so each shard batches alike items
-    work = [{"model": i, "suite": s, "item": it} for i in range(len(models)) for s in suites for it in items[s]]
+    # model by model, so a model loads once; suite by suite, so each shard batches alike items. A
+    # work item carries its model's identity: its result is reused while that model and item stay
+    work = [
+        {"id": f"{names[i]}/{s}/{it['id']}", "model": i, "model_id": ctx.input_id("models", i), "suite": s, "item": it}
+        for i in range(len(models))
+        for s in suites
+        for it in items[s]
+    ]
     params = SamplingParams(temperature=config.temperature, max_new_tokens=config.max_new_tokens)
     system = [{"role": "system", "content": config.system_prompt}] if config.system_prompt else []
     pool = _Models(ctx, models, config.batch_size)
@@ -298,7 +319,7 @@ def run(config: Config, inputs, ctx) -> None:
             )
         return judge[0]
 
-    def per_shard(shard: Shard) -> ShardResult:
+    def per_shard(shard: Shard) -> list[tuple[list[dict], dict]]:
         out = []
         for (mi, suite), group in groupby(shard.rows, key=lambda r: (r["model"], r["suite"])):
             batch = [r["item"] for r in group]
@@ -328,10 +349,13 @@ def run(config: Config, inputs, ctx) -> None:
                 for r in made
             ]
             shard.progress(len(batch))
-        return ShardResult(out)
+        return [([r], {}) for r in out]
+
+    def what_counts(w: dict) -> dict:  # a work item's result: its model (name and identity), suite and item
+        return {"id": w["id"], "model_id": w["model_id"], "suite": w["suite"], "item": w["item"]}
 
     try:
-        rows, _ = ctx.shards.map(work, per_shard, shard_size=config.shard_size, desc="evaluating")
+        rows, _ = ctx.shards.map_rows(work, per_shard, shard_size=config.shard_size, desc="evaluating", key=what_counts)
     finally:
         pool.close()
         if judge:

@@ -16,8 +16,9 @@ Modes:
 Template variables: `template` gets row, prompt, meta; `user_template` gets scenario,
 conversation, turn, turns, persona; `teacher_template` gets scenario, turns, persona.
 
-Work goes in shards through the engine; each shard's sampling seed comes from (recipe seed,
-fingerprint, shard index), so a killed and resumed run gives the rows of an uninterrupted one.
+Work goes in shards through the engine, each input row's conversations memoized (a re-run with
+added prompts generates only theirs); every stream derives from the row (engine.core.seeds), so a
+killed and resumed run gives the rows of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pydantic import BaseModel, Field, ValidationError
 from engine.lib.pairs import prompt_messages
 from engine.models.backends import SamplingParams
 from engine.spec.config import ExecOnly, Ref, StageConfig
-from engine.store.shards import Shard, ShardResult
+from engine.store.shards import Shard
 
 VERSION = 2  # 2: a `scenario` column seeds multi_turn before the prompt
 ROW_STAGE = True  # on Ray: workers share its shards (engine.run.rayexec)
@@ -238,10 +239,10 @@ def run(config: Config, inputs, ctx) -> None:
             for (row, k, conv), tok in zip(convs, tokens)
         ]
 
-    def teacher(shard: Shard) -> tuple[list[dict], int, list[str]]:
+    def teacher(shard: Shard) -> tuple[list[dict], dict[str, int], dict[str, list[str]]]:
         todo = [(row, k) for row in shard.rows for k in range(config.n)]
         done: dict[int, tuple] = {}
-        bad: list[str] = []  # a sample of output that did not parse, for the log
+        bad: dict[str, list[str]] = {}  # per row, a sample of output that did not parse, for the log
         for attempt in range(config.max_retries + 1):
             pending = [i for i in range(len(todo)) if i not in done]
             if not pending:
@@ -262,8 +263,10 @@ def run(config: Config, inputs, ctx) -> None:
                 parsed = parse_teacher(c.text)
                 if parsed:
                     done[i] = (parsed, c, attempt)
-                elif len(bad) < 2:
-                    bad.append(f"{todo[i][0]['id']}#{todo[i][1]} attempt {attempt + 1}: {c.text[:600]!r}")
+                elif len(bad.setdefault(todo[i][0]["id"], [])) < 2:
+                    bad[todo[i][0]["id"]].append(
+                        f"{todo[i][0]['id']}#{todo[i][1]} attempt {attempt + 1}: {c.text[:600]!r}"
+                    )
         rows_out = []
         for i, (row, k) in enumerate(todo):
             if i in done:
@@ -281,22 +284,34 @@ def run(config: Config, inputs, ctx) -> None:
                         attempts=attempt + 1,
                     )
                 )
-        return rows_out, len(todo) - len(rows_out), bad
+        malformed: dict[str, int] = {}
+        for i, (row, _) in enumerate(todo):
+            if i not in done:
+                malformed[row["id"]] = malformed.get(row["id"], 0) + 1
+        return rows_out, malformed, bad
 
-    def per_shard(shard: Shard) -> ShardResult:
-        malformed, bad = 0, list[str]()
+    def per_shard(shard: Shard) -> list[tuple[list[dict], dict]]:
+        """Each input row's conversations (an empty turn is no data: the conversation is dropped and
+        counted, never padded with filler) and what it lost."""
+        malformed: dict[str, int] = {}
+        bad: dict[str, list[str]] = {}
         if config.mode == "teacher_json":
             made, malformed, bad = teacher(shard)
         else:
             made = single(shard) if config.mode == "single" else multi_turn(shard)
-        # an empty turn is no data: drop the conversation and count it, never pad it with filler
-        kept = [r for r in made if all(m["content"].strip() for m in r["messages"])]
-        return ShardResult(
-            kept, {"malformed": malformed, "empty_turn": len(made) - len(kept), "malformed_samples": bad}
-        )
+        out, at = [], 0
+        for row in shard.rows:  # `made` is in row order, at most n per row
+            mine: list[dict] = []
+            while at < len(made) and made[at]["meta"]["source_id"] == row["id"] and len(mine) < config.n:
+                mine.append(made[at])
+                at += 1
+            kept = [r for r in mine if all(m["content"].strip() for m in r["messages"])]
+            stats = {"malformed": malformed.get(row["id"], 0), "empty_turn": len(mine) - len(kept)}
+            out.append((kept, {**stats, "malformed_samples": bad.get(row["id"], [])}))
+        return out
 
     try:
-        out, stats = ctx.shards.map(rows, per_shard, shard_size=config.shard_size, desc="generating")
+        out, stats = ctx.shards.map_rows(rows, per_shard, shard_size=config.shard_size, desc="generating")
     finally:
         assistant.close()
         if user is not assistant:

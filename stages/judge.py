@@ -33,9 +33,17 @@ from pydantic import Field
 
 from engine.core.errors import Problem
 from engine.lib.rewards import RewardRules
-from engine.lib.scoring import DEFAULT_PRINCIPLE, SCORER_GROUP, SCORERS, make_scorer, scorer_problems, template_name
+from engine.lib.scoring import (
+    DEFAULT_PRINCIPLE,
+    SCORER_GROUP,
+    SCORERS,
+    make_scorer,
+    scorer_code,
+    scorer_problems,
+    template_name,
+)
 from engine.spec.config import ExecOnly, Ref, StageConfig
-from engine.store.shards import Shard, ShardResult
+from engine.store.shards import Shard
 
 VERSION = 1
 ROW_STAGE = True  # on Ray: workers share its shards (engine.run.rayexec)
@@ -54,7 +62,10 @@ class Config(StageConfig):
     rubric: str | None = Field(None, description="llm: what to reward, passed to the template.")
     principle: str = Field(DEFAULT_PRINCIPLE, description="pairwise: the comparison question.")
     function: str | None = Field(
-        None, description=f"function: a builtin scorer (math_answer) or an entry point name in `{SCORER_GROUP}`."
+        None,
+        description="function: `path/to/file.py:function` (relative to the recipe), `package.module:function`, "
+        f"a builtin (math_answer, reply_quality) or an entry point name in `{SCORER_GROUP}`; its source is in the "
+        "fingerprint.",
     )
     rewards: RewardRules | None = Field(
         None, description="rule_reward: the rules (default: the expected behaviour alone)."
@@ -112,17 +123,24 @@ def check(name: str, config: Config, recipe) -> list[Problem]:
     return problems + scorer_problems(name, config, recipe, model=config.model, input=config.input)  # type: ignore[arg-type]
 
 
+def code(config: Config, recipe) -> dict:
+    """A function scorer's source (and distribution) enters the fingerprint."""
+    return scorer_code(config, recipe)  # type: ignore[arg-type]
+
+
 def run(config: Config, inputs, ctx) -> None:
     rows = inputs["input"].rows()
     scorer = make_scorer(config, inputs.get("model"), ctx)  # type: ignore[arg-type]
     try:
 
-        def per_shard(shard: Shard) -> ShardResult:
+        def per_shard(shard: Shard) -> list[tuple[list[dict], dict]]:
             values = scorer(shard)
-            out = [dict(r, scores={**(r.get("scores") or {}), **v}) for r, v in zip(shard.rows, values)]
-            return ShardResult(out, {"missing": sum(1 for v in values if config.name in v and v[config.name] is None)})
+            return [
+                ([dict(r, scores={**(r.get("scores") or {}), **v})], {"missing": int(v.get(config.name, 0) is None)})
+                for r, v in zip(shard.rows, values)
+            ]
 
-        out, stats = ctx.shards.map(rows, per_shard, shard_size=config.shard_size, desc="judging")
+        out, stats = ctx.shards.map_rows(rows, per_shard, shard_size=config.shard_size, desc="judging")
     finally:
         scorer.close()
     missing = sum(s["missing"] for s in stats)

@@ -61,7 +61,7 @@ from engine.lib.scoring import logprob_judgments, pairwise_label, parse_choice
 from engine.models.backends import SamplingParams
 from engine.spec.backends import BACKENDS
 from engine.spec.config import ExecOnly, Ref, StageConfig
-from engine.store.shards import Shard, ShardResult
+from engine.store.shards import Shard
 
 VERSION = 1
 ROW_STAGE = True  # on Ray: workers share its shards (engine.run.rayexec)
@@ -279,17 +279,18 @@ def _context_negative(config: Config, rows: list[dict], inputs, ctx) -> tuple[li
     backend = ctx.backend(inputs["model"], config.batch_size)
     params = SamplingParams(temperature=config.temperature, max_new_tokens=config.max_new_tokens)
 
-    def per_shard(shard: Shard) -> ShardResult:
+    def per_shard(shard: Shard) -> list[tuple[list[dict], dict]]:
         replies = backend.generate(
             [t["bare"] for t in shard.rows],
             params,
             ctx.seeds.rows([t["id"] for t in shard.rows], purpose="context_free"),
         )
-        out = [dict(t, negative=c.text.strip(), finish=c.finish_reason) for t, [c] in zip(shard.rows, replies)]
-        return ShardResult(out)
+        return [([dict(t, negative=c.text.strip(), finish=c.finish_reason)], {}) for t, [c] in zip(shard.rows, replies)]
 
     try:
-        done, _ = ctx.shards.map(tasks, per_shard, shard_size=config.shard_size, desc="plain replies")
+        done, _ = ctx.shards.map_rows(
+            tasks, per_shard, shard_size=config.shard_size, desc="plain replies", purpose="context_free"
+        )
     finally:
         backend.close()
     pairs = [
@@ -335,7 +336,7 @@ def _pairwise_judge(config: Config, rows: list[dict], inputs, ctx) -> tuple[list
     tpl, backend = ctx.templates(), ctx.backend(inputs["model"], config.batch_size)
     params = SamplingParams(n=config.votes, temperature=config.judge_temperature, max_new_tokens=config.max_new_tokens)
 
-    def per_shard(shard: Shard) -> ShardResult:
+    def per_shard(shard: Shard) -> list[tuple[list[dict], dict]]:
         prompts = [
             tpl.render_chat(
                 config.template,
@@ -349,7 +350,8 @@ def _pairwise_judge(config: Config, rows: list[dict], inputs, ctx) -> tuple[list
             for x, y in ((t["a"], t["b"]), (t["b"], t["a"]))
         ]
         if config.verdict == "logprobs":
-            return ShardResult(logprob_judgments(shard.rows, backend.option_logprobs(prompts, "Verdict: ", ["A", "B"])))
+            found = logprob_judgments(shard.rows, backend.option_logprobs(prompts, "Verdict: ", ["A", "B"]))
+            return [([t], {}) for t in found]
         seeds = [ctx.seeds.row(t["id"], purpose="pairwise", sample=order) for t in shard.rows for order in (0, 1)]
         answers = backend.generate(prompts, params, seeds)
         out = []
@@ -364,10 +366,12 @@ def _pairwise_judge(config: Config, rows: list[dict], inputs, ctx) -> tuple[list
                     answers=[c.text[-400:] for k in (2 * j, 2 * j + 1) for c in answers[k]],
                 )
             )
-        return ShardResult(out)
+        return [([t], {}) for t in out]
 
     try:
-        judged, _ = ctx.shards.map(tasks, per_shard, shard_size=config.shard_size, desc="judging pairs")
+        judged, _ = ctx.shards.map_rows(
+            tasks, per_shard, shard_size=config.shard_size, desc="judging pairs", purpose="pairwise"
+        )
     finally:
         backend.close()
     ctx.save_rows(judged, "judgments.parquet")

@@ -42,10 +42,17 @@ from engine.core.errors import Problem
 from engine.core.stats import mean, score_stats
 from engine.lib.pairs import best_and_worst, no_output, pair_row, prompt_messages, spot_check, spot_check_summary
 from engine.lib.rewards import RewardRules
-from engine.lib.scoring import CONVERSATION_SCORERS, ScorerSpec, make_scorer, scorer_problems, template_name
+from engine.lib.scoring import (
+    CONVERSATION_SCORERS,
+    ScorerSpec,
+    make_scorer,
+    scorer_code,
+    scorer_problems,
+    template_name,
+)
 from engine.models.backends import Completion, SamplingParams
 from engine.spec.config import ExecOnly, Ref, StageConfig
-from engine.store.shards import Shard, ShardResult
+from engine.store.shards import Shard
 
 VERSION = 2  # 2: candidates (written replies), rule_reward scorer, written flags in pair meta
 ROW_STAGE = True  # on Ray: workers share its shards (engine.run.rayexec)
@@ -67,7 +74,9 @@ class Config(StageConfig):
     )
     judge_model: str | None = Ref("model", default=None, description="llm: the judge; reward_model: the reward model.")
     function: str | None = Field(
-        None, description="function: a builtin (math_answer) or a `recipe.scorers` entry point."
+        None,
+        description="function: `path/to/file.py:function` (relative to the recipe), `package.module:function`, "
+        "a builtin (math_answer, reply_quality) or a `recipe.scorers` entry point; its source is in the fingerprint.",
     )
     template: str | None = Field(None, description="llm: the pointwise judge template (judge_pointwise.j2).")
     rubric: str | None = Field(None, description="llm: what to reward, passed to the template.")
@@ -249,6 +258,11 @@ def _scored(sample: dict) -> list[tuple[int, float]]:
 # --------------------------------------------------------------------------- the stage
 
 
+def code(config: Config, recipe) -> dict:
+    """A function scorer's source (and distribution) enters the fingerprint."""
+    return scorer_code(_spec(config), recipe)
+
+
 def run(config: Config, inputs, ctx) -> None:
     rows = inputs["input"].rows()
     key = score_key(config)
@@ -265,7 +279,7 @@ def run(config: Config, inputs, ctx) -> None:
     )
     model_name = inputs["model"].name
 
-    def per_shard(shard: Shard) -> ShardResult:
+    def per_shard(shard: Shard) -> list[tuple[list[dict], dict]]:
         prompts = [prompt_messages(r) for r in shard.rows]
         comps = policy.generate(prompts, params, ctx.seeds.rows([r["id"] for r in shard.rows], purpose="sample"))
         comps = [
@@ -310,10 +324,11 @@ def run(config: Config, inputs, ctx) -> None:
                     },
                 }
             )
-        return ShardResult(out, {"empty": sum(len(cs) for cs in comps) - len(cands)})
+        kept = [sum(1 for jj, _, _ in cands if jj == j) for j in range(len(shard.rows))]
+        return [([row], {"empty": len(cs) - k}) for row, cs, k in zip(out, comps, kept)]
 
     try:
-        samples, stats = ctx.shards.map(rows, per_shard, shard_size=config.shard_size, desc=f"best of {config.n}")
+        samples, stats = ctx.shards.map_rows(rows, per_shard, shard_size=config.shard_size, desc=f"best of {config.n}")
     finally:
         scorer.close()
         policy.close()

@@ -237,47 +237,16 @@ class _RuleReward(_Rules):
 
 
 class _Function(_Rules):
-    def __init__(self, name: str, function: str) -> None:
-        self.name, self.fn = name, verifiers.resolve(function)
+    def __init__(self, name: str, function: str, base=None) -> None:
+        self.name, self.fn = name, verifiers.resolve(function, base)
 
     def __call__(self, shard: Shard) -> list[dict]:
         return [{self.name: (None if (v := self.fn(r)) is None else float(v))} for r in shard.rows]
 
 
 def _function_problems(spec: ScorerSpec, recipe, input: str | None, where) -> list[Problem]:
-    """scorer 'function': a registered function, and the column it compares with in the data."""
-    problems: list[Problem] = []
-    known = verifiers.names()
-    if spec.function is None:
-        problems.append(
-            Problem(
-                "scorer 'function' needs a function name.",
-                hint=f'Set function = "NAME". Known: {", ".join(known)}.',
-                **where("scorer"),
-            )
-        )
-    elif spec.function not in known:
-        problems.append(
-            Problem(
-                f"no scorer function '{spec.function}' is registered.",
-                hint=f"Use a builtin or register one under the entry point group "
-                f"'{SCORER_GROUP}'. Known: {', '.join(known)}.",
-                **where("function"),
-            )
-        )
-    elif spec.function in verifiers.REQUIRES and input and recipe.dataset_rows(input):
-        column, test = verifiers.REQUIRES[spec.function]
-        if not any(test(r) for r in recipe.dataset_rows(input)):
-            problems.append(
-                Problem(
-                    f"scorer function '{spec.function}' compares each reply with the row's '{column}', and no row of "
-                    f"dataset '{input}' has one.",
-                    hint=f"Add a '{column}' column to the data, or map one: columns = {{ {column} = \"...\" }} in "
-                    f"[datasets.{input}].",
-                    **where("function"),
-                )
-            )
-    return problems
+    """scorer 'function': a function that loads, and the column it compares with in the data."""
+    return verifiers.function_problems(spec.function, recipe, input, where)
 
 
 def _rule_reward_problems(spec: ScorerSpec, recipe, input: str | None, where) -> list[Problem]:
@@ -296,6 +265,15 @@ def _rule_reward_problems(spec: ScorerSpec, recipe, input: str | None, where) ->
             )
         )
     return problems
+
+
+def scorer_code(spec: ScorerSpec, recipe) -> dict:
+    """User code a scorer runs, for the fingerprint (engine.store.fingerprint, a stage's `code`
+    hook): {"scorer function NAME": identity} for a function scorer that is not a builtin."""
+    if spec.scorer != "function" or not spec.function:
+        return {}
+    found = verifiers.identity(spec.function, recipe.dir)
+    return {} if found is None else {f"scorer function {spec.function}": found}
 
 
 def make_scorer(spec: ScorerSpec, model, ctx, *, backend=None):
@@ -339,7 +317,7 @@ SCORERS: dict[str, ScorerKind] = {
         check=_rule_reward_problems,
     ),
     "function": ScorerKind(
-        lambda spec, model, ctx, backend: _Function(spec.name, spec.function), check=_function_problems
+        lambda spec, model, ctx, backend: _Function(spec.name, spec.function, ctx.recipe.dir), check=_function_problems
     ),
 }
 TEMPLATE_VARS = {name: kind.template for name, kind in SCORERS.items() if kind.template is not None}

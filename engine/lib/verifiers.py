@@ -2,9 +2,16 @@
 
 A function scorer is `f(row) -> float | None`: `row` is a conversation row (`id`, `messages`,
 `meta`, ...), `None` means "nothing to compare against" (recorded as a missing score). The
-`judge` stage (`scorer = "function"`) and `rejection_sample` find a name first in `BUILTIN`,
-then among the entry points of the group `recipe.scorers`, so a plugin can add verifiers
-(`name = "package.module:function"`) but cannot shadow a builtin.
+`judge` stage (`scorer = "function"`) and `rejection_sample` take `function` as:
+
+- a builtin name (`BUILTIN` below), then an entry point of the group `recipe.scorers` (a plugin
+  can add verifiers, `name = "package.module:function"`, but cannot shadow a builtin);
+- `path/to/file.py:function`: a Python file, relative to the recipe's folder;
+- `package.module:function`: an importable module.
+
+User code shapes scores, so it is in the fingerprint (`identity`): the source of the file that
+defines the function, and for an installed distribution its name and version. Editing the file
+re-runs the stages that use it ("code changed: scorer function reward.py:score").
 
 Builtins:
 - `math_answer`: 1.0 when the last number in the final assistant reply equals the row's answer
@@ -18,11 +25,16 @@ Builtins:
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import importlib.util
 import re
 from collections.abc import Callable
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
+from engine.core.errors import Problem
 from engine.core.text import last_reply
 
 GROUP = "recipe.scorers"
@@ -145,13 +157,147 @@ def names() -> list[str]:
     return list(dict.fromkeys([*BUILTIN, *sorted(ep.name for ep in entry_points(group=GROUP))]))
 
 
-def resolve(name: str) -> Callable[[dict], float | None]:
-    """The scorer function for `name` (builtins first); KeyError if none is known."""
-    if name in BUILTIN:
-        return BUILTIN[name]
+def is_file_form(name: str) -> bool:
+    return ":" in name and name.rsplit(":", 1)[0].endswith(".py")
+
+
+def is_module_form(name: str) -> bool:
+    return ":" in name and not is_file_form(name)
+
+
+def _file(name: str, base: Path | None) -> Path:
+    path = Path(name.rsplit(":", 1)[0])
+    return path if path.is_absolute() or base is None else Path(base) / path
+
+
+def _entry_point(name: str):
     from importlib.metadata import entry_points
 
-    for ep in entry_points(group=GROUP):
-        if ep.name == name:
-            return ep.load()
-    raise KeyError(name)
+    return next((ep for ep in entry_points(group=GROUP) if ep.name == name), None)
+
+
+def resolve(name: str, base: Path | None = None) -> Callable[[dict], float | None]:
+    """The scorer function for `name` (see the module docstring; `base`: the recipe's folder, for
+    the file form). KeyError when no such name is registered; ValueError when a file or module
+    form cannot be loaded, with the reason."""
+    if name in BUILTIN:
+        return BUILTIN[name]
+    if is_file_form(name):
+        path, attr = _file(name, base), name.rsplit(":", 1)[1]
+        if not path.is_file():
+            raise ValueError(f"the file {path} does not exist")
+        key = "recipe_scorer_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+        spec = importlib.util.spec_from_file_location(key, path)
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        try:
+            spec.loader.exec_module(module)  # type: ignore[union-attr]
+        except Exception as exc:
+            raise ValueError(f"{path.name} could not be loaded: {type(exc).__name__}: {exc}") from exc
+        return _attr(module, attr, path.name)
+    if is_module_form(name):
+        mod, attr = name.rsplit(":", 1)
+        try:
+            module = importlib.import_module(mod)
+        except Exception as exc:
+            raise ValueError(f"module {mod} could not be imported: {type(exc).__name__}: {exc}") from exc
+        return _attr(module, attr, mod)
+    ep = _entry_point(name)
+    if ep is None:
+        raise KeyError(name)
+    return ep.load()
+
+
+def _attr(module: Any, attr: str, where: str) -> Callable[[dict], float | None]:
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"{where} defines no function {attr}")
+    return fn
+
+
+def identity(name: str, base: Path | None = None) -> dict | None:
+    """What a scorer function's scores depend on besides its name, for the fingerprint: the sha256
+    of the source file that defines it and, when it comes from an installed distribution, that
+    distribution's name and version. None for a builtin (the stage's VERSION covers those)."""
+    if name in BUILTIN:
+        return None
+    if is_file_form(name):
+        path = _file(name, base)
+        return {"source": _sha(path) if path.is_file() else None}
+    if is_module_form(name):
+        target, dist = name, None
+    else:
+        ep = _entry_point(name)
+        if ep is None:
+            return {"unknown": name}
+        target, dist = ep.value, ep.dist
+    module = target.rsplit(":", 1)[0].strip()
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    origin = Path(spec.origin) if spec is not None and spec.origin and spec.origin != "built-in" else None
+    out: dict[str, Any] = {"source": _sha(origin) if origin is not None and origin.is_file() else None}
+    if dist is None:
+        from importlib.metadata import packages_distributions
+
+        found = packages_distributions().get(module.split(".")[0], [])
+        if found:
+            from importlib.metadata import distribution
+
+            dist = distribution(found[0])
+    if dist is not None:
+        out["distribution"] = {"name": dist.metadata["Name"], "version": dist.version}
+    return out
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def function_problems(function: str | None, recipe, input: str | None, where) -> list[Problem]:
+    """scorer 'function': a function that loads (`where(key)` locates a stage key), and the column
+    it compares with in the data."""
+    problems: list[Problem] = []
+    known = names()
+    if function is None:
+        problems.append(
+            Problem(
+                "scorer 'function' needs a function name.",
+                hint=f'Set function = "NAME". Known: {", ".join(known)}.',
+                **where("scorer"),
+            )
+        )
+    elif ":" in function:  # path/to/file.py:function or package.module:function
+        try:
+            resolve(function, recipe.dir)
+        except ValueError as exc:
+            problems.append(
+                Problem(
+                    f"scorer function '{function}': {exc}.",
+                    hint="Give path/to/file.py:function (relative to the recipe's folder) or "
+                    "package.module:function; the function takes a row and returns a float or None.",
+                    **where("function"),
+                )
+            )
+    elif function not in known:
+        problems.append(
+            Problem(
+                f"no scorer function '{function}' is registered.",
+                hint=f"Use a builtin, path/to/file.py:function, package.module:function, or register one under "
+                f"the entry point group '{GROUP}'. Known: {', '.join(known)}.",
+                **where("function"),
+            )
+        )
+    elif function in REQUIRES and input and recipe.dataset_rows(input):
+        column, test = REQUIRES[function]
+        if not any(test(r) for r in recipe.dataset_rows(input)):
+            problems.append(
+                Problem(
+                    f"scorer function '{function}' compares each reply with the row's '{column}', and no row of "
+                    f"dataset '{input}' has one.",
+                    hint=f"Add a '{column}' column to the data, or map one: columns = {{ {column} = \"...\" }} in "
+                    f"[datasets.{input}].",
+                    **where("function"),
+                )
+            )
+    return problems

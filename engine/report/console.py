@@ -239,7 +239,8 @@ def plan_table(out: Console, name: str, items) -> None:
     for col in ("stage", "kind", "fingerprint", "status", "why"):
         table.add_column(col)
     for i in items:
-        table.add_row(i.name, i.kind, i.fingerprint[:12], _styled(i.status), "; ".join(i.reasons))
+        key = i.fingerprint[:12] if i.fingerprint else "-"  # not known until the stages before it have run
+        table.add_row(i.name, i.kind, key, _styled(i.status), "; ".join(i.reasons))
     out.print(table)
 
 

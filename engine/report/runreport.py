@@ -84,6 +84,15 @@ def stage_order(run_dir: Path, names: list[str]) -> list[str]:
     return [n for n in out if n in names]
 
 
+def why(stage: dict) -> str:
+    """Why a stage ran (its reasons), that it re-ran to the same output, or that its inputs came
+    out the same; and the rows a row stage reused."""
+    parts = [stage["note"]] if stage.get("note") else list(stage.get("reasons") or [])
+    if stage.get("rows_reused"):
+        parts.append(f"{stage['rows_reused']} rows reused, {stage.get('rows_computed', 0)} computed")
+    return "; ".join(parts)
+
+
 def funnel_blocks(record: dict, order: list[str] | None = None) -> list[Block]:
     stages = record.get("stages") or {}
     stages = {n: stages[n] for n in order or stages}
@@ -94,7 +103,7 @@ def funnel_blocks(record: dict, order: list[str] | None = None) -> list[Block]:
         return "-" if v is None else str(v)
 
     table = Grid(
-        ["stage", "kind", "status", "rows in", "rows out", "seconds"],
+        ["stage", "kind", "status", "rows in", "rows out", "seconds", "why"],
         [
             [
                 n,
@@ -103,6 +112,7 @@ def funnel_blocks(record: dict, order: list[str] | None = None) -> list[Block]:
                 num(s.get("rows_in")),
                 num(s.get("rows_out")),
                 "-" if s.get("duration_s") is None else f"{s['duration_s']:.1f}",
+                why(s),
             ]
             for n, s in stages.items()
         ],

@@ -45,12 +45,27 @@ class Context:
     cache_root: Path | None = None
     pool: loading.ModelPool | None = None  # generation models kept between the stages of a run
     lazy_models: bool = False  # backends load on first use (a Ray driver assembling committed shards)
+    definition: str = ""  # the stage's own definition (engine.store.fingerprint.definition): streams, row memos
+    components: dict = field(default_factory=dict, repr=False)  # what its key was computed from
     rows_out: int | None = None
     warnings: list[str] = field(default_factory=list)  # this stage's warnings, for the record and the report
     shards: ShardRunner = field(init=False)
+    _seeds: Seeds = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.shards = ShardRunner(self.partial_dir, self.fingerprint, self.seed, self.progress, self.log)
+        from engine.store.memo import ROOT
+
+        self._seeds = Seeds(self.seed, self.definition or self.fingerprint)
+        self.shards = ShardRunner(
+            self.partial_dir,
+            self.fingerprint,
+            self.seed,
+            self.progress,
+            self.log,
+            seeds=self._seeds,
+            memo_root=self.cache_root / ROOT if self.cache_root is not None else None,
+            definition=self.definition,
+        )
         self.shards.announce = self.say
 
     def say(self, message: str) -> None:
@@ -61,8 +76,14 @@ class Context:
 
     @property
     def seeds(self) -> Seeds:
-        """This stage's random streams, by row id (engine.core.seeds): never by shard or batch."""
-        return Seeds(self.seed, self.fingerprint)
+        """This stage's random streams, by row id and content (engine.core.seeds): never by shard or batch."""
+        return self._seeds
+
+    def input_id(self, field: str, index: int = 0) -> str | None:
+        """The identity its key holds for the `index`-th input of a reference field (a model's, a
+        stage output's content): what a row that uses that input depends on."""
+        items = self.components.get("inputs", {}).get(field, [])
+        return items[index]["id"] if index < len(items) else None
 
     def progress(self, total: int | None, desc: str = "rows", unit: str = "rows") -> _Task:
         """A progress bar labelled `stage: desc` (keep `desc` short: the bar must fit 80 columns)."""

@@ -9,7 +9,12 @@ Context a stage gets, and runs the stages.
     runs/<recipe>/<run-id>/logs/<stage>.log   the stage's log (tracebacks land here)
     runs/<recipe>/<run-id>/stages/<stage>     link to the cache entry
     runs/<recipe>/latest                      link to the newest run
-    runs/<recipe>/.last/<stage>.json          components last built, for `plan` reasons
+    runs/<recipe>/.last/<stage>.json          components last built and its output's identity, for
+                                              `plan` reasons and "output unchanged"
+
+A stage's key holds the content of its inputs (engine.store.fingerprint), so each key is
+resolved when the stage's turn comes, from the entries of the stages before it: a stage that
+re-ran and committed the same output leaves the stages after it cached (early cutoff).
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ from engine.core.io import atomic_write_json
 from engine.lib.roundstats import diversity_for
 from engine.models import pool as loading
 from engine.run.context import Context
-from engine.run.plan import make_plan, memo_for, select
+from engine.run.outcome import cutoff_notes, last_output, models_used, report_dropped
+from engine.run.plan import make_plan, memo_for, resolve, select
 from engine.run.schedule import keep_going, side_by_side
 from engine.spec.artifact import Artifact
 from engine.spec.graph import artifact_type, edges, order
@@ -37,6 +43,7 @@ from engine.spec.recipe import Recipe
 from engine.spec.rounds import round_of
 from engine.spec.stage import hook
 from engine.store.cache import Entry, Store
+from engine.store.fingerprint import content_id, definition
 from engine.store.record import RunRecord, close_logger, stage_logger, versions
 
 # --------------------------------------------------------------------------- plan
@@ -124,7 +131,10 @@ def run(
     shared = threading.Lock()  # the store's warnings list, when stages run side by side
 
     def build_stage(name: str) -> None:
-        item = plan[name]
+        with shared:  # its key, now that the stages before it are built: their outputs' content
+            ids: dict[str, str | None] = {n: content_id(e.manifest.get("checksums", {})) for n, e in entries.items()}
+            item = resolve(recipe, name, ids, memo, runs_dir, store)
+        assert item.fingerprint is not None, "every stage before it is built: its key is known"
         record.stage(name, kind=item.kind, fingerprint=item.fingerprint, status="pending")
         started = time.time()
 
@@ -141,8 +151,14 @@ def run(
                 store.warnings.clear()
             if entry is not None:
                 rows = entry.manifest.get("rows", {})
+                same = [] if plan[name].status == "cached" else ["its inputs came out the same"]
                 record.stage(
-                    name, status="cached", duration_s=0.0, rows_in=rows.get("in"), rows_out=rows.get("out"), reasons=[]
+                    name,
+                    status="cached",
+                    duration_s=0.0,
+                    rows_in=rows.get("in"),
+                    rows_out=rows.get("out"),
+                    reasons=same,
                 )
                 if entry.manifest.get("dropped"):
                     report_dropped(
@@ -168,13 +184,25 @@ def run(
                     rows_out=entry.manifest["rows"]["out"],
                     reasons=why,
                 )
+                reuse = entry.manifest.get("reuse")
+                if reuse and reuse.get("reused"):
+                    record.stage(name, rows_reused=reuse["reused"], rows_computed=reuse["computed"])
+                    if console is not None:
+                        console.print(f"{name}: {reuse['reused']} rows reused, {reuse['computed']} computed")
+                before = last_output(runs_dir, recipe.name, name)
+                if before is not None and before == content_id(entry.manifest.get("checksums", {})):
+                    record.stage(name, output="unchanged")
         if round_of(name):  # iterative rounds: each round's output diversity, so mode collapse shows
             record.stage(name, diversity=diversity_for(artifact_type(recipe, name), entry.path))  # type: ignore[arg-type]
         entries[name] = entry
         record.link(name, entry.path)
         atomic_write_json(
             runs_dir / recipe.name / ".last" / f"{name}.json",
-            {"fingerprint": item.fingerprint, "components": item.components},
+            {
+                "fingerprint": item.fingerprint,
+                "components": item.components,
+                "output": content_id(entry.manifest.get("checksums", {})),
+            },
         )
 
     def on_failure(name: str, exc: Exception, left: list[str]) -> None:
@@ -204,6 +232,7 @@ def run(
         else:
             keep_going(recipe, names, build_stage, fail_fast=fail_fast, on_failure=on_failure, skip=mark_skipped)
         status = "ok"
+        cutoff_notes(recipe, plan, record, console)
     except KeyboardInterrupt:
         status = "interrupted"
         raise
@@ -213,32 +242,6 @@ def run(
         registration.close()
         record.finish(status)
     return record
-
-
-def report_dropped(stage: str, dropped: dict, record: RunRecord, warn) -> None:
-    """Rows a stage's datasets dropped while loading (bad roles, empty content, ...): per dataset
-    and reason, with the first row ids, into the run record and through `warn`."""
-    record.stage(stage, dropped=dropped)
-    for dataset, info in dropped.items():
-        reasons = info["reasons"]
-        parts = [
-            f"{r}: {v['rows']} (first: {', '.join(v['first_ids'])})" if v["first_ids"] else f"{r}: {v['rows']}"
-            for r, v in reasons.items()
-        ]
-        warn(
-            f"dataset '{dataset}': dropped {sum(v['rows'] for v in reasons.values())} of {info['total']} rows; "
-            + "; ".join(parts)
-        )
-
-
-def models_used(recipe: Recipe, names: list[str]) -> set[tuple[str, str]]:
-    """(source, name) of every model the stages `names` read: [models] entries and stage-made models."""
-    out: set[tuple[str, str]] = set()
-    for name in names:
-        for edge in edges(recipe, name):
-            if edge.source == "models" or (edge.source == "stages" and artifact_type(recipe, edge.name) == "model"):
-                out.add((edge.source.value, edge.name))
-    return out
 
 
 def _inputs(recipe: Recipe, name: str, entries: dict[str, Entry]) -> dict[str, Any]:
@@ -315,6 +318,8 @@ def _build_entry(
                 progress,
                 store.root,
                 pool,
+                definition=definition(item.components, stage.module),
+                components=item.components,
             )
             if pool is not None and hook(stage.module, "TRAINS"):  # a training stage
                 pool.before_training(log)
@@ -334,6 +339,9 @@ def _build_entry(
                                 },
                             }
             manifest["rows"] = {"in": rows_in, "out": ctx.rows_out}
+            manifest["reuse"] = {"reused": ctx.shards.reuse.reused, "computed": ctx.shards.reuse.computed}
+            if ctx.shards.memos:  # the row memos it read and wrote: `recipe gc` keeps them with the entry
+                manifest["memos"] = sorted(ctx.shards.memos)
             if dropped:  # kept in the entry, so that a cached re-run reports them too
                 manifest["dropped"] = dropped
                 report_dropped(name, dropped, record, ctx.warn)

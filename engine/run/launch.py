@@ -125,6 +125,8 @@ def make_payload(stage, inputs: dict, ctx, log_path: Path, result: Path | None =
             "out_dir": str(ctx.out_dir),
             "partial_dir": str(ctx.partial_dir),
             "cache_root": str(ctx.cache_root) if ctx.cache_root else None,
+            "definition": ctx.definition,
+            "components": ctx.components,
         },
         "log": str(log_path),
         "result": str(result) if result else None,
@@ -152,6 +154,8 @@ def open_payload(payload: dict, log: logging.Logger, out_dir: Path | None = None
         None,
         None,
         Path(c["cache_root"]) if c["cache_root"] else None,
+        definition=c.get("definition", ""),
+        components=c.get("components", {}),
     )
     return recipe.stages[payload["stage"]], payload["config"], payload["inputs"], ctx
 

@@ -38,6 +38,13 @@ Optional hooks:
 - `ROW_STAGE: bool`: the stage's work is `ctx.shards.map` over rows, and everything before the map
   is cheap and deterministic: on Ray, workers run it with a share of the shards each
   (engine.run.rayexec), then the driver runs it again to assemble the committed shards.
+- `code(config, recipe) -> dict`: user code the configuration runs (a scorer given as
+  `file.py:function`), name -> identity (its source's sha256, its distribution): it enters the
+  fingerprint, and editing it re-runs the stage with the reason "code changed: NAME".
+- `definition(components) -> dict`: the stage's own definition, what a row's random streams and
+  row memo derive from (engine.store.fingerprint.definition): by default its components without
+  the `input` it maps over. A stage whose rows are its own work items (eval: model x suite item)
+  drops what those rows carry instead.
 - `report(name, entry) -> list[Block]`: the stage's section of the run report, drawn from its
   cache entry (`entry`, a folder) with the blocks of engine.core.document: examples, drop reasons,
   pairs, revisions. Memoized by the entry's fingerprint, so a cached re-run does not redraw it.
@@ -76,6 +83,8 @@ HOOKS: dict[str, str] = {  # optional hook -> what it must be
     "summary_table": "callable",
     "summary_notes": "callable",
     "report": "callable",
+    "definition": "callable",
+    "code": "callable",
 }
 
 

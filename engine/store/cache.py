@@ -6,6 +6,7 @@
     cache/tmp/                 entries being built (renamed into place only when complete)
     cache/locks/<fp>.lock      one builder per fingerprint across processes
     cache/hashes.json          file-hash memo (see fingerprint.HashMemo)
+    cache/rows/<ns>/           row memos of row stages (engine.store.memo)
 
 An entry is trusted only if its manifest names its fingerprint and every file matches its
 checksum; anything else is moved aside with a warning and rebuilt. Entries of earlier
@@ -89,6 +90,10 @@ class Store:
         except (OSError, ValueError):
             return None
         return manifest if isinstance(manifest, dict) and manifest.get("fingerprint") == fp else None
+
+    def manifest(self, fp: str) -> dict:
+        """An entry's manifest as written (empty when unreadable); for reading, not for trust."""
+        return self._manifest(fp) or {}
 
     def peek(self, fp: str, memo=None) -> Entry | None:
         """What `get` will find, cheaply (for `plan`): the manifest, every file of its recorded
@@ -182,6 +187,10 @@ class Store:
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
+
+    def discard(self, path: Path) -> None:
+        """Remove a folder of the store (moved aside first, so a crash never leaves half of it)."""
+        self._discard(path)
 
     def _discard(self, path: Path, why: str = "") -> None:
         self.tmp.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,18 @@
-"""Fingerprints: what goes into a stage's fingerprint, and why a stage must re-run.
+"""Fingerprints: what goes into a stage's cache key, and why a stage must re-run.
 
-fingerprint(stage) = sha256 of the canonical JSON (sorted keys, no whitespace) of its
-*components*: kind and VERSION, the config after defaults without execution-only fields and
-without reference names, the identity of every input (a stage's fingerprint, a dataset's
-content hash and load options, a model's identity), the content of files it reads (templates,
-path fields), and the recipe seed. Paths never enter, only contents, so a recipe folder
-copied elsewhere plans to the same fingerprints.
+key(stage) = sha256 of the canonical JSON (sorted keys, no whitespace) of its *components*:
+kind and VERSION, the config after defaults without execution-only fields and without
+reference names, the identity of every input, the content of files it reads (templates, path
+fields), user code it runs (a scorer's source: the `code` hook), and the recipe seed. An upstream stage's identity is the *content* of its output (the
+committed checksums of its rows, or of its model's files: `content_id`), not its configuration:
+when a changed stage commits byte-identical output, everything after it stays cached (early
+cutoff). A stage's key is therefore known only once its upstream stages are built or found in
+the store (engine.run.plan resolves what it can; the executor the rest, as it goes).
+
+`fingerprints(recipe)` is the static variant, each stage input identified by the upstream's own
+static fingerprint: what `recipe diff` compares (no store needed). `definition(...)` is a stage's
+own definition without the rows it maps over: what its random streams and row memos derive from.
+Paths never enter, only contents, so a recipe folder copied elsewhere plans to the same keys.
 
 File hashes (engine.core.hashing) are memoized by (device, inode, size, mtime) in `runs/cache/hashes.json`, so a
 large dataset is read once, not on every `plan`.
@@ -29,6 +36,7 @@ if TYPE_CHECKING:
 
 FP_LEN = 24  # hex chars shown and used as the store key (96 bits)
 DATA_VERSION = 1  # bump when dataset loading/normalization changes its output
+KEYS = 2  # the scheme of cache keys: 2 = stage inputs by output content, random streams by row
 
 
 # --------------------------------------------------------------------------- identities
@@ -45,7 +53,7 @@ def dataset_identity(recipe: Recipe, name: str, memo: HashMemo) -> dict:
     return {"dataset": source, "options": opts, "loader": DATA_VERSION}
 
 
-def model_identity(spec: ModelSpec, memo: HashMemo, stage_fps: dict[str, str]) -> dict:
+def model_identity(spec: ModelSpec, memo: HashMemo, stage_fps: dict[str, str | None]) -> dict:
     if spec.path.startswith("builtin:"):
         from engine.models.builtins import builtin_identity
 
@@ -83,9 +91,10 @@ def constitution_identity(recipe: Recipe, name: str, memo: HashMemo) -> dict:
     return {"constitution": memo.file(path) if Path(path).is_file() else {"missing": True}}
 
 
-# What identifies an input of each kind (graph.Source): the id its consumers' fingerprints hold.
-IDENTITY: dict[Source, Callable[[Recipe, str, dict[str, str], HashMemo], str]] = {
-    Source.STAGES: lambda recipe, name, fps, memo: fps[name],
+# What identifies an input of each kind (graph.Source): the id its consumers' keys hold. `ids`
+# maps a stage to the identity of its output (None: not known yet, the stage has to run first).
+IDENTITY: dict[Source, Callable[[Recipe, str, dict[str, str | None], HashMemo], str | None]] = {
+    Source.STAGES: lambda recipe, name, fps, memo: fps.get(name),
     Source.DATASETS: lambda recipe, name, fps, memo: digest(dataset_identity(recipe, name, memo)),
     Source.MODELS: lambda recipe, name, fps, memo: digest(model_identity(recipe.models[name], memo, fps)),
     Source.CONSTITUTIONS: lambda recipe, name, fps, memo: digest(constitution_identity(recipe, name, memo)),
@@ -96,8 +105,27 @@ assert set(IDENTITY) == set(Source), "every input kind needs an identity"
 # --------------------------------------------------------------------------- stages
 
 
-def stage_components(recipe: Recipe, name: str, stage_fps: dict[str, str], memo: HashMemo) -> dict:
-    """Everything that can change a stage's output, in a form that can be diffed for reasons."""
+def content_id(checksums: dict[str, dict]) -> str:
+    """The identity of a stage's output, from its entry's committed checksums: the files a later
+    stage reads (a model's `model/` folder; else `rows.parquet`; else every file), so a report or
+    a plot beside them never defeats early cutoff."""
+    model = {k: v["sha256"] for k, v in checksums.items() if k.startswith("model/")}
+    chosen = model or (
+        {"rows.parquet": checksums["rows.parquet"]["sha256"]}
+        if "rows.parquet" in checksums
+        else {k: v["sha256"] for k, v in checksums.items()}
+    )
+    return digest(chosen)[:FP_LEN]
+
+
+def waiting_on(components: dict) -> list[str]:
+    """The upstream stages whose output this stage's key still needs (not built or found yet)."""
+    return [i["name"] for items in components["inputs"].values() for i in items if i["id"] is None]
+
+
+def stage_components(recipe: Recipe, name: str, stage_fps: dict[str, str | None], memo: HashMemo) -> dict:
+    """Everything that can change a stage's output, in a form that can be diffed for reasons.
+    `stage_fps`: each upstream stage's output identity (`content_id`), None where not known yet."""
     stage = recipe.stages[name]
     cls = type(stage.config)
     config, files = {}, {}
@@ -116,6 +144,8 @@ def stage_components(recipe: Recipe, name: str, stage_fps: dict[str, str], memo:
     if hook(stage.module, "templates"):
         for tname, tpath in hook(stage.module, "templates")(stage.config, recipe).items():  # type: ignore[misc]
             templates[tname] = memo.file(tpath)
+    code_hook = hook(stage.module, "code")
+    code = code_hook(stage.config, recipe) if code_hook is not None else {}
     return {
         "kind": stage.kind,
         "version": stage.module.VERSION,
@@ -123,7 +153,9 @@ def stage_components(recipe: Recipe, name: str, stage_fps: dict[str, str], memo:
         "files": files,
         "inputs": inputs,
         "templates": templates,
+        "code": code,
         "seed": recipe.meta.seed,
+        "keys": KEYS,
         **(
             {"round": stage.round} if stage.round and stage.round > 1 else {}
         ),  # iterative rounds: engine/spec/rounds.py
@@ -137,14 +169,30 @@ def fingerprint(components: dict) -> str:
     return digest(keyed)[:FP_LEN]
 
 
+def definition(components: dict, module: Any = None) -> str:
+    """The digest of a stage's own definition: its components without the rows it maps over
+    (its `input`), or what the stage module's `definition(components)` hook keeps. A row's random
+    streams and memo derive from it plus the row itself (engine.core.seeds), so an unrelated
+    change upstream, or another row, never moves them."""
+    shaped = hook(module, "definition") if module is not None else None
+    if shaped is not None:
+        kept = shaped(components)
+    else:
+        kept = dict(components, inputs={f: v for f, v in components["inputs"].items() if f != "input"})
+    kept["inputs"] = {f: [(i["source"], i["id"]) for i in items] for f, items in kept["inputs"].items()}
+    return digest(kept)[:FP_LEN]
+
+
 def fingerprints(recipe: Recipe, memo: HashMemo) -> dict[str, tuple[str, dict]]:
-    """Stage name -> (fingerprint, components), computed in topological order."""
+    """Stage name -> (static fingerprint, components) in topological order, each stage input
+    identified by the upstream's static fingerprint (for `diff`; cache keys come from the plan)."""
     out: dict[str, tuple[str, dict]] = {}
-    fps: dict[str, str] = {}
+    fps: dict[str, str | None] = {}
     for name in order(recipe):
         comps = stage_components(recipe, name, fps, memo)
-        fps[name] = fingerprint(comps)
-        out[name] = (fps[name], comps)
+        fp = fingerprint(comps)
+        fps[name] = fp
+        out[name] = (fp, comps)
     return out
 
 
@@ -175,6 +223,8 @@ def reasons(old: dict | None, new: dict) -> list[str]:
     if old is None:
         return ["new"]
     out: list[str] = []
+    if old.get("keys") != new.get("keys"):
+        return ["this engine version keys the cache by output content (a one-time re-run)"]
     if old.get("kind") != new["kind"]:
         out.append(f"kind: {old.get('kind')} -> {new['kind']}")
     elif old.get("version") != new["version"]:
@@ -198,6 +248,9 @@ def reasons(old: dict | None, new: dict) -> list[str]:
     for tname in sorted(set(old.get("templates", {})) | set(new["templates"])):
         if old.get("templates", {}).get(tname) != new["templates"].get(tname):
             out.append(f"template changed: {tname}")
+    for cname in sorted(set(old.get("code", {})) | set(new.get("code", {}))):
+        if old.get("code", {}).get(cname) != new.get("code", {}).get(cname):
+            out.append(f"code changed: {cname}")
     if old.get("seed") != new["seed"]:
         out.append(f"seed: {old.get('seed')} -> {new['seed']}")
     return out or ["not in cache"]

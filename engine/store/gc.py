@@ -2,7 +2,8 @@
 
 Kept: the entries of each recipe's last N runs, and those that every recipe file next to a
 recipe that ran here (and beside the runs dir) needs as it is written now, so experiments with
---set never push out the recipe itself. Which fingerprints a recipe file needs comes from the
+--set never push out the recipe itself; and the row memos (engine.store.memo) the kept entries
+list in their manifests, and the base entry a kept LoRA adapter names in its base.json. Which fingerprints a recipe file needs comes from the
 caller (loading and fingerprinting recipes sits above the store).
 """
 
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from engine.store.cache import Store
+from engine.store.memo import ROOT as MEMO_ROOT
 from engine.store.record import read_record, run_dirs
 
 
@@ -50,18 +52,41 @@ def collect(
         swept = store.sweep_tmp()
         if swept:
             say(f"removed {len(swept)} half-built entries left by crashed runs")
+    keep |= adapter_bases(store, keep)
     doomed = [store.entry_path(fp) for fp in store.entries() if fp not in keep]
     if store.partial_root.exists():
         doomed += [p for p in store.partial_root.iterdir() if p.name not in keep]
+    memos = store.root / MEMO_ROOT
+    if memos.is_dir():
+        kept_memos = {ns for fp in store.entries() if fp in keep for ns in store.manifest(fp).get("memos", [])}
+        doomed += [p for p in memos.iterdir() if p.name not in kept_memos]
     total = sum(_size(p) for p in doomed)
     for p in doomed:
         say(f"{'removing' if yes else 'would remove'} {p} ({_human(_size(p))})")
     if yes:
         for p in doomed:
-            store.remove(p.name)
+            store.remove(p.name) if p.parent != memos else store.discard(p)
         say(f"removed {len(doomed)} entries, {_human(total)}")
     else:
         say(f"{len(doomed)} entries, {_human(total)}; run with --yes to delete")
+
+
+def adapter_bases(store: Store, keep: set[str]) -> set[str]:
+    """The entries whose model is the base of a kept LoRA adapter (its `model/base.json` names the
+    base's entry): an adapter kept by early cutoff may sit on the entry of an earlier key."""
+    import json
+
+    found: set[str] = set()
+    todo = [fp for fp in keep if fp]
+    while todo:
+        try:
+            base = json.loads((store.entry_path(todo.pop()) / "model" / "base.json").read_text()).get("stage")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(base, str) and base not in found and base not in keep:
+            found.add(base)
+            todo.append(base)
+    return found
 
 
 def _recipe_files(folder: Path) -> list[Path]:

@@ -26,8 +26,9 @@ from typing import Any
 
 from engine.core.hashing import sha256_file
 from engine.core.io import atomic_write_json
-from engine.core.seeds import derive
+from engine.core.seeds import Seeds, derive, row_digest
 from engine.data.rows import read_rows, write_rows
+from engine.store.memo import RowMemo, namespace, plain
 
 # Test hooks: exit abruptly (as SIGKILL would) after this many shard commits in one process; or,
 # once per marker file, in the middle of a shard (before its commit).
@@ -67,10 +68,32 @@ class ShardResult:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class Reuse:
+    """How many input rows a `map_rows` reused from the row memo, and how many it computed."""
+
+    reused: int = 0
+    computed: int = 0
+
+
 class ShardRunner:
-    def __init__(self, root: Path, fp: str, recipe_seed: int, progress, log) -> None:
+    def __init__(
+        self,
+        root: Path,
+        fp: str,
+        recipe_seed: int,
+        progress,
+        log,
+        *,
+        seeds: Seeds | None = None,
+        memo_root: Path | None = None,
+        definition: str = "",
+    ) -> None:
         self.root, self.fp, self.recipe_seed = root, fp, recipe_seed
         self.progress, self.log = progress, log
+        self.seeds, self.memo_root, self.definition = seeds, memo_root, definition
+        self.memos: set[str] = set()  # row memo namespaces this stage read or wrote (the manifest lists them)
+        self.reuse = Reuse()
         self.committed_here = 0
         self.part: tuple[int, int] | None = None  # (rank, k): do only shards with index % k == rank
         self.announce: Callable[[str], None] | None = None  # tells the user a stage resumes (the console)
@@ -182,3 +205,57 @@ class ShardRunner:
         if resumed:
             self.log.info("resumed: %d of %d shards were already committed", resumed, n_shards)
         return out_rows, stats
+
+    def map_rows(
+        self,
+        rows: list[dict],
+        fn: Callable[[Shard], list[tuple[list[dict], dict]]],
+        *,
+        shard_size: int,
+        desc: str = "rows",
+        purpose: str = "",
+        key: Callable[[dict], Any] | None = None,
+    ) -> tuple[list[dict], list[dict]]:
+        """`map` with each input row's result memoized (engine.store.memo). `fn` gets a Shard of
+        the rows still to compute and returns, for each of them in order, (its output rows, its
+        stats). Returns every output row in input order and one stats dict per input row.
+
+        A row's memo key and its random streams (`seeds.know`) come from its content (or from
+        `key(row)`, what the row's result depends on when that is not the whole row) and the
+        stage's definition; `purpose` tells apart two maps of one stage."""
+        digests = [row_digest(key(r) if key else r) for r in rows]
+        if self.seeds is not None:
+            self.seeds.know(rows, digests)
+        memo = None
+        if self.memo_root is not None and self.definition:
+            ns = namespace(self.definition, purpose)
+            self.memos.add(ns)
+            memo = RowMemo(self.memo_root, ns, self.log)
+
+        def run_shard(shard: Shard) -> ShardResult:
+            keys = digests[shard.start : shard.start + len(shard.rows)]
+            found = {i: memo.get(k) for i, k in enumerate(keys)} if memo is not None else {}
+            results = {i: r for i, r in found.items() if r is not None}
+            todo = [i for i in range(len(shard.rows)) if i not in results]
+            if todo:
+                sub = Shard(shard.index, shard.start, [shard.rows[i] for i in todo], shard.seed, shard.advance)
+                made = fn(sub)
+                if len(made) != len(todo):
+                    raise RuntimeError(f"the stage gave {len(made)} results for {len(todo)} rows")
+                fresh = {keys[i]: plain({"out": out, "stats": stats}) for i, (out, stats) in zip(todo, made)}
+                if memo is not None:
+                    memo.put(fresh)
+                results.update({i: fresh[keys[i]] for i in todo})
+            ordered = [results[i] for i in range(len(shard.rows))]
+            return ShardResult(
+                [r for res in ordered for r in res["out"]],
+                {"per_row": [res["stats"] for res in ordered], "reused": len(shard.rows) - len(todo)},
+            )
+
+        out, stats = self.map(rows, run_shard, shard_size=shard_size, desc=desc)
+        reused = sum(s.get("reused", 0) for s in stats)
+        self.reuse.reused += reused
+        self.reuse.computed += len(rows) - reused
+        if reused:
+            self.log.info("%s: %d of %d rows reused from the row memo", desc, reused, len(rows))
+        return out, [st for s in stats for st in s["per_row"]]

@@ -1,7 +1,8 @@
 """Editing any input between runs works: after one run, each kind of input is edited in turn
 (dataset file, constitution, a template named by path, a recipe-local template overriding a
 built-in, a model setting, a stage setting, the seed); `plan` and `run` exit 0, re-run exactly
-the stages that depend on the edit, and give a reason naming it."""
+the stages that depend on the edit, and give a reason naming it. A stage after one that re-runs
+is planned "pending" (its key holds that stage's output) and runs only if that output changed."""
 
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ EDITS = {  # what is edited -> (the edit, the stages that must run again, a reas
         lambda r: write_jsonl(r / "convs.jsonl", rows(4)),
         {"clean", "rev", "other"},
         "data changed: convs",
-    ),
+    ),  # rev is pending in the plan; clean's output gains a row, so it runs
     "constitution": (lambda r: edit_first_critique(r / "constitution.toml"), {"rev"}, "constitution changed: short"),
     "template by path": (
         lambda r: append(r / "prompts" / "my_critique.j2", "\nBe brief.\n"),
@@ -108,9 +109,9 @@ EDITS = {  # what is edited -> (the edit, the stages that must run again, a reas
         lambda r: (r / "recipe.toml").write_text(
             (r / "recipe.toml").read_text().replace("min_words = 1", "min_words = 2")
         ),
-        {"clean", "rev"},
+        {"clean"},
         "config: min_words 1 -> 2",
-    ),
+    ),  # every answer has 7 words: clean's output is the same, so rev (pending in the plan) stays cached
     "seed": (
         lambda r: (r / "recipe.toml").write_text((r / "recipe.toml").read_text().replace("seed = 4", "seed = 5")),
         {"clean", "rev", "other"},
@@ -131,7 +132,9 @@ def test_an_edited_input_reruns_what_depends_on_it_and_says_why(what, folder, cl
     planned = cli("plan", recipe, "--json")
     assert planned.exit_code == 0, planned.output
     plan = {s["name"]: s for s in json.loads(planned.output)["stages"]}
-    assert {n for n, s in plan.items() if s["status"] == "run"} == expected, plan
+    pending = {n for n, s in plan.items() if s["status"] == "pending"}
+    assert {n for n, s in plan.items() if s["status"] == "run"} == expected - pending, plan
+    assert all(plan[n]["reasons"] == ["runs if clean's output changes"] for n in pending), plan
     first_to_run = min(expected, key=STAGES.index)
     assert any(reason in r for r in plan[first_to_run]["reasons"]), plan[first_to_run]["reasons"]
 
@@ -140,3 +143,5 @@ def test_an_edited_input_reruns_what_depends_on_it_and_says_why(what, folder, cl
     record = json.loads((runs / "edits" / "latest" / "record.json").read_text())
     assert {n for n, s in record["stages"].items() if s["status"] == "run"} == expected
     assert {n for n, s in record["stages"].items() if s["status"] == "cached"} == set(STAGES) - expected
+    if what == "stage setting":
+        assert record["stages"]["clean"]["note"] == "clean re-ran: output unchanged, 1 stage after it kept"

@@ -41,10 +41,28 @@ def test_plan_explains_and_revert_is_a_cache_hit(project, runs):
     changed = load_recipe(project / "recipe.toml", ["stages.clean.min_words=5"])
     plan = {p.name: p for p in make_plan(changed, runs)}
     assert plan["clean"].reasons == ["config: min_words 3 -> 5"]
-    assert plan["again"].reasons == ["input changed: clean"]
-    run(changed, runs)
+    # its key holds clean's output, not known until clean has run
+    assert plan["again"].status == "pending" and plan["again"].fingerprint is None
+    assert plan["again"].reasons == ["runs if clean's output changes"]
+    rec = run(changed, runs)
     back = {p.name: p.status for p in make_plan(load_recipe(project / "recipe.toml"), runs)}
     assert back == {"clean": "cached", "again": "cached"}
+    # every row has at least 5 words: clean re-ran and committed the same rows, so `again` was kept
+    assert rec.data["stages"]["clean"]["status"] == "run"
+    assert rec.data["stages"]["clean"]["note"] == "clean re-ran: output unchanged, 1 stage after it kept"
+    assert rec.data["stages"]["again"]["status"] == "cached"
+    assert rec.data["stages"]["again"]["reasons"] == ["its inputs came out the same"]
+
+
+def test_an_output_that_changes_re_runs_what_reads_it(project, runs):
+    run(load_recipe(project / "recipe.toml"), runs)
+    write_jsonl(project / "data" / "convs.jsonl", GOOD[:30])
+    changed = load_recipe(project / "recipe.toml")
+    rec = run(changed, runs)
+    assert rec.data["stages"]["clean"]["rows_out"] == 30 and "note" not in rec.data["stages"]["clean"]
+    assert rec.data["stages"]["again"]["status"] == "run"
+    assert rec.data["stages"]["again"]["reasons"] == ["input changed: clean"]
+    assert {p.status for p in make_plan(changed, runs)} == {"cached"}
 
 
 def test_crash_between_shard_commits_then_resume_equals_uninterrupted(project, runs, tmp_path):
