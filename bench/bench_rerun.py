@@ -66,7 +66,7 @@ max_items = 6
 max_new_tokens = 8
 """
 
-CALLS: Counter = Counter()  # model name -> prompts sent
+CALLS: Counter = Counter()  # "stage:model" -> prompts sent
 
 
 def count_calls() -> None:
@@ -136,9 +136,10 @@ def rerun_section(work: Path) -> None:
     before = {r["id"]: r for r in rows_of(first, "gen")}
     after = {r["id"]: r for r in rows_of(rec, "gen")}
     same = all(after[i] == r for i, r in before.items())
+    sent = CALLS["gen:policy"]
     fresh = run(load_recipe(proj / "recipe.toml"), work / "fresh")
     print(
-        f"2. 2 prompts added to 20: gen sent {sum(CALLS.values())} prompts (2 expected, n = 2 samples each); "
+        f"2. 2 prompts added to 20: gen sent {sent} prompts to the model (2 expected, n = 2 samples each); "
         f"reused {gen.get('rows_reused')}, computed {gen.get('rows_computed')}; the 20 old prompts' rows "
         f"byte-identical: {same}; re-run equals a run from scratch: {rows_of(fresh, 'gen') == rows_of(rec, 'gen')}"
     )
@@ -148,8 +149,8 @@ def rerun_section(work: Path) -> None:
     rec = run(load_recipe(proj / "recipe.toml", ["stages.sft.lr=2e-4"]), runs)
     ev = rec.data["stages"]["eval"]
     print(
-        f"3. tuned model changed (sft lr 1e-4 -> 2e-4): eval prompts sent: base model {CALLS['policy']}, "
-        f"sft {CALLS['sft']}; eval items reused {ev.get('rows_reused')}, computed {ev.get('rows_computed')}"
+        f"3. tuned model changed (sft lr 1e-4 -> 2e-4): eval prompts sent: base model {CALLS['eval:policy']}, "
+        f"sft {CALLS['eval:sft']}; eval items reused {ev.get('rows_reused')}, computed {ev.get('rows_computed')}"
     )
 
 
@@ -186,17 +187,16 @@ def main() -> None:
     ap.add_argument("--skip-align", action="store_true")
     args = ap.parse_args()
     count_calls()
-    from engine.models import pool
+    from engine.run.context import Context
 
-    named = pool.backend
+    made = Context.backend
 
-    def backend(model, *a, **kw):  # label each backend with the model it serves, for the counts
-        b = named(model, *a, **kw)
-        inner = getattr(b, "backend", b)
-        inner.bench_name = model.name
+    def backend(self, model, batch_size=64):  # label each backend "stage:model", for the counts
+        b = made(self, model, batch_size)
+        b.bench_name = f"{self.stage}:{model.name}"
         return b
 
-    pool.backend = backend  # type: ignore[assignment]
+    Context.backend = backend  # type: ignore[method-assign]
     work = Path(tempfile.mkdtemp(prefix="bench-rerun-"))
     try:
         rerun_section(work)

@@ -194,7 +194,8 @@ def run(
                     record.stage(name, output="unchanged")
         if round_of(name):  # iterative rounds: each round's output diversity, so mode collapse shows
             record.stage(name, diversity=diversity_for(artifact_type(recipe, name), entry.path))  # type: ignore[arg-type]
-        entries[name] = entry
+        with shared:  # read by the key resolution of stages running side by side
+            entries[name] = entry
         record.link(name, entry.path)
         atomic_write_json(
             runs_dir / recipe.name / ".last" / f"{name}.json",
