@@ -17,18 +17,27 @@ What it measures, each figure with its baseline (run in this same process) and i
 - hw: device copy bandwidth (read + write bytes / s) and the bf16 matmul rate (8192^3).
 - gen: generation tokens/s of each backend installed (hf with a dynamic KV cache: the baseline, what
   the hf backend did before; hf with a static cache and compiled decode; vllm when importable) for
-  one prompt and batches of 16, 64 and 256 prompts. Bound: a decode step reads every weight once, so
-  tokens/s <= batch x bandwidth / weight bytes, and <= matmul rate / (2 x parameters).
+  one prompt and batches of 16, 64 and 256 prompts. Bound: a decode step reads every weight once and
+  every row's KV cache so far (about prompt + new / 2 tokens of it), so tokens/s <= batch x bandwidth
+  / (weight bytes + batch x KV bytes per step), and <= matmul rate / (2 x parameters).
 - sft / dpo: the engine's stage against a plain TRL script on the same job (bench/bench_sft.py's
   job for sft; the same pairs, steps and batch for dpo): wall-time ratio, training tokens/s and
-  model-FLOPs utilisation (6 x parameters x tokens/s over the measured matmul rate).
+  model-FLOPs utilisation: (6 x parameters, + 2 when gradient checkpointing recomputes the forward,
+  + 2 for DPO's reference forward) x tokens/s over the measured matmul rate.
 - flagship: per-stage wall time of `recipe run recipes/caI_multiturn.toml` on builtin:tiny-chat
   here against the same run pinned to 2 CPU cores with no GPU (taskset, CUDA_VISIBLE_DEVICES=""),
   then on the 1.7B-shaped model with whatever time is left (stages not reached are reported so).
 
-Parts run in that order and stop when `--budget-s` is spent (the rest are printed as skipped).
-The output is one table (figure, value, baseline, x baseline, bound, x bound), then one JSON line,
-also written to `--out`/gpu.json.
+Order: the headline numbers come first, so a run stopped early still has them: hw, then hf dynamic
+vs static generation at the largest batch (256 x 256 tokens at 1.7B bf16), then sft vs plain TRL,
+then the other batches and vllm, dpo, the flagship. Every part checks `--budget-s` before each
+timed piece, and a piece not reached is reported as skipped (no value, so no ratio).
+`--out`/gpu.json is rewritten after every figure: a run stopped at the limit keeps what it measured.
+The output is one table (figure, value, baseline, x baseline, bound, x bound), then one JSON line.
+
+At start the bench checks the modules it needs beyond torch, transformers, peft and accelerate
+(`NEEDS`; bench/gpu_prepare.sh carries their wheels) and says what is missing; the parts that need
+a missing module are skipped with the reason, instead of crashing midway.
 """
 
 from __future__ import annotations
@@ -95,9 +104,45 @@ TOPICS = [
 ]
 
 
+# What the bench imports beyond torch, transformers, peft and accelerate (import name -> the parts that
+# need it); bench/gpu_prepare.sh downloads a wheel for each (and for their own dependencies).
+NEEDS: dict[str, tuple[str, ...]] = {
+    "trl": ("sft", "dpo", "flagship"),
+    "datasets": ("sft", "dpo", "flagship"),
+    "pydantic": ("sft", "dpo", "flagship"),
+    "pydantic_core": ("sft", "dpo", "flagship"),
+    "annotated_types": ("sft", "dpo", "flagship"),
+    "typing_inspection": ("sft", "dpo", "flagship"),
+    "dill": ("sft", "dpo", "flagship"),
+    "multiprocess": ("sft", "dpo", "flagship"),
+    "pandas": ("sft", "dpo", "flagship"),
+    "xxhash": ("sft", "dpo", "flagship"),
+    "click": ("flagship",),
+    "rich": ("sft", "dpo", "flagship"),
+    "matplotlib": ("sft", "dpo", "flagship"),
+    "jinja2": ("gen", "sft", "dpo", "flagship"),
+    "filelock": ("sft", "dpo", "flagship"),
+    "pyarrow": ("sft", "dpo", "flagship"),
+}
+
+
+def missing_modules() -> dict[str, list[str]]:
+    """Part -> the modules it needs that are not importable here."""
+    import importlib.util
+
+    out: dict[str, list[str]] = {}
+    for module, parts in NEEDS.items():
+        if importlib.util.find_spec(module) is None:
+            for part in parts:
+                out.setdefault(part, []).append(module)
+    return out
+
+
 class Table:
-    def __init__(self) -> None:
+    def __init__(self, path: Path | None = None) -> None:
         self.rows: list[dict] = []
+        self.path = path  # gpu.json, rewritten after every figure
+        self.extra: dict = {}  # the parts' raw results, saved with the rows
 
     def add(
         self,
@@ -121,6 +166,15 @@ class Table:
             }
         )
         print(f"  {figure}: {_num(value)} {unit}" + (f"  ({note})" if note else ""), flush=True)
+        self.save()
+
+    def save(self) -> None:
+        """gpu.json as it stands: whatever stops the run later, what was measured is kept."""
+        if self.path is not None:
+            payload = {"table": self.rows, **self.extra}
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(payload, indent=1, default=str))
+            os.replace(tmp, self.path)
 
     def print(self) -> None:
         head = f"{'figure':44} {'value':>12} {'unit':10} {'baseline':>10} {'x base':>7} {'bound':>10} {'x bound':>7}"
@@ -229,49 +283,86 @@ def prompts(n: int) -> list[list[dict]]:
 # --------------------------------------------------------------------------- generation
 
 
+def model_sizes(model) -> dict:
+    """What the bounds need of a model: parameters, weight bytes, KV-cache bytes per token."""
+    cfg = model.config
+    elem = next(model.parameters()).element_size()
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "kv_per_token": 2 * cfg.num_hidden_layers * heads * (cfg.hidden_size // cfg.num_attention_heads) * elem,
+    }
+
+
+def decode_bound(sizes: dict, hw: dict, batch: int, context: float) -> float | None:
+    """tokens/s a decode step cannot beat: it reads every weight once and each row's KV cache so far
+    (`context` tokens on average), and does 2 x parameters FLOPs per token."""
+    if not hw.get("bandwidth") or not hw.get("flops"):
+        return None
+    step_bytes = sizes["weight_bytes"] + batch * context * sizes["kv_per_token"]
+    return min(batch * hw["bandwidth"] / step_bytes, hw["flops"] / (2 * sizes["params"]))
+
+
 def generation(
-    model, tok, model_dir: Path, hw: dict, table: Table, batches: list[int], new: int, device: str, deadline: float
+    model,
+    tok,
+    hw: dict,
+    table: Table,
+    batches: list[int],
+    new: int,
+    device: str,
+    deadline: float,
+    kinds: tuple[str, ...] = ("dynamic", "static"),
 ) -> dict:
+    """hf generation tokens/s per (kind, batch): every row forced to `new` tokens (min_new_tokens)."""
     from engine.models.backends import SamplingParams
     from engine.models.backends.hf import HFBackend
 
-    params_n = sum(p.numel() for p in model.parameters())
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    model.generation_config.min_new_tokens = new  # forced length: like for like everywhere
-    sampling = SamplingParams(temperature=1.0, max_new_tokens=new)
-    results: dict = {}
-    for kind in ("dynamic", "static"):
-        for b in batches:
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=new, min_new_tokens=new)
+    results = table.extra.setdefault("gen", {})
+    for b in batches:
+        for kind in kinds:
             if time.time() > deadline:
                 table.add(f"generate hf-{kind} batch {b}", None, "tokens/s", note="skipped (budget)")
                 continue
             backend = HFBackend(model, tok, batch_size=b, kv_cache=kind)
             ps = prompts(b)
+            context = sum(len(ids) for ids in backend._encode(ps)) / b + new / 2
             first = timed(lambda: backend.generate(ps, sampling, 0), device)  # compiles, for static on CUDA
             t = timed(lambda: backend.generate(ps, sampling, 1), device)
             rate = b * new / t
-            results[(kind, b)] = rate
-            bound = min(b * hw["bandwidth"] / weight_bytes, hw["flops"] / (2 * params_n))
+            results[f"{kind}/{b}"] = rate
             table.add(
                 f"generate hf-{kind} batch {b}",
                 rate,
                 "tokens/s",
-                baseline=results.get(("dynamic", b)),
-                bound=bound,
+                baseline=results.get(f"dynamic/{b}"),
+                bound=decode_bound(model_sizes(model), hw, b, context),
                 note=f"first call {first:.1f} s",
             )
+    return results
+
+
+def generation_vllm(
+    sizes: dict, model_dir: Path, hw: dict, table: Table, batches: list[int], new: int, device, deadline
+):
+    results = table.extra.setdefault("gen", {})
     try:
         import vllm  # noqa: F401
     except ImportError:
         table.add("generate vllm", None, "tokens/s", note="vllm not importable here")
-        return results
+        return
     if time.time() > deadline:
         table.add("generate vllm", None, "tokens/s", note="skipped (budget)")
-        return results
+        return
     from engine.models.backends.vllm import VLLMBackend
 
     backend = VLLMBackend({"model": str(model_dir), "dtype": "auto"})
     for b in batches:
+        if time.time() > deadline:
+            table.add(f"generate vllm batch {b}", None, "tokens/s", note="skipped (budget)")
+            continue
         ps = prompts(b)
         sps = [
             backend._vllm.SamplingParams(temperature=1.0, max_tokens=new, min_tokens=new, ignore_eos=True, seed=i)
@@ -280,11 +371,15 @@ def generation(
         backend.llm.chat(ps, sampling_params=sps, use_tqdm=False)
         t = timed(lambda: backend.llm.chat(ps, sampling_params=sps, use_tqdm=False), device)
         rate = b * new / t
-        results[("vllm", b)] = rate
-        bound = min(b * hw["bandwidth"] / weight_bytes, hw["flops"] / (2 * params_n))
-        table.add(f"generate vllm batch {b}", rate, "tokens/s", baseline=results.get(("dynamic", b)), bound=bound)
+        results[f"vllm/{b}"] = rate
+        table.add(
+            f"generate vllm batch {b}",
+            rate,
+            "tokens/s",
+            baseline=results.get(f"dynamic/{b}"),
+            bound=decode_bound(sizes, hw, b, 40 + new / 2),
+        )
     backend.close()
-    return results
 
 
 # --------------------------------------------------------------------------- training
@@ -379,6 +474,18 @@ def dpo_script(rows: list[dict], model_dir: str, out: Path, steps: int, batch: i
     return time.perf_counter() - t
 
 
+def train_flops_per_token(params_n: int, part: str) -> float:
+    """Model FLOPs per trained token: 6 x parameters (forward and backward), + 2 x parameters when
+    gradient checkpointing recomputes the forward (TRL's configs turn it on by default), + 2 x
+    parameters for DPO's reference forward (this bench's DPO is a full fine-tune with a frozen copy)."""
+    from trl import DPOConfig, SFTConfig
+
+    config = SFTConfig if part == "sft" else DPOConfig
+    field = config.__dataclass_fields__.get("gradient_checkpointing")
+    recompute = bool(field is not None and field.default)
+    return params_n * (6 + (2 if recompute else 0) + (2 if part == "dpo" else 0))
+
+
 def training(
     model_dir: Path,
     params_n: int,
@@ -401,16 +508,26 @@ def training(
     prs = pairs(32 if smoke else 64)
     (dproj / "data" / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prs))
     for part in which:
+        run_engine = (
+            (lambda n: bench_sft.engine_run(proj, work / "runs", str(model_dir), n))
+            if part == "sft"
+            else (lambda n: dpo_engine(dproj, work / "runs", str(model_dir), n, 4))
+        )
         if time.time() > deadline:
-            table.add(f"{part}: engine / plain TRL wall", None, "ratio", note="skipped (budget)")
+            table.add(f"{part}: engine stage wall ({steps} steps)", None, "s", note="skipped (budget)")
+            continue
+        run_engine(2)  # warm-up: imports, allocator
+        if time.time() > deadline:
+            table.add(f"{part}: engine stage wall ({steps} steps)", None, "s", note="skipped (budget, after warm-up)")
+            continue
+        wall, report = run_engine(steps)
+        table.add(f"{part}: engine stage wall alone ({steps} steps)", wall, "s")
+        if time.time() > deadline:
+            table.add(f"{part}: engine stage wall ({steps} steps)", None, "s", note="script skipped (budget)")
             continue
         if part == "sft":
-            bench_sft.engine_run(proj, work / "runs", str(model_dir), 2)  # warm-up: imports, allocator
-            wall, report = bench_sft.engine_run(proj, work / "runs", str(model_dir), steps)
             script = bench_sft.trl_run(rows, str(model_dir), work / "trl-sft", steps)
         else:
-            dpo_engine(dproj, work / "runs", str(model_dir), 2, 4)
-            wall, report = dpo_engine(dproj, work / "runs", str(model_dir), steps, 4)
             script = dpo_script(prs, str(model_dir), work / "trl-dpo", steps, 4)
         table.add(
             f"{part}: engine stage wall ({steps} steps)",
@@ -424,12 +541,13 @@ def training(
         seen, secs = report.get("tokens_seen"), report.get("train_seconds")
         if seen and secs:
             rate = seen / secs
+            per_token = train_flops_per_token(params_n, part)
             table.add(
                 f"{part}: training tokens/s",
                 rate,
                 "tokens/s",
-                bound=hw["flops"] / (6 * params_n),
-                note=f"MFU {6 * params_n * rate / hw['flops']:.1%} (x bound)",
+                bound=hw["flops"] / per_token,
+                note=f"MFU {per_token * rate / hw['flops']:.1%} (x bound; {per_token / params_n:.0f} x params FLOPs/token)",
             )
 
 
@@ -503,7 +621,7 @@ def default_tokenizer() -> Path:
     return builtin_dir("smollm2-135m", ROOT / ".cache")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="toy sizes, to rehearse every code path on a CPU")
     ap.add_argument("--tokenizer", type=Path, default=None)
@@ -513,7 +631,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None, help="training steps per timed run")
     ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     start = time.time()
     deadline = start + args.budget_s
     parts = args.parts.split(",")
@@ -531,15 +649,27 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     out_dir = args.out or work
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = Table()
+    table = Table(out_dir / "gpu.json")
     print(
         f"device: {torch.cuda.get_device_name(0) if device == 'cuda' else 'cpu'}; torch {torch.__version__}; "
         f"model shape {shape}; work dir {work}",
         flush=True,
     )
+    missing = missing_modules()
+    table.extra["missing"] = {p: m for p, m in missing.items() if p in parts}
+    for part in parts:
+        if missing.get(part):
+            print(
+                f"part {part} is skipped: {', '.join(missing[part])} not importable (bench/gpu_prepare.sh)", flush=True
+            )
+    ready = [p for p in parts if not missing.get(p)]
+    for part in parts:
+        if part not in ready:
+            table.add(f"{part}", None, "-", note=f"skipped: missing {', '.join(missing[part])}")
 
-    hw = hardware(device, args.smoke) if "hw" in parts else {"bandwidth": None, "flops": None}
-    if "hw" in parts:
+    hw = hardware(device, args.smoke) if "hw" in ready else {"bandwidth": None, "flops": None}
+    table.extra["hw"] = hw
+    if "hw" in ready:
         table.add("copy bandwidth (read + write)", hw["bandwidth"] / 1e9, "GB/s")
         table.add(
             "matmul rate (bf16 8192^3)" if device == "cuda" else "matmul rate (fp32)", hw["flops"] / 1e12, "TFLOP/s"
@@ -548,35 +678,50 @@ def main() -> None:
     t = time.perf_counter()
     model, tok = build_model(shape, args.tokenizer or default_tokenizer(), model_dir, device)
     params_n = sum(p.numel() for p in model.parameters())
+    table.extra["params"] = params_n
     table.add(f"model built ({shape})", params_n / 1e9, "B params", note=f"{time.perf_counter() - t:.1f} s")
-    results = {"hw": hw, "params": params_n}
-    if "gen" in parts and hw["bandwidth"]:
-        gen = generation(model, tok, model_dir, hw, table, batches, new, device, deadline)
-        results["gen"] = {f"{k}/{b}": v for (k, b), v in gen.items()}
-        best = max(gen.values()) if gen else None
+    gen_on = "gen" in ready and hw["bandwidth"]
+    headline, rest = [max(batches)], [b for b in batches if b != max(batches)]
+    if gen_on:  # the headline first: hf dynamic vs static at the largest batch
+        generation(model, tok, hw, table, headline, new, device, deadline)
+    train_parts = [p for p in ("sft", "dpo") if p in ready] if hw["flops"] else []
+    if "sft" in train_parts:
+        _free(device)
+        training(model_dir, params_n, hw, table, work, steps, args.smoke, ["sft"], deadline)
+    if gen_on:
+        generation(model, tok, hw, table, rest, new, device, deadline)
+        gen = table.extra.get("gen", {})
         table.add(
-            f"best generation ({max(batches)} prompts x {new} tokens)",
-            best,
+            f"best hf generation ({max(batches)} prompts x {new} tokens)",
+            max((v for k, v in gen.items() if k.endswith(f"/{max(batches)}")), default=None),
             "tokens/s",
             note="target >= 10,000 on one H200",
         )
+    sizes = model_sizes(model)
     del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    train_parts = [p for p in ("sft", "dpo") if p in parts]
-    if train_parts and hw["flops"]:
-        training(model_dir, params_n, hw, table, work, steps, args.smoke, train_parts, deadline)
-    if "flagship" in parts:
-        results["flagship"] = flagships(table, work, model_dir, deadline, args.smoke)
-    results["elapsed_s"] = time.time() - start
+    _free(device)
+    if gen_on:
+        generation_vllm(sizes, model_dir, hw, table, batches, new, device, deadline)
+    if "dpo" in train_parts:
+        training(model_dir, params_n, hw, table, work, steps, args.smoke, ["dpo"], deadline)
+    if "flagship" in ready:
+        table.extra["flagship"] = flagships(table, work, model_dir, deadline, args.smoke)
+    table.extra["elapsed_s"] = time.time() - start
     table.print()
-    payload = {
-        "table": table.rows,
-        **{k: v for k, v in results.items() if k != "flagship"},
-        "flagship": results.get("flagship"),
-    }
-    (out_dir / "gpu.json").write_text(json.dumps(payload, indent=1, default=str))
+    table.save()
+    payload = {"table": table.rows, **table.extra}
     print(json.dumps(payload, default=str))
+    return payload
+
+
+def _free(device: str) -> None:
+    import gc
+
+    gc.collect()
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

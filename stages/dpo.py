@@ -41,8 +41,8 @@ from engine.lib.trainer import (
     length_line,
     plot_loss,
     plot_rewards,
-    quiet,
     save_model,
+    settle,
     step_callback,
     step_metrics,
     trainer_args,
@@ -313,7 +313,7 @@ def run(config: Config, inputs: dict, ctx) -> None:
     rows, mix, batch = training_rows(config, inputs, ctx, "preference pairs")
 
     model_art = inputs["model"]
-    model, tok = load_weights(ctx, model_art, "model")
+    model, tok = load_weights(ctx, model_art, "model", full=config.lora is None)
     check_lora_targets(model, config.lora, ctx)
 
     pairs, lengths = fit_pairs(rows, tok, config)
@@ -347,7 +347,7 @@ def run(config: Config, inputs: dict, ctx) -> None:
     trainer = _trainer(
         config, model, ref, tok, data, trainer_args(config, ctx, batch, ckpt_dir, model), [step_callback(ctx, timing)]
     )
-    quiet(trainer)
+    settle(trainer, ctx.log)
 
     last = last_checkpoint(ckpt_dir, ctx)
     started = time.perf_counter()

@@ -40,8 +40,8 @@ from engine.lib.trainer import (
     length_line,
     mask_check,
     plot_loss,
-    quiet,
     save_model,
+    settle,
     step_callback,
     step_metrics,
     trainer_args,
@@ -202,7 +202,7 @@ def run(config: Config, inputs: dict, ctx) -> None:
 
     rows, mix, batch = training_rows(config, inputs, ctx, "conversations")
 
-    model, tok = load_weights(ctx, inputs["model"], "model")
+    model, tok = load_weights(ctx, inputs["model"], "model", full=config.lora is None)
     method = prepare_masking(tok, ctx, inputs["model"].name)
     check_lora_targets(model, config.lora, ctx)
 
@@ -264,7 +264,7 @@ def run(config: Config, inputs: dict, ctx) -> None:
         peft_config=lora_config(config.lora),
         callbacks=[step_callback(ctx, timing)],
     )
-    quiet(trainer)
+    settle(trainer, ctx.log)
 
     mask_check(trainer, tok, kept, by_ids, batch.per_device, config.packing, ctx)
 

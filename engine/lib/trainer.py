@@ -7,6 +7,7 @@ and the loss and reward curves.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import time
@@ -112,11 +113,21 @@ def step_callback(ctx, timing: dict[int, float]):
     return Steps()
 
 
-def quiet(trainer) -> None:
-    """Drop transformers' PrinterCallback (a dict per step on stdout): the stage log has the steps."""
+def settle(trainer, log=None) -> None:
+    """What every training stage does to its trainer before training. transformers' PrinterCallback
+    (a dict per step on stdout) goes: the stage log has the steps. And training in one process uses
+    one device: on a node with several GPUs the Trainer would wrap the model in DataParallel and
+    silently multiply the global batch by the GPU count; several devices are `[resources]
+    processes`, one per device, under accelerate."""
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)
+    args = trainer.args
+    if args.n_gpu > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        if log is not None:
+            log.info("%d GPUs visible: training on %s only (processes = N trains on N)", args.n_gpu, args.device)
+        args._n_gpu = 1
+        trainer._train_batch_size = args.train_batch_size
 
 
 def save_model(trainer, tok, ctx, model_input, lora: Lora | None, merge: bool) -> Path:

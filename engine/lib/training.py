@@ -41,9 +41,12 @@ def user_error(ctx, key: str, message: str, hint: str | None = None) -> RecipeEr
     )
 
 
-def load_weights(ctx, art, key: str):
+def load_weights(ctx, art, key: str, full: bool = False):
     """(model, tokenizer) with local weights to train or to use as a reference: a LoRA adapter
-    (a [models] adapter or a stage-made one) is merged into its base. `key` names the config field."""
+    (a [models] adapter or a stage-made one) is merged into its base. `key` names the config field.
+    `full`: a full fine-tune, which trains float32 weights under bf16 autocast on CUDA (TRL's own
+    default): AdamW on pure bf16 weights loses small updates (10 steps at lr 5e-6 changed 7.6% of
+    bf16 weights against all of them in float32). A LoRA base stays in its dtype."""
     if art.spec is not None and not BACKENDS[art.spec.backend].weights_here:
         raise user_error(
             ctx,
@@ -51,7 +54,11 @@ def load_weights(ctx, art, key: str):
             f"model '{art.name}' uses the {art.spec.backend} backend; training needs local weights.",
             hint='Point it at a [models] table with backend = "hf".',
         )
-    return ctx.load_model(art, merge_adapter=True)
+    model, tok = ctx.load_model(art, merge_adapter=True, full_precision=full)
+    first = next(model.parameters(), None)
+    if full and first is not None and first.device.type == "cuda":
+        ctx.log.info("full fine-tune: float32 weights (the optimizer's master copy), bf16 autocast for compute")
+    return model, tok
 
 
 # --------------------------------------------------------------------------- batch

@@ -23,6 +23,7 @@ torch, transformers and peft are imported inside functions only.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,15 +51,19 @@ def load_model(
     *,
     merge_adapter: bool = False,
     device: str | None = None,
+    full_precision: bool = False,
 ) -> tuple[Any, Any]:
     """(model, tokenizer) for a model reference, loaded straight onto `device` (default: the spec's
-    first device) in its dtype; a model without a chat template is a RecipeError."""
+    device for this process, `rank_device`) in its dtype; a model without a chat template is a
+    RecipeError. `full_precision`: float32 weights where the dtype is "auto" (a full fine-tune keeps
+    a float32 master copy and trains under bf16 autocast; pure bf16 AdamW updates vanish)."""
     if device is None:
-        device = model.spec.device.split(",")[0].strip() if model.spec is not None else "auto"
+        device = rank_device(model.spec.device) if model.spec is not None else "auto"
+    dtype = "float32" if full_precision and (model.spec is None or model.spec.dtype == "auto") else None
     if model.spec is None:  # a model made by an upstream stage
-        m, tok = _load_dir(Path(model.path) / "model", cache_root, log, merge_adapter, device)  # type: ignore[arg-type]
+        m, tok = _load_dir(Path(model.path) / "model", cache_root, log, merge_adapter, device, dtype)  # type: ignore[arg-type]
     else:
-        m, tok = _load_spec(model.name, model.spec, recipe, cache_root, log, merge_adapter, device)
+        m, tok = _load_spec(model.name, model.spec, recipe, cache_root, log, merge_adapter, device, dtype)
     first = next(m.parameters(), None)
     if first is not None:
         log.info("model '%s' is on %s in %s", model.name, first.device, str(first.dtype).replace("torch.", ""))
@@ -71,17 +76,34 @@ def load_model(
     return m, tok
 
 
-def _load_dir(path: Path, cache_root: Path | None, log: logging.Logger, merge_adapter: bool, device: str = "auto"):
+def rank_device(spec_device: str) -> str:
+    """The device of this process from a spec's `device` ("cuda:0,cuda:1"): under `accelerate
+    launch` rank LOCAL_RANK takes the LOCAL_RANK-th listed device (every rank on the first would
+    crash the Trainer moving inputs); otherwise the first."""
+    devices = [d.strip() for d in spec_device.split(",") if d.strip()] or ["auto"]
+    if len(devices) > 1 and "LOCAL_RANK" in os.environ:
+        return devices[int(os.environ["LOCAL_RANK"]) % len(devices)]
+    return devices[0]
+
+
+def _load_dir(
+    path: Path,
+    cache_root: Path | None,
+    log: logging.Logger,
+    merge_adapter: bool,
+    device: str = "auto",
+    dtype: str | None = None,
+):
     from engine.models.weights import load_model as load_weights
     from engine.models.weights import prepare_tokenizer
 
     if not (path / "adapter_config.json").is_file():
-        return load_weights(str(path), cache_root=cache_root, device=device)  # type: ignore[arg-type]
+        return load_weights(str(path), cache_root=cache_root, device=device, dtype=dtype or "auto")  # type: ignore[arg-type]
     base = adapter_base(path, cache_root)
     if base.spec is not None:
-        m, _ = _load_spec(base.name, base.spec, None, cache_root, log, True, device)
+        m, _ = _load_spec(base.name, base.spec, None, cache_root, log, True, device, dtype)
     else:
-        m, _ = _load_dir(base.folder, cache_root, log, True, device)  # type: ignore[arg-type]
+        m, _ = _load_dir(base.folder, cache_root, log, True, device, dtype)  # type: ignore[arg-type]
     from peft import PeftModel
     from transformers import AutoTokenizer
 
@@ -102,13 +124,14 @@ def _load_spec(
     log: logging.Logger,
     merge_adapter: bool,
     device: str = "auto",
+    dtype: str | None = None,
 ):
     from engine.core.hashing import is_file
     from engine.models.weights import load_model as load_weights
 
     m, tok = load_weights(
         spec.path,
-        dtype=spec.dtype,
+        dtype=dtype or spec.dtype,
         device=device,
         revision=spec.revision,
         trust_remote_code=spec.trust_remote_code,
@@ -181,8 +204,23 @@ def backend(
         small = is_small(spec.path if spec else str(Path(model.path) / "model"), cache_root)  # type: ignore[arg-type]
         return devices(spec.device if spec else "auto", small)
 
+    def release_idle() -> None:
+        if pool is not None:
+            pool.release_idle(log)
+
     return backend_module(kind).build(
-        BuildRequest(model, recipe, cache_root, log, Path(partial_dir), batch_size, resources, replica_devices, load)
+        BuildRequest(
+            model,
+            recipe,
+            cache_root,
+            log,
+            Path(partial_dir),
+            batch_size,
+            resources,
+            replica_devices,
+            load,
+            release_idle,
+        )
     )
 
 
@@ -253,6 +291,12 @@ class ModelPool:
         state, activations): release idle models on any device short of that."""
         for device in {k[-1] for k in self.entries}:
             self.make_room(device, self.TRAINING, log)
+
+    def release_idle(self, log: logging.Logger | None = None) -> None:
+        """Release every model no backend is using now (an engine that reserves most of a GPU, vLLM,
+        is about to start)."""
+        for key in [k for k, e in self.entries.items() if e.users == 0]:
+            self._drop(key, log, "a vllm engine needs the memory")
 
     def clear(self) -> None:
         for key in list(self.entries):

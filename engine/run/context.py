@@ -112,9 +112,11 @@ class Context:
         """How to load `model` again later (engine.models.pool.describe_model)."""
         return loading.describe_model(model)
 
-    def load_model(self, model: Artifact, *, merge_adapter: bool = False):
+    def load_model(self, model: Artifact, *, merge_adapter: bool = False, full_precision: bool = False):
         """(model, tokenizer) for a model reference (engine.models.pool.load_model)."""
-        return loading.load_model(model, self.recipe, self.cache_root, self.log, merge_adapter=merge_adapter)
+        return loading.load_model(
+            model, self.recipe, self.cache_root, self.log, merge_adapter=merge_adapter, full_precision=full_precision
+        )
 
     def backend(self, model: Artifact, batch_size: int = 64):
         """A generation backend for a model reference; call `.close()` when done (engine.models.pool.backend)."""

@@ -250,3 +250,71 @@ def test_training_modules_and_validation_stay_light(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------- devices and precision
+
+
+def test_each_accelerate_rank_trains_on_its_listed_device(monkeypatch):
+    from engine.models.pool import rank_device
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert rank_device("cuda:0, cuda:1") == "cuda:0" and rank_device("auto") == "auto"
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert rank_device("cuda:0,cuda:1") == "cuda:1"  # not every rank on cuda:0
+    assert rank_device("cuda:2") == "cuda:2"
+
+
+def test_in_process_training_uses_one_device_whatever_the_gpu_count(monkeypatch):
+    import types
+
+    from engine.lib.trainer import settle
+
+    class Args:
+        per_device_train_batch_size, device = 4, "cuda:0"
+
+        def __init__(self, n: int) -> None:
+            self._n_gpu = n
+
+        @property
+        def n_gpu(self) -> int:
+            return self._n_gpu
+
+        @property
+        def train_batch_size(self) -> int:  # as transformers computes it: DataParallel multiplies it
+            return self.per_device_train_batch_size * max(1, self._n_gpu)
+
+    def trainer(n: int):
+        args = Args(n)
+        return types.SimpleNamespace(args=args, _train_batch_size=args.train_batch_size, remove_callback=lambda c: None)
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    t = trainer(2)
+    settle(t)
+    assert (t.args.n_gpu, t._train_batch_size) == (1, 4)  # no DataParallel, the global batch as configured
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under accelerate each process already has one device
+    t = trainer(1)
+    settle(t)
+    assert (t.args.n_gpu, t._train_batch_size) == (1, 4)
+
+
+def test_a_full_fine_tune_loads_float32_weights_and_lora_keeps_the_dtype(monkeypatch, tmp_path):
+    import logging
+
+    from engine.models import pool
+    from engine.spec.artifact import Artifact
+    from engine.spec.recipe import ModelSpec
+
+    asked = []
+
+    def fake(path, *, dtype="auto", **kw):
+        asked.append(dtype)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr("engine.models.weights.load_model", fake)
+    log = logging.getLogger("t")
+    for spec_dtype, full in (("auto", True), ("auto", False), ("bfloat16", True)):
+        art = Artifact("m", "model", "models", spec=ModelSpec(path="builtin:tiny-chat", dtype=spec_dtype))
+        with pytest.raises(RuntimeError, match="stop here"):
+            pool.load_model(art, None, tmp_path, log, merge_adapter=True, full_precision=full)  # type: ignore[arg-type]
+    assert asked == ["float32", "auto", "bfloat16"]  # an explicit dtype is the user's choice

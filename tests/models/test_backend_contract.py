@@ -47,7 +47,7 @@ def _hf(cache, **kw):
 
     device = kw.pop("device", "cpu")
     model, tok = load_model(MODEL, cache_root=cache, device=device, dtype="float32")
-    return HFBackend(model, tok, batch_size=3, **kw)
+    return HFBackend(model, tok, batch_size=kw.pop("batch_size", 6), **kw)  # 6 rows: two prompts of n = 3 mix
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,10 @@ def test_seeds_reproduce_and_differ(backend):
     assert all(len(set(x)) > 1 for x in a)  # n samples of one prompt are different draws
 
 
-def test_a_prompt_is_answered_the_same_whatever_its_neighbours(backend):
+def test_a_prompt_is_answered_the_same_whatever_its_neighbours_on_cpu_float32(backend):
+    # batches of 6 rows hold two prompts of n = 3: the prompt is padded beside another one in one
+    # call and alone in the next. Byte identity across batch shapes holds on the CPU in float32; on
+    # GPUs in bf16 the batch's shape can change the last bits of the logits, and it is not promised
     _kind, b = backend
     together = b.generate(PROMPTS, SAMPLED, SEEDS)
     alone = b.generate([PROMPTS[2]], SAMPLED, [SEEDS[2]])

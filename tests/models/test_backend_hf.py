@@ -152,3 +152,76 @@ def test_a_prompt_longer_than_the_context_is_a_clear_error(backend):
     long = [[{"role": "user", "content": "tide " * 900}]]  # 4500 byte tokens; the context is 4096
     with pytest.raises(RecipeError, match=r"a prompt of \d+ tokens .* exceeds the model's context of 4096 tokens"):
         backend.generate(long, SamplingParams(max_new_tokens=8), seed=0)
+
+
+def test_a_models_shipped_generation_config_does_not_reach_generation(tmp_path_factory):
+    # a model may ship repetition_penalty, top_k, temperature (Qwen2.5-Instruct ships 1.05): transformers
+    # would fill them into every call; the recipe's settings alone decide, as with vllm and openai
+    model, tok = load_model("builtin:tiny-chat", cache_root=tmp_path_factory.mktemp("cache"))
+    b = HFBackend(model, tok, batch_size=4)
+    greedy, sampled = SamplingParams(temperature=0.0, max_new_tokens=16), SamplingParams(n=2, max_new_tokens=12)
+    plain = [b.generate(PROMPTS, p, seed=3) for p in (greedy, sampled)]
+    shipped = model.generation_config
+    shipped.update(repetition_penalty=3.0, no_repeat_ngram_size=1, top_k=2, temperature=0.3, do_sample=True)
+    again = [b.generate(PROMPTS, p, seed=3) for p in (greedy, sampled)]
+    assert [[[c.text for c in x] for x in out] for out in again] == [
+        [[c.text for c in x] for x in out] for out in plain
+    ]
+    assert model.generation_config is shipped and shipped.repetition_penalty == 3.0  # given back as it was
+
+
+def test_a_short_static_batch_after_a_long_one_uses_the_short_bucket(tmp_path_factory):
+    model, tok = load_model("builtin:tiny-chat", cache_root=tmp_path_factory.mktemp("cache"))
+    b = HFBackend(model, tok, batch_size=4, kv_cache="static")
+    params = SamplingParams(temperature=0.0, max_new_tokens=8)
+    long = [[{"role": "user", "content": " ".join(["tide"] * 60)}]]
+    b.generate(long, params, seed=0)
+    size = -(-(len(b._encode(long)[0]) + 8) // 256) * 256
+    assert size > 256 and list(b._caches)[-1] == (1, size)
+    short = b.generate(PROMPTS[:1], params, seed=0)
+    key = list(b._caches)[-1]
+    assert key[1] == 256  # transformers alone would keep the 512-slot cache for every later call
+    cache = b._caches[key]
+    assert b.generate(PROMPTS[:1], params, seed=0) == short and b._caches[key] is cache  # reset and reused
+    dynamic = HFBackend(model, tok, batch_size=4, kv_cache="dynamic")
+    assert dynamic.generate(PROMPTS[:1], params, seed=0) == short
+
+
+def test_each_replica_keeps_its_own_thread(tmp_path_factory):
+    import threading
+
+    from engine.models.backends.replicas import Replicas
+
+    cache = tmp_path_factory.mktemp("cache")
+    reps = [HFBackend(*load_model("builtin:tiny-chat", cache_root=cache), batch_size=2) for _ in range(2)]
+    seen: dict[int, set[str]] = {0: set(), 1: set()}
+    for i, rep in enumerate(reps):
+        real = rep.generate
+
+        def spy(*args, _i=i, _real=real, **kw):
+            seen[_i].add(threading.current_thread().name)
+            return _real(*args, **kw)
+
+        rep.generate = spy  # type: ignore[method-assign]
+    both = Replicas(reps)
+    for _ in range(3):
+        both.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=4), seed=0)
+    both.close()
+    assert all(len(names) == 1 for names in seen.values()) and seen[0] != seen[1]
+
+
+def test_option_logprobs_match_a_full_log_softmax(backend):
+    import torch
+
+    options = ["A", "B"]
+    got = backend.option_logprobs(PROMPTS, "Verdict: ", options)
+    tok = backend.tokenizer
+    pre = tok.encode("Verdict: ", add_special_tokens=False)
+    for prompt, row in zip(PROMPTS, got):
+        head = backend._encode([prompt])[0] + pre
+        for option, value in zip(options, row):
+            tail = tok.encode("Verdict: " + option, add_special_tokens=False)[len(pre) :]
+            with torch.inference_mode():
+                logps = torch.log_softmax(backend.model(torch.tensor([head + tail])).logits.float(), -1)[0]
+            expected = float(sum(logps[len(head) + j - 1, t] for j, t in enumerate(tail)))
+            assert value == pytest.approx(expected, abs=1e-4)

@@ -214,22 +214,28 @@ def test_vllm_backend_maps_the_contract_onto_vllm(monkeypatch, tmp_path):
     prompts = [[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]]
     out = b.generate(prompts, SamplingParams(n=2, temperature=0.5, top_k=0, max_new_tokens=9, stop=("x",)), seed=7)
     ((sent, kw),) = fake.chat_calls
-    assert sent == prompts and kw["chat_template"] == "{{ x }}" and kw["lora_request"].args[2] == str(adapter)
-    assert [sp.kw["seed"] for sp in kw["sampling_params"]] == [7, 8]
+    # one request per sample, each seeded by the engine (vLLM's seed+k would overlap prompt b's streams)
+    assert sent == [prompts[0], prompts[0], prompts[1], prompts[1]]
+    assert kw["chat_template"] == "{{ x }}" and kw["lora_request"].args[2] == str(adapter)
+    from engine.core.seeds import sample_seed
+
+    seeds = [sample_seed(s, k) for s in (7, 8) for k in range(2)]
+    assert [sp.kw["seed"] for sp in kw["sampling_params"]] == seeds
     assert kw["sampling_params"][0].kw | {"seed": None} == {
-        "n": 2,
+        "n": 1,
         "temperature": 0.5,
         "top_p": 1.0,
         "top_k": -1,
         "max_tokens": 9,
+        "min_tokens": 0,
         "stop": ["x"],
         "stop_token_ids": [257],
         "seed": None,
         "skip_special_tokens": True,
     }
     assert [[c.text for c in x] for x in out] == [
-        ["seed 7 sample 0", "seed 7 sample 1"],
-        ["seed 8 sample 0", "seed 8 sample 1"],
+        [f"seed {seeds[0]} sample 0", f"seed {seeds[1]} sample 0"],
+        [f"seed {seeds[2]} sample 0", f"seed {seeds[3]} sample 0"],
     ]
     assert out[0][0].completion_tokens == 3 and out[0][0].prompt_tokens == 5 and out[0][0].finish_reason == "stop"
 

@@ -27,6 +27,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     max_new_tokens: int = 256
     stop: tuple[str, ...] = ()  # extra stop strings; the end-of-turn token always stops
+    min_new_tokens: int = 0  # a forced length (benchmarks decode like for like); stages leave it 0
 
 
 @dataclass
@@ -76,6 +77,7 @@ class BuildRequest:
     devices: Callable[[], list[str]]  # the devices to replicate over (engine.models.pool.devices)
     load: Callable[[str], tuple[Any, Any, Callable[[], None] | None]]  # device -> (model, tokenizer, on_close),
     # through the run's model pool when there is one
+    release_idle: Callable[[], None] = lambda: None  # gives back the pool's idle models (before vLLM starts)
 
 
 def prompt_seeds(seed: int | Sequence[int], n: int) -> list[int]:

@@ -7,10 +7,11 @@ Generation stops at the template's end-of-turn token (ChatML's <|im_end|>, Llama
 <|eot_id|>, ...) as well as the eos token.
 
 Sampling does not depend on batching: each (prompt, sample) row draws from its own random
-stream, seeded from the prompt's own seed (engine.core.seeds derives it from the row id, never from a
-position in a batch) and the sample's index, and picks its token by inverse CDF on that stream. So batch size, the order batches run in, and halving
-the batch on CUDA out-of-memory change speed, never text (beyond float rounding of padded
-batches, which greedy decoding shares).
+stream, seeded from the prompt's own seed (engine.core.seeds derives it from the row id, never from
+a position in a batch) and the sample's index, and picks its token by inverse CDF on that stream.
+On the CPU in float32, batch size, the order batches run in and halving the batch change speed,
+never text (tested with prompts mixed in one batch). On GPUs in bf16 a batch's shape can change the
+last bits of the logits, so text is not promised identical across batch sizes there.
 
 A prompt that does not leave `max_new_tokens` of room in the model's context is an error
 naming its length, never an indexing crash deep inside the model.
@@ -28,7 +29,8 @@ used: its sampler has one global seed, so a prompt's text would depend on its ba
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from engine.core.errors import RecipeError
@@ -78,6 +80,26 @@ class RowSampler:
 
 
 CACHE_BUCKET = 256  # static KV caches are sized in multiples of this, so later batches reuse one
+KEPT_CACHES = 4  # static caches kept per backend (a full batch, the last partial one, a long bucket, ...)
+
+
+@contextmanager
+def own_generation_config(model: Any) -> Iterator[None]:
+    """For the duration of a `generate` call, the model's generation config holds only bos, eos and
+    pad: nothing it ships (repetition_penalty, top_k, temperature, no_repeat_ngram_size, ...) reaches
+    the call, so hf text follows the recipe's sampling settings as the vllm and openai backends do."""
+    from transformers import GenerationConfig
+
+    shipped = model.generation_config
+    model.generation_config = GenerationConfig(
+        bos_token_id=getattr(shipped, "bos_token_id", None),
+        eos_token_id=getattr(shipped, "eos_token_id", None),
+        pad_token_id=getattr(shipped, "pad_token_id", None),
+    )
+    try:
+        yield
+    finally:
+        model.generation_config = shipped
 
 
 class HFBackend:
@@ -98,6 +120,7 @@ class HFBackend:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.stop_ids = stop_token_ids(tokenizer, getattr(model.generation_config, "eos_token_id", None))
         self.context = getattr(model.config, "max_position_embeddings", None)
+        self._caches: dict[tuple[int, int], Any] = {}  # static KV caches by (rows, size), reused
 
     def _encode(self, prompts: list[list[dict]]) -> list[list[int]]:
         out = []
@@ -164,8 +187,10 @@ class HFBackend:
             input_ids[r, width - len(ids) :] = torch.tensor(ids)
             attention[r, width - len(ids) :] = 1
         device = self.model.device
-        # Greedy selection over scores the row sampler has already decided (when sampling): a fresh
-        # config, so a model's own generation_config (do_sample, temperature) cannot interfere.
+        # Greedy selection over scores the row sampler has already decided (when sampling). transformers
+        # fills every unset field of the config passed from `model.generation_config`, so a model that
+        # ships repetition_penalty, top_k or temperature would get their processors even for greedy
+        # decoding: the model's config is swapped for a minimal one (bos/eos/pad) for the call.
         config = GenerationConfig(
             max_new_tokens=params.max_new_tokens,
             do_sample=False,
@@ -173,18 +198,18 @@ class HFBackend:
             pad_token_id=tok.pad_token_id,
             eos_token_id=self.stop_ids,
             use_cache=True,
-            min_new_tokens=getattr(self.model.generation_config, "min_new_tokens", None),
-            **self._cache_options(width + params.max_new_tokens),
+            min_new_tokens=params.min_new_tokens or None,
         )
         processors = LogitsProcessorList()
         if params.temperature > 0:
             processors.append(RowSampler([s for row in seeds for s in row], params, width))
-        with torch.inference_mode():
+        with torch.inference_mode(), own_generation_config(self.model):
             out = self.model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention.to(device),
                 generation_config=config,
                 logits_processor=processors,
+                **self._cache_options(len(rows), width + params.max_new_tokens),
             )
         new = out[:, width:].cpu().tolist()
         return [
@@ -192,15 +217,28 @@ class HFBackend:
             for b, ids in enumerate(batch)
         ]
 
-    def _cache_options(self, length: int) -> dict:
-        """GenerationConfig options for the KV cache: a static cache of a bucketed size (compiled
-        decode on CUDA, by transformers' auto-compile), or the default dynamic one."""
+    def _cache_options(self, rows: int, length: int) -> dict:
+        """`generate` options for the KV cache: the dynamic default, or a static cache of a bucketed
+        size (compiled decode on CUDA, by transformers' auto-compile). Static caches are kept per
+        (rows, size) and reset between calls: a short batch after a long one uses the short bucket
+        (transformers alone would keep the largest size, and attention reads every slot), and the
+        same cache object keeps its compiled graph instead of recording a new one per call."""
         if self.kv_cache != "static":
             return {}
         size = -(-length // CACHE_BUCKET) * CACHE_BUCKET
         if self.context:
             size = min(size, self.context)
-        return {"cache_implementation": "static", "max_cache_len": size}
+        cache = self._caches.pop((rows, size), None)
+        if cache is None:
+            from transformers import StaticCache
+
+            while len(self._caches) >= KEPT_CACHES:  # the least recently used goes (GPU memory)
+                self._caches.pop(next(iter(self._caches)))
+            cache = StaticCache(config=self.model.config, max_cache_len=size)
+        else:
+            cache.reset()
+        self._caches[(rows, size)] = cache  # most recently used last
+        return {"past_key_values": cache}
 
     def _completion(self, ids: list[int], prompt_tokens: int, params: SamplingParams) -> Completion:
         tok = self.tokenizer
@@ -219,7 +257,8 @@ class HFBackend:
     def option_logprobs(self, prompts: list[list[dict]], prefix: str, options: list[str]) -> list[list[float]]:
         """For each prompt (rendered with the generation prompt, then `prefix` as the start of the
         reply), the log-probability of each option continuing it, summed over the option's tokens.
-        Right-padded batches: with causal attention the pads after a row change none of its logits."""
+        Right-padded batches: with causal attention the pads after a row change none of its logits.
+        Only the option tokens' log-probabilities leave the device (never the full vocabulary)."""
         import torch
 
         tok = self.tokenizer
@@ -239,12 +278,19 @@ class HFBackend:
             for row, (_, _, head, tail) in enumerate(chunk):
                 input_ids[row, : len(head) + len(tail)] = torch.tensor(head + tail)
                 attention[row, : len(head) + len(tail)] = 1
+            # (row, position, token) of every option token: gathered on the device
+            picks = [
+                (row, len(head) + j - 1, t) for row, (_, _, head, tail) in enumerate(chunk) for j, t in enumerate(tail)
+            ]
+            rows_t, pos_t, tok_t = (torch.tensor(col, device=device) for col in zip(*picks))
             with torch.inference_mode():
-                logps = torch.log_softmax(
-                    self.model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float(), -1
-                ).cpu()
-            for row, (i, k, head, tail) in enumerate(chunk):
-                out[i][k] = float(sum(logps[row, len(head) + j - 1, t] for j, t in enumerate(tail)))
+                logits = self.model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+                wanted = logits[rows_t, pos_t].float()  # only the positions an option token is read at
+                picked = (wanted.gather(-1, tok_t.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(wanted, -1)).cpu()
+            at = 0
+            for i, k, _head, tail in chunk:
+                out[i][k] = float(sum(picked[at + j] for j in range(len(tail))))
+                at += len(tail)
         return out
 
     def close(self) -> None:
@@ -257,6 +303,7 @@ class HFBackend:
 
             release(self.model)
         self.model = None
+        self._caches.clear()
 
 
 def build(request: BuildRequest):

@@ -6,8 +6,12 @@ in contiguous blocks of near-equal size, longest first within each block (the hf
 length), and the results are put back in the caller's order.
 
 Threads, not processes: the work is in CUDA kernels and compiled decode graphs, which release the
-GIL; each replica has its own model on its own device. (A Ray executor spreads whole shards over
-machines instead; this is for the GPUs of one.)
+GIL; each replica has its own model on its own device and its own single thread, which sets that
+device once (CUDA graph trees are kept per thread, so a replica must never move between threads).
+
+What replicas can gain: eager decoding is bound by the host launching kernels, and one Python
+process drives every replica, so N GPUs give less than N times one. To scale further, run one
+process per GPU: the Ray executor does that (workers share a row stage's shards).
 """
 
 from __future__ import annotations
@@ -17,6 +21,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from engine.models.backends import Completion, SamplingParams
+
+
+def _on_device(replica: Any) -> None:
+    """A replica's thread starts on its replica's device (a CUDA device made current once)."""
+    device = getattr(getattr(replica, "model", None), "device", None)
+    if device is not None and getattr(device, "type", "") == "cuda":
+        import torch
+
+        torch.cuda.set_device(device)
 
 
 def blocks(n: int, parts: int) -> list[range]:
@@ -37,7 +50,10 @@ class Replicas:
     def __init__(self, replicas: list[Any]) -> None:
         assert replicas, "at least one replica"
         self.replicas = replicas
-        self._pool = ThreadPoolExecutor(max_workers=len(replicas), thread_name_prefix="replica")
+        self._threads = [  # one thread per replica, for its whole life, on its device
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"replica{i}", initializer=_on_device, initargs=(r,))
+            for i, r in enumerate(replicas)
+        ]
 
     # what stages read from a single hf backend (eval's perplexity, judges' option scoring)
     @property
@@ -62,8 +78,8 @@ class Replicas:
         seeds = prompt_seeds(seed, len(prompts))
         parts = blocks(len(prompts), len(self.replicas))
         futures = [
-            self._pool.submit(rep.generate, [prompts[i] for i in part], params, [seeds[i] for i in part])
-            for rep, part in zip(self.replicas, parts)
+            pool.submit(rep.generate, [prompts[i] for i in part], params, [seeds[i] for i in part])
+            for pool, rep, part in zip(self._threads, self.replicas, parts)
         ]
         out: list[list[Completion]] = []
         for fut in futures:
@@ -73,12 +89,13 @@ class Replicas:
     def option_logprobs(self, prompts: list[list[dict]], prefix: str, options: list[str]) -> list[list[float]]:
         parts = blocks(len(prompts), len(self.replicas))
         futures = [
-            self._pool.submit(rep.option_logprobs, [prompts[i] for i in part], prefix, options)
-            for rep, part in zip(self.replicas, parts)
+            pool.submit(rep.option_logprobs, [prompts[i] for i in part], prefix, options)
+            for pool, rep, part in zip(self._threads, self.replicas, parts)
         ]
         return [row for fut in futures for row in fut.result()]
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        for pool in self._threads:
+            pool.shutdown(wait=True)
         for rep in self.replicas:
             rep.close()

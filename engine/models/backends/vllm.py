@@ -6,12 +6,24 @@
     [stages.chats.resources]
     gpus = 2                             # tensor parallelism of the one engine
 
-What it keeps of the Backend contract: one request per prompt with its own seed
-(`SamplingParams.seed`: vLLM samples a seeded request from its own generator, so a prompt's
-completions do not depend on the other prompts of the batch), `n` samples per request, stop
-strings (cut from the text), the template's end-of-turn tokens as stop tokens, token counts
-from the engine. vLLM samples with its own kernels, so its text differs from the hf backend's
-for the same seed; the backend is part of a model's identity, so the fingerprints differ too.
+What it keeps of the Backend contract: one request per (prompt, sample), each seeded with the
+engine's own `sample_seed(prompt seed, k)` (vLLM seeds the n samples of one request seed, seed+1,
+..., so with consecutive prompt seeds prompt i's sample k would replay prompt i+k's sample 0),
+stop strings (cut from the text), the template's end-of-turn tokens as stop tokens, token counts
+from the engine. What holds across batches: a seeded request draws from its own generator, so
+which other prompts share a batch does not change which tokens it samples given the same logits;
+the logits themselves can differ in the last bits with the batch's shape (vLLM promises bitwise
+batch invariance only in its batch-invariant mode), so, as with bf16 on any GPU, text is
+reproducible for the same batches and not promised byte-identical across batch sizes. vLLM samples
+with its own kernels, so its text differs from the hf backend's for the same seed; the backend is
+part of a model's identity, so the fingerprints differ too.
+
+Memory: vLLM reserves `gpu_memory_utilization` x the card and refuses to start when that much is
+not free. Before it starts, the run's idle pooled models are released and the CUDA cache emptied,
+and the share is sized from what is free now (`torch.cuda.mem_get_info`); `max_model_len` comes from
+the recipe's lengths (the longest `max_length` and `max_new_tokens` of its stages) rather than the
+model's full context, whose KV cache might not fit. A LoRA rank outside vLLM's allowed set is served
+at the next allowed `max_lora_rank`.
 
 Models made by upstream stages: full weights load as they are; a LoRA adapter (a stage's
 `model/` with base.json, or a [models] `adapter`) is served on its base with a `LoRARequest`
@@ -109,6 +121,54 @@ def resolve(model: Artifact, cache_root: Path | None) -> dict:
     return out
 
 
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+MEMORY_MARGIN = 0.9  # of the memory free now, the share vLLM may reserve (the rest: CUDA context, other work)
+
+
+def lora_slot(rank: int) -> int:
+    """The smallest `max_lora_rank` vLLM accepts that holds an adapter of `rank`."""
+    for allowed in LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise RecipeError.single(
+        f"a LoRA adapter of rank {rank} is above the largest rank vLLM serves ({LORA_RANKS[-1]}).",
+        hint='Train with a smaller [lora] r, merge the adapter (merge = true), or use backend = "hf".',
+    )
+
+
+def memory_share(free: int, total: int) -> float:
+    """gpu_memory_utilization from the memory free now: vLLM checks that share of the card is free."""
+    return round(max(0.05, min(0.95, MEMORY_MARGIN * free / total)), 3)
+
+
+def model_len(recipe: Any, source: dict) -> int | None:
+    """max_model_len from the recipe: its longest max_length (prompts) plus its longest
+    max_new_tokens, rounded up to 256 and capped at the model's context; None when the recipe says
+    nothing about lengths (vLLM then takes the model's context)."""
+    if recipe is None:
+        return None
+    configs = [s.config for s in recipe.stages.values()]
+    prompt = max([getattr(c, "max_length", 0) or 0 for c in configs], default=0)
+    new = max(
+        [max(getattr(c, "max_new_tokens", 0) or 0, getattr(c, "judge_max_new_tokens", 0) or 0) for c in configs],
+        default=0,
+    )
+    if not new:
+        return None
+    wanted = -(-((prompt or 2048) + new) // 256) * 256
+    try:
+        context = json.loads((Path(source["model"]) / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, TypeError):
+        context = None
+    return min(wanted, context) if context else wanted
+
+
+def _free_memory() -> tuple[int, int] | None:
+    import torch
+
+    return torch.cuda.mem_get_info() if torch.cuda.is_available() else None
+
+
 def _lora_rank(adapter: str) -> int:
     try:
         return int(json.loads((Path(adapter) / "adapter_config.json").read_text()).get("r", 16))
@@ -126,7 +186,15 @@ class VLLMBackend:
     name = "vllm"
 
     def __init__(
-        self, source: dict, *, batch_size: int = 64, gpus: int = 1, seed: int = 0, log: logging.Logger | None = None
+        self,
+        source: dict,
+        *,
+        batch_size: int = 64,
+        gpus: int = 1,
+        seed: int = 0,
+        log: logging.Logger | None = None,
+        release: Any = None,
+        max_model_len: int | None = None,
     ) -> None:
         vllm = _import_vllm()
         self._vllm = vllm
@@ -142,7 +210,19 @@ class VLLMBackend:
         if source.get("revision"):
             kwargs["revision"] = source["revision"]
         if adapter:
-            kwargs.update(enable_lora=True, max_lora_rank=max(8, _lora_rank(adapter)), max_loras=1)
+            kwargs.update(enable_lora=True, max_lora_rank=lora_slot(_lora_rank(adapter)), max_loras=1)
+        if max_model_len:
+            kwargs["max_model_len"] = max_model_len
+        if release is not None:  # the pool's idle models give their memory back first
+            release()
+        gc.collect()
+        memory = _free_memory()
+        if memory is not None:
+            import torch
+
+            torch.cuda.empty_cache()
+            memory = _free_memory()
+            kwargs["gpu_memory_utilization"] = memory_share(*memory)  # type: ignore[misc]
         if log is not None:
             log.info("vllm %s: %s", getattr(vllm, "__version__", "?"), kwargs)
         self.llm = vllm.LLM(**kwargs)
@@ -158,18 +238,30 @@ class VLLMBackend:
 
     @classmethod
     def for_artifact(
-        cls, model: Artifact, cache_root: Path | None, log: logging.Logger, *, batch_size: int = 64, gpus: int = 1
+        cls,
+        model: Artifact,
+        cache_root: Path | None,
+        log: logging.Logger,
+        *,
+        batch_size: int = 64,
+        gpus: int = 1,
+        recipe: Any = None,
+        release: Any = None,
     ) -> VLLMBackend:
-        return cls(resolve(model, cache_root), batch_size=batch_size, gpus=gpus, log=log)
+        source = resolve(model, cache_root)
+        return cls(
+            source, batch_size=batch_size, gpus=gpus, log=log, release=release, max_model_len=model_len(recipe, source)
+        )
 
     def sampling(self, params: SamplingParams, seed: int) -> Any:
-        """vLLM's SamplingParams for one prompt (top_k -1 = off; stop strings cut from the text)."""
+        """vLLM's SamplingParams for one sample (top_k -1 = off; stop strings cut from the text)."""
         return self._vllm.SamplingParams(
-            n=params.n,
+            n=1,
             temperature=params.temperature,
             top_p=params.top_p,
             top_k=params.top_k if params.top_k > 0 else -1,
             max_tokens=params.max_new_tokens,
+            min_tokens=params.min_new_tokens,
             stop=list(params.stop) or None,
             stop_token_ids=list(self.stop_ids) or None,
             seed=seed,
@@ -179,13 +271,15 @@ class VLLMBackend:
     def generate(
         self, prompts: list[list[dict]], params: SamplingParams, seed: int | Sequence[int]
     ) -> list[list[Completion]]:
+        from engine.core.seeds import sample_seed
         from engine.models.backends import prompt_seeds
 
         if not prompts:
             return []
         seeds = prompt_seeds(seed, len(prompts))
+        requests = [(i, k) for i in range(len(prompts)) for k in range(params.n)]  # one per sample
         kwargs: dict[str, Any] = {
-            "sampling_params": [self.sampling(params, s) for s in seeds],
+            "sampling_params": [self.sampling(params, sample_seed(seeds[i], k)) for i, k in requests],
             "use_tqdm": False,
             "add_generation_prompt": True,
         }
@@ -193,8 +287,11 @@ class VLLMBackend:
             kwargs["chat_template"] = self.source["chat_template"]
         if self.lora is not None:
             kwargs["lora_request"] = self.lora
-        outputs = self.llm.chat(prompts, **kwargs)
-        return [[self._completion(out, c) for c in out.outputs] for out in outputs]
+        outputs = self.llm.chat([prompts[i] for i, _ in requests], **kwargs)
+        out: list[list[Completion]] = [[] for _ in prompts]
+        for (i, _k), result in zip(requests, outputs):
+            out[i].append(self._completion(result, result.outputs[0]))
+        return out
 
     def _completion(self, out: Any, choice: Any) -> Completion:
         ids = list(choice.token_ids)
@@ -230,4 +327,6 @@ def build(request: BuildRequest) -> VLLMBackend:
         request.log,
         batch_size=request.batch_size,
         gpus=getattr(request.resources, "gpus", 1) or 1,
+        recipe=request.recipe,
+        release=request.release_idle,
     )
