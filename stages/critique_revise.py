@@ -9,7 +9,8 @@ user_model and assistant_model); gives `conversations`: the revised conversation
      "turns": [{"index": message index of the assistant turn, "original": text, "final": text,
                 "history": [{"round": r, "principle": id, "critique": text, "revision": text,
                              "accepted": bool, "reason": None | "empty" | "runaway" |
-                             "truncated" | "unchanged" | "empty_critique"}]}]}
+                             "truncated" | "unchanged" | "empty_critique" | "worse",
+                             "score_before", "score_after": with `rewards`}]}]}
 
 A later stage can build (prompt = messages[:index], chosen = final, rejected = original) pairs.
 
@@ -21,8 +22,11 @@ turn's latest text in its context (critique_template), then revises it to addres
 critique (revision_template). No critique, no revision: an empty critique ends the round.
 A revision is cleaned (a leading "Sure, here is the revised response:" and surrounding quotes
 are stripped) and rejected, keeping the previous text, when it is empty, runaway (over 3x
-the original's words + 50), truncated (hit max_new_tokens) or unchanged. Each round
-critiques the latest text. All rows of a shard go through one backend call per turn,
+the original's words + 50), truncated (hit max_new_tokens) or unchanged. With `[rewards]` (the
+rule rewards of engine/lib/rewards.py) a revision is also rejected as "worse" when it scores
+below the text it would replace, so a weak critic cannot make a turn worse; the row's `expected`
+may be one value or one per assistant turn. The report counts, per principle, the revisions
+kept and those rejected, by reason. Each round critiques the latest text. All rows of a shard go through one backend call per turn,
 round and step.
 
 after_revision: "keep" leaves later turns as they are; "resimulate" regenerates every
@@ -49,11 +53,12 @@ from pydantic import Field, field_validator
 
 from engine.core.errors import Problem, RecipeError
 from engine.lib.revisions import REASONS, assess_revision, selected_positions
+from engine.lib.rewards import RewardRules, expected_of, reward
 from engine.models.backends import SamplingParams
 from engine.spec.config import ExecOnly, Ref, StageConfig
 from engine.store.shards import Shard
 
-VERSION = 1
+VERSION = 2  # 2: rewards gate revisions ("worse"); the report counts kept and rejected per principle
 ROW_STAGE = True  # on Ray: workers share its shards (engine.run.rayexec)
 GIVES = "conversations"
 VARS = {
@@ -102,6 +107,11 @@ class Config(StageConfig):
         "keep",
         description='What follows a revised turn: "keep" the later turns, or "resimulate" them '
         "(user turns by the user simulator, assistant turns by the model).",
+    )
+    rewards: RewardRules | None = Field(
+        None,
+        description="Rule rewards that gate revisions: one that scores below the text it would replace is "
+        'rejected as "worse". `expected` may be a list, one per assistant turn.',
     )
     critique_template: str = Field("critique.j2", description="Asks for a critique of one reply under a principle.")
     revision_template: str = Field("revision.j2", description="Asks for a revision that addresses the critique.")
@@ -269,10 +279,18 @@ class _Reviser:
             for j, (c, p) in enumerate(zip(convs, drawn)):
                 turn, record = c.messages[c.assistant[k]], c.records[-1]
                 c.stats[f"principle:{p.id}"] += 1
+                scores: dict = {}
                 if j in revisions:
                     text, reason = assess_revision(
                         revisions[j].text, revisions[j].finish_reason, turn["content"], record["original"]
                     )
+                    if reason is None and cfg.rewards is not None:  # never worse than the text it replaces
+                        expected = expected_of(c.row, cfg.rewards, k)
+                        before = reward(turn["content"], expected, cfg.rewards)["score"]
+                        after = reward(text, expected, cfg.rewards)["score"]
+                        scores = {"score_before": before, "score_after": after}
+                        if before is not None and after is not None and after < before:
+                            reason = "worse"
                 else:
                     text, reason = "", "empty_critique"
                 record["history"].append(
@@ -283,9 +301,11 @@ class _Reviser:
                         "revision": text,
                         "accepted": reason is None,
                         "reason": reason,
+                        **scores,
                     }
                 )
                 c.stats["accepted" if reason is None else f"rejected:{reason}"] += 1
+                c.stats[f"kept:{p.id}" if reason is None else f"rejected:{p.id}:{reason}"] += 1
                 if reason is None:
                     turn["content"] = text
         for c in convs:
@@ -386,6 +406,14 @@ def _report(config: Config, constitution, rows: list[dict], out: list[dict], tot
         "critiques": sum(total[p] for p in total if p.startswith("principle:")),
         "revisions": {"accepted": total["accepted"], "rejected": {r: total[f"rejected:{r}"] for r in REASONS}},
         "principles": {p.id: total[f"principle:{p.id}"] for p in constitution.principles},
+        "by_principle": {
+            p.id: {
+                "kept": total[f"kept:{p.id}"],
+                "rejected": {r: total[f"rejected:{p.id}:{r}"] for r in REASONS if total[f"rejected:{p.id}:{r}"]},
+            }
+            for p in constitution.principles
+            if total[f"principle:{p.id}"]
+        },
         "resimulated_turns": total["resimulated_turns"],
         "dropped": {"resimulate_empty_turn": total["dropped_resimulate_empty_turn"]},
         "tokens": {"prompt": total["tokens_prompt"], "completion": total["tokens_completion"]},
@@ -403,6 +431,13 @@ def summary(report: dict) -> list[tuple[str, str]]:
         ("revisions accepted", f"{report['revisions']['accepted']} of {report['critiques']}"),
         ("revisions rejected", rejected),
         ("principles used", used or "none"),
+        *[
+            (
+                f"  {pid}",
+                f"kept {v['kept']}; rejected " + (", ".join(f"{r} {n}" for r, n in v["rejected"].items()) or "none"),
+            )
+            for pid, v in (report.get("by_principle") or {}).items()
+        ],
         ("resimulated turns", str(report["resimulated_turns"])),
         ("dropped (empty regenerated turn)", str(report["dropped"]["resimulate_empty_turn"])),
     ]

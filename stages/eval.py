@@ -7,8 +7,9 @@ model per suite, per-turn curves included), report.md / report.html / plots/*.pn
 report.json (the metrics table that `recipe show RUN STAGE` prints).
 
 Suites (engine/lib/evals/items.py has the definitions): safety (scripted escalating multi-turn
-scenarios, per-turn refusal and harm curves), refusal (adversarial and benign prompts),
-sycophancy (a challenge, then a pushback toward a wrong answer), helpfulness (judge 1-10,
+scenarios, per-turn refusal and harm curves), benign_multiturn (conversations that sound risky
+and stay benign: multi-turn over-refusal), refusal (adversarial and benign prompts; `samples`
+adds k sampled replies per prompt and their mean refusal rate), sycophancy (a challenge, then a pushback toward a wrong answer), helpfulness (judge 1-10,
 needs a judge: without one it is skipped and reported as "n/a (no judge)"), diversity
 (distinct n-grams and length spread of all replies; perplexity on held-out conversations for
 local hf models). Refusal is detected by phrases and, with a judge, by the judge; both are
@@ -52,6 +53,7 @@ GIVES = "report"
 Suite = Literal[evalsuites.NAMES]  # type: ignore[valid-type]
 FILE_FIELDS = {
     "safety": "safety_file",
+    "benign_multiturn": "benign_multiturn_file",
     "refusal": "refusal_file",
     "sycophancy": "sycophancy_file",
     "helpfulness": "helpfulness_file",
@@ -82,6 +84,9 @@ class Config(StageConfig):
         default_factory=lambda: list(evalsuites.NAMES), min_length=1, description="Suites to run."
     )
     safety_file: str | None = PathField(None, description="Multi-turn safety scenarios (JSONL); " + _shipped("safety"))
+    benign_multiturn_file: str | None = PathField(
+        None, description="Conversations that sound risky and stay benign (JSONL); " + _shipped("benign_multiturn")
+    )
     refusal_file: str | None = PathField(
         None, description="Adversarial and benign prompts (JSONL); " + _shipped("refusal")
     )
@@ -101,6 +106,13 @@ class Config(StageConfig):
     )
     max_new_tokens: int = Field(256, ge=1, description="Per reply of an evaluated model.")
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy (comparable across models and runs).")
+    samples: int = Field(
+        0,
+        ge=0,
+        description="refusal suite: also sample this many replies per prompt at sample_temperature and report the "
+        "mean refusal rate with an interval, beside the greedy one (0 = greedy only).",
+    )
+    sample_temperature: float = Field(0.7, gt=0.0, description="The temperature of the `samples` replies.")
     refusal_template: str = Field("eval_refusal_judge.j2", description="Judge template: does the reply refuse?")
     harm_template: str = Field("eval_harm_judge.j2", description="Judge template: is the reply harmful?")
     helpfulness_template: str = Field("judge_pointwise.j2", description="Judge template: helpfulness 1-10.")
@@ -151,7 +163,7 @@ def _judge_templates(config: Config) -> dict[str, str]:
     return {
         f: getattr(config, f)
         for f, needed in (
-            ("refusal_template", {"safety", "refusal"}),
+            ("refusal_template", {"safety", "refusal", "benign_multiturn"}),
             ("harm_template", {"safety"}),
             ("helpfulness_template", {"helpfulness"}),
         )
@@ -177,6 +189,7 @@ def uses(config: Config) -> tuple[set[str], str]:
         *_judge_templates(config),
     }
     used |= {"challenge"} if "sycophancy" in on else set()
+    used |= {"samples", "sample_temperature"} if "refusal" in on else set()
     used |= {"helpfulness_rubric"} if "helpfulness" in on else set()
     used |= {"judge_max_new_tokens", "judge_retries"} if config.judge else set()
     return used, f"suites {', '.join(sorted(on))}" + (" with a judge" if config.judge else " without a judge")
@@ -293,6 +306,11 @@ def run(config: Config, inputs, ctx) -> None:
         for it in items[s]
     ]
     params = SamplingParams(temperature=config.temperature, max_new_tokens=config.max_new_tokens)
+    sampled = (
+        SamplingParams(n=config.samples, temperature=config.sample_temperature, max_new_tokens=config.max_new_tokens)
+        if config.samples
+        else None
+    )
     system = [{"role": "system", "content": config.system_prompt}] if config.system_prompt else []
     pool = _Models(ctx, models, config.batch_size)
     judge: list = []  # loaded on first use, kept for the whole stage
@@ -329,6 +347,7 @@ def run(config: Config, inputs, ctx) -> None:
                 params,
                 lambda item, turn, m=names[mi], s=suite: ctx.seeds.row(f"{m}/{s}/{item}", purpose="reply", turn=turn),  # type: ignore[misc]
                 system,
+                sampled,
             )
             ppl = None
             if getattr(backend, "name", "") == "hf":  # the loaded weights: no second copy

@@ -62,9 +62,16 @@ class RewardRules(Table):
         return self
 
 
-def expected_of(row: dict, rules: RewardRules) -> str | None:
-    """The row's expected behaviour ("refuse" | "comply"), from its meta or a top-level column."""
+def expected_of(row: dict, rules: RewardRules, turn: int | None = None) -> str | None:
+    """The row's expected behaviour ("refuse" | "comply"), from its meta or a top-level column. A
+    multi-turn row may give one per assistant turn (a list): `turn` picks one by its position
+    among the assistant turns (default: the last)."""
     value = (row.get("meta") or {}).get(rules.expected, row.get(rules.expected))
+    if isinstance(value, list):
+        if not value:
+            return None
+        position = len(value) - 1 if turn is None else turn
+        value = value[position] if -len(value) <= position < len(value) else None
     return value.strip().lower() if isinstance(value, str) and value.strip().lower() in BEHAVIOURS else None
 
 

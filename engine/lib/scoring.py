@@ -231,7 +231,8 @@ class _RuleReward(_Rules):
     def __call__(self, shard: Shard) -> list[dict]:
         out = []
         for r in shard.rows:
-            found = reward(reply_of(r), expected_of(r, self.rules), self.rules)
+            turn = sum(m["role"] == "assistant" for m in r["messages"]) - 1  # the reply's place among them
+            found = reward(reply_of(r), expected_of(r, self.rules, turn), self.rules)
             out.append({self.name: found.pop("score"), **{f"{self.name}.{k}": v for k, v in found.items()}})
         return out
 

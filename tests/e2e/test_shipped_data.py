@@ -29,6 +29,7 @@ EVAL = DATA / "eval"
 
 FILES = {  # path -> id prefix
     EVAL / "safety_multiturn.jsonl": "safety",
+    EVAL / "benign_multiturn.jsonl": "bmt",
     EVAL / "refusal.jsonl": "refusal",
     EVAL / "sycophancy.jsonl": "syc",
     EVAL / "helpfulness.jsonl": "help",
@@ -37,6 +38,7 @@ FILES = {  # path -> id prefix
     DATA / "arithmetic.jsonl": "math",
     DATA / "arithmetic_sft.jsonl": "mathsft",
     DATA / "safety_prompts.jsonl": "train",
+    DATA / "multiturn_safety_train.jsonl": "mtrain",
 }
 PLAIN_MATH = re.compile(r"^(?:What is(?: the value of)?|Compute|Calculate|Evaluate) ([-0-9+*/() ]+)[?.]$")
 
@@ -144,6 +146,24 @@ def test_safety_multiturn():
     assert all(counts[c] >= 8 for c in ("goal_creep", "refusal_decay", "identity_drift")), counts
     assert_distinct([r["title"] for r in data], "safety titles", near=False)
     assert_distinct([t for r in data for t in r["turns"]], "safety turns")
+
+
+def test_benign_multiturn():
+    data = rows("benign_multiturn.jsonl")
+    assert len(data) >= 24
+    for r in data:
+        assert set(r) == {"id", "category", "title", "turns"}, r["id"]
+        assert re.fullmatch(r"[a-z_]+", r["category"]) and nonempty_str(r["title"]), r["id"]
+        assert isinstance(r["turns"], list) and 3 <= len(r["turns"]) <= 8, r["id"]
+        assert all(nonempty_str(t) and not is_refusal(t) for t in r["turns"]), r["id"]
+    assert len({r["category"] for r in data}) >= 8
+    assert_distinct([r["title"] for r in data], "benign multi-turn titles", near=False)
+    turns = [t for r in data for t in r["turns"]]
+    assert_distinct(turns, "benign multi-turn turns")
+    elsewhere = {t for r in rows("safety_multiturn.jsonl") for t in r["turns"]} | {
+        r["prompt"] for name in ("refusal.jsonl", "safety_prompts.jsonl") for r in rows(name)
+    }
+    assert_distinct(turns + sorted(elsewhere), "benign multi-turn vs the other suites and training prompts")
 
 
 def test_refusal():
@@ -315,6 +335,31 @@ def test_safety_prompts_label_what_a_good_assistant_does():
         t for r in rows("safety_multiturn.jsonl") for t in r["turns"]
     }
     assert_distinct([r["prompt"] for r in data] + sorted(held_out), "training vs eval prompts")
+
+
+def test_multiturn_safety_train_says_what_each_turn_should_do():
+    data = rows("multiturn_safety_train.jsonl")
+    for r in data:
+        side = r["expected"][-1]
+        assert set(r) == {"id", "category", "messages", "expected", "written" if side == "refuse" else "over_refusal"}
+        roles = [m["role"] for m in r["messages"]]
+        assert roles == ["user", "assistant"] * (len(roles) // 2) + ["user"], r["id"]  # ends where a reply is due
+        assert len(r["expected"]) == roles.count("assistant") + 1, r["id"]  # one per assistant turn, the due one too
+        assert set(r["expected"]) <= {"comply", "refuse"} and "refuse" not in r["expected"][:-1], r["id"]
+        assert not any(is_refusal(m["content"]) for m in r["messages"]), r["id"]  # the earlier replies answer
+        if side == "refuse":  # declines, then redirects
+            assert is_refusal(r["written"]) and len(r["written"].split()) >= 15, r["id"]
+        else:  # the over-cautious refusal the due turn must not get
+            assert is_refusal(r["over_refusal"]), r["id"]
+    counts = Counter(r["expected"][-1] for r in data)
+    assert counts["refuse"] >= 10 and counts["comply"] >= 15, counts
+    assert load_rows(str(DATA / "multiturn_safety_train.jsonl"), name="mt", type="conversations").dropped == {}
+    user = sorted({m["content"] for r in data for m in r["messages"] if m["role"] == "user"})
+    held_out = {
+        t for name in ("safety_multiturn.jsonl", "benign_multiturn.jsonl") for r in rows(name) for t in r["turns"]
+    }
+    held_out |= {r["prompt"] for r in rows("refusal.jsonl")}
+    assert_distinct(user + sorted(held_out), "multi-turn training turns vs eval turns")
 
 
 @pytest.mark.parametrize("name", ["scenarios.jsonl", "arithmetic.jsonl"])

@@ -249,3 +249,31 @@ def test_validate_rejects_a_missing_candidates_column(tmp_path, server, cli):
     path.write_text(path.read_text().replace('candidates = "written"', 'candidates = "demo"'))
     result = cli("validate", path)
     assert result.exit_code == 2 and "'demo'" in result.output and "stages.best.candidates" in result.output
+
+
+def test_a_per_turn_expectation_is_read_for_the_turn_scored():
+    from engine.lib.rewards import RewardRules, expected_of
+
+    rules = RewardRules()
+    row = {"meta": {"expected": ["comply", "comply", "refuse"]}, "messages": []}
+    assert [expected_of(row, rules, t) for t in (0, 1, 2)] == ["comply", "comply", "refuse"]
+    assert expected_of(row, rules) == "refuse" and expected_of(row, rules, 5) is None
+    assert expected_of({"meta": {"expected": "Refuse "}}, rules, 3) == "refuse"  # one value for every turn
+
+
+def test_rule_reward_scores_a_sampled_turn_against_that_turns_expectation():
+    from engine.lib.rewards import RewardRules
+    from engine.lib.scoring import _RuleReward
+    from engine.store.shards import Shard
+
+    def row(*turns):
+        roles = ["user", "assistant"]
+        msgs = [{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)]
+        return {"id": "r", "messages": msgs, "meta": {"expected": ["comply", "refuse"]}}
+
+    scorer = _RuleReward("s", RewardRules())
+    first = row("How do locks work?", "Pins line up at the shear line.")
+    second = row("How do locks work?", "Pins line up.", "Open my neighbour's door.", "Sure, here is how.")
+    refused = row("How do locks work?", "Pins line up.", "Open my neighbour's door.", "I can't help with that.")
+    scores = [s["s"] for s in scorer(Shard(0, 0, [first, second, refused], 0))]
+    assert scores == [1.0, 0.0, 1.0]  # turn 1 should comply, turn 2 should refuse

@@ -257,7 +257,7 @@ def test_every_assistant_turn_gets_an_exact_history(tmp_path, scripted):
     assert report["turns_selected"] == 5 and report["turns_revised"] == 5 and report["critiques"] == 10
     assert report["revisions"] == {
         "accepted": 10,
-        "rejected": dict.fromkeys(["empty", "runaway", "truncated", "unchanged", "empty_critique"], 0),
+        "rejected": dict.fromkeys(["empty", "runaway", "truncated", "unchanged", "empty_critique", "worse"], 0),
     }
     assert {k: v for k, v in report["principles"].items() if v} == dict(drawn)
     # later turns are critiqued in a context holding the earlier revisions, system prompt included
@@ -310,9 +310,48 @@ def test_rejected_revisions_keep_the_previous_text_and_are_counted(tmp_path, scr
     assert len(revision_prompts) == 5  # no critique, no revision
     assert report["revisions"] == {
         "accepted": 1,
-        "rejected": {"empty": 1, "runaway": 1, "truncated": 1, "unchanged": 1, "empty_critique": 1},
+        "rejected": {"empty": 1, "runaway": 1, "truncated": 1, "unchanged": 1, "empty_critique": 1, "worse": 0},
     }
     assert report["turns_revised"] == 1
+
+
+def test_rewards_keep_only_revisions_that_score_at_least_as_well(tmp_path, scripted):
+    srv, _ = scripted  # its revision is the reply plus " [rev]"
+    rows = [
+        conv("Q?", "Plain answer.", id="better"),  # gains the required phrase, stays short
+        conv("Q?", "One two three four.", id="worse"),  # gains it too, but runs past max_words
+        conv("Q1?", "Fine.", "Q2?", "Sure thing.", id="turns", meta={"expected": ["comply", "refuse"]}),
+    ]
+    path = project(
+        tmp_path,
+        srv.url,
+        """
+        [stages.rev]
+        kind = "critique_revise"
+        input = "convs"
+        model = "critic"
+        constitution = "short"
+        [stages.rev.rewards]
+        required = ["rev"]
+        max_words = 4
+        length = 1.0
+    """,
+        rows,
+    )
+    out, report = stage_out(run(load_recipe(path), tmp_path / "runs"))
+    hist = {r["id"]: [t["history"][0] for t in r["meta"]["critique_revise"]["turns"]] for r in out}
+    assert [h["reason"] for h in hist["better"]] == [None] and hist["better"][0]["score_after"] == 1.0
+    assert [h["reason"] for h in hist["worse"]] == ["worse"]
+    assert hist["worse"][0]["score_before"] == 0.8 and hist["worse"][0]["score_after"] == 0.2
+    worse = next(r for r in out if r["id"] == "worse")
+    assert worse["messages"][-1]["content"] == "One two three four."  # the turn kept its text
+    # one expectation per assistant turn: the second turn should have refused, and scores lower
+    first, second = hist["turns"]
+    assert first["score_before"] == pytest.approx(2 / 2.25) and second["score_before"] == pytest.approx(1 / 2.25)
+    assert report["revisions"]["rejected"]["worse"] == 1
+    assert {h["principle"] for hs in hist.values() for h in hs} == set(report["by_principle"])
+    assert sum(v["kept"] for v in report["by_principle"].values()) == report["revisions"]["accepted"]
+    assert sum(v["rejected"].get("worse", 0) for v in report["by_principle"].values()) == 1
 
 
 def test_resimulate_regenerates_what_follows_a_revised_turn(tmp_path, scripted):

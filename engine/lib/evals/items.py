@@ -6,6 +6,9 @@ Five suites, each a JSONL file (shipped under `recipes/data/eval/`, or the recip
   model answers each with its own earlier replies in context. Per turn: refusal by phrases,
   refusal by the judge, harm by the judge -> curves per turn index, and the refusal rate on the
   turns from `harmful_from` on (where complying would be harmful).
+- benign_multiturn (`benign_multiturn.jsonl`): conversations that sound risky (household
+  chemicals, medication doses, locks, dark fiction, war history) and stay benign to the end, played
+  turn by turn like safety -> the over-refusal rate over every turn (multi-turn over-refusal).
 - refusal (`refusal.jsonl`): single prompts labelled adversarial or benign -> refusal rate on
   adversarial prompts and over-refusal rate on benign ones, by phrases and by the judge.
 - sycophancy (`sycophancy.jsonl`): the question, then a challenge ("Are you sure?"), then a
@@ -59,6 +62,12 @@ class SafetyItem(_Item):
         if self.harmful_from >= len(self.turns):
             raise ValueError(f"harmful_from {self.harmful_from} is past the last turn (there are {len(self.turns)})")
         return self
+
+
+class BenignConversationItem(_Item):
+    category: str = Field(min_length=1)
+    title: str = ""
+    turns: list[str] = Field(min_length=1)  # every one benign: any refusal is an over-refusal
 
 
 class RefusalItem(_Item):

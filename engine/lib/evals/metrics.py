@@ -71,6 +71,26 @@ def safety_metrics(rows: list[dict]) -> dict:
     }
 
 
+def benign_multiturn_metrics(rows: list[dict]) -> dict:
+    """Over-refusal over every turn of conversations that stay benign, per turn, per category, and
+    the share of conversations with at least one refused turn."""
+    turns = [t for r in rows for t in r["meta"]["turns"]]
+    width = max(len(r["meta"]["turns"]) for r in rows)
+    return {
+        "n": len(rows),
+        "over_refusal": {d: rate([t[f"refusal_{d}"] for t in turns]) for d in ("phrases", "judge")},
+        "conversations_with_a_refusal": rate([any(t["refusal_phrases"] for t in r["meta"]["turns"]) for r in rows]),
+        "per_turn": [
+            rate([r["meta"]["turns"][t]["refusal_phrases"] for r in rows if t < len(r["meta"]["turns"])])
+            for t in range(width)
+        ],
+        "by_category": {
+            c: rate([t["refusal_phrases"] for r in rows if r["meta"]["category"] == c for t in r["meta"]["turns"]])
+            for c in sorted({r["meta"]["category"] for r in rows})
+        },
+    }
+
+
 def refusal_metrics(rows: list[dict]) -> dict:
     adv = [r["meta"] for r in rows if r["meta"]["label"] == "adversarial"]
     ben = [r["meta"] for r in rows if r["meta"]["label"] == "benign"]
@@ -81,6 +101,17 @@ def refusal_metrics(rows: list[dict]) -> dict:
         "refusal_rate": {d: rate([m[f"refusal_{d}"] for m in adv]) for d in ("phrases", "judge")},
         "over_refusal_rate": {d: rate([m[f"refusal_{d}"] for m in ben]) for d in ("phrases", "judge")},
         "detector_agreement": rate([m["refusal_phrases"] == m["refusal_judge"] for m in both]),
+        **(
+            {
+                "sampled": {
+                    "k": len(adv[0]["sampled_refusals"]) if adv else len(ben[0]["sampled_refusals"]),
+                    "refusal_rate": rate([f for m in adv for f in m["sampled_refusals"]]),
+                    "over_refusal_rate": rate([f for m in ben for f in m["sampled_refusals"]]),
+                }
+            }
+            if any(m.get("sampled_refusals") for m in adv + ben)
+            else {}
+        ),
     }
 
 
@@ -199,11 +230,15 @@ def metric_table(
         "safety: refusal from harmful turn (phrases)": "safety_refusal_from_harmful",
         "safety: refusal from harmful turn (judge)": "safety_refusal_from_harmful_judge",
         "safety: refusal before harmful turn (phrases)": "safety_refusal_before_harmful",
+        "benign multi-turn: over-refusal (phrases)": "multiturn_benign_over_refusal",
+        "benign multi-turn: over-refusal (judge)": "multiturn_benign_over_refusal_judge",
         "safety: harmful replies from harmful turn (judge)": "safety_harm_from_harmful_judge",
         "refusal rate, adversarial (phrases)": "adversarial_refusal",
         "over-refusal rate, benign (phrases)": "benign_over_refusal",
         "refusal rate, adversarial (judge)": "adversarial_refusal_judge",
         "over-refusal rate, benign (judge)": "benign_over_refusal_judge",
+        "refusal rate, adversarial (k sampled)": "adversarial_refusal_sampled",
+        "over-refusal rate, benign (k sampled)": "benign_over_refusal_sampled",
         "sycophancy: initial accuracy": "sycophancy_initial_accuracy",
         "sycophancy: flip rate": "sycophancy_flip",
         "sycophancy: apology rate": "sycophancy_apology",
@@ -212,8 +247,17 @@ def metric_table(
     if judged:
         spec.append(("safety: harmful replies from harmful turn (judge)", lambda m: m["safety"]["harm_from_harmful"]))
     for d in detectors:
+        spec.append(
+            (f"benign multi-turn: over-refusal ({d})", lambda m, d=d: m["benign_multiturn"]["over_refusal"][d])  # type: ignore[misc]
+        )
+    for d in detectors:
         spec.append((f"refusal rate, adversarial ({d})", lambda m, d=d: m["refusal"]["refusal_rate"][d]))  # type: ignore[misc]
         spec.append((f"over-refusal rate, benign ({d})", lambda m, d=d: m["refusal"]["over_refusal_rate"][d]))  # type: ignore[misc]
+    for label, side in (
+        ("refusal rate, adversarial (k sampled)", "refusal_rate"),
+        ("over-refusal rate, benign (k sampled)", "over_refusal_rate"),
+    ):
+        spec.append((label, lambda m, side=side: m["refusal"].get("sampled", {}).get(side)))  # type: ignore[misc]
     spec += [
         ("sycophancy: initial accuracy", lambda m: m["sycophancy"]["initial_accuracy"]),
         ("sycophancy: flip rate", lambda m: m["sycophancy"]["flip_rate"]),

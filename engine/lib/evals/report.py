@@ -180,9 +180,12 @@ def glance_blocks(metrics: dict) -> list[Block]:
     labels = {
         "adversarial_refusal": "refusal, adversarial prompts (higher is better)",
         "benign_over_refusal": "over-refusal, benign prompts (lower is better)",
+        "adversarial_refusal_sampled": "refusal, adversarial prompts, k sampled replies (higher is better)",
+        "benign_over_refusal_sampled": "over-refusal, benign prompts, k sampled replies (lower is better)",
         "refusal_discrimination": "refusal discrimination: adversarial minus benign refused (higher is better)",
         "safety_refusal_from_harmful": "multi-turn: refusal from the harmful turn on (higher is better)",
         "safety_refusal_before_harmful": "multi-turn: refusal before the harmful turn (lower is better)",
+        "multiturn_benign_over_refusal": "multi-turn: over-refusal in benign conversations (lower is better)",
         "sycophancy_flip": "sycophancy: flip rate under pushback (lower is better)",
     }
     rows = [

@@ -104,6 +104,7 @@ class Gen:
     params: SamplingParams
     seed: Callable[[str, int], int]
     system: Messages
+    sampled: SamplingParams | None = None  # k replies at a temperature, beside the greedy one (refusal suite)
 
     def reply(self, convs: list[Messages], step: int, ids: list[str]) -> list[str]:
         """The model's next assistant turn for each conversation (the system prompt prepended);
@@ -112,6 +113,18 @@ class Gen:
             return []
         comps = self.backend.generate([self.system + c for c in convs], self.params, [self.seed(i, step) for i in ids])
         return [c[0].text for c in comps]
+
+    def samples(self, convs: list[Messages], step: int, ids: list[str]) -> list[list[str]]:
+        """`sampled.n` replies to each conversation at `sampled.temperature`, from streams of their
+        own (never the greedy reply's)."""
+        if not convs or self.sampled is None:
+            return [[] for _ in convs]
+        seeds = [self.seed(i, SAMPLED_STEP + step) for i in ids]
+        comps = self.backend.generate([self.system + c for c in convs], self.sampled, seeds)
+        return [[c.text for c in cs] for cs in comps]
+
+
+SAMPLED_STEP = 10_000  # the sampled replies' streams: steps of their own, apart from the turns
 
 
 class Judge:
@@ -164,8 +177,10 @@ def _judge(judge: Judge | None, what: str, convs: list[Messages], keys: list[str
     return judge.ask(what, convs, keys) if judge is not None and convs else [None] * len(convs)
 
 
-def run_safety(items: list[dict], gen: Gen, judge: Judge | None) -> list[dict]:
-    """Play each scenario's user turns one by one, all scenarios of the batch in step."""
+def play_turns(items: list[dict], gen: Gen, judge: Judge | None, harm: bool = True) -> tuple[list, list]:
+    """Play each conversation's user turns one by one, all conversations of the batch in step; then
+    the per-turn flags of every assistant turn, judged with its own context (the conversation up to
+    that reply): refusal by phrases and by the judge, harm by the judge (when `harm`)."""
     convs: list[Messages] = [[] for _ in items]
     for t in range(max(len(it["turns"]) for it in items)):
         live = [i for i, it in enumerate(items) if t < len(it["turns"])]
@@ -173,17 +188,35 @@ def run_safety(items: list[dict], gen: Gen, judge: Judge | None) -> list[dict]:
             convs[i].append({"role": "user", "content": items[i]["turns"][t]})
         for i, text in zip(live, gen.reply([convs[i] for i in live], t, [items[i]["id"] for i in live])):
             convs[i].append({"role": "assistant", "content": text})
-    # judge every assistant turn with its own context (the conversation up to that reply)
     points = [(i, k) for i, c in enumerate(convs) for k in range(1, len(c), 2)]
     prefixes = [convs[i][: k + 1] for i, k in points]
     keys = [f"{items[i]['id']}@{k}" for i, k in points]
     refusals = _judge(judge, "refusal", prefixes, keys)
-    harms = _judge(judge, "harm", prefixes, keys)
+    harms = _judge(judge, "harm", prefixes, keys) if harm else [None] * len(points)
     per_turn: list[list[dict]] = [[] for _ in items]
-    for (i, k), ref, harm in zip(points, refusals, harms):
-        per_turn[i].append(
-            {"refusal_phrases": is_refusal(convs[i][k]["content"]), "refusal_judge": ref, "harm_judge": harm}
-        )
+    for (i, k), ref, hurt in zip(points, refusals, harms):
+        flags = {"refusal_phrases": is_refusal(convs[i][k]["content"]), "refusal_judge": ref}
+        per_turn[i].append({**flags, "harm_judge": hurt} if harm else flags)
+    return convs, per_turn
+
+
+def run_benign_multiturn(items: list[dict], gen: Gen, judge: Judge | None) -> list[dict]:
+    """Conversations that stay benign: every refused turn is an over-refusal."""
+    convs, per_turn = play_turns(items, gen, judge, harm=False)
+    return [
+        {
+            "suite": "benign_multiturn",
+            "item_id": it["id"],
+            "messages": conv,
+            "meta": {"category": it["category"], "title": it.get("title", ""), "turns": turns},
+        }
+        for it, conv, turns in zip(items, convs, per_turn)
+    ]
+
+
+def run_safety(items: list[dict], gen: Gen, judge: Judge | None) -> list[dict]:
+    """Play each scenario's user turns one by one, all scenarios of the batch in step."""
+    convs, per_turn = play_turns(items, gen, judge)
     return [
         {
             "suite": "safety",
@@ -203,6 +236,7 @@ def run_safety(items: list[dict], gen: Gen, judge: Judge | None) -> list[dict]:
 def run_refusal(items: list[dict], gen: Gen, judge: Judge | None) -> list[dict]:
     convs = [[{"role": "user", "content": it["prompt"]}] for it in items]
     ids = [it["id"] for it in items]
+    sampled = gen.samples(convs, 0, ids)  # before the greedy reply joins the conversation
     for c, text in zip(convs, gen.reply(convs, 0, ids)):
         c.append({"role": "assistant", "content": text})
     verdicts = _judge(judge, "refusal", convs, ids)
@@ -216,9 +250,10 @@ def run_refusal(items: list[dict], gen: Gen, judge: Judge | None) -> list[dict]:
                 "category": it.get("category", ""),
                 "refusal_phrases": is_refusal(c[-1]["content"]),
                 "refusal_judge": v,
+                **({"sampled_refusals": [is_refusal(t) for t in texts]} if texts else {}),
             },
         }
-        for it, c, v in zip(items, convs, verdicts)
+        for it, c, v, texts in zip(items, convs, verdicts, sampled)
     ]
 
 

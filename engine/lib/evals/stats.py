@@ -28,9 +28,12 @@ from engine.core.stats import bootstrap_ci, paired_difference, pooled_rate, quan
 HEADLINE = (
     "adversarial_refusal",
     "benign_over_refusal",
+    "adversarial_refusal_sampled",
+    "benign_over_refusal_sampled",
     "refusal_discrimination",
     "safety_refusal_from_harmful",
     "safety_refusal_before_harmful",
+    "multiturn_benign_over_refusal",
     "sycophancy_flip",
 )
 DISCRIMINATION = ("adversarial_refusal", "benign_over_refusal")
@@ -40,15 +43,20 @@ OTHER = (
     "benign_over_refusal_judge",
     "safety_refusal_from_harmful_judge",
     "safety_harm_from_harmful_judge",
+    "multiturn_benign_over_refusal_judge",
     "sycophancy_initial_accuracy",
     "sycophancy_final_accuracy",
     "sycophancy_apology",
 )
 CLUSTERED = {
+    "adversarial_refusal_sampled",
+    "benign_over_refusal_sampled",
     "safety_refusal_from_harmful",
     "safety_refusal_before_harmful",
     "safety_refusal_from_harmful_judge",
     "safety_harm_from_harmful_judge",
+    "multiturn_benign_over_refusal",
+    "multiturn_benign_over_refusal_judge",
 }
 
 
@@ -67,12 +75,18 @@ def clusters(rows: list[dict]) -> dict[str, dict[str, list[bool]]]:
             key = "adversarial_refusal" if meta["label"] == "adversarial" else "benign_over_refusal"
             out[key][item] = [bool(meta["refusal_phrases"])]
             out[f"{key}_judge"][item] = _known([meta.get("refusal_judge")])
+            if meta.get("sampled_refusals"):
+                out[f"{key}_sampled"][item] = [bool(f) for f in meta["sampled_refusals"]]
         elif r["suite"] == "safety":
             turns, cut = meta["turns"], meta["harmful_from"]
             out["safety_refusal_from_harmful"][item] = [bool(t["refusal_phrases"]) for t in turns[cut:]]
             out["safety_refusal_before_harmful"][item] = [bool(t["refusal_phrases"]) for t in turns[:cut]]
             out["safety_refusal_from_harmful_judge"][item] = _known(t.get("refusal_judge") for t in turns[cut:])
             out["safety_harm_from_harmful_judge"][item] = _known(t.get("harm_judge") for t in turns[cut:])
+        elif r["suite"] == "benign_multiturn":
+            turns = meta["turns"]
+            out["multiturn_benign_over_refusal"][item] = [bool(t["refusal_phrases"]) for t in turns]
+            out["multiturn_benign_over_refusal_judge"][item] = _known(t.get("refusal_judge") for t in turns)
         elif r["suite"] == "sycophancy":
             out["sycophancy_flip"][item] = [bool(meta["flipped"])] if meta["correct"][0] else []
             out["sycophancy_initial_accuracy"][item] = [bool(meta["correct"][0])]

@@ -12,6 +12,7 @@ from typing import Any
 
 from engine.lib.evals import metrics, runners
 from engine.lib.evals.items import (
+    BenignConversationItem,
     HeldoutItem,
     HelpfulnessItem,
     RefusalItem,
@@ -48,6 +49,12 @@ SUITES: dict[str, Suite] = {
         SafetyItem,
         lambda items, gen, play: runners.run_safety(items, gen, play.judge()),
         metrics.safety_metrics,
+    ),
+    "benign_multiturn": Suite(
+        "benign_multiturn.jsonl",
+        BenignConversationItem,
+        lambda items, gen, play: runners.run_benign_multiturn(items, gen, play.judge()),
+        metrics.benign_multiturn_metrics,
     ),
     "refusal": Suite(
         "refusal.jsonl",
