@@ -9,7 +9,7 @@ user_model and assistant_model); gives `conversations`: the revised conversation
      "turns": [{"index": message index of the assistant turn, "original": text, "final": text,
                 "history": [{"round": r, "principle": id, "critique": text, "revision": text,
                              "accepted": bool, "reason": None | "empty" | "runaway" |
-                             "truncated" | "unchanged" | "empty_critique" | "worse",
+                             "truncated" | "unchanged" | "empty_critique" | "worse" | "better",
                              "score_before", "score_after": with `rewards`}]}]}
 
 A later stage can build (prompt = messages[:index], chosen = final, rejected = original) pairs.
@@ -25,7 +25,8 @@ are stripped) and rejected, keeping the previous text, when it is empty, runaway
 the original's words + 50), truncated (hit max_new_tokens) or unchanged. With `[rewards]` (the
 rule rewards of engine/lib/rewards.py) a revision is also rejected as "worse" when it scores
 below the text it would replace, so a weak critic cannot make a turn worse; the row's `expected`
-may be one value or one per assistant turn. The report counts, per principle, the revisions
+may be one value or one per assistant turn. `prefer = "lower"` turns the gate around (a control
+run keeps only revisions that score no better, rejecting the others as "better"). The report counts, per principle, the revisions
 kept and those rejected, by reason. Each round critiques the latest text. All rows of a shard go through one backend call per turn,
 round and step.
 
@@ -73,6 +74,7 @@ VARS = {
         "examples",
     },
     "user_template": {"scenario", "conversation", "turn", "turns", "persona"},
+    "judge_template": {"conversation", "rubric"},
 }
 
 
@@ -113,6 +115,20 @@ class Config(StageConfig):
         description="Rule rewards that gate revisions: one that scores below the text it would replace is "
         'rejected as "worse". `expected` may be a list, one per assistant turn.',
     )
+    judge: str | None = Ref(
+        "model",
+        default=None,
+        description="A model that gates revisions instead of the rule rewards: it scores the text a revision would "
+        "replace and the revision, in their context (judge_template, a 1-10 score), and a revision scoring below "
+        'is rejected as "worse". A capable judge (a served model, backend = "openai") makes the gate worth its cost.',
+    )
+    judge_template: str = Field("judge_pointwise.j2", description="judge: the scoring prompt (a 'Score: N' answer).")
+    judge_max_new_tokens: int = Field(256, ge=1, description="judge: tokens per scoring answer.")
+    prefer: Literal["higher", "lower"] = Field(
+        "higher",
+        description='With rewards or a judge: "higher" keeps revisions scoring at least the text they replace; "lower" '
+        '(a control run) keeps those scoring at most, rejecting the others as "better".',
+    )
     critique_template: str = Field("critique.j2", description="Asks for a critique of one reply under a principle.")
     revision_template: str = Field("revision.j2", description="Asks for a revision that addresses the critique.")
     user_template: str = Field("user_simulator.j2", description="resimulate: writes the next user turn.")
@@ -146,7 +162,20 @@ def _template_names(config: Config) -> dict[str, str]:
     names = {"critique_template": config.critique_template, "revision_template": config.revision_template}
     if config.after_revision == "resimulate":
         names["user_template"] = config.user_template
+    if config.judge:
+        names["judge_template"] = config.judge_template
     return names
+
+
+def _judge_spec(config: Config):
+    from engine.lib.scoring import ScorerSpec
+
+    return ScorerSpec(
+        scorer="llm",
+        template=config.judge_template,
+        max_new_tokens=config.judge_max_new_tokens,
+        batch_size=config.batch_size,
+    )
 
 
 def templates(config: Config, recipe) -> dict[str, str]:
@@ -164,6 +193,22 @@ def check(name: str, config: Config, recipe) -> list[Problem]:
     t = Templates.for_recipe(recipe)
     for field, tname in _template_names(config).items():
         problems += t.check(tname, VARS[field], stage=name, **recipe.where(f"stages.{name}.{field}"))
+    if config.judge and config.rewards is not None:
+        problems.append(
+            Problem(
+                "both a judge and [rewards] would gate the revisions.",
+                hint="Keep one: the judge (a capable served model) or the rule rewards.",
+                **recipe.where(f"stages.{name}.judge"),
+            )
+        )
+    if config.prefer == "lower" and not config.judge and config.rewards is None:
+        problems.append(
+            Problem(
+                'prefer = "lower" turns around a gate, and this stage has none.',
+                hint="Add [rewards] or a judge, or remove prefer.",
+                **recipe.where(f"stages.{name}.prefer"),
+            )
+        )
     for field in ("user_model", "assistant_model"):
         if getattr(config, field) and config.after_revision == "keep":
             problems.append(
@@ -191,8 +236,9 @@ class _Conv:
 
 
 class _Reviser:
-    def __init__(self, config: Config, constitution, tpl, backends: dict, seed: int, seeds) -> None:
+    def __init__(self, config: Config, constitution, tpl, backends: dict, seed: int, seeds, judge=None) -> None:
         self.cfg, self.constitution, self.tpl, self.seed, self.seeds = config, constitution, tpl, seed, seeds
+        self.judge = judge  # a scorer (engine.lib.scoring) that gates revisions, or None
         self.model, self.user, self.assistant = backends["model"], backends.get("user"), backends.get("assistant")
         self.params = SamplingParams(temperature=config.temperature, max_new_tokens=config.max_new_tokens)
 
@@ -276,21 +322,29 @@ class _Reviser:
                     ),
                 )
             )
+            assessed = {
+                j: assess_revision(
+                    rev.text,
+                    rev.finish_reason,
+                    convs[j].messages[convs[j].assistant[k]]["content"],
+                    convs[j].records[-1]["original"],
+                )
+                for j, rev in revisions.items()
+            }
+            gate = self._gate([(j, convs[j], assessed[j][0]) for j in assessed if assessed[j][1] is None], k, rnd)
             for j, (c, p) in enumerate(zip(convs, drawn)):
                 turn, record = c.messages[c.assistant[k]], c.records[-1]
                 c.stats[f"principle:{p.id}"] += 1
                 scores: dict = {}
                 if j in revisions:
-                    text, reason = assess_revision(
-                        revisions[j].text, revisions[j].finish_reason, turn["content"], record["original"]
-                    )
-                    if reason is None and cfg.rewards is not None:  # never worse than the text it replaces
-                        expected = expected_of(c.row, cfg.rewards, k)
-                        before = reward(turn["content"], expected, cfg.rewards)["score"]
-                        after = reward(text, expected, cfg.rewards)["score"]
-                        scores = {"score_before": before, "score_after": after}
-                        if before is not None and after is not None and after < before:
-                            reason = "worse"
+                    text, reason = assessed[j]
+                    if j in gate:  # never worse than the text it replaces (or, in a control, never better)
+                        before, after = scores["score_before"], scores["score_after"] = gate[j]
+                        if before is not None and after is not None and after != before:
+                            if cfg.prefer == "higher" and after < before:
+                                reason = "worse"
+                            elif cfg.prefer == "lower" and after > before:
+                                reason = "better"
                 else:
                     text, reason = "", "empty_critique"
                 record["history"].append(
@@ -313,6 +367,29 @@ class _Reviser:
             record["final"] = c.messages[c.assistant[k]]["content"]
             c.stats["turns_selected"] += 1
             c.stats["turns_revised"] += record["final"] != record["original"]
+
+    def _gate(self, candidates: list[tuple[int, _Conv, str]], k: int, rnd: int) -> dict[int, tuple]:
+        """(score of the text a revision would replace, score of the revision) for each candidate
+        (index, conversation, revised text): by the judge when one is set, else the rule rewards."""
+        cfg, out = self.cfg, {}
+        if self.judge is not None and candidates:
+            rows = []
+            for _j, c, text in candidates:
+                i, ident = c.assistant[k], f"{c.id}@{c.assistant[k]}/{rnd}"
+                context = c.messages[:i]
+                rows.append({"id": f"{ident}/before", "messages": [*context, c.messages[i]]})
+                rows.append({"id": f"{ident}/after", "messages": [*context, {"role": "assistant", "content": text}]})
+            scored = self.judge(Shard(index=0, start=0, rows=rows, seed=self.seed))
+            for n, (j, c, _) in enumerate(candidates):
+                before, after = scored[2 * n]["score"], scored[2 * n + 1]["score"]
+                c.stats["judge_unparsed"] += (before is None) + (after is None)
+                out[j] = (before, after)
+        elif cfg.rewards is not None:
+            for j, c, text in candidates:
+                expected = expected_of(c.row, cfg.rewards, k)
+                turn = c.messages[c.assistant[k]]["content"]
+                out[j] = (reward(turn, expected, cfg.rewards)["score"], reward(text, expected, cfg.rewards)["score"])
+        return out
 
     def _resimulate(self, convs: list[_Conv], k: int) -> None:
         """Regenerate every message after assistant turn k, in step across the conversations."""
@@ -367,15 +444,23 @@ def run(config: Config, inputs, ctx) -> None:
             **ctx.recipe.where(f"stages.{ctx.stage}.input"),
         )
     backends = {"model": ctx.backend(inputs["model"], config.batch_size)}
+    judge = None
     try:
         if config.after_revision == "resimulate":
             for role, field in (("user", "user_model"), ("assistant", "assistant_model")):
                 backends[role] = ctx.backend(inputs[field], config.batch_size) if field in inputs else backends["model"]
-        reviser = _Reviser(config, constitution, ctx.templates(), backends, ctx.seed, ctx.seeds)
+        if config.judge:
+            from engine.lib.scoring import make_scorer
+
+            same = config.judge == config.model  # the critic judging itself: its backend is lent
+            judge = make_scorer(_judge_spec(config), inputs["judge"], ctx, backend=backends["model"] if same else None)
+        reviser = _Reviser(config, constitution, ctx.templates(), backends, ctx.seed, ctx.seeds, judge)
         out, stats = ctx.shards.map_rows(rows, reviser.shard, shard_size=config.shard_size, desc="revising")
     finally:
         for backend in {id(b): b for b in backends.values()}.values():
             backend.close()
+        if judge is not None:
+            judge.close()
     total: Counter[str] = Counter()
     for s in stats:
         total.update(s)
@@ -383,6 +468,8 @@ def run(config: Config, inputs, ctx) -> None:
     for reason, n in report["revisions"]["rejected"].items():
         if n:
             ctx.warn(f"{n} revisions were rejected as {reason}; the previous text was kept")
+    if total["judge_unparsed"]:
+        ctx.warn(f"the judge gave no parsable score {total['judge_unparsed']} times; those revisions were kept")
     if report["dropped"]["resimulate_empty_turn"]:
         ctx.warn(
             f"{report['dropped']['resimulate_empty_turn']} conversations got an empty regenerated turn and were dropped"

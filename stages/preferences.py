@@ -22,7 +22,8 @@ Methods:
   orders, as the CAI paper derives soft labels. Every judgment (kept or not) goes to
   `judgments.parquet`.
 - revision: rows of a critique_revise stage; for each revised turn, prompt = messages[:index],
-  chosen = the final text, rejected = the original, where they differ.
+  chosen = the final text, rejected = the original, where they differ (`prefer = "lower"`, a
+  control run, swaps them).
 - context_negative: for each selected assistant turn with earlier turns, the model answers the
   last user message alone (the system message kept, earlier turns dropped); that reply is
   rejected, the real turn chosen: pairs that teach the use of context.
@@ -82,7 +83,7 @@ USES = {
         "from_turn",
         "verdict",
     },
-    "revision": {"from_turn"},
+    "revision": {"from_turn", "prefer"},
     "context_negative": {"model", "temperature", "max_new_tokens", "from_turn"},
 }
 
@@ -100,7 +101,11 @@ class Config(StageConfig):
     )
     score: str = Field("score", description="best_vs_worst: the key in each row's `scores` (a judge stage's name).")
     min_margin: float = Field(1.0, gt=0, description="best_vs_worst: the least score gap between chosen and rejected.")
-    prefer: Literal["higher", "lower"] = Field("higher", description="best_vs_worst: which end of the score is better.")
+    prefer: Literal["higher", "lower"] = Field(
+        "higher",
+        description='best_vs_worst: which end of the score is better. revision: "lower" makes the original the '
+        "chosen reply and the revision the rejected one (a control run).",
+    )
     constitution: str | None = Ref(
         "constitution",
         default=None,
@@ -249,6 +254,8 @@ def _best_vs_worst(config: Config, rows: list[dict], ctx) -> tuple[list[dict], d
 
 def _revision(config: Config, rows: list[dict], ctx) -> tuple[list[dict], dict]:
     pairs, stats = revision_pairs(rows, config.from_turn)
+    if config.prefer == "lower":  # a control: the original preferred over its revision
+        pairs = [dict(p, chosen=p["rejected"], rejected=p["chosen"]) for p in pairs]
     if stats["rows_without_critique_revise"] == len(rows):
         raise RecipeError.single(
             f"stage '{ctx.stage}': no input row has meta.critique_revise.",

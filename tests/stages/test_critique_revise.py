@@ -129,6 +129,11 @@ class Scripted:
             if "(same)" in reply:
                 return f"Revised reply:\n{reply}", "stop"
             return f"Sure, here is the revised response:\n{reply} [rev]", "length" if "(cut)" in reply else "stop"
+        if system.startswith("You are a careful, impartial evaluator"):  # judge_pointwise.j2
+            reply = last.split("Reply to score:")[1].split("Judge the reply")[0]
+            if "(unscored)" in reply:
+                return "Hard to say.", "stop"
+            return f"Reasoning.\nScore: {3 if '(rev-worse)' in reply and '[rev]' in reply else 6}", "stop"
         if system.startswith("You are playing a person"):
             turn = re.search(r"Write user message (\d+) of (\d+)", last).group(1)
             scenario = re.search(r"Scenario: (.*)", last).group(1)
@@ -257,7 +262,7 @@ def test_every_assistant_turn_gets_an_exact_history(tmp_path, scripted):
     assert report["turns_selected"] == 5 and report["turns_revised"] == 5 and report["critiques"] == 10
     assert report["revisions"] == {
         "accepted": 10,
-        "rejected": dict.fromkeys(["empty", "runaway", "truncated", "unchanged", "empty_critique", "worse"], 0),
+        "rejected": dict.fromkeys(["empty", "runaway", "truncated", "unchanged", "empty_critique", "worse", "better"], 0),
     }
     assert {k: v for k, v in report["principles"].items() if v} == dict(drawn)
     # later turns are critiqued in a context holding the earlier revisions, system prompt included
@@ -310,7 +315,7 @@ def test_rejected_revisions_keep_the_previous_text_and_are_counted(tmp_path, scr
     assert len(revision_prompts) == 5  # no critique, no revision
     assert report["revisions"] == {
         "accepted": 1,
-        "rejected": {"empty": 1, "runaway": 1, "truncated": 1, "unchanged": 1, "empty_critique": 1, "worse": 0},
+        "rejected": {"empty": 1, "runaway": 1, "truncated": 1, "unchanged": 1, "empty_critique": 1, "worse": 0, "better": 0},
     }
     assert report["turns_revised"] == 1
 
@@ -352,6 +357,53 @@ def test_rewards_keep_only_revisions_that_score_at_least_as_well(tmp_path, scrip
     assert {h["principle"] for hs in hist.values() for h in hs} == set(report["by_principle"])
     assert sum(v["kept"] for v in report["by_principle"].values()) == report["revisions"]["accepted"]
     assert sum(v["rejected"].get("worse", 0) for v in report["by_principle"].values()) == 1
+    # a control run turns the gate around: only the revision that scores no better is kept
+    control = path.read_text().replace("[stages.rev.rewards]", 'prefer = "lower"\n[stages.rev.rewards]')
+    path.write_text(control)
+    out, report = stage_out(run(load_recipe(path), tmp_path / "runs"))
+    hist = {r["id"]: [t["history"][0] for t in r["meta"]["critique_revise"]["turns"]] for r in out}
+    assert [h["reason"] for h in hist["better"]] == ["better"] and [h["reason"] for h in hist["worse"]] == [None]
+    assert next(r for r in out if r["id"] == "worse")["messages"][-1]["content"].endswith("[rev]")
+
+
+def test_a_judge_gates_revisions_in_their_context(tmp_path, scripted):
+    """With `judge`, the judge scores the text a revision would replace and the revision (each in
+    its conversation); one it scores lower is rejected as worse, an unparsed score keeps it."""
+    srv, backend = scripted
+    rows = [
+        conv("Q?", "Plain answer.", id="kept"),  # 6 -> 6: kept
+        conv("Q?", "Risky answer (rev-worse).", id="worse"),  # 6 -> 3: rejected
+        conv("Q?", "Odd answer (unscored).", id="unscored"),  # no score: kept, counted
+    ]
+    path = project(
+        tmp_path,
+        srv.url,
+        """
+        [stages.rev]
+        kind = "critique_revise"
+        input = "convs"
+        model = "critic"
+        judge = "critic"
+        constitution = "short"
+    """,
+        rows,
+    )
+    out, report = stage_out(run(load_recipe(path), tmp_path / "runs"))
+    hist = {r["id"]: r["meta"]["critique_revise"]["turns"][0]["history"][0] for r in out}
+    assert hist["kept"]["reason"] is None and (hist["kept"]["score_before"], hist["kept"]["score_after"]) == (6, 6)
+    assert hist["worse"]["reason"] == "worse" and hist["worse"]["score_after"] == 3
+    assert hist["unscored"]["reason"] is None and hist["unscored"]["score_before"] is None
+    assert report["revisions"]["rejected"]["worse"] == 1
+    judged = [p for p in backend.prompts if p[0]["content"].startswith("You are a careful, impartial evaluator")]
+    assert len({p[-1]["content"] for p in judged}) == 6  # before and after of each; unparsed ones asked again
+    assert all("Conversation before the reply:" in p[-1]["content"] for p in judged)
+    # both gates at once is a validation error, as is a reversed gate with no gate
+    path.write_text(path.read_text() + "[stages.rev.rewards]\nmin_words = 1\n")
+    proc = run_cli_subprocess("validate", path)
+    assert proc.returncode == 2 and "stages.rev.judge: both a judge and [rewards] would gate" in proc.stderr
+    path.write_text(path.read_text().replace('judge = "critic"', 'prefer = "lower"').split("[stages.rev.rewards]")[0])
+    proc = run_cli_subprocess("validate", path)
+    assert proc.returncode == 2 and 'stages.rev.prefer: prefer = "lower" turns around a gate' in proc.stderr
 
 
 def test_resimulate_regenerates_what_follows_a_revised_turn(tmp_path, scripted):

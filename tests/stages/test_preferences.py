@@ -343,6 +343,10 @@ def test_revision_pairs(tmp_path):
     assert none == [] and report["pairs"] == 0 and report["unchanged"] >= 1
     with pytest.raises(RecipeError, match="no input row has meta.critique_revise"):
         run(load_recipe(project(tmp_path, [conv("u", "a", id="x")], stage)), tmp_path / "runs")
+    # a control run: the original is chosen over its revision
+    rec = run(load_recipe(project(tmp_path, REVISED, stage + 'prefer = "lower"\n')), tmp_path / "runs")
+    (swapped,), _ = pairs_of(rec)
+    assert swapped["chosen"][0]["content"] == "old two" and swapped["rejected"][0]["content"] == "new two"
 
 
 # --------------------------------------------------------------------------- context_negative
