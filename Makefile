@@ -17,7 +17,8 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# The flagship recipe (constitutional AI on multi-turn conversations), end to end, on the builtin model.
+# The flagship recipe (constitutional AI on multi-turn conversations), end to end, on SmolLM2-135M-Instruct
+# (builtin:smollm2-135m, built offline from the GGUF file set-up installs).
 run: setup
 	$(BIN)/recipe run recipes/caI_multiturn.toml
 

@@ -233,10 +233,12 @@ def make_training_project(root: Path, resources: str = "") -> Path:
 # their runs against, made once per test session (xdist workers share it under a lock).
 FLAGSHIP = ROOT / "recipes" / "caI_multiturn.toml"
 REDUCED_FLAGSHIP = (
-    "datasets.scenarios.limit=8",
-    "stages.chats.shard_size=2",
-    "stages.revised.shard_size=4",
-    "stages.best_of_n.shard_size=3",
+    "models.policy.path=builtin:tiny-chat",  # the smoke run: every stage of the shipped recipe, a random model
+    "datasets.single.limit=12",
+    "datasets.multi.limit=8",
+    "stages.best_single.shard_size=4",
+    "stages.best_multi.shard_size=3",
+    "stages.revised.shard_size=3",
     "stages.eval.max_items=2",
     "stages.eval.shard_size=8",
 )

@@ -191,13 +191,13 @@ def test_the_schema_names_the_wrong_key_and_accepts_partial_extends_children(cli
     validator = jsonschema.Draft202012Validator(schema)
     flagship = tomllib.loads((ROOT / "recipes" / "caI_multiturn.toml").read_text())
     assert not list(validator.iter_errors(flagship))
-    flagship["stages"]["clean_seeds"]["min_wrods"] = 3
+    flagship["stages"]["best_single"]["tempreature"] = 1.0
     errors = list(validator.iter_errors(flagship))
     assert errors and all("oneOf" not in e.message for e in errors)
-    assert any("min_wrods" in e.message for e in errors), [e.message for e in errors]
-    flagship["stages"]["clean_seeds"].pop("min_wrods")
-    flagship["stages"]["clean_seeds"]["kind"] = "filtre"
-    assert any("filtre" in e.message for e in validator.iter_errors(flagship))
+    assert any("tempreature" in e.message for e in errors), [e.message for e in errors]
+    flagship["stages"]["best_single"].pop("tempreature")
+    flagship["stages"]["best_single"]["kind"] = "rejection_sampel"
+    assert any("rejection_sampel" in e.message for e in validator.iter_errors(flagship))
     child = {"recipe": {"extends": "caI_multiturn.toml"}, "stages": {"sft": {"lr": 1e-4}}}
     assert not list(validator.iter_errors(child))
     child["stages"]["sft"]["lr"] = "fast"

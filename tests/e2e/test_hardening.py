@@ -155,7 +155,7 @@ def test_a_run_started_beside_another_says_how_to_share_the_cores(project, runs)
 
 @pytest.mark.slow
 def test_the_reduced_flagship_killed_twice_then_resumed_equals_an_uninterrupted_run(tmp_path, reduced_flagship):
-    """SIGKILL of the whole process group in the middle of generation and of critique-and-revise,
+    """SIGKILL of the whole process group in the middle of sharded sampling stages (twice),
     then `recipe run` again: every rows file and every weights file equals an uninterrupted run's,
     and the killed runs left nothing half-built behind."""
     import os
@@ -174,7 +174,7 @@ def test_the_reduced_flagship_killed_twice_then_resumed_equals_an_uninterrupted_
 
     runs = tmp_path / "killed"
     kills = 0
-    for ready in ("*/shard-000000", "*/shard-000001"):  # mid chats, then mid revised (new partial dirs)
+    for ready in ("*/shard-000000", "*/shard-000001"):  # mid best_single, then mid a later sharded stage
         proc = subprocess.Popen(
             command(runs),
             env=env,

@@ -13,10 +13,12 @@ from engine.load.loader import load_recipe
 from conftest import ROOT, run_cli_subprocess
 
 RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.toml"))
-# The alignment recipe and its control train a real model for about 20 minutes each at their
-# shipped sizes: tests/e2e/test_alignment.py runs them at reduced size, bench/alignment.py in full.
-# The flagship runs at reduced size once per session (conftest.reduced_flagship), checked below.
-QUICK = [p for p in RECIPES if not p.name.startswith("align_smollm2") and p.name != "caI_multiturn.toml"]
+# The alignment recipes, the flagship and their controls train a real model for many minutes each
+# at their shipped sizes: tests/e2e/test_alignment.py runs align_smollm2 at reduced size, the
+# flagship's smoke run (tiny-chat, reduced) runs once per session (conftest.reduced_flagship) and
+# is checked below, its control is checked against it, and bench/alignment.py and
+# bench/flagship.py run them in full.
+QUICK = [p for p in RECIPES if not p.name.startswith(("align_smollm2", "caI_multiturn"))]
 
 
 def test_there_are_shipped_recipes():
@@ -62,23 +64,26 @@ def _report(run_dir: Path, stage: str) -> dict:
 
 
 def check_flagship(run_dir: Path, runs: Path, name: str) -> None:
-    """Every step of the pipeline made something, and the eval compares base, SFT and DPO."""
+    """Every step of the pipeline made something, and the eval compares base and final."""
     from engine.data.rows import read_rows
 
     record = json.loads((run_dir / "record.json").read_text())
     assert all(s["status"] == "run" for s in record["stages"].values())
     revised = read_rows(run_dir / "stages" / "revised" / "rows.parquet")
-    history = revised[0]["meta"]["revisions"] if "revisions" in revised[0]["meta"] else revised[0]["meta"]
-    assert history, "critique_revise keeps its history in meta"
-    pairs = read_rows(run_dir / "stages" / "revision_pairs" / "rows.parquet")
-    assert pairs and all(p["prompt"][-1]["role"] == "user" for p in pairs)
+    assert revised and all(r["meta"]["critique_revise"]["turns"] for r in revised)  # the history of each turn
+    gate = _report(run_dir, "revised")
+    assert sum(v["kept"] + sum(v["rejected"].values()) for v in gate["by_principle"].values()) == gate["critiques"]
+    for stage in ("pairs_single", "pairs_multi"):  # on-policy pairs whose prompt ends where the reply is due
+        pairs = read_rows(run_dir / "stages" / stage / "rows.parquet")
+        assert pairs and all(p["prompt"][-1]["role"] == "user" for p in pairs)
+    assert any(len(p["prompt"]) > 1 for p in read_rows(run_dir / "stages" / "pairs_multi" / "rows.parquet"))
     assert _report(run_dir, "dpo")["reference"].endswith("with the LoRA adapter disabled (frozen base)")
-    assert [m["input"] for m in _report(run_dir, "dpo")["mixture"]] == ["revision_pairs", "best_of_n"]
-    assert _report(run_dir, "eval")["models"] == ["policy", "sft", "dpo"]
+    assert {m["input"] for m in _report(run_dir, "dpo")["mixture"]} <= {"pairs_single", "pairs_multi", "revision_pairs"}
+    assert _report(run_dir, "eval")["models"] == ["policy", "dpo"]
     md = (run_dir / "report.md").read_text()
-    assert "## Eval: eval" in md and "| metric | policy | sft | dpo |" in md and "builtin:tiny-chat" in md
+    assert "## Eval: eval" in md and "| metric | policy | dpo |" in md and "builtin:tiny-chat" in md
     shown = run_cli_subprocess("show", name, "eval", "-n", "0", "--runs-dir", runs)
-    assert shown.returncode == 0 and re.search(r"metric\s*┃\s*policy\s*┃\s*sft\s*┃\s*dpo", shown.stdout), shown.stdout
+    assert shown.returncode == 0 and re.search(r"metric\s*┃\s*policy\s*┃\s*dpo", shown.stdout), shown.stdout
 
 
 def check_rft(run_dir: Path, runs: Path, name: str) -> None:
@@ -124,3 +129,20 @@ def test_recipe_validates_and_plans_on_the_real_builtin_model(path: Path, tmp_pa
     assert plan.returncode == 0, plan.stderr
     assert {s["status"] for s in json.loads(plan.stdout)["stages"]} == {"run"}
     assert not (tmp_path / "runs" / "cache" / "builtin").exists()  # planning builds nothing
+
+
+@pytest.mark.parametrize("recipe", ["caI_multiturn", "align_smollm2"])
+def test_a_control_reverses_every_choice_and_changes_nothing_else(recipe):
+    """The control recipe differs from its recipe in `prefer` only, and reverses it in every stage
+    that makes a choice (best-of-n, revision gates, pairs)."""
+    main = load_recipe(ROOT / "recipes" / f"{recipe}.toml")
+    control = load_recipe(ROOT / "recipes" / f"{recipe}_control.toml")
+    assert main.stages.keys() == control.stages.keys() and main.models == control.models
+    choosing = 0
+    for name, stage in main.stages.items():
+        a, b = stage.config.model_dump(), control.stages[name].config.model_dump()
+        if "prefer" in a and (stage.kind != "critique_revise" or a.get("rewards") or a.get("judge")):
+            choosing += 1
+            assert (a["prefer"], b["prefer"]) == ("higher", "lower"), name
+        assert {k: v for k, v in a.items() if k != "prefer"} == {k: v for k, v in b.items() if k != "prefer"}, name
+    assert choosing >= 2
