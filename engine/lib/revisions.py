@@ -7,7 +7,15 @@ import re
 
 from engine.core.text import normalize, word_count
 
-REASONS = ("empty", "runaway", "truncated", "unchanged", "empty_critique", "worse", "better")  # why a revision is rejected
+REASONS = (
+    "empty",
+    "runaway",
+    "truncated",
+    "unchanged",
+    "empty_critique",
+    "worse",
+    "better",
+)  # why a revision is rejected
 
 _ADJ = r"(?:revised|improved|updated|rewritten|edited|corrected|refined|better|new|final|more\s+\w+)"
 _NOUN = r"(?:response|reply|answer|version|revision|rewrite|draft|text|message)"

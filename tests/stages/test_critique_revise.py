@@ -262,7 +262,9 @@ def test_every_assistant_turn_gets_an_exact_history(tmp_path, scripted):
     assert report["turns_selected"] == 5 and report["turns_revised"] == 5 and report["critiques"] == 10
     assert report["revisions"] == {
         "accepted": 10,
-        "rejected": dict.fromkeys(["empty", "runaway", "truncated", "unchanged", "empty_critique", "worse", "better"], 0),
+        "rejected": dict.fromkeys(
+            ["empty", "runaway", "truncated", "unchanged", "empty_critique", "worse", "better"], 0
+        ),
     }
     assert {k: v for k, v in report["principles"].items() if v} == dict(drawn)
     # later turns are critiqued in a context holding the earlier revisions, system prompt included
@@ -315,7 +317,15 @@ def test_rejected_revisions_keep_the_previous_text_and_are_counted(tmp_path, scr
     assert len(revision_prompts) == 5  # no critique, no revision
     assert report["revisions"] == {
         "accepted": 1,
-        "rejected": {"empty": 1, "runaway": 1, "truncated": 1, "unchanged": 1, "empty_critique": 1, "worse": 0, "better": 0},
+        "rejected": {
+            "empty": 1,
+            "runaway": 1,
+            "truncated": 1,
+            "unchanged": 1,
+            "empty_critique": 1,
+            "worse": 0,
+            "better": 0,
+        },
     }
     assert report["turns_revised"] == 1
 
