@@ -10,7 +10,7 @@ user_model and assistant_model); gives `conversations`: the revised conversation
                 "history": [{"round": r, "principle": id, "critique": text, "revision": text,
                              "accepted": bool, "reason": None | "empty" | "runaway" |
                              "truncated" | "unchanged" | "empty_critique" | "worse" | "better",
-                             "score_before", "score_after": with `rewards`}]}]}
+                             "score_before", "score_after": with `rewards` or a `judge`}]}]}
 
 A later stage can build (prompt = messages[:index], chosen = final, rejected = original) pairs.
 
@@ -25,7 +25,9 @@ are stripped) and rejected, keeping the previous text, when it is empty, runaway
 the original's words + 50), truncated (hit max_new_tokens) or unchanged. With `[rewards]` (the
 rule rewards of engine/lib/rewards.py) a revision is also rejected as "worse" when it scores
 below the text it would replace, so a weak critic cannot make a turn worse; the row's `expected`
-may be one value or one per assistant turn. `prefer = "lower"` turns the gate around (a control
+may be one value or one per assistant turn. With `judge` (a model; instead of `[rewards]`) the
+gate is the judge's 1-10 score of each text in its conversation (judge_template); an unparsed
+score keeps the revision and is counted. `prefer = "lower"` turns either gate around (a control
 run keeps only revisions that score no better, rejecting the others as "better"). The report counts, per principle, the revisions
 kept and those rejected, by reason. Each round critiques the latest text. All rows of a shard go through one backend call per turn,
 round and step.
@@ -340,7 +342,7 @@ class _Reviser:
                     text, reason = assessed[j]
                     if j in gate:  # never worse than the text it replaces (or, in a control, never better)
                         before, after = scores["score_before"], scores["score_after"] = gate[j]
-                        if before is not None and after is not None and after != before:
+                        if before is not None and after is not None:
                             if cfg.prefer == "higher" and after < before:
                                 reason = "worse"
                             elif cfg.prefer == "lower" and after > before:
