@@ -108,7 +108,7 @@ def problems(recipe: Recipe) -> list[Problem]:
         config = stage.config
         limits = {
             f: getattr(config, f)
-            for f in ("max_new_tokens", "judge_max_new_tokens")
+            for f in ("max_new_tokens", "judge_max_new_tokens", "max_completion_length")
             if isinstance(getattr(config, f, None), int)
         }
         if not limits:
@@ -123,6 +123,8 @@ def problems(recipe: Recipe) -> list[Problem]:
                 key = (
                     "judge_max_new_tokens"
                     if fname in ("judge", "judge_model") and "judge_max_new_tokens" in limits
+                    else "max_completion_length"
+                    if "max_completion_length" in limits
                     else "max_new_tokens"
                 )
                 if ctx is None or key not in limits or limits[key] < ctx:

@@ -213,6 +213,8 @@ def print_stage(out: Console, run_dir: Path, stage: str, n_rows: int) -> None:
                 for ex in examples:
                     detail = escape(printable(f"{ex.get('id')}: {ex.get('detail')}"))
                     out.print(f"  [dim]{escape(rule)}[/] {detail}", markup=True)
+            for line in (hook(module, "summary_notes") or (lambda r: []))(report):
+                out.print(printable(line), markup=False)
         else:
             out.print_json(json.dumps(report))
     if round_of(stage):

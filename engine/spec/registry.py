@@ -23,6 +23,7 @@ BUILTIN = {
     "eval": "stages.eval",
     "rejection_sample": "stages.rejection_sample",
     "preferences": "stages.preferences",
+    "grpo": "stages.grpo",
 }
 
 ENTRY_POINT_GROUP = "recipe.stages"
