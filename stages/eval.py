@@ -58,6 +58,7 @@ FILE_FIELDS = {
     "sycophancy": "sycophancy_file",
     "helpfulness": "helpfulness_file",
     "diversity": "heldout_file",
+    "arithmetic": "arithmetic_file",
 }
 JUDGE_VARS = {
     "refusal_template": {"conversation"},
@@ -81,7 +82,9 @@ class Config(StageConfig):
         "model", default=None, description="Judge model: refusal and harm verdicts, helpfulness scores."
     )
     suites: list[Suite] = Field(
-        default_factory=lambda: list(evalsuites.NAMES), min_length=1, description="Suites to run."
+        default_factory=lambda: list(evalsuites.DEFAULT),
+        min_length=1,
+        description="Suites to run (default: all but arithmetic).",
     )
     safety_file: str | None = PathField(None, description="Multi-turn safety scenarios (JSONL); " + _shipped("safety"))
     benign_multiturn_file: str | None = PathField(
@@ -98,6 +101,9 @@ class Config(StageConfig):
     )
     heldout_file: str | None = PathField(
         None, description="Held-out conversations for diversity and perplexity (JSONL); " + _shipped("diversity")
+    )
+    arithmetic_file: str | None = PathField(
+        None, description="Held-out arithmetic problems with answers (JSONL); " + _shipped("arithmetic")
     )
     max_items: int | None = Field(None, ge=1, description="Use only the first N items of each suite (quick runs).")
     system_prompt: str | None = Field(None, description="A system message before every conversation.")

@@ -541,6 +541,31 @@ def _plots(out: Path, steps: list[dict], names: list[str], title: str) -> list[s
 # --------------------------------------------------------------------------- show
 
 
+def report(name: str, entry: Path) -> list:
+    """The run report's section: the reward and training curves, and greedy completions of the
+    first prompts before and after training."""
+    from engine.core.document import Grid, Heading, Image, Para
+
+    try:
+        data = json.loads((entry / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    blocks: list = [Heading(f"Online RL: {name}", 3)]
+    for png, caption in (("rewards.png", "mean reward per step"), ("training.png", "KL, length, share cut")):
+        if (entry / png).is_file():
+            blocks.append(Image(f"{name}_{png}", (entry / png).read_bytes(), f"{name}: {caption}"))
+    rows = [
+        [e["prompt"][-1]["content"] if e.get("prompt") else "", e.get("before", ""), e.get("after", "")]
+        for e in data.get("completions") or []
+    ]
+    if rows:
+        blocks += [
+            Para(f"Greedy completions of the first {len(rows)} prompts, before and after training."),
+            Grid(["last user turn", "before", "after"], rows),
+        ]
+    return blocks
+
+
 def summary(report: dict) -> list[tuple[str, str]]:
     fl = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     first, final = report.get("first") or {}, report.get("final") or {}

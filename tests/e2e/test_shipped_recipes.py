@@ -17,8 +17,10 @@ RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.toml"))
 # at their shipped sizes: tests/e2e/test_alignment.py runs align_smollm2 at reduced size, the
 # flagship's smoke run (tiny-chat, reduced) runs once per session (conftest.reduced_flagship) and
 # is checked below, its control is checked against it, and bench/alignment.py and
-# bench/flagship.py run them in full.
-QUICK = [p for p in RECIPES if not p.name.startswith(("align_smollm2", "caI_multiturn"))]
+# bench/flagship.py run them in full. The GRPO recipes run below on tiny-chat at a few steps;
+# bench/grpo.py runs grpo_arithmetic in full.
+QUICK = [p for p in RECIPES if not p.name.startswith(("align_smollm2", "caI_multiturn", "grpo_"))]
+GRPO_SMOKE = ["models.policy.path=builtin:tiny-chat", "stages.rl.max_steps=2", "stages.eval.max_items=6"]
 
 
 def test_there_are_shipped_recipes():
@@ -44,6 +46,23 @@ def test_recipe_runs_end_to_end_and_then_is_cached(path: Path, tmp_path):
     run_dir = (runs / name / "latest").resolve()
     assert (run_dir / "report.md").is_file() and (run_dir / "report.html").is_file()
     CHECKS.get(path.name, lambda *a: None)(run_dir, runs, name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["grpo_arithmetic.toml", "grpo_safety.toml"])
+def test_a_grpo_recipe_runs_as_a_smoke_run_with_its_rewards_logged(name: str, tmp_path):
+    path, runs = ROOT / "recipes" / name, tmp_path / "runs"
+    sets = [a for s in GRPO_SMOKE for a in ("--set", s)]
+    out = run_cli_subprocess("run", path, "--runs-dir", runs, *sets, timeout=600)
+    assert out.returncode == 0, out.stderr
+    run_dir = (runs / load_recipe(path).name / "latest").resolve()
+    steps = json.loads((run_dir / "stages" / "rl" / "metrics.json").read_text())["steps"]
+    reward = "math_answer" if name == "grpo_arithmetic.toml" else "rule_reward"
+    assert len(steps) == 2 and all(s[f"rewards/{reward}/mean"] is not None for s in steps)
+    metrics = json.loads((run_dir / "stages" / "eval" / "metrics.json").read_text())
+    suite = "arithmetic_accuracy" if name == "grpo_arithmetic.toml" else "adversarial_refusal"
+    assert all(suite in m["headline"] for m in metrics["per_model"].values())
+    assert suite in metrics["comparisons"]["rl"]
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ from engine.data.rows import read_rows
 from engine.lib.evals import items as suite_items
 from engine.lib.evals import metrics as evalmetrics
 from engine.lib.evals import runners, suites
+from engine.lib.evals import stats as evalstats
 from engine.lib.prompts import Templates
 from engine.lib.scoring import parse_score
 from engine.load.loader import load_recipe
@@ -735,3 +736,23 @@ def test_a_killed_eval_resumes_to_the_rows_of_an_uninterrupted_run(tmp_path):
     metrics = json.loads((runs / "evres" / "latest" / "stages" / "ev" / "metrics.json").read_text())
     ppl = metrics["per_model"]["policy"]["diversity"]["perplexity"]
     assert math.isfinite(ppl) and ppl > 1
+
+
+def test_the_arithmetic_suite_counts_a_reply_right_by_its_last_number_and_compares_models():
+    items = [
+        {"id": "x1", "prompt": "What is 2 + 3?", "answer": "5"},
+        {"id": "x2", "prompt": "What is 10 - 4?", "answer": "6"},
+        {"id": "x3", "prompt": "What is -2 * 4?", "answer": "-8"},
+    ]
+    right = {"What is 2 + 3?": "2 + 3 = 5.", "What is 10 - 4?": "It is 6", "What is -2 * 4?": "-2 times 4 is -8"}
+    good = suites.run_arithmetic(items, gen(lambda m: right[m[-1]["content"]]))
+    bad = suites.run_arithmetic(items, gen(lambda m: "5, so 7"))  # the last number decides
+    assert [r["meta"]["correct"] for r in good] == [True, True, True]
+    assert [r["meta"]["correct"] for r in bad] == [False, False, False]
+    assert evalmetrics.arithmetic_metrics(good) == {"n": 3, "accuracy": 1.0}
+    for rows, model in ((good, "final"), (bad, "base")):
+        for r in rows:
+            r["model"] = model
+    assert evalstats.headline(bad)["arithmetic_accuracy"]["rate"] == 0.0
+    assert evalstats.compare(bad, good)["arithmetic_accuracy"]["difference"] == 1.0
+    assert "arithmetic" not in suites.DEFAULT  # run only when a recipe names it

@@ -17,6 +17,9 @@ Five suites, each a JSONL file (shipped under `recipes/data/eval/`, or the recip
   apology rate (an apology phrase after the challenge or the pushback).
 - helpfulness (`helpfulness.jsonl`): the judge scores 1-10 (judge_pointwise.j2) the reply to a
   single prompt, or the second reply of a two-turn item. Needs a judge.
+- arithmetic (`arithmetic_heldout.jsonl`, not run unless named in `suites`): held-out arithmetic
+  problems with a numeric answer -> accuracy (the last number of the reply equals the answer, the
+  math_answer verifier's rule): the held-out check of a math recipe (grpo_arithmetic.toml).
 - diversity (`heldout_conversations.jsonl`): the model answers each held-out conversation's
   last user turn; distinct-1/2 and length spread are over every reply the model gave in the
   eval, and perplexity is over the assistant tokens of the held-out conversations (local hf
@@ -74,6 +77,11 @@ class RefusalItem(_Item):
     prompt: str = Field(min_length=1)
     label: Literal["adversarial", "benign"]
     category: str = ""
+
+
+class ArithmeticItem(_Item):
+    prompt: str = Field(min_length=1)
+    answer: str = Field(pattern=r"^-?\d+(\.\d+)?$")
 
 
 class SycophancyItem(_Item):

@@ -115,6 +115,10 @@ def refusal_metrics(rows: list[dict]) -> dict:
     }
 
 
+def arithmetic_metrics(rows: list[dict]) -> dict:
+    return {"n": len(rows), "accuracy": rate([r["meta"]["correct"] for r in rows])}
+
+
 def sycophancy_metrics(rows: list[dict]) -> dict:
     metas = [r["meta"] for r in rows]
     first_right = [m for m in metas if m["correct"][0]]
@@ -243,6 +247,7 @@ def metric_table(
         "sycophancy: flip rate": "sycophancy_flip",
         "sycophancy: apology rate": "sycophancy_apology",
         "sycophancy: final accuracy": "sycophancy_final_accuracy",
+        "arithmetic: held-out accuracy": "arithmetic_accuracy",
     }
     if judged:
         spec.append(("safety: harmful replies from harmful turn (judge)", lambda m: m["safety"]["harm_from_harmful"]))
@@ -263,6 +268,7 @@ def metric_table(
         ("sycophancy: flip rate", lambda m: m["sycophancy"]["flip_rate"]),
         ("sycophancy: apology rate", lambda m: m["sycophancy"]["apology_rate"]),
         ("sycophancy: final accuracy", lambda m: m["sycophancy"]["final_accuracy"]),
+        ("arithmetic: held-out accuracy", lambda m: m["arithmetic"]["accuracy"]),
         (
             "helpfulness: mean score (1-10)",
             lambda m: m["helpfulness"].get("mean_score", m["helpfulness"].get("status")),

@@ -187,6 +187,7 @@ def glance_blocks(metrics: dict) -> list[Block]:
         "safety_refusal_before_harmful": "multi-turn: refusal before the harmful turn (lower is better)",
         "multiturn_benign_over_refusal": "multi-turn: over-refusal in benign conversations (lower is better)",
         "sycophancy_flip": "sycophancy: flip rate under pushback (lower is better)",
+        "arithmetic_accuracy": "arithmetic: held-out accuracy (higher is better)",
     }
     rows = [
         [

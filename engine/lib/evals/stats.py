@@ -35,6 +35,7 @@ HEADLINE = (
     "safety_refusal_before_harmful",
     "multiturn_benign_over_refusal",
     "sycophancy_flip",
+    "arithmetic_accuracy",
 )
 DISCRIMINATION = ("adversarial_refusal", "benign_over_refusal")
 # every other rate of the eval table, with an interval too (judge verdicts only where a judge ran)
@@ -92,6 +93,8 @@ def clusters(rows: list[dict]) -> dict[str, dict[str, list[bool]]]:
             out["sycophancy_initial_accuracy"][item] = [bool(meta["correct"][0])]
             out["sycophancy_final_accuracy"][item] = [bool(meta["correct"][-1])]
             out["sycophancy_apology"][item] = [bool(meta["apology"])]
+        elif r["suite"] == "arithmetic":
+            out["arithmetic_accuracy"][item] = [bool(meta["correct"])]
     return {k: v for k, v in out.items() if any(v.values())}
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from engine.lib.evals import metrics, runners
 from engine.lib.evals.items import (
+    ArithmeticItem,
     BenignConversationItem,
     HeldoutItem,
     HelpfulnessItem,
@@ -41,6 +42,7 @@ class Suite:
     run: Callable[[list[dict], runners.Gen, Play], list[dict]]  # items -> rows, one per item
     metrics: Callable[[list[dict]], dict] | None  # one model's rows of this suite -> its metrics
     needs_judge: bool = False  # skipped (and named missing) without a judge
+    default: bool = True  # run when a recipe names no suites
 
 
 SUITES: dict[str, Suite] = {
@@ -81,8 +83,37 @@ SUITES: dict[str, Suite] = {
         lambda items, gen, play: runners.run_diversity(items, gen, play.perplexity),
         None,
     ),
+    "arithmetic": Suite(
+        "arithmetic_heldout.jsonl",
+        ArithmeticItem,
+        lambda items, gen, play: run_arithmetic(items, gen),
+        metrics.arithmetic_metrics,
+        default=False,
+    ),
 }
 NAMES = tuple(SUITES)  # in the order the eval runs them
+DEFAULT = tuple(name for name, suite in SUITES.items() if suite.default)
+
+
+def run_arithmetic(items: list[dict], gen: runners.Gen) -> list[dict]:
+    """One reply per problem; correct when its last number equals the answer (math_answer's rule)."""
+    from engine.lib.verifiers import math_answer
+
+    convs = [[{"role": "user", "content": it["prompt"]}] for it in items]
+    for c, text in zip(convs, gen.reply(convs, 0, [it["id"] for it in items])):
+        c.append({"role": "assistant", "content": text})
+    return [
+        {
+            "suite": "arithmetic",
+            "item_id": it["id"],
+            "messages": c,
+            "meta": {
+                "answer": it["answer"],
+                "correct": math_answer({"messages": c, "meta": {"answer": it["answer"]}}) == 1.0,
+            },
+        }
+        for it, c in zip(items, convs)
+    ]
 
 
 def load_suite(suite: str, path: str | Path, limit: int | None = None) -> list[dict]:
