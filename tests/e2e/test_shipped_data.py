@@ -34,11 +34,13 @@ FILES = {  # path -> id prefix
     EVAL / "sycophancy.jsonl": "syc",
     EVAL / "helpfulness.jsonl": "help",
     EVAL / "heldout_conversations.jsonl": "held",
+    EVAL / "arithmetic_heldout.jsonl": "arith",
     DATA / "scenarios.jsonl": "scn",
     DATA / "arithmetic.jsonl": "math",
     DATA / "arithmetic_sft.jsonl": "mathsft",
     DATA / "safety_prompts.jsonl": "train",
     DATA / "multiturn_safety_train.jsonl": "mtrain",
+    DATA / "role_play_openers.jsonl": "opener",
 }
 PLAIN_MATH = re.compile(r"^(?:What is(?: the value of)?|Compute|Calculate|Evaluate) ([-0-9+*/() ]+)[?.]$")
 
@@ -294,6 +296,26 @@ def test_arithmetic():
     assert_distinct([r["prompt"] for r in data if not PLAIN_MATH.match(r["prompt"])], "word problems")
 
 
+def test_arithmetic_heldout_is_right_and_unseen():
+    """The eval's arithmetic suite (grpo_arithmetic.toml's held-out check): plain expressions
+    recomputed, no prompt of the training problems."""
+    data = rows("arithmetic_heldout.jsonl")
+    assert len(data) >= 50
+    plain = 0
+    for r in data:
+        assert set(r) == {"id", "prompt", "answer"} and nonempty_str(r["prompt"]), r["id"]
+        m = PLAIN_MATH.match(r["prompt"])
+        if m:
+            plain += 1
+            assert evaluate(m.group(1)) == int(r["answer"]), (r["id"], r["prompt"], r["answer"])
+    assert plain >= 20 and len(data) - plain >= 20, plain
+    training = [r["prompt"] for r in rows("arithmetic.jsonl")]
+    assert_distinct([r["prompt"] for r in data] + training, "held-out vs training arithmetic", near=False)
+    assert_distinct(
+        [r["prompt"] for r in data + rows("arithmetic.jsonl") if not PLAIN_MATH.match(r["prompt"])], "word problems"
+    )
+
+
 def test_arithmetic_sft_answers_the_first_problems():
     """The format warm-up of rft_verifier.toml: problems 1-70 answered "The answer is N."; the
     other 35 stay unseen."""
@@ -335,6 +357,25 @@ def test_safety_prompts_label_what_a_good_assistant_does():
         t for r in rows("safety_multiturn.jsonl") for t in r["turns"]
     }
     assert_distinct([r["prompt"] for r in data] + sorted(held_out), "training vs eval prompts")
+
+
+def test_role_play_openers_are_answered_in_the_role():
+    """The flagship's role-play openers: benign, with a written in-role reply (not a refusal) and
+    an over-refusal the detector reads as one; none repeats an eval turn or a training prompt."""
+    from engine.core.text import is_refusal
+
+    data = rows("role_play_openers.jsonl")
+    assert len(data) >= 20
+    for r in data:
+        assert set(r) == {"id", "prompt", "expected", "category", "written", "over_refusal"}, r["id"]
+        assert r["expected"] == "comply" and r["category"] == "role_play", r["id"]
+        assert not is_refusal(r["written"]) and is_refusal(r["over_refusal"]), r["id"]
+    assert load_rows(str(DATA / "role_play_openers.jsonl"), name="o", type="prompts").dropped == {}
+    held_out = {
+        t for name in ("safety_multiturn.jsonl", "benign_multiturn.jsonl") for r in rows(name) for t in r["turns"]
+    }
+    held_out |= {r["prompt"] for r in rows("refusal.jsonl")} | {r["prompt"] for r in rows("safety_prompts.jsonl")}
+    assert_distinct([r["prompt"] for r in data] + sorted(held_out), "role-play openers vs eval and training prompts")
 
 
 def test_multiturn_safety_train_says_what_each_turn_should_do():
