@@ -354,10 +354,10 @@ def run(config: Config, inputs: dict, ctx) -> None:
     trainer.train(resume_from_checkpoint=last)
     elapsed = time.perf_counter() - started
 
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)  # before a merge
     save_model(trainer, tok, ctx, model_art, config.lora, config.merge)
     steps = step_metrics(trainer.state.log_history, REWARD_KEYS + EXTRA_KEYS[config.kind], timing)
     first, final = (steps[0], steps[-1]) if steps else ({}, {})
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     if ctx.is_main:
         # timings belong here, not in report.json: two runs of the same stage write the same report
         ctx.save_json("metrics.json", {"steps": steps, "train_seconds": round(elapsed, 2)})

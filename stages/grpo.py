@@ -396,6 +396,7 @@ def run(config: Config, inputs: dict, ctx) -> None:
     check_lora_targets(model, config.lora, ctx)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    _check_end_of_turn(tok, ctx)
     prompts = [[{"role": m["role"], "content": m["content"]} for m in prompt_messages(r)] for r in rows]
     dataset = Dataset.from_list(
         [
@@ -456,6 +457,7 @@ def run(config: Config, inputs: dict, ctx) -> None:
         for s in scorers:
             s.close()
 
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)  # before a merge
     save_model(trainer, tok, ctx, inputs["model"], config.lora, config.merge)
     keys = STEP_KEYS + tuple(f"rewards/{n}/mean" for n in names)
     steps = step_metrics(trainer.state.log_history, keys, timing)
@@ -483,7 +485,7 @@ def run(config: Config, inputs: dict, ctx) -> None:
                 "steps": trainer.state.global_step,
                 "first": {k: first.get(k) for k in keys},
                 "final": {k: final.get(k) for k in keys},
-                "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+                "trainable_params": trainable,
                 "lora": config.lora.model_dump() if config.lora else None,
                 "merged": bool(config.lora and config.merge),
                 "resumed_from": Path(last).name if last else None,
@@ -496,6 +498,21 @@ def run(config: Config, inputs: dict, ctx) -> None:
         )
     del trainer
     release(model)
+
+
+def _check_end_of_turn(tok, ctx) -> None:
+    """TRL ends a completion (and its loss mask) at the tokenizer's eos token: a chat template whose
+    assistant turns end with another token would have every completion run on past its turn."""
+    from engine.models.chatmask import stop_token_ids
+
+    others = [i for i in stop_token_ids(tok) if i != tok.eos_token_id]
+    if others:
+        marker = tok.convert_ids_to_tokens(others[0])
+        ctx.warn(
+            f"the chat template ends assistant turns with {marker!r} but the tokenizer's eos token is "
+            f"{tok.eos_token!r}: TRL stops completions at eos only, so they may run past the end of the turn "
+            f"(give the model's tokenizer eos_token = {marker!r})"
+        )
 
 
 def _step_clock(seconds: dict[int, float]):

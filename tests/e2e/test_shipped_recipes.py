@@ -59,6 +59,8 @@ def test_a_grpo_recipe_runs_as_a_smoke_run_with_its_rewards_logged(name: str, tm
     steps = json.loads((run_dir / "stages" / "rl" / "metrics.json").read_text())["steps"]
     reward = "math_answer" if name == "grpo_arithmetic.toml" else "rule_reward"
     assert len(steps) == 2 and all(s[f"rewards/{reward}/mean"] is not None for s in steps)
+    report = json.loads((run_dir / "stages" / "rl" / "report.json").read_text())
+    assert report["merged"] and report["trainable_params"] > 0  # the adapter's, counted before the merge
     metrics = json.loads((run_dir / "stages" / "eval" / "metrics.json").read_text())
     suite = "arithmetic_accuracy" if name == "grpo_arithmetic.toml" else "adversarial_refusal"
     assert all(suite in m["headline"] for m in metrics["per_model"].values())
@@ -97,7 +99,12 @@ def check_flagship(run_dir: Path, runs: Path, name: str) -> None:
         assert pairs and all(p["prompt"][-1]["role"] == "user" for p in pairs)
     assert any(len(p["prompt"]) > 1 for p in read_rows(run_dir / "stages" / "pairs_multi" / "rows.parquet"))
     assert _report(run_dir, "dpo")["reference"].endswith("with the LoRA adapter disabled (frozen base)")
-    assert {m["input"] for m in _report(run_dir, "dpo")["mixture"]} <= {"pairs_single", "pairs_multi", "revision_pairs"}
+    assert {m["input"] for m in _report(run_dir, "dpo")["mixture"]} <= {
+        "pairs_single",
+        "pairs_openers",
+        "pairs_multi",
+        "revision_pairs",
+    }
     assert _report(run_dir, "eval")["models"] == ["policy", "dpo"]
     md = (run_dir / "report.md").read_text()
     assert "## Eval: eval" in md and "| metric | policy | dpo |" in md and "builtin:tiny-chat" in md

@@ -135,6 +135,9 @@ def test_grpo_trains_on_the_recipes_scorers_and_reports_each_reward(tmp_path, cl
     assert len(report["completions"]) == 4 and {"before", "after", "prompt"} <= set(report["completions"][0])
     assert {"rewards.png", "training.png", "loss.png"} <= {p.name for p in out.iterdir()}
     assert (out / "model" / "model.safetensors").exists()
+    from engine.report.runreport import write_run_report
+
+    write_run_report(record.dir)
     md = (record.dir / "report.md").read_text()
     assert "Online RL: rl" in md and "rl_rewards.png" in md and "before" in md
     shown = cli("show", "rl", "rl", "--runs-dir", tmp_path / "runs")
