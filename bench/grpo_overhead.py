@@ -99,7 +99,19 @@ def main() -> None:
     recipe = ROOT / "recipes" / "grpo_arithmetic.toml"
     sets = [*args.sets, f"stages.rl.max_steps={args.steps}", f"recipe.name=grpo-overhead-{args.steps}"]
     runs = args.runs_dir or Path(tempfile.mkdtemp(prefix="grpo-overhead-"))
-    cmd = [sys.executable, "-m", "engine.cli", "run", str(recipe), "--runs-dir", str(runs), "--only", "rl"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "engine.cli",
+        "run",
+        str(recipe),
+        "--runs-dir",
+        str(runs),
+        "--only",
+        "rl",
+        "--force",
+        "rl",
+    ]
     for s in sets:
         cmd += ["--set", s]
     subprocess.run([*cmd, "--dry-run"], check=True, cwd=ROOT, capture_output=True)
@@ -118,7 +130,7 @@ def main() -> None:
     r = load_recipe(recipe, sets=sets)
     run_dir = (runs / r.name / "latest").resolve()
     stage_train = json.loads((run_dir / "stages" / "rl" / "metrics.json").read_text())["train_seconds"]
-    trl_train = plain_trl(folder, r.stages["rl"].config, args.steps, r.seed)
+    trl_train = plain_trl(folder, r.stages["rl"].config, args.steps, r.meta.seed)
     print(
         f"{args.steps} steps: stage {stage_train:.1f} s training ({stage_wall:.1f} s wall, with loading, the "
         f"before/after completions and saving), plain TRL {trl_train:.1f} s training; "
