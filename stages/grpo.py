@@ -250,8 +250,7 @@ def _reward_uses(reward: Reward) -> set[str]:
         "rules": {"rule"},
         "rule_reward": {"rules"},
         "function": {"function"},
-        "pairwise": set(),
-    }.get(reward.scorer, set())
+    }[reward.scorer]
 
 
 def uses(config: Config) -> tuple[set[str], str]:
