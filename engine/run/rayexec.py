@@ -64,7 +64,8 @@ def _ray():
 
 
 def connect(address: str | None) -> Any:
-    """Join the cluster at `address` (or RAY_ADDRESS), else start a local one; idempotent."""
+    """Join the cluster at `address` (or RAY_ADDRESS), else the one `ray start` began on this machine (Ray's
+    own lookup), else start a local one; idempotent."""
     ray = _ray()
     if not ray.is_initialized():
         root = str(Path(__file__).resolve().parents[2])

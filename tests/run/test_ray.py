@@ -95,8 +95,12 @@ def project(root: Path) -> Path:
 def start(**env) -> None:
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(
-        num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": fault_env(**env)}
+    ray.init(  # "local": a cluster of its own, never the latest one another test (xdist worker) started
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": fault_env(**env)},
     )  # workers load the fault seam (armed by `env`)
 
 
