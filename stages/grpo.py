@@ -207,10 +207,14 @@ def check(name: str, config: Config, recipe) -> list[Problem]:
     inputs = config.input if isinstance(config.input, list) else [config.input]
     for i, (reward, rname) in enumerate(zip(config.rewards, reward_names(config))):
         spec = scorer_spec(reward, rname)
-        for source in inputs:
-            problems += scorer_problems(
+        found = [
+            p
+            for source in inputs
+            for p in scorer_problems(
                 f"{name}.rewards", spec, recipe, model=config.judge_model, model_key="judge_model", input=source
             )
+        ]
+        problems += [p for i, p in enumerate(found) if p not in found[:i]]  # a template problem once, not per input
         unused = sorted(reward.model_fields_set - _reward_uses(reward))
         problems += [
             Problem(

@@ -97,6 +97,21 @@ def test_validate_rejects_what_run_would(tmp_path, cli, change, expected):
     assert "Traceback" not in result.output
 
 
+def test_a_reward_template_problem_is_named_once_for_a_mixture(tmp_path, cli):
+    path = make(tmp_path)
+    write_jsonl(path.parent / "data" / "more.jsonl", [{"id": "q1", "prompt": "What is 2 + 2?", "answer": "4"}])
+    text = path.read_text().replace('input = "math"', 'input = ["math", "more"]\nweights = [1.0, 1.0]')
+    text = text.replace(
+        '{ scorer = "function", function = "math_answer" },',
+        '{ scorer = "function", function = "math_answer" }, { scorer = "llm", template = "missing_judge.j2" },',
+    )
+    text += '\n[datasets.more]\npath = "data/more.jsonl"\ntype = "prompts"\n'
+    path.write_text(text.replace("[stages.rl]", '[stages.rl]\njudge_model = "policy"'))
+    result = cli("validate", path)
+    assert result.exit_code == 2, result.output
+    assert result.output.count("template 'missing_judge.j2' not found") == 1, result.output
+
+
 def test_a_shipped_recipe_shape_validates(tmp_path, cli):
     result = cli("validate", make(tmp_path))
     assert result.exit_code == 0, result.output
