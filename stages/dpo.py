@@ -34,6 +34,7 @@ from typing import Literal
 from pydantic import Field
 
 from engine.core.errors import Problem
+from engine.lib.lengths import LengthReport, chat_ids, check_length_drops, fit_context, max_dropped_field
 from engine.lib.pairs import unpaired
 from engine.lib.trainer import (
     checkpoint_dir,
@@ -50,13 +51,10 @@ from engine.lib.trainer import (
 )
 from engine.lib.training import (
     REWARD_KEYS,
-    LengthReport,
     TrainingConfig,
     batch_problems,
     batch_split,
-    chat_ids,
     check_lora_targets,
-    fit_context,
     load_weights,
     lora_config,
     mixture_line,
@@ -142,6 +140,7 @@ class Config(TrainingConfig):
         description="Pairs over max_length: drop them, drop the prompt's earliest turns, or cut the "
         "prompt's earliest turns' text. The replies are never cut.",
     )
+    max_dropped: float = max_dropped_field()
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of steps for linear warmup.")
 
 
@@ -322,6 +321,7 @@ def run(config: Config, inputs: dict, ctx) -> None:
             f"{lengths.over_length} of {len(rows)} pairs exceed max_length {config.max_length} tokens "
             f"(policy {config.length_policy}: {lengths.shortened} prompts shortened, {lengths.dropped} dropped)"
         )
+    check_length_drops(ctx, lengths, len(rows), config, "preference pairs")
     if not pairs:
         raise user_error(
             ctx,

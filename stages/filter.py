@@ -22,7 +22,7 @@ from typing import Literal
 from pydantic import Field
 
 from engine.core import dedup, text
-from engine.data.datasets import check_messages
+from engine.data.formats import check_messages
 from engine.spec.config import ExecOnly, Ref, StageConfig
 from engine.store.shards import Shard, ShardResult
 

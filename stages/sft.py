@@ -34,6 +34,7 @@ from typing import Literal
 from pydantic import Field
 
 from engine.core.errors import Problem
+from engine.lib.lengths import LengthReport, chat_ids, check_length_drops, fit, max_dropped_field
 from engine.lib.trainer import (
     checkpoint_dir,
     last_checkpoint,
@@ -48,13 +49,10 @@ from engine.lib.trainer import (
     weights_kind,
 )
 from engine.lib.training import (
-    LengthReport,
     Lora,
     TrainingConfig,
     batch_problems,
-    chat_ids,
     check_lora_targets,
-    fit,
     load_weights,
     lora_config,
     mixture_line,
@@ -95,6 +93,7 @@ class Config(TrainingConfig):
         "drop",
         description="Rows over max_length: drop them, drop their earliest turns, or cut the earliest turns' text.",
     )
+    max_dropped: float = max_dropped_field()
     packing: bool = Field(
         False,
         description="Pack conversations into rows of max_length tokens (fewer pad tokens; "
@@ -229,6 +228,7 @@ def run(config: Config, inputs: dict, ctx) -> None:
             f"{lengths.over_length} of {len(rows)} conversations exceed max_length {config.max_length} tokens "
             f"(policy {config.length_policy}: {lengths.shortened} shortened, {lengths.dropped} dropped)"
         )
+    check_length_drops(ctx, lengths, len(rows), config, "conversations")
     if not kept:
         raise user_error(
             ctx,

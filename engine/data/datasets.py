@@ -20,9 +20,8 @@ from pathlib import Path
 
 from engine.core.errors import DataError, first_line
 from engine.data.files import SAVE_TO_DISK_MARKERS, not_a_dataset
+from engine.data.formats import canonical_messages, normalize_messages, split_shared_prefix
 
-ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 REQUIRED = {"conversations": ("messages",), "prompts": ("prompt",), "preferences": ("prompt", "chosen", "rejected")}
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -34,61 +33,42 @@ class LoadResult:
     total: int  # rows considered (after `limit`), before dropping: total == len(rows) + dropped
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> count
     examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> up to 3 row ids
+    first_keys: list[str] = field(default_factory=list)  # the first row's keys as read (before `columns`)
+
+    def too_many_dropped(self, name: str, max_dropped: float, columns: dict[str, str] | None = None) -> str | None:
+        """The error when more than `max_dropped` (a share of the rows) were unusable, else None."""
+        n = sum(self.dropped.values())
+        if not n or n <= max_dropped * self.total:
+            return None
+        reasons = "; ".join(
+            f"{reason}: {count} (first: {', '.join(self.examples.get(reason, []))})"
+            for reason, count in sorted(self.dropped.items(), key=lambda kv: -kv[1])
+        )
+        text = (
+            f"dataset '{name}': no usable row: all {n} are unusable ({reasons})."
+            if n == self.total
+            else f"dataset '{name}': {n} of {self.total} rows are unusable, more than max_dropped = {max_dropped:g} "
+            f"of them ({reasons})."
+        )
+        if columns:
+            mapped = ", ".join(f'{t} = "{s}"' for t, s in columns.items())
+            text += (
+                f" The recipe maps columns = {{ {mapped} }}; the first row has the keys {', '.join(self.first_keys)}."
+            )
+        elif any(r in SHAPE_REASONS for r in self.dropped):
+            text += f" The first row has the keys {', '.join(self.first_keys)}."
+        return text
+
+
+SHAPE_REASONS = {"not a list of messages", "no prompt column, and chosen/rejected are not conversations"}
+DROPPED_HINT = (
+    "Fix those rows, or the dataset's `columns` mapping (every accepted shape, with an example: "
+    "docs/data-formats.md); or raise the dataset's max_dropped (a share, 0 to 1) to go on with the rows left."
+)
 
 
 def _looks_like_hub_id(source: str) -> bool:
     return bool(HUB_ID.match(source)) and Path(source).suffix.lower() not in FORMATS
-
-
-# ---------------------------------------------------------------- messages
-
-
-def check_messages(messages, *, require_assistant: bool = True) -> str | None:
-    """None if `messages` is a usable conversation, else a short reason (a report key)."""
-    if not isinstance(messages, list) or not messages:
-        return "not a list of messages"
-    roles = []
-    for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            return "not a list of messages"
-        role, content = m["role"].strip().lower(), m.get("content")
-        if role not in ROLES:
-            return f"unknown role '{m['role']}'"
-        if content is not None and not isinstance(content, str):
-            return "not a list of messages"
-        if not (content or "").strip():
-            return "empty content"
-        roles.append(role)
-    if "system" in roles[1:]:
-        return "system message not first"
-    turns = roles[1:] if roles[0] == "system" else roles
-    if not turns or turns[0] != "user":
-        return "does not start with a user turn"
-    if any(r != ("user" if i % 2 == 0 else "assistant") for i, r in enumerate(turns)):
-        return "roles do not alternate"
-    if require_assistant and "assistant" not in turns:
-        return "no assistant turn"
-    return None
-
-
-def normalize_messages(messages, *, require_assistant: bool = True) -> list[dict]:
-    """[{role, content}] with lowercase roles and stripped content; ValueError(reason) if unusable."""
-    reason = check_messages(messages, require_assistant=require_assistant)
-    if reason:
-        raise ValueError(reason)
-    return [{"role": m["role"].strip().lower(), "content": m["content"].strip()} for m in messages]
-
-
-def _from_sharegpt(conv):
-    if not isinstance(conv, list):
-        return conv
-    out = []
-    for m in conv:
-        if isinstance(m, dict) and "from" in m and "role" not in m:
-            role = str(m["from"])
-            m = {"role": SHAREGPT_ROLES.get(role.strip().lower(), role), "content": m.get("value")}
-        out.append(m)
-    return out
 
 
 # ---------------------------------------------------------------- reading
@@ -230,11 +210,27 @@ def _columns_found(rows: list[dict]) -> list[str]:
 
 def _normalize_row(row: dict, type: str):
     """(typed fields, consumed column names) or a drop reason string."""
+    as_msgs = lambda v, role: [{"role": role, "content": v}] if isinstance(v, str) else canonical_messages(v)  # noqa: E731
     if type == "conversations":
+        messages, consumed = row.get("messages"), ("messages",)
+        if "messages" not in row and "completion" in row:  # TRL's prompt-completion rows
+            if _blank(row.get("prompt")) or _blank(row.get("completion")):
+                return "empty prompt" if _blank(row.get("prompt")) else "empty completion"
+            messages, consumed = (
+                as_msgs(row["prompt"], "user") + as_msgs(row["completion"], "assistant"),
+                ("prompt", "completion"),
+            )
         try:
-            return {"messages": normalize_messages(row.get("messages"))}, ("messages",)
-        except ValueError as e:
-            return str(e)
+            return {"messages": normalize_messages(canonical_messages(messages))}, consumed
+        except (ValueError, TypeError) as e:
+            return str(e) if isinstance(e, ValueError) else "not a list of messages"
+    if type == "preferences" and "prompt" not in row:  # whole conversations sharing a prefix (HH-style)
+        if _blank(row.get("chosen")) or _blank(row.get("rejected")):
+            return "empty chosen" if _blank(row.get("chosen")) else "empty rejected"
+        split = split_shared_prefix(row.get("chosen"), row.get("rejected"))
+        if isinstance(split, str):
+            return split
+        row = {**row, "prompt": split[0], "chosen": split[1], "rejected": split[2]}
     prompt = row.get("prompt")
     if _blank(prompt):
         return "empty prompt"
@@ -242,10 +238,9 @@ def _normalize_row(row: dict, type: str):
         if isinstance(prompt, str):
             return {"prompt": prompt.strip()}, ("prompt",)
         try:
-            return {"prompt": normalize_messages(prompt, require_assistant=False)}, ("prompt",)
+            return {"prompt": normalize_messages(canonical_messages(prompt), require_assistant=False)}, ("prompt",)
         except ValueError as e:
             return str(e)
-    as_msgs = lambda v, role: [{"role": role, "content": v}] if isinstance(v, str) else v  # noqa: E731
     p = as_msgs(prompt, "user")
     out = {"prompt": p}
     for col in ("chosen", "rejected"):
@@ -283,6 +278,7 @@ def load_rows(
     if type not in REQUIRED:
         raise DataError.single(f"unknown dataset type '{type}' (expected one of: {', '.join(REQUIRED)})", **where)
     raw = _read(source, format, split, revision, where)
+    first_keys = list(raw[0]) if raw else []
     found = _columns_found(raw)
     if columns and raw:
         missing = [src for src in columns.values() if src not in found]
@@ -298,14 +294,20 @@ def load_rows(
             for r in raw
         ]
         found = _columns_found(raw)
-    if type == "conversations" and not columns and "messages" not in found and "conversations" in found:
-        raw = [{"messages": _from_sharegpt(r.pop("conversations", None)), **r} for r in raw]
+    if type == "conversations" and "messages" not in found and "conversations" in found:
+        raw = [{"messages": r.pop("conversations", None), **r} for r in raw]  # ShareGPT's column name
         found = _columns_found(raw)
-    missing = [c for c in REQUIRED[type] if c not in found]
+    required = list(REQUIRED[type])
+    if type == "conversations" and "messages" not in found and {"prompt", "completion"} <= set(found):
+        required = ["prompt", "completion"]
+    if type == "preferences" and "prompt" not in found and {"chosen", "rejected"} <= set(found):
+        required = ["chosen", "rejected"]  # HH-style: the shared prefix is the prompt
+    missing = [c for c in required if c not in found]
     if raw and missing:
         raise DataError.single(
             f"dataset '{name}' ({type}) needs a '{missing[0]}' column; columns found: {', '.join(found)}.",
-            hint=f'Map one in the recipe, e.g. columns = {{ {missing[0]} = "..." }}.',
+            hint=f'Map one in the recipe, e.g. columns = {{ {missing[0]} = "..." }} (the accepted shapes: '
+            "docs/data-formats.md).",
             **where,
         )
 
@@ -315,7 +317,7 @@ def load_rows(
     if limit is not None:
         indexed = indexed[: max(limit, 0)]
 
-    result = LoadResult(rows=[], total=len(indexed))
+    result = LoadResult(rows=[], total=len(indexed), first_keys=first_keys)
     for index, row in indexed:
         rid = row.get("id")
         rid = f"{name}:{index}" if rid is None or rid == "" else str(rid)

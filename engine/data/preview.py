@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine.core.errors import DataError, first_line
-from engine.data.datasets import load_rows
+from engine.data.datasets import DROPPED_HINT, load_rows
 from engine.data.files import not_a_dataset
 
 PREVIEW_MAX_BYTES = 20 << 20  # files up to this size are loaded in full at validate; bigger ones only opened
@@ -50,10 +50,13 @@ def preview(spec, name: str, where: dict) -> tuple[list[dict] | None, str | None
         )
     except DataError as e:
         return None, e.problems[0].message + (f" {e.problems[0].hint}" if e.problems[0].hint else "")
-    if not result.rows:
+    if not result.rows and spec.max_dropped >= 1.0:
         dropped = ", ".join(f"{r} ({n})" for r, n in result.dropped.items()) or "no rows"
         return [], (
             f"dataset '{name}': no usable row in {path} ({result.total} read; dropped: {dropped}). "
             "Fix the rows, or point path at another file."
         )
+    problem = result.too_many_dropped(name, spec.max_dropped, spec.columns)
+    if problem:
+        return None, f"{problem} {DROPPED_HINT}"
     return result.rows, None

@@ -51,6 +51,12 @@ class Artifact:
             key=where.get("key"),
             file=where.get("file"),
         )
+        problem = result.too_many_dropped(self.name, spec.max_dropped, spec.columns)
+        if problem:
+            from engine.core.errors import DataError
+            from engine.data.datasets import DROPPED_HINT
+
+            raise DataError.single(problem, hint=DROPPED_HINT, **where)
         self.load_report = {
             "total": result.total,
             "kept": len(result.rows),

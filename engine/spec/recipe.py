@@ -81,6 +81,12 @@ class DatasetSpec(Table):
     limit: int | None = Field(None, ge=1, description="Keep the first N rows (after shuffling).")
     shuffle_seed: int | None = Field(None, description="Shuffle rows with this seed before limit.")
     revision: str | None = Field(None, description="Hub revision for hub ids.")
+    max_dropped: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="The share of rows that may be unusable (dropped with a reason); more fails validate and run.",
+    )
 
 
 class ConstitutionSpec(Table):

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from engine.spec.recipe import ModelSpec, Recipe
 
 FP_LEN = 24  # hex chars shown and used as the store key (96 bits)
-DATA_VERSION = 1  # bump when dataset loading/normalization changes its output
+DATA_VERSION = 2  # bump when dataset loading/normalization changes its output (2: role aliases, HH-style pairs)
 KEYS = 2  # the scheme of cache keys: 2 = stage inputs by output content, random streams by row
 
 
@@ -44,7 +44,7 @@ KEYS = 2  # the scheme of cache keys: 2 = stage inputs by output content, random
 
 def dataset_identity(recipe: Recipe, name: str, memo: HashMemo) -> dict:
     spec = recipe.datasets[name]
-    opts = spec.model_dump(mode="json", exclude={"path", "revision"})
+    opts = spec.model_dump(mode="json", exclude={"path", "revision", "max_dropped"})  # max_dropped: fail or not
     if Path(spec.path).is_absolute():
         source = {"content": memo.content(spec.path)} if Path(spec.path).exists() else {"missing": True}
     else:

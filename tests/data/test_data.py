@@ -17,7 +17,8 @@ if str(ROOT) not in sys.path:  # until the project has a conftest/pyproject that
     sys.path.insert(0, str(ROOT))
 
 from engine.core.errors import DataError, RecipeError  # noqa: E402
-from engine.data.datasets import LoadResult, check_messages, load_rows, normalize_messages  # noqa: E402
+from engine.data.datasets import LoadResult, load_rows  # noqa: E402
+from engine.data.formats import check_messages, normalize_messages  # noqa: E402
 
 
 def chat(user="hi", assistant="hello"):

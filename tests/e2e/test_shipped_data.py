@@ -22,7 +22,8 @@ import pytest
 from engine.core import dedup
 from engine.core import text as textrules
 from engine.core.text import is_refusal
-from engine.data.datasets import check_messages, load_rows
+from engine.data.datasets import load_rows
+from engine.data.formats import check_messages
 
 DATA = Path(__file__).resolve().parents[2] / "recipes" / "data"
 EVAL = DATA / "eval"

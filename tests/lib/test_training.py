@@ -13,8 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.core.errors import RecipeError
+from engine.lib.lengths import fit, fit_context
 from engine.lib.trainer import last_checkpoint, plot_loss, plot_rewards, step_metrics
-from engine.lib.training import Lora, batch_split, check_lora_targets, fit, fit_context, mixture
+from engine.lib.training import Lora, batch_split, check_lora_targets, mixture
 
 # --------------------------------------------------------------------------- batch
 
