@@ -60,6 +60,14 @@ def _runs_dir_option(f):
 
 
 def _set_option(f):
+    f = click.option(  # kept on the context (no new parameter): _load reads it
+        "--unset",
+        multiple=True,
+        metavar="KEY",
+        expose_value=False,
+        callback=lambda ctx, _p, v: ctx.meta.__setitem__("unsets", v),
+        help="Remove a recipe key (before --set): --unset stages.judge.function.",
+    )(f)
     return click.option(
         "--set",
         "sets",
@@ -78,7 +86,7 @@ def _runs_dir(value: str | None) -> Path:
 def _load(path: str, sets) -> Recipe:
     from engine.load.loader import load_recipe
 
-    return load_recipe(path, sets)
+    return load_recipe(path, sets, click.get_current_context().meta.get("unsets", ()))
 
 
 @click.group(cls=RecipeGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -362,11 +370,7 @@ def _fingerprints_as_written(files: list[Path], root: Path) -> dict[Path, set[st
 @main.command()
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None, help="Write to a file.")
 @click.option("--markdown", is_flag=True, help="The human reference (docs/recipe-reference.md) instead.")
-@click.option(
-    "--constitution",
-    is_flag=True,
-    help="The constitution file format instead (docs/constitution-reference.md with --markdown).",
-)
+@click.option("--constitution", is_flag=True, help="The constitution file format instead (with --markdown: its docs).")
 def schema(output, markdown, constitution) -> None:
     """JSON Schema of the recipe format (for editors: taplo, VS Code Even Better TOML), or the
     Markdown reference with --markdown; --constitution for the constitution file format."""

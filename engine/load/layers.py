@@ -1,5 +1,6 @@
 """Layering a recipe: a file merged over what it `extends` (recursively; tables merge, later
-keys win), then `--set KEY=VALUE` overrides, each key keeping where it was set.
+keys win; the keys its `[recipe] unset` list names are removed from the bases first), then
+`--unset KEY` and `--set KEY=VALUE` overrides in that order, each key keeping where it was set.
 """
 
 from __future__ import annotations
@@ -64,10 +65,52 @@ def load_layers(path: Path, _stack: tuple[Path, ...] = ()) -> tuple[dict, dict[s
         b_data, b_locs = load_layers(base_path, (*_stack, path))
         merged = deep_merge(merged, b_data)
         merged_locs.update(b_locs)
+    unset = (data.get("recipe") or {}).get("unset", [])
+    if not isinstance(unset, list) or not all(isinstance(k, str) for k in unset):
+        raise RecipeError.single(
+            'expected a list of dotted keys, e.g. unset = ["stages.judge.function"].',
+            **locate(locations, "recipe.unset", path),
+        )
+    for key in unset:
+        remove_key(merged, merged_locs, key, where=locate(locations, "recipe.unset", path), bases=True)
     merged = deep_merge(merged, data)
     merged_locs.update(locations)
     merged.setdefault("recipe", {}).pop("extends", None)
+    merged["recipe"].pop("unset", None)
     return merged, merged_locs
+
+
+def remove_key(data: dict, locations: dict, key: str, where: dict, bases: bool = False) -> None:
+    """Remove the dotted `key` (a value or a whole table) and the locations under it; a key that is
+    not there is an error naming the nearest keys that are."""
+    import difflib
+
+    parts = _split_key(key.strip())
+    node: Any = data
+    for i, part in enumerate(parts):
+        if not isinstance(node, dict) or part not in node:
+            here = ".".join(parts[:i])
+            near = difflib.get_close_matches(part, list(node) if isinstance(node, dict) else [], n=3)
+            raise RecipeError.single(
+                f"unset '{key}': {'the recipes it extends have' if bases else 'the recipe has'} no key "
+                f"'{part}'{f' in {here}' if here else ''}.",
+                hint=f"Did you mean {', '.join(repr('.'.join([*parts[:i], n])) for n in near)}?"
+                if near
+                else "Check the key with `recipe plan --resolved`.",
+                **where,
+            )
+        if i == len(parts) - 1:
+            del node[part]
+        else:
+            node = node[part]
+    dotted = ".".join(parts)
+    for k in [k for k in locations if k == dotted or k.startswith(dotted + ".")]:
+        del locations[k]
+
+
+def apply_unsets(data: dict, locations: dict, keys: list[str]) -> None:
+    for key in keys:
+        remove_key(data, locations, key, where={"file": "--unset"})
 
 
 def parse_set(item: str) -> tuple[list[str], Any]:

@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from engine.core.errors import Problem, RecipeError
-from engine.load.layers import apply_sets, load_layers
+from engine.load.layers import apply_sets, apply_unsets, load_layers
 from engine.load.problems import _keys_hint, describe, pydantic_problems, shape_problems
 from engine.spec import registry
 from engine.spec.backends import BACKENDS
@@ -63,10 +63,14 @@ def _alias_round_locations(locations: dict[str, tuple[str, int]], stages: dict[s
                 locations.setdefault(f"stages.{name}{key[len(prefix) :]}", where)
 
 
-def load_recipe(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read, merge, override, resolve and validate a recipe. Raises RecipeError with every problem."""
+def load_recipe(
+    path: str | Path, sets: list[str] | tuple[str, ...] = (), unsets: list[str] | tuple[str, ...] = ()
+) -> Recipe:
+    """Read, merge, override (`unsets`, then `sets`), resolve and validate a recipe. Raises
+    RecipeError with every problem."""
     top = Path(path)
     data, locations = load_layers(top)
+    apply_unsets(data, locations, list(unsets))
     apply_sets(data, locations, list(sets))
     if shape := shape_problems(data, locations, top):
         raise RecipeError(shape)

@@ -38,6 +38,10 @@ class RecipeMeta(Table):
     extends: str | list[str] | None = Field(
         None, description="Base recipe(s), relative to this file; tables merge, later keys win."
     )
+    unset: list[str] = Field(
+        default_factory=list,
+        description='Dotted keys removed from the base recipe(s) before this file merges: ["stages.judge.function"].',
+    )
 
 
 class ModelSpec(Table):

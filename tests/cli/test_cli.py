@@ -200,6 +200,9 @@ def test_the_schema_names_the_wrong_key_and_accepts_partial_extends_children(cli
     assert any("rejection_sampel" in e.message for e in validator.iter_errors(flagship))
     child = {"recipe": {"extends": "caI_multiturn.toml"}, "stages": {"sft": {"lr": 1e-4}}}
     assert not list(validator.iter_errors(child))
+    child["recipe"]["unset"] = ["stages.sft.max_steps"]
+    assert not list(validator.iter_errors(child))  # a child may remove keys of its base
+    child["recipe"].pop("unset")
     child["stages"]["sft"]["lr"] = "fast"
     child["stages"]["sft"]["kind"] = "sft"
     assert list(validator.iter_errors(child))  # types are still checked in a partial table

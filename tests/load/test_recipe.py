@@ -416,3 +416,70 @@ def test_references_of_a_loop_stage_that_failed_validation_are_still_checked(pro
     assert set(found) == {"stages.second.min_words", "stages.second.input (rounds 1-2)"}
     p = found["stages.second.input (rounds 1-2)"]
     assert p.line == line_of(lines, 'input = "frist"') and "Did you mean 'first'?" in p.hint
+
+
+JUDGE_BASE = """
+[recipe]
+name = "base"
+
+[models.m]
+path = "builtin:tiny-chat"
+
+[datasets.seed]
+path = "data/convs.jsonl"
+
+[stages.judged]
+kind = "judge"
+input = "seed"
+scorer = "function"
+function = "reply_length"
+"""
+
+
+def test_a_child_recipe_unsets_a_base_key_to_switch_a_scorer(project, cli):
+    write(project / "base.toml", JUDGE_BASE)
+    child = write(
+        project / "child.toml",
+        """
+        [recipe]
+        name = "child"
+        extends = "base.toml"
+        unset = ["stages.judged.function"]
+
+        [stages.judged]
+        scorer = "rules"
+        """,
+    )
+    # without unset, the base's `function` is left over and the unused-key check names it
+    plain = write(project / "plain.toml", child.read_text().replace('unset = ["stages.judged.function"]\n', ""))
+    assert cli("validate", plain).exit_code == 2
+    config = load_recipe(child).stages["judged"].config
+    assert (config.scorer, config.function) == ("rules", None)
+    assert cli("validate", child).exit_code == 0
+
+
+def test_unset_on_the_command_line_runs_before_set(project, cli):
+    base = write(project / "base.toml", JUDGE_BASE)
+    result = cli(
+        "validate", base, "--unset", "stages.judged.function", "--set", "stages.judged.scorer=rules"
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    plan = cli("plan", base, "--resolved", "--unset", "stages.judged.function", "--set", "stages.judged.scorer=rules")
+    assert plan.exit_code == 0 and 'function = "reply_length"' not in plan.output
+
+
+@pytest.mark.parametrize("how", ["cli", "file"])
+def test_unsetting_a_key_that_is_not_there_names_the_near_ones(project, cli, how):
+    base = write(project / "base.toml", JUDGE_BASE)
+    if how == "cli":
+        result = cli("validate", base, "--unset", "stages.judged.functoin")
+    else:
+        child = write(
+            project / "c.toml", '[recipe]\nname = "c"\nextends = "base.toml"\nunset = ["stages.judged.functoin"]\n'
+        )
+        result = cli("validate", child)
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "no key 'functoin' in stages.judged" in text, result.output
+    assert "Did you mean 'stages.judged.function'?" in text and "Traceback" not in result.output
+    if how == "file":
+        assert "c.toml:4" in text  # the line of `unset`
