@@ -351,8 +351,7 @@ def gc(runs_dir, keep_runs: int, yes: bool) -> None:
 
 
 def _fingerprints_as_written(files: list[Path], root: Path) -> dict[Path, set[str]]:
-    """Each recipe file that loads -> the keys of its stages that the store can resolve (a key after
-    a stage not in the store is not known, and nothing can be kept for it; a broken file keeps nothing)."""
+    """Each recipe file that loads -> the keys of its stages the store can resolve (a broken file keeps nothing)."""
     from engine.load.loader import load_recipe
     from engine.run.plan import make_plan, memo_for
 
@@ -385,15 +384,16 @@ def schema(output, markdown, constitution) -> None:
 
 @main.command()
 @click.argument("directory", type=click.Path(file_okay=False), default=".")
+@click.option("--example", metavar="NAME", help="A shipped example recipe with its data instead (caI_multiturn, ...).")
 @click.option("--force", is_flag=True, help="Overwrite existing files.")
-def init(directory: str, force: bool) -> None:
-    """Write a commented starter recipe (and a small data file) into DIRECTORY."""
-    from engine.load.starter import write_starter
+def init(directory: str, example: str | None, force: bool) -> None:
+    """Write a commented starter recipe (and a small data file) into DIRECTORY, or an example."""
+    from engine.load.starter import write_example, write_starter
 
-    written = write_starter(Path(directory), force=force)
+    written = write_example(Path(directory), example, force) if example else write_starter(Path(directory), force)
     for p in written:
         out.print(f"wrote {p}", markup=False)
-    out.print(f"next: recipe run {Path(directory) / 'recipe.toml'}", markup=False)
+    out.print(f"next: recipe run {written[0]}", markup=False)
 
 
 if __name__ == "__main__":  # pragma: no cover (python -m engine.cli)

@@ -31,9 +31,10 @@ import jinja2
 from jinja2 import meta, nodes
 
 from engine.core.errors import Problem, RecipeError
+from engine.core.shipped import shipped
 from engine.lib.sandbox import TRIAL_OUTPUT, TRIAL_SECONDS, Placeholder, _Sandbox
 
-BUILTIN_DIR = Path(__file__).resolve().parents[2] / "templates"
+BUILTIN_DIR = shipped("templates")
 ROLES = ("system", "user", "assistant")
 MARKER = re.compile(rf"^### ({'|'.join(ROLES)})[ \t\r]*$", re.MULTILINE)
 _REFS = (nodes.Extends, nodes.Include, nodes.Import, nodes.FromImport)

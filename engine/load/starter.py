@@ -1,11 +1,14 @@
-"""`recipe init`: a commented starter recipe and a small data file that it runs on."""
+"""`recipe init`: a commented starter recipe and a small data file that it runs on, or one of the
+shipped example recipes (`--example NAME`) with the data and constitutions it reads."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from engine.core.errors import RecipeError
+from engine.core.shipped import shipped
 
 STARTER = """\
 # A starter recipe. Run it with:
@@ -76,3 +79,26 @@ def write_starter(directory: Path, force: bool = False) -> list[Path]:
             row = {"id": f"example-{i}", "messages": [{"role": r, "content": c} for r, c in turns]}
             fh.write(json.dumps(row) + "\n")
     return [recipe, data]
+
+
+def examples() -> list[str]:
+    """The shipped example recipes, by name."""
+    return sorted(p.stem for p in shipped("recipes").glob("*.toml"))
+
+
+def write_example(directory: Path, name: str, force: bool = False) -> list[Path]:
+    """Copy the example recipe `name` into `directory` with the folders it reads (data/,
+    constitutions/), so it validates and runs there as in the repository."""
+    source = shipped("recipes")
+    if name not in examples():
+        raise RecipeError.single(f"no shipped example recipe '{name}'.", hint=f"One of: {', '.join(examples())}.")
+    recipe = directory / f"{name}.toml"
+    targets = [recipe, *(directory / d for d in ("data", "constitutions"))]
+    existing = [p for p in targets if p.exists()]
+    if existing and not force:
+        raise RecipeError.single(f"{existing[0]} already exists.", hint="Choose another directory or pass --force.")
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source / f"{name}.toml", recipe)
+    for folder in ("data", "constitutions"):
+        shutil.copytree(source / folder, directory / folder, dirs_exist_ok=True)
+    return targets

@@ -43,7 +43,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-SHIPPED_DIR = Path(__file__).resolve().parents[3] / "recipes" / "data" / "eval"
+from engine.core.shipped import shipped
+
+SHIPPED_DIR = shipped("recipes") / "data" / "eval"
 
 
 # --------------------------------------------------------------------------- items
