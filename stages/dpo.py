@@ -34,10 +34,14 @@ from typing import Literal
 from pydantic import Field
 
 from engine.core.errors import Problem
+from engine.lib.knobs import eval_split, knob_callbacks, knob_problems
 from engine.lib.lengths import LengthReport, chat_ids, check_length_drops, fit_context, max_dropped_field
 from engine.lib.pairs import unpaired
 from engine.lib.trainer import (
     checkpoint_dir,
+    eval_line,
+    eval_metrics,
+    eval_report,
     last_checkpoint,
     length_line,
     plot_loss,
@@ -105,6 +109,9 @@ class Config(TrainingConfig):
         description="Preference pairs (prompt messages, chosen, rejected): one name, or a list mixed by `weights`.",
     )
     model: str = Ref("model", description="The model to train (the policy's start).")
+    eval_input: str | None = Ref(
+        "preferences", default=None, description="Held-out preference pairs: eval loss every eval_steps."
+    )
     ref_model: str | None = Ref(
         "model",
         default=None,
@@ -150,6 +157,7 @@ def loss_type(config: Config) -> str | None:
 
 def check(name: str, config: Config, recipe) -> list[Problem]:
     problems = batch_problems(name, config, recipe) + mixture_problems(name, config, recipe)
+    problems += knob_problems(name, config, recipe, config.kind)
     where = lambda key: recipe.where(f"stages.{name}.{key}")  # noqa: E731
     known = LOSS_TYPES[config.kind]
     if config.loss_type is not None and config.loss_type not in known:
@@ -254,11 +262,12 @@ def _reference(config: Config, inputs: dict, model, tok, ctx):
     return ref, what
 
 
-def _trainer(config: Config, model, ref, tok, data: list[dict], base_args: dict, callbacks):
+def _trainer(config: Config, model, ref, tok, data: list[dict], held: list[dict], base_args: dict, callbacks):
     from datasets import Dataset
 
     dataset = Dataset.from_list(data)
     common = dict(max_length=config.max_length, beta=config.beta, **base_args)
+    evals = {"eval_dataset": Dataset.from_list(held)} if held else {}
     peft = lora_config(config.lora)
     if config.kind == "dpo":
         from trl import DPOConfig, DPOTrainer
@@ -269,6 +278,7 @@ def _trainer(config: Config, model, ref, tok, data: list[dict], base_args: dict,
             ref_model=ref,
             args=args,
             train_dataset=dataset,
+            **evals,
             processing_class=tok,
             peft_config=peft,
             callbacks=callbacks,
@@ -282,6 +292,7 @@ def _trainer(config: Config, model, ref, tok, data: list[dict], base_args: dict,
             ref_model=ref,
             args=args,
             train_dataset=dataset,
+            **evals,
             processing_class=tok,
             peft_config=peft,
             callbacks=callbacks,
@@ -300,6 +311,7 @@ def _trainer(config: Config, model, ref, tok, data: list[dict], base_args: dict,
         model=model,
         args=ORPOConfig(**common),
         train_dataset=dataset,
+        **evals,
         processing_class=tok,
         peft_config=peft,
         callbacks=callbacks,
@@ -312,10 +324,14 @@ def run(config: Config, inputs: dict, ctx) -> None:
     rows, mix, batch = training_rows(config, inputs, ctx, "preference pairs")
 
     model_art = inputs["model"]
-    model, tok = load_weights(ctx, model_art, "model", full=config.lora is None)
+    model, tok = load_weights(ctx, model_art, "model", full=config.lora is None, quantize=config.quantization == "4bit")
     check_lora_targets(model, config.lora, ctx)
 
+    rows, held_rows = eval_split(config, rows, inputs, ctx.seed)
     pairs, lengths = fit_pairs(rows, tok, config)
+    held = fit_pairs(held_rows, tok, config)[0] if held_rows else []
+    if config.kind == "kto" and held:
+        held = unpaired(held, ctx.seed)
     if lengths.over_length:
         ctx.warn(
             f"{lengths.over_length} of {len(rows)} pairs exceed max_length {config.max_length} tokens "
@@ -345,7 +361,14 @@ def run(config: Config, inputs: dict, ctx) -> None:
     timing: dict[int, float] = {}
     model.train()
     trainer = _trainer(
-        config, model, ref, tok, data, trainer_args(config, ctx, batch, ckpt_dir, model), [step_callback(ctx, timing)]
+        config,
+        model,
+        ref,
+        tok,
+        data,
+        held,
+        trainer_args(config, ctx, batch, ckpt_dir, model, has_eval=bool(held)),
+        [step_callback(ctx, timing), *knob_callbacks(config, bool(held))],
     )
     settle(trainer, ctx.log)
 
@@ -357,12 +380,13 @@ def run(config: Config, inputs: dict, ctx) -> None:
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)  # before a merge
     save_model(trainer, tok, ctx, model_art, config.lora, config.merge)
     steps = step_metrics(trainer.state.log_history, REWARD_KEYS + EXTRA_KEYS[config.kind], timing)
+    evals = eval_metrics(trainer.state.log_history)
     first, final = (steps[0], steps[-1]) if steps else ({}, {})
     if ctx.is_main:
         # timings belong here, not in report.json: two runs of the same stage write the same report
-        ctx.save_json("metrics.json", {"steps": steps, "train_seconds": round(elapsed, 2)})
+        ctx.save_json("metrics.json", {"steps": steps, "evals": evals, "train_seconds": round(elapsed, 2)})
         title = f"{config.kind} '{ctx.stage}'"
-        plot_loss(Path(ctx.out_dir) / "loss.png", steps, f"{title}: training loss")
+        plot_loss(Path(ctx.out_dir) / "loss.png", steps, f"{title}: training loss", evals)
         plots = ["loss.png", *plot_rewards(Path(ctx.out_dir), steps, title)]
         ctx.save_json(
             "report.json",
@@ -390,6 +414,7 @@ def run(config: Config, inputs: dict, ctx) -> None:
                 "merged": bool(config.lora and config.merge),
                 "resumed_from": Path(last).name if last else None,
                 "batch": batch.as_json(config.batch_size),
+                **eval_report(evals, len(held), trainer.state.global_step, trainer.state.max_steps),
                 "plots": plots,
             },
         )
@@ -414,5 +439,6 @@ def summary(report: dict) -> list[tuple[str, str]]:
     ]
     if report.get("final_accuracy") is not None:
         out.append(("reward accuracy (last step)", fl(report["final_accuracy"])))
+    out += eval_line(report)
     out.append(("weights", f"{weights_kind(report)}, {report['trainable_params']} trainable params"))
     return out

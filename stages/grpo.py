@@ -44,6 +44,7 @@ from typing import Literal
 from pydantic import Field
 
 from engine.core.errors import Problem
+from engine.lib.knobs import knob_problems
 from engine.lib.pairs import prompt_messages
 from engine.lib.rewards import RewardRules
 from engine.lib.scoring import CONVERSATION_SCORERS, ScorerSpec, make_scorer, scorer_code, scorer_problems
@@ -190,6 +191,7 @@ def reward_names(config: Config) -> list[str]:
 
 def check(name: str, config: Config, recipe) -> list[Problem]:
     problems = batch_problems(name, config, recipe) + mixture_problems(name, config, recipe)
+    problems += knob_problems(name, config, recipe, config.algorithm)
     where = lambda key: recipe.where(f"stages.{name}.{key}")  # noqa: E731
     if config.batch_size % config.num_generations:
         problems.append(
@@ -258,7 +260,14 @@ def _reward_uses(reward: Reward) -> set[str]:
 
 
 def uses(config: Config) -> tuple[set[str], str]:
-    used = set(Config.model_fields) - {"loss_type", "scale_rewards"}
+    # no eval loss during RL: eval_fraction, eval_steps and early stopping are the other training stages'
+    used = set(Config.model_fields) - {
+        "loss_type",
+        "scale_rewards",
+        "eval_fraction",
+        "eval_steps",
+        "early_stopping_patience",
+    }
     if config.algorithm == "grpo":
         used |= {"loss_type", "scale_rewards"}
     return used, f"algorithm '{config.algorithm}'"
@@ -395,7 +404,9 @@ def run(config: Config, inputs: dict, ctx) -> None:
     from engine.models.weights import release
 
     rows, mix, batch = training_rows(config, inputs, ctx, "prompts")
-    model, tok = load_weights(ctx, inputs["model"], "model", full=config.lora is None)
+    model, tok = load_weights(
+        ctx, inputs["model"], "model", full=config.lora is None, quantize=config.quantization == "4bit"
+    )
     check_lora_targets(model, config.lora, ctx)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

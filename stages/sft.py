@@ -34,9 +34,13 @@ from typing import Literal
 from pydantic import Field
 
 from engine.core.errors import Problem
+from engine.lib.knobs import eval_split, knob_callbacks, knob_problems
 from engine.lib.lengths import LengthReport, chat_ids, check_length_drops, fit, max_dropped_field
 from engine.lib.trainer import (
     checkpoint_dir,
+    eval_line,
+    eval_metrics,
+    eval_report,
     last_checkpoint,
     length_line,
     mask_check,
@@ -85,6 +89,9 @@ class Config(TrainingConfig):
         "conversations", description="The conversations to train on: one name, or a list mixed by `weights`."
     )
     model: str = Ref("model", description="The model to fine-tune.")
+    eval_input: str | None = Ref(
+        "conversations", default=None, description="Held-out conversations: eval loss every eval_steps."
+    )
     lr: float = Field(2e-4, gt=0.0, description="Peak learning rate.")
     batch_size: int = Field(8, ge=1, description="Global batch (per-device x processes x accumulation).")
     per_device_batch_size: int = ExecOnly(8, ge=1, description="Rows per forward pass; accumulation makes up the rest.")
@@ -107,6 +114,7 @@ def check(name: str, config: Config, recipe) -> list[Problem]:
         batch_problems(name, config, recipe)
         + mixture_problems(name, config, recipe)
         + template_problems(name, config, recipe)
+        + knob_problems(name, config, recipe, "sft")
     )
 
 
@@ -194,21 +202,10 @@ def _dataset(tok, kept: list[list[dict]], method: str, ctx, model_name: str):
     return Dataset.from_list(rows)
 
 
-def run(config: Config, inputs: dict, ctx) -> None:
-    from trl import SFTConfig, SFTTrainer
-
-    from engine.models.weights import release
-
-    rows, mix, batch = training_rows(config, inputs, ctx, "conversations")
-
-    model, tok = load_weights(ctx, inputs["model"], "model", full=config.lora is None)
-    method = prepare_masking(tok, ctx, inputs["model"].name)
-    check_lora_targets(model, config.lora, ctx)
-
-    # ---- lengths and the length policy
-    lengths = LengthReport()
-    kept: list[list[dict]] = []
-    by_ids: dict[int, int] = {}  # hash of token ids -> kept index (packing's mask check finds rows by tokens)
+def _fit_rows(rows: list[dict], tok, config: Config) -> tuple[list[list[dict]], LengthReport, dict[int, int]]:
+    """The conversations under the length policy, their length report, and (packing) the kept index
+    of each row by the hash of its token ids (the mask check finds packed rows by tokens)."""
+    lengths, kept, by_ids = LengthReport(), [], {}
     length = lambda msgs: len(chat_ids(tok, msgs))  # noqa: E731
     for row in rows:
         msgs = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
@@ -223,6 +220,26 @@ def run(config: Config, inputs: dict, ctx) -> None:
             if config.packing:
                 by_ids[hash(tuple(ids if what == "fits" else chat_ids(tok, out)))] = len(kept)
             kept.append(out)
+    return kept, lengths, by_ids
+
+
+def run(config: Config, inputs: dict, ctx) -> None:
+    from trl import SFTConfig, SFTTrainer
+
+    from engine.models.weights import release
+
+    rows, mix, batch = training_rows(config, inputs, ctx, "conversations")
+
+    model, tok = load_weights(
+        ctx, inputs["model"], "model", full=config.lora is None, quantize=config.quantization == "4bit"
+    )
+    method = prepare_masking(tok, ctx, inputs["model"].name)
+    check_lora_targets(model, config.lora, ctx)
+
+    rows, held = eval_split(config, rows, inputs, ctx.seed)
+    kept, lengths, by_ids = _fit_rows(rows, tok, config)
+    eval_kept = _fit_rows(held, tok, config)[0] if held else []
+    has_eval = bool(eval_kept)
     if lengths.over_length:
         ctx.warn(
             f"{lengths.over_length} of {len(rows)} conversations exceed max_length {config.max_length} tokens "
@@ -252,7 +269,7 @@ def run(config: Config, inputs: dict, ctx) -> None:
         assistant_only_loss=method != "derived",
         max_length=config.max_length,
         packing=config.packing,
-        **trainer_args(config, ctx, batch, ckpt_dir, model),
+        **trainer_args(config, ctx, batch, ckpt_dir, model, has_eval),
     )
     model.train()
     timing: dict[int, float] = {}
@@ -260,9 +277,10 @@ def run(config: Config, inputs: dict, ctx) -> None:
         model=model,
         args=args,
         train_dataset=_dataset(tok, kept, method, ctx, inputs["model"].name),
+        eval_dataset=_dataset(tok, eval_kept, method, ctx, inputs["model"].name) if has_eval else None,
         processing_class=tok,
         peft_config=lora_config(config.lora),
-        callbacks=[step_callback(ctx, timing)],
+        callbacks=[step_callback(ctx, timing), *knob_callbacks(config, has_eval)],
     )
     settle(trainer, ctx.log)
 
@@ -276,11 +294,12 @@ def run(config: Config, inputs: dict, ctx) -> None:
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)  # before a merge
     save_model(trainer, tok, ctx, inputs["model"], config.lora, config.merge)
     steps = step_metrics(trainer.state.log_history, timing=timing)
+    evals = eval_metrics(trainer.state.log_history)
     losses = [s["loss"] for s in steps]
     if ctx.is_main:
         # timings belong here, not in report.json: two runs of the same stage write the same report
-        ctx.save_json("metrics.json", {"steps": steps, "train_seconds": round(elapsed, 2)})
-        plot_loss(Path(ctx.out_dir) / "loss.png", steps, f"sft '{ctx.stage}': training loss")
+        ctx.save_json("metrics.json", {"steps": steps, "evals": evals, "train_seconds": round(elapsed, 2)})
+        plot_loss(Path(ctx.out_dir) / "loss.png", steps, f"sft '{ctx.stage}': training loss", evals)
         ctx.save_json(
             "report.json",
             {
@@ -301,6 +320,7 @@ def run(config: Config, inputs: dict, ctx) -> None:
                 "merged": bool(config.lora and config.merge),
                 "resumed_from": Path(last).name if last else None,
                 "batch": batch.as_json(config.batch_size),
+                **eval_report(evals, len(eval_kept), trainer.state.global_step, trainer.state.max_steps),
             },
         )
     del trainer
@@ -315,6 +335,7 @@ def summary(report: dict) -> list[tuple[str, str]]:
         length_line(report),
         ("steps", str(report["steps"])),
         ("loss first -> final", f"{fl(report['first_loss'])} -> {fl(report['final_loss'])}"),
+        *eval_line(report),
         ("weights", f"{weights_kind(report)}, {report['trainable_params']} trainable params"),
     ]
     return out

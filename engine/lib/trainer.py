@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from engine.lib.knobs import knob_args
 from engine.lib.training import REWARD_KEYS, Batch, Lora
 from engine.models.chatmask import FIX_TEMPLATE, special_ids
 
@@ -45,8 +46,9 @@ def last_checkpoint(ckpt_dir: Path, ctx) -> str | None:
     return str(complete[-1])
 
 
-def trainer_args(config, ctx, batch: Batch, ckpt_dir: Path, model: Any = None) -> dict:
-    """Keyword arguments every training stage passes to its TRL config the same way. The trainer
+def trainer_args(config, ctx, batch: Batch, ckpt_dir: Path, model: Any = None, has_eval: bool = False) -> dict:
+    """Keyword arguments every training stage passes to its TRL config the same way, then the
+    knobs the recipe set (engine.lib.knobs; `has_eval`: held-out rows to evaluate on). The trainer
     stays on the device the model was loaded on (a small model is placed on the CPU)."""
     import torch
 
@@ -72,7 +74,7 @@ def trainer_args(config, ctx, batch: Batch, ckpt_dir: Path, model: Any = None) -
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=True,
         dataloader_num_workers=0,
-    )
+    ) | knob_args(config, batch.per_device, has_eval)
 
 
 def step_callback(ctx, timing: dict[int, float]):
@@ -200,10 +202,47 @@ def step_metrics(
     ]
 
 
-def plot_loss(path: Path, steps: list[dict], title: str) -> None:
+def eval_metrics(log_history: list[dict]) -> list[dict]:
+    """One dict per eval during training: step and eval loss."""
+    return [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in log_history if "eval_loss" in h]
+
+
+def eval_report(evals: list[dict], held: int, steps_done: int, max_steps: int) -> dict:
+    """What report.json says of the evals during training (nothing when there were none)."""
+    if not evals:
+        return {}
+    best = min(evals, key=lambda e: e["eval_loss"])
+    return {
+        "eval_rows": held,
+        "eval_loss_first": evals[0]["eval_loss"],
+        "eval_loss_final": evals[-1]["eval_loss"],
+        "eval_loss_best": best["eval_loss"],
+        "eval_best_step": best["step"],
+        "stopped_early": steps_done < max_steps,
+    }
+
+
+def eval_line(report: dict) -> list[tuple[str, str]]:
+    """The summary line of the evals during training (none when there were none)."""
+    if report.get("eval_loss_first") is None:
+        return []
+    stop = f"; stopped early at step {report['steps']}" if report.get("stopped_early") else ""
+    return [
+        (
+            f"eval loss ({report['eval_rows']} held-out rows)",
+            f"{report['eval_loss_first']:.4f} -> {report['eval_loss_final']:.4f} "
+            f"(best {report['eval_loss_best']:.4f} at step {report['eval_best_step']}{stop})",
+        )
+    ]
+
+
+def plot_loss(path: Path, steps: list[dict], title: str, evals: list[dict] | None = None) -> None:
     from engine.core.plots import lines
 
-    lines(path, {"loss": ([s["step"] for s in steps], [s["loss"] for s in steps])}, title=title, ylabel="loss")
+    series = {"loss": ([s["step"] for s in steps], [s["loss"] for s in steps])}
+    if evals:
+        series["eval loss"] = ([e["step"] for e in evals], [e["eval_loss"] for e in evals])
+    lines(path, series, title=title, ylabel="loss")
 
 
 def plot_rewards(out_dir: Path, steps: list[dict], title: str) -> list[str]:

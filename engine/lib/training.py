@@ -21,13 +21,14 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from engine.core.errors import Problem, RecipeError
+from engine.lib.knobs import TRL_ALIASES, UNKNOWN_KEY_HINTS
 from engine.spec.backends import BACKENDS
-from engine.spec.config import ExecOnly, StageConfig, Table
+from engine.spec.config import ExecOnly, Knob, StageConfig, Table
 
 Messages = list[dict]
 
@@ -39,7 +40,7 @@ def user_error(ctx, key: str, message: str, hint: str | None = None) -> RecipeEr
     )
 
 
-def load_weights(ctx, art, key: str, full: bool = False):
+def load_weights(ctx, art, key: str, full: bool = False, quantize: bool = False):
     """(model, tokenizer) with local weights to train or to use as a reference: a LoRA adapter
     (a [models] adapter or a stage-made one) is merged into its base. `key` names the config field.
     `full`: a full fine-tune, which trains float32 weights under bf16 autocast on CUDA (TRL's own
@@ -52,7 +53,12 @@ def load_weights(ctx, art, key: str, full: bool = False):
             f"model '{art.name}' uses the {art.spec.backend} backend; training needs local weights.",
             hint='Point it at a [models] table with backend = "hf".',
         )
-    model, tok = ctx.load_model(art, merge_adapter=True, full_precision=full)
+    model, tok = ctx.load_model(art, merge_adapter=True, full_precision=full, quantize=quantize)
+    if quantize:  # QLoRA (not run on this project's machines: no CUDA)
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model)
+        ctx.log.info("4-bit NF4 base (QLoRA): the LoRA adapter trains in bf16 on frozen quantized weights")
     first = next(model.parameters(), None)
     if full and first is not None and first.device.type == "cuda":
         ctx.log.info("full fine-tune: float32 weights (the optimizer's master copy), bf16 autocast for compute")
@@ -104,6 +110,11 @@ class Lora(Table):
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description='Module names to adapt (e.g. ["q_proj", "v_proj"]), or \'all-linear\'.'
     )
+    use_dora: bool = Knob(False, description="DoRA: weight-decomposed LoRA (magnitude and direction).")
+    use_rslora: bool = Knob(False, description="rsLoRA: scale by alpha / sqrt(r) instead of alpha / r.")
+    modules_to_save: list[str] | None = Knob(
+        None, description='Modules trained in full beside the adapter (e.g. ["lm_head", "embed_tokens"]).'
+    )
 
 
 def lora_config(lora: Lora | None):
@@ -117,6 +128,9 @@ def lora_config(lora: Lora | None):
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
+        modules_to_save=lora.modules_to_save,
         task_type="CAUSAL_LM",
     )
 
@@ -281,3 +295,44 @@ class TrainingConfig(StageConfig):
     logging_steps: int = ExecOnly(1, ge=1)
     lora: Lora | None = Field(None, description="LoRA settings; absent = full fine-tune.")
     merge: bool = Field(False, description="LoRA: merge the adapter and save full weights.")
+    optimizer: str | None = Knob(
+        None, description="transformers' optimizer name (adamw_torch, adafactor, paged_adamw_8bit, ...); default TRL's."
+    )
+    max_grad_norm: float | None = Knob(None, gt=0.0, description="Clip the gradient norm; default TRL's (1.0).")
+    gradient_checkpointing: bool | None = ExecOnly(
+        None, description="Recompute activations in the backward pass (less memory, slower); default TRL's (on)."
+    )
+    neftune_noise_alpha: float | None = Knob(
+        None, gt=0.0, description="NEFTune: noise on the input embeddings while training (the paper uses 5)."
+    )
+    eval_fraction: float | None = Knob(
+        None, gt=0.0, le=0.5, description="Hold out this share of the training rows (seeded) to compute eval loss on."
+    )
+    eval_steps: int | None = Knob(None, ge=1, description="Optimizer steps between evals (default: save_steps).")
+    early_stopping_patience: int | None = Knob(
+        None, ge=1, description="Stop after this many evals without a lower eval loss; the best checkpoint is kept."
+    )
+    quantization: Literal["4bit"] | None = Knob(
+        None, description="QLoRA: load the frozen base in 4-bit NF4 (bitsandbytes, CUDA only); needs [lora]."
+    )
+    trainer: dict[str, Any] = Knob(
+        default_factory=dict,
+        description="Further TRL config arguments, checked against the TRL config's fields (keys the stage "
+        "models are refused: use the stage's own key).",
+    )
+
+    unknown_key_hints: ClassVar[dict[str, str]] = UNKNOWN_KEY_HINTS
+
+    @model_validator(mode="before")
+    @classmethod
+    def _trl_names(cls, data: Any) -> Any:
+        """TRL's names for the same settings (learning_rate, num_train_epochs, ...) are accepted."""
+        if not isinstance(data, dict):
+            return data
+        for trl_name, ours in TRL_ALIASES.items():
+            if trl_name in data and ours in cls.model_fields:
+                if ours in data:
+                    raise ValueError(f"{trl_name} (TRL's name) and {ours} are the same setting: keep one")
+                data = {**data, ours: data[trl_name]}
+                del data[trl_name]
+        return data

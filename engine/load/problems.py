@@ -51,7 +51,8 @@ def pydantic_problems(
         kind = err["type"]
         if kind == "extra_forbidden":
             msg = f"unknown key '{loc[-1]}'."
-            hint = _keys_hint(loc[-1], _fields_at(model, loc))
+            hints = getattr(model, "unknown_key_hints", {}) if len(loc) == 1 else {}  # e.g. TRL's names
+            hint = hints.get(loc[-1]) or _keys_hint(loc[-1], _fields_at(model, loc))
         elif kind == "missing":
             msg, hint = f"missing required key '{loc[-1]}'.", "Add it to the table."
         else:

@@ -52,14 +52,17 @@ def load_model(
     merge_adapter: bool = False,
     device: str | None = None,
     full_precision: bool = False,
+    quantize: bool = False,
 ) -> tuple[Any, Any]:
     """(model, tokenizer) for a model reference, loaded straight onto `device` (default: the spec's
     device for this process, `rank_device`) in its dtype; a model without a chat template is a
     RecipeError. `full_precision`: float32 weights where the dtype is "auto" (a full fine-tune keeps
-    a float32 master copy and trains under bf16 autocast; pure bf16 AdamW updates vanish)."""
+    a float32 master copy and trains under bf16 autocast; pure bf16 AdamW updates vanish).
+    `quantize`: 4-bit NF4 weights for QLoRA (bitsandbytes, CUDA)."""
     if device is None:
         device = rank_device(model.spec.device) if model.spec is not None else "auto"
     dtype = "float32" if full_precision and (model.spec is None or model.spec.dtype == "auto") else None
+    dtype = "nf4" if quantize else dtype
     if model.spec is None:  # a model made by an upstream stage
         m, tok = _load_dir(Path(model.path) / "model", cache_root, log, merge_adapter, device, dtype)  # type: ignore[arg-type]
     else:

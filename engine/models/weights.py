@@ -62,7 +62,8 @@ def load_model(
         device = "cuda" if torch.cuda.is_available() and not is_small(path, cache_root) else "cpu"
     if device == "cuda":  # this process's GPU (its LOCAL_RANK under accelerate), as the trainer expects
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', torch.cuda.current_device()))}"
-    torch_dtype = _resolve_dtype(dtype, device)
+    quantized = dtype == "nf4"  # QLoRA: 4-bit NF4 weights, bf16 compute (bitsandbytes, CUDA)
+    torch_dtype = torch.bfloat16 if quantized else _resolve_dtype(dtype, device)
     hub = False
     if path.startswith("builtin:"):
         source = str(builtin_dir(path.split(":", 1)[1], Path(cache_root)))
@@ -77,6 +78,15 @@ def load_model(
     kw = {"revision": revision} if hub and revision else {}
     # Straight onto an accelerator in the target dtype: no float32 copy in host memory first.
     placement = {"device_map": {"": device}} if device != "cpu" else {}
+    if quantized:
+        from transformers import BitsAndBytesConfig
+
+        placement["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True,
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kw)
         model = AutoModelForCausalLM.from_pretrained(
@@ -89,7 +99,7 @@ def load_model(
     prepare_tokenizer(tokenizer, model)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.to(device).eval()
+    (model if quantized else model.to(device)).eval()  # a 4-bit model is placed by device_map
     return model, tokenizer
 
 

@@ -112,10 +112,18 @@ class Context:
         """How to load `model` again later (engine.models.pool.describe_model)."""
         return loading.describe_model(model)
 
-    def load_model(self, model: Artifact, *, merge_adapter: bool = False, full_precision: bool = False):
+    def load_model(
+        self, model: Artifact, *, merge_adapter: bool = False, full_precision: bool = False, quantize: bool = False
+    ):
         """(model, tokenizer) for a model reference (engine.models.pool.load_model)."""
         return loading.load_model(
-            model, self.recipe, self.cache_root, self.log, merge_adapter=merge_adapter, full_precision=full_precision
+            model,
+            self.recipe,
+            self.cache_root,
+            self.log,
+            merge_adapter=merge_adapter,
+            full_precision=full_precision,
+            quantize=quantize,
         )
 
     def backend(self, model: Artifact, batch_size: int = 64):

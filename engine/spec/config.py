@@ -10,6 +10,8 @@ never silently turned into a number). Fields carry markers in `json_schema_extra
   fingerprint.
 - `PathField(...)`: a file path, resolved against the directory of the recipe file that set it;
   the file's content enters the fingerprint, never the path.
+- `Knob(...)`: a field added after cache entries exist: in the fingerprint only when set to
+  something other than its default, so that adding it re-runs nothing (`defining()`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 REF = "x-ref"
 EXEC_ONLY = "x-exec-only"
 PATH = "x-path"
+OMIT_DEFAULT = "x-omit-default"
 
 ARTIFACT_TYPES = ("conversations", "prompts", "samples", "preferences", "model", "report", "constitution")
 
@@ -98,6 +101,28 @@ def ExecOnly(default: Any = ..., description: str = "", **kw: Any) -> Any:
 def PathField(default: Any = ..., description: str = "", **kw: Any) -> Any:
     """A path to a file; resolved against the recipe's directory, hashed by content."""
     return Field(default, description=description, json_schema_extra={PATH: True}, **kw)
+
+
+def Knob(default: Any = None, description: str = "", **kw: Any) -> Any:
+    """A field that enters the fingerprint only when it differs from its default."""
+    if "default_factory" in kw:
+        return Field(description=description, json_schema_extra={OMIT_DEFAULT: True}, **kw)
+    return Field(default, description=description, json_schema_extra={OMIT_DEFAULT: True}, **kw)
+
+
+def defining(model: BaseModel) -> dict:
+    """`model.model_dump(mode="json")` without the Knob fields that hold their default, in nested
+    tables (and lists of them) too: what a fingerprint sees of a config."""
+    cls, out = type(model), model.model_dump(mode="json")
+    for name, info in cls.model_fields.items():
+        value = getattr(model, name)
+        if marker(cls, name, OMIT_DEFAULT) and value == info.get_default(call_default_factory=True):
+            del out[name]
+        elif isinstance(value, BaseModel):
+            out[name] = defining(value)
+        elif isinstance(value, list) and value and all(isinstance(v, BaseModel) for v in value):
+            out[name] = [defining(v) for v in value]
+    return out
 
 
 def marker(model: type[BaseModel], field: str, name: str) -> Any:

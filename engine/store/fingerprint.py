@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine.core.hashing import HashMemo, digest, hub_cache_commit, is_file
 from engine.spec.backends import BACKENDS
-from engine.spec.config import EXEC_ONLY, PATH, REF, marker
+from engine.spec.config import EXEC_ONLY, PATH, REF, defining, marker
 from engine.spec.graph import Source, edges, order
 from engine.spec.stage import hook
 
@@ -129,7 +129,7 @@ def stage_components(recipe: Recipe, name: str, stage_fps: dict[str, str | None]
     stage = recipe.stages[name]
     cls = type(stage.config)
     config, files = {}, {}
-    for fname, value in stage.config.model_dump(mode="json").items():
+    for fname, value in defining(stage.config).items():
         if fname == "kind" or marker(cls, fname, EXEC_ONLY) or marker(cls, fname, REF):
             continue
         if marker(cls, fname, PATH) and isinstance(value, str) and Path(value).exists():
