@@ -1,4 +1,4 @@
-"""dpo / kto / orpo: preference training with TRL.
+"""dpo / kto / orpo / cpo: preference training with TRL.
 
 Takes `preferences` (input: one reference, or a list mixed by `weights`) and a model (model, optionally ref_model); gives a `model` in `model/`
 (full weights, the merged LoRA weights, or a LoRA adapter plus `base.json`) with its tokenizer.
@@ -8,7 +8,9 @@ Takes `preferences` (input: one reference, or a list mixed by `weights`) and a m
 - kind = "dpo": TRL's DPOTrainer, `loss_type` one of TRL's (sigmoid = DPO, ipo, hinge, robust, ...).
   kind = "kto": TRL's KTOTrainer; each pair becomes one desirable (chosen) and one undesirable
   (rejected) unpaired example, shuffled with the recipe seed. kind = "orpo": TRL's experimental
-  ORPOTrainer (no reference model; `beta` is ORPO's lambda).
+  ORPOTrainer (no reference model; `beta` is ORPO's lambda). kind = "cpo": TRL's experimental
+  CPOTrainer (no reference model): `loss_type` sigmoid (CPO), hinge, ipo or simpo (SimPO, with
+  `simpo_gamma`; `cpo_alpha = 0` for pure SimPO, TRL's default 1 adds CPO's NLL term).
 - Reference model (dpo, kto): `ref_model` when set; otherwise, with `lora`, the start model with the
   adapter disabled (the frozen base); otherwise a frozen copy of the start model. The stage log and
   the report say which.
@@ -66,7 +68,7 @@ from engine.lib.training import (
     training_rows,
     user_error,
 )
-from engine.spec.config import ExecOnly, Ref
+from engine.spec.config import ExecOnly, Knob, Ref
 
 VERSION = 2  # 2: input may be a weighted list of preference sets
 GIVES = "model"
@@ -93,17 +95,20 @@ LOSS_TYPES = {
     ),
     "kto": ("kto", "apo_zero_unpaired"),
     "orpo": (),
+    "cpo": ("sigmoid", "hinge", "ipo", "simpo"),  # trl/experimental/cpo/cpo_config.py (alphapo: simpo + alpha)
 }
-DEFAULT_LOSS = {"dpo": "sigmoid", "kto": "kto"}
+DEFAULT_LOSS = {"dpo": "sigmoid", "kto": "kto", "cpo": "sigmoid"}
 EXTRA_KEYS = {
     "dpo": ("logps/chosen", "logps/rejected"),
     "kto": ("logps/chosen", "logps/rejected", "kl"),
     "orpo": ("logps/chosen", "logps/rejected", "nll_loss", "log_odds_ratio"),
+    "cpo": ("logps/chosen", "logps/rejected", "nll_loss"),
 }
+NO_REFERENCE = ("orpo", "cpo")
 
 
 class Config(TrainingConfig):
-    kind: Literal["dpo", "kto", "orpo"]
+    kind: Literal["dpo", "kto", "orpo", "cpo"]
     input: str | list[str] = Ref(
         "preferences",
         description="Preference pairs (prompt messages, chosen, rejected): one name, or a list mixed by `weights`.",
@@ -130,10 +135,19 @@ class Config(TrainingConfig):
         None,
         description=(
             "dpo: sigmoid (default), hinge, ipo, exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired, "
-            "apo_zero, apo_down, discopop, sft, sigmoid_norm; kto: kto (default), apo_zero_unpaired; orpo: none."
+            "apo_zero, apo_down, discopop, sft, sigmoid_norm; kto: kto (default), apo_zero_unpaired; orpo: none; "
+            "cpo: sigmoid (CPO, default), hinge, ipo, simpo (SimPO)."
         ),
     )
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="dpo: robust/exo_pair label smoothing.")
+    cpo_alpha: float | None = Knob(
+        None,
+        ge=0.0,
+        description="cpo: weight of the NLL (behaviour cloning) term; 0 with simpo is pure SimPO. TRL's default 1.",
+    )
+    simpo_gamma: float | None = Knob(
+        None, description="cpo with loss_type simpo: the target reward margin. TRL's default 0.5."
+    )
     lr: float = Field(
         5e-6, gt=0.0, description="Peak learning rate (preference training wants it low; ~1e-5 to 5e-5 with LoRA)."
     )
@@ -175,16 +189,33 @@ def check(name: str, config: Config, recipe) -> list[Problem]:
             problems.append(
                 Problem(
                     f"unknown loss_type '{config.loss_type}' for kind = \"{config.kind}\".",
-                    hint=(f"Did you mean '{close[0]}'? " if close else "")
+                    hint=(f"Did you mean '{close[0]}'? " if close and not other else "")
                     + (f'It is a loss of kind = "{other[0]}". ' if other else "")
                     + f"Known: {', '.join(known)}.",
                     **where("loss_type"),
                 )
             )
-    if config.kind == "orpo" and config.ref_model:
+    if config.kind in NO_REFERENCE and config.ref_model:
         problems.append(
-            Problem(f"stage '{name}' (orpo) uses no reference model.", hint="Remove ref_model.", **where("ref_model"))
+            Problem(
+                f"stage '{name}' ({config.kind}) uses no reference model.",
+                hint="Remove ref_model.",
+                **where("ref_model"),
+            )
         )
+    for key in ("cpo_alpha", "simpo_gamma"):
+        if getattr(config, key) is not None and (
+            config.kind != "cpo" or (key == "simpo_gamma" and loss_type(config) != "simpo")
+        ):
+            problems.append(
+                Problem(
+                    f'{key} is used by kind = "cpo"'
+                    + (' with loss_type = "simpo"' if key == "simpo_gamma" else "")
+                    + " only.",
+                    hint=f"Remove {key}.",
+                    **where(key),
+                )
+            )
     if loss_type(config) == "exo_pair" and config.label_smoothing == 0.0:
         problems.append(
             Problem(
@@ -238,8 +269,8 @@ def fit_pairs(rows: list[dict], tok, config: Config) -> tuple[list[dict], Length
 
 def _reference(config: Config, inputs: dict, model, tok, ctx):
     """(reference model or None, what the reference is, in words)."""
-    if config.kind == "orpo":
-        return None, "none (ORPO trains without a reference model)"
+    if config.kind in NO_REFERENCE:
+        return None, f"none ({config.kind.upper()} trains without a reference model)"
     if config.ref_model:
         art = inputs["ref_model"]
         ref, ref_tok = load_weights(ctx, art, "ref_model")
@@ -297,19 +328,33 @@ def _trainer(config: Config, model, ref, tok, data: list[dict], held: list[dict]
             peft_config=peft,
             callbacks=callbacks,
         )
-    import torch
-    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+    import os
 
-    class ORPO(ORPOTrainer):
+    import torch
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # the stage names them experimental in its docs
+    if config.kind == "cpo":
+        from trl.experimental.cpo import CPOConfig as ArgsClass
+        from trl.experimental.cpo import CPOTrainer as Base
+
+        extra = {k: getattr(config, k) for k in ("cpo_alpha", "simpo_gamma") if getattr(config, k) is not None}
+        args = ArgsClass(loss_type=loss_type(config), label_smoothing=config.label_smoothing, **extra, **common)
+    else:
+        from trl.experimental.orpo import ORPOConfig as ArgsClass  # type: ignore[assignment]
+        from trl.experimental.orpo import ORPOTrainer as Base  # type: ignore[assignment]
+
+        args = ArgsClass(**common)
+
+    class Pairwise(Base):  # type: ignore[valid-type,misc]
         def _track_num_input_tokens(self, inputs):
-            # ORPO's batches have chosen_/rejected_ keys, no input_ids: count both replies' tokens
+            # ORPO's and CPO's batches have chosen_/rejected_ keys, no input_ids: count both replies' tokens
             n = sum(inputs[k].sum() for k in ("chosen_attention_mask", "rejected_attention_mask"))
             n = torch.as_tensor(n, device=self.args.device, dtype=torch.int64)
             self.state.num_input_tokens_seen += self.accelerator.gather(n).sum().item()
 
-    return ORPO(
+    return Pairwise(
         model=model,
-        args=ORPOConfig(**common),
+        args=args,
         train_dataset=dataset,
         **evals,
         processing_class=tok,

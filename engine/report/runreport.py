@@ -33,7 +33,7 @@ from engine.lib.evals.report import TINY_NOTE, eval_blocks, glance_blocks, hones
 from engine.spec import registry
 from engine.spec.stage import hook
 
-TRAINING_KINDS = ("sft", "dpo", "kto", "orpo")
+TRAINING_KINDS = ("sft", "dpo", "kto", "orpo", "cpo", "grpo")
 
 
 # --------------------------------------------------------------------------- blocks

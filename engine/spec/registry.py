@@ -20,6 +20,7 @@ BUILTIN = {
     "dpo": "stages.dpo",
     "kto": "stages.dpo",
     "orpo": "stages.dpo",
+    "cpo": "stages.dpo",
     "eval": "stages.eval",
     "rejection_sample": "stages.rejection_sample",
     "preferences": "stages.preferences",

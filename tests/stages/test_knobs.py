@@ -171,3 +171,60 @@ lr = 1e-3
     record = run(load_recipe(tmp_path / "r.toml"), tmp_path / "runs")
     report = json.loads((record.dir / "stages" / "dpo" / "report.json").read_text())
     assert report["eval_rows"] == 4 and report["eval_loss_first"] is not None
+
+
+CPO = """
+[recipe]
+name = "cpo"
+seed = 3
+
+[models.policy]
+path = "builtin:tiny-chat"
+
+[datasets.pairs]
+path = "data/pairs.jsonl"
+type = "preferences"
+
+[stages.simpo]
+kind = "cpo"
+input = "pairs"
+model = "policy"
+loss_type = "simpo"
+cpo_alpha = 0.0
+simpo_gamma = 0.5
+max_steps = 3
+batch_size = 4
+per_device_batch_size = 4
+lr = 1e-3
+"""
+
+
+def cpo_project(tmp_path: Path, text: str = CPO) -> Path:
+    rows = [
+        {"id": f"p{i}", "prompt": f"What is {i} plus {i}?", "chosen": f"{2 * i}.", "rejected": "No."} for i in range(8)
+    ]
+    write_jsonl(tmp_path / "data" / "pairs.jsonl", rows)
+    (tmp_path / "r.toml").write_text(text)
+    return tmp_path / "r.toml"
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (('kind = "cpo"', 'kind = "dpo"'), 'unknown loss_type \'simpo\' for kind = "dpo". It is a loss of kind = "cpo".'),
+        (('loss_type = "simpo"', 'loss_type = "ipo"'), 'simpo_gamma is used by kind = "cpo" with loss_type = "simpo" only.'),
+        (('model = "policy"', 'model = "policy"\nref_model = "policy"'), "stage 'simpo' (cpo) uses no reference model."),
+    ],
+)  # fmt: skip
+def test_validate_checks_cpo_and_simpo(tmp_path, cli, change, expected):
+    path = cpo_project(tmp_path, CPO.replace(*change))
+    result = cli("validate", path)
+    assert result.exit_code == 2 and expected in flat(result.output), result.output
+
+
+@pytest.mark.slow
+def test_simpo_trains_without_a_reference(tmp_path):
+    record = run(load_recipe(cpo_project(tmp_path)), tmp_path / "runs")
+    report = json.loads((record.dir / "stages" / "simpo" / "report.json").read_text())
+    assert report["kind"] == "cpo" and report["loss_type"] == "simpo" and report["steps"] == 3
+    assert report["reference"].startswith("none") and report["tokens_seen"] > 0
