@@ -39,6 +39,7 @@ from engine.core.errors import Problem
 from engine.lib.knobs import eval_split, knob_callbacks, knob_problems
 from engine.lib.lengths import LengthReport, chat_ids, check_length_drops, fit_context, max_dropped_field
 from engine.lib.pairs import unpaired
+from engine.lib.tracking import tracking_callbacks
 from engine.lib.trainer import (
     checkpoint_dir,
     eval_line,
@@ -413,7 +414,7 @@ def run(config: Config, inputs: dict, ctx) -> None:
         data,
         held,
         trainer_args(config, ctx, batch, ckpt_dir, model, has_eval=bool(held)),
-        [step_callback(ctx, timing), *knob_callbacks(config, bool(held))],
+        [step_callback(ctx, timing), *knob_callbacks(config, bool(held), *tracking_callbacks(ctx))],
     )
     settle(trainer, ctx.log)
 

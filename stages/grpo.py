@@ -48,6 +48,7 @@ from engine.lib.knobs import knob_problems
 from engine.lib.pairs import prompt_messages
 from engine.lib.rewards import RewardRules
 from engine.lib.scoring import CONVERSATION_SCORERS, ScorerSpec, make_scorer, scorer_code, scorer_problems
+from engine.lib.tracking import tracking_callbacks
 from engine.lib.trainer import (
     checkpoint_dir,
     last_checkpoint,
@@ -460,7 +461,7 @@ def run(config: Config, inputs: dict, ctx) -> None:
                 train_dataset=dataset,
                 processing_class=tok,
                 peft_config=lora_config(config.lora),
-                callbacks=[step_callback(ctx, timing), _step_clock(step_seconds)],
+                callbacks=[step_callback(ctx, timing), _step_clock(step_seconds), *tracking_callbacks(ctx)],
             )
         settle(trainer, ctx.log)
         last = last_checkpoint(ckpt_dir, ctx)

@@ -36,6 +36,7 @@ from pydantic import Field
 from engine.core.errors import Problem
 from engine.lib.knobs import eval_split, knob_callbacks, knob_problems
 from engine.lib.lengths import LengthReport, chat_ids, check_length_drops, fit, max_dropped_field
+from engine.lib.tracking import tracking_callbacks
 from engine.lib.trainer import (
     checkpoint_dir,
     eval_line,
@@ -280,7 +281,7 @@ def run(config: Config, inputs: dict, ctx) -> None:
         eval_dataset=_dataset(tok, eval_kept, method, ctx, inputs["model"].name) if has_eval else None,
         processing_class=tok,
         peft_config=lora_config(config.lora),
-        callbacks=[step_callback(ctx, timing), *knob_callbacks(config, has_eval)],
+        callbacks=[step_callback(ctx, timing), *knob_callbacks(config, has_eval), *tracking_callbacks(ctx)],
     )
     settle(trainer, ctx.log)
 

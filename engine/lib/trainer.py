@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.lib.knobs import knob_args
+from engine.lib.tracking import tracking_args
 from engine.lib.training import REWARD_KEYS, Batch, Lora
 from engine.models.chatmask import FIX_TEMPLATE, special_ids
 
@@ -53,28 +54,31 @@ def trainer_args(config, ctx, batch: Batch, ckpt_dir: Path, model: Any = None, h
     import torch
 
     cuda = torch.cuda.is_available() and (model is None or next(model.parameters()).device.type == "cuda")
-    return dict(
-        output_dir=str(ckpt_dir),
-        per_device_train_batch_size=batch.per_device,
-        gradient_accumulation_steps=batch.accumulation,
-        learning_rate=config.lr,
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps if config.max_steps else -1,
-        lr_scheduler_type=config.scheduler,
-        warmup_steps=float(config.warmup_ratio),  # transformers 5: a value below 1 is a share of the steps
-        weight_decay=config.weight_decay,
-        save_steps=config.save_steps,
-        save_total_limit=2,
-        logging_steps=config.logging_steps,
-        report_to=[],
-        seed=ctx.seed,
-        data_seed=ctx.seed,
-        use_cpu=not cuda,
-        bf16=cuda and torch.cuda.is_bf16_supported(),
-        include_num_input_tokens_seen="non_padding",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    ) | knob_args(config, batch.per_device, has_eval)
+    return (
+        dict(
+            output_dir=str(ckpt_dir),
+            per_device_train_batch_size=batch.per_device,
+            gradient_accumulation_steps=batch.accumulation,
+            learning_rate=config.lr,
+            num_train_epochs=config.epochs,
+            max_steps=config.max_steps if config.max_steps else -1,
+            lr_scheduler_type=config.scheduler,
+            warmup_steps=float(config.warmup_ratio),  # transformers 5: a value below 1 is a share of the steps
+            weight_decay=config.weight_decay,
+            save_steps=config.save_steps,
+            save_total_limit=2,
+            logging_steps=config.logging_steps,
+            seed=ctx.seed,
+            data_seed=ctx.seed,
+            use_cpu=not cuda,
+            bf16=cuda and torch.cuda.is_bf16_supported(),
+            include_num_input_tokens_seen="non_padding",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+        )
+        | tracking_args(ctx)
+        | knob_args(config, batch.per_device, has_eval)
+    )
 
 
 def step_callback(ctx, timing: dict[int, float]):

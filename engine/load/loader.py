@@ -28,7 +28,7 @@ from engine.spec.backends import BACKENDS
 from engine.spec.config import PATH, StageConfig, Table, marker, ref_fields
 from engine.spec.locations import _display, locate
 from engine.spec.paths import resolve_path
-from engine.spec.recipe import NAME_PATTERN, SECTIONS, Recipe, RecipeMeta
+from engine.spec.recipe import NAME_PATTERN, SECTIONS, Recipe, RecipeMeta, TrackingSpec
 from engine.spec.rounds import LoopSpec, Rounds, loop_problems, merge_round_problems
 from engine.spec.stage import Stage, hook
 
@@ -101,6 +101,9 @@ def load_recipe(
             Problem("missing the [recipe] table.", file=_display(top), hint='Add [recipe] with at least name = "...".')
         )
     meta = check("recipe", RecipeMeta, data.get("recipe", {})) if "recipe" in data else None
+    if isinstance(data.get("tracking"), dict) and isinstance(data["tracking"].get("dir"), str):
+        data["tracking"]["dir"] = resolve_path(data["tracking"]["dir"], "tracking.dir", locations, top)
+    tracking = check("tracking", TrackingSpec, data["tracking"]) if "tracking" in data else TrackingSpec()
 
     parsed: dict[str, dict] = {}
     previews: dict[str, list[dict] | None] = {}  # rows of small local dataset files, for stage checks
@@ -259,6 +262,7 @@ def load_recipe(
         locations,
         rounds.loops,
         previews,
+        tracking or TrackingSpec(),
     )
     _alias_round_locations(locations, recipe.stages)
     # Stages that failed their own validation still exist as names (references to them are
@@ -276,6 +280,9 @@ def load_recipe(
 
     found.extend(uses_problems(recipe))
     found.extend(model_problems(recipe))
+    from engine.lib.tracking import tracking_problems
+
+    found.extend(tracking_problems(recipe))
     problems.extend(merge_round_problems(found, set(rounds.member)))
     if problems:
         raise RecipeError(problems)

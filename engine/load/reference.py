@@ -109,6 +109,7 @@ def markdown() -> str:
         ("[models.NAME]", "models.NAME", recipe_mod.ModelSpec),
         ("[datasets.NAME]", "datasets.NAME", recipe_mod.DatasetSpec),
         ("[constitutions.NAME]", "constitutions.NAME", recipe_mod.ConstitutionSpec),
+        ("[tracking]", "tracking", recipe_mod.TrackingSpec),
     ]
     for title, prefix, cls in sections:
         parts += [f"## {title}", ""] + table(cls, prefix) + [""]  # type: ignore[arg-type]

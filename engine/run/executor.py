@@ -234,6 +234,12 @@ def run(
             keep_going(recipe, names, build_stage, fail_fast=fail_fast, on_failure=on_failure, skip=mark_skipped)
         status = "ok"
         cutoff_notes(recipe, plan, record, console)
+        if recipe.tracking.report_to:  # once per run: the recipe, fingerprints, eval metrics
+            from engine.lib.tracking import log_run
+
+            log_run(
+                record, recipe, runs_dir, lambda m: console is not None and console.print(f"[yellow]warning[/]: {m}")
+            )
     except KeyboardInterrupt:
         status = "interrupted"
         raise

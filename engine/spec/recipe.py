@@ -93,6 +93,21 @@ class DatasetSpec(Table):
     )
 
 
+class TrackingSpec(Table):
+    """Experiment tracking: training curves stream to each named tracker, and once per run the recipe,
+    its stages' fingerprints and the eval metrics. Execution-only: outside every fingerprint."""
+
+    report_to: list[Literal["tensorboard", "trackio", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="Trackers: tensorboard, trackio, wandb, mlflow (each needs its package)."
+    )
+    project: str | None = Field(
+        None, description="The project (trackio, wandb) or experiment (mlflow); default: the recipe name."
+    )
+    dir: str | None = Field(
+        None, description="TensorBoard's log folder, relative to the recipe file; default: runs/<recipe>/tracking."
+    )
+
+
 class ConstitutionSpec(Table):
     path: str = Field(description="A constitution TOML file.")
 
@@ -104,6 +119,7 @@ SECTIONS: dict[str, type[Table] | None] = {
     "constitutions": ConstitutionSpec,
     "stages": None,  # validated per kind
     "loops": None,  # LoopSpec, checked against the stages
+    "tracking": TrackingSpec,
 }
 EXTRA_SECTIONS: dict[str, type[Table]] = {"loops": LoopSpec}  # more [name.NAME] tables, for the reference
 
@@ -122,6 +138,7 @@ class Recipe:
     locations: dict[str, tuple[str, int]] = field(default_factory=dict)
     loops: dict[str, LoopSpec] = field(default_factory=dict)
     previews: dict[str, list[dict] | None] = field(default_factory=dict, repr=False)
+    tracking: TrackingSpec = field(default_factory=TrackingSpec)
 
     def dataset_rows(self, name: str) -> list[dict] | None:
         """The rows of dataset `name` as validate loaded them (small local files), else None."""
