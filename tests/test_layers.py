@@ -99,7 +99,7 @@ def test_no_import_circle():
 
 def test_engine_holds_packages_and_small_modules():
     top = sorted(p.name for p in (ROOT / "engine").iterdir() if p.suffix == ".py")
-    assert top == ["__init__.py", "cli.py"], top
+    assert top == ["__init__.py"], top  # everything else lives in a package (engine/cli/ included)
     long = [
         f"{p.relative_to(ROOT)}: {n} lines"
         for name, p in modules().items()

@@ -89,6 +89,12 @@ def rank_device(spec_device: str) -> str:
     return devices[0]
 
 
+def load_model_dir(path: Path, cache_root: Path | None, log: logging.Logger) -> tuple[Any, Any]:
+    """(model, tokenizer) of a stage's `model/` folder on the CPU in float32, an adapter merged into
+    its base (what `recipe export --merge` saves)."""
+    return _load_dir(path, cache_root, log, True, "cpu", "float32")
+
+
 def _load_dir(
     path: Path,
     cache_root: Path | None,

@@ -396,5 +396,4 @@ def init(directory: str, example: str | None, force: bool) -> None:
     out.print(f"next: recipe run {written[0]}", markup=False)
 
 
-if __name__ == "__main__":  # pragma: no cover (python -m engine.cli)
-    main()
+from engine.cli import export as _export  # noqa: E402, F401  (registers `recipe export` on main)

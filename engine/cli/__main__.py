@@ -1,0 +1,5 @@
+"""`python -m engine.cli`: the `recipe` command."""
+
+from engine.cli import main
+
+main()
