@@ -23,8 +23,7 @@ from engine.store.record import find_run
 if TYPE_CHECKING:
     from engine.spec.recipe import Recipe
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+from engine.cli.common import _runs_dir, _runs_dir_option, err, out
 
 
 class RecipeGroup(click.Group):
@@ -50,15 +49,6 @@ class RecipeGroup(click.Group):
             sys.exit(143 if isinstance(exc, Terminated) else 130)
 
 
-def _runs_dir_option(f):
-    return click.option(
-        "--runs-dir",
-        type=click.Path(file_okay=False),
-        default=None,
-        help="Output root (default: $RECIPE_RUNS_DIR or ./runs).",
-    )(f)
-
-
 def _set_option(f):
     f = click.option(  # kept on the context (no new parameter): _load reads it
         "--unset",
@@ -75,12 +65,6 @@ def _set_option(f):
         metavar="KEY=VALUE",
         help="Override a recipe key; VALUE is parsed as TOML (--set stages.sft.lr=1e-4).",
     )(f)
-
-
-def _runs_dir(value: str | None) -> Path:
-    from engine.run.plan import runs_dir_default
-
-    return Path(value or runs_dir_default())
 
 
 def _load(path: str, sets) -> Recipe:
@@ -396,4 +380,6 @@ def init(directory: str, example: str | None, force: bool) -> None:
     out.print(f"next: recipe run {written[0]}", markup=False)
 
 
-from engine.cli import export as _export  # noqa: E402, F401  (registers `recipe export` on main)
+from engine.cli.export import export as _export  # noqa: E402
+
+main.add_command(_export)

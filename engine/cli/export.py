@@ -6,10 +6,10 @@ from pathlib import Path
 
 import click
 
-from engine.cli import _runs_dir, _runs_dir_option, main, out
+from engine.cli.common import _runs_dir, _runs_dir_option, out
 
 
-@main.command()
+@click.command()
 @click.argument("run_ref", metavar="RUN")
 @click.argument("stage")
 @click.option("--to", "to", required=True, type=click.Path(file_okay=False), help="The folder to write.")

@@ -32,14 +32,7 @@ def lineage(run_dir: Path, stage: str) -> list[dict]:
         manifest = run_dir / "stages" / name / "manifest.json"
         if source == "stages" and manifest.is_file():
             m = json.loads(manifest.read_text())
-            out.append(
-                {
-                    "name": name,
-                    "source": source,
-                    "kind": m["components"].get("kind"),
-                    "id": m["fingerprint"],
-                }
-            )
+            out.append({"name": name, "source": source, "kind": m["components"].get("kind"), "id": m["fingerprint"]})
             for items in m["components"].get("inputs", {}).values():
                 todo += [(i["name"], i["source"], i["id"]) for i in items]
         else:
