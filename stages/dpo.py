@@ -341,12 +341,12 @@ def _trainer(config: Config, model, ref, tok, data: list[dict], held: list[dict]
         extra = {k: getattr(config, k) for k in ("cpo_alpha", "simpo_gamma") if getattr(config, k) is not None}
         args = ArgsClass(loss_type=loss_type(config), label_smoothing=config.label_smoothing, **extra, **common)
     else:
-        from trl.experimental.orpo import ORPOConfig as ArgsClass  # type: ignore[assignment]
-        from trl.experimental.orpo import ORPOTrainer as Base  # type: ignore[assignment]
+        from trl.experimental.orpo import ORPOConfig as ArgsClass
+        from trl.experimental.orpo import ORPOTrainer as Base
 
         args = ArgsClass(**common)
 
-    class Pairwise(Base):  # type: ignore[valid-type,misc]
+    class Pairwise(Base):
         def _track_num_input_tokens(self, inputs):
             # ORPO's and CPO's batches have chosen_/rejected_ keys, no input_ids: count both replies' tokens
             n = sum(inputs[k].sum() for k in ("chosen_attention_mask", "rejected_attention_mask"))

@@ -206,7 +206,7 @@ def _dataset(tok, kept: list[list[dict]], method: str, ctx, model_name: str):
 def _fit_rows(rows: list[dict], tok, config: Config) -> tuple[list[list[dict]], LengthReport, dict[int, int]]:
     """The conversations under the length policy, their length report, and (packing) the kept index
     of each row by the hash of its token ids (the mask check finds packed rows by tokens)."""
-    lengths, kept, by_ids = LengthReport(), [], {}
+    lengths, kept, by_ids = LengthReport(), [], {}  # type: LengthReport, list[list[dict]], dict[int, int]
     length = lambda msgs: len(chat_ids(tok, msgs))  # noqa: E731
     for row in rows:
         msgs = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]

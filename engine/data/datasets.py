@@ -212,14 +212,13 @@ def _normalize_row(row: dict, type: str):
     """(typed fields, consumed column names) or a drop reason string."""
     as_msgs = lambda v, role: [{"role": role, "content": v}] if isinstance(v, str) else canonical_messages(v)  # noqa: E731
     if type == "conversations":
-        messages, consumed = row.get("messages"), ("messages",)
+        messages = row.get("messages")
+        consumed: tuple[str, ...] = ("messages",)
         if "messages" not in row and "completion" in row:  # TRL's prompt-completion rows
             if _blank(row.get("prompt")) or _blank(row.get("completion")):
                 return "empty prompt" if _blank(row.get("prompt")) else "empty completion"
-            messages, consumed = (
-                as_msgs(row["prompt"], "user") + as_msgs(row["completion"], "assistant"),
-                ("prompt", "completion"),
-            )
+            messages = as_msgs(row["prompt"], "user") + as_msgs(row["completion"], "assistant")
+            consumed = ("prompt", "completion")
         try:
             return {"messages": normalize_messages(canonical_messages(messages))}, consumed
         except (ValueError, TypeError) as e:
