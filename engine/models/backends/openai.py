@@ -16,22 +16,22 @@ the OpenAI API itself, or a local model behind vLLM's or llama.cpp's server).
 - The API key is read from `os.environ[api_key_env]` when a request is sent; it is never
   stored on the object, in a cache file or in a cache key, and is scrubbed from messages.
 
-Stdlib only (urllib); importing this module does not import torch or transformers.
+Transport is the `openai` SDK (its HTTP client, auth, timeouts and error types), imported when
+the first request is sent; the retry policy above stays the engine's (the SDK's own retries are
+off): it stops waiting when another prompt's request has failed, takes an injectable clock for
+tests, and reports every attempt in one line. The raw response JSON is what the cache keeps,
+exactly as the server sent it. Importing this module imports neither the SDK nor torch.
 """
 
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import os
 import random
-import socket
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -86,9 +86,8 @@ class OpenAIBackend:
         self.backoff_base_s, self.backoff_cap_s = backoff_base_s, backoff_cap_s
         self._sleep = sleep
         self._jitter = random.Random()  # private: never disturb the global RNG that seeds sampling
-        # Loopback servers are reached directly even when an http(s)_proxy is set.
-        handlers = [urllib.request.ProxyHandler({})] if _is_loopback(parsed.hostname) else []
-        self._opener = urllib.request.build_opener(*handlers)
+        self._loopback = _is_loopback(parsed.hostname)  # reached directly even when an http(s)_proxy is set
+        self._sdk: Any = None  # the openai client, made on the first request (it holds no key: see _post)
         self._stats_lock = threading.Lock()
         self.http_requests = 0  # attempts sent (retries included)
         self.cache_hits = 0
@@ -269,32 +268,45 @@ class OpenAIBackend:
             )
         )
 
+    def _client(self) -> Any:
+        import openai
+
+        with self._stats_lock:
+            if self._sdk is None:
+                self._sdk = openai.OpenAI(
+                    base_url=self.base_url,
+                    api_key="unused",  # never the key: it goes in each request's headers (_post)
+                    max_retries=0,  # the engine's retry policy (_request)
+                    timeout=self.timeout_s,
+                    default_headers={"User-Agent": "recipe-engine/openai-backend"},
+                    http_client=openai.DefaultHttpxClient(trust_env=not self._loopback),
+                )
+            return self._sdk
+
     def _post(self, payload: dict, key: str | None) -> dict:
-        headers = {
-            "Content-Type": "application/json",
-            "Accept": "application/json",
-            "User-Agent": "recipe-engine/openai-backend",
-        }
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
-        request = urllib.request.Request(self.endpoint, data=data, headers=headers, method="POST")
+        import openai
+
+        body = dict(payload)
+        extra = {k: body.pop(k) for k in ("top_k",) if k in body}  # not in the OpenAI API; vLLM takes it
+        auth = {"Authorization": f"Bearer {key}" if key else openai.Omit()}
         with self._stats_lock:
             self.http_requests += 1
         try:
-            with self._opener.open(request, timeout=self.timeout_s) as resp:
-                body = resp.read()
-        except urllib.error.HTTPError as exc:
+            raw = self._client().chat.completions.with_raw_response.create(
+                **body, extra_body=extra or None, extra_headers=auth
+            )
+            text = raw.http_response.text
+        except openai.APITimeoutError:
+            raise self._timeout() from None
+        except openai.APIConnectionError as exc:
+            raise self._connection_error(exc.__cause__ or exc) from None
+        except openai.APIStatusError as exc:
             raise self._http_error(exc, key) from None
-        except urllib.error.URLError as exc:
-            raise self._connection_error(exc.reason) from None
-        except (OSError, http.client.HTTPException) as exc:
-            raise self._connection_error(exc) from None
         try:
-            response = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+            response = json.loads(text)
+        except ValueError:
             raise _Retryable(
-                f"the response is not JSON ({one_line(body[:120].decode('utf-8', 'replace'))!r})",
+                f"the response is not JSON ({one_line(text[:120])!r})",
                 "Check that base_url points at an OpenAI-compatible API (it usually ends in /v1).",
             ) from None
         if not self._valid(response):
@@ -304,42 +316,37 @@ class OpenAIBackend:
             )
         return response
 
+    def _timeout(self) -> _Retryable:
+        return _Retryable(
+            f"no response within timeout_s={self.timeout_s:g}s",
+            "The server is overloaded or the generations are long: raise timeout_s, "
+            "or lower max_concurrency or max_new_tokens.",
+        )
+
     def _connection_error(self, reason: Any) -> _Retryable:
-        if isinstance(reason, (TimeoutError, socket.timeout)) or "timed out" in str(reason):
-            return _Retryable(
-                f"no response within timeout_s={self.timeout_s:g}s",
-                "The server is overloaded or the generations are long: raise timeout_s, "
-                "or lower max_concurrency or max_new_tokens.",
-            )
-        if isinstance(reason, ConnectionRefusedError):
+        if isinstance(reason, TimeoutError) or "timed out" in str(reason).lower():
+            return self._timeout()
+        text = f"{type(reason).__name__}: {reason}"
+        if isinstance(reason, ConnectionRefusedError) or "refused" in text.lower():
             cause = "connection refused"
-        elif isinstance(reason, socket.gaierror):
+        elif "name or service not known" in text.lower() or "nodename nor servname" in text.lower():
             cause = f"cannot resolve the host ({reason})"
         else:
-            cause = one_line(f"{type(reason).__name__}: {reason}" if isinstance(reason, BaseException) else reason)
+            cause = one_line(text)
         return _Retryable(cause, f"Is the server running? Check base_url ({self.base_url}).")
 
-    def _http_error(self, exc: urllib.error.HTTPError, key: str | None) -> Exception:
-        """The exception for an HTTP error status: _Retryable, or BackendError (fail now)."""
-        status = exc.code
-        try:
-            raw = exc.read()
-        except Exception:
-            raw = b""
-        finally:
-            exc.close()
-        message = ""
-        try:
-            err = json.loads(raw).get("error")
-            message = err.get("message", "") if isinstance(err, dict) else str(err or "")
-        except (ValueError, AttributeError, UnicodeDecodeError):
-            message = raw[:200].decode("utf-8", "replace")
-        message = self._scrub(one_line(message), key)
+    def _http_error(self, exc: Any, key: str | None) -> Exception:
+        """The exception for an HTTP error status (an openai.APIStatusError): _Retryable, or
+        BackendError (fail now)."""
+        status = exc.status_code
+        err = exc.body.get("error", exc.body) if isinstance(exc.body, dict) else exc.body
+        message = err.get("message", "") if isinstance(err, dict) else str(err or "")
+        message = self._scrub(one_line(message)[:200], key)
         cause = f"HTTP {status}" + (f" ({message})" if message else "")
         if status in RETRY_STATUSES or 500 <= status < 600:
             retry_after = None
             with contextlib.suppress(TypeError, ValueError):
-                retry_after = max(0.0, float(exc.headers.get("Retry-After"))) if exc.headers else None  # type: ignore[arg-type]
+                retry_after = max(0.0, float(exc.response.headers.get("Retry-After")))
             hint = (
                 "The server is rate limiting: lower max_concurrency, or try again later."
                 if status == 429
