@@ -139,8 +139,9 @@ def load_recipe(
 
                 where = locate(locations, f"datasets.{name}.path", top)
                 rows, why = preview(spec, name, where)
-                if why:
-                    problems.append(Problem(why, **where))
+                if why:  # a wrong `columns` mapping is located at `columns`, not at `path`
+                    key = "columns" if spec.columns and "The recipe maps columns" in why else "path"
+                    problems.append(Problem(why, **locate(locations, f"datasets.{name}.{key}", top)))
                 previews[name] = rows
             if section == "models" and path_value.startswith("builtin:"):
                 from engine.models.builtins import builtin_problem

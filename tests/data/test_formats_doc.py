@@ -124,6 +124,7 @@ def test_a_wrong_mapping_fails_validate_naming_columns_and_the_first_rows_keys(t
     assert "no usable row: all 6 are unusable" in text and "not a list of messages: 6 (first: r0, r1, r2)" in text
     assert 'columns = { messages = "text" }' in text and "the first row has the keys id, text, source" in text
     assert "docs/data-formats.md" in text and "Traceback" not in result.output
+    assert "datasets.chats.columns:" in text  # located at the mapping, not at `path`
 
 
 def test_over_max_dropped_fails_under_it_warns(tmp_path, cli):
