@@ -13,6 +13,7 @@ from pathlib import Path
 
 from engine.core import plots
 from engine.core.io import atomic_write_bytes, atomic_write_text
+from engine.core.text import printable
 
 CELL_CHARS = 600  # model text per table cell; longer text is cut with an ellipsis
 
@@ -63,8 +64,9 @@ _MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|#~!&])")
 
 
 def md_escape(text: str) -> str:
-    """Text that Markdown shows as written: punctuation that could format is backslash-escaped."""
-    return _MD_SPECIAL.sub(r"\\\1", str(text))
+    """Text that Markdown shows as written: punctuation that could format is backslash-escaped, and
+    control characters (NUL, ESC, bidi overrides) are written as escapes (engine.core.text.printable)."""
+    return _MD_SPECIAL.sub(r"\\\1", printable(text))
 
 
 def _md_cell(text: str) -> str:
@@ -91,10 +93,10 @@ def render_markdown(title: str, blocks: list[Block], plots_dir: str = "plots") -
             fence = "~~~~" if "```" in b.text else "```"
             out += [
                 "<details>",
-                f"<summary>{html.escape(b.summary)}</summary>",
+                f"<summary>{html.escape(printable(b.summary))}</summary>",
                 "",
                 f"{fence}toml",
-                b.text.rstrip(),
+                printable(b.text).rstrip(),
                 fence,
                 "",
                 "</details>",
@@ -115,7 +117,7 @@ figure{margin:1em 0}figcaption{color:#555;font-size:.85em}img{max-width:100%}
 
 
 def render_html(title: str, blocks: list[Block]) -> str:
-    esc = html.escape
+    esc = lambda text: html.escape(printable(text))  # noqa: E731
     out = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',

@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from engine.core.errors import RecipeError
+from engine.core.text import printable
 from engine.store.record import read_record, run_dirs
 
 STATUS_STYLE = {
@@ -71,16 +72,6 @@ def _cell(value) -> Text:
         text = printable(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
         text = text if len(text) < 300 else text[:297] + "..."
     return Text(text)
-
-
-def printable(text: str) -> str:
-    """`text` with control characters other than newline and tab written as escapes (\\x1b)."""
-    import unicodedata
-
-    return "".join(
-        c if c in "\n\t\u200d" or unicodedata.category(c) not in ("Cc", "Cf", "Cs", "Co") else repr(c)[1:-1]
-        for c in text
-    )
 
 
 def print_status(out: Console, run_dir: Path) -> None:

@@ -103,6 +103,25 @@ def test_blocks_render_escaped_in_markdown_and_html(tmp_path):
     assert (tmp_path / "plots" / "a.png").read_bytes() == png
 
 
+CONTROL = "a\x00b \x1b[31mred\x1b[0m \u202eevil\u202c \x7f \ud800 ok"
+
+
+def test_control_characters_in_model_text_are_escaped_in_every_rendering(tmp_path):
+    blocks = [
+        document.Heading(CONTROL),
+        document.Para(CONTROL),
+        document.Bullets([CONTROL]),
+        document.Grid(["h"], [[CONTROL]]),
+        document.Details("recipe", CONTROL),
+    ]
+    document.write_report(tmp_path, CONTROL, blocks)
+    for name in ("report.md", "report.html"):
+        raw = (tmp_path / name).read_bytes()
+        text = raw.decode("utf-8")  # valid UTF-8 (a lone surrogate would not encode)
+        assert not any(c in text for c in "\x00\x1b\x7f\u202e\u202c"), name
+        assert "x1b" in text and "u202e" in text and "x00" in text
+
+
 # --------------------------------------------------------------------------- a synthetic run directory
 
 
