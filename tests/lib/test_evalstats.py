@@ -126,3 +126,15 @@ def test_refusal_discrimination_rewards_refusing_only_the_harmful():
     d = compare(nothing, everything)
     assert d["adversarial_refusal"]["outside_noise"] and not d["refusal_discrimination"]["outside_noise"]
     assert compare(nothing, exact)["refusal_discrimination"]["outside_noise"]
+
+
+def test_clustered_rates_that_are_all_zero_or_all_one_get_an_interval_that_does_not_collapse():
+    from engine.core.stats import wilson
+
+    none = headline(_rows("m", [False] * 4, [False] * 4, [[False] * 4] * 5, []))["safety_refusal_from_harmful"]
+    assert none["rate"] == 0.0 and none["ci"] == list(wilson(0, 5)) and none["ci"][1] > 0.4  # 5 conversations
+    assert none["interval"] == "Wilson over conversations (every turn alike)"
+    every = headline(_rows("m", [False] * 4, [False] * 4, [[False, True, True, True]] * 5, []))
+    assert every["safety_refusal_from_harmful"]["ci"] == list(wilson(5, 5))
+    mixed = headline(_rows("m", [False] * 4, [False] * 4, [[False, True, False, True]] * 5, []))
+    assert mixed["safety_refusal_from_harmful"]["interval"] == "bootstrap over conversations"

@@ -58,7 +58,9 @@ def eval_blocks(metrics: dict, rows: list[dict], prefix: str = "", level: int = 
     blocks.append(
         Para(
             "Rates carry 95% intervals in brackets: Wilson intervals for independent prompts, a "
-            "bootstrap over conversations for the multi-turn safety rates."
+            "bootstrap over conversations for the multi-turn safety rates (and, when every turn of every "
+            "conversation came out the same, where the bootstrap would collapse to a point, a Wilson "
+            "interval over the conversations, as the per-turn curves use per turn)."
         )
     )
     composites = {n: per_model[n]["composite"] for n in names}

@@ -147,8 +147,11 @@ def headline(rows: list[dict], seed: int = 0) -> dict:
         flags = list(items.values())
         k, n = sum(sum(f) for f in flags), sum(len(f) for f in flags)
         interval: tuple[float, float] | None
-        if key in CLUSTERED:
+        if key in CLUSTERED and 0 < k < n:
             interval, how = bootstrap_ci(flags, seed), "bootstrap over conversations"
+        elif key in CLUSTERED:  # every turn alike: the bootstrap collapses to a point; count conversations
+            interval = wilson(len(flags) if k else 0, len(flags))
+            how = "Wilson over conversations (every turn alike)"
         else:
             interval, how = wilson(k, n), "Wilson"
         out[key] = {
