@@ -17,6 +17,7 @@ from rich.console import Console
 
 from engine.core.console import progress_bars, terminate_like_interrupt
 from engine.core.errors import CacheError, RecipeError, StageFailed, Terminated
+from engine.core.text import plural
 from engine.report.console import plan_table, print_run_summary, remote_code_notes
 from engine.store.record import find_run
 
@@ -91,7 +92,7 @@ def validate(recipe: str, sets) -> None:
     """Check the schema, references, artifact types and templates of RECIPE."""
     r = _load(recipe, sets)
     kinds = ", ".join(f"{n} ({s.kind})" for n, s in r.stages.items())
-    out.print(f"ok: {r.name}: {len(r.stages)} stages: {kinds}", markup=False)
+    out.print(f"ok: {r.name}: {plural(len(r.stages), 'stage')}: {kinds}", markup=False)
     remote_code_notes(out, r)
 
 

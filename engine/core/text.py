@@ -403,3 +403,8 @@ def printable(text: str) -> str:
         c if c in "\n\t\u200d" or unicodedata.category(c) not in ("Cc", "Cf", "Cs", "Co") else repr(c)[1:-1]
         for c in str(text)
     )
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """'1 stage', '2 stages' ('1 run', '3 runs'; `many` for irregular plurals)."""
+    return f"{n} {word if n == 1 else many or word + 's'}"

@@ -136,3 +136,8 @@ def others() -> list[tuple[int, int]]:
             continue
         lock.release()  # its process is gone (a crash leaves the file; harmless)
     return sorted(found)
+
+
+def oversubscribed(threads: int, sharing: list[tuple[int, int]], cores: int) -> bool:
+    """Whether this run's threads and those of the other runs (`others()`) exceed the cores."""
+    return bool(sharing) and threads + sum(t for _, t in sharing) > cores

@@ -31,6 +31,7 @@ from engine.core import threads as threads_mod
 from engine.core.console import stage_output
 from engine.core.errors import RecipeError, StageFailed
 from engine.core.io import atomic_write_json
+from engine.core.text import plural
 from engine.lib.roundstats import diversity_for
 from engine.models import pool as loading
 from engine.run.context import Context
@@ -114,12 +115,13 @@ def run(
     record.data["threads"] = n_threads
     registration = threads_mod.Registration(n_threads)
     sharing = threads_mod.others()
-    if sharing and console is not None:
-        cores = threads_mod.available_cores()
+    cores = threads_mod.available_cores()
+    if console is not None and threads_mod.oversubscribed(n_threads, sharing, cores):
         console.print(
-            f"[yellow]warning[/]: {len(sharing)} other recipe run(s) are using this machine "
-            f"(pid {', '.join(str(pid) for pid, _ in sharing)}); this one computes with {n_threads} "
-            f"threads on {cores} cores. Runs side by side on the same cores slow each other down many "
+            f"[yellow]warning[/]: {plural(len(sharing), 'other recipe run')} "
+            f"{'is' if len(sharing) == 1 else 'are'} using this machine "
+            f"(pid {', '.join(str(pid) for pid, _ in sharing)}); this one computes with {plural(n_threads, 'thread')} "
+            f"on {plural(cores, 'core')}. Runs side by side on the same cores slow each other down many "
             f"times over: give each `--threads {max(1, cores // (len(sharing) + 1))}` (README: several "
             "recipes on one machine)."
         )

@@ -3,6 +3,7 @@ malformed CSV rows; and the remote-code note at validate."""
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 
@@ -141,13 +142,23 @@ def test_a_run_started_beside_another_says_how_to_share_the_cores(project, runs)
         assert holder.stdout.readline().strip() == "up"
         out = run_cli_subprocess("run", project / "recipe.toml", "--runs-dir", runs)
         assert out.returncode == 0, out.stderr
-        warning = out.stderr[out.stderr.index("other recipe run(s) are using this machine") :]
+        found = re.search(r"other recipe runs? (is|are) using this machine", out.stderr)
+        assert found, out.stderr
+        warning = out.stderr[found.start() :]
         pids = warning.split("(pid ", 1)[1].split(")")[0].split(", ")
         assert str(holder.pid) in pids  # (other tests' runs may be listed too)
-        assert "--threads" in out.stderr
+        assert "--threads" in out.stderr and " 1 threads" not in out.stderr
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_the_sharing_warning_is_for_oversubscribed_cores_only():
+    from engine.core.threads import oversubscribed
+
+    assert not oversubscribed(1, [(101, 1)], cores=2)  # --threads 1 each on 2 cores: fine, no warning
+    assert oversubscribed(2, [(101, 1)], cores=2) and oversubscribed(1, [(101, 1), (102, 1)], cores=2)
+    assert not oversubscribed(2, [], cores=2)
 
 
 # --------------------------------------------------------------------------- what held: keep it so
