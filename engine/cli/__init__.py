@@ -271,9 +271,9 @@ def status(run_ref, runs_dir) -> None:
 @main.command()
 @click.argument("run_ref", metavar="RUN")
 @click.argument("stage")
-@click.option("-n", "--rows", "n_rows", default=5, show_default=True, help="How many rows to print.")
+@click.option("-n", "--rows", "n_rows", type=int, default=None, help="Rows to print (default 5; eval: none).")
 @_runs_dir_option
-def show(run_ref: str, stage: str, n_rows: int, runs_dir) -> None:
+def show(run_ref: str, stage: str, n_rows: int | None, runs_dir) -> None:
     """Print the first rows of a stage's output and its report."""
     from engine.report.console import print_stage
     from engine.store.record import find_run

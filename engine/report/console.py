@@ -121,8 +121,8 @@ def print_runs(out: Console, root: Path) -> None:
         out.print(f"no runs under {root}", markup=False)
         return
     table = Table(title=f"runs in {root}", title_justify="left")
-    for col in ("recipe", "run", "status", "started", "stages"):
-        table.add_column(col)
+    for col in ("recipe", "run", "status", "started", "stages"):  # names and ids whole, to copy them
+        table.add_column(col, no_wrap=col in ("recipe", "run"), min_width=22 if col == "run" else None)
     for d in runs:
         rec = read_record(d)
         st = shown_status(d, rec)
@@ -140,8 +140,10 @@ def print_runs(out: Console, root: Path) -> None:
     out.print(table)
 
 
-def print_stage(out: Console, run_dir: Path, stage: str, n_rows: int) -> None:
-    """`recipe show RUN STAGE`: the first rows of the stage's output and its report."""
+def print_stage(out: Console, run_dir: Path, stage: str, n_rows: int | None = None) -> None:
+    """`recipe show RUN STAGE`: the stage's report, then the first rows of its output (`n_rows`;
+    by default 5, and none for a stage whose report is a table of models, such as eval: its rows
+    are whole conversations, and the metrics come first)."""
     from rich.markup import escape
     from rich.text import Text
 
@@ -149,6 +151,7 @@ def print_stage(out: Console, run_dir: Path, stage: str, n_rows: int) -> None:
     from engine.lib.roundstats import last_round
     from engine.spec import registry
     from engine.spec.rounds import round_of
+    from engine.spec.stage import hook
 
     rec = read_record(run_dir)
     if stage not in rec["stages"] and last_round(rec["stages"], stage):
@@ -161,27 +164,19 @@ def print_stage(out: Console, run_dir: Path, stage: str, n_rows: int) -> None:
         )
     if stage not in rec["stages"] or not entry.exists():
         done = [n for n in rec["stages"] if (run_dir / "stages" / n).exists()]
+        runs = sorted(d for d in run_dir.parent.iterdir() if d.is_dir() and not d.is_symlink())
+        other = next((d for d in reversed(runs) if d != run_dir and (d / "stages" / stage).exists()), None)
         raise RecipeError.single(
             f"run {rec['recipe']}/{rec['run']} has no output for stage '{stage}'.",
-            hint=f"Stages with output: {', '.join(done) or 'none'}.",
+            hint=f"Stages with output: {', '.join(done) or 'none'}."
+            + (f" Run {other.name} has one: recipe show {rec['recipe']}/{other.name} {stage}." if other else ""),
         )
     info = rec["stages"][stage]
     out.print(f"[bold]{stage}[/] ({info.get('kind')}) fingerprint {info.get('fingerprint')}: {info.get('status')}")
-    rows_file = entry / "rows.parquet"
-    if rows_file.exists():
-        rows = read_rows(rows_file)[:n_rows]
-        table = Table(title=f"first {len(rows)} of {count_rows(rows_file)} rows", title_justify="left", show_lines=True)
-        cols = list(dict.fromkeys(k for row in rows for k in row))
-        for c in cols:
-            table.add_column(c, overflow="fold", max_width=60 if c == "messages" else 30)
-        for row in rows:
-            table.add_row(*[_cell(row.get(c)) for c in cols])
-        out.print(table)
     report_file = entry / "report.json"
     if report_file.exists():
         report = json.loads(report_file.read_text())
         module = registry.load(info["kind"]) if info.get("kind") in registry.kinds() else None
-        from engine.spec.stage import hook
 
         if hook(module, "summary_table"):  # one column per model, say
             headers, rows = hook(module, "summary_table")(report)  # type: ignore[misc]
@@ -208,6 +203,22 @@ def print_stage(out: Console, run_dir: Path, stage: str, n_rows: int) -> None:
                 out.print(printable(line), markup=False)
         else:
             out.print_json(json.dumps(report))
+    rows_file = entry / "rows.parquet"
+    if rows_file.exists():
+        tabled = info.get("kind") in registry.kinds() and hook(registry.load(info["kind"]), "summary_table")
+        if n_rows is None and tabled:
+            out.print(f"rows: {count_rows(rows_file)} (print some with -n N)", markup=False)
+        else:
+            rows = read_rows(rows_file)[: 5 if n_rows is None else n_rows]
+            table = Table(
+                title=f"first {len(rows)} of {count_rows(rows_file)} rows", title_justify="left", show_lines=True
+            )
+            cols = list(dict.fromkeys(k for row in rows for k in row))
+            for c in cols:
+                table.add_column(c, overflow="fold", max_width=60 if c == "messages" else 30)
+            for row in rows:
+                table.add_row(*[_cell(row.get(c)) for c in cols])
+            out.print(table)
     if round_of(stage):
         _round_table(out, rec["stages"], round_of(stage)[0])  # type: ignore[index]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from engine.core.text import plural
 from engine.store.cache import Store
 from engine.store.memo import ROOT as MEMO_ROOT
 from engine.store.record import read_record, run_dirs
@@ -43,7 +44,7 @@ def collect(
     written = as_written(sorted(files))
     if written:
         say(
-            f"keeping the entries that {len(written)} recipe files need as written "
+            "keeping the entries that the recipe files need as written "
             f"({', '.join(p.name for p in sorted(written)[:5])}{', ...' if len(written) > 5 else ''})"
         )
     for fps in written.values():
@@ -66,9 +67,9 @@ def collect(
     if yes:
         for p in doomed:
             store.remove(p.name) if p.parent != memos else store.discard(p)
-        say(f"removed {len(doomed)} entries, {_human(total)}")
+        say(f"removed {plural(len(doomed), 'entry', 'entries')}, {_human(total)}")
     else:
-        say(f"{len(doomed)} entries, {_human(total)}; run with --yes to delete")
+        say(f"{plural(len(doomed), 'entry', 'entries')}, {_human(total)}; run with --yes to delete")
 
 
 def adapter_bases(store: Store, keep: set[str]) -> set[str]:

@@ -60,6 +60,10 @@ def test_run_show_status_gc(cli, project, runs):
     detail = cli("status", "basic").output
     assert "clean" in detail and "again" in detail
     assert cli("show", "basic", "nosuch").exit_code == 2
+    # a later run without a stage points at the run that has its output
+    assert cli("run", project / "recipe.toml", "--only", "clean").exit_code == 0
+    missing = cli("show", "basic", "again")
+    assert missing.exit_code == 2 and "has one: recipe show basic/" in " ".join(missing.output.split())
     # a changed recipe makes new entries; the old ones stay until gc drops them
     assert cli("run", project / "recipe.toml", "--set", "stages.again.refusals='keep'").exit_code == 0
     entries = sorted(p.name for p in (runs / "cache").iterdir() if (p / "manifest.json").exists())
@@ -78,7 +82,7 @@ def test_run_show_status_gc(cli, project, runs):
         (project / "recipe.toml").read_text().replace("min_words = 3", "min_words = 6")
     )
     dry = cli("gc", "--keep-runs", "1")
-    assert "would remove" in dry.output and "1 entries" in dry.output and entries_left() == 3
+    assert "would remove" in dry.output and "1 entry," in dry.output and entries_left() == 3
     assert cli("gc", "--keep-runs", "1", "--yes").exit_code == 0
     assert entries_left() == 2  # the last run's (clean is the same entry in both runs)
     status = cli("status", f"basic/{first}").output
