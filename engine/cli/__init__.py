@@ -233,7 +233,7 @@ def run_cmd(
     _write_report(record.dir)
 
 
-def _write_report(run_dir: Path, quiet: bool = False) -> list[Path]:
+def _write_report(run_dir: Path, quiet: bool = False, announce: bool = True) -> list[Path]:
     """The run's report.md/report.html (engine/report/runreport.py). A report that cannot be written is a
     warning, never a failed run: every stage output is already committed."""
     from engine.report.runreport import write_run_report
@@ -246,7 +246,8 @@ def _write_report(run_dir: Path, quiet: bool = False) -> list[Path]:
             f"try `recipe report {run_dir}`."
         )
         return []
-    (err if quiet else out).print(f"report: {Path(run_dir) / 'report.md'}", markup=False)
+    if announce:
+        (err if quiet else out).print(f"report: {Path(run_dir) / 'report.md'}", markup=False)
     return paths
 
 
@@ -307,7 +308,7 @@ def diff(a: str, b: str, runs_dir, as_json: bool) -> None:
 def report(run_ref: str, runs_dir) -> None:
     """Write RUN's report (report.md, report.html, plots/): data funnel, training curves, evals."""
     run_dir = find_run(_runs_dir(runs_dir), run_ref)
-    paths = _write_report(run_dir)
+    paths = _write_report(run_dir, announce=False)  # each path once, below
     if not paths:
         raise SystemExit(1)
     for p in paths:

@@ -43,7 +43,7 @@ def last_checkpoint(ckpt_dir: Path, ctx) -> str | None:
                 shutil.rmtree(p, ignore_errors=True)
     if not complete:
         return None
-    ctx.log.info("resuming from checkpoint %s", complete[-1])
+    ctx.say(f"resuming from checkpoint {complete[-1].name} (the steps before it are kept)")
     return str(complete[-1])
 
 

@@ -271,6 +271,17 @@ def builtin_root(cache_root: Path) -> Path:
     return Path(os.environ.get("RECIPE_BUILTIN_DIR") or Path(cache_root) / "builtin")
 
 
+def is_built(path: str, cache_root: Path) -> bool:
+    """Whether `builtin:NAME` is already built (True for names that are not builtins)."""
+    name = path.split(":", 1)[1]
+    if name not in BUILDERS:
+        return True
+    try:
+        return (builtin_root(cache_root) / _builtin_folder(name)).is_dir()
+    except Exception:  # the GGUF package is missing: the build will say so
+        return True
+
+
 CHECKSUMS = "recipe-checksums.json"  # sha256 of every file of a built builtin, written when it is built
 _verified: set[Path] = set()  # builtins whose files were checked in this process
 

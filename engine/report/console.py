@@ -262,10 +262,12 @@ def print_diff(out: Console, a: str, b: str, rows: list[dict]) -> None:
 
 
 def print_run_summary(out: Console, name: str, record) -> None:
-    """The table `recipe run` ends with: each stage, its status, rows in and out, seconds."""
+    """The table `recipe run` ends with: each stage, its status, rows in and out, seconds, and why it ran."""
+    from engine.report.runreport import why
+
     table = Table(title=f"run {name}/{record.run_id}", title_justify="left")
-    for col in ("stage", "status", "rows in", "rows out", "seconds"):
-        table.add_column(col)
+    for col in ("stage", "status", "rows in", "rows out", "seconds", "why"):
+        table.add_column(col, overflow="fold", max_width=48 if col == "why" else None)
     for name, s in record.data["stages"].items():
         table.add_row(
             name,
@@ -273,5 +275,6 @@ def print_run_summary(out: Console, name: str, record) -> None:
             _count(s.get("rows_in")),
             _count(s.get("rows_out")),
             f"{s.get('duration_s', 0):.1f}",
+            Text(printable(why(s) or "-")),
         )
     out.print(table)

@@ -116,6 +116,7 @@ class Context:
         self, model: Artifact, *, merge_adapter: bool = False, full_precision: bool = False, quantize: bool = False
     ):
         """(model, tokenizer) for a model reference (engine.models.pool.load_model)."""
+        self._announce_build(model)
         return loading.load_model(
             model,
             self.recipe,
@@ -130,6 +131,7 @@ class Context:
         """A generation backend for a model reference; call `.close()` when done (engine.models.pool.backend)."""
 
         def load():
+            self._announce_build(model)
             return loading.backend(
                 model,
                 self.recipe,
@@ -142,6 +144,15 @@ class Context:
             )
 
         return loading.LazyBackend(load) if self.lazy_models else load()
+
+    def _announce_build(self, model: Artifact) -> None:
+        """A word before a builtin is built on first use (SmolLM2: about 30 s with a silent bar)."""
+        spec = model.spec
+        if spec is not None and spec.path.startswith("builtin:") and self.cache_root is not None:
+            from engine.models.builtins import is_built
+
+            if not is_built(spec.path, self.cache_root):
+                self.say(f"building {spec.path} (first use only: about 30 s for builtin:smollm2-135m)")
 
     def save_rows(self, rows: list[dict], name: str = "rows.parquet") -> int:
         n = write_rows(self.out_dir / name, rows)

@@ -334,11 +334,12 @@ def _build_entry(
                 pool.before_training(log)
             with stage_output(log):  # third-party warnings and stray output: the stage log, not the console
                 _dispatch(stage, inputs, ctx, log_path, executor)
-            rows_in, dropped = 0, {}
+            rows_in: int | None = None  # None: no row input (an eval reads its suites, a model its weights)
+            dropped = {}
             for arts in inputs.values():
                 for art in arts if isinstance(arts, list) else [arts]:
                     if art.type not in ("model", "constitution"):
-                        rows_in += len(art)
+                        rows_in = (rows_in or 0) + len(art)
                         if art.load_report and art.load_report["dropped"]:
                             dropped[art.name] = {
                                 "total": art.load_report["total"],

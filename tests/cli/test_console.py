@@ -139,3 +139,60 @@ def test_show_escapes_control_characters_in_model_output(project, runs):
     assert shown.returncode == 0, shown.stderr
     assert "\x1b" not in shown.stdout and "\x00" not in shown.stdout
     assert "\\x1b[31mred" in shown.stdout and "\\x00" in shown.stdout
+
+
+def test_the_run_summary_says_why_each_stage_ran_and_no_rows_in_for_stages_without_row_inputs():
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from engine.report.console import print_run_summary
+
+    record = SimpleNamespace(
+        run_id="20261203-000000",
+        data={
+            "stages": {
+                "clean": {"status": "run", "rows_in": 40, "rows_out": 38, "duration_s": 1.0, "reasons": ["config: min_words 3 -> 6"]},
+                "eval": {"status": "cached", "rows_in": None, "rows_out": 12, "duration_s": 0.0, "reasons": []},
+            }
+        },
+    )  # fmt: skip
+    sink = io.StringIO()
+    print_run_summary(Console(file=sink, width=120), "basic", record)
+    out = sink.getvalue()
+    assert "why" in out and "config: min_words 3 -> 6" in out
+    eval_line = next(line for line in out.splitlines() if "eval" in line)
+    assert " 0 " not in eval_line and "-" in eval_line
+
+
+def test_recipe_report_lists_each_file_once(project, runs, cli):
+    assert cli("run", project / "recipe.toml").exit_code == 0
+    out = cli("report", "basic").output
+    assert sum(line.strip().endswith("report.md") for line in out.splitlines()) == 1, out
+
+
+def test_a_training_stage_resuming_says_so_on_the_console(tmp_path):
+    from types import SimpleNamespace
+
+    from engine.lib.trainer import last_checkpoint
+
+    said: list[str] = []
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "checkpoint-3").mkdir(parents=True)
+    (ckpt / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    ctx = SimpleNamespace(say=said.append, log=SimpleNamespace(warning=print), is_main=True)
+    assert last_checkpoint(ckpt, ctx).endswith("checkpoint-3")
+    assert said == ["resuming from checkpoint checkpoint-3 (the steps before it are kept)"]
+
+
+@pytest.mark.own_builtin
+def test_the_first_build_of_a_builtin_is_announced(tmp_path):
+    from conftest import make_training_project as make
+
+    path = make(tmp_path / "p")
+    env = {"RECIPE_BUILTIN_DIR": str(tmp_path / "builtin")}
+    proc = run_cli_subprocess("run", path, "--runs-dir", tmp_path / "runs", env_extra=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "train: building builtin:tiny-chat (first use only" in proc.stderr
+    again = run_cli_subprocess("run", path, "--runs-dir", tmp_path / "runs2", env_extra=env, timeout=300)
+    assert "building builtin" not in again.stderr  # built once
