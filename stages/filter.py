@@ -6,7 +6,9 @@ Rules, applied in this order (a row is counted under the first rule it fails):
 format (roles, alternation, non-empty), turns (min/max assistant turns), min_words and
 max_words (per assistant turn), filler (a short assistant turn with no new information),
 sycophancy (share of assistant turns with flattering phrases), refusal (keep, drop, or keep
-only refusals), then across rows: exact duplicates and near duplicates (word n-gram Jaccard
+only refusals), template_echo (`drop_template_echo`: a turn, user or assistant, that copies
+`echo_words` consecutive words of the fixed text of a prompt template the recipe can use, such
+as a simulated user repeating the simulator's instructions back), then across rows: exact duplicates and near duplicates (word n-gram Jaccard
 verified after MinHash banding). The first occurrence of a duplicate is kept.
 
 Per-row rules run in shards through the engine (resumable); dedup runs once over the
@@ -17,13 +19,15 @@ Saves rows.parquet, report.json (rows in/out, dropped per rule, examples) and, w
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
 from engine.core import dedup, text
 from engine.data.formats import check_messages
-from engine.spec.config import ExecOnly, Ref, StageConfig
+from engine.spec.config import ExecOnly, Knob, Ref, StageConfig
 from engine.store.shards import Shard, ShardResult
 
 VERSION = 2  # 2: the one refusal detector (engine.core.text.is_refusal: merged phrase list, first 300 characters)
@@ -37,6 +41,7 @@ RULES = (
     "filler",
     "sycophancy",
     "refusal",
+    "template_echo",
     "exact_duplicate",
     "near_duplicate",
 )
@@ -70,6 +75,10 @@ class Config(StageConfig):
     refusal_phrases: list[str] | None = Field(None, description="Replace the built-in refusal phrases.")
     sycophancy_phrases: list[str] | None = Field(None, description="Replace the built-in sycophancy phrases.")
     keep_dropped: bool = Field(False, description="Also save dropped rows (dropped.parquet) for inspection.")
+    drop_template_echo: bool = Knob(
+        False, description="Drop a conversation whose turn copies a run of words of a prompt template's fixed text."
+    )
+    echo_words: int = Knob(8, ge=4, description="template_echo: the words in a row that count as a copy.")
     examples_per_rule: int = Field(3, ge=0, description="Dropped examples per rule kept in the report.")
     shard_size: int = ExecOnly(2000, ge=1, description="Rows per committed shard (resume granularity).")
 
@@ -78,8 +87,45 @@ def _assistant_texts(messages: list[dict]) -> list[str]:
     return [m["content"] for m in messages if m.get("role") == "assistant"]
 
 
-def row_verdict(config: Config, messages) -> tuple[str, str] | None:
-    """(rule, detail) for the first per-row rule the conversation fails, else None."""
+_JINJA = re.compile(r"\{\{.*?\}\}|\{%.*?%\}|\{#.*?#\}", re.S)
+
+
+def template_ngrams(config: Config, recipe) -> dict[tuple[str, ...], str]:
+    """Every run of `echo_words` words in the fixed text of the templates the recipe can use (the
+    Jinja tags taken out, so a run never spans a variable) -> the template's name."""
+    out: dict[tuple[str, ...], str] = {}
+    for name, path in templates(config, recipe).items():
+        for piece in _JINJA.split(Path(path).read_text(encoding="utf-8")):
+            words = text.words(piece)
+            for i in range(len(words) - config.echo_words + 1):
+                out.setdefault(tuple(words[i : i + config.echo_words]), name)
+    return out
+
+
+def templates(config: Config, recipe) -> dict[str, str]:
+    """The templates whose text drop_template_echo compares with (their content enters the key)."""
+    if not config.drop_template_echo:
+        return {}
+    from engine.lib.prompts import Templates
+
+    t = Templates.for_recipe(recipe)
+    return {name: str(t.path(name)) for name in t.names() if name.endswith(".j2")}
+
+
+def echo(messages: list[dict], grams: dict[tuple[str, ...], str], n: int) -> str | None:
+    """The first turn that copies a template's run of `n` words, in words; else None."""
+    for i, m in enumerate(messages):
+        words = text.words(m.get("content") or "")
+        for j in range(len(words) - n + 1):
+            found = grams.get(tuple(words[j : j + n]))
+            if found:
+                return f"turn {i + 1} ({m.get('role')}) copies {found}: {' '.join(words[j : j + n])!r}"
+    return None
+
+
+def row_verdict(config: Config, messages, grams: dict | None = None) -> tuple[str, str] | None:
+    """(rule, detail) for the first per-row rule the conversation fails, else None. `grams`: the
+    template word runs of drop_template_echo (template_ngrams)."""
     problem = check_messages(messages)
     if problem:
         return "format", problem
@@ -110,6 +156,8 @@ def row_verdict(config: Config, messages) -> tuple[str, str] | None:
             return "refusal", "an assistant turn refuses"
         if not refused and config.refusals == "only":
             return "refusal", "no assistant turn refuses"
+    if grams and (copied := echo(messages, grams, config.echo_words)):
+        return "template_echo", copied
     return None
 
 
@@ -137,11 +185,12 @@ def duplicates(config: Config, rows: list[dict]) -> dict[int, tuple[str, str]]:
 def run(config: Config, inputs, ctx) -> None:
     rows = inputs["input"].rows()
     dropped: list[dict] = []
+    grams = template_ngrams(config, ctx.recipe) if config.drop_template_echo else None
 
     def per_shard(shard: Shard) -> ShardResult:
         kept, gone = [], []
         for row in shard.rows:
-            verdict = row_verdict(config, row.get("messages"))
+            verdict = row_verdict(config, row.get("messages"), grams)
             if verdict is None:
                 kept.append(row)
             else:

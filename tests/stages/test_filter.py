@@ -139,3 +139,18 @@ def test_output_does_not_depend_on_shard_size(tmp_path, runs):
     a, ra, _ = filter_run(tmp_path, rows, runs, drop_filler=True, dedup="exact", shard_size=7)
     b, rb, _ = filter_run(tmp_path, rows, runs, drop_filler=True, dedup="exact", shard_size=1000)
     assert a == b and ra == rb and "dup" not in a
+
+
+def test_template_echo_drops_a_turn_that_repeats_a_template_and_changes_the_key_only_when_on(tmp_path, runs, cli):
+    echoed = "This is your last message. React to the assistant's latest reply, then make a final request."
+    rows = [
+        conv("How do tides work?", LONG, id="ok"),
+        conv("How do tides work?", LONG, echoed, LONG, id="echo"),  # a simulated user quoting its instructions
+        conv("Is this your last message to me? I react to the reply.", LONG, id="near"),  # a few words, not a run
+    ]
+    kept, report, _ = filter_run(tmp_path, rows, runs, drop_template_echo=True)
+    assert kept == ["ok", "near"] and report["dropped"]["template_echo"] == 1
+    detail = report["examples"]["template_echo"][0]["detail"]
+    assert detail.startswith("turn 3 (user) copies user_simulator.j2:") and "last message" in detail
+    off, _, _ = filter_run(tmp_path / "off", rows, runs)
+    assert off == ["ok", "echo", "near"]
