@@ -431,6 +431,7 @@ def run(config: Config, inputs: dict, ctx) -> None:
     if ctx.is_main:
         # timings belong here, not in report.json: two runs of the same stage write the same report
         ctx.save_json("metrics.json", {"steps": steps, "evals": evals, "train_seconds": round(elapsed, 2)})
+        ctx.save_json("pairs_sample.json", pairs[:3])  # what it trained on, from whatever made the pairs
         title = f"{config.kind} '{ctx.stage}'"
         plot_loss(Path(ctx.out_dir) / "loss.png", steps, f"{title}: training loss", evals)
         plots = ["loss.png", *plot_rewards(Path(ctx.out_dir), steps, title)]
@@ -488,3 +489,10 @@ def summary(report: dict) -> list[tuple[str, str]]:
     out += eval_line(report)
     out.append(("weights", f"{weights_kind(report)}, {report['trainable_params']} trainable params"))
     return out
+
+
+def report(name: str, entry: Path) -> list:
+    """The run report's section: a few of the pairs it trained on, whichever stage or file made them."""
+    from engine.lib.entryblocks import pair_blocks
+
+    return pair_blocks(name, entry) if (entry / "pairs_sample.json").is_file() else []

@@ -232,3 +232,10 @@ def summary(report: dict) -> list[tuple[str, str]]:
     lines = [("rows in", str(report["rows_in"])), ("rows out", str(report["rows_out"]))]
     lines += [(f"dropped: {rule}", str(n)) for rule, n in report["dropped"].items() if n]
     return lines
+
+
+def report(name: str, entry: Path) -> list:
+    """The run report's section: drops per rule with examples, then sample rows of what was kept."""
+    from engine.lib.entryblocks import drop_blocks, sample_blocks
+
+    return drop_blocks(name, entry) + sample_blocks(name, entry)

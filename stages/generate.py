@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
@@ -353,3 +354,10 @@ def summary(report: dict) -> list[tuple[str, str]]:
         ("empty turn (dropped)", str(report["dropped"]["empty_turn"])),
         ("tokens prompt / completion", f"{report['tokens']['prompt']} / {report['tokens']['completion']}"),
     ]
+
+
+def report(name: str, entry: Path) -> list:
+    """The run report's section: the first rows and a seeded random few."""
+    from engine.lib.entryblocks import sample_blocks
+
+    return sample_blocks(name, entry)

@@ -27,6 +27,7 @@ rejection_sample, preferences and eval.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -156,6 +157,7 @@ def run(config: Config, inputs, ctx) -> None:
             "rows_in": len(rows),
             "rows_out": len(out),
             "scorer": config.scorer,
+            "name": config.name,
             "missing": missing,
             "mean": sum(values) / len(values) if values else None,
         },
@@ -170,3 +172,17 @@ def summary(report: dict) -> list[tuple[str, str]]:
         ("missing scores", str(report["missing"])),
         ("mean score", "-" if mean is None else f"{mean:.3f}"),
     ]
+
+
+def report(name: str, entry: Path) -> list:
+    """The run report's section: the score distribution and sample rows with their scores."""
+    import json
+
+    from engine.lib.entryblocks import sample_blocks, score_blocks
+
+    key = (
+        json.loads((entry / "report.json").read_text()).get("name", "score")
+        if (entry / "report.json").is_file()
+        else "score"
+    )
+    return score_blocks(name, entry, key) + sample_blocks(name, entry, score=key)

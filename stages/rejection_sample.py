@@ -519,7 +519,12 @@ def summary(report: dict) -> list[tuple[str, str]]:
 
 
 def report(name: str, entry: Path) -> list:
-    """The run report's section: a few of the pairs, when the output is preferences."""
-    from engine.lib.entryblocks import pair_blocks
+    """The run report's section: a few of the pairs (output preferences), or the best against the
+    worst sample of a few prompts (output conversations: best-of-n), and the score histogram."""
+    from engine.core.document import Image
+    from engine.lib.entryblocks import best_worst_blocks, pair_blocks
 
-    return pair_blocks(name, entry) if (entry / "pairs_sample.json").is_file() else []
+    blocks = pair_blocks(name, entry) if (entry / "pairs_sample.json").is_file() else best_worst_blocks(name, entry)
+    if (entry / "scores.png").is_file():
+        blocks.append(Image(f"{name}_scores.png", (entry / "scores.png").read_bytes(), f"{name}: sample scores"))
+    return blocks

@@ -110,7 +110,7 @@ body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;ma
 h1{font-size:1.6em}h2{margin-top:1.8em;border-bottom:1px solid #ddd}h3{margin-top:1.4em}
 table{border-collapse:collapse;margin:.8em 0;font-size:.9em}
 th,td{border:1px solid #ccc;padding:.3em .6em;vertical-align:top;text-align:left}
-th{background:#f3f3f3}td{white-space:pre-wrap;max-width:420px}
+th{background:#f3f3f3}td{white-space:pre-wrap;max-width:420px;overflow-wrap:anywhere}
 figure{margin:1em 0}figcaption{color:#555;font-size:.85em}img{max-width:100%}
 .note{background:#fff8e1;border-left:4px solid #f0b400;padding:.6em 1em}
 """

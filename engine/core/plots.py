@@ -188,25 +188,25 @@ def panels(
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
-    cols = min(3, max(1, len(charts)))
+    cols = min(2, max(1, len(charts)))  # two across: a page shrinks a wider figure until its text is unreadable
     rows = (len(charts) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.0 * cols, 3.4 * rows), squeeze=False)
     for ax, (name, series) in zip([a for row in axes for a in row], charts):
         for label, (xs, ys) in series.items():
             pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label)
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_title(name, fontsize=12)
+        ax.set_xlabel(xlabel, fontsize=11)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.tick_params(labelsize=7)
+        ax.tick_params(labelsize=10)
         ax.grid(alpha=0.3)
         if len(series) > 1:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=10)
     for ax in [a for row in axes for a in row][len(charts) :]:
         ax.set_visible(False)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=13)
     fig.tight_layout()
     return _save(fig, path)
 

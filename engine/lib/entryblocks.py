@@ -1,15 +1,131 @@
-"""Report blocks drawn from one stage's entry: preference pairs, the supervised spans of an SFT
-stage, and critique -> revision examples with the share of revisions that changed anything.
+"""Report blocks drawn from one stage's entry: sample rows (the first few and a seeded random few),
+filter drops per rule with examples, score distributions, preference pairs, the supervised spans
+of an SFT stage, and critique -> revision examples with the share of revisions that changed anything.
 """
 
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any
 
-from engine.core.document import Block, Bullets, Grid, Heading, Para, _cut
+from engine.core.document import Block, Bullets, Grid, Heading, Image, Para, _cut
 from engine.data.rows import read_rows
+
+
+def _row_text(row: dict) -> str:
+    """A row as a person reads it: its conversation, prompt, or pair, one message per line."""
+    if isinstance(row.get("messages"), list):
+        msgs = row["messages"]
+    elif isinstance(row.get("prompt"), list):
+        msgs = row["prompt"] + (row.get("chosen") or [])
+    else:
+        msgs = [{"role": "user", "content": str(row.get("prompt", ""))}]
+    return "\n".join(f"{m.get('role')}: {m.get('content')}" for m in msgs if isinstance(m, dict))
+
+
+def sample_blocks(name: str, entry: Path, n: int = 3, seed: int = 0, score: str | None = None) -> list[Block]:
+    """The first `n` rows of the stage's output and `n` more drawn at random (seeded), so a reader
+    sees more than the head of the file; `score`: a column of each row's `scores` shown beside it."""
+    path = entry / "rows.parquet"
+    rows = read_rows(path) if path.is_file() else []
+    if not rows:
+        return []
+    rest = list(range(n, len(rows)))
+    picked = list(range(min(n, len(rows)))) + sorted(random.Random(f"{seed}:{name}").sample(rest, min(n, len(rest))))
+    header = ["row", "id", *([score] if score else []), "text"]
+    grid = [
+        [
+            "first" if i < n else "random",
+            str(rows[i].get("id", "")),
+            *([str((rows[i].get("scores") or {}).get(score, "-"))] if score else []),
+            _cut(_row_text(rows[i]), 500),
+        ]
+        for i in picked
+    ]
+    return [
+        Heading(f"Sample rows: {name}", 3),
+        Para(f"{len(rows)} rows; the first {min(n, len(rows))} and {len(picked) - min(n, len(rows))} drawn at random."),
+        Grid(header, grid),
+    ]
+
+
+def drop_blocks(name: str, entry: Path) -> list[Block]:
+    """A filter stage's drops: rows per rule, and the examples it kept of each."""
+    report = _json(entry / "report.json") or {}
+    dropped = {rule: n for rule, n in (report.get("dropped") or {}).items() if n}
+    if not dropped:
+        return [Heading(f"Filter: {name}", 3), Para(f"No row dropped ({report.get('rows_in', '?')} kept).")]
+    examples = report.get("examples") or {}
+    grid = [
+        [
+            rule,
+            str(count),
+            "\n".join(_cut(f"{e.get('id')}: {e.get('detail')}", 200) for e in examples.get(rule, [])) or "-",
+        ]
+        for rule, count in sorted(dropped.items(), key=lambda kv: -kv[1])
+    ]
+    return [
+        Heading(f"Filter: {name}", 3),
+        Para(
+            f"{report.get('rows_out')} of {report.get('rows_in')} rows kept; dropped per rule (a row counts under the first rule it fails):"
+        ),
+        Grid(["rule", "rows", "examples"], grid),
+    ]
+
+
+def score_blocks(name: str, entry: Path, key: str) -> list[Block]:
+    """The distribution of a judge's scores (`key` in each row's `scores`)."""
+    from engine.core import plots
+
+    path = entry / "rows.parquet"
+    values = [
+        v
+        for r in (read_rows(path) if path.is_file() else [])
+        if isinstance(v := (r.get("scores") or {}).get(key), (int, float))
+    ]
+    if not values:
+        return []
+    png = plots.histogram(
+        None, values, bins=min(20, max(5, len(set(values)))), title=f"{name}: {key} of {len(values)} rows", xlabel=key
+    )
+    return [Image(f"{name}_scores.png", png, f"{name}: the distribution of {key}")]
+
+
+def best_worst_blocks(name: str, entry: Path, examples: int = 3) -> list[Block]:
+    """Best-of-n as chosen vs rejected: for a few prompts, the highest- and lowest-scored of the
+    samples (samples.parquet) with their scores."""
+    path = entry / "samples.parquet"
+    grid = []
+    for s in read_rows(path) if path.is_file() else []:
+        scored = [
+            (v, c) for v, c in zip(s.get("scores") or [], s.get("completions") or []) if isinstance(v, (int, float))
+        ]
+        if len(scored) < 2:
+            continue
+        best, worst = max(scored, key=lambda t: t[0]), min(scored, key=lambda t: t[0])
+        if best[0] == worst[0]:
+            continue  # no contrast to show
+        grid.append(
+            [
+                str(s.get("id", "")),
+                _cut(_row_text(s), 200),
+                f"{best[0]:g}: {_cut(best[1], 250)}",
+                f"{worst[0]:g}: {_cut(worst[1], 250)}",
+            ]
+        )
+        if len(grid) == examples:
+            break
+    if not grid:
+        return []
+    return [
+        Heading(f"Best of n: {name}", 3),
+        Para(
+            "For a few prompts whose samples scored differently: the best sample (kept) and the worst, with their scores."
+        ),
+        Grid(["id", "prompt", "best (score: text)", "worst (score: text)"], grid),
+    ]
 
 
 def pair_blocks(name: str, entry: Path, examples: int = 3) -> list[Block]:

@@ -90,6 +90,8 @@ def why(stage: dict) -> str:
     parts = [stage["note"]] if stage.get("note") else list(stage.get("reasons") or [])
     if stage.get("rows_reused"):
         parts.append(f"{stage['rows_reused']} rows reused, {stage.get('rows_computed', 0)} computed")
+    if not parts and stage.get("status") == "cached":
+        parts.append("cached: nothing it depends on changed")
     return "; ".join(parts)
 
 
@@ -119,7 +121,12 @@ def funnel_blocks(record: dict, order: list[str] | None = None) -> list[Block]:
     )
     blocks: list[Block] = [table]
     counted = {n: s for n, s in stages.items() if (s.get("rows_in") or s.get("rows_out")) and s.get("kind") != "eval"}
-    if counted:
+    if len(counted) == 1:  # one bar pair says less than a sentence
+        ((n, s),) = counted.items()
+        blocks.append(
+            Para(f"One stage moved rows: {n} took {num(s.get('rows_in'))} and gave {num(s.get('rows_out'))}.")
+        )
+    elif counted:
         png = plots.bars(
             None,
             list(counted),
@@ -274,7 +281,7 @@ def run_blocks(run_dir: Path) -> tuple[str, list[Block]]:
         def results(name=name, metrics=metrics):
             path = entry(name)
             rows = read_rows(path / "rows.parquet") if (path / "rows.parquet").exists() else []
-            return eval_blocks(metrics, rows, prefix=name)
+            return eval_blocks(metrics, rows, prefix=name, glance=False)  # its glance table opens the report
 
         blocks += [Heading(f"Eval: {name}"), *memo(name, "eval", results)]
     if not evals:
@@ -282,7 +289,7 @@ def run_blocks(run_dir: Path) -> tuple[str, list[Block]]:
     return title, blocks
 
 
-REPORT_STYLE = 3  # bump when a stage's report blocks change: memoized blocks of older styles are not reused
+REPORT_STYLE = 4  # bump when a stage's report blocks change: memoized blocks of older styles are not reused
 
 
 def _memo_blocks(fingerprint: str | None, name: str, part: str, make) -> list[Block]:

@@ -376,6 +376,12 @@ def test_report_builds_from_a_real_filter_and_eval_run_on_the_builtin_model(tmp_
         kind = "filter"
         input = "convs"
         min_words = 3
+        [stages.scored]
+        kind = "judge"
+        input = "clean"
+        scorer = "function"
+        function = "reply_quality"
+        name = "quality"
         [stages.ev]
         kind = "eval"
         models = ["policy"]
@@ -396,7 +402,11 @@ def test_report_builds_from_a_real_filter_and_eval_run_on_the_builtin_model(tmp_
         "ev_refusal_phrases_per_turn.png",
     }
     md = (rec.dir / "report.md").read_text()
-    assert "| clean | filter | run | 12 | 12 |" in md and "| ev | eval | run | 0 | 8 |" in md
+    assert "| clean | filter | run | 12 | 12 |" in md and "| ev | eval | run | - | 8 |" in md
+    # each stage kind's own blocks: drops per rule, sample rows (first and random), score distribution
+    assert "### Filter: clean" in md and "No row dropped" in md and "### Sample rows: clean" in md
+    assert "| first |" in md and "| random |" in md and "scored_scores.png" in md and "### Sample rows: scored" in md
+    assert "cached: nothing it depends on changed" not in md  # every stage ran
     assert "builtin:tiny-chat" in md and "Example conversation: safety item" in md
     page = (rec.dir / "report.html").read_text()
     assert_self_contained(page, 3)
@@ -481,3 +491,21 @@ def test_revision_blocks_show_the_share_changed_and_examples(tmp_path):
     table = next(b for b in blocks if isinstance(b, document.Grid))
     assert [r[0] for r in table.rows] == ["honesty", "harm"]  # the accepted revision first
     assert table.rows[1][4] == "rejected: unchanged"
+
+
+def test_a_funnel_of_one_stage_is_a_sentence_and_cached_stages_say_why():
+    record = {
+        "stages": {
+            "clean": {"kind": "filter", "status": "cached", "rows_in": 40, "rows_out": 38},
+            "ev": {"kind": "eval", "status": "run", "rows_in": None, "rows_out": 8, "reasons": ["new"]},
+        }
+    }
+    blocks = rp.funnel_blocks(record)
+    assert not any(isinstance(b, document.Image) for b in blocks)
+    assert any(
+        isinstance(b, document.Para) and b.text == "One stage moved rows: clean took 40 and gave 38." for b in blocks
+    )
+    assert (
+        rp.why(record["stages"]["clean"]) == "cached: nothing it depends on changed"
+        and rp.why(record["stages"]["ev"]) == "new"
+    )

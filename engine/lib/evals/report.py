@@ -36,9 +36,10 @@ GENERAL_NOTES = (
 )
 
 
-def eval_blocks(metrics: dict, rows: list[dict], prefix: str = "", level: int = 2) -> list[Block]:
+def eval_blocks(metrics: dict, rows: list[dict], prefix: str = "", level: int = 2, glance: bool = True) -> list[Block]:
     """The eval results: metrics table, per-turn curves, bars, composite, example conversations.
-    `prefix` keeps plot file names apart when several eval stages share one report."""
+    `prefix` keeps plot file names apart when several eval stages share one report; `glance`: the
+    at-a-glance table too (the run report shows it once, at its top)."""
     names: list[str] = metrics["models"]
     per_model: dict[str, dict] = metrics["per_model"]
     judged = bool(metrics.get("judge"))
@@ -51,7 +52,7 @@ def eval_blocks(metrics: dict, rows: list[dict], prefix: str = "", level: int = 
             + "."
         )
     ]
-    blocks += glance_blocks(metrics)
+    blocks += glance_blocks(metrics) if glance else []
     blocks.append(
         Grid(["metric", *names], [[label, *values] for label, values in metric_table(per_model, judged, names)])
     )
