@@ -196,3 +196,14 @@ def test_the_first_build_of_a_builtin_is_announced(tmp_path):
     assert "train: building builtin:tiny-chat (first use only" in proc.stderr
     again = run_cli_subprocess("run", path, "--runs-dir", tmp_path / "runs2", env_extra=env, timeout=300)
     assert "building builtin" not in again.stderr  # built once
+
+
+def test_status_keeps_run_ids_whole_at_80_columns(project, runs):
+    text = (
+        (project / "recipe.toml").read_text().replace('name = "basic"', 'name = "a-rather-long-recipe-name-for-status"')
+    )
+    (project / "recipe.toml").write_text(text)
+    assert run_cli_subprocess("run", project / "recipe.toml", "--runs-dir", runs).returncode == 0
+    out = run_cli_subprocess("status", "--runs-dir", runs, env_extra={"COLUMNS": "80"}).stdout
+    run_id = (runs / "a-rather-long-recipe-name-for-status" / "latest").resolve().name
+    assert run_id in out and "a-rather-long-recipe-name-for-status" in out, out
