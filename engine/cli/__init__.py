@@ -16,8 +16,8 @@ import click
 from rich.console import Console
 
 from engine.core.console import progress_bars, terminate_like_interrupt
+from engine.core.display import plural
 from engine.core.errors import CacheError, RecipeError, StageFailed, Terminated
-from engine.core.text import plural
 from engine.report.console import plan_table, print_run_summary, remote_code_notes
 from engine.store.record import find_run
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.core import plots
+from engine.core.display import printable
 from engine.core.io import atomic_write_bytes, atomic_write_text
-from engine.core.text import printable
 
 CELL_CHARS = 600  # model text per table cell; longer text is cut with an ellipsis
 
@@ -65,7 +65,7 @@ _MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|#~!&])")
 
 def md_escape(text: str) -> str:
     """Text that Markdown shows as written: punctuation that could format is backslash-escaped, and
-    control characters (NUL, ESC, bidi overrides) are written as escapes (engine.core.text.printable)."""
+    control characters (NUL, ESC, bidi overrides) are written as escapes (engine.core.display.printable)."""
     return _MD_SPECIAL.sub(r"\\\1", printable(text))
 
 

@@ -10,8 +10,10 @@ import random
 from pathlib import Path
 from typing import Any
 
-from engine.core.document import Block, Bullets, Grid, Heading, Image, Para, _cut
+from engine.core import plots
+from engine.core.document import Block, Bullets, Grid, Heading, Image, Para, _cut, _slug
 from engine.data.rows import read_rows
+from engine.lib.evals.metrics import fmt
 
 
 def _row_text(row: dict) -> str:
@@ -220,3 +222,83 @@ def _json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+
+
+def is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def training_blocks(name: str, kind: str, entry: Path) -> list[Block]:
+    metrics = _json(entry / "metrics.json") or {}
+    steps = metrics.get("steps") or []
+    evals = [e for e in metrics.get("evals") or [] if isinstance(e, dict) and is_number(e.get("eval_loss"))]
+    steps = [s for s in steps if isinstance(s, dict) and isinstance(s.get("step"), (int, float))]
+    if not steps:
+        return [Heading(f"{name} ({kind})", 3), Para("No per-step metrics were recorded.")]
+    xs = [s["step"] for s in steps]
+
+    numeric = [
+        k for k in dict.fromkeys(k for s in steps for k in s) if k != "step" and any(is_number(s.get(k)) for s in steps)
+    ]
+    loss_keys = [k for k in numeric if "loss" in k]
+    other = [k for k in numeric if k not in loss_keys and k not in ("lr", "learning_rate", "tokens_per_s", "epoch")]
+    blocks: list[Block] = [Heading(f"{name} ({kind})", 3)]
+    losses = [s.get("loss") for s in steps if isinstance(s.get("loss"), (int, float))]
+    blocks.append(
+        Para(
+            f"{len(steps)} logged steps; loss {fmt(losses[0] if losses else None, 4)} at the first "
+            f"logged step, {fmt(losses[-1] if losses else None, 4)} at the last."
+        )
+    )
+    if evals:
+        blocks.append(
+            Para(
+                f"Eval loss on held-out rows every {evals[1]['step'] - evals[0]['step'] if len(evals) > 1 else '?'} "
+                f"steps: {fmt(evals[0]['eval_loss'], 4)} first, {fmt(min(e['eval_loss'] for e in evals), 4)} best, "
+                f"{fmt(evals[-1]['eval_loss'], 4)} last."
+            )
+        )
+    if loss_keys:
+        series = {k: (xs, [s.get(k) if is_number(s.get(k)) else None for s in steps]) for k in loss_keys}
+        if evals:
+            series["eval loss"] = ([e["step"] for e in evals], [e["eval_loss"] for e in evals])
+        blocks.append(
+            Image(
+                f"{_slug(name)}_loss.png",
+                plots.lines(None, series, title=f"{name} ({kind}): loss", ylabel="loss"),
+                f"{name}: {', '.join(loss_keys)} per step",
+            )
+        )
+    if other:  # one panel per family (log-probabilities, rewards, margins, ...): each on its own scale
+        families: dict[str, list[str]] = {}
+        first = ("rewards", "rewards/margins", "rewards/accuracies", "logps", "logits")
+        for k in sorted(other, key=lambda k: first.index(_family(k)) if _family(k) in first else len(first)):
+            families.setdefault(_family(k), []).append(k)
+        charts = [
+            (
+                fam,
+                {
+                    k.split("/")[-1] if len(keys) > 1 else k: (
+                        xs,
+                        [s.get(k) if is_number(s.get(k)) else None for s in steps],
+                    )
+                    for k in keys
+                },
+            )
+            for fam, keys in families.items()
+        ]
+        blocks.append(
+            Image(
+                f"{_slug(name)}_logged.png",
+                plots.panels(None, charts, title=f"{name} ({kind})"),
+                f"{name}: {', '.join(other)} per step, one panel per quantity",
+            )
+        )
+    return blocks
+
+
+def _family(key: str) -> str:
+    """The panel of a logged value: `logps/chosen` and `logps/rejected` share one, `rewards/margins`
+    and `rewards/accuracies` get their own (their scale differs from the rewards')."""
+    head, _, tail = key.partition("/")
+    return key if not tail or tail in ("margins", "accuracies") else head

@@ -11,8 +11,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from engine.core.display import printable
 from engine.core.errors import RecipeError
-from engine.core.text import printable
 from engine.store.record import read_record, run_dirs
 
 STATUS_STYLE = {

@@ -27,8 +27,7 @@ from engine.core import plots
 from engine.core.document import _BLOCKS, Block, Bullets, Details, Grid, Heading, Image, Para, _slug, write_report
 from engine.core.io import atomic_write_text
 from engine.data.rows import read_rows
-from engine.lib.entryblocks import _json
-from engine.lib.evals.metrics import fmt
+from engine.lib.entryblocks import _json, training_blocks
 from engine.lib.evals.report import TINY_NOTE, eval_blocks, glance_blocks, honest_blocks
 from engine.spec import registry
 from engine.spec.stage import hook
@@ -153,73 +152,6 @@ def funnel_blocks(record: dict, order: list[str] | None = None) -> list[Block]:
         )
     )
     return blocks
-
-
-def training_blocks(name: str, kind: str, entry: Path) -> list[Block]:
-    steps = (_json(entry / "metrics.json") or {}).get("steps") or []
-    steps = [s for s in steps if isinstance(s, dict) and isinstance(s.get("step"), (int, float))]
-    if not steps:
-        return [Heading(f"{name} ({kind})", 3), Para("No per-step metrics were recorded.")]
-    xs = [s["step"] for s in steps]
-
-    def is_num(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-    numeric = [
-        k for k in dict.fromkeys(k for s in steps for k in s) if k != "step" and any(is_num(s.get(k)) for s in steps)
-    ]
-    loss_keys = [k for k in numeric if "loss" in k]
-    other = [k for k in numeric if k not in loss_keys and k not in ("lr", "learning_rate", "tokens_per_s", "epoch")]
-    blocks: list[Block] = [Heading(f"{name} ({kind})", 3)]
-    losses = [s.get("loss") for s in steps if isinstance(s.get("loss"), (int, float))]
-    blocks.append(
-        Para(
-            f"{len(steps)} logged steps; loss {fmt(losses[0] if losses else None, 4)} at the first "
-            f"logged step, {fmt(losses[-1] if losses else None, 4)} at the last."
-        )
-    )
-    if loss_keys:
-        series = {k: (xs, [s.get(k) if is_num(s.get(k)) else None for s in steps]) for k in loss_keys}
-        blocks.append(
-            Image(
-                f"{_slug(name)}_loss.png",
-                plots.lines(None, series, title=f"{name} ({kind}): loss", ylabel="loss"),
-                f"{name}: {', '.join(loss_keys)} per step",
-            )
-        )
-    if other:  # one panel per family (log-probabilities, rewards, margins, ...): each on its own scale
-        families: dict[str, list[str]] = {}
-        first = ("rewards", "rewards/margins", "rewards/accuracies", "logps", "logits")
-        for k in sorted(other, key=lambda k: first.index(_family(k)) if _family(k) in first else len(first)):
-            families.setdefault(_family(k), []).append(k)
-        charts = [
-            (
-                fam,
-                {
-                    k.split("/")[-1] if len(keys) > 1 else k: (
-                        xs,
-                        [s.get(k) if is_num(s.get(k)) else None for s in steps],
-                    )
-                    for k in keys
-                },
-            )
-            for fam, keys in families.items()
-        ]
-        blocks.append(
-            Image(
-                f"{_slug(name)}_logged.png",
-                plots.panels(None, charts, title=f"{name} ({kind})"),
-                f"{name}: {', '.join(other)} per step, one panel per quantity",
-            )
-        )
-    return blocks
-
-
-def _family(key: str) -> str:
-    """The panel of a logged value: `logps/chosen` and `logps/rejected` share one, `rewards/margins`
-    and `rewards/accuracies` get their own (their scale differs from the rewards')."""
-    head, _, tail = key.partition("/")
-    return key if not tail or tail in ("margins", "accuracies") else head
 
 
 def run_blocks(run_dir: Path) -> tuple[str, list[Block]]:

@@ -29,9 +29,9 @@ from typing import Any
 
 from engine.core import threads as threads_mod
 from engine.core.console import stage_output
+from engine.core.display import plural
 from engine.core.errors import RecipeError, StageFailed
 from engine.core.io import atomic_write_json
-from engine.core.text import plural
 from engine.lib.roundstats import diversity_for
 from engine.models import pool as loading
 from engine.run.context import Context

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from engine.core.text import plural
+from engine.core.display import plural
 from engine.store.cache import Store
 from engine.store.memo import ROOT as MEMO_ROOT
 from engine.store.record import read_record, run_dirs

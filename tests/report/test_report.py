@@ -318,9 +318,9 @@ def test_examples_show_every_model_and_mark_empty_replies(tmp_path):
 
 
 def test_dpo_values_are_drawn_in_separate_panels():
-    assert rp._family("logps/chosen") == rp._family("logps/rejected") == "logps"
-    assert rp._family("rewards/chosen") == "rewards" != rp._family("rewards/margins")
-    assert rp._family("rewards/accuracies") == "rewards/accuracies"
+    assert entryblocks._family("logps/chosen") == entryblocks._family("logps/rejected") == "logps"
+    assert entryblocks._family("rewards/chosen") == "rewards" != entryblocks._family("rewards/margins")
+    assert entryblocks._family("rewards/accuracies") == "rewards/accuracies"
 
 
 def test_a_cached_rerun_writes_its_report_without_drawing(tmp_path):

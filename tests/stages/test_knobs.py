@@ -132,6 +132,10 @@ def test_sft_trains_with_the_knobs_and_evals_a_held_out_share(tmp_path):
     assert report["eval_rows"] == 4 and report["rows_trained"] == 12  # 16 rows: a quarter held out
     assert [e["step"] for e in metrics["evals"]][:2] == [2, 4] and report["eval_loss_best"] <= report["eval_loss_first"]
     assert isinstance(report["stopped_early"], bool) and (entry / "loss.png").is_file()
+    from engine.report.runreport import write_run_report
+
+    write_run_report(record.dir)
+    assert "Eval loss on held-out rows every 2 steps" in (record.dir / "report.md").read_text()
 
 
 @pytest.mark.slow
