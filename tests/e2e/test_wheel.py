@@ -27,7 +27,7 @@ def test_the_installed_wheel_runs_the_flagship_outside_the_checkout(tmp_path):
             (source / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, source / name)
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", wheels, source],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", wheels, source],
         check=True,
         capture_output=True,
         cwd=tmp_path,
