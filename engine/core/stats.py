@@ -101,4 +101,15 @@ def paired_difference(
             diffs.append(rb - ra)
     diffs.sort()
     lo, hi = quantile(diffs, 0.025), quantile(diffs, 0.975)
+    if lo == hi:  # every item came out alike on both sides: the bootstrap collapses to a point
+        lo, hi = newcombe(sum(any(c) for c in base), sum(any(c) for c in other), len(base))
     return {"difference": b - a, "ci": [lo, hi], "outside_noise": lo > 0 or hi < 0}
+
+
+def newcombe(x1: int, x2: int, n: int) -> tuple[float, float]:
+    """Newcombe's hybrid score interval of p2 - p1 from the two Wilson intervals (x of n items each),
+    as if the two were independent: wider than a paired interval, never a point."""
+    (l1, u1), (l2, u2) = wilson(x1, n) or (0.0, 1.0), wilson(x2, n) or (0.0, 1.0)
+    p1, p2 = x1 / n, x2 / n
+    d = p2 - p1
+    return d - ((p2 - l2) ** 2 + (u1 - p1) ** 2) ** 0.5, d + ((u2 - p2) ** 2 + (p1 - l1) ** 2) ** 0.5

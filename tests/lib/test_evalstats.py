@@ -138,3 +138,13 @@ def test_clustered_rates_that_are_all_zero_or_all_one_get_an_interval_that_does_
     assert every["safety_refusal_from_harmful"]["ci"] == list(wilson(5, 5))
     mixed = headline(_rows("m", [False] * 4, [False] * 4, [[False, True, False, True]] * 5, []))
     assert mixed["safety_refusal_from_harmful"]["interval"] == "bootstrap over conversations"
+
+
+def test_a_difference_of_two_all_zero_rates_is_not_a_point():
+    from engine.core.stats import paired_difference
+
+    zero = [[False, False]] * 5
+    d = paired_difference(zero, zero)
+    assert d["difference"] == 0.0 and d["ci"][0] < -0.3 and d["ci"][1] > 0.3 and not d["outside_noise"]
+    mixed = paired_difference([[False]] * 20, [[True]] * 10 + [[False]] * 10)
+    assert mixed["ci"][0] > 0 and mixed["outside_noise"]  # a real bootstrap: unchanged
