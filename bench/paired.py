@@ -48,8 +48,21 @@ def final_model(run_dir: Path, stage: str) -> str:
     return str((run_dir.parent.parent / "cache" / record["stages"][stage]["fingerprint"]).resolve())
 
 
-def main(doc: str, recipe: Path, control: Path, keys: dict[str, str], more: tuple[str, ...], final_stage: str) -> None:
-    """`keys`: JSON name -> headline metric; `more`: headline metrics printed but not in the JSON."""
+def main(
+    doc: str,
+    recipe: Path,
+    control: Path,
+    keys: dict[str, str],
+    more: tuple[str, ...],
+    final_stage: str,
+    control_stage: str | None = None,
+    labels: tuple[str, str] = ("final", "control"),
+    head_to_head: bool = False,
+) -> None:
+    """`keys`: JSON name -> headline metric; `more`: headline metrics printed but not in the JSON.
+    `labels` name the two recipes' final models (columns and JSON keys); `control_stage` is the
+    second recipe's final stage (default `final_stage`); `head_to_head` adds the paired difference
+    of the two final models (both evals must hold the same items)."""
     from engine.lib.evals.stats import compare, fmt_difference, fmt_rate, headline
 
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
@@ -68,25 +81,27 @@ def main(doc: str, recipe: Path, control: Path, keys: dict[str, str], more: tupl
     seed = tomllib.loads((main_dir / "recipe.toml").read_text())["recipe"].get("seed", 0)  # as the eval stage
     of = lambda rs, name: [r for r in rs if r["model"] == name]  # noqa: E731
     base_rows, final_rows, control_rows = of(rows, base_name), of(rows, final_name), of(c_rows, c_metrics["models"][-1])
-    heads = {
-        "base": headline(base_rows, seed),
-        "final": headline(final_rows, seed),
-        "control": headline(control_rows, seed),
+    final, other = labels
+    heads = {"base": headline(base_rows, seed), final: headline(final_rows, seed), other: headline(control_rows, seed)}
+    diffs = {
+        f"{final} - base": compare(base_rows, final_rows, seed),
+        f"{other} - base": compare(base_rows, control_rows, seed),
     }
-    diffs = {"final": compare(base_rows, final_rows, seed), "control": compare(base_rows, control_rows, seed)}
+    if head_to_head:
+        diffs[f"{final} - {other}"] = compare(control_rows, final_rows, seed)
 
     width = 34
     print()
     print(
         f"{'rate (phrase detector)':<{width}}"
-        + "".join(f"{c:>22}" for c in ("base", "final", "control"))
-        + "".join(f"{c:>26}" for c in ("final - base", "control - base"))
+        + "".join(f"{c:>22}" for c in ("base", final, other))
+        + "".join(f"{c:>26}" for c in diffs)
     )
     for k in (*keys.values(), *more):
         print(
             f"{k:<{width}}"
-            + "".join(f"{fmt_rate(heads[c].get(k)):>22}" for c in ("base", "final", "control"))
-            + "".join(f"{fmt_difference(diffs[c].get(k)):>26}" for c in ("final", "control"))
+            + "".join(f"{fmt_rate(heads[c].get(k)):>22}" for c in ("base", final, other))
+            + "".join(f"{fmt_difference(d.get(k)):>26}" for d in diffs.values())
         )
     print("(95% intervals in brackets; differences paired over the same prompts, * = interval excludes 0)")
     print(f"runs: {main_dir} and {control_dir}; {seconds:.0f} s for both")
@@ -101,8 +116,8 @@ def main(doc: str, recipe: Path, control: Path, keys: dict[str, str], more: tupl
         json.dumps(
             {
                 "base": m("base", None),
-                "final": m("final", final_model(main_dir, final_stage)),
-                "control": m("control", final_model(control_dir, final_stage)),
+                final: m(final, final_model(main_dir, final_stage)),
+                other: m(other, final_model(control_dir, control_stage or final_stage)),
                 "seconds": round(seconds, 1),
             }
         )
