@@ -164,7 +164,8 @@ def test_lora_targets_must_exist_in_the_model(tmp_path):
 
 
 def test_last_checkpoint_skips_and_removes_incomplete_ones(tmp_path, caplog):
-    ctx = SimpleNamespace(log=logging.getLogger("ckpt"), is_main=True)
+    said: list[str] = []
+    ctx = SimpleNamespace(log=logging.getLogger("ckpt"), is_main=True, say=said.append)
     assert last_checkpoint(tmp_path, ctx) is None
     for step, complete in ((5, True), (10, True), (15, False)):
         d = tmp_path / f"checkpoint-{step}"
@@ -176,7 +177,9 @@ def test_last_checkpoint_skips_and_removes_incomplete_ones(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="ckpt"):
         assert last_checkpoint(tmp_path, ctx) == str(tmp_path / "checkpoint-10")
     assert not (tmp_path / "checkpoint-15").exists() and (tmp_path / "checkpoint-5").is_dir()
-    assert "checkpoint-15 is incomplete" in caplog.text and "resuming from checkpoint" in caplog.text
+    assert "checkpoint-15 is incomplete" in caplog.text and said == [
+        "resuming from checkpoint checkpoint-10 (the steps before it are kept)"
+    ]
 
 
 # --------------------------------------------------------------------------- metrics and plots

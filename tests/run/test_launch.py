@@ -76,7 +76,7 @@ def test_two_processes_train_like_one(tmp_path):
 def test_warnings_of_a_multi_process_stage_reach_the_record(tmp_path):
     """Rank 0 says them in its own process; the run that launched it records and reports them."""
     path = make(tmp_path, "[stages.train.resources]\nprocesses = 2")
-    path.write_text(path.read_text().replace("max_length = 256", "max_length = 40"))
+    path.write_text(path.read_text().replace("max_length = 256", "max_length = 40\nmax_dropped = 0.5"))
     record = run(load_recipe(path), tmp_path / "runs")
     warnings = record.data["stages"]["train"].get("warnings", [])
     assert any("exceed max_length 40" in w for w in warnings), warnings
