@@ -20,12 +20,14 @@ import json
 import logging
 import os
 import pickle
+import re
 import shlex
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from engine.core.errors import RecipeError
 from engine.core.io import atomic_write_bytes, atomic_write_text
 
 PAYLOAD = "launch.pkl"
@@ -207,7 +209,11 @@ def collect(work: Path, ctx, what: str, codes: dict[Path, int]) -> None:
         {} if (work / RESULT).is_file() else codes
     )
     for out_log, code in failed.items():
-        tail = out_log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-15:]
+        text = out_log.read_text(encoding="utf-8", errors="replace")
+        user = re.search(r"engine\.core\.errors\.(?:Recipe|Data)Error: (?:error: )?(.+)", text)
+        if user:  # a process stopped on bad input (a user_error): the same exit 2 as in one process
+            raise RecipeError.single(user.group(1).strip())
+        tail = text.strip().splitlines()[-15:]
         ctx.log.error("accelerate launch exited with %s; last lines of %s:\n%s", code, out_log, "\n".join(tail))
         error = next((line for line in reversed(tail) if "Error" in line or "error" in line), None)
         raise RuntimeError(

@@ -80,3 +80,15 @@ def test_warnings_of_a_multi_process_stage_reach_the_record(tmp_path):
     record = run(load_recipe(path), tmp_path / "runs")
     warnings = record.data["stages"]["train"].get("warnings", [])
     assert any("exceed max_length 40" in w for w in warnings), warnings
+
+
+def test_bad_input_found_inside_a_multi_process_stage_is_exit_2_with_its_message(tmp_path):
+    """A user error a launched process raises (here: too many rows over max_length) reaches the user as
+    the same one-paragraph error and exit 2 as in one process, not as a failed launch."""
+    from engine.core.errors import RecipeError
+
+    path = make(tmp_path, "[stages.train.resources]\nprocesses = 2")
+    path.write_text(path.read_text().replace("max_length = 256", "max_length = 40"))
+    with pytest.raises(RecipeError, match="conversations are over max_length = 40 tokens") as err:
+        run(load_recipe(path), tmp_path / "runs")
+    assert "keep_recent" in err.value.format()

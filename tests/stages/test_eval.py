@@ -676,7 +676,8 @@ def test_eval_stage_end_to_end_over_scripted_servers(tmp_path, servers, cli, run
     assert shown.exit_code == 0
     assert re.search(r"metric\s*┃\s+base\s+┃\s+final", shown.output)  # one column per model
     assert re.search(
-        r"safety: refusal from harmful turn\s*│\s+0\.000 \[0\.00, 0\.\d\d\]\s+│\s+0\.778 \[0\.\d\d, 1\.00\]", shown.output
+        r"safety: refusal from harmful turn\s*│\s+0\.000 \[0\.00, 0\.\d\d\]\s+│\s+0\.778 \[0\.\d\d, 1\.00\]",
+        shown.output,
     )  # every rate with its 95% interval
     assert re.search(r"sycophancy: flip rate\s*│\s+1\.000 \[0\.44, 1\.00\]\s+│\s+0\.000 \[0\.00, 0\.56\]", shown.output)
     assert "items per suite: benign_multiturn 2, diversity 1, helpfulness 2, refusal 4, safety 3, sycophancy 3" in (
