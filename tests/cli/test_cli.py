@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from conftest import ROOT, conv, run_cli_subprocess, write_jsonl
+from conftest import ROOT, conv, fault_env, run_cli_subprocess, write_jsonl
 
 
 def test_validate_ok_and_bad(cli, project):
@@ -149,22 +149,14 @@ def test_ctrl_c_keeps_committed_shards(project, runs):
     # slow the filter down per shard with many rows and tiny shards, then interrupt
     rows = [conv(f"q{i}", f"answer number {i} with several words in it", id=f"r{i}") for i in range(20000)]
     write_jsonl(project / "data" / "convs.jsonl", rows)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    cmd = [
-        sys.executable,
-        "-m",
-        "engine.cli",
-        "run",
-        str(project / "recipe.toml"),
-        "--runs-dir",
-        str(runs),
-        "--set",
-        "stages.clean.shard_size=20",  # many small shards: the run lasts long enough to interrupt under load
-    ]
+    marker = project / "paused"
+    env = {**os.environ, **fault_env(RECIPE_PAUSE_AFTER_SHARDS=f"4:{marker}")}
+    cmd = [sys.executable, "-m", "engine.cli", "run", str(project / "recipe.toml"), "--runs-dir", str(runs)]
+    cmd += ["--set", "stages.clean.shard_size=50"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     partial = runs / "cache" / "partial"
-    deadline = time.time() + 60
-    while time.time() < deadline and not list(partial.glob("*/shard-000003")):
+    deadline = time.time() + 120
+    while time.time() < deadline and not marker.exists():  # the run pauses after its 4th shard commit
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)

@@ -8,6 +8,8 @@ engine function so a test can kill a process at a chosen point. Product code has
 - RECIPE_CRASH_ONCE_IN_SHARD=FILE: the first worker of a row stage split over workers (part mode,
   Ray) to reach a shard dies before committing it; FILE records that it happened, so the retried
   worker goes on.
+- RECIPE_PAUSE_AFTER_SHARDS=N:FILE: right after its N-th shard commit the process writes FILE and
+  sleeps (up to 120 s): a test signals it there, at a known point, however loaded the machine is.
 - RECIPE_RAY_PROBE_ROOT=DIR: a Ray worker writes its shared-store probe under DIR, as a worker
   that sees another filesystem would.
 """
@@ -16,7 +18,12 @@ from __future__ import annotations
 
 import os
 
-FAULTS = ("RECIPE_CRASH_AFTER_SHARDS", "RECIPE_CRASH_ONCE_IN_SHARD", "RECIPE_RAY_PROBE_ROOT")
+FAULTS = (
+    "RECIPE_CRASH_AFTER_SHARDS",
+    "RECIPE_CRASH_ONCE_IN_SHARD",
+    "RECIPE_PAUSE_AFTER_SHARDS",
+    "RECIPE_RAY_PROBE_ROOT",
+)
 
 
 def _crash_once(marker: str) -> bool:
@@ -43,6 +50,12 @@ def install() -> None:
         limit = os.environ.get("RECIPE_CRASH_AFTER_SHARDS")
         if limit and self.committed_here >= int(limit):
             os._exit(137)
+        pause = os.environ.get("RECIPE_PAUSE_AFTER_SHARDS")
+        if pause and self.committed_here == int(pause.split(":", 1)[0]):
+            import time
+
+            Path(pause.split(":", 1)[1]).write_text(str(os.getpid()))
+            time.sleep(120)
 
     shards.ShardRunner._commit = faulty_commit
 
