@@ -153,7 +153,12 @@ def test_ctrl_c_keeps_committed_shards(project, runs):
     env = {**os.environ, **fault_env(RECIPE_PAUSE_AFTER_SHARDS=f"4:{marker}")}
     cmd = [sys.executable, "-m", "engine.cli", "run", str(project / "recipe.toml"), "--runs-dir", str(runs)]
     cmd += ["--set", "stages.clean.shard_size=50"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT as a terminal delivers it: a test worker may run with SIGINT ignored (an earlier test's
+    # library can set that), and an ignored SIGINT is inherited across exec
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint
+    )
     partial = runs / "cache" / "partial"
     deadline = time.time() + 120
     while time.time() < deadline and not marker.exists():  # the run pauses after its 4th shard commit
