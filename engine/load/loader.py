@@ -138,9 +138,8 @@ def load_recipe(
                 from engine.data.preview import preview
 
                 where = locate(locations, f"datasets.{name}.path", top)
-                rows, why = preview(spec, name, where)
+                rows, why, key = preview(spec, name, where)
                 if why:  # a wrong `columns` mapping is located at `columns`, not at `path`
-                    key = "columns" if spec.columns and "The recipe maps columns" in why else "path"
                     problems.append(Problem(why, **locate(locations, f"datasets.{name}.{key}", top)))
                 previews[name] = rows
             if section == "models" and path_value.startswith("builtin:"):
