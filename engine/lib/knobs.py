@@ -164,7 +164,7 @@ def knob_problems(name: str, config, recipe, kind: str) -> list[Problem]:
     return problems
 
 
-def knob_args(config, per_device: int, has_eval: bool) -> dict:
+def knob_args(config, has_eval: bool) -> dict:
     """The TRL config arguments the knobs become (only those set: TRL's defaults otherwise)."""
     out: dict = {}
     for ours, theirs in (
@@ -183,7 +183,9 @@ def knob_args(config, per_device: int, has_eval: bool) -> dict:
             out[theirs] = getattr(config, ours)
     if has_eval:
         every = config.eval_steps or config.save_steps
-        out |= dict(eval_strategy="steps", eval_steps=every, per_device_eval_batch_size=per_device)
+        # one held-out row per forward pass: the eval loss (a mean of batch means) and so the checkpoint
+        # early stopping keeps never depend on per_device_batch_size or processes (execution-only)
+        out |= dict(eval_strategy="steps", eval_steps=every, per_device_eval_batch_size=1)
         if config.early_stopping_patience is not None:  # the best checkpoint needs a save at every eval
             out |= dict(
                 save_steps=every,

@@ -77,7 +77,7 @@ def trainer_args(config, ctx, batch: Batch, ckpt_dir: Path, model: Any = None, h
             dataloader_num_workers=0,
         )
         | tracking_args(ctx)
-        | knob_args(config, batch.per_device, has_eval)
+        | knob_args(config, has_eval)
     )
 
 

@@ -97,13 +97,14 @@ def test_knob_args_map_to_trl_names():
             "trainer": {"adam_beta2": 0.99},
         }
     )
-    args = knob_args(config, per_device=2, has_eval=True)
+    args = knob_args(config, has_eval=True)
     assert args["optim"] == "adamw_torch" and args["max_grad_norm"] == 0.5 and args["neftune_noise_alpha"] == 5.0
     assert args["eval_strategy"] == "steps" and args["eval_steps"] == 3 and args["save_steps"] == 3
+    assert args["per_device_eval_batch_size"] == 1  # the eval loss never depends on the batch split
     assert (
         args["load_best_model_at_end"] and args["metric_for_best_model"] == "eval_loss" and args["adam_beta2"] == 0.99
     )
-    assert "eval_strategy" not in knob_args(config, per_device=2, has_eval=False)
+    assert "eval_strategy" not in knob_args(config, has_eval=False)
 
 
 # --------------------------------------------------------------------------- runs (slow)
