@@ -4,7 +4,9 @@ gradient checkpointing, NEFTune, evals during training with early stopping, QLoR
 `[stages.X.trainer]` table for any further TRL argument.
 
 - `knob_problems`: what `recipe validate` checks (names against engine/lib/trl_fields.py, TRL's
-  own lists copied, so nothing heavy is imported): an unknown optimizer or scheduler, a trainer
+  own lists copied, so nothing heavy is imported; a name the copy lacks is looked up in the
+  installed TRL and transformers before it is called unknown, so a newer release's arguments are
+  accepted without a regenerated copy): an unknown optimizer or scheduler, a trainer
   key TRL's config lacks (did-you-mean) or one the stage already models (use that key), eval and
   early-stopping settings that do not fit together, 4-bit loading without LoRA, CUDA or
   bitsandbytes.
@@ -15,9 +17,12 @@ gradient checkpointing, NEFTune, evals during training with early stopping, QLoR
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import functools
 import importlib.util
 import math
+import os
 import random
 from pathlib import Path
 
@@ -93,12 +98,45 @@ UNKNOWN_KEY_HINTS = {
 } | {"output_dir": "The stage's checkpoints live in the runs dir; nothing to set."}
 
 
+@functools.cache
+def installed_lists() -> dict:
+    """The installed transformers' and TRL's own lists, in engine/lib/trl_fields.py's shape (imports
+    both: asked only when a name misses the copy, and by the test that keeps the copy true)."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from transformers import TrainingArguments
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+    from trl import DPOConfig, GRPOConfig, KTOConfig, RLOOConfig, SFTConfig
+    from trl.experimental.cpo import CPOConfig
+    from trl.experimental.orpo import ORPOConfig
+
+    base = {f.name for f in dataclasses.fields(TrainingArguments)}
+    configs = dict(sft=SFTConfig, dpo=DPOConfig, kto=KTOConfig, orpo=ORPOConfig, cpo=CPOConfig, grpo=GRPOConfig)
+    configs["rloo"] = RLOOConfig
+    return dict(
+        TRAINING_ARGUMENTS=sorted(base),
+        CONFIG_FIELDS={k: sorted({f.name for f in dataclasses.fields(c)} - base) for k, c in configs.items()},
+        OPTIMIZERS=sorted(o.value for o in OptimizerNames),
+        SCHEDULERS=sorted(s.value for s in SchedulerType),
+    )
+
+
+def _known(name: str, copied: list[str], installed) -> bool:
+    """`name` is in the copied list, or (a newer release) in the installed library's."""
+    if name in copied:
+        return True
+    try:
+        return name in installed(installed_lists())
+    except ImportError:  # validate on a machine without TRL: the copy decides
+        return False
+
+
 def knob_problems(name: str, config, recipe, kind: str) -> list[Problem]:
     """Validate-time checks of the knobs; `kind` names the TRL config (sft, dpo, kto, orpo, cpo, grpo, rloo)."""
     where = lambda key: recipe.where(f"stages.{name}.{key}")  # noqa: E731
     problems = []
     for key, value, known in (("optimizer", config.optimizer, OPTIMIZERS), ("scheduler", config.scheduler, SCHEDULERS)):
-        if value is not None and value not in known:
+        if value is not None and not _known(value, known, lambda lists, k=key: lists[f"{k.upper()}S"]):
             close = difflib.get_close_matches(value, known, n=1)
             problems.append(
                 Problem(
@@ -120,7 +158,9 @@ def knob_problems(name: str, config, recipe, kind: str) -> list[Problem]:
                     **where("trainer"),
                 )
             )
-        elif key not in fields:
+        elif key not in fields and not _known(
+            key, [], lambda lists: set(lists["TRAINING_ARGUMENTS"]) | set(lists["CONFIG_FIELDS"][kind])
+        ):
             close = difflib.get_close_matches(key, sorted(fields), n=1)
             problems.append(
                 Problem(
@@ -164,6 +204,12 @@ def knob_problems(name: str, config, recipe, kind: str) -> list[Problem]:
     return problems
 
 
+def _has_training_argument(name: str) -> bool:
+    from transformers import TrainingArguments
+
+    return name in {f.name for f in dataclasses.fields(TrainingArguments)}
+
+
 def knob_args(config, has_eval: bool) -> dict:
     """The TRL config arguments the knobs become (only those set: TRL's defaults otherwise)."""
     out: dict = {}
@@ -174,7 +220,7 @@ def knob_args(config, has_eval: bool) -> dict:
         (
             "gradient_checkpointing",
             "activation_checkpointing"
-            if "activation_checkpointing" in TRAINING_ARGUMENTS
+            if _has_training_argument("activation_checkpointing")
             else "gradient_checkpointing",
         ),
         ("neftune_noise_alpha", "neftune_noise_alpha"),
