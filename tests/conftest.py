@@ -236,6 +236,7 @@ REDUCED_FLAGSHIP = (
     "models.policy.path=builtin:tiny-chat",  # the smoke run: every stage of the shipped recipe, a random model
     "datasets.single.limit=12",
     "datasets.multi.limit=8",
+    "datasets.openers.limit=6",
     "stages.best_single.shard_size=4",
     "stages.best_multi.shard_size=3",
     "stages.revised.shard_size=3",

@@ -240,6 +240,7 @@ class ShardRunner:
             if todo:
                 sub = Shard(shard.index, shard.start, [shard.rows[i] for i in todo], shard.seed, shard.advance)
                 made = fn(sub)
+                shard.advanced += sub.advanced  # what fn reported is done: map() counts only the rest
                 if len(made) != len(todo):
                     raise RuntimeError(f"the stage gave {len(made)} results for {len(todo)} rows")
                 fresh = {keys[i]: plain({"out": out, "stats": stats}) for i, (out, stats) in zip(todo, made)}

@@ -14,11 +14,12 @@ from conftest import ROOT, SHARED_BUILTIN, run_cli_subprocess
 FLAGSHIP = ROOT / "recipes" / "caI_multiturn.toml"
 
 # The shipped flagship (SmolLM2 is its default model) with a few items per stage: 4 rows of each
-# dataset, one optimizer step per training stage, one item of two eval suites for the two trained
-# models, short replies.
+# dataset (openers too: its 40 rows were half of the run's time), one optimizer step per training
+# stage, one item of two eval suites for the two trained models, short replies.
 SMALL = [
     "datasets.single.limit=4",
     "datasets.multi.limit=4",
+    "datasets.openers.limit=4",
     "stages.best_single.max_new_tokens=24",
     "stages.best_multi.max_new_tokens=24",
     "stages.revised.max_new_tokens=48",

@@ -21,6 +21,7 @@ RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.toml"))
 # bench/grpo.py runs grpo_arithmetic in full.
 QUICK = [p for p in RECIPES if not p.name.startswith(("align_smollm2", "caI_multiturn", "grpo_"))]
 GRPO_SMOKE = ["models.policy.path=builtin:tiny-chat", "stages.rl.max_steps=2", "stages.eval.max_items=6"]
+GRPO_SMOKE_EXTRA = {"grpo_safety.toml": ["datasets.train.limit=16"]}  # its best-of-n and SFT, on 16 prompts
 
 
 def test_there_are_shipped_recipes():
@@ -52,7 +53,7 @@ def test_recipe_runs_end_to_end_and_then_is_cached(path: Path, tmp_path):
 @pytest.mark.parametrize("name", ["grpo_arithmetic.toml", "grpo_safety.toml"])
 def test_a_grpo_recipe_runs_as_a_smoke_run_with_its_rewards_logged(name: str, tmp_path):
     path, runs = ROOT / "recipes" / name, tmp_path / "runs"
-    sets = [a for s in GRPO_SMOKE for a in ("--set", s)]
+    sets = [a for s in GRPO_SMOKE + GRPO_SMOKE_EXTRA.get(name, []) for a in ("--set", s)]
     out = run_cli_subprocess("run", path, "--runs-dir", runs, *sets, timeout=600)
     assert out.returncode == 0, out.stderr
     run_dir = (runs / load_recipe(path).name / "latest").resolve()
