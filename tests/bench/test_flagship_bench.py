@@ -22,9 +22,13 @@ KEYS = {
 
 
 @pytest.mark.slow
-def test_flagship_bench_runs_recipe_and_control_and_ends_with_one_json_line(tmp_path):
+def test_flagship_bench_runs_recipe_and_control_and_ends_with_one_json_line(tmp_path, reduced_flagship):
     import os
+    import shutil
 
+    # the session's reduced flagship run, copied (a runs dir can move): the bench finds the recipe's
+    # stages cached and computes the control's own
+    shutil.copytree(reduced_flagship.parent.parent, tmp_path / "runs", symlinks=True)
     env = dict(os.environ, RECIPE_BUILTIN_DIR=str(SHARED_BUILTIN))
     cmd = [sys.executable, "bench/flagship.py", "--runs-dir", str(tmp_path / "runs"), *set_args(REDUCED_FLAGSHIP)]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

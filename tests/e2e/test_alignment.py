@@ -13,16 +13,17 @@ from conftest import ROOT, SHARED_BUILTIN, run_cli_subprocess
 
 RECIPE = ROOT / "recipes" / "align_smollm2.toml"
 
-# 20 of the 135 training prompts (harmful, benign, benign, ...: 7 harmful), two samples each,
-# short replies, one DPO epoch; the base and the final model on the refusal suite's first 30
+# 20 of the 135 training prompts (harmful, benign, benign, ...: 7 harmful), one sample each
+# against the written replies (a real choice under the reward still), short replies, one DPO
+# epoch; the base and the final model on the refusal suite's first 30
 # prompts (15 adversarial, 15 benign).
 SMALL = [
     "datasets.train.limit=20",
-    "stages.best_of_base.n=2",
+    "stages.best_of_base.n=1",
     "stages.best_of_base.max_new_tokens=40",
     "stages.sft.max_length=160",
     "stages.sft.lr=5e-5",  # fewer steps than the full run: a larger step
-    "stages.pairs.n=2",
+    "stages.pairs.n=1",
     "stages.pairs.max_new_tokens=40",
     "stages.dpo.epochs=1.0",
     "stages.dpo.max_length=160",
