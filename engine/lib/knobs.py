@@ -127,7 +127,7 @@ def _known(name: str, copied: list[str], installed) -> bool:
         return True
     try:
         return name in installed(installed_lists())
-    except ImportError:  # validate on a machine without TRL: the copy decides
+    except Exception:  # validate where TRL is missing or will not import: the copy decides
         return False
 
 
