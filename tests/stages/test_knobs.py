@@ -233,3 +233,26 @@ def test_simpo_trains_without_a_reference(tmp_path):
     report = json.loads((record.dir / "stages" / "simpo" / "report.json").read_text())
     assert report["kind"] == "cpo" and report["loss_type"] == "simpo" and report["steps"] == 3
     assert report["reference"].startswith("none") and report["tokens_seen"] > 0
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_changes_no_weight(tmp_path, monkeypatch):
+    """gradient_checkpointing is execution-only (outside the fingerprint): recomputing activations
+    in the backward pass must give the same weights, bit for bit, on one machine in float32."""
+    import torch.utils.checkpoint
+    import transformers.modeling_utils
+    from safetensors.torch import load_file
+
+    calls = []  # only the checkpointed run recomputed: torch's checkpoint ran (TRL's default is on)
+    for module in (torch.utils.checkpoint, transformers.modeling_utils):
+        original = module.checkpoint
+        monkeypatch.setattr(module, "checkpoint", lambda *a, f=original, **k: calls.append(1) or f(*a, **k))
+    runs = []
+    for name, on in (("plain", "false"), ("checkpointed", "true")):
+        extra = f"gradient_checkpointing = {on}"
+        record = run(load_recipe(make_training_project(tmp_path / name, extra)), tmp_path / name / "runs")
+        runs.append(load_file(record.dir / "stages" / "train" / "model" / "model.safetensors"))
+        assert bool(calls) == (on == "true"), len(calls)
+    plain, checkpointed = runs
+    assert plain.keys() == checkpointed.keys()
+    assert all(plain[k].equal(checkpointed[k]) for k in plain)
