@@ -183,6 +183,7 @@ def test_a_short_static_batch_after_a_long_one_uses_the_short_bucket(tmp_path_fa
     assert key[1] == 256  # transformers alone would keep the 512-slot cache for every later call
     cache = b._caches[key]
     assert b.generate(PROMPTS[:1], params, seed=0) == short and b._caches[key] is cache  # reset and reused
+    assert cache.get_seq_length() > 0  # generate filled the cache passed in (not one of its own)
     dynamic = HFBackend(model, tok, batch_size=4, kv_cache="dynamic")
     assert dynamic.generate(PROMPTS[:1], params, seed=0) == short
 

@@ -29,6 +29,7 @@ used: its sampler has one global seed, so a prompt's text would depend on its ba
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -238,7 +239,7 @@ class HFBackend:
         else:
             cache.reset()
         self._caches[(rows, size)] = cache  # most recently used last
-        return {"past_key_values": cache}
+        return {_cache_keyword(): cache}
 
     def _completion(self, ids: list[int], prompt_tokens: int, params: SamplingParams) -> Completion:
         tok = self.tokenizer
@@ -321,3 +322,12 @@ def build(request: BuildRequest):
 
     request.log.info("generating on %d devices: %s", len(replicas), ", ".join(str(r.model.device) for r in replicas))
     return Replicas(replicas)
+
+
+@functools.cache
+def _cache_keyword() -> str:
+    """generate's keyword for a cache passed in: `cache` in newer transformers 5 releases (where
+    `past_key_values` warns that it will go), `past_key_values` before."""
+    from transformers.generation import utils
+
+    return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
