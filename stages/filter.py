@@ -1,6 +1,7 @@
 """filter: drop conversations that fail quality rules, and say what each rule removed.
 
-Takes `conversations` (input); gives `conversations`. Renders no templates.
+Takes `conversations` (input); gives `conversations`. Renders no templates (drop_template_echo
+reads their text).
 
 Rules, applied in this order (a row is counted under the first rule it fails):
 format (roles, alternation, non-empty), turns (min/max assistant turns), min_words and
@@ -8,8 +9,9 @@ max_words (per assistant turn), filler (a short assistant turn with no new infor
 sycophancy (share of assistant turns with flattering phrases), refusal (keep, drop, or keep
 only refusals), template_echo (`drop_template_echo`: a turn, user or assistant, that copies
 `echo_words` consecutive words of the fixed text of a prompt template the recipe can use, such
-as a simulated user repeating the simulator's instructions back), then across rows: exact duplicates and near duplicates (word n-gram Jaccard
-verified after MinHash banding). The first occurrence of a duplicate is kept.
+as a simulated user repeating the simulator's instructions back), then across rows: exact
+duplicates and near duplicates (word n-gram Jaccard verified after MinHash banding). The first
+occurrence of a duplicate is kept.
 
 Per-row rules run in shards through the engine (resumable); dedup runs once over the
 result, in input order, so the output does not depend on the shard size.

@@ -176,13 +176,7 @@ def summary(report: dict) -> list[tuple[str, str]]:
 
 def report(name: str, entry: Path) -> list:
     """The run report's section: the score distribution and sample rows with their scores."""
-    import json
+    from engine.lib.entryblocks import _json, sample_blocks, score_blocks
 
-    from engine.lib.entryblocks import sample_blocks, score_blocks
-
-    key = (
-        json.loads((entry / "report.json").read_text()).get("name", "score")
-        if (entry / "report.json").is_file()
-        else "score"
-    )
+    key = (_json(entry / "report.json") or {}).get("name", "score")
     return score_blocks(name, entry, key) + sample_blocks(name, entry, score=key)

@@ -79,13 +79,9 @@ def drop_blocks(name: str, entry: Path) -> list[Block]:
 
 def score_blocks(name: str, entry: Path, key: str) -> list[Block]:
     """The distribution of a judge's scores (`key` in each row's `scores`)."""
-    from engine.core import plots
-
     path = entry / "rows.parquet"
     values = [
-        v
-        for r in (read_rows(path) if path.is_file() else [])
-        if isinstance(v := (r.get("scores") or {}).get(key), (int, float))
+        v for r in (read_rows(path) if path.is_file() else []) if is_number(v := (r.get("scores") or {}).get(key))
     ]
     if not values:
         return []
@@ -243,7 +239,7 @@ def training_blocks(name: str, kind: str, entry: Path) -> list[Block]:
     loss_keys = [k for k in numeric if "loss" in k]
     other = [k for k in numeric if k not in loss_keys and k not in ("lr", "learning_rate", "tokens_per_s", "epoch")]
     blocks: list[Block] = [Heading(f"{name} ({kind})", 3)]
-    losses = [s.get("loss") for s in steps if isinstance(s.get("loss"), (int, float))]
+    losses = [s.get("loss") for s in steps if is_number(s.get("loss"))]
     blocks.append(
         Para(
             f"{len(steps)} logged steps; loss {fmt(losses[0] if losses else None, 4)} at the first "

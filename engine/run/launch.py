@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import pickle
-import re
 import shlex
 import socket
 import subprocess
@@ -32,6 +31,7 @@ from engine.core.io import atomic_write_bytes, atomic_write_text
 
 PAYLOAD = "launch.pkl"
 RESULT = "result.json"
+USER_ERROR = "user_error.pkl"  # bad input a process found (a RecipeError's problems), for the parent to raise
 STOP = "stop"  # written by a multi-node driver when one node failed: the others stop
 
 
@@ -170,6 +170,7 @@ def prepare(stage, inputs: dict, ctx, log_path: Path) -> tuple[Path, str | None]
     work.mkdir(parents=True, exist_ok=True)
     payload = make_payload(stage, inputs, ctx, log_path, work / RESULT)
     (work / RESULT).unlink(missing_ok=True)
+    (work / USER_ERROR).unlink(missing_ok=True)
     (work / STOP).unlink(missing_ok=True)
     atomic_write_bytes(work / PAYLOAD, pickle.dumps(payload))
     if not res.accelerate_config:
@@ -209,11 +210,10 @@ def collect(work: Path, ctx, what: str, codes: dict[Path, int]) -> None:
         {} if (work / RESULT).is_file() else codes
     )
     for out_log, code in failed.items():
-        text = out_log.read_text(encoding="utf-8", errors="replace")
-        user = re.search(r"engine\.core\.errors\.(?:Recipe|Data)Error: (?:error: )?(.+)", text)
-        if user:  # a process stopped on bad input (a user_error): the same exit 2 as in one process
-            raise RecipeError.single(user.group(1).strip())
-        tail = text.strip().splitlines()[-15:]
+        if (work / USER_ERROR).is_file():  # a process stopped on bad input: the same exit 2 as in one process
+            cls, problems = pickle.loads((work / USER_ERROR).read_bytes())
+            raise cls(problems)
+        tail = out_log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-15:]
         ctx.log.error("accelerate launch exited with %s; last lines of %s:\n%s", code, out_log, "\n".join(tail))
         error = next((line for line in reversed(tail) if "Error" in line or "error" in line), None)
         raise RuntimeError(
@@ -248,6 +248,9 @@ def worker(payload_path: str) -> int:
     stage, config, inputs, ctx = open_payload(payload, log)
     try:
         stage.module.run(config, inputs, ctx)
+    except RecipeError as e:  # handed to the parent whole (its class, every problem and where it is)
+        atomic_write_bytes(Path(payload["result"]).with_name(USER_ERROR), pickle.dumps((type(e), e.problems)))
+        raise
     except Exception:
         import traceback
 

@@ -92,3 +92,5 @@ def test_bad_input_found_inside_a_multi_process_stage_is_exit_2_with_its_message
     with pytest.raises(RecipeError, match="conversations are over max_length = 40 tokens") as err:
         run(load_recipe(path), tmp_path / "runs")
     assert "keep_recent" in err.value.format()
+    (problem,) = err.value.problems  # handed back whole: located at the key, in the recipe file
+    assert problem.key == "stages.train.max_length" and problem.file and problem.file.endswith("recipe.toml")
