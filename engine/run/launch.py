@@ -258,6 +258,7 @@ def worker(payload_path: str) -> int:
         raise
     finally:
         close_logger(log)
+    _leave_process_group()
     if rank == 0:
         atomic_write_text(
             Path(payload["result"]),
@@ -270,6 +271,16 @@ def worker(payload_path: str) -> int:
             ),
         )
     return 0
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group once the stage has run on every rank: left to interpreter exit,
+    gloo's worker threads can abort the process (SIGABRT, "terminate called without an active
+    exception") after a stage that finished, which the launch then reports as failed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
